@@ -1,8 +1,24 @@
-"""gradprobe: see, measure and fix vanishing and exploding gradients in PyTorch."""
+"""gradprobe: see, measure and fix vanishing and exploding gradients in PyTorch.
 
+The flow of data: model → :class:`Probe` → store (run directory) → :class:`Run`
+(:func:`load`) → diagnose / plots / report. See ``shared/design.md``.
+"""
+
+from ._version import __version__
 from .activations import ACTIVATIONS, Activation, activation_of
 from .errors import GradprobeError
+from .probe import Probe
+from .run import Run, load
+from .stats import STATISTICS
 
-__version__ = "0.1.0"
-
-__all__ = ["ACTIVATIONS", "Activation", "GradprobeError", "__version__", "activation_of"]
+__all__ = [
+    "ACTIVATIONS",
+    "STATISTICS",
+    "Activation",
+    "GradprobeError",
+    "Probe",
+    "Run",
+    "__version__",
+    "activation_of",
+    "load",
+]

@@ -1,0 +1,86 @@
+"""HookSet: every hook handle gradprobe registers, held and removed in one place.
+
+Handles come from ``register_forward_pre_hook``/``register_forward_hook`` on modules
+and ``register_step_pre_hook``/``register_step_post_hook`` on optimizers. Tensor hooks
+on activations are not held: they belong to one autograd graph and die with it.
+
+:func:`guarded` wraps a hook body so that an exception inside it can never reach the
+user's training loop: it becomes one warning per place and a gap in the record.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from torch.utils.hooks import RemovableHandle
+
+__all__ = ["GradprobeWarning", "HookSet", "guarded"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class GradprobeWarning(UserWarning):
+    """A hook failed: the statistic has a gap, the user's training goes on."""
+
+
+class HookSet:
+    """Owns hook handles; :meth:`remove` is idempotent and leaves nothing behind."""
+
+    def __init__(self) -> None:
+        self._handles: list[RemovableHandle] = []
+
+    def add(self, handle: RemovableHandle) -> None:
+        self._handles.append(handle)
+
+    def remove(self) -> None:
+        handles, self._handles = self._handles, []
+        for handle in handles:
+            handle.remove()
+
+    def __len__(self) -> int:
+        return len(self._handles)
+
+    def __enter__(self) -> HookSet:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
+def remove_all(handles: list[RemovableHandle]) -> None:
+    """Remove handles (used by ``weakref.finalize``, which must not hold the owner)."""
+    for handle in handles:
+        handle.remove()
+
+
+def guarded(where: str, on_error: Callable[[str, BaseException], None]) -> Callable[[F], F]:
+    """Decorate a hook body: any exception goes to ``on_error(where, exc)``, never up."""
+
+    def wrap(fn: F) -> F:
+        @functools.wraps(fn)
+        def hook(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(*args, **kwargs)
+            except Exception as exc:  # the user's training must go on
+                on_error(where, exc)
+                return None
+
+        return hook  # type: ignore[return-value]
+
+    return wrap
+
+
+def warn_once(seen: set[str], where: str, exc: BaseException) -> None:
+    """One warning per place: a hook that fails every step must not flood the log."""
+    if where in seen:
+        return
+    seen.add(where)
+    warnings.warn(
+        f"gradprobe: a hook at {where} failed ({type(exc).__name__}: {exc}); "
+        "its statistics have a gap there, training is not affected",
+        GradprobeWarning,
+        stacklevel=3,
+    )

@@ -1,0 +1,677 @@
+"""Probe: attach to any ``nn.Module``, record per-layer statistics of real training.
+
+What happens, and where it costs::
+
+    forward pre-hook (module)   activation modules: gate f'(z) partials from the input z
+                                (read before an in-place module overwrites it);
+                                a tensor hook on z for dL/d(input) (``error_gain``)
+    forward hook (module)       output partials (sum, sum², zeros, NaN/Inf, active units);
+                                a tensor hook on the output for dL/d(output) (``error_norm``)
+    optimizer step pre-hook     grad and parameter norms, batched with ``torch._foreach_norm``;
+                                a copy of the parameters for ``update_ratio``
+    optimizer step post-hook    update norms; the step's row is closed
+
+All of it stays on the device, in a :class:`~gradprobe.buffer.StepBuffer`; every
+``flush_every`` recorded steps (and at ``frame()``/``close()``) the buffer is copied
+to the host once, finalised into long-form rows and appended to the store. On steps
+that ``every`` skips, hooks return at once and no tensor hook is registered.
+
+The Probe holds names and slot indices, not modules: hooks reach it through a weak
+reference, and a ``weakref.finalize`` removes them if the Probe is dropped unclosed.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import weakref
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor, nn
+
+from ._version import __version__
+from .activations import Activation, activation_of, recurrent_nonlinearity
+from .buffer import ERROR_COLS, GATE_COLS, MOD_COL, OUTPUT_COLS, PAR_COL, Drained, StepBuffer
+from .errors import GradprobeError
+from .hooks import HookSet, warn_once
+from .run import Run, empty_frame
+from .stats import (
+    PRESETS,
+    STATISTICS,
+    active_units,
+    error_partials,
+    finalize,
+    gate_partials,
+    output_partials,
+)
+from .store import Store
+
+__all__ = ["Probe", "unwrap_model"]
+
+ModuleFilter = Callable[[str, nn.Module], bool]
+
+# Modules whose outputs keep features in the last dimension ([N, ..., F]) ...
+_LAST_DIM_TYPES: tuple[type[nn.Module], ...] = (
+    nn.Linear, nn.Bilinear, nn.LayerNorm, nn.Embedding, nn.RNNBase, nn.MultiheadAttention,
+    nn.TransformerEncoderLayer, nn.TransformerDecoderLayer,
+) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
+# ... and those that keep channels in dimension 1 ([N, C, ...]).
+_CHANNEL_TYPES: tuple[type[nn.Module], ...] = (
+    nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm,
+    nn.GroupNorm, nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
+    nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd,
+)
+
+DEFAULT_HISTOGRAM_RANGE = (-4.0, 4.0)
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The user's module inside DDP/DataParallel and ``torch.compile`` wrappers."""
+    seen = set()
+    while id(model) not in seen:
+        seen.add(id(model))
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+    return model
+
+
+@dataclass(frozen=True)
+class _Slot:
+    """A probed module, by name: what the hooks need to know about it."""
+
+    index: int
+    name: str
+    type: str
+    activation: Activation | None
+    layout: str  # "last", "channel" or "inherit" (element-wise: like the tensor it received)
+    histogram_range: tuple[float, float]
+
+
+def _first_float_tensor(value: Any) -> Tensor | None:
+    if isinstance(value, Tensor):
+        return value if value.is_floating_point() else None
+    if isinstance(value, (tuple, list)):
+        for item in value:
+            found = _first_float_tensor(item)
+            if found is not None:
+                return found
+    return None
+
+
+def _layout_of(module: nn.Module) -> str:
+    if isinstance(module, _LAST_DIM_TYPES):
+        return "last"
+    if isinstance(module, _CHANNEL_TYPES):
+        return "channel"
+    return "inherit"
+
+
+class Probe:
+    """Records per-layer gradient, error-signal and activation statistics during training.
+
+    Args:
+        model: the network (DDP/DataParallel/compiled wrappers are unwrapped for names).
+        optimizer: its ``step()`` marks a step (hooks, so the loop does not change);
+            without one, call :meth:`step` after each update.
+        every: record every ``every``-th step only (others cost almost nothing).
+        store: a run directory to stream to (see :mod:`gradprobe.store`).
+        stats: ``"cheap"``, ``"default"``, ``"full"`` (adds activation histograms), or a
+            list of statistic names from ``gradprobe.stats.STATISTICS``.
+        modules: which modules to probe: by default every leaf module and every module
+            with parameters of its own; or a list of qualified names; or a predicate
+            ``(name, module) -> bool``.
+        flush_every: recorded steps kept on the device between host copies.
+        dead_window: recorded steps a unit must stay 0 to count in ``dead_window_frac``.
+        histogram_bins: bins of the activation histograms (with ``stats="full"``).
+        label: a name for the run (reports and lab tables use it).
+        config: anything JSON-serialisable to keep in the run's meta (hyper-parameters).
+
+    Use it as a context manager, or call :meth:`close`: that removes every hook and
+    leaves the model exactly as it was. Keep a reference to the Probe while training:
+    its hooks hold it only weakly, and remove themselves if it is garbage-collected.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        *,
+        every: int = 1,
+        store: str | os.PathLike[str] | None = None,
+        stats: str | Sequence[str] = "default",
+        modules: Sequence[str] | ModuleFilter | None = None,
+        flush_every: int = 50,
+        dead_window: int = 10,
+        histogram_bins: int = 40,
+        label: str | None = None,
+        config: dict[str, Any] | None = None,
+    ) -> None:
+        _validate(model, optimizer, every, flush_every, dead_window, histogram_bins)
+        self.every = every
+        self.flush_every = flush_every
+        self.stats = _resolve_stats(stats)
+        self.histograms = stats == "full"
+        self.label = label
+        inner = unwrap_model(model)
+        self._model_ref = weakref.ref(inner)
+        self._optimizer_ref = weakref.ref(optimizer) if optimizer is not None else None
+
+        self._slots = _select_modules(inner, modules)
+        self._param_names, self._params = _trainable_parameters(inner)
+        self.buffer = StepBuffer(
+            len(self._slots), len(self._params), flush_every,
+            dead_window=dead_window, histogram_bins=histogram_bins if self.histograms else 0,
+        )
+        self.step_index = 0
+        self._recording = True
+        self._closed = False
+        self._failed_where: set[str] = set()
+        self._execution_order: list[int] = []
+        self._seen_slots: set[int] = set()
+        self._layout_by_shape: dict[tuple[int, ...], str] = {}
+        self._frames: list[pd.DataFrame] = []
+        self._snapshot: dict[tuple[torch.device, torch.dtype], tuple[list[int], list[Tensor], Tensor]] | None = None
+        self._index_cache: dict[tuple[torch.device, tuple[int, ...]], Tensor] = {}
+
+        want = set(self.stats)
+        self._want_output = bool(want & {"act_mean", "act_std", "zero_frac"})
+        self._want_nonfinite = "nonfinite" in want
+        self._want_units = bool(want & {"dead_frac", "dead_window_frac"})
+        self._want_gate = bool(want & {"gate_mean", "sat_frac"})
+        self._want_error = bool(want & {"error_norm", "error_gain", "error_nonfinite"})
+        self._want_input_error = "error_gain" in want
+        self._want_params = bool(want & {"grad_norm", "param_norm", "update_ratio", "nonfinite"})
+        self._want_update = "update_ratio" in want
+
+        self._meta = self._describe(inner, config)
+        rank_zero = not (torch.distributed.is_available() and torch.distributed.is_initialized()) or (
+            torch.distributed.get_rank() == 0
+        )
+        self._store = Store(store, self._meta) if store is not None and rank_zero else None
+
+        self._hooks = HookSet()
+        self._register(inner, optimizer)
+        # If the Probe is dropped without close(), its hooks must not outlive it.
+        self._finalizer = weakref.finalize(self, self._hooks.remove)
+        if optimizer is None and self._want_update:
+            self._take_snapshot()
+
+    # ================================================================ public API
+    def __enter__(self) -> Probe:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return {**self._meta, "execution_order": self._order_names(), "steps": self.step_index}
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def step(self) -> None:
+        """Mark the end of a step when no optimizer was given (after the update)."""
+        if self._optimizer_ref is not None:
+            raise GradprobeError(
+                "Probe.step() was called but the Probe watches an optimizer",
+                "its step() already marks each step: remove the call to probe.step()",
+            )
+        if self._closed:
+            return
+        if self._recording:
+            self._guard_params(self._record_params, "probe.step")
+            if self._want_update and self._snapshot is not None:
+                self._guard_params(self._record_updates, "probe.step (update ratio)")
+        self._end_step()
+        if self._recording and self._want_update:
+            self._take_snapshot()
+
+    def frame(self) -> pd.DataFrame:
+        """All recorded rows so far (columns step, name, stat, value); flushes the buffer."""
+        self._flush()
+        if not self._frames:
+            return empty_frame()
+        return pd.concat(self._frames, ignore_index=True)
+
+    def run(self) -> Run:
+        """What has been recorded so far, as a :class:`~gradprobe.run.Run`."""
+        return Run(self.meta, self.frame(), path=self._store.path if self._store else None)
+
+    def close(self) -> None:
+        """Remove every hook, flush, finish the store. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._hooks.remove()
+        self._finalizer.detach()
+        try:
+            self._flush()
+        finally:
+            if self._store is not None:
+                self._store.close(execution_order=self._order_names(), steps=self.step_index,
+                                  finished=_now())
+            self._params = []
+            self._snapshot = None
+
+    # ================================================================ registration
+    def _register(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+        ref = weakref.ref(self)
+        by_name = dict(model.named_modules())
+        for slot in self._slots:
+            module = by_name[slot.name]
+            self._hooks.add(module.register_forward_pre_hook(partial(_pre_hook, ref, slot.index)))
+            self._hooks.add(module.register_forward_hook(partial(_forward_hook, ref, slot.index)))
+        if optimizer is not None:
+            self._hooks.add(optimizer.register_step_pre_hook(partial(_step_pre_hook, ref)))
+            self._hooks.add(optimizer.register_step_post_hook(partial(_step_post_hook, ref)))
+
+    def _active(self, module: nn.Module) -> bool:
+        # Passes under no_grad/inference_mode or in eval mode are not training: skip them.
+        return self._recording and not self._closed and module.training and torch.is_grad_enabled()
+
+    # ================================================================ module hooks
+    def _on_pre(self, k: int, module: nn.Module, args: tuple[Any, ...]) -> None:
+        x = _first_float_tensor(args)
+        if x is None:
+            return
+        slot = self._slots[k]
+        if self._want_input_error and x.requires_grad:
+            x.register_hook(partial(_input_grad_hook, weakref.ref(self), k))
+        act = slot.activation
+        if act is not None and self._want_gate:
+            with torch.no_grad():
+                z = x.detach()
+                gate = act.gate(z, act.params(module))
+                bank = self.buffer.bank(z.device)
+                self.buffer.add_module(k, z.device, GATE_COLS, gate_partials(gate, act.max_derivative, act.saturates, bank.dtype))
+            self.buffer.add_host(k, gate_count=z.numel(), sat_count_n=z.numel() if act.saturates else 0)
+
+    def _on_forward(self, k: int, module: nn.Module, output: Any) -> None:
+        y = _first_float_tensor(output)
+        if y is None:
+            return
+        slot = self._slots[k]
+        if k not in self._seen_slots:
+            self._seen_slots.add(k)
+            self._execution_order.append(k)
+        self.buffer.add_host(k, calls=1, count=y.numel())
+        device = y.device
+        with torch.no_grad():
+            yd = y.detach()
+            dtype = self.buffer.bank(device).dtype
+            if self._want_output:
+                self.buffer.add_module(k, device, OUTPUT_COLS, output_partials(yd, dtype))
+            elif self._want_nonfinite:
+                col = MOD_COL["out_nonfinite"]
+                nonfinite = (yd.numel() - torch.isfinite(yd).sum(dtype=dtype)).reshape(1)
+                self.buffer.add_module(k, device, slice(col, col + 1), nonfinite)
+            if self._want_units and yd.dim() >= 1:
+                self.buffer.mark_units(k, device, active_units(yd, self._unit_dim(slot, yd)).reshape(-1))
+            if self.histograms:
+                lo, hi = slot.histogram_range
+                counts = torch.histc(yd.float().clamp(lo, hi), self.buffer.histogram_bins, lo, hi)
+                self.buffer.add_histogram(k, device, counts.to(dtype))
+        if self._want_error and y.requires_grad:
+            y.register_hook(partial(_output_grad_hook, weakref.ref(self), k))
+
+    def _unit_dim(self, slot: _Slot, y: Tensor) -> int:
+        """Which dimension holds the units: features of [N, F], channels of [N, C, ...]."""
+        if y.dim() <= 2:
+            return y.dim() - 1
+        shape = tuple(y.shape)
+        layout = slot.layout
+        if layout == "inherit":
+            layout = self._layout_by_shape.get(shape, "channel")
+        else:
+            self._layout_by_shape[shape] = layout
+        return y.dim() - 1 if layout == "last" else 1
+
+    def _on_error_grad(self, k: int, grad: Tensor, cols: slice, calls: str) -> None:
+        if self._closed:
+            return
+        dtype = self.buffer.bank(grad.device).dtype
+        with torch.no_grad():
+            values = error_partials(grad.detach(), dtype)
+        self.buffer.add_module(k, grad.device, cols, values[: cols.stop - cols.start])
+        self.buffer.add_host(k, **{calls: 1})
+
+    # ================================================================ parameter hooks
+    def _param_groups(self, with_grad: bool) -> dict[tuple[torch.device, torch.dtype], list[int]]:
+        groups: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
+        for i, p in enumerate(self._params):
+            g = p.grad
+            if with_grad and (g is None or g.is_sparse):
+                continue
+            groups[(p.device, p.dtype)].append(i)
+        return groups
+
+    def _index(self, device: torch.device, idx: list[int]) -> Tensor:
+        key = (device, tuple(idx))
+        t = self._index_cache.get(key)
+        if t is None:
+            t = torch.tensor(idx, dtype=torch.long, device=device)
+            self._index_cache[key] = t
+        return t
+
+    @torch.no_grad()
+    def _record_params(self) -> None:
+        """Gradient norms, parameter norms, NaN/Inf counts: one batched pass per group."""
+        if not self._want_params:
+            return
+        cols = slice(PAR_COL["grad_norm"], PAR_COL["grad_nonfinite"] + 1)
+        for (device, _dtype), idx in self._param_groups(with_grad=True).items():
+            params = [self._params[i] for i in idx]
+            grads = [p.grad for p in params]
+            grad_norms = torch.stack(torch._foreach_norm(grads))
+            param_norms = self._before_norms(device, idx, params)
+            # NaN·0 and Inf·0 are NaN, finite·0 is 0: the ord-0 "norm" counts them.
+            nonfinite = torch.stack(torch._foreach_norm(torch._foreach_mul(grads, 0.0), 0))
+            dtype = self.buffer.bank(device).dtype
+            values = torch.stack([grad_norms, param_norms, nonfinite], dim=1).to(dtype)
+            self.buffer.set_params(device, self._index(device, idx), cols, values)
+            self.buffer.set_param_host(idx, "has_grad")
+
+    def _before_norms(self, device: torch.device, idx: list[int], params: list[Tensor]) -> Tensor:
+        """‖w‖ before the update: from the snapshot when the update already happened."""
+        if self._optimizer_ref is None and self._snapshot is not None:
+            for (dev, _), (snap_idx, _, norms) in self._snapshot.items():
+                if dev == device and snap_idx == idx:
+                    return norms
+        return torch.stack(torch._foreach_norm(params))
+
+    @torch.no_grad()
+    def _take_snapshot(self) -> None:
+        """Copy the parameters that will be updated, for ``update_ratio``."""
+        snapshot = {}
+        with_grad = self._optimizer_ref is not None
+        for key, idx in self._param_groups(with_grad=with_grad).items():
+            params = [self._params[i].detach() for i in idx]
+            copies = torch._foreach_mul(params, 1.0)
+            snapshot[key] = (idx, copies, torch.stack(torch._foreach_norm(copies)))
+        self._snapshot = snapshot
+
+    @torch.no_grad()
+    def _record_updates(self) -> None:
+        snapshot, self._snapshot = self._snapshot, None
+        if not snapshot:
+            return
+        col = PAR_COL["update_ratio"]
+        for (device, _dtype), (idx, before, before_norms) in snapshot.items():
+            after = [self._params[i].detach() for i in idx]
+            update_norms = torch.stack(torch._foreach_norm(torch._foreach_sub(after, before)))
+            dtype = self.buffer.bank(device).dtype
+            ratio = (update_norms.to(dtype) / before_norms.to(dtype)).reshape(-1, 1)
+            self.buffer.set_params(device, self._index(device, idx), slice(col, col + 1), ratio)
+            self.buffer.set_param_host(idx, "has_update")
+
+    def _on_step_pre(self) -> None:
+        if self._recording and not self._closed:
+            self._guard_params(self._record_params, "optimizer step (gradients)")
+            if self._want_update:
+                self._guard_params(self._take_snapshot, "optimizer step (snapshot)")
+
+    def _on_step_post(self) -> None:
+        if self._closed:
+            return
+        if self._recording and self._want_update and self._snapshot is not None:
+            self._guard_params(self._record_updates, "optimizer step (update ratio)")
+        self._end_step()
+
+    # ================================================================ steps and flushes
+    def _end_step(self) -> None:
+        if self._recording:
+            full = self.buffer.end_step(self.step_index)
+            if full:
+                self._flush()
+        self.step_index += 1
+        self._recording = self.step_index % self.every == 0
+
+    def _flush(self) -> None:
+        drained = self.buffer.drain()
+        if drained is None:
+            return
+        frame = self._to_frame(drained)
+        self._frames.append(frame)
+        if self._store is not None:
+            self._store.append(frame)
+            self._store.update_meta(execution_order=self._order_names(), steps=self.step_index)
+
+    def _to_frame(self, d: Drained) -> pd.DataFrame:
+        """Finalise partials into long-form rows (host side, NumPy)."""
+        parts: list[pd.DataFrame] = []
+        module_names = np.array([s.name for s in self._slots], dtype=object)
+        module_gap = d.modules["gap"] > 0
+        for stat, (values, present) in finalize(d.modules, self.stats, "module").items():
+            parts.append(_long(d.steps, module_names, stat, values, present & ~module_gap))
+        param_names = np.array(self._param_names, dtype=object)
+        param_gap = d.params["param_gap"] > 0
+        for stat, (values, present) in finalize(d.params, self.stats, "parameter").items():
+            parts.append(_long(d.steps, param_names, stat, values, present & ~param_gap))
+        if d.histograms is not None:
+            present = (d.modules["calls"] > 0) & ~module_gap
+            for b in range(d.histograms.shape[2]):
+                parts.append(_long(d.steps, module_names, f"hist_{b:02d}", d.histograms[:, :, b], present))
+        parts = [p for p in parts if not p.empty]
+        if not parts:
+            return empty_frame()
+        frame = pd.concat(parts, ignore_index=True)
+        return frame.sort_values("step", kind="stable", ignore_index=True)
+
+    # ================================================================ failures
+    def _guard_params(self, fn: Callable[[], None], where: str) -> None:
+        try:
+            fn()
+        except Exception as exc:  # never into the user's loop
+            warn_once(self._failed_where, where, exc)
+            self.buffer.set_param_host(list(range(len(self._params))), "param_gap")
+
+    def _module_failed(self, k: int, where: str, exc: BaseException) -> None:
+        warn_once(self._failed_where, f"{where} of module {self._slots[k].name!r}", exc)
+        self.buffer.set_host(k, "gap", 1)
+
+    # ================================================================ description
+    def _order_names(self) -> list[str]:
+        seen = [self._slots[k].name for k in self._execution_order]
+        rest = [s.name for s in self._slots if s.index not in self._seen_slots]
+        return seen + rest
+
+    def _describe(self, model: nn.Module, config: dict[str, Any] | None) -> dict[str, Any]:
+        by_name = dict(model.named_modules())
+        modules = []
+        for s in self._slots:
+            m = by_name[s.name]
+            info = {
+                "name": s.name, "type": s.type,
+                "activation": s.activation.name if s.activation else recurrent_nonlinearity(m),
+                "parameters": sum(p.numel() for p in m.parameters(recurse=False)),
+                "layout": s.layout,
+            }
+            if self.histograms:
+                info["histogram_range"] = list(s.histogram_range)
+            modules.append(info)
+        params = dict(model.named_parameters())
+        return {
+            "label": self.label,
+            "created": _now(),
+            "model": {
+                "class": type(model).__name__,
+                "parameters": sum(p.numel() for p in model.parameters()),
+                "summary": _summary(model),
+            },
+            "modules": modules,
+            "parameters": [
+                {"name": n, "shape": list(params[n].shape), "numel": params[n].numel()}
+                for n in self._param_names
+            ],
+            "probe": {
+                "every": self.every, "flush_every": self.flush_every, "stats": list(self.stats),
+                "dead_window": self.buffer.dead_window,
+                "histogram_bins": self.buffer.histogram_bins,
+            },
+            "config": config or {},
+            "versions": {
+                "gradprobe": __version__, "torch": torch.__version__,
+                "python": platform.python_version(), "platform": platform.platform(),
+            },
+        }
+
+
+# ==================================================================== hook functions
+# Module-level functions bound with partial(): they hold a weak reference to the Probe
+# and a slot index, never a module or a tensor.
+
+def _pre_hook(ref: weakref.ref[Probe], k: int, module: nn.Module, args: tuple[Any, ...]) -> None:
+    probe = ref()
+    if probe is None or not probe._active(module):
+        return
+    try:
+        probe._on_pre(k, module, args)
+    except Exception as exc:
+        probe._module_failed(k, "forward pre-hook", exc)
+
+
+def _forward_hook(ref: weakref.ref[Probe], k: int, module: nn.Module, args: Any, output: Any) -> None:
+    probe = ref()
+    if probe is None or not probe._active(module):
+        return
+    try:
+        probe._on_forward(k, module, output)
+    except Exception as exc:
+        probe._module_failed(k, "forward hook", exc)
+
+
+def _output_grad_hook(ref: weakref.ref[Probe], k: int, grad: Tensor) -> None:
+    probe = ref()
+    if probe is None:
+        return
+    try:
+        probe._on_error_grad(k, grad, ERROR_COLS, "err_calls")
+    except Exception as exc:
+        probe._module_failed(k, "backward (output) hook", exc)
+
+
+def _input_grad_hook(ref: weakref.ref[Probe], k: int, grad: Tensor) -> None:
+    probe = ref()
+    if probe is None:
+        return
+    col = MOD_COL["in_err_sumsq"]
+    try:
+        probe._on_error_grad(k, grad, slice(col, col + 1), "in_err_calls")
+    except Exception as exc:
+        probe._module_failed(k, "backward (input) hook", exc)
+
+
+def _step_pre_hook(ref: weakref.ref[Probe], optimizer: Any, args: Any, kwargs: Any) -> None:
+    probe = ref()
+    if probe is not None:
+        probe._on_step_pre()
+
+
+def _step_post_hook(ref: weakref.ref[Probe], optimizer: Any, args: Any, kwargs: Any) -> None:
+    probe = ref()
+    if probe is not None:
+        probe._on_step_post()
+
+
+# ==================================================================== helpers
+def _long(steps: np.ndarray, names: np.ndarray, stat: str, values: np.ndarray, present: np.ndarray) -> pd.DataFrame:
+    rows, cols = np.nonzero(present)
+    return pd.DataFrame(
+        {
+            "step": steps[rows].astype(np.int64),
+            "name": names[cols],
+            "stat": np.full(len(rows), stat, dtype=object),
+            "value": values[rows, cols].astype(np.float64),
+        }
+    )
+
+
+def _validate(
+    model: Any, optimizer: Any, every: Any, flush_every: Any, dead_window: Any, histogram_bins: Any
+) -> None:
+    if not isinstance(model, nn.Module):
+        raise GradprobeError(
+            f"Probe needs a torch.nn.Module, got {type(model).__name__}", "pass your model, e.g. Probe(model)"
+        )
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise GradprobeError(
+            f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}",
+            "pass the optimizer that steps this model, or none and call probe.step()",
+        )
+    for name, value in (("every", every), ("flush_every", flush_every), ("dead_window", dead_window),
+                        ("histogram_bins", histogram_bins)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise GradprobeError(f"{name} must be a positive integer, got {value!r}", f"e.g. {name}=1")
+
+
+def _resolve_stats(stats: str | Sequence[str]) -> tuple[str, ...]:
+    if isinstance(stats, str):
+        if stats not in PRESETS:
+            raise GradprobeError(
+                f"unknown statistics preset {stats!r}",
+                f"use one of {sorted(PRESETS)} or a list of names from {sorted(STATISTICS)}",
+            )
+        return PRESETS[stats]
+    unknown = [s for s in stats if s not in STATISTICS]
+    if unknown:
+        raise GradprobeError(f"unknown statistics {unknown}", f"choose from {sorted(STATISTICS)}")
+    return tuple(dict.fromkeys(stats))
+
+
+def _select_modules(model: nn.Module, selection: Sequence[str] | ModuleFilter | None) -> list[_Slot]:
+    named = list(model.named_modules())
+    if selection is None:
+        chosen = [
+            (n, m) for n, m in named
+            if not any(True for _ in m.children()) or any(True for _ in m.parameters(recurse=False))
+        ]
+    elif callable(selection):
+        chosen = [(n, m) for n, m in named if selection(n, m)]
+    else:
+        wanted = list(selection)
+        names = {n for n, _ in named}
+        missing = [n for n in wanted if n not in names]
+        if missing:
+            raise GradprobeError(f"no modules named {missing} in the model", "see model.named_modules()")
+        chosen = [(n, m) for n, m in named if n in set(wanted)]
+    slots = []
+    for i, (name, module) in enumerate(chosen):
+        act = activation_of(module)
+        hist = act.histogram_range if act else DEFAULT_HISTOGRAM_RANGE
+        slots.append(_Slot(i, name, type(module).__name__, act, _layout_of(module), hist))
+    return slots
+
+
+def _trainable_parameters(model: nn.Module) -> tuple[list[str], list[nn.Parameter]]:
+    """Parameters in order, each once (a shared one under its first name)."""
+    names, params = [], []
+    for name, p in model.named_parameters():
+        names.append(name)
+        params.append(p)
+    return names, params
+
+
+def _summary(model: nn.Module, limit: int = 4000) -> str:
+    text = repr(model)
+    return text if len(text) <= limit else text[:limit] + "\n..."
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def probe_statistics_doc() -> list[dict[str, str]]:
+    """The statistics a Probe can record, for documentation tables."""
+    return [{"name": s.name, "doc": s.doc} for s in STATISTICS.values()]

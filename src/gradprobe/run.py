@@ -1,0 +1,191 @@
+"""Run: a recorded run, read back from its directory (or taken from a live Probe).
+
+``load(path)`` reads ``meta.json`` and every complete parquet part; temporary files
+of a run killed mid-write are ignored, so whatever was flushed is there. Problems
+the user can fix (not a run, a corrupt part) raise one clear :class:`GradprobeError`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .errors import GradprobeError
+from .store import FORMAT, PART_GLOB
+
+__all__ = ["COLUMNS", "Run", "empty_frame", "load"]
+
+COLUMNS = ["step", "name", "stat", "value"]
+
+
+def empty_frame() -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "step": np.zeros(0, dtype=np.int64),
+            "name": pd.Series([], dtype=object),
+            "stat": pd.Series([], dtype=object),
+            "value": np.zeros(0, dtype=np.float64),
+        }
+    )
+
+
+class Run:
+    """Meta and long-form statistics of one run: ``frame()`` has step, name, stat, value."""
+
+    def __init__(self, meta: dict[str, Any], frame: pd.DataFrame, path: Path | None = None) -> None:
+        self.meta = meta
+        self.path = path
+        self._frame = frame.reset_index(drop=True)
+
+    # ---------------------------------------------------------------- views
+    def frame(self) -> pd.DataFrame:
+        """The long-form table: one row per step, name and statistic."""
+        return self._frame.copy()
+
+    @property
+    def name(self) -> str:
+        return str(self.meta.get("label") or (self.path.name if self.path else "run"))
+
+    @property
+    def empty(self) -> bool:
+        return self._frame.empty
+
+    @property
+    def steps(self) -> np.ndarray:
+        return np.unique(self._frame["step"].to_numpy())
+
+    @property
+    def stats(self) -> list[str]:
+        return sorted(self._frame["stat"].unique().tolist())
+
+    @property
+    def modules(self) -> list[str]:
+        """Probed modules in forward execution order (input first)."""
+        return list(self.meta.get("execution_order") or [m["name"] for m in self.meta.get("modules", [])])
+
+    @property
+    def parameters(self) -> list[str]:
+        return [p["name"] for p in self.meta.get("parameters", [])]
+
+    def module_info(self, name: str) -> dict[str, Any]:
+        for m in self.meta.get("modules", []):
+            if m["name"] == name:
+                return m
+        return {}
+
+    def table(self, stat: str, names: list[str] | None = None) -> pd.DataFrame:
+        """A wide view of one statistic: rows are steps, columns names in model order."""
+        sub = self._frame[self._frame["stat"] == stat]
+        wide = sub.pivot_table(index="step", columns="name", values="value", aggfunc="last")
+        order = names if names is not None else self._ordered(list(wide.columns))
+        return wide.reindex(columns=[n for n in order if n in wide.columns])
+
+    def _ordered(self, names: list[str]) -> list[str]:
+        rank = {n: i for i, n in enumerate(self.modules + self.parameters)}
+        return sorted(names, key=lambda n: (rank.get(n, len(rank)), n))
+
+    def first_nonfinite(self) -> tuple[int, str, str] | None:
+        """(step, name, stat) of the first NaN/Inf: earliest step, then forward order.
+
+        Forward outputs come before backward signals within a step; among backward
+        signals the one nearest the loss (last in forward order) comes first.
+        """
+        f = self._frame
+        bad = f[(f["stat"].isin(["nonfinite", "error_nonfinite"])) & (f["value"] > 0)]
+        if bad.empty:
+            return None
+        step = int(bad["step"].min())
+        at = bad[bad["step"] == step]
+        order = {n: i for i, n in enumerate(self.modules)}
+        forward = at[at["stat"] == "nonfinite"]
+        forward_modules = [n for n in forward["name"] if n in order]
+        if forward_modules:
+            name = min(forward_modules, key=order.__getitem__)
+            return step, name, "nonfinite"
+        backward = [n for n in at[at["stat"] == "error_nonfinite"]["name"] if n in order]
+        if backward:
+            return step, max(backward, key=order.__getitem__), "error_nonfinite"
+        row = at.iloc[0]
+        return step, str(row["name"]), str(row["stat"])
+
+    # ---------------------------------------------------------------- display
+    def __repr__(self) -> str:
+        where = f" at {str(self.path)!r}" if self.path else ""
+        return (
+            f"Run({self.name!r}{where}: {len(self.steps)} steps, {len(self.modules)} modules, "
+            f"{len(self._frame)} rows)"
+        )
+
+    def _repr_html_(self) -> str:
+        from html import escape
+
+        head = (
+            f"<p><b>{escape(self.name)}</b>: {len(self.steps)} recorded steps, "
+            f"{len(self.modules)} modules, {len(self.parameters)} parameters</p>"
+        )
+        if self.empty:
+            return head
+        last = self._frame[self._frame["step"] == self._frame["step"].max()]
+        wide = last.pivot_table(index="name", columns="stat", values="value", aggfunc="last")
+        wide = wide.reindex(self._ordered(list(wide.index)))
+        return head + wide.to_html(float_format=lambda v: f"{v:.3g}", na_rep="")
+
+
+def load(path: str | os.PathLike[str]) -> Run:
+    """Read the run directory ``path`` written by ``Probe(store=path)``."""
+    root = Path(path)
+    if not root.exists():
+        raise GradprobeError(f"no run at {str(root)!r}: the path does not exist", "give a run directory")
+    if not root.is_dir():
+        raise GradprobeError(
+            f"{str(root)!r} is a file, not a run directory",
+            "give the directory that Probe(store=...) wrote",
+        )
+    meta_path = root / "meta.json"
+    if not meta_path.exists():
+        raise GradprobeError(
+            f"{str(root)!r} is not a gradprobe run (no meta.json)",
+            "give the directory that Probe(store=...) wrote",
+        )
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise GradprobeError(f"{str(meta_path)!r} is not valid JSON ({exc})", "the run is damaged") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise GradprobeError(
+            f"{str(meta_path)!r} is not a gradprobe run's meta.json",
+            "give the directory that Probe(store=...) wrote",
+        )
+    parts = sorted((root / "stats").glob(PART_GLOB))
+    frames = [_read_part(p) for p in parts]
+    frame = pd.concat(frames, ignore_index=True) if frames else empty_frame()
+    return Run(meta, frame, path=root)
+
+
+def _read_part(part: Path) -> pd.DataFrame:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(part)
+    except (pa.ArrowException, OSError) as exc:
+        raise GradprobeError(
+            f"the part {str(part)!r} is corrupt ({type(exc).__name__})",
+            "delete that file to load the rest of the run",
+        ) from None
+    missing = [c for c in COLUMNS if c not in table.column_names]
+    if missing:
+        raise GradprobeError(
+            f"the part {str(part)!r} lacks the columns {missing}", "it was not written by gradprobe"
+        )
+    df = table.select(COLUMNS).to_pandas()
+    for column in ("name", "stat"):
+        df[column] = df[column].astype(object)
+    df["step"] = df["step"].astype(np.int64)
+    df["value"] = df["value"].astype(np.float64)
+    return df

@@ -1,0 +1,260 @@
+"""Statistics, declared once as data, and the pure reductions behind them.
+
+A *statistic* (``STATISTICS``) is what lands in the frame: ``error_norm`` of a
+module, ``grad_norm`` of a parameter. It is finalised at flush time, on the host,
+from *partials* (``PARTIALS``): sums and counts that hooks accumulate on the
+device while a step runs. Each partial says how two partial values combine:
+across repeated calls of a module in one step, across the micro-batches of a
+gradient-accumulation step, and across data-parallel ranks. So a module called
+twice, accumulation and DDP need no code of their own: they all ``sum`` (or
+``max``) the same partials, and the statistic is a function of the combined sums.
+
+The reductions in this module are pure: tensor in, tensor out, no host sync.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = [
+    "PARTIALS",
+    "PRESETS",
+    "SAT_THRESHOLD",
+    "STATISTICS",
+    "Partial",
+    "Statistic",
+    "active_units",
+    "finalize",
+    "gate_partials",
+    "output_partials",
+]
+
+# A unit is *saturated* where its gate f'(z) is below this fraction of the activation's
+# largest derivative: at 1% the error signal through it is cut a hundredfold.
+SAT_THRESHOLD = 0.01
+
+Combine = Literal["sum", "max", "same"]
+Where = Literal["device", "host"]
+
+
+@dataclass(frozen=True)
+class Partial:
+    """A partial value accumulated during a step.
+
+    ``combine`` says how two partial values make one: ``sum`` (calls, micro-batches
+    and ranks add up), ``max`` (a flag: any call set it), or ``same`` (computed after
+    the cross-rank combination, so every rank already holds the global value).
+    ``where`` says whether hooks accumulate it on the tensor's device or it is a count
+    the host already knows (numbers of calls and of elements) and costs no device work.
+    """
+
+    name: str
+    scope: Literal["module", "parameter"]
+    combine: Combine
+    where: Where
+    doc: str
+
+
+PARTIALS: dict[str, Partial] = {
+    p.name: p
+    for p in [
+        # module, counted on the host
+        Partial("calls", "module", "sum", "host", "forward calls of the module in the step"),
+        Partial("count", "module", "sum", "host", "number of output entries seen"),
+        Partial("gate_count", "module", "sum", "host", "number of activation inputs gated"),
+        Partial("sat_count_n", "module", "sum", "host", "entries of a saturating activation"),
+        Partial("err_calls", "module", "sum", "host", "backward passes through the output"),
+        Partial("in_err_calls", "module", "sum", "host", "backward passes through the input"),
+        Partial("n_units", "module", "same", "host", "units (features or channels)"),
+        Partial("window_ready", "module", "same", "host", "1 once `dead_window` steps are seen"),
+        Partial("gap", "module", "max", "host", "1 if a hook failed: the step is not recorded"),
+        # module, accumulated on the device
+        Partial("out_sum", "module", "sum", "device", "sum of output entries"),
+        Partial("out_sumsq", "module", "sum", "device", "sum of squared output entries"),
+        Partial("out_zeros", "module", "sum", "device", "output entries exactly 0"),
+        Partial("out_nonfinite", "module", "sum", "device", "NaN/Inf entries of the output"),
+        Partial("gate_sum", "module", "sum", "device", "sum of f'(z) over the activation input"),
+        Partial("sat_count", "module", "sum", "device", "entries with f'(z) < 1% of max f'"),
+        Partial("err_sumsq", "module", "sum", "device", "‖dL/d(output)‖² summed over passes"),
+        Partial("err_nonfinite", "module", "sum", "device", "NaN/Inf entries of dL/d(output)"),
+        Partial("in_err_sumsq", "module", "sum", "device", "‖dL/d(input)‖² summed over passes"),
+        Partial("dead_units", "module", "same", "device", "units 0 for the whole step"),
+        Partial("dead_window_units", "module", "same", "device", "units 0 for `window` steps"),
+        # parameter, computed at the step boundary on the device
+        Partial("has_grad", "parameter", "same", "host", "1 if the parameter had a gradient"),
+        Partial("has_update", "parameter", "same", "host", "1 if the update was measured"),
+        Partial("param_gap", "parameter", "max", "host", "1 if the step hook failed"),
+        Partial("grad_norm", "parameter", "same", "device", "‖grad‖ (gradients are in sync)"),
+        Partial("param_norm", "parameter", "same", "device", "‖w‖ before the step"),
+        Partial("grad_nonfinite", "parameter", "same", "device", "NaN/Inf entries of grad"),
+        Partial("update_ratio", "parameter", "same", "device", "‖w_after − w_before‖ / ‖w_before‖"),
+    ]
+}
+
+MODULE_DEVICE_PARTIALS = [n for n, p in PARTIALS.items() if p.scope == "module" and p.where == "device"]
+MODULE_HOST_PARTIALS = [n for n, p in PARTIALS.items() if p.scope == "module" and p.where == "host"]
+PARAM_DEVICE_PARTIALS = [n for n, p in PARTIALS.items() if p.scope == "parameter" and p.where == "device"]
+PARAM_HOST_PARTIALS = [n for n, p in PARTIALS.items() if p.scope == "parameter" and p.where == "host"]
+
+Arrays = Mapping[str, np.ndarray]
+Finalize = Callable[[Arrays], tuple[np.ndarray, np.ndarray]]
+
+
+def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return num / den
+
+
+def _act_std(p: Arrays) -> tuple[np.ndarray, np.ndarray]:
+    mean = _ratio(p["out_sum"], p["count"])
+    var = _ratio(p["out_sumsq"], p["count"]) - mean * mean
+    return np.sqrt(np.maximum(var, 0.0)), p["count"] > 0
+
+
+@dataclass(frozen=True)
+class Statistic:
+    """A statistic of the frame: its name, and how combined partials make it.
+
+    ``module`` and ``parameter`` are its finalisers for each scope it exists in (``None``
+    where it does not): each maps combined partials (arrays of one shape) to the
+    values and a mask of where the statistic exists (a module never run backward has
+    no ``error_norm``; a frozen parameter has no ``grad_norm``).
+    """
+
+    name: str
+    doc: str
+    module: Finalize | None = None
+    parameter: Finalize | None = None
+
+    def finalizer(self, scope: str) -> Finalize | None:
+        return self.module if scope == "module" else self.parameter
+
+
+STATISTICS: dict[str, Statistic] = {
+    s.name: s
+    for s in [
+        Statistic(
+            "grad_norm", "L2 norm of .grad at the step (after accumulation)",
+            parameter=lambda p: (p["grad_norm"], p["has_grad"] > 0),
+        ),
+        Statistic(
+            "param_norm", "L2 norm of the parameter, before the optimizer step",
+            parameter=lambda p: (p["param_norm"], p["has_grad"] > 0),
+        ),
+        Statistic(
+            "update_ratio", "‖w_after − w_before‖ / ‖w_before‖ across the optimizer step",
+            parameter=lambda p: (p["update_ratio"], p["has_update"] > 0),
+        ),
+        Statistic(
+            "nonfinite", "number of NaN/Inf entries in .grad (parameters) or the output (modules)",
+            parameter=lambda p: (p["grad_nonfinite"], p["has_grad"] > 0),
+            module=lambda p: (p["out_nonfinite"], p["count"] > 0),
+        ),
+        Statistic(
+            "error_norm", "L2 norm of dL/d(output): the back-propagated error signal",
+            module=lambda p: (np.sqrt(p["err_sumsq"]), p["err_calls"] > 0),
+        ),
+        Statistic(
+            "error_gain", "‖dL/d(input)‖ / ‖dL/d(output)‖: how this module scales the error signal",
+            module=lambda p: (
+                np.sqrt(_ratio(p["in_err_sumsq"], p["err_sumsq"])),
+                (p["in_err_calls"] > 0) & (p["err_calls"] > 0) & (p["err_sumsq"] > 0),
+            ),
+        ),
+        Statistic(
+            "act_mean", "mean of the module's output",
+            module=lambda p: (_ratio(p["out_sum"], p["count"]), p["count"] > 0),
+        ),
+        Statistic("act_std", "standard deviation (population) of the module's output", module=_act_std),
+        Statistic(
+            "zero_frac", "fraction of output entries exactly 0",
+            module=lambda p: (_ratio(p["out_zeros"], p["count"]), p["count"] > 0),
+        ),
+        Statistic(
+            "dead_frac", "fraction of units (features; channels of conv outputs) 0 for the whole batch",
+            module=lambda p: (_ratio(p["dead_units"], p["n_units"]), p["n_units"] > 0),
+        ),
+        Statistic(
+            "dead_window_frac", "fraction of units 0 in every recorded batch of the last `dead_window` steps",
+            module=lambda p: (
+                _ratio(p["dead_window_units"], p["n_units"]),
+                (p["n_units"] > 0) & (p["window_ready"] > 0),
+            ),
+        ),
+        Statistic(
+            "sat_frac", "saturating activations: fraction of entries with f'(z) < 1% of max f'",
+            module=lambda p: (_ratio(p["sat_count"], p["sat_count_n"]), p["sat_count_n"] > 0),
+        ),
+        Statistic(
+            "gate_mean", "mean of f'(z): the Hadamard factor applied to the error signal",
+            module=lambda p: (_ratio(p["gate_sum"], p["gate_count"]), p["gate_count"] > 0),
+        ),
+        Statistic(
+            "error_nonfinite", "number of NaN/Inf entries in dL/d(output) (backward)",
+            module=lambda p: (p["err_nonfinite"], p["err_calls"] > 0),
+        ),
+        Statistic(
+            "calls", "forward calls of the module in the step (a shared block or an RNN cell > 1)",
+            module=lambda p: (p["calls"], p["calls"] > 0),
+        ),
+    ]
+}
+
+# Which statistics a Probe records, as plain lists (Cockpit's presets). "full" adds
+# activation histograms (stats `hist_00` ... with the bin edges in the run's meta).
+PRESETS: dict[str, tuple[str, ...]] = {
+    "cheap": ("grad_norm", "param_norm", "update_ratio", "nonfinite", "error_norm",
+              "error_gain", "error_nonfinite", "calls"),
+    "default": tuple(STATISTICS),
+    "full": tuple(STATISTICS),
+}
+
+
+def finalize(partials: Arrays, stats: list[str], scope: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Turn combined partials into ``{stat: (values, present)}`` for one scope."""
+    out = {}
+    for name in stats:
+        fn = STATISTICS[name].finalizer(scope)
+        if fn is not None:
+            out[name] = fn(partials)
+    return out
+
+
+# ---------------------------------------------------------------- pure reductions
+
+def output_partials(y: Tensor, dtype: torch.dtype) -> Tensor:
+    """[sum, sum of squares, zeros, non-finite entries] of a module output, on its device."""
+    total = y.sum(dtype=dtype)
+    sumsq = torch.linalg.vector_norm(y, dtype=dtype).square()
+    zeros = (y == 0).sum(dtype=dtype)
+    nonfinite = y.numel() - torch.isfinite(y).sum(dtype=dtype)
+    return torch.stack([total, sumsq, zeros, nonfinite])
+
+
+def gate_partials(gate: Tensor, max_derivative: float, saturates: bool, dtype: torch.dtype) -> Tensor:
+    """[sum of f'(z), entries with f'(z) < SAT_THRESHOLD·max f'] of an activation's gate."""
+    total = gate.sum(dtype=dtype)
+    if not saturates:
+        return torch.stack([total, torch.zeros((), dtype=dtype, device=gate.device)])
+    saturated = (gate < SAT_THRESHOLD * max_derivative).sum(dtype=dtype)
+    return torch.stack([total, saturated])
+
+
+def error_partials(grad: Tensor, dtype: torch.dtype) -> Tensor:
+    """[‖g‖², non-finite entries] of a gradient, in ``dtype`` so tiny signals do not underflow."""
+    sumsq = torch.linalg.vector_norm(grad, dtype=dtype).square()
+    nonfinite = grad.numel() - torch.isfinite(grad).sum(dtype=dtype)
+    return torch.stack([sumsq, nonfinite])
+
+
+def active_units(y: Tensor, unit_dim: int) -> Tensor:
+    """Boolean [units]: True where the unit is non-zero somewhere in the batch (and positions)."""
+    dims = tuple(d for d in range(y.dim()) if d != unit_dim)
+    nonzero = y != 0
+    return nonzero.any(dim=dims) if dims else nonzero
