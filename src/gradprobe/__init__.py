@@ -4,6 +4,7 @@ The flow of data: model → :class:`Probe` → store (run directory) → :class:
 (:func:`load`) → diagnose / plots / report. See ``shared/design.md``.
 """
 
+from . import theory
 from ._version import __version__
 from .activations import ACTIVATIONS, Activation, activation_of
 from .errors import GradprobeError
@@ -21,4 +22,5 @@ __all__ = [
     "__version__",
     "activation_of",
     "load",
+    "theory",
 ]
