@@ -1,43 +1,40 @@
-"""StepBuffer: where hooks accumulate partials, on the device, until one flush.
+"""StepBuffer: where hooks leave their per-call results, on the device, until one flush.
 
-Layout: for each device there is one preallocated block ``[capacity, slots,
-partials]`` for modules and one ``[capacity, params, partials]`` for parameters;
-row ``r`` is the step being recorded. A hook adds its partials into a slice of the
-row with one in-place op. Counts the host already knows (calls, numbers of entries)
-go to a NumPy block and cost the device nothing. Per-unit activity (for
-``dead_frac``/``dead_window_frac``) lives in one flat boolean vector per device, with a
-segment per module, so the end of a step handles every module in a handful of ops.
-
-:meth:`StepBuffer.drain` is the only place that copies device values to the host.
+Why this shape: on small layers a training step is dominated by per-op dispatch
+(a few microseconds each), so what a hook costs is the *number* of tensor ops it
+launches, not their size. A hook therefore launches only the reductions it needs
+(``var_mean``, ``count_nonzero``, one norm) and appends the 0-d results to a list,
+without touching any buffer. At the end of a step each list becomes one stacked
+tensor (a fixed number of ops per step, however many modules), and per-unit
+activity is folded into the dead-unit counters in a handful of ops. At a flush the
+stacked steps are copied to the host once per device, and NumPy combines the
+per-call values into the per-step partials declared in :mod:`gradprobe.stats`
+(several calls of a module in one step add up there).
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from .stats import (
-    MODULE_DEVICE_PARTIALS,
-    MODULE_HOST_PARTIALS,
-    PARAM_DEVICE_PARTIALS,
-    PARAM_HOST_PARTIALS,
-)
+from .stats import MODULE_HOST_PARTIALS, PARTIALS
 
-__all__ = ["Drained", "StepBuffer", "accumulation_dtype"]
+__all__ = ["FIELDS", "Drained", "StepBuffer", "accumulation_dtype"]
 
-MOD_COL = {name: i for i, name in enumerate(MODULE_DEVICE_PARTIALS)}
-MOD_HOST_COL = {name: i for i, name in enumerate(MODULE_HOST_PARTIALS)}
-PAR_COL = {name: i for i, name in enumerate(PARAM_DEVICE_PARTIALS)}
-PAR_HOST_COL = {name: i for i, name in enumerate(PARAM_HOST_PARTIALS)}
-
-# Hooks add a few adjacent partials at once: these are the column ranges they write.
-OUTPUT_COLS = slice(MOD_COL["out_sum"], MOD_COL["out_nonfinite"] + 1)
-GATE_COLS = slice(MOD_COL["gate_sum"], MOD_COL["sat_count"] + 1)
-ERROR_COLS = slice(MOD_COL["err_sumsq"], MOD_COL["err_nonfinite"] + 1)
-assert OUTPUT_COLS.stop - OUTPUT_COLS.start == 4 and GATE_COLS.stop - GATE_COLS.start == 2
+# What a hook records per call, by kind: the fields of its 0-d results, in order.
+FIELDS: dict[str, tuple[str, ...]] = {
+    "out": ("sum", "norm", "nonzero", "nonfinite"),  # forward output
+    "nonfinite": ("nonfinite",),  # forward output, NaN/Inf count only
+    "gate": ("sum", "saturated"),  # activation gate f'(z)
+    "err": ("norm", "nonfinite"),  # dL/d(output)
+    "in_err": ("norm",),  # dL/d(input)
+}
+MODULE_PARTIALS = [n for n, p in PARTIALS.items() if p.scope == "module"]
+PARAM_PARTIALS = [n for n, p in PARTIALS.items() if p.scope == "parameter"]
 
 
 def accumulation_dtype(device: torch.device) -> torch.dtype:
@@ -46,31 +43,35 @@ def accumulation_dtype(device: torch.device) -> torch.dtype:
 
 
 @dataclass
-class _Units:
-    """Flat per-unit state of one device: which units were active this step, and for how
-    many recorded steps in a row each has been inactive."""
+class _Calls:
+    """Per-call results of one kind on one device during the current step."""
 
-    active: Tensor
-    inactive_run: Tensor
-    slot_of_unit: Tensor
-    segments: dict[int, tuple[int, int]] = field(default_factory=dict)
+    slots: list[int] = field(default_factory=list)
+    counts: list[int] = field(default_factory=list)  # entries reduced, known on the host
+    values: list[list[Tensor]] = field(default_factory=list)  # one list per field
 
 
 @dataclass
-class _Bank:
-    """Everything accumulated on one device."""
+class _Units:
+    """Flat per-unit state of one device: units of every module, one segment each."""
 
-    device: torch.device
-    dtype: torch.dtype
-    modules: Tensor  # [capacity, slots, module device partials]
-    params: Tensor  # [capacity, params, parameter device partials]
-    histograms: Tensor | None  # [capacity, slots, bins]
-    units: _Units | None = None
+    segments: dict[int, tuple[int, int]] = field(default_factory=dict)
+    inactive_run: Tensor | None = None  # recorded steps in a row each unit was all-zero
+    slot_of_unit: Tensor | None = None
+    aranges: dict[int, Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class _StepRecord:
+    """One closed step on one device: a flat vector and how to read it on the host."""
+
+    flat: Tensor
+    layout: list[tuple[str, np.ndarray, np.ndarray, int]]  # kind, slots, counts, length
 
 
 @dataclass
 class Drained:
-    """Rows taken out of the buffer at a flush, on the host: ``steps`` and partials."""
+    """Rows taken out of the buffer at a flush, on the host."""
 
     steps: np.ndarray  # [rows]
     modules: dict[str, np.ndarray]  # partial -> [rows, slots]
@@ -79,195 +80,234 @@ class Drained:
 
 
 class StepBuffer:
-    """Device-side accumulation of partials for up to ``capacity`` recorded steps."""
+    """Per-call results of the current step, and closed steps awaiting a flush."""
 
     def __init__(
-        self,
-        n_slots: int,
-        n_params: int,
-        capacity: int,
-        *,
-        dead_window: int,
-        histogram_bins: int = 0,
+        self, n_slots: int, n_params: int, *, dead_window: int, histogram_bins: int = 0
     ) -> None:
         self.n_slots = n_slots
         self.n_params = n_params
-        self.capacity = capacity
         self.dead_window = dead_window
         self.histogram_bins = histogram_bins
-        self.row = 0
-        self.steps = np.zeros(capacity, dtype=np.int64)
-        self.host_modules = np.zeros((capacity, n_slots, len(MODULE_HOST_PARTIALS)))
-        self.host_params = np.zeros((capacity, n_params, len(PARAM_HOST_PARTIALS)))
-        self.banks: dict[torch.device, _Bank] = {}
-        # How many recorded steps each module has been seen in (for `window_ready`).
         self.steps_seen = np.zeros(n_slots, dtype=np.int64)
+        self._calls: dict[tuple[str, torch.device], _Calls] = {}
+        self._unit_calls: dict[torch.device, tuple[list[int], list[Tensor]]] = {}
+        self._hist_calls: dict[torch.device, tuple[list[int], list[Tensor]]] = {}
+        self._param_values: list[tuple[torch.device, list[int], str, Tensor]] = []
+        self._units: dict[torch.device, _Units] = {}
+        self._host = np.zeros((n_slots, len(MODULE_HOST_PARTIALS)))
+        self._host_col = {name: i for i, name in enumerate(MODULE_HOST_PARTIALS)}
+        self._param_host: dict[str, np.ndarray] = {}
+        # Closed steps: step number, host partials, records per device.
+        self._closed: list[tuple[int, np.ndarray, dict[str, np.ndarray], list[_StepRecord]]] = []
 
-    # ------------------------------------------------------------ per device
-    def bank(self, device: torch.device) -> _Bank:
-        bank = self.banks.get(device)
-        if bank is None:
-            dtype = accumulation_dtype(device)
-            bins = self.histogram_bins
-            bank = _Bank(
-                device=device,
-                dtype=dtype,
-                modules=torch.zeros(
-                    (self.capacity, self.n_slots, len(MODULE_DEVICE_PARTIALS)), dtype=dtype, device=device
-                ),
-                params=torch.zeros(
-                    (self.capacity, self.n_params, len(PARAM_DEVICE_PARTIALS)), dtype=dtype, device=device
-                ),
-                histograms=(
-                    torch.zeros((self.capacity, self.n_slots, bins), dtype=dtype, device=device)
-                    if bins
-                    else None
-                ),
-            )
-            self.banks[device] = bank
-        return bank
+    def __len__(self) -> int:
+        """Closed steps waiting for a flush."""
+        return len(self._closed)
 
     # ------------------------------------------------------------ written by hooks
-    def add_module(self, slot: int, device: torch.device, cols: slice, values: Tensor) -> None:
-        """Add ``values`` to the partials ``cols`` of module ``slot`` in the current row."""
-        bank = self.bank(device)
-        bank.modules[self.row, slot, cols].add_(values)
+    def record(self, kind: str, slot: int, device: torch.device, count: int, *values: Tensor) -> None:
+        """Keep one call's 0-d results (the fields of ``kind``); no device op here."""
+        calls = self._calls.get((kind, device))
+        if calls is None:
+            calls = _Calls(values=[[] for _ in FIELDS[kind]])
+            self._calls[(kind, device)] = calls
+        calls.slots.append(slot)
+        calls.counts.append(count)
+        for column, value in zip(calls.values, values):
+            column.append(value)
 
-    def add_histogram(self, slot: int, device: torch.device, counts: Tensor) -> None:
-        hist = self.bank(device).histograms
-        if hist is not None:
-            hist[self.row, slot].add_(counts)
+    def record_units(self, slot: int, device: torch.device, activity: Tensor) -> None:
+        """Keep one call's per-unit activity (≥ 0, 0 iff the unit was all-zero)."""
+        entry = self._unit_calls.setdefault(device, ([], []))
+        entry[0].append(slot)
+        entry[1].append(activity)
 
-    def add_host(self, slot: int, **counts: float) -> None:
-        """Add counts the host knows without asking the device (calls, entries)."""
-        row = self.host_modules[self.row, slot]
-        for name, value in counts.items():
-            row[MOD_HOST_COL[name]] += value
+    def record_histogram(self, slot: int, device: torch.device, counts: Tensor) -> None:
+        entry = self._hist_calls.setdefault(device, ([], []))
+        entry[0].append(slot)
+        entry[1].append(counts)
+
+    def add_host(self, slot: int, name: str, value: float = 1.0) -> None:
+        """Add to a count the host knows without asking the device."""
+        self._host[slot, self._host_col[name]] += value
 
     def set_host(self, slot: int, name: str, value: float) -> None:
-        self.host_modules[self.row, slot, MOD_HOST_COL[name]] = value
+        self._host[slot, self._host_col[name]] = value
 
-    def mark_units(self, slot: int, device: torch.device, active: Tensor) -> None:
-        """OR this call's per-unit activity into the module's segment."""
-        bank = self.bank(device)
-        units = bank.units
-        seg = units.segments.get(slot) if units is not None else None
-        if seg is None or seg[1] != active.numel():
-            if seg is not None:
-                raise ValueError(f"the number of units changed from {seg[1]} to {active.numel()}")
-            units = self._add_segment(bank, slot, active.numel())
-            seg = units.segments[slot]
-        start, n = seg
-        view = units.active[start : start + n]
-        torch.logical_or(view, active, out=view)
-        self.set_host(slot, "n_units", n)
-
-    def _add_segment(self, bank: _Bank, slot: int, n: int) -> _Units:
-        """A module's units are first seen: extend the flat vectors (first step only)."""
-        device = bank.device
-        fresh_active = torch.zeros(n, dtype=torch.bool, device=device)
-        fresh_run = torch.zeros(n, dtype=torch.int32, device=device)
-        fresh_slot = torch.full((n,), slot, dtype=torch.long, device=device)
-        if bank.units is None:
-            bank.units = _Units(fresh_active, fresh_run, fresh_slot, {slot: (0, n)})
-        else:
-            u = bank.units
-            start = u.active.numel()
-            u.active = torch.cat([u.active, fresh_active])
-            u.inactive_run = torch.cat([u.inactive_run, fresh_run])
-            u.slot_of_unit = torch.cat([u.slot_of_unit, fresh_slot])
-            u.segments[slot] = (start, n)
-        return bank.units
-
-    def set_params(self, device: torch.device, index: Tensor, cols: slice, values: Tensor) -> None:
-        """Write per-parameter values ``[len(index), cols]`` into the current row."""
-        self.bank(device).params[self.row, :, cols].index_copy_(0, index, values)
+    def record_params(self, device: torch.device, index: list[int], name: str, values: Tensor) -> None:
+        """Per-parameter values (a partial of :data:`PARAM_PARTIALS`) for ``index``."""
+        self._param_values.append((device, index, name, values))
 
     def set_param_host(self, index: list[int], name: str, value: float = 1.0) -> None:
-        self.host_params[self.row, index, PAR_HOST_COL[name]] = value
+        arr = self._param_host.setdefault(name, np.zeros(self.n_params))
+        arr[index] = value
 
     # ------------------------------------------------------------ step boundary
-    def end_step(self, step: int) -> bool:
-        """Close the current row as ``step``; returns True when the buffer is full."""
-        row = self.row
-        called = self.host_modules[row, :, MOD_HOST_COL["calls"]] > 0
+    def end_step(self, step: int) -> None:
+        """Close the current step: stack every list, once per field and device."""
+        called = self._host[:, self._host_col["calls"]] > 0
         self.steps_seen += called
-        ready = (self.steps_seen >= self.dead_window) & called
-        self.host_modules[row, :, MOD_HOST_COL["window_ready"]] = ready
-        for bank in self.banks.values():
-            if bank.units is not None:
-                self._close_units(bank, row, called)
-        self.steps[row] = step
-        self.row += 1
-        return self.row >= self.capacity
+        self._host[:, self._host_col["window_ready"]] = (self.steps_seen >= self.dead_window) & called
+        by_device: dict[torch.device, tuple[list[Tensor], list]] = defaultdict(lambda: ([], []))
+        for (kind, device), calls in self._calls.items():
+            tensors, layout = by_device[device]
+            # One op for every field of every call of this kind: [fields × calls].
+            tensors.append(torch.stack([v for column in calls.values for v in column]).to(accumulation_dtype(device)))
+            n = len(calls.slots)
+            layout.append((kind, np.asarray(calls.slots), np.asarray(calls.counts, dtype=np.float64), n * len(FIELDS[kind])))
+        for device, (slots_list, unit_counts) in self._unit_calls.items():
+            tensors, layout = by_device[device]
+            dead, dead_window = self._close_units(device, slots_list, unit_counts, called)
+            tensors += [dead, dead_window]
+            every_slot = np.arange(self.n_slots)
+            layout.append(("dead_units", every_slot, np.zeros(0), self.n_slots))
+            layout.append(("dead_window_units", every_slot, np.zeros(0), self.n_slots))
+        for device, (slots_list, hists) in self._hist_calls.items():
+            tensors, layout = by_device[device]
+            tensors.append(torch.stack(hists).to(accumulation_dtype(device)).reshape(-1))
+            layout.append(("hist", np.asarray(slots_list), np.zeros(0), len(slots_list) * self.histogram_bins))
+        for device, index, name, values in self._param_values:
+            tensors, layout = by_device[device]
+            tensors.append(values.to(accumulation_dtype(device)).reshape(-1))
+            layout.append((f"param:{name}", np.asarray(index), np.zeros(0), len(index)))
+        records = [
+            _StepRecord(torch.cat([t.reshape(-1) for t in tensors]), layout)
+            for tensors, layout in by_device.values()
+            if tensors
+        ]
+        self._closed.append((step, self._host.copy(), dict(self._param_host), records))
+        self._reset_step()
 
-    def _close_units(self, bank: _Bank, row: int, called: np.ndarray) -> None:
-        """Dead units of the step and runs of inactivity, for every module at once."""
-        u = bank.units
-        assert u is not None
-        inactive = ~u.active
-        if not all(called[slot] for slot in u.segments):
+    def _reset_step(self) -> None:
+        self._calls = {}
+        self._unit_calls = {}
+        self._hist_calls = {}
+        self._param_values = []
+        self._host[:] = 0
+        self._param_host = {}
+
+    def discard_step(self) -> None:
+        """Forget the current step's calls (a step that will not be recorded)."""
+        self._reset_step()
+
+    def _close_units(
+        self, device: torch.device, slots: list[int], counts: list[Tensor], called: np.ndarray
+    ) -> tuple[Tensor, Tensor]:
+        """Dead units of the step, and runs of inactivity, for every module at once."""
+        units = self._units.setdefault(device, _Units())
+        for slot, c in zip(slots, counts):
+            if slot not in units.segments:
+                self._add_segment(units, device, slot, c.numel())
+            elif units.segments[slot][1] != c.numel():
+                raise ValueError(f"the number of units changed from {units.segments[slot][1]} to {c.numel()}")
+        assert units.inactive_run is not None and units.slot_of_unit is not None
+        total = units.inactive_run.numel()
+        index = torch.cat([units.aranges[s] for s in slots])
+        dtype = accumulation_dtype(device)
+        activity = torch.zeros(total, dtype=dtype, device=device)
+        activity.index_add_(0, index, torch.cat([c.reshape(-1) for c in counts]).to(dtype))
+        inactive = activity == 0
+        if all(called[s] for s in units.segments):
+            units.inactive_run = (units.inactive_run + 1) * inactive
+        else:
             # A module not run in this step keeps its runs as they were.
-            seen = torch.zeros_like(u.active)
-            for slot, (start, n) in u.segments.items():
-                if called[slot]:
+            seen = torch.zeros(total, dtype=torch.bool, device=device)
+            for s, (start, n) in units.segments.items():
+                if called[s]:
                     seen[start : start + n] = True
             inactive = inactive & seen
-            u.inactive_run = torch.where(seen, (u.inactive_run + 1) * inactive, u.inactive_run)
-        else:
-            u.inactive_run = (u.inactive_run + 1) * inactive
-        dead = torch.zeros(self.n_slots, dtype=bank.dtype, device=bank.device)
-        dead.index_add_(0, u.slot_of_unit, inactive.to(bank.dtype))
-        bank.modules[row, :, MOD_COL["dead_units"]] = dead
-        long_dead = (u.inactive_run >= self.dead_window).to(bank.dtype)
-        dead_window = torch.zeros(self.n_slots, dtype=bank.dtype, device=bank.device)
-        dead_window.index_add_(0, u.slot_of_unit, long_dead)
-        bank.modules[row, :, MOD_COL["dead_window_units"]] = dead_window
-        u.active.zero_()
+            units.inactive_run = torch.where(seen, (units.inactive_run + 1) * inactive, units.inactive_run)
+        dead = torch.zeros(self.n_slots, dtype=dtype, device=device)
+        dead.index_add_(0, units.slot_of_unit, inactive.to(dtype))
+        long_dead = (units.inactive_run >= self.dead_window).to(dtype)
+        dead_window = torch.zeros(self.n_slots, dtype=dtype, device=device)
+        dead_window.index_add_(0, units.slot_of_unit, long_dead)
+        for s in set(slots):
+            self.set_host(s, "n_units", units.segments[s][1])
+        return dead, dead_window
 
-    def discard_row(self) -> None:
-        """Forget what the current row holds (a step that will not be recorded)."""
-        row = self.row
-        self.host_modules[row] = 0
-        self.host_params[row] = 0
-        for bank in self.banks.values():
-            bank.modules[row].zero_()
-            bank.params[row].zero_()
-            if bank.histograms is not None:
-                bank.histograms[row].zero_()
-            if bank.units is not None:
-                bank.units.active.zero_()
+    @staticmethod
+    def _add_segment(units: _Units, device: torch.device, slot: int, n: int) -> None:
+        """A module's units are seen for the first time: extend the flat vectors."""
+        start = 0 if units.inactive_run is None else units.inactive_run.numel()
+        run = torch.zeros(n, dtype=torch.int32, device=device)
+        owner = torch.full((n,), slot, dtype=torch.long, device=device)
+        units.inactive_run = run if units.inactive_run is None else torch.cat([units.inactive_run, run])
+        units.slot_of_unit = owner if units.slot_of_unit is None else torch.cat([units.slot_of_unit, owner])
+        units.segments[slot] = (start, n)
+        units.aranges[slot] = torch.arange(start, start + n, device=device)
 
     # ------------------------------------------------------------ flush
     def drain(self) -> Drained | None:
-        """Copy the closed rows to the host (the one deliberate sync) and reset."""
-        rows = self.row
-        if rows == 0:
+        """Copy the closed steps to the host and combine them into partials."""
+        closed, self._closed = self._closed, []
+        if not closed:
             return None
-        modules = np.zeros((rows, self.n_slots, len(MODULE_DEVICE_PARTIALS)))
-        params = np.zeros((rows, self.n_params, len(PARAM_DEVICE_PARTIALS)))
+        rows = len(closed)
+        steps = np.array([c[0] for c in closed], dtype=np.int64)
+        modules = {name: np.zeros((rows, self.n_slots)) for name in MODULE_PARTIALS}
+        params = {name: np.zeros((rows, self.n_params)) for name in PARAM_PARTIALS}
         hist = np.zeros((rows, self.n_slots, self.histogram_bins)) if self.histogram_bins else None
-        for bank in self.banks.values():
-            # Deliberate host sync: one copy per device per flush. Banks of different
-            # devices hold disjoint slots (zeros elsewhere), so they add up.
-            modules += bank.modules[:rows].cpu().numpy()
-            params += bank.params[:rows].cpu().numpy()
-            if hist is not None and bank.histograms is not None:
-                hist += bank.histograms[:rows].cpu().numpy()
-            bank.modules[:rows].zero_()
-            bank.params[:rows].zero_()
-            if bank.histograms is not None:
-                bank.histograms[:rows].zero_()
-        out_modules = {name: modules[:, :, i] for i, name in enumerate(MODULE_DEVICE_PARTIALS)}
-        out_modules.update(
-            {name: self.host_modules[:rows, :, i].copy() for i, name in enumerate(MODULE_HOST_PARTIALS)}
-        )
-        out_params = {name: params[:, :, i] for i, name in enumerate(PARAM_DEVICE_PARTIALS)}
-        out_params.update(
-            {name: self.host_params[:rows, :, i].copy() for i, name in enumerate(PARAM_HOST_PARTIALS)}
-        )
-        drained = Drained(self.steps[:rows].copy(), out_modules, out_params, hist)
-        self.host_modules[:rows] = 0
-        self.host_params[:rows] = 0
-        self.row = 0
-        return drained
+        by_device: dict[torch.device, list[tuple[int, _StepRecord]]] = defaultdict(list)
+        for row, (_, host, param_host, records) in enumerate(closed):
+            for i, name in enumerate(MODULE_HOST_PARTIALS):
+                modules[name][row] = host[:, i]
+            for name, arr in param_host.items():
+                if name in params:
+                    params[name][row] = arr
+            for record in records:
+                by_device[record.flat.device].append((row, record))
+        for entries in by_device.values():
+            # Deliberate host sync: one copy per device per flush.
+            flat = torch.cat([r.flat for _, r in entries]).cpu().numpy().astype(np.float64)
+            offset = 0
+            for row, record in entries:
+                for kind, slots, counts, length in record.layout:
+                    values = flat[offset : offset + length]
+                    offset += length
+                    _combine(kind, row, slots, counts, values, modules, params, hist)
+        return Drained(steps, modules, params, hist)
+
+
+def _combine(
+    kind: str,
+    row: int,
+    slots: np.ndarray,
+    counts: np.ndarray,
+    values: np.ndarray,
+    modules: dict[str, np.ndarray],
+    params: dict[str, np.ndarray],
+    hist: np.ndarray | None,
+) -> None:
+    """Fold one step's per-call values into the declared partials (calls add up)."""
+    if kind.startswith("param:"):
+        params[kind.removeprefix("param:")][row, slots] = values
+        return
+    if kind in ("dead_units", "dead_window_units"):
+        modules[kind][row] = values
+        return
+    if kind == "hist":
+        if hist is not None:
+            np.add.at(hist[row], slots, values.reshape(len(slots), -1))
+        return
+    fields = dict(zip(FIELDS[kind], values.reshape(len(FIELDS[kind]), -1)))
+
+    def add(partial: str, v: np.ndarray) -> None:
+        np.add.at(modules[partial][row], slots, v)
+
+    if kind == "out":
+        add("out_sum", fields["sum"])
+        add("out_sumsq", fields["norm"] ** 2)
+        add("out_zeros", counts - fields["nonzero"])
+        add("out_nonfinite", fields["nonfinite"])
+    elif kind == "nonfinite":
+        add("out_nonfinite", fields["nonfinite"])
+    elif kind == "gate":
+        add("gate_sum", fields["sum"])
+        add("sat_count", fields["saturated"])
+    elif kind == "err":
+        add("err_sumsq", fields["norm"] ** 2)
+        add("err_nonfinite", fields["nonfinite"])
+    elif kind == "in_err":
+        add("in_err_sumsq", fields["norm"] ** 2)

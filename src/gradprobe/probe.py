@@ -39,19 +39,11 @@ from torch import Tensor, nn
 
 from ._version import __version__
 from .activations import Activation, activation_of, recurrent_nonlinearity
-from .buffer import ERROR_COLS, GATE_COLS, MOD_COL, OUTPUT_COLS, PAR_COL, Drained, StepBuffer
+from .buffer import Drained, StepBuffer, accumulation_dtype
 from .errors import GradprobeError
 from .hooks import HookSet, warn_once
 from .run import Run, empty_frame
-from .stats import (
-    PRESETS,
-    STATISTICS,
-    active_units,
-    error_partials,
-    finalize,
-    gate_partials,
-    output_partials,
-)
+from .stats import PRESETS, SAT_THRESHOLD, STATISTICS, finalize
 from .store import Store
 
 __all__ = ["Probe", "unwrap_model"]
@@ -169,7 +161,7 @@ class Probe:
         self._slots = _select_modules(inner, modules)
         self._param_names, self._params = _trainable_parameters(inner)
         self.buffer = StepBuffer(
-            len(self._slots), len(self._params), flush_every,
+            len(self._slots), len(self._params),
             dead_window=dead_window, histogram_bins=histogram_bins if self.histograms else 0,
         )
         self.step_index = 0
@@ -181,7 +173,7 @@ class Probe:
         self._layout_by_shape: dict[tuple[int, ...], str] = {}
         self._frames: list[pd.DataFrame] = []
         self._snapshot: dict[tuple[torch.device, torch.dtype], tuple[list[int], list[Tensor], Tensor]] | None = None
-        self._index_cache: dict[tuple[torch.device, tuple[int, ...]], Tensor] = {}
+        self._zeros: dict[torch.device, Tensor] = {}
 
         want = set(self.stats)
         self._want_output = bool(want & {"act_mean", "act_std", "zero_frac"})
@@ -282,6 +274,8 @@ class Probe:
         return self._recording and not self._closed and module.training and torch.is_grad_enabled()
 
     # ================================================================ module hooks
+    # Each hook launches only the reductions it needs and hands the 0-d results to the
+    # buffer: on small layers the number of ops, not their size, is what costs.
     def _on_pre(self, k: int, module: nn.Module, args: tuple[Any, ...]) -> None:
         x = _first_float_tensor(args)
         if x is None:
@@ -294,9 +288,14 @@ class Probe:
             with torch.no_grad():
                 z = x.detach()
                 gate = act.gate(z, act.params(module))
-                bank = self.buffer.bank(z.device)
-                self.buffer.add_module(k, z.device, GATE_COLS, gate_partials(gate, act.max_derivative, act.saturates, bank.dtype))
-            self.buffer.add_host(k, gate_count=z.numel(), sat_count_n=z.numel() if act.saturates else 0)
+                if act.saturates:
+                    saturated = torch.count_nonzero(gate < SAT_THRESHOLD * act.max_derivative)
+                else:
+                    saturated = self._zero(z.device)
+                self.buffer.record("gate", k, z.device, z.numel(), gate.sum(), saturated)
+            self.buffer.add_host(k, "gate_count", z.numel())
+            if act.saturates:
+                self.buffer.add_host(k, "sat_count_n", z.numel())
 
     def _on_forward(self, k: int, module: nn.Module, output: Any) -> None:
         y = _first_float_tensor(output)
@@ -306,25 +305,36 @@ class Probe:
         if k not in self._seen_slots:
             self._seen_slots.add(k)
             self._execution_order.append(k)
-        self.buffer.add_host(k, calls=1, count=y.numel())
+        n = y.numel()
+        self.buffer.add_host(k, "calls")
+        self.buffer.add_host(k, "count", n)
         device = y.device
         with torch.no_grad():
             yd = y.detach()
-            dtype = self.buffer.bank(device).dtype
             if self._want_output:
-                self.buffer.add_module(k, device, OUTPUT_COLS, output_partials(yd, dtype))
+                # sum and norm are each a single cheap kernel (var_mean is several times
+                # dearer); y − y is 0 where y is finite and NaN where it is NaN or ±Inf.
+                self.buffer.record("out", k, device, n, yd.sum(), torch.linalg.vector_norm(yd),
+                                   torch.count_nonzero(yd), torch.count_nonzero(yd - yd))
             elif self._want_nonfinite:
-                col = MOD_COL["out_nonfinite"]
-                nonfinite = (yd.numel() - torch.isfinite(yd).sum(dtype=dtype)).reshape(1)
-                self.buffer.add_module(k, device, slice(col, col + 1), nonfinite)
+                self.buffer.record("nonfinite", k, device, n, torch.count_nonzero(yd - yd))
             if self._want_units and yd.dim() >= 1:
-                self.buffer.mark_units(k, device, active_units(yd, self._unit_dim(slot, yd)).reshape(-1))
+                unit = self._unit_dim(slot, yd)
+                dims = tuple(d for d in range(yd.dim()) if d != unit)
+                # max |y| per unit: > 0 iff the unit fired somewhere (cheaper than counting).
+                self.buffer.record_units(k, device, yd.abs().amax(dim=dims).reshape(-1))
             if self.histograms:
                 lo, hi = slot.histogram_range
                 counts = torch.histc(yd.float().clamp(lo, hi), self.buffer.histogram_bins, lo, hi)
-                self.buffer.add_histogram(k, device, counts.to(dtype))
+                self.buffer.record_histogram(k, device, counts)
         if self._want_error and y.requires_grad:
             y.register_hook(partial(_output_grad_hook, weakref.ref(self), k))
+
+    def _zero(self, device: torch.device) -> Tensor:
+        zero = self._zeros.get(device)
+        if zero is None:
+            zero = self._zeros[device] = torch.zeros((), device=device)
+        return zero
 
     def _unit_dim(self, slot: _Slot, y: Tensor) -> int:
         """Which dimension holds the units: features of [N, F], channels of [N, C, ...]."""
@@ -338,14 +348,19 @@ class Probe:
             self._layout_by_shape[shape] = layout
         return y.dim() - 1 if layout == "last" else 1
 
-    def _on_error_grad(self, k: int, grad: Tensor, cols: slice, calls: str) -> None:
+    def _on_error_grad(self, k: int, grad: Tensor, kind: str) -> None:
         if self._closed:
             return
-        dtype = self.buffer.bank(grad.device).dtype
         with torch.no_grad():
-            values = error_partials(grad.detach(), dtype)
-        self.buffer.add_module(k, grad.device, cols, values[: cols.stop - cols.start])
-        self.buffer.add_host(k, **{calls: 1})
+            g = grad.detach()
+            # float64 where the device has it: 1e-20 signals of vanishing nets must not underflow.
+            norm = torch.linalg.vector_norm(g, dtype=accumulation_dtype(g.device))
+            if kind == "err":
+                self.buffer.record("err", k, g.device, g.numel(), norm, torch.count_nonzero(g - g))
+                self.buffer.add_host(k, "err_calls")
+            else:
+                self.buffer.record("in_err", k, g.device, g.numel(), norm)
+                self.buffer.add_host(k, "in_err_calls")
 
     # ================================================================ parameter hooks
     def _param_groups(self, with_grad: bool) -> dict[tuple[torch.device, torch.dtype], list[int]]:
@@ -357,30 +372,19 @@ class Probe:
             groups[(p.device, p.dtype)].append(i)
         return groups
 
-    def _index(self, device: torch.device, idx: list[int]) -> Tensor:
-        key = (device, tuple(idx))
-        t = self._index_cache.get(key)
-        if t is None:
-            t = torch.tensor(idx, dtype=torch.long, device=device)
-            self._index_cache[key] = t
-        return t
-
     @torch.no_grad()
     def _record_params(self) -> None:
         """Gradient norms, parameter norms, NaN/Inf counts: one batched pass per group."""
         if not self._want_params:
             return
-        cols = slice(PAR_COL["grad_norm"], PAR_COL["grad_nonfinite"] + 1)
         for (device, _dtype), idx in self._param_groups(with_grad=True).items():
             params = [self._params[i] for i in idx]
             grads = [p.grad for p in params]
-            grad_norms = torch.stack(torch._foreach_norm(grads))
-            param_norms = self._before_norms(device, idx, params)
+            self.buffer.record_params(device, idx, "grad_norm", torch.stack(torch._foreach_norm(grads)))
+            self.buffer.record_params(device, idx, "param_norm", self._before_norms(device, idx, params))
             # NaN·0 and Inf·0 are NaN, finite·0 is 0: the ord-0 "norm" counts them.
             nonfinite = torch.stack(torch._foreach_norm(torch._foreach_mul(grads, 0.0), 0))
-            dtype = self.buffer.bank(device).dtype
-            values = torch.stack([grad_norms, param_norms, nonfinite], dim=1).to(dtype)
-            self.buffer.set_params(device, self._index(device, idx), cols, values)
+            self.buffer.record_params(device, idx, "grad_nonfinite", nonfinite)
             self.buffer.set_param_host(idx, "has_grad")
 
     def _before_norms(self, device: torch.device, idx: list[int], params: list[Tensor]) -> Tensor:
@@ -407,13 +411,11 @@ class Probe:
         snapshot, self._snapshot = self._snapshot, None
         if not snapshot:
             return
-        col = PAR_COL["update_ratio"]
         for (device, _dtype), (idx, before, before_norms) in snapshot.items():
             after = [self._params[i].detach() for i in idx]
             update_norms = torch.stack(torch._foreach_norm(torch._foreach_sub(after, before)))
-            dtype = self.buffer.bank(device).dtype
-            ratio = (update_norms.to(dtype) / before_norms.to(dtype)).reshape(-1, 1)
-            self.buffer.set_params(device, self._index(device, idx), slice(col, col + 1), ratio)
+            dtype = accumulation_dtype(device)
+            self.buffer.record_params(device, idx, "update_ratio", update_norms.to(dtype) / before_norms.to(dtype))
             self.buffer.set_param_host(idx, "has_update")
 
     def _on_step_pre(self) -> None:
@@ -432,8 +434,8 @@ class Probe:
     # ================================================================ steps and flushes
     def _end_step(self) -> None:
         if self._recording:
-            full = self.buffer.end_step(self.step_index)
-            if full:
+            self.buffer.end_step(self.step_index)
+            if len(self.buffer) >= self.flush_every:
                 self._flush()
         self.step_index += 1
         self._recording = self.step_index % self.every == 0
@@ -557,7 +559,7 @@ def _output_grad_hook(ref: weakref.ref[Probe], k: int, grad: Tensor) -> None:
     if probe is None:
         return
     try:
-        probe._on_error_grad(k, grad, ERROR_COLS, "err_calls")
+        probe._on_error_grad(k, grad, "err")
     except Exception as exc:
         probe._module_failed(k, "backward (output) hook", exc)
 
@@ -566,9 +568,8 @@ def _input_grad_hook(ref: weakref.ref[Probe], k: int, grad: Tensor) -> None:
     probe = ref()
     if probe is None:
         return
-    col = MOD_COL["in_err_sumsq"]
     try:
-        probe._on_error_grad(k, grad, slice(col, col + 1), "in_err_calls")
+        probe._on_error_grad(k, grad, "in_err")
     except Exception as exc:
         probe._module_failed(k, "backward (input) hook", exc)
 
