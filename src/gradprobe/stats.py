@@ -9,7 +9,8 @@ gradient-accumulation step, and across data-parallel ranks. So a module called
 twice, accumulation and DDP need no code of their own: they all ``sum`` (or
 ``max``) the same partials, and the statistic is a function of the combined sums.
 
-The reductions in this module are pure: tensor in, tensor out, no host sync.
+What a hook reduces per call, and how those per-call values fold into the partials,
+is in :mod:`gradprobe.buffer`.
 """
 
 from __future__ import annotations
@@ -19,8 +20,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-import torch
-from torch import Tensor
 
 __all__ = [
     "PARTIALS",
@@ -29,10 +28,7 @@ __all__ = [
     "STATISTICS",
     "Partial",
     "Statistic",
-    "active_units",
     "finalize",
-    "gate_partials",
-    "output_partials",
 ]
 
 # A unit is *saturated* where its gate f'(z) is below this fraction of the activation's
@@ -224,37 +220,3 @@ def finalize(partials: Arrays, stats: list[str], scope: str) -> dict[str, tuple[
         if fn is not None:
             out[name] = fn(partials)
     return out
-
-
-# ---------------------------------------------------------------- pure reductions
-
-def output_partials(y: Tensor, dtype: torch.dtype) -> Tensor:
-    """[sum, sum of squares, zeros, non-finite entries] of a module output, on its device."""
-    total = y.sum(dtype=dtype)
-    sumsq = torch.linalg.vector_norm(y, dtype=dtype).square()
-    zeros = (y == 0).sum(dtype=dtype)
-    nonfinite = y.numel() - torch.isfinite(y).sum(dtype=dtype)
-    return torch.stack([total, sumsq, zeros, nonfinite])
-
-
-def gate_partials(gate: Tensor, max_derivative: float, saturates: bool, dtype: torch.dtype) -> Tensor:
-    """[sum of f'(z), entries with f'(z) < SAT_THRESHOLD·max f'] of an activation's gate."""
-    total = gate.sum(dtype=dtype)
-    if not saturates:
-        return torch.stack([total, torch.zeros((), dtype=dtype, device=gate.device)])
-    saturated = (gate < SAT_THRESHOLD * max_derivative).sum(dtype=dtype)
-    return torch.stack([total, saturated])
-
-
-def error_partials(grad: Tensor, dtype: torch.dtype) -> Tensor:
-    """[‖g‖², non-finite entries] of a gradient, in ``dtype`` so tiny signals do not underflow."""
-    sumsq = torch.linalg.vector_norm(grad, dtype=dtype).square()
-    nonfinite = grad.numel() - torch.isfinite(grad).sum(dtype=dtype)
-    return torch.stack([sumsq, nonfinite])
-
-
-def active_units(y: Tensor, unit_dim: int) -> Tensor:
-    """Boolean [units]: True where the unit is non-zero somewhere in the batch (and positions)."""
-    dims = tuple(d for d in range(y.dim()) if d != unit_dim)
-    nonzero = y != 0
-    return nonzero.any(dim=dims) if dims else nonzero
