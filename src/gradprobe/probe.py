@@ -42,7 +42,7 @@ from .activations import Activation, activation_of, recurrent_nonlinearity
 from .buffer import Drained, StepBuffer, accumulation_dtype
 from .errors import GradprobeError
 from .hooks import HookSet, warn_once
-from .run import Run, empty_frame
+from .run import Run, empty_frame, normalize_frame
 from .stats import PRESETS, SAT_THRESHOLD, STATISTICS, finalize
 from .store import Store
 
@@ -468,7 +468,7 @@ class Probe:
         parts = [p for p in parts if not p.empty]
         if not parts:
             return empty_frame()
-        frame = pd.concat(parts, ignore_index=True)
+        frame = normalize_frame(pd.concat(parts, ignore_index=True))
         return frame.sort_values("step", kind="stable", ignore_index=True)
 
     # ================================================================ failures

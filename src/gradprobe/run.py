@@ -18,20 +18,19 @@ import pandas as pd
 from .errors import GradprobeError
 from .store import FORMAT, PART_GLOB
 
-__all__ = ["COLUMNS", "Run", "empty_frame", "load"]
+__all__ = ["COLUMNS", "Run", "empty_frame", "load", "normalize_frame"]
 
 COLUMNS = ["step", "name", "stat", "value"]
 
 
+def normalize_frame(frame: pd.DataFrame) -> pd.DataFrame:
+    """One set of dtypes wherever a frame comes from: int64 steps, text names, float64 values."""
+    frame = frame[COLUMNS]
+    return frame.astype({"step": np.int64, "name": str, "stat": str, "value": np.float64})
+
+
 def empty_frame() -> pd.DataFrame:
-    return pd.DataFrame(
-        {
-            "step": np.zeros(0, dtype=np.int64),
-            "name": pd.Series([], dtype=object),
-            "stat": pd.Series([], dtype=object),
-            "value": np.zeros(0, dtype=np.float64),
-        }
-    )
+    return normalize_frame(pd.DataFrame({c: [] for c in COLUMNS}))
 
 
 class Run:
@@ -183,9 +182,4 @@ def _read_part(part: Path) -> pd.DataFrame:
         raise GradprobeError(
             f"the part {str(part)!r} lacks the columns {missing}", "it was not written by gradprobe"
         )
-    df = table.select(COLUMNS).to_pandas()
-    for column in ("name", "stat"):
-        df[column] = df[column].astype(object)
-    df["step"] = df["step"].astype(np.int64)
-    df["value"] = df["value"].astype(np.float64)
-    return df
+    return normalize_frame(table.select(COLUMNS).to_pandas())
