@@ -725,7 +725,7 @@ def plot_error_profiles(
         ax.plot(layers, 10.0 ** np.clip(curve, -300, 300), marker=".", label=label)
     ax.set_yscale("log")
     ax.set_xlabel("hidden layer l (1 = nearest the input)")
-    ax.set_ylabel("predicted ‖dL/dh^l‖ / ‖dL/dh^L‖")
+    ax.set_ylabel(r"predicted $\|\partial L/\partial h^l\| \,/\, \|\partial L/\partial h^L\|$")
     ax.set_title(f"{act.name}, σ_b² = {bias_var:g}, depth {depth}: mean-field prediction")
     ax.legend()
     ax.grid(True, which="both", alpha=0.3)
