@@ -450,7 +450,7 @@ def test_store_in_a_read_only_directory(tmp_path):
     ro = tmp_path / "ro"
     ro.mkdir()
     ro.chmod(0o500)
-    with pytest.raises(GradprobeError, match="not writable|cannot"):
+    with pytest.raises(GradprobeError, match=r"not writable|cannot"):
         Probe(nn.Linear(2, 2), store=ro / "run")
 
 
