@@ -74,6 +74,87 @@ def explain_command(
         console.print(f"wrote {path}", markup=False)
 
 
+lab_app = typer.Typer(
+    help="The lab: every remedy demonstrated and measured, reproducibly.", no_args_is_help=True
+)
+app.add_typer(lab_app, name="lab")
+
+
+def _whole_number(text: str | None, option: str) -> int | None:
+    """Parse a count given on the command line; anything but a whole number ≥ 1 is an error."""
+    if text is None:
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise GradprobeError(
+            f"{option} must be a whole number ≥ 1, got {text!r}", f"e.g. {option} 2"
+        ) from None
+    if value < 1:
+        raise GradprobeError(
+            f"{option} must be a whole number ≥ 1, got {value}", f"e.g. {option} 2"
+        )
+    return value
+
+
+@lab_app.command("list")
+def lab_list_command() -> None:
+    """List the lab's experiments: name, question, source."""
+    from rich.table import Table
+
+    from .lab import EXPERIMENTS
+
+    table = Table("name", "question", "source", show_lines=True)
+    for e in EXPERIMENTS.values():
+        table.add_row(e.name, e.question, e.source)
+    console.print(table)
+
+
+@lab_app.command("run")
+def lab_run_command(
+    name: str = typer.Argument(..., help="an experiment from 'gradprobe lab list', or 'all'"),
+    quick: bool = typer.Option(False, "--quick", help="small grids: every experiment in minutes"),
+    seeds: str | None = typer.Option(
+        None, "--seeds", help="seeds per configuration (default: per experiment)"
+    ),
+    out: str = typer.Option(
+        "lab-results", "--out", help="folder for results, figures and the report"
+    ),
+    workers: str | None = typer.Option(
+        None, "--workers", help="worker processes (default min(2, CPUs))"
+    ),
+) -> None:
+    """Run one experiment (or all): results.csv/json, figures and lab_report.html under --out."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .lab import EXPERIMENTS
+    from .lab.runner import get_experiment, run_experiments
+
+    names = list(EXPERIMENTS) if name == "all" else [get_experiment(name).name]
+    n_seeds = _whole_number(seeds, "--seeds")
+    n_workers = _whole_number(workers, "--workers")
+    mode = "quick" if quick else "full"
+    columns = (
+        TextColumn("{task.description:<14}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=err_console, transient=False) as progress:
+        outcomes = run_experiments(
+            names, mode=mode, seeds=n_seeds, out=out, workers=n_workers, progress=progress
+        )
+    for o in outcomes:
+        mark = "agrees" if o.verdict.agrees_with_source else "disagrees"
+        console.print(
+            f"{o.experiment.name}: {mark} with {o.experiment.source} "
+            f"({o.verdict.seeds_agree}/{o.verdict.seeds_total} seeds, {o.seconds:.1f} s)",
+            markup=False,
+        )
+        console.print("  " + o.verdict.text.splitlines()[0], markup=False)
+    console.print(f"wrote {out}/lab_report.html", markup=False)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``gradprobe`` command; returns the exit code."""
     try:
