@@ -27,8 +27,8 @@ def main() -> None:
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
 
     # The only change to a plain training loop: the `with` line.
-    with gradprobe.Probe(model, opt, store=args.out, every=5) as probe:
-        for step in range(args.steps):
+    with gradprobe.Probe(model, opt, store=args.out, every=5):
+        for _ in range(args.steps):
             idx = torch.randint(0, len(data.x_train), (64,))
             opt.zero_grad()
             loss = nn.functional.cross_entropy(model(data.x_train[idx]), data.y_train[idx])
