@@ -10,9 +10,34 @@ of concepts.md. :mod:`.runner` trains a grid in a process pool and writes its re
 
 from __future__ import annotations
 
-from . import depth
+from . import activations as _activations
+from . import channels as _channels
+from . import clipping as _clipping
+from . import depth as _depth
+from . import dying_relu as _dying_relu
+from . import init as _init
+from . import normalization as _normalization
+from . import optimizers as _optimizers
+from . import pretraining as _pretraining
+from . import recurrent as _recurrent
+from . import residual as _residual
 from .experiment import Experiment, RunConfig, RunResult, Verdict
 
 __all__ = ["EXPERIMENTS", "Experiment", "RunConfig", "RunResult", "Verdict"]
 
-EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (depth.EXPERIMENT,)}
+EXPERIMENTS: dict[str, Experiment] = {
+    e.name: e
+    for e in (
+        _depth.EXPERIMENT,
+        _activations.EXPERIMENT,
+        _init.EXPERIMENT,
+        _normalization.EXPERIMENT,
+        _residual.EXPERIMENT,
+        _recurrent.EXPERIMENT,
+        _clipping.EXPERIMENT,
+        _optimizers.EXPERIMENT,
+        _pretraining.EXPERIMENT,
+        _dying_relu.EXPERIMENT,
+        _channels.EXPERIMENT,
+    )
+}

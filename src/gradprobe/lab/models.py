@@ -31,9 +31,18 @@ __all__ = [
 ]
 
 _MODULE_FOR = {
-    "sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "relu": nn.ReLU, "leaky_relu": nn.LeakyReLU,
-    "prelu": nn.PReLU, "elu": nn.ELU, "selu": nn.SELU, "silu": nn.SiLU, "gelu": nn.GELU,
-    "softplus": nn.Softplus, "hardtanh": nn.Hardtanh, "softsign": nn.Softsign,
+    "sigmoid": nn.Sigmoid,
+    "tanh": nn.Tanh,
+    "relu": nn.ReLU,
+    "leaky_relu": nn.LeakyReLU,
+    "prelu": nn.PReLU,
+    "elu": nn.ELU,
+    "selu": nn.SELU,
+    "silu": nn.SiLU,
+    "gelu": nn.GELU,
+    "softplus": nn.Softplus,
+    "hardtanh": nn.Hardtanh,
+    "softsign": nn.Softsign,
 }
 
 # Weight initialisations by name: what each sets Var(W) to, for a layer of fan-in n.
@@ -200,7 +209,9 @@ def residual_mlp(
     s = 1.0 / math.sqrt(depth) if scale is None else scale
     layers: OrderedDict[str, nn.Module] = OrderedDict()
     layers["inp"] = nn.Linear(in_features, width)
-    layers["blocks"] = nn.Sequential(*[ResidualBlock(width, activation, norm, s) for _ in range(depth)])
+    layers["blocks"] = nn.Sequential(
+        *[ResidualBlock(width, activation, norm, s) for _ in range(depth)]
+    )
     layers["head_act"] = activation_module(activation)
     layers["out"] = nn.Linear(width, out_features)
     model = nn.Sequential(layers)
@@ -238,8 +249,9 @@ class RecurrentModel(nn.Module):
     """A recurrent layer (``rnn``, ``lstm`` or ``gru``) reading a sequence, and a linear head
     on its last hidden state."""
 
-    def __init__(self, kind: str, input_size: int, hidden: int, out_features: int,
-                 nonlinearity: str = "tanh") -> None:
+    def __init__(
+        self, kind: str, input_size: int, hidden: int, out_features: int, nonlinearity: str = "tanh"
+    ) -> None:
         super().__init__()
         kinds = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}
         if kind not in kinds:
@@ -252,6 +264,28 @@ class RecurrentModel(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         out, _ = self.rnn(x)
         return self.head(out[:, -1])
+
+    def unrolled(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """The same prediction as ``forward``, computed one time step at a time, and the
+        hidden states h_1 … h_T it passed through.
+
+        Each h_t is the tensor the next step reads, so after ``h_t.retain_grad()`` and a
+        backward pass ``h_t.grad`` is dL/dh_t with every path through later steps (with the
+        fused sequence call only the last output is used by the loss, and the gradients of
+        the earlier outputs would be zero).
+        """
+        state: Tensor | tuple[Tensor, Tensor] | None = None
+        hs: list[Tensor] = []
+        for t in range(x.shape[1]):
+            out, new_state = self.rnn(x[:, t : t + 1], state)
+            h = out[:, 0]
+            hs.append(h)
+            # The next step reads h itself (and, for an LSTM, the new cell state).
+            if isinstance(new_state, tuple):
+                state = (h.unsqueeze(0), new_state[1])
+            else:
+                state = h.unsqueeze(0)
+        return self.head(hs[-1]), hs
 
 
 def recurrent(
