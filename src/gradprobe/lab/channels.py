@@ -55,10 +55,14 @@ def channel_stats(model: nn.Sequential, x: torch.Tensor) -> dict[str, np.ndarray
     zero everywhere. Arrays are ``[layers, channels]``."""
     pre: list[torch.Tensor] = []
     post: list[torch.Tensor] = []
+
+    def keep(_m: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+        # Returns None: a forward hook that returns a value would replace the output.
+        pre.append(args[0])
+        post.append(out)
+
     handles = [
-        m.register_forward_hook(lambda _m, args, out: (pre.append(args[0]), post.append(out)))
-        for n, m in model.named_children()
-        if n.startswith("act")
+        m.register_forward_hook(keep) for n, m in model.named_children() if n.startswith("act")
     ]
     was = model.training
     model.eval()
@@ -81,6 +85,8 @@ def _summary(stats: dict[str, np.ndarray]) -> dict[str, float]:
         "dead_channels": float(stats["dead"].mean()),
         # Spread across channels, averaged over layers: how unequal the channels are.
         "mean_spread": float(stats["mean"].std(axis=1).mean()),
+        # How far each channel is from standardised: |mean| in units of its own std.
+        "offset": float((np.abs(stats["mean"]) / np.maximum(stats["std"], 1e-12)).mean()),
         "log10_std_spread": float(np.log10(np.maximum(stats["std"], 1e-12)).std(axis=1).mean()),
     }
 
@@ -108,6 +114,7 @@ def run(config: RunConfig, store: Path | None) -> RunResult:
             "dead_channels_init": at_init["dead_channels"],
             "dead_channels": end["dead_channels"],
             "probe_dead_window": measure.layer_mean(fit.run, "dead_window_frac", acts, last=0.1),
+            "offset": end["offset"],
             "mean_spread": end["mean_spread"],
             "log10_std_spread": end["log10_std_spread"],
             "val_acc": fit.final.get("val_acc", math.nan),
@@ -127,6 +134,7 @@ def summarize(results: list[RunResult]) -> pd.DataFrame:
             "dead_channels_init",
             "dead_channels",
             "probe_dead_window",
+            "offset",
             "mean_spread",
             "log10_std_spread",
             "val_acc",
@@ -140,12 +148,12 @@ def verdict(table: pd.DataFrame, results: list[RunResult]) -> Verdict:
         m = {
             (b, bn): pick(rs, bias=b, batchnorm=bn).metrics for b in BIASES for bn in (False, True)
         }
-        even.append(all(m[(b, True)]["mean_spread"] < m[(b, False)]["mean_spread"] for b in BIASES))
+        even.append(all(m[(b, True)]["offset"] < m[(b, False)]["offset"] for b in BIASES))
         killed.append(bool(m[("negative", False)]["dead_channels"] > 0))
         rescued.append(bool(m[("negative", True)]["dead_channels"] == 0))
     checks = [
         Check(
-            "BatchNorm makes the channels' pre-activation means more equal (smaller spread)",
+            "BatchNorm keeps each channel's pre-activation closer to standardised (smaller |mean|/std)",
             tuple(even),
         ),
         Check("without BatchNorm a −3 bias leaves dead channels after training", tuple(killed)),
@@ -155,7 +163,8 @@ def verdict(table: pd.DataFrame, results: list[RunResult]) -> Verdict:
     findings = [
         f"bias {b}: dead channels without/with BatchNorm {fmt(t.loc[(b, False), 'dead_channels'])} / "
         f"{fmt(t.loc[(b, True), 'dead_channels'])} (at init {fmt(t.loc[(b, False), 'dead_channels_init'])} / "
-        f"{fmt(t.loc[(b, True), 'dead_channels_init'])}); spread of channel means "
+        f"{fmt(t.loc[(b, True), 'dead_channels_init'])}); mean |channel mean|/std "
+        f"{fmt(t.loc[(b, False), 'offset'])} / {fmt(t.loc[(b, True), 'offset'])}; spread of channel means "
         f"{fmt(t.loc[(b, False), 'mean_spread'])} / {fmt(t.loc[(b, True), 'mean_spread'])}; validation accuracy "
         f"{fmt(t.loc[(b, False), 'val_acc'])} / {fmt(t.loc[(b, True), 'val_acc'])}."
         for b in BIASES

@@ -70,7 +70,7 @@ def pretrain_greedy(
             loss = nn.functional.mse_loss(decoder(act(fc(h[idx]))), h[idx])
             loss.backward()
             opt.step()
-        errors.append(float(loss))
+        errors.append(float(loss.detach()))
         with torch.no_grad():
             h = act(fc(h))  # the next layer learns to reconstruct this layer's code
     return errors
