@@ -7,8 +7,10 @@ The flow of data: model → :class:`Probe` → store (run directory) → :class:
 from . import theory
 from ._version import __version__
 from .activations import ACTIVATIONS, Activation, activation_of
+from .diagnose import Finding, Findings, diagnose
 from .errors import GradprobeError
 from .probe import Probe
+from .report import report
 from .run import Run, load
 from .stats import STATISTICS
 
@@ -16,11 +18,15 @@ __all__ = [
     "ACTIVATIONS",
     "STATISTICS",
     "Activation",
+    "Finding",
+    "Findings",
     "GradprobeError",
     "Probe",
     "Run",
     "__version__",
     "activation_of",
+    "diagnose",
     "load",
+    "report",
     "theory",
 ]

@@ -155,6 +155,133 @@ def lab_run_command(
     console.print(f"wrote {out}/lab_report.html", markup=False)
 
 
+# ---- diagnose, report, demo (issue 4) ----
+def _progress_bar():  # type: ignore[no-untyped-def]
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn("{task.description:<40}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=False,
+    )
+
+
+def _nonempty_run(path: str):  # type: ignore[no-untyped-def]
+    from .run import load
+
+    run = load(path)
+    if run.empty:
+        raise GradprobeError(
+            f"the run {path!r} has no recorded steps", "train at least one step under the Probe"
+        )
+    return run
+
+
+@app.command("diagnose")
+def diagnose_command(
+    run: str = typer.Argument(..., help="a run directory written by Probe(store=...)"),
+    as_json: bool = typer.Option(
+        False, "--json", help="print the findings as JSON (see FINDINGS_JSON_SCHEMA)"
+    ),
+) -> None:
+    """Diagnose a recorded run: findings with their numbers and ranked remedies."""
+    from rich.table import Table
+
+    from .diagnose import diagnose
+
+    findings = diagnose(_nonempty_run(run))
+    if as_json:
+        print(findings.to_json())
+        return
+    if not findings:
+        console.print(f"{findings.run_name}: no problems found", markup=False)
+    table = Table(
+        "severity", "finding", "what was measured", "remedies, best first", show_lines=True
+    )
+    for f in findings:
+        fixes = "\n".join(f"{i}. {r.name}" for i, r in enumerate(f.remedies[:3], start=1))
+        table.add_row(f.severity, f.kind, f.summary, fixes)
+    if findings:
+        console.print(table)
+    for kind, why in findings.skipped.items():
+        console.print(f"skipped {kind}: {why}", markup=False)
+
+
+@app.command("report")
+def report_command(
+    runs: list[str] = typer.Argument(  # noqa: B008 (typer reads the default)
+        ..., help="one or more run directories (several: side by side)"
+    ),
+    output: str = typer.Option("report.html", "-o", "--output", help="the HTML file to write"),
+) -> None:
+    """Write one self-contained HTML report of one run, or several compared side by side."""
+    from .plots import PLOTS
+    from .report import report
+
+    loaded = [_nonempty_run(r) for r in runs]
+    with _progress_bar() as bar:
+        task = bar.add_task("report", total=len(PLOTS) + 2)
+        path = report(
+            loaded, output, progress=lambda what: bar.update(task, advance=1, description=what)
+        )
+    console.print(f"wrote {path}", markup=False)
+
+
+@app.command("demo")
+def demo_command(
+    out: str = typer.Option(
+        "runs/demo", "--out", help="folder for the runs, table and report.html"
+    ),
+    seed: int = typer.Option(0, "--seed", help="seed of data split, initialisation and batches"),
+) -> None:
+    """Train a 20-layer sigmoid MLP on digits, diagnose it, train the proposed remedies, compare."""
+    from rich.table import Table
+
+    from .demo import DemoConfig, run_demo
+
+    with _progress_bar() as bar:
+        task = bar.add_task("demo", total=5)
+
+        def tick(what: str, done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total, description=what)
+
+        result = run_demo(out, DemoConfig(seed=seed), progress=tick)
+    base = result.findings
+    vanishing = base.of("vanishing")
+    console.print(f"baseline findings: {', '.join(base.kinds) or 'none'}", markup=False)
+    if vanishing is not None:
+        console.print("vanishing: " + vanishing.summary, markup=False)
+    console.print(
+        "remedies trained (from the diagnosis's ranking): "
+        + ", ".join(r.name for r in result.chosen),
+        markup=False,
+    )
+    table = Table(
+        "model",
+        "val. accuracy",
+        "error ratio first/last",
+        "max dead frac",
+        "findings",
+        title="before / after (same data, seed, optimizer, steps)",
+    )
+    for row in result.table.itertuples():
+        table.add_row(
+            row.model,
+            f"{row.val_acc:.3f}",
+            f"{row.error_ratio_first_last:.2g}",
+            f"{row.max_dead_frac:.2f}",
+            row.findings,
+        )
+    console.print(table)
+    console.print(
+        f"wrote {result.report} and {result.report.with_name('table.csv')} ({result.seconds:.0f} s)",
+        markup=False,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``gradprobe`` command; returns the exit code."""
     try:

@@ -1,0 +1,225 @@
+"""The demo: see vanishing gradients happen, diagnose them, train the proposed fixes, compare.
+
+1. Train a deep sigmoid MLP (PyTorch's default initialisation) on scikit-learn's digits
+   (standardised, train/validation split) under a Probe.
+2. :func:`gradprobe.diagnose` it. The remedies come from the diagnosis: the
+   ``vanishing`` finding's ranking for this model (or, should vanishing not be found,
+   the most severe finding's), keeping those that are a change of model we can build
+   (:data:`BUILDERS`), best first.
+3. Train each chosen remedy with the same data, seed, optimizer, learning rate and
+   number of steps.
+4. A before/after table (validation accuracy, first/last-layer error ratio, dead
+   fraction, findings) and ``report.html`` comparing every run side by side.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import nn
+
+from .diagnose import Findings, diagnose, key_numbers
+from .errors import GradprobeError
+from .remedies import RankedRemedy
+from .report import report
+
+__all__ = ["BUILDERS", "DemoConfig", "DemoResult", "run_demo"]
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """The demo's fixed budget: every model trains with exactly these settings."""
+
+    depth: int = 20
+    width: int = 64
+    activation: str = "sigmoid"
+    steps: int = 400
+    batch_size: int = 64
+    optimizer: str = "sgd"  # plain SGD: an adaptive optimiser would itself be a remedy
+    lr: float = 0.05
+    seed: int = 0
+    every: int = 5  # record every 5th step: the statistics cost stays small
+    remedies: int = 3
+
+
+def _mlp(cfg: DemoConfig, **kw: Any) -> nn.Module:
+    from .lab.models import mlp
+
+    args: dict[str, Any] = {"depth": cfg.depth, "width": cfg.width, "activation": cfg.activation}
+    args.update(kw)
+    return mlp(64, 10, **args)
+
+
+def _residual(cfg: DemoConfig) -> nn.Module:
+    from .lab.models import residual_mlp
+
+    return residual_mlp(64, 10, depth=cfg.depth, width=cfg.width, activation=cfg.activation)
+
+
+# Remedies that are a change of model, as builders of the remedied model. The rest of
+# the catalogue (clipping, Adam, a learning-rate schedule, pre-training) changes the
+# training itself, so it would not be the same budget: the demo leaves it out.
+BUILDERS: dict[str, tuple[str, Callable[[DemoConfig], nn.Module]]] = {
+    "relu": ("ReLU + He init", lambda c: _mlp(c, activation="relu", init="he")),
+    "leaky_relu": ("Leaky ReLU + He init", lambda c: _mlp(c, activation="leaky_relu", init="he")),
+    "silu_gelu": ("SiLU", lambda c: _mlp(c, activation="silu")),
+    "xavier_init": ("Xavier init", lambda c: _mlp(c, init="xavier_uniform")),
+    "he_init": ("He init", lambda c: _mlp(c, init="he")),
+    "batchnorm": ("BatchNorm", lambda c: _mlp(c, norm="batch")),
+    "layernorm": ("LayerNorm", lambda c: _mlp(c, norm="layer")),
+    "residual": ("residual", _residual),
+}
+
+
+@dataclass
+class DemoResult:
+    """What the demo produced: the table, the baseline's findings, the chosen remedies, files."""
+
+    table: pd.DataFrame
+    findings: Findings
+    chosen: list[RankedRemedy]
+    runs: dict[str, Path]
+    report: Path
+    seconds: float
+
+
+Progress = Callable[[str, int, int], None]  # (what, done, total)
+
+
+def choose_remedies(findings: Findings, limit: int) -> tuple[str, list[RankedRemedy]]:
+    """The finding the demo acts on, and its top-ranked remedies that are a model change."""
+    if not findings:
+        raise GradprobeError(
+            "the baseline showed no problem, so there is nothing to remedy",
+            "use a deeper or more saturating model (DemoConfig(depth=..., activation=...))",
+        )
+    target = findings.of("vanishing") or findings[0]
+    chosen = [r for r in target.remedies if r.key in BUILDERS][:limit]
+    return target.kind, chosen
+
+
+def run_demo(
+    out: str | Path = "runs/demo",
+    config: DemoConfig | None = None,
+    progress: Progress | None = None,
+) -> DemoResult:
+    """Train, diagnose, remedy, compare; writes run directories, table and report under ``out``."""
+    from .lab.data import digits
+    from .lab.training import fit
+
+    cfg = config or DemoConfig()
+    started = time.perf_counter()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(1)  # small models: one thread is fastest and leaves cores free
+    data = digits(seed=cfg.seed)
+    total = 2 + cfg.remedies  # baseline, remedies, report
+
+    def train(
+        slug: str, label: str, build: Callable[[DemoConfig], nn.Module], remedy: str
+    ) -> dict[str, Any]:
+        torch.manual_seed(cfg.seed)  # every model starts from the same random stream
+        model = build(cfg)
+        result = fit(
+            model,
+            data,
+            steps=cfg.steps,
+            batch_size=cfg.batch_size,
+            optimizer=cfg.optimizer,
+            lr=cfg.lr,
+            seed=cfg.seed,
+            store=out / slug,
+            label=label,
+            config={**asdict(cfg), "remedy": remedy, "model": label},
+            probe={"stats": "full", "every": cfg.every},
+        )
+        return {"slug": slug, "label": label, "remedy": remedy, "fit": result}
+
+    def tick(what: str, done: int) -> None:
+        if progress:
+            progress(what, done, total)
+
+    base_label = f"{cfg.activation} ({cfg.depth} layers, default init)"
+    tick(f"training {base_label}", 0)
+    trained = [train("baseline", base_label, lambda c: _mlp(c), "none (baseline)")]
+    findings = diagnose(trained[0]["fit"].run)
+    kind, chosen = choose_remedies(findings, cfg.remedies)
+    total = 2 + len(chosen)
+    for i, r in enumerate(chosen, start=1):
+        name, build = BUILDERS[r.key]
+        label = (
+            f"{cfg.activation} → {name}"
+            if r.key not in ("relu", "leaky_relu", "silu_gelu")
+            else name
+        )
+        tick(f"training {label}", i)
+        trained.append(train(f"remedy-{i}-{r.key}", label, build, r.name))
+
+    rows = []
+    all_findings = {}
+    for t in trained:
+        run = t["fit"].run
+        found = diagnose(run)
+        all_findings[t["label"]] = found
+        numbers = key_numbers(run)
+        rows.append(
+            {
+                "model": t["label"],
+                "remedy": t["remedy"],
+                "val_acc": t["fit"].final.get("val_acc", math.nan),
+                "val_loss": t["fit"].final.get("val_loss", math.nan),
+                "error_ratio_first_last": numbers["first_last_error_ratio"],
+                "error_factor_per_layer": numbers["error_factor_per_layer"],
+                "max_dead_frac": numbers.get("max_dead_frac", math.nan),
+                "findings": ", ".join(found.kinds) or "none",
+                "seconds": t["fit"].seconds,
+                "run": str(out / t["slug"]),
+            }
+        )
+    table = pd.DataFrame(rows)
+    table.to_csv(out / "table.csv", index=False)
+    (out / "summary.json").write_text(
+        json.dumps(
+            {
+                "config": asdict(cfg),
+                "acted_on": kind,
+                "baseline_findings": findings.to_dict(),
+                "chosen_remedies": [r.to_dict() for r in chosen],
+                "table": json.loads(table.to_json(orient="records")),
+            },
+            indent=2,
+        ),
+        encoding="utf-8",
+    )
+
+    tick("writing the report", total - 1)
+    extra = {
+        t["label"]: {"remedy": t["remedy"], "validation accuracy": float(row["val_acc"])}
+        for t, row in zip(trained, rows)
+    }
+    from .run import load
+
+    runs = [load(out / t["slug"]) for t in trained]
+    path = report(
+        runs,
+        out / "report.html",
+        extra=extra,
+        title=f"gradprobe demo: a {cfg.depth}-layer {cfg.activation} MLP and its remedies",
+    )
+    tick("done", total)
+    return DemoResult(
+        table,
+        findings,
+        chosen,
+        {t["label"]: out / t["slug"] for t in trained},
+        path,
+        time.perf_counter() - started,
+    )

@@ -1,0 +1,953 @@
+"""diagnose: from recorded statistics to findings, each with its numbers and ranked remedies.
+
+Every detector is a pure function of a :class:`~gradprobe.run.Run` (its long-form
+frame and its meta) that returns a :class:`Finding` or ``None``; they are listed, as
+data, in :data:`DETECTORS`. :func:`diagnose` runs them all, attaches the remedies
+that fit the model (:func:`gradprobe.remedies.rank_remedies`) and returns a
+:class:`Findings` list, most severe first.
+
+How depth is read
+-----------------
+Vanishing and exploding are judged on ``error_norm``, the back-propagated signal
+‖dL/d(output)‖, not on weight-gradient norms: under Glorot's "standard" init with
+zero biases a 50-layer tanh net loses ~12 decades of error signal while its weight
+gradients stay flat across layers. To compare like with like, the *depth profile*
+takes the error signal at the output of each **layer with weights** (Linear, Conv,
+recurrent, embedding; normalisation layers left out), in forward execution order:
+that is dL/dz, the pre-activation error each weight gradient is built from
+(dL/dW = dL/dz · xᵀ). Per layer, the median over the recorded steps of log10
+‖dL/dz‖ is used (robust to a single odd batch), and a least-squares line over depth
+gives the factor by which the signal changes per layer toward the input.
+
+Thresholds are the named constants below, each with its reason; ``docs/findings.md``
+lists them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from html import escape
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .errors import GradprobeError
+from .remedies import RankedRemedy, model_profile, rank_remedies
+from .run import Run, load
+
+__all__ = [
+    "DEAD_CHANNEL_FRAC",
+    "DEAD_UNIT_FRAC",
+    "DETECTORS",
+    "EXPLODING_FACTOR",
+    "EXPLODING_GROWTH",
+    "EXPLODING_RATIO",
+    "FINDINGS_JSON_SCHEMA",
+    "MIN_DEPTH_LAYERS",
+    "SATURATION_FRAC",
+    "STALL_FACTOR",
+    "UNSTABLE_UPDATE_RATIO",
+    "UPDATE_RATIO_EXPLODING",
+    "VANISHING_FACTOR",
+    "VANISHING_RATIO",
+    "DepthProfile",
+    "Detector",
+    "Finding",
+    "Findings",
+    "depth_profile",
+    "diagnose",
+    "key_numbers",
+]
+
+# ---------------------------------------------------------------- thresholds
+# Vanishing: the first layer with weights receives less than 1/100 of the error signal
+# of the last one — two decades lost. Healthy 30-layer nets (He-init ReLU, critical
+# tanh, residual ReLU) measure 0.2–1.6; a 20-layer default-init sigmoid net ~1e-12.
+VANISHING_RATIO = 1e-2
+# ... and the fitted per-layer factor is below 0.9: the loss is a steady shrinkage over
+# depth (10% or more per layer), not one bottleneck layer.
+VANISHING_FACTOR = 0.9
+# Exploding over depth: the first layer receives 10× the last one's error signal, and
+# the fitted factor grows it by ≥ 5% per layer. A healthy net does not amplify the
+# signal on its way down; a 30-layer tanh net with σ_w² = 4 measures ×1.13/layer, ~40×.
+EXPLODING_RATIO = 10.0
+EXPLODING_FACTOR = 1.05
+# Exploding over steps: the total gradient norm rises 1000-fold above its level in the
+# first quarter of the run. Training noise moves it by a few times, not by decades.
+EXPLODING_GROWTH = 1e3
+# An update as large as the weight itself (‖Δw‖/‖w‖ ≥ 1) replaces the weight in one step.
+UPDATE_RATIO_EXPLODING = 1.0
+# Updates of ≥ 10% of a weight per step are far above the ~1e-3 that trains stably
+# (Karpathy's rule of thumb): the learning rate is too high for that layer.
+UNSTABLE_UPDATE_RATIO = 0.1
+# A layer is saturated when ≥ 25% of its entries have f'(z) < 1% of max f' (stats.SAT_THRESHOLD):
+# a quarter of its error signal is cut a hundredfold or more.
+SATURATION_FRAC = 0.25
+# Dead units: ≥ 50% of a layer's features output 0 for every sample over the dead
+# window. He-init 30-layer ReLU nets measure up to ~30% per layer (inputs become
+# correlated with depth), a ReLU net with bias −10 measures 100%.
+DEAD_UNIT_FRAC = 0.5
+# Dead channels: a channel is zero at every position of every sample (thousands of
+# entries per batch), which chance does not produce, so one dead channel is a finding.
+DEAD_CHANNEL_FRAC = 0.0  # strictly above: any dead channel
+# Stalled: a weight's update ratio is below 1/1000 of that of the network's active layers
+# (the 90th percentile over weights, so that it holds when most layers are stalled): that
+# layer learns a thousand times more slowly than the rest.
+STALL_FACTOR = 1e-3
+STALL_REFERENCE_QUANTILE = 0.9
+# Depth profiles need at least this many layers with a positive error signal to fit a
+# per-layer factor; fewer, and a line through them says nothing about depth.
+MIN_DEPTH_LAYERS = 4
+# The smallest positive float32: an error norm of 0 means every entry underflowed.
+_FLOAT32_TINY = 1.4e-45
+
+SEVERITIES = ("info", "warning", "critical")
+_SEVERITY_RANK = {s: i for i, s in enumerate(SEVERITIES)}
+# Within one severity, causes before consequences.
+KIND_ORDER = (
+    "nonfinite",
+    "exploding",
+    "vanishing",
+    "saturation",
+    "dead_units",
+    "dead_channels",
+    "stalled",
+    "unstable_updates",
+)
+
+_NORM_TYPES = (
+    "BatchNorm",
+    "SyncBatchNorm",
+    "LayerNorm",
+    "GroupNorm",
+    "InstanceNorm",
+    "RMSNorm",
+    "LocalResponseNorm",
+)
+
+
+# ---------------------------------------------------------------- findings
+@dataclass(frozen=True)
+class Finding:
+    """One diagnosed problem: what (``kind``), how bad, where (``names``), the numbers, the fixes."""
+
+    kind: str
+    severity: str
+    names: tuple[str, ...]
+    summary: str
+    evidence: dict[str, Any] = field(default_factory=dict)
+    remedies: tuple[RankedRemedy, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (see :data:`FINDINGS_JSON_SCHEMA`)."""
+        return {
+            "kind": self.kind,
+            "severity": self.severity,
+            "names": list(self.names),
+            "summary": self.summary,
+            "evidence": _jsonable(self.evidence),
+            "remedies": [r.to_dict() for r in self.remedies],
+        }
+
+
+class Findings(list):  # list[Finding]; a plain list subclass so it prints and compares as one
+    """The findings of one run, most severe first; shows as a table in a notebook.
+
+    ``run_name`` names the run; ``skipped`` maps detectors that could not run to why
+    (a statistic that was not recorded).
+    """
+
+    def __init__(
+        self,
+        items: Iterable[Finding] = (),
+        *,
+        run_name: str = "",
+        skipped: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(items)
+        self.run_name = run_name
+        self.skipped = dict(skipped or {})
+
+    @property
+    def kinds(self) -> list[str]:
+        return [f.kind for f in self]
+
+    def of(self, kind: str) -> Finding | None:
+        """The finding of that kind, if any."""
+        return next((f for f in self if f.kind == kind), None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "run": self.run_name,
+            "findings": [f.to_dict() for f in self],
+            "skipped": dict(self.skipped),
+        }
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
+
+    def _repr_html_(self) -> str:
+        return findings_html(self)
+
+
+def findings_html(findings: Findings, *, remedies: int = 3) -> str:
+    """An HTML table of findings (severity, kind, where, summary, top remedies)."""
+    if not findings:
+        note = "no problems found"
+        if findings.skipped:
+            note += (
+                f" ({len(findings.skipped)} checks skipped: "
+                + "; ".join(f"{escape(k)}: {escape(v)}" for k, v in findings.skipped.items())
+                + ")"
+            )
+        return f'<p class="gp-none">{note}</p>'
+    rows = []
+    for f in findings:
+        where = ", ".join(f"<code>{escape(n)}</code>" for n in f.names[:6])
+        if len(f.names) > 6:
+            where += f" … (+{len(f.names) - 6})"
+        fixes = "".join(
+            f"<li><b>{escape(r.name)}</b>: {escape(r.why)}<br><code>{escape(r.code)}</code></li>"
+            for r in f.remedies[:remedies]
+        )
+        rows.append(
+            f'<tr class="gp-{escape(f.severity)}"><td><span class="gp-sev">{escape(f.severity)}</span></td>'
+            f"<td><b>{escape(f.kind)}</b></td><td>{where}</td><td>{escape(f.summary)}</td>"
+            f"<td><ol>{fixes}</ol></td></tr>"
+        )
+    return (
+        '<table class="gp-findings"><thead><tr><th>severity</th><th>finding</th><th>where</th>'
+        "<th>what was measured</th><th>remedies, best first</th></tr></thead><tbody>"
+        + "".join(rows)
+        + "</tbody></table>"
+    )
+
+
+# ---------------------------------------------------------------- JSON schema
+FINDINGS_JSON_SCHEMA: dict[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "gradprobe diagnose --json",
+    "type": "object",
+    "required": ["run", "findings", "skipped"],
+    "additionalProperties": False,
+    "properties": {
+        "run": {"type": "string"},
+        "skipped": {"type": "object", "additionalProperties": {"type": "string"}},
+        "findings": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["kind", "severity", "names", "summary", "evidence", "remedies"],
+                "additionalProperties": False,
+                "properties": {
+                    "kind": {"type": "string", "enum": list(KIND_ORDER)},
+                    "severity": {"type": "string", "enum": list(SEVERITIES)},
+                    "names": {"type": "array", "items": {"type": "string"}},
+                    "summary": {"type": "string", "minLength": 1},
+                    "evidence": {"type": "object"},
+                    "remedies": {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "required": ["key", "name", "why", "code", "score", "fit"],
+                            "additionalProperties": False,
+                            "properties": {
+                                "key": {"type": "string"},
+                                "name": {"type": "string"},
+                                "why": {"type": "string"},
+                                "code": {"type": "string"},
+                                "score": {"type": "number"},
+                                "fit": {"type": "string"},
+                            },
+                        },
+                    },
+                },
+            },
+        },
+    },
+}
+
+
+# ---------------------------------------------------------------- helpers
+def _jsonable(value: Any) -> Any:
+    """Plain JSON types; non-finite floats become None (JSON has no NaN/Inf)."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        v = float(value)
+        return v if math.isfinite(v) else None
+    return value if value is None or isinstance(value, str) else str(value)
+
+
+def _g(value: float) -> str:
+    """A number for a sentence: 2 significant digits, 0 as 0."""
+    if value == 0:
+        return "0"
+    if not math.isfinite(value):
+        return str(value)
+    return f"{value:.2g}"
+
+
+def _names(names: list[str], limit: int = 4) -> str:
+    quoted = [f"`{n}`" for n in names[:limit]]
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(quoted) + more
+
+
+def _table(run: Run, stat: str) -> pd.DataFrame:
+    return run.table(stat) if stat in set(run.stats) else pd.DataFrame()
+
+
+def _recent(table: pd.DataFrame) -> pd.DataFrame:
+    """The last half of the recorded steps (at least one): the run's current state."""
+    n = len(table)
+    return table.iloc[n // 2 :] if n > 1 else table
+
+
+def _weights(run: Run) -> list[str]:
+    """Weight matrices and kernels (≥ 2 dimensions): biases and norm scales start at 0 or 1,
+    so their update ratios say little."""
+    return [p["name"] for p in run.meta.get("parameters", []) if len(p.get("shape", [])) >= 2]
+
+
+def _since(series: pd.Series, threshold: float, strict: bool = False) -> int | None:
+    """First step of the trailing streak where ``series`` is ≥ (or >) ``threshold``."""
+    values = series.dropna()
+    ok = (values > threshold) if strict else (values >= threshold)
+    if ok.empty or not bool(ok.iloc[-1]):
+        return None
+    bad = np.nonzero(~ok.to_numpy())[0]
+    start = bad[-1] + 1 if len(bad) else 0
+    return int(values.index[start])
+
+
+def _is_weight_layer(info: dict[str, Any]) -> bool:
+    t = str(info.get("type", ""))
+    return int(info.get("parameters", 0) or 0) > 0 and not any(t.startswith(n) for n in _NORM_TYPES)
+
+
+# ---------------------------------------------------------------- depth profile
+@dataclass(frozen=True)
+class DepthProfile:
+    """The error signal over depth: layers with weights, input first.
+
+    ``error`` holds the median over steps of each layer's ‖dL/dz‖; ``factor`` is the
+    fitted per-layer change toward the input (< 1 shrinks, > 1 grows); ``ratio`` is
+    first/last; ``r2`` how well a constant factor explains the profile.
+    """
+
+    layers: tuple[str, ...]
+    error: tuple[float, ...]
+    factor: float
+    ratio: float
+    r2: float
+    fitted_layers: int
+    steps: int
+
+    @property
+    def first(self) -> str:
+        return self.layers[0]
+
+    @property
+    def last(self) -> str:
+        return self.layers[-1]
+
+
+def depth_profile(run: Run) -> DepthProfile | None:
+    """The error signal at each layer with weights, and its fitted per-layer factor.
+
+    ``None`` when ``error_norm`` was not recorded or fewer than two layers have it.
+    """
+    table = _table(run, "error_norm")
+    if table.empty:
+        return None
+    layers = [n for n in run.modules if n in table.columns and _is_weight_layer(run.module_info(n))]
+    if len(layers) < 2:  # no layers with weights (all functional?): every module, as recorded
+        layers = [n for n in run.modules if n in table.columns]
+    if len(layers) < 2:
+        return None
+    values = table[layers].to_numpy(dtype=float)
+    values = np.where(np.isfinite(values), values, np.nan)
+    with np.errstate(divide="ignore"):
+        logs = np.log10(np.maximum(values, _FLOAT32_TINY))
+    med = np.nanmedian(logs, axis=0) if np.isfinite(logs).any() else np.full(len(layers), np.nan)
+    keep = np.isfinite(med)
+    if keep.sum() < 2:
+        return None
+    layers = [n for n, k in zip(layers, keep) if k]
+    med = med[keep]
+    error = 10.0**med
+    error = np.where(error <= _FLOAT32_TINY * 1.0001, 0.0, error)
+    positive = error > 0
+    depth = np.arange(len(layers), dtype=float)
+    factor, r2 = math.nan, math.nan
+    if positive.sum() >= 2:
+        x, y = depth[positive], med[positive]
+        slope, intercept = np.polyfit(x, y, 1)
+        factor = float(10.0 ** (-slope))  # slope is per layer toward the output
+        resid = y - (slope * x + intercept)
+        total = float(((y - y.mean()) ** 2).sum())
+        r2 = 1.0 - float((resid**2).sum()) / total if total > 0 else 1.0
+    last = error[-1]
+    ratio = float(error[0] / last) if last > 0 else math.inf
+    return DepthProfile(
+        tuple(layers),
+        tuple(float(e) for e in error),
+        factor,
+        ratio,
+        r2,
+        int(positive.sum()),
+        len(table),
+    )
+
+
+# ---------------------------------------------------------------- detectors
+def detect_vanishing(run: Run) -> Finding | None:
+    """The error signal shrinks by a steady factor per layer toward the input."""
+    p = depth_profile(run)
+    if p is None or p.fitted_layers < MIN_DEPTH_LAYERS:
+        return None
+    if not (p.ratio <= VANISHING_RATIO and p.factor < VANISHING_FACTOR):
+        return None
+    last = p.error[-1]
+    starved = [n for n, e in zip(p.layers, p.error) if e < VANISHING_RATIO * last]
+    severity = "critical" if p.ratio <= 1e-6 else "warning"
+    summary = (
+        f"The error signal shrinks ×{_g(p.factor)} per layer toward the input "
+        f"(fitted over {p.fitted_layers} layers with weights, R² = {p.r2:.2f}); layer `{p.first}` "
+        f"receives {_g(p.ratio)} of what `{p.last}` receives, and {len(starved)} of "
+        f"{len(p.layers)} layers get less than {_g(VANISHING_RATIO)} of it."
+    )
+    return Finding(
+        "vanishing",
+        severity,
+        tuple(starved),
+        summary,
+        {
+            "factor_per_layer": p.factor,
+            "first_last_ratio": p.ratio,
+            "first": p.first,
+            "last": p.last,
+            "r2": p.r2,
+            "layers": list(p.layers),
+            "error_norm": list(p.error),
+            "steps": p.steps,
+            "threshold_ratio": VANISHING_RATIO,
+            "threshold_factor": VANISHING_FACTOR,
+        },
+    )
+
+
+def _total_grad_norm(run: Run) -> pd.Series:
+    table = _table(run, "grad_norm")
+    if table.empty:
+        return pd.Series(dtype=float)
+    values = table.to_numpy(dtype=float)
+    # A NaN/Inf gradient is an infinitely large one for this purpose.
+    values = np.where(np.isfinite(values), values, np.inf)
+    total = np.sqrt(np.nansum(np.square(values), axis=1))
+    return pd.Series(total, index=table.index)
+
+
+def detect_exploding(run: Run) -> Finding | None:
+    """The error signal grows per layer toward the input, or over steps; or updates swamp weights."""
+    sentences: list[str] = []
+    names: list[str] = []
+    evidence: dict[str, Any] = {"modes": []}
+    critical = False
+
+    p = depth_profile(run)
+    if (
+        p is not None
+        and p.fitted_layers >= MIN_DEPTH_LAYERS
+        and p.ratio >= EXPLODING_RATIO
+        and p.factor >= EXPLODING_FACTOR
+    ):
+        last = p.error[-1]
+        grown = [n for n, e in zip(p.layers, p.error) if e >= EXPLODING_RATIO * last]
+        names += grown
+        critical |= p.ratio >= 1e6
+        evidence["modes"].append("depth")
+        evidence.update(
+            factor_per_layer=p.factor,
+            first_last_ratio=p.ratio,
+            first=p.first,
+            last=p.last,
+            r2=p.r2,
+            layers=list(p.layers),
+            error_norm=list(p.error),
+        )
+        sentences.append(
+            f"The error signal grows ×{_g(p.factor)} per layer toward the input (fitted over "
+            f"{p.fitted_layers} layers with weights); layer `{p.first}` receives {_g(p.ratio)}× "
+            f"what `{p.last}` receives."
+        )
+
+    total = _total_grad_norm(run)
+    if len(total) >= 3:
+        n_base = max(1, len(total) // 4)
+        base = float(np.median(total.iloc[:n_base]))
+        later = total.iloc[n_base:]
+        peak = float(later.max())
+        growth = peak / base if base > 0 else (math.inf if peak > 0 else 0.0)
+        if growth >= EXPLODING_GROWTH:
+            peak_step = int(later.idxmax())
+            critical |= growth >= 1e6
+            evidence["modes"].append("steps")
+            evidence.update(
+                grad_norm_growth=growth,
+                grad_norm_start=base,
+                grad_norm_peak=peak,
+                peak_step=peak_step,
+            )
+            sentences.append(
+                f"The total gradient norm rises from {_g(base)} over the first {n_base} recorded "
+                f"steps to {_g(peak)} at step {peak_step} (×{_g(growth)})."
+            )
+
+    updates = _table(run, "update_ratio")
+    weights = [w for w in _weights(run) if w in updates.columns]
+    if weights:
+        worst = updates[weights].replace([np.inf], np.nan).max()
+        huge = worst[worst >= UPDATE_RATIO_EXPLODING].sort_values(ascending=False)
+        if not huge.empty:
+            first_step = int(updates[huge.index].ge(UPDATE_RATIO_EXPLODING).any(axis=1).idxmax())
+            names += [n for n in huge.index if n not in names]
+            critical |= float(huge.iloc[0]) >= 10
+            evidence["modes"].append("updates")
+            evidence.update(
+                update_ratio_max=float(huge.iloc[0]),
+                update_ratio_params=list(huge.index),
+                update_ratio_first_step=first_step,
+            )
+            sentences.append(
+                f"{len(huge)} weight(s) took an update at least as large as the weight itself "
+                f"(‖Δw‖/‖w‖ up to {_g(float(huge.iloc[0]))} at `{huge.index[0]}`, first at step "
+                f"{first_step})."
+            )
+    if not sentences:
+        return None
+    return Finding(
+        "exploding",
+        "critical" if critical else "warning",
+        tuple(names),
+        " ".join(sentences),
+        evidence,
+    )
+
+
+def detect_nonfinite(run: Run) -> Finding | None:
+    """NaN/Inf: the first step, and the first layer, where it appears."""
+    first = run.first_nonfinite()
+    if first is None:
+        first = _first_nonfinite_value(run)
+    if first is None:
+        return None
+    step, name, stat = first
+    frame = run.frame()
+    at = frame[
+        (frame["step"] == step)
+        & frame["stat"].isin(["nonfinite", "error_nonfinite"])
+        & (frame["value"] > 0)
+    ]
+    count = at[(at["name"] == name) & (at["stat"] == stat)]["value"]
+    where = {
+        "nonfinite": "the forward output of" if name in run.modules else "the gradient of",
+        "error_nonfinite": "the error signal (dL/d output) of",
+    }.get(stat, f"the {stat} of")
+    affected = sorted(set(at["name"]), key=lambda n: (run.modules + run.parameters + [n]).index(n))
+    summary = (
+        f"NaN/Inf first appears at step {step} in {where} `{name}`"
+        + (f" ({int(count.iloc[0])} entries)" if not count.empty else "")
+        + f"; {len(affected)} module(s)/parameter(s) are non-finite at that step."
+    )
+    return Finding(
+        "nonfinite",
+        "critical",
+        (name,),
+        summary,
+        {
+            "step": step,
+            "name": name,
+            "stat": stat,
+            "affected": affected,
+            "count": float(count.iloc[0]) if not count.empty else None,
+        },
+    )
+
+
+def _first_nonfinite_value(run: Run) -> tuple[int, str, str] | None:
+    """Without NaN/Inf counts: the first statistic whose value itself is not finite."""
+    frame = run.frame()
+    bad = frame[~np.isfinite(frame["value"].to_numpy()) & ~frame["stat"].isin(["update_ratio"])]
+    if bad.empty:
+        return None
+    step = int(bad["step"].min())
+    at = bad[bad["step"] == step]
+    order = {n: i for i, n in enumerate(run.modules + run.parameters)}
+    row = min(at.itertuples(), key=lambda r: order.get(r.name, len(order)))
+    return step, str(row.name), str(row.stat)
+
+
+def detect_saturation(run: Run) -> Finding | None:
+    """Layers whose activations sit where f'(z) is almost 0 for much of the batch."""
+    table = _table(run, "sat_frac")
+    if table.empty:
+        return None
+    current = _recent(table).median()
+    hit = [n for n in run.modules if n in current.index and current[n] >= SATURATION_FRAC]
+    if not hit:
+        return None
+    since = {n: _since(table[n], SATURATION_FRAC) for n in hit}
+    worst = max(hit, key=lambda n: current[n])
+    severity = "critical" if current[worst] >= 0.75 else "warning"
+    summary = (
+        f"{len(hit)} activation layer(s) are saturated: {_names(hit)}; in `{worst}` "
+        f"{current[worst]:.0%} of the entries have f'(z) below 1% of its maximum "
+        f"(threshold {SATURATION_FRAC:.0%})"
+        + (f", since step {since[worst]}." if since[worst] is not None else ".")
+    )
+    return Finding(
+        "saturation",
+        severity,
+        tuple(hit),
+        summary,
+        {
+            "sat_frac": {n: float(current[n]) for n in hit},
+            "since_step": since,
+            "threshold": SATURATION_FRAC,
+        },
+    )
+
+
+def _unit_kind(run: Run, name: str) -> str:
+    """'channel' when the module's output is a conv feature map, else 'unit' (features).
+
+    Element-wise modules inherit from the nearest earlier layer with weights (or a
+    Flatten) in forward order: norms and pools keep the layout they receive.
+    """
+    order = run.modules
+    i = order.index(name) if name in order else -1
+    for j in range(i, -1, -1):
+        info = run.module_info(order[j])
+        t = str(info.get("type", ""))
+        if t.startswith("Conv"):
+            return "channel"
+        if t == "Flatten" or (info.get("layout") == "last" and not t.startswith(_NORM_TYPES)):
+            return "unit"
+    return "unit"
+
+
+def _dead_state(run: Run) -> tuple[pd.Series, pd.DataFrame, str] | None:
+    """Current dead fraction per module, the per-batch series, and which statistic decided."""
+    per_batch = _table(run, "dead_frac")
+    window = _table(run, "dead_window_frac")
+    if per_batch.empty and window.empty:
+        return None
+    if not window.empty:
+        # Already "0 in every batch of the last `dead_window` steps": take its latest value.
+        current = window.ffill().iloc[-1]
+        source = "dead_window_frac"
+    else:
+        # Without the window, a unit counts as dead if it was 0 in every recent batch.
+        current = _recent(per_batch).min()
+        source = "dead_frac"
+    return current, per_batch if not per_batch.empty else window, source
+
+
+def _candidates(run: Run, names: Iterable[str]) -> list[str]:
+    """Activation modules that can die when the model has any; otherwise every module."""
+    from .activations import ACTIVATIONS
+
+    names = list(names)
+    acts = [
+        n
+        for n in names
+        if (a := run.module_info(n).get("activation")) in ACTIVATIONS and ACTIVATIONS[a].can_die
+    ]
+    return acts or names
+
+
+def _detect_dead(run: Run, kind: str) -> Finding | None:
+    state = _dead_state(run)
+    if state is None:
+        return None
+    current, series, source = state
+    want = "channel" if kind == "dead_channels" else "unit"
+    threshold = DEAD_CHANNEL_FRAC if want == "channel" else DEAD_UNIT_FRAC
+    strict = want == "channel"
+    names = [n for n in run.modules if n in current.index and math.isfinite(current[n])]
+    names = [n for n in _candidates(run, names) if _unit_kind(run, n) == want]
+    hit = [n for n in names if (current[n] > threshold if strict else current[n] >= threshold)]
+    if not hit:
+        return None
+    since = {n: _since(series[n], threshold, strict) if n in series.columns else None for n in hit}
+    worst = max(hit, key=lambda n: current[n])
+    word = "channels" if want == "channel" else "units"
+    fed_by = {n: _fed_by(run, n) for n in hit}
+    severity = "critical" if current[worst] >= 0.9 else "warning"
+    rule = (
+        f"0 at every position of every sample over the last "
+        f"{run.meta.get('probe', {}).get('dead_window', '?')} recorded steps"
+        if source == "dead_window_frac"
+        else "0 for every sample of each recent batch"
+    )
+    summary = (
+        f"{len(hit)} layer(s) have dead {word}: {_names(hit)}; in `{worst}` "
+        f"{current[worst]:.0%} of the {word} are {rule}"
+        + (f", since step {since[worst]}" if since[worst] is not None else "")
+        + (f" (fed by `{fed_by[worst]}`)." if fed_by[worst] else ".")
+    )
+    return Finding(
+        kind,
+        severity,
+        tuple(hit),
+        summary,
+        {
+            "dead_frac": {n: float(current[n]) for n in hit},
+            "since_step": since,
+            "fed_by": fed_by,
+            "statistic": source,
+            "threshold": threshold,
+        },
+    )
+
+
+def _fed_by(run: Run, name: str) -> str | None:
+    """The nearest earlier layer with weights: where the dead units' inputs come from."""
+    order = run.modules
+    if name not in order:
+        return None
+    for j in range(order.index(name) - 1, -1, -1):
+        if _is_weight_layer(run.module_info(order[j])):
+            return order[j]
+    return None
+
+
+def detect_dead_units(run: Run) -> Finding | None:
+    """Features that output 0 for every sample: no error signal flows back through them."""
+    return _detect_dead(run, "dead_units")
+
+
+def detect_dead_channels(run: Run) -> Finding | None:
+    """Conv channels that are 0 at every position of every sample."""
+    return _detect_dead(run, "dead_channels")
+
+
+def _update_medians(run: Run) -> pd.Series:
+    updates = _table(run, "update_ratio")
+    weights = [w for w in _weights(run) if w in updates.columns]
+    if not weights:
+        return pd.Series(dtype=float)
+    return _recent(updates[weights]).replace([np.inf, -np.inf], np.nan).median().dropna()
+
+
+def detect_stalled(run: Run) -> Finding | None:
+    """Weights whose updates stay orders of magnitude below those of the other layers."""
+    med = _update_medians(run)
+    if len(med) < 3:
+        return None
+    reference = float(med.quantile(STALL_REFERENCE_QUANTILE))
+    if reference <= 0:
+        return None
+    stalled = [n for n in med.index if med[n] < STALL_FACTOR * reference]
+    if not stalled:
+        return None
+    zero = [n for n in stalled if med[n] == 0]
+    severity = "critical" if len(stalled) >= len(med) / 2 else "warning"
+    summary = (
+        f"{len(stalled)} of {len(med)} weight matrices barely move: {_names(stalled)} have a median "
+        f"update ‖Δw‖/‖w‖ of {_g(float(med[stalled].max()))} or less, against {_g(reference)} for "
+        f"the active layers (90th percentile; below {_g(STALL_FACTOR)} of it)"
+        + (f"; {len(zero)} do not change at all in float32." if zero else ".")
+    )
+    return Finding(
+        "stalled",
+        severity,
+        tuple(stalled),
+        summary,
+        {
+            "update_ratio": {n: float(med[n]) for n in stalled},
+            "reference": reference,
+            "exactly_zero": zero,
+            "threshold_factor": STALL_FACTOR,
+        },
+    )
+
+
+def detect_unstable_updates(run: Run) -> Finding | None:
+    """Weights whose typical update is ≥ 10% of the weight (but below the exploding level)."""
+    med = _update_medians(run)
+    hit = [n for n in med.index if UNSTABLE_UPDATE_RATIO <= med[n] < UPDATE_RATIO_EXPLODING]
+    if not hit:
+        return None
+    worst = max(hit, key=lambda n: med[n])
+    summary = (
+        f"{len(hit)} weight(s) change by {_g(float(med[worst]))} of their norm per step at `{worst}` "
+        f"(median over recent steps; above {_g(UNSTABLE_UPDATE_RATIO)}, where ~1e-3 trains stably): "
+        f"{_names(hit)}."
+    )
+    return Finding(
+        "unstable_updates",
+        "warning",
+        tuple(hit),
+        summary,
+        {
+            "update_ratio": {n: float(med[n]) for n in hit},
+            "threshold": UNSTABLE_UPDATE_RATIO,
+        },
+    )
+
+
+@dataclass(frozen=True)
+class Detector:
+    """A registered check: the finding kind it produces, the function, the statistics it reads."""
+
+    kind: str
+    fn: Callable[[Run], Finding | None]
+    requires: tuple[str, ...]  # any one of them suffices
+    doc: str
+
+
+DETECTORS: dict[str, Detector] = {
+    d.kind: d
+    for d in [
+        Detector(
+            "nonfinite",
+            detect_nonfinite,
+            ("nonfinite", "error_nonfinite", "error_norm", "grad_norm"),
+            "first step and first layer where NaN/Inf appears",
+        ),
+        Detector(
+            "exploding",
+            detect_exploding,
+            ("error_norm", "grad_norm", "update_ratio"),
+            "error signal growing per layer toward the input, gradient norm growing over "
+            "steps, or updates as large as the weights",
+        ),
+        Detector(
+            "vanishing",
+            detect_vanishing,
+            ("error_norm",),
+            "error signal shrinking by a steady factor per layer toward the input",
+        ),
+        Detector(
+            "saturation",
+            detect_saturation,
+            ("sat_frac",),
+            "activation layers with many entries where f'(z) < 1% of its maximum",
+        ),
+        Detector(
+            "dead_units",
+            detect_dead_units,
+            ("dead_frac", "dead_window_frac"),
+            "features that output 0 for every sample",
+        ),
+        Detector(
+            "dead_channels",
+            detect_dead_channels,
+            ("dead_frac", "dead_window_frac"),
+            "conv channels that are 0 at every position of every sample",
+        ),
+        Detector(
+            "stalled",
+            detect_stalled,
+            ("update_ratio",),
+            "weights updated orders of magnitude less than the others",
+        ),
+        Detector(
+            "unstable_updates",
+            detect_unstable_updates,
+            ("update_ratio",),
+            "weights whose update is ≥ 10% of the weight at every step",
+        ),
+    ]
+}
+
+
+# ---------------------------------------------------------------- entry points
+def as_run(source: Any) -> Run:
+    """A Run from a Run, a Probe (what it recorded so far) or a run directory path."""
+    if isinstance(source, Run):
+        return source
+    if isinstance(source, (str, os.PathLike)):
+        return load(source)
+    if hasattr(source, "run") and callable(source.run):
+        return source.run()
+    raise GradprobeError(
+        f"cannot diagnose a {type(source).__name__}",
+        "pass a Run (gradprobe.load(path)), a Probe, or a run directory",
+    )
+
+
+def diagnose(run_or_probe: Any) -> Findings:
+    """Run every detector on a run (or a Probe, or a run directory); findings, most severe first.
+
+    Raises :class:`GradprobeError` when nothing was recorded.
+    """
+    run = as_run(run_or_probe)
+    if run.empty:
+        raise GradprobeError(
+            f"the run {run.name!r} has no recorded steps",
+            "train for at least one optimizer step under the Probe (or call probe.step())",
+        )
+    stats = set(run.stats)
+    profile = model_profile(run.meta)
+    found: list[Finding] = []
+    skipped: dict[str, str] = {}
+    for kind, det in DETECTORS.items():
+        if not stats & set(det.requires):
+            asked = set(run.meta.get("probe", {}).get("stats", []))
+            if not asked & set(det.requires):
+                # Recorded but absent means nothing to measure (no saturating activation
+                # in a ReLU net): not a gap. Not recorded at all is one, and is said.
+                skipped[kind] = (
+                    f"needs {' or '.join(det.requires)}: record it with Probe(..., stats='default')"
+                )
+            continue
+        finding = det.fn(run)
+        if finding is not None:
+            remedies = tuple(rank_remedies(finding.kind, profile))
+            found.append(
+                Finding(
+                    finding.kind,
+                    finding.severity,
+                    finding.names,
+                    finding.summary,
+                    finding.evidence,
+                    remedies,
+                )
+            )
+    found.sort(key=lambda f: (-_SEVERITY_RANK[f.severity], KIND_ORDER.index(f.kind)))
+    return Findings(found, run_name=run.name, skipped=skipped)
+
+
+def key_numbers(run: Run) -> dict[str, float]:
+    """The numbers a comparison table shows for a run, computed whatever was found."""
+    p = depth_profile(run)
+    out: dict[str, float] = {
+        "steps": float(len(run.steps)),
+        "first_last_error_ratio": p.ratio if p else math.nan,
+        "error_factor_per_layer": p.factor if p else math.nan,
+    }
+    state = _dead_state(run)
+    if state is not None:
+        current = state[0]
+        cands = _candidates(run, [n for n in run.modules if n in current.index])
+        out["max_dead_frac"] = float(current[cands].max()) if cands else math.nan
+    sat = _table(run, "sat_frac")
+    out["max_sat_frac"] = float(_recent(sat).median().max()) if not sat.empty else math.nan
+    med = _update_medians(run)
+    out["median_update_ratio"] = float(med.median()) if len(med) else math.nan
+    return out

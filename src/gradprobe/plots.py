@@ -1,0 +1,447 @@
+"""Figures from a recorded run: they read the run's frame and meta, nothing else.
+
+Every function takes a :class:`~gradprobe.run.Run` and an optional matplotlib ``Axes``
+and returns the ``Figure`` it drew on; none touches hooks or models, so they work on a
+run loaded years later. :data:`PLOTS` lists them as data with the statistics each one
+needs: :func:`missing` says why a plot cannot be drawn for a run (the report shows
+that note in its place), and calling a plot anyway raises a :class:`GradprobeError`
+with the same note.
+
+matplotlib is imported on first use, with the non-interactive Agg backend unless a
+backend was already chosen (so a notebook keeps its own).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from .diagnose import (
+    DEAD_UNIT_FRAC,
+    SATURATION_FRAC,
+    UNSTABLE_UPDATE_RATIO,
+    _candidates,
+    _is_weight_layer,
+    _weights,
+    depth_profile,
+)
+from .errors import GradprobeError
+from .run import Run
+
+if TYPE_CHECKING:  # pragma: no cover
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+__all__ = [
+    "PLOTS",
+    "Plot",
+    "activation_histograms",
+    "dead_saturated",
+    "error_heatmap",
+    "gradient_flow",
+    "missing",
+    "update_ratios",
+]
+
+_MAX_TICKS = 16
+_MAX_HIST_LAYERS = 8
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    if "matplotlib.pyplot" not in __import__("sys").modules:
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _axes(ax: Axes | None, size: tuple[float, float] = (7.0, 4.0)) -> tuple[Figure, Axes]:
+    if ax is not None:
+        return ax.figure, ax
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=size, layout="constrained")
+    return fig, ax
+
+
+def _thin_ticks(ax: Axes, labels: Sequence[str], axis: str = "x") -> None:
+    """Label at most _MAX_TICKS positions, always the first and last."""
+    n = len(labels)
+    if n == 0:
+        return
+    idx = np.unique(np.linspace(0, n - 1, min(n, _MAX_TICKS)).round().astype(int))
+    if axis == "x":
+        ax.set_xticks(idx)
+        ax.set_xticklabels([labels[i] for i in idx], rotation=60, ha="right", fontsize=7)
+    else:
+        ax.set_yticks(idx)
+        ax.set_yticklabels([labels[i] for i in idx], fontsize=7)
+
+
+def _pick_steps(steps: np.ndarray, k: int = 3) -> list[int]:
+    if len(steps) <= k:
+        return [int(s) for s in steps]
+    idx = np.unique(np.linspace(0, len(steps) - 1, k).round().astype(int))
+    return [int(steps[i]) for i in idx]
+
+
+def _positive(values: np.ndarray) -> np.ndarray:
+    """Zeros and non-finite values cannot sit on a log axis: leave a gap."""
+    v = np.asarray(values, dtype=float)
+    return np.where(np.isfinite(v) & (v > 0), v, np.nan)
+
+
+def _depth_colors(n: int) -> list[Any]:
+    plt = _pyplot()
+    cmap = plt.get_cmap("viridis")
+    return [cmap(i / max(n - 1, 1)) for i in range(n)]
+
+
+def _depth_colorbar(fig: Figure, ax: Axes, names: Sequence[str]) -> None:
+    import matplotlib as mpl
+
+    norm = mpl.colors.Normalize(vmin=0, vmax=max(len(names) - 1, 1))
+    sm = mpl.cm.ScalarMappable(norm=norm, cmap="viridis")
+    cb = fig.colorbar(sm, ax=ax, pad=0.01)
+    cb.set_ticks([0, max(len(names) - 1, 1)])
+    cb.set_ticklabels([names[0], names[-1]] if names else ["", ""])
+    cb.set_label("layer (input → output)", fontsize=8)
+    cb.ax.tick_params(labelsize=7)
+
+
+def _title(ax: Axes, run: Run, what: str) -> None:
+    ax.set_title(f"{run.name}: {what}", fontsize=9, loc="left")
+
+
+# ---------------------------------------------------------------- plots
+def gradient_flow(run: Run, ax: Axes | None = None, steps: Sequence[int] | None = None) -> Figure:
+    """Per-layer error signal ‖dL/dz‖ (solid) and weight-gradient norm (dashed) at a few steps.
+
+    Layers with weights, input on the left, log scale. Gaps are zeros (an error signal
+    that underflowed float32) or NaN/Inf.
+    """
+    _require(run, "gradient_flow")
+    fig, ax = _axes(ax)
+    err = run.table("error_norm")
+    p = depth_profile(run)
+    layers = list(p.layers) if p is not None else [n for n in run.modules if n in err.columns]
+    grads = run.table("grad_norm") if "grad_norm" in run.stats else pd.DataFrame()
+    weight_of = {}
+    for layer in layers:
+        w = f"{layer}.weight" if layer else "weight"
+        if w in grads.columns:
+            weight_of[layer] = w
+    chosen = list(steps) if steps is not None else _pick_steps(err.index.to_numpy())
+    plt = _pyplot()
+    cmap = plt.get_cmap("plasma")
+    x = np.arange(len(layers))
+    for i, step in enumerate(chosen):
+        color = cmap(0.1 + 0.75 * i / max(len(chosen) - 1, 1))
+        if step in err.index:
+            ax.plot(
+                x,
+                _positive(err.loc[step, layers].to_numpy()),
+                "-o",
+                ms=3,
+                lw=1.5,
+                color=color,
+                label=f"step {step}",
+            )
+        if weight_of and step in grads.index:
+            gx = [i for i, n in enumerate(layers) if n in weight_of]
+            ax.plot(
+                gx,
+                _positive(grads.loc[step, [weight_of[layers[i]] for i in gx]].to_numpy()),
+                "--",
+                lw=1,
+                color=color,
+                alpha=0.8,
+            )
+    ax.set_yscale("log")
+    _thin_ticks(ax, layers)
+    ax.set_ylabel("norm (log)")
+    ax.grid(True, which="major", alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    from matplotlib.lines import Line2D
+
+    handles += [
+        Line2D([], [], color="0.3", ls="-", marker="o", ms=3),
+        Line2D([], [], color="0.3", ls="--"),
+    ]
+    labels += ["‖dL/dz‖ error signal", "‖dL/dW‖ weight gradient"]
+    ax.legend(handles, labels, fontsize=7, loc="best")
+    _title(ax, run, "gradient flow (input left)")
+    return fig
+
+
+def error_heatmap(
+    run: Run, ax: Axes | None = None, vmin: float | None = None, vmax: float | None = None
+) -> Figure:
+    """log10 ‖dL/dz‖ for each layer with weights (rows, input on top) at each step (columns)."""
+    _require(run, "error_heatmap")
+    fig, ax = _axes(ax)
+    err = run.table("error_norm")
+    p = depth_profile(run)
+    layers = list(p.layers) if p is not None else [n for n in run.modules if n in err.columns]
+    values = err[layers].to_numpy(dtype=float).T
+    with np.errstate(divide="ignore", invalid="ignore"):
+        logs = np.log10(_positive(values))
+    steps = err.index.to_numpy()
+    lo, hi = _finite_range(logs, vmin, vmax)
+    im = ax.imshow(
+        np.ma.masked_invalid(logs),
+        aspect="auto",
+        interpolation="nearest",
+        cmap="magma",
+        vmin=lo,
+        vmax=hi,
+        extent=(-0.5, len(steps) - 0.5, len(layers) - 0.5, -0.5),
+    )
+    _thin_ticks(ax, layers, axis="y")
+    ticks = np.unique(np.linspace(0, len(steps) - 1, min(len(steps), 8)).round().astype(int))
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([str(int(steps[i])) for i in ticks], fontsize=7)
+    ax.set_xlabel("step")
+    cb = fig.colorbar(im, ax=ax, pad=0.01)
+    cb.set_label("log10 ‖dL/dz‖", fontsize=8)
+    cb.ax.tick_params(labelsize=7)
+    _title(ax, run, "error signal per layer and step")
+    return fig
+
+
+def _finite_range(logs: np.ndarray, vmin: float | None, vmax: float | None) -> tuple[float, float]:
+    finite = logs[np.isfinite(logs)]
+    lo = vmin if vmin is not None else (float(finite.min()) if finite.size else 0.0)
+    hi = vmax if vmax is not None else (float(finite.max()) if finite.size else 1.0)
+    return (lo, hi) if hi > lo else (lo - 0.5, hi + 0.5)
+
+
+def error_log_range(runs: Sequence[Run]) -> tuple[float, float] | None:
+    """The common (min, max) of log10 error_norm over runs: a shared colour scale."""
+    lows, highs = [], []
+    for run in runs:
+        if "error_norm" not in run.stats:
+            continue
+        v = _positive(run.table("error_norm").to_numpy(dtype=float))
+        v = v[np.isfinite(v)]
+        if v.size:
+            lows.append(math.log10(v.min()))
+            highs.append(math.log10(v.max()))
+    return (min(lows), max(highs)) if lows else None
+
+
+def _hist_layers(run: Run, names: Sequence[str] | None) -> list[str]:
+    have = set(run.frame().query("stat == 'hist_00'")["name"])
+    ordered = [n for n in run.modules if n in have]
+    if names is not None:
+        return [n for n in ordered if n in set(names)]
+    acts = [n for n in ordered if run.module_info(n).get("activation")]
+    ordered = acts or ordered
+    if len(ordered) > _MAX_HIST_LAYERS:
+        idx = np.unique(np.linspace(0, len(ordered) - 1, _MAX_HIST_LAYERS).round().astype(int))
+        ordered = [ordered[i] for i in idx]
+    return ordered
+
+
+def activation_histograms(
+    run: Run, ax: Axes | None = None, layers: Sequence[str] | None = None
+) -> Figure:
+    """fastai's "colorful dimension": each layer's output histogram (y) over steps (x).
+
+    One band per layer, input on top; within a band the value axis runs upward over the
+    layer's histogram range (tails are clamped into the edge bins), colour is log(1 +
+    fraction of entries). Needs ``Probe(stats="full")``.
+    """
+    _require(run, "activation_histograms")
+    fig, ax = _axes(ax, (7.0, 5.0))
+    names = _hist_layers(run, layers)
+    bins = int(run.meta.get("probe", {}).get("histogram_bins", 0)) or sum(
+        1 for s in run.stats if s.startswith("hist_")
+    )
+    hist_stats = [f"hist_{b:02d}" for b in range(bins)]
+    frame = run.frame()
+    sub = frame[frame["stat"].isin(hist_stats) & frame["name"].isin(names)]
+    steps = np.unique(sub["step"].to_numpy())
+    bands = []
+    for name in names:
+        one = sub[sub["name"] == name].pivot_table(
+            index="stat", columns="step", values="value", aggfunc="last"
+        )
+        one = one.reindex(index=hist_stats, columns=steps).fillna(0.0).to_numpy()
+        totals = one.sum(axis=0, keepdims=True)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            frac = np.where(totals > 0, one / totals, 0.0)
+        bands.append(np.log1p(100.0 * frac)[::-1])  # highest bin on top of its band
+    image = np.vstack(bands) if bands else np.zeros((1, 1))
+    ax.imshow(
+        image,
+        aspect="auto",
+        interpolation="nearest",
+        cmap="viridis",
+        extent=(-0.5, len(steps) - 0.5, len(names) * bins - 0.5, -0.5),
+    )
+    for k in range(1, len(names)):
+        ax.axhline(k * bins - 0.5, color="white", lw=1.2)
+    centers = [k * bins + bins / 2 for k in range(len(names))]
+    labels = []
+    for name in names:
+        lo, hi = run.module_info(name).get("histogram_range", [math.nan, math.nan])
+        labels.append(f"{name}\n[{lo:g}, {hi:g}]")
+    ax.set_yticks(centers)
+    ax.set_yticklabels(labels, fontsize=7)
+    ticks = np.unique(
+        np.linspace(0, max(len(steps) - 1, 0), min(len(steps), 8)).round().astype(int)
+    )
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([str(int(steps[i])) for i in ticks] if len(steps) else [], fontsize=7)
+    ax.set_xlabel("step")
+    _title(ax, run, "activation histograms over time")
+    return fig
+
+
+def dead_saturated(run: Run, ax: Axes | None = None) -> Figure:
+    """Fraction of dead units (solid) and of saturated entries (dashed) per layer over steps."""
+    _require(run, "dead_saturated")
+    fig, ax = _axes(ax)
+    dead = run.table("dead_frac") if "dead_frac" in run.stats else pd.DataFrame()
+    sat = run.table("sat_frac") if "sat_frac" in run.stats else pd.DataFrame()
+    names = [n for n in run.modules if n in dead.columns or n in sat.columns]
+    names = _candidates(run, names) if dead.shape[1] else names
+    names = [n for n in names if run.module_info(n).get("activation")] or names
+    colors = _depth_colors(len(names))
+    for color, name in zip(colors, names):
+        if name in dead.columns:
+            ax.plot(dead.index, dead[name], "-", color=color, lw=1.2)
+        if name in sat.columns:
+            ax.plot(sat.index, sat[name], "--", color=color, lw=1.2)
+    ax.axhline(DEAD_UNIT_FRAC, color="0.5", ls=":", lw=0.8)
+    ax.axhline(SATURATION_FRAC, color="0.5", ls=":", lw=0.8)
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_xlabel("step")
+    ax.set_ylabel("fraction")
+    ax.grid(True, alpha=0.3)
+    from matplotlib.lines import Line2D
+
+    ax.legend(
+        [Line2D([], [], color="0.3", ls="-"), Line2D([], [], color="0.3", ls="--")],
+        ["dead units/channels (0 for the whole batch)", "saturated (f' < 1% of max)"],
+        fontsize=7,
+        loc="upper right",
+    )
+    if names:
+        _depth_colorbar(fig, ax, names)
+    _title(ax, run, "dead and saturated fractions")
+    return fig
+
+
+def update_ratios(run: Run, ax: Axes | None = None) -> Figure:
+    """‖Δw‖/‖w‖ of each weight matrix per step (log scale); ~1e-3 is the usual healthy level."""
+    _require(run, "update_ratios")
+    fig, ax = _axes(ax)
+    table = run.table("update_ratio")
+    weights = [w for w in _weights(run) if w in table.columns] or list(table.columns)
+    colors = _depth_colors(len(weights))
+    for color, name in zip(colors, weights):
+        ax.plot(table.index, _positive(table[name].to_numpy()), "-", color=color, lw=1)
+    ax.set_yscale("log")
+    ax.axhline(1e-3, color="0.4", ls=":", lw=0.8)
+    ax.axhline(UNSTABLE_UPDATE_RATIO, color="tab:red", ls=":", lw=0.8)
+    ax.set_xlabel("step")
+    ax.set_ylabel("‖Δw‖ / ‖w‖ (log)")
+    ax.grid(True, which="major", alpha=0.3)
+    if weights:
+        _depth_colorbar(fig, ax, weights)
+    _title(ax, run, "update ratio per weight (dotted: 1e-3 typical, red: unstable)")
+    return fig
+
+
+# ---------------------------------------------------------------- registry
+@dataclass(frozen=True)
+class Plot:
+    """A registered figure: its function, the statistics it needs (any one of them), a title."""
+
+    name: str
+    title: str
+    fn: Callable[..., Figure]
+    requires: tuple[str, ...]
+    hint: str
+    doc: str
+
+
+PLOTS: dict[str, Plot] = {
+    p.name: p
+    for p in [
+        Plot(
+            "gradient_flow",
+            "Gradient flow",
+            gradient_flow,
+            ("error_norm",),
+            "record error_norm (stats='cheap' or 'default')",
+            "error signal and weight-gradient norm per layer at the first, middle and last step",
+        ),
+        Plot(
+            "error_heatmap",
+            "Error signal: layer × step",
+            error_heatmap,
+            ("error_norm",),
+            "record error_norm (stats='cheap' or 'default')",
+            "log10 of the error signal of each layer with weights at each step",
+        ),
+        Plot(
+            "activation_histograms",
+            "Activation histograms (colorful dimension)",
+            activation_histograms,
+            ("hist_00",),
+            "record with Probe(..., stats='full')",
+            "each layer's output histogram over time",
+        ),
+        Plot(
+            "dead_saturated",
+            "Dead and saturated fractions",
+            dead_saturated,
+            ("dead_frac", "sat_frac"),
+            "record dead_frac/sat_frac (stats='default')",
+            "fraction of dead units and of saturated entries per layer over time",
+        ),
+        Plot(
+            "update_ratios",
+            "Update ratios",
+            update_ratios,
+            ("update_ratio",),
+            "record update_ratio (stats='cheap' or 'default')",
+            "‖Δw‖/‖w‖ per weight over time",
+        ),
+    ]
+}
+
+
+def missing(plot: str | Plot, run: Run) -> str | None:
+    """Why ``plot`` cannot be drawn for ``run`` (a one-line note), or ``None`` if it can."""
+    spec = PLOTS[plot] if isinstance(plot, str) else plot
+    if run.empty:
+        return f"{spec.title}: the run has no recorded steps"
+    if not set(run.stats) & set(spec.requires):
+        return f"{spec.title}: not drawn, the run has no {' or '.join(spec.requires)}; {spec.hint}"
+    if spec.name == "activation_histograms" and not any(
+        run.module_info(n).get("histogram_range") for n in run.modules
+    ):
+        return f"{spec.title}: not drawn, the run's meta has no histogram ranges; {spec.hint}"
+    if (
+        spec.name == "update_ratios"
+        and not any(_is_weight_layer(run.module_info(n)) for n in run.modules)
+        and not _weights(run)
+    ):
+        return f"{spec.title}: not drawn, the run has no weights"
+    return None
+
+
+def _require(run: Run, name: str) -> None:
+    note = missing(name, run)
+    if note is not None:
+        raise GradprobeError(note, PLOTS[name].hint)

@@ -1,0 +1,329 @@
+"""The remedy catalogue (concepts §4) as plain data, and its ranking for a given model.
+
+A :class:`Remedy` says what a fix *is* (``why``, a ``code`` hint), which findings it
+addresses and how directly (``treats``: finding kind → strength in [0, 1]), and what
+makes it fit the model in front of us: the architecture (``architectures``: a bonus,
+or ``None`` where it does not apply), the activations it is the cure for
+(``suits_activations``), and the signs that it is already in place (``present_when``).
+
+:func:`rank_remedies` scores every entry for one finding kind and one
+:class:`ModelProfile` (read from a run's meta, never from a live model)::
+
+    score = treats[kind] + architectures.get(arch, 0) + ACTIVATION_FIT_BONUS·[model uses a suited activation]
+
+and drops entries that do not treat the kind, do not apply to the architecture, are
+already present, or score ≤ 0. Ties keep catalogue order. So a deep sigmoid MLP with vanishing
+gradients gets ReLU (+ He init), batch normalisation and residual connections first,
+and a plain RNN with the same symptom gets LSTM/GRU and gradient clipping first.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "ACTIVATION_FIT_BONUS",
+    "REMEDIES",
+    "ModelProfile",
+    "RankedRemedy",
+    "Remedy",
+    "model_profile",
+    "rank_remedies",
+]
+
+# A remedy that is the textbook cure for an activation the model uses (ReLU for a
+# sigmoid net, He init for a ReLU net) outranks an equally strong generic one.
+ACTIVATION_FIT_BONUS = 0.3
+
+_SATURATING = ("sigmoid", "tanh", "softsign", "hardtanh")
+_RELU_FAMILY = ("relu", "leaky_relu", "prelu", "elu")
+
+
+@dataclass(frozen=True)
+class Remedy:
+    """One fix from the catalogue: what it is, why it helps, when it applies."""
+
+    key: str
+    name: str
+    why: str
+    code: str
+    treats: Mapping[str, float] = field(default_factory=dict)
+    architectures: Mapping[str, float | None] = field(default_factory=dict)
+    suits_activations: tuple[str, ...] = ()
+    present_when: tuple[str, ...] = ()
+    then: tuple[str, ...] = ()  # remedies that go with it (ReLU → He init)
+    risk: str = ""
+
+    def applies_to(self, architecture: str) -> bool:
+        return self.architectures.get(architecture, 0.0) is not None
+
+
+REMEDIES: dict[str, Remedy] = {
+    r.key: r
+    for r in [
+        Remedy(
+            "relu",
+            "ReLU activation (with He init)",
+            "its derivative is 1 for z > 0, so the error signal is not multiplied by "
+            "σ' ≤ 0.25 at every layer and does not saturate for positive inputs",
+            "nn.ReLU() in place of nn.Sigmoid()/nn.Tanh(); "
+            "nn.init.kaiming_normal_(layer.weight, nonlinearity='relu')",
+            treats={"vanishing": 1.0, "saturation": 1.0, "stalled": 0.5},
+            architectures={"rnn": -0.8},
+            suits_activations=_SATURATING,
+            present_when=("relu",),
+            then=("he_init",),
+            risk="dead units that output 0 for every input",
+        ),
+        Remedy(
+            "leaky_relu",
+            "Leaky ReLU, PReLU or ELU",
+            "a non-zero slope for z < 0 keeps a gradient flowing through units that a "
+            "ReLU would have killed",
+            "nn.LeakyReLU(0.01) / nn.PReLU() / nn.ELU() in place of nn.ReLU()",
+            treats={"dead_units": 1.0, "dead_channels": 1.0, "vanishing": 0.5, "saturation": 0.6},
+            suits_activations=("relu",),
+            present_when=("leaky_relu", "prelu", "elu"),
+            risk="one more hyper-parameter (the slope)",
+        ),
+        Remedy(
+            "silu_gelu",
+            "SiLU/Swish or GELU",
+            "smooth activations with a non-zero gradient almost everywhere, used in "
+            "modern CNNs (SiLU) and Transformers (GELU)",
+            "nn.SiLU() or nn.GELU() in place of the hidden activation",
+            treats={"vanishing": 0.4, "saturation": 0.5, "dead_units": 0.6, "dead_channels": 0.6},
+            architectures={"transformer": 0.3, "cnn": 0.2},
+            present_when=("silu", "gelu"),
+            risk="more compute per activation",
+        ),
+        Remedy(
+            "softmax",
+            "Softmax output layer",
+            "turns the last layer's scores into class probabilities; it belongs on the "
+            "output of a multi-class classifier only and fixes no hidden-layer problem",
+            "nn.CrossEntropyLoss() on raw logits (it applies log-softmax itself)",
+            treats={},
+        ),
+        Remedy(
+            "xavier_init",
+            "Xavier/Glorot initialisation",
+            "Var(W) = 2/(fan_in + fan_out) keeps the variance of activations and of the "
+            "error signal about constant across layers for tanh-like activations",
+            "nn.init.xavier_uniform_(layer.weight, gain=nn.init.calculate_gain('tanh')); "
+            "nn.init.zeros_(layer.bias)",
+            treats={"vanishing": 0.5, "exploding": 0.7, "saturation": 0.6},
+            suits_activations=("tanh", "softsign"),
+            present_when=("init:xavier_uniform", "init:xavier_normal"),
+        ),
+        Remedy(
+            "he_init",
+            "He/Kaiming initialisation",
+            "Var(W) = 2/fan_in makes up for ReLU zeroing half of its inputs, so the "
+            "signal keeps its scale in both directions through deep ReLU stacks",
+            "nn.init.kaiming_normal_(layer.weight, nonlinearity='relu'); nn.init.zeros_(layer.bias)",
+            treats={"vanishing": 0.6, "exploding": 0.6, "dead_units": 0.4, "dead_channels": 0.4},
+            suits_activations=_RELU_FAMILY,
+            present_when=("init:he", "init:he_uniform", "init:kaiming"),
+        ),
+        Remedy(
+            "batchnorm",
+            "Batch normalisation",
+            "standardises each layer's pre-activations over the batch (subtract the mean, "
+            "divide by the std), so they stay out of the saturated region and at a stable "
+            "scale whatever the depth",
+            "nn.Sequential(nn.Linear(n, m), nn.BatchNorm1d(m), act)  # BatchNorm2d after a conv",
+            treats={
+                "vanishing": 0.9,
+                "exploding": 0.7,
+                "saturation": 0.9,
+                "dead_units": 0.5,
+                "dead_channels": 0.6,
+            },
+            architectures={"cnn": 0.2, "rnn": None, "transformer": -0.5},
+            present_when=("BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm"),
+            risk="depends on the batch: small batches give noisy statistics",
+        ),
+        Remedy(
+            "layernorm",
+            "Layer normalisation",
+            "standardises each sample's features (not the batch), so it works at any "
+            "batch size and inside recurrent and Transformer blocks",
+            "nn.Sequential(nn.Linear(n, m), nn.LayerNorm(m), act)",
+            treats={"vanishing": 0.7, "exploding": 0.6, "saturation": 0.8},
+            architectures={"rnn": 0.3, "transformer": 0.3},
+            present_when=("LayerNorm", "RMSNorm"),
+        ),
+        Remedy(
+            "residual",
+            "Residual (skip) connections",
+            "x + f(x) gives the error signal an identity path around every block, so it "
+            "reaches the first layers undiminished (ResNet)",
+            "class Block(nn.Module):\n    def forward(self, x):\n        return x + self.fc(self.act(x))",
+            treats={"vanishing": 0.85, "exploding": 0.3, "stalled": 0.5},
+            architectures={"rnn": None},
+            present_when=("ResidualBlock", "BasicBlock", "Bottleneck"),
+        ),
+        Remedy(
+            "lstm_gru",
+            "LSTM or GRU in place of a plain RNN",
+            "gates let the error flow across many time steps through an additive cell "
+            "state, where a plain RNN multiplies it by the same Wᵀ at every step",
+            "nn.LSTM(input_size, hidden_size, batch_first=True)  # or nn.GRU",
+            treats={"vanishing": 1.0, "exploding": 0.5},
+            architectures={"rnn": 1.0, "mlp": None, "cnn": None, "transformer": None},
+            present_when=("LSTM", "GRU", "LSTMCell", "GRUCell"),
+        ),
+        Remedy(
+            "grad_clipping",
+            "Gradient clipping",
+            "caps the gradient norm before the step, so one exploding batch cannot throw "
+            "the weights away (standard for RNNs)",
+            "loss.backward(); nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0); opt.step()",
+            treats={"exploding": 1.0, "nonfinite": 0.9, "unstable_updates": 0.7, "vanishing": 0.1},
+            architectures={"rnn": 1.0},
+            present_when=("clipping",),
+        ),
+        Remedy(
+            "lr_schedule",
+            "A smaller learning rate, or learning-rate decay",
+            "the step is the gradient times the learning rate: a smaller rate, or one "
+            "that decays, keeps each update a small fraction of the weights",
+            "opt = torch.optim.SGD(model.parameters(), lr=lr / 10); "
+            "sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)",
+            treats={
+                "unstable_updates": 1.0,
+                "exploding": 0.6,
+                "nonfinite": 0.8,
+                "dead_units": 0.5,
+                "dead_channels": 0.5,
+            },
+        ),
+        Remedy(
+            "adam",
+            "An adaptive optimiser (Adam)",
+            "rescales each parameter's step by running moments of its gradient, so layers "
+            "with small gradients still move",
+            "opt = torch.optim.Adam(model.parameters(), lr=1e-3)",
+            treats={"stalled": 0.8, "vanishing": 0.3, "unstable_updates": 0.3},
+            present_when=("optimizer:adam", "optimizer:adamw"),
+        ),
+        Remedy(
+            "pretraining",
+            "Unsupervised pre-training, then fine-tuning",
+            "greedy layer-wise pre-training (e.g. autoencoders) gives a deep network a "
+            "starting point where early layers already carry useful features",
+            "train each layer as an autoencoder on the previous layer's outputs, then fine-tune all",
+            treats={"vanishing": 0.3, "stalled": 0.3},
+            architectures={"rnn": None, "transformer": None},
+        ),
+    ]
+}
+
+
+@dataclass(frozen=True)
+class ModelProfile:
+    """What the ranking needs to know about a model, read from a run's meta."""
+
+    architecture: str  # "mlp", "cnn", "rnn" or "transformer"
+    activations: frozenset[str]
+    tokens: frozenset[str]  # module classes, activations, "init:…", "optimizer:…", "clipping"
+
+    def has(self, token: str) -> bool:
+        return token in self.tokens
+
+
+_RECURRENT = {"RNN", "LSTM", "GRU", "RNNCell", "LSTMCell", "GRUCell"}
+_TRANSFORMER = {"MultiheadAttention", "TransformerEncoderLayer", "TransformerDecoderLayer"}
+
+
+def model_profile(meta: Mapping[str, Any]) -> ModelProfile:
+    """The architecture, activations and known choices (init, optimizer) of a run's model."""
+    modules = meta.get("modules", []) or []
+    types = {str(m.get("type", "")) for m in modules}
+    summary = str((meta.get("model") or {}).get("summary", ""))
+    # Container classes (a ResidualBlock has no parameters of its own, so it is not
+    # probed) are visible in the model's repr: "(0): ResidualBlock(".
+    types |= set(re.findall(r"\b([A-Z][A-Za-z0-9_]*)\(", summary))
+    activations = {str(m["activation"]) for m in modules if m.get("activation")}
+    config = meta.get("config") or {}
+    tokens = set(types) | activations
+    for key in ("init", "optimizer"):
+        if isinstance(config.get(key), str):
+            tokens.add(f"{key}:{config[key]}")
+    if config.get("clip_norm") is not None or config.get("clip_value") is not None:
+        tokens.add("clipping")
+    if types & _RECURRENT:
+        arch = "rnn"
+    elif types & _TRANSFORMER:
+        arch = "transformer"
+    elif any(t.startswith("Conv") for t in types):
+        arch = "cnn"
+    else:
+        arch = "mlp"
+    return ModelProfile(arch, frozenset(activations), frozenset(tokens))
+
+
+@dataclass(frozen=True)
+class RankedRemedy:
+    """A remedy proposed for one finding: the catalogue entry, its score and why it fits."""
+
+    remedy: Remedy
+    score: float
+    fit: str
+
+    @property
+    def key(self) -> str:
+        return self.remedy.key
+
+    @property
+    def name(self) -> str:
+        return self.remedy.name
+
+    @property
+    def why(self) -> str:
+        return self.remedy.why
+
+    @property
+    def code(self) -> str:
+        return self.remedy.code
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "name": self.name,
+            "why": self.why,
+            "code": self.code,
+            "score": round(self.score, 3),
+            "fit": self.fit,
+        }
+
+
+def rank_remedies(kind: str, profile: ModelProfile, limit: int | None = None) -> list[RankedRemedy]:
+    """Remedies for a finding of ``kind`` on the model ``profile``, best first."""
+    ranked: list[RankedRemedy] = []
+    for remedy in REMEDIES.values():
+        strength = remedy.treats.get(kind, 0.0)
+        if strength <= 0 or not remedy.applies_to(profile.architecture):
+            continue
+        if any(profile.has(t) for t in remedy.present_when):
+            continue  # already in place: proposing it again would be noise
+        score = strength + (remedy.architectures.get(profile.architecture) or 0.0)
+        reasons = [f"treats {kind} ({strength:g})"]
+        if bonus := remedy.architectures.get(profile.architecture):
+            reasons.append(
+                f"{'suits' if bonus > 0 else 'less suited to'} {profile.architecture} models"
+            )
+        suited = sorted(profile.activations & set(remedy.suits_activations))
+        if suited:
+            score += ACTIVATION_FIT_BONUS
+            reasons.append(f"the model uses {', '.join(suited)}")
+        if score <= 0:  # the architecture penalty outweighs what it treats
+            continue
+        ranked.append(RankedRemedy(remedy, score, "; ".join(reasons)))
+    # sorted() is stable: equal scores keep catalogue order.
+    ranked.sort(key=lambda r: -r.score)
+    return ranked[:limit] if limit is not None else ranked

@@ -1,0 +1,283 @@
+"""report: one self-contained HTML page for one run, or several side by side.
+
+The page has, in this order: the findings of each run (with their numbers and ranked
+remedies), a table of the key numbers of every run, the figures of :mod:`gradprobe.plots`
+(several runs share each figure's axes, so they compare at a glance), and each run's
+metadata. Figures are embedded as base64 PNG; the page loads nothing from the network
+and needs no JavaScript. The report knows nothing of hooks: it reads runs.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import io
+import json
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from html import escape
+from pathlib import Path
+from typing import Any
+
+from ._version import __version__
+from .diagnose import Findings, as_run, diagnose, findings_html, key_numbers
+from .errors import GradprobeError
+from .run import Run
+
+__all__ = ["KEY_COLUMNS", "comparison_table", "report"]
+
+# The comparison table's columns: key_numbers() name → header.
+KEY_COLUMNS: dict[str, str] = {
+    "steps": "recorded steps",
+    "first_last_error_ratio": "error ratio first/last layer",
+    "error_factor_per_layer": "error factor per layer",
+    "max_dead_frac": "max dead fraction",
+    "max_sat_frac": "max saturated fraction",
+    "median_update_ratio": "median update ratio",
+}
+
+_SHARE_Y = {"gradient_flow", "update_ratios", "dead_saturated"}
+_DPI = 110
+
+_CSS = """
+body{font-family:-apple-system,"Segoe UI",Roboto,"Helvetica Neue",Arial,sans-serif;margin:0;
+color:#1d232b;background:#f6f7f9;line-height:1.45}
+main{max-width:1200px;margin:0 auto;padding:24px 32px 48px}
+h1{font-size:26px;margin:0 0 4px}h2{font-size:20px;margin:32px 0 10px;border-bottom:2px solid #dde1e6;
+padding-bottom:4px}h3{font-size:16px;margin:18px 0 8px}
+.sub{color:#5a6572;font-size:13px;margin:0 0 18px}
+table{border-collapse:collapse;background:#fff;font-size:13px;width:100%;margin:6px 0 14px}
+th,td{border:1px solid #dde1e6;padding:6px 8px;text-align:left;vertical-align:top}
+th{background:#eef1f4;font-weight:600}
+td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+.gp-findings td ol{margin:0;padding-left:18px}.gp-findings td li{margin-bottom:4px}
+.gp-findings code,.meta code{font-size:12px;background:#f0f2f5;padding:1px 3px;border-radius:3px}
+.gp-sev{display:inline-block;padding:1px 8px;border-radius:10px;font-size:12px;font-weight:600;color:#fff}
+.gp-critical .gp-sev{background:#c0392b}.gp-warning .gp-sev{background:#d68910}.gp-info .gp-sev{background:#2e86c1}
+.gp-none{background:#e8f6ee;border:1px solid #b7e1c6;padding:8px 12px;border-radius:4px}
+figure{margin:10px 0 22px;background:#fff;border:1px solid #dde1e6;padding:10px;border-radius:4px}
+figure img{display:block;max-width:100%;height:auto;margin:0 auto}
+figcaption{font-size:13px;color:#5a6572;margin-top:6px}
+.note{color:#7a4f01;background:#fff6e0;border:1px solid #f1d79a;padding:6px 10px;border-radius:4px;
+font-size:13px}
+details{margin:4px 0 12px}summary{cursor:pointer;color:#2e5c8a}
+pre{background:#fff;border:1px solid #dde1e6;padding:8px;overflow:auto;font-size:12px;max-height:360px}
+footer{color:#8a94a0;font-size:12px;margin-top:30px}
+"""
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "–"
+        if math.isinf(value):
+            return "∞"
+        if value == int(value) and abs(value) < 1e6:
+            return str(int(value))
+        return f"{value:.3g}"
+    return escape(str(value))
+
+
+def comparison_table(
+    runs: Sequence[Run],
+    findings: Sequence[Findings],
+    extra: Mapping[str, Mapping[str, Any]] | None = None,
+) -> list[dict[str, Any]]:
+    """One row per run: its name, ``extra`` columns (e.g. accuracy), key numbers, findings."""
+    rows = []
+    for run, found in zip(runs, findings):
+        row: dict[str, Any] = {"run": run.name}
+        row.update((extra or {}).get(run.name, {}))
+        numbers = key_numbers(run)
+        row.update({KEY_COLUMNS[k]: numbers.get(k, math.nan) for k in KEY_COLUMNS})
+        row["findings"] = ", ".join(f.kind for f in found) or "none"
+        rows.append(row)
+    return rows
+
+
+def _table_html(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return ""
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    head = "".join(f"<th>{escape(c)}</th>" for c in columns)
+    body = []
+    for r in rows:
+        cells = []
+        for c in columns:
+            v = r.get(c, "")
+            cls = ' class="num"' if isinstance(v, (int, float)) else ""
+            cells.append(f"<td{cls}>{_fmt(v)}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return f'<table class="gp-compare"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+
+
+def _png(fig: Any) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=_DPI)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _figure_html(name: str, runs: Sequence[Run]) -> str:
+    """One figure for a plot: a panel per run, shared axes; notes for runs that lack data."""
+    from . import plots
+
+    spec = plots.PLOTS[name]
+    notes = {run.name: plots.missing(spec, run) for run in runs}
+    drawable = [r for r in runs if notes[r.name] is None]
+    if not drawable:
+        return f'<h3>{escape(spec.title)}</h3><p class="note">{escape(next(iter(notes.values())) or "")}</p>'
+    plt = plots._pyplot()
+    n = len(drawable)
+    ncols = min(n, 2)
+    nrows = math.ceil(n / ncols)
+    height = 5.2 if name == "activation_histograms" else 4.0
+    width = 7.5 if ncols == 1 else 6.2
+    fig, axes = plt.subplots(
+        nrows,
+        ncols,
+        figsize=(width * ncols, height * nrows),
+        squeeze=False,
+        sharey=name in _SHARE_Y,
+        layout="constrained",
+    )
+    kwargs: dict[str, Any] = {}
+    if name == "error_heatmap":
+        span = plots.error_log_range(drawable)
+        if span is not None:
+            kwargs = {"vmin": span[0], "vmax": span[1]}
+    flat = axes.ravel()
+    for ax, run in zip(flat, drawable):
+        spec.fn(run, ax=ax, **kwargs)
+        if name in _SHARE_Y:
+            ax.yaxis.set_tick_params(labelleft=True)
+    for ax in flat[n:]:
+        ax.set_visible(False)
+    skipped = "".join(
+        f'<p class="note">{escape(run)}: {escape(note)}</p>'
+        for run, note in notes.items()
+        if note is not None
+    )
+    caption = spec.doc + ("; panels share their axes" if n > 1 else "")
+    return (
+        f'<h3>{escape(spec.title)}</h3><figure><img alt="{escape(spec.title)}" '
+        f'src="data:image/png;base64,{_png(fig)}"><figcaption>{escape(caption)}</figcaption>'
+        f"</figure>{skipped}"
+    )
+
+
+def _meta_html(run: Run) -> str:
+    meta = run.meta
+    model = meta.get("model", {}) or {}
+    probe = meta.get("probe", {}) or {}
+    rows = [
+        ("label", run.name),
+        ("directory", str(run.path) if run.path else "(in memory)"),
+        (
+            "model",
+            f"{model.get('class', '?')}, {model.get('parameters', '?')} parameters, "
+            f"{len(run.modules)} probed modules",
+        ),
+        (
+            "recorded steps",
+            f"{len(run.steps)} (every {probe.get('every', '?')}; "
+            f"last step {int(run.steps.max()) if len(run.steps) else '–'})",
+        ),
+        ("statistics", ", ".join(probe.get("stats", []))),
+        ("created", str(meta.get("created", "?"))),
+        ("versions", ", ".join(f"{k} {v}" for k, v in (meta.get("versions") or {}).items())),
+    ]
+    body = "".join(f"<tr><th>{escape(k)}</th><td>{escape(str(v))}</td></tr>" for k, v in rows)
+    config = json.dumps(meta.get("config") or {}, indent=2, default=str)
+    summary = str(model.get("summary", ""))
+    return (
+        f'<h3>{escape(run.name)}</h3><table class="meta">{body}</table>'
+        f"<details><summary>configuration</summary><pre>{escape(config)}</pre></details>"
+        f"<details><summary>model</summary><pre>{escape(summary)}</pre></details>"
+    )
+
+
+def report(
+    run_or_runs: Any,
+    path: str | os.PathLike[str],
+    *,
+    title: str | None = None,
+    extra: Mapping[str, Mapping[str, Any]] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> Path:
+    """Write the HTML report of one run or several (Runs, Probes or run directories) to ``path``.
+
+    ``extra`` adds columns to the comparison table, keyed by run name (the demo adds
+    validation accuracy). ``progress`` is called with a short label after each stage.
+    Returns the path written.
+    """
+    sources = list(run_or_runs) if isinstance(run_or_runs, (list, tuple)) else [run_or_runs]
+    if not sources:
+        raise GradprobeError("no runs to report", "give at least one run directory")
+    runs = [as_run(s) for s in sources]
+    empty = [r.name for r in runs if r.empty]
+    if empty:
+        raise GradprobeError(
+            f"the run(s) {empty} have no recorded steps", "train at least one step"
+        )
+    names = [r.name for r in runs]
+    if len(set(names)) != len(names):
+        # Panels and table rows are labelled by name: make duplicates distinct (on copies,
+        # so the caller's runs are left as they were).
+        seen: dict[str, int] = {}
+        renamed = []
+        for r in runs:
+            seen[r.name] = seen.get(r.name, 0) + 1
+            label = f"{r.name} ({seen[r.name]})" if names.count(r.name) > 1 else r.name
+            renamed.append(Run({**r.meta, "label": label}, r.frame(), path=r.path))
+        runs = renamed
+    findings = [diagnose(r) for r in runs]
+    if progress:
+        progress("diagnosis")
+
+    from . import plots
+
+    figures = []
+    for name in plots.PLOTS:
+        figures.append(_figure_html(name, runs))
+        if progress:
+            progress(name)
+
+    heading = title or ("gradprobe report: " + ", ".join(r.name for r in runs))
+    parts = [
+        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>{escape(heading)}</title><style>{_CSS}</style></head><body><main>",
+        f"<h1>{escape(heading)}</h1>",
+        f'<p class="sub">{len(runs)} run(s) · generated {escape(_now())} by gradprobe {escape(__version__)}</p>',
+        "<h2>Findings</h2>",
+    ]
+    for run, found in zip(runs, findings):
+        if len(runs) > 1:
+            parts.append(f"<h3>{escape(run.name)}</h3>")
+        parts.append(findings_html(found))
+    parts += [
+        "<h2>Key numbers</h2>",
+        _table_html(comparison_table(runs, findings, extra)),
+        "<h2>Figures</h2>",
+        *figures,
+        "<h2>Runs</h2>",
+        *[_meta_html(r) for r in runs],
+        "<footer>Self-contained: figures are embedded PNG; nothing is loaded from the network."
+        "</footer></main></body></html>",
+    ]
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text("".join(parts), encoding="utf-8")
+    os.replace(tmp, out)  # a reader never sees half a page
+    if progress:
+        progress("written")
+    return out
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
