@@ -10,20 +10,27 @@ activity is folded into the dead-unit counters in a handful of ops. At a flush t
 stacked steps are copied to the host once per device, and NumPy combines the
 per-call values into the per-step partials declared in :mod:`gradprobe.stats`
 (several calls of a module in one step add up there).
+
+Under data parallelism (:class:`Ranks`) the drained partials of every rank are
+combined at the flush, as each partial declares (``sum`` or ``max``; ``same`` ones are
+equal on every rank already): two collectives per flush, whatever the model. Only
+per-unit activity is combined per step (one collective), because "dead on every
+rank" must be known before the next step's inactivity runs are counted.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from .stats import MODULE_HOST_PARTIALS, PARTIALS
+from .stats import MODEL_HOST_PARTIALS, MODULE_HOST_PARTIALS, PARTIALS, Combine, model_partials
 
-__all__ = ["FIELDS", "Drained", "StepBuffer", "accumulation_dtype"]
+__all__ = ["FIELDS", "Drained", "Ranks", "StepBuffer", "accumulation_dtype"]
 
 # What a hook records per call, by kind: the fields of its 0-d results, in order.
 FIELDS: dict[str, tuple[str, ...]] = {
@@ -77,14 +84,78 @@ class Drained:
     modules: dict[str, np.ndarray]  # partial -> [rows, slots]
     params: dict[str, np.ndarray]  # partial -> [rows, params]
     histograms: np.ndarray | None  # [rows, slots, bins]
+    model: dict[str, np.ndarray] = field(default_factory=dict)  # partial -> [rows, 1]
+
+
+class Ranks:
+    """The data-parallel process group over which statistics are combined.
+
+    Built only where ``torch.distributed`` is initialised. Collectives on host arrays
+    run on the CPU, or through the current GPU where the backend is NCCL (which
+    reduces CUDA tensors only); they happen at a flush, itself a host sync already.
+    """
+
+    def __init__(self, group: Any = None) -> None:
+        import torch.distributed as dist
+
+        self.group = group
+        self.world = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        nccl = dist.get_backend(group) == "nccl"
+        self.host_device = (
+            torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+        )
+
+    def all_reduce_(self, tensor: Tensor, combine: Combine) -> None:
+        """Combine ``tensor`` in place across the ranks (every rank must call it)."""
+        import torch.distributed as dist
+
+        op = dist.ReduceOp.SUM if combine == "sum" else dist.ReduceOp.MAX
+        dist.all_reduce(tensor, op=op, group=self.group)
+
+    def combine(self, drained: Drained) -> None:
+        """Combine every rank's partials as :data:`~gradprobe.stats.PARTIALS` declares."""
+        for combine in ("sum", "max"):
+            entries = [
+                (table, name)
+                for table in (drained.modules, drained.params, drained.model)
+                for name in table
+                if PARTIALS[name].combine == combine
+            ]
+            arrays = [table[name] for table, name in entries]
+            if combine == "sum" and drained.histograms is not None:
+                arrays.append(drained.histograms)  # histogram counts add up like counts
+            if not arrays:
+                continue
+            flat = torch.from_numpy(np.concatenate([a.reshape(-1) for a in arrays]))
+            flat = flat.to(self.host_device)
+            self.all_reduce_(flat, combine)  # deliberate collective, at the flush
+            reduced = flat.cpu().numpy()
+            offset = 0
+            for a in arrays:
+                a.reshape(-1)[:] = reduced[offset : offset + a.size]
+                offset += a.size
+        for table in (drained.modules, drained.params, drained.model):
+            for name, values in table.items():
+                degree = PARTIALS[name].loss_degree
+                if degree:
+                    # DDP applies the gradient of the mean of the ranks' losses.
+                    values *= float(self.world) ** -degree
 
 
 class StepBuffer:
     """Per-call results of the current step, and closed steps awaiting a flush."""
 
     def __init__(
-        self, n_slots: int, n_params: int, *, dead_window: int, histogram_bins: int = 0
+        self,
+        n_slots: int,
+        n_params: int,
+        *,
+        dead_window: int,
+        histogram_bins: int = 0,
+        ranks: Ranks | None = None,
     ) -> None:
+        self.ranks = ranks
         self.n_slots = n_slots
         self.n_params = n_params
         self.dead_window = dead_window
@@ -98,8 +169,11 @@ class StepBuffer:
         self._host = np.zeros((n_slots, len(MODULE_HOST_PARTIALS)))
         self._host_col = {name: i for i, name in enumerate(MODULE_HOST_PARTIALS)}
         self._param_host: dict[str, np.ndarray] = {}
-        # Closed steps: step number, host partials, records per device.
-        self._closed: list[tuple[int, np.ndarray, dict[str, np.ndarray], list[_StepRecord]]] = []
+        self._model_host: dict[str, float] = {}
+        # Closed steps: step number, host partials (modules, parameters, model), records per device.
+        self._closed: list[
+            tuple[int, np.ndarray, dict[str, np.ndarray], dict[str, float], list[_StepRecord]]
+        ] = []
 
     def __len__(self) -> int:
         """Closed steps waiting for a flush."""
@@ -143,6 +217,10 @@ class StepBuffer:
         arr = self._param_host.setdefault(name, np.zeros(self.n_params))
         arr[index] = value
 
+    def set_model_host(self, name: str, value: float = 1.0) -> None:
+        """Set a model-scope partial the host knows (a flag of the whole step)."""
+        self._model_host[name] = value
+
     # ------------------------------------------------------------ step boundary
     def end_step(self, step: int) -> None:
         """Close the current step: stack every list, once per field and device."""
@@ -176,7 +254,9 @@ class StepBuffer:
             for tensors, layout in by_device.values()
             if tensors
         ]
-        self._closed.append((step, self._host.copy(), dict(self._param_host), records))
+        self._closed.append(
+            (step, self._host.copy(), dict(self._param_host), dict(self._model_host), records)
+        )
         self._reset_step()
 
     def _reset_step(self) -> None:
@@ -186,6 +266,7 @@ class StepBuffer:
         self._param_values = []
         self._host[:] = 0
         self._param_host = {}
+        self._model_host = {}
 
     def discard_step(self) -> None:
         """Forget the current step's calls (a step that will not be recorded)."""
@@ -207,6 +288,10 @@ class StepBuffer:
         dtype = accumulation_dtype(device)
         activity = torch.zeros(total, dtype=dtype, device=device)
         activity.index_add_(0, index, torch.cat([c.reshape(-1) for c in counts]).to(dtype))
+        if self.ranks is not None:
+            # Deliberate collective, once per step: a unit is dead only if it is 0 on every
+            # rank (an OR of activity), and the inactivity runs below must agree on all ranks.
+            self.ranks.all_reduce_(activity, "max")
         inactive = activity == 0
         if all(called[s] for s in units.segments):
             units.inactive_run = (units.inactive_run + 1) * inactive
@@ -249,13 +334,16 @@ class StepBuffer:
         modules = {name: np.zeros((rows, self.n_slots)) for name in MODULE_PARTIALS}
         params = {name: np.zeros((rows, self.n_params)) for name in PARAM_PARTIALS}
         hist = np.zeros((rows, self.n_slots, self.histogram_bins)) if self.histogram_bins else None
+        model = {name: np.zeros((rows, 1)) for name in MODEL_HOST_PARTIALS}
         by_device: dict[torch.device, list[tuple[int, _StepRecord]]] = defaultdict(list)
-        for row, (_, host, param_host, records) in enumerate(closed):
+        for row, (_, host, param_host, model_host, records) in enumerate(closed):
             for i, name in enumerate(MODULE_HOST_PARTIALS):
                 modules[name][row] = host[:, i]
             for name, arr in param_host.items():
                 if name in params:
                     params[name][row] = arr
+            for name, v in model_host.items():
+                model[name][row] = v
             for record in records:
                 by_device[record.flat.device].append((row, record))
         for entries in by_device.values():
@@ -267,7 +355,11 @@ class StepBuffer:
                     values = flat[offset : offset + length]
                     offset += length
                     _combine(kind, row, slots, counts, values, modules, params, hist)
-        return Drained(steps, modules, params, hist)
+        model.update(model_partials(params))
+        drained = Drained(steps, modules, params, hist, model)
+        if self.ranks is not None:
+            self.ranks.combine(drained)
+        return drained
 
 
 def _combine(

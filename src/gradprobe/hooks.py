@@ -23,7 +23,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 class GradprobeWarning(UserWarning):
-    """A hook failed: the statistic has a gap, the user's training goes on."""
+    """Something the user should know while training goes on: a hook failed (the statistic
+    has a gap), or the Probe cannot work at full strength here (a compiled model)."""
 
 
 class HookSet:

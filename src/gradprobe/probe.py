@@ -7,7 +7,12 @@ What happens, and where it costs::
                                 a tensor hook on z for dL/d(input) (``error_gain``)
     forward hook (module)       output partials (sum, sum², zeros, NaN/Inf, active units);
                                 a tensor hook on the output for dL/d(output) (``error_norm``)
-    optimizer step pre-hook     grad and parameter norms, batched with ``torch._foreach_norm``;
+    post-accumulate-grad hook   (parameters) when a backward pass has accumulated into
+                                ``.grad``, queue one callback at the end of that backward:
+                                the gradient norms *before* any clipping, batched, unscaled
+                                by the watched ``GradScaler`` (``global_grad_norm_preclip``)
+    optimizer step pre-hook     grad and parameter norms, batched with ``torch._foreach_norm``
+                                (after AMP unscale, clipping and the DDP all-reduce);
                                 a copy of the parameters for ``update_ratio``
     optimizer step post-hook    update norms; the step's row is closed
 
@@ -18,6 +23,20 @@ that ``every`` skips, hooks return at once and no tensor hook is registered.
 
 The Probe holds names and slot indices, not modules: hooks reach it through a weak
 reference, and a ``weakref.finalize`` removes them if the Probe is dropped unclosed.
+
+Where users train (see ``docs/integrations.md``):
+
+- *Gradient accumulation*: a step is an optimizer step, so module statistics add up
+  over every micro-batch of it and parameter statistics are of the accumulated gradient.
+- *AMP*: with ``scaler=``, a step the ``GradScaler`` skips (its ``optimizer.step()`` is
+  never called, so no step hook fires) is recognised when ``scaler.update()`` has run
+  without an optimizer step: ``update`` changes the scale tensor in place, which bumps
+  its version counter, a host-side number (no sync). That step's statistics are dropped
+  and it is recorded as ``skipped`` on :data:`~gradprobe.stats.MODEL_NAME`.
+- *DDP*: statistics of every rank are combined as :mod:`gradprobe.stats` declares
+  (:class:`~gradprobe.buffer.Ranks`); rank 0 writes the store. ``frame()``, ``run()``
+  and ``close()`` are then collective: call them on every rank.
+- *torch.compile*: module hooks run outside the compiled graphs (one warning says so).
 """
 
 from __future__ import annotations
@@ -25,6 +44,8 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import platform
+import sys
+import warnings
 import weakref
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -39,11 +60,11 @@ from torch import Tensor, nn
 
 from ._version import __version__
 from .activations import Activation, activation_of, recurrent_nonlinearity
-from .buffer import Drained, StepBuffer, accumulation_dtype
+from .buffer import Drained, Ranks, StepBuffer, accumulation_dtype
 from .errors import GradprobeError
-from .hooks import HookSet, warn_once
+from .hooks import GradprobeWarning, HookSet, warn_once
 from .run import Run, empty_frame, normalize_frame
-from .stats import PRESETS, SAT_THRESHOLD, STATISTICS, finalize
+from .stats import MODEL_NAME, PRESETS, SAT_THRESHOLD, STATISTICS, finalize
 from .store import Store
 
 __all__ = ["Probe", "unwrap_model"]
@@ -63,6 +84,22 @@ _CHANNEL_TYPES: tuple[type[nn.Module], ...] = (
 )
 
 DEFAULT_HISTOGRAM_RANGE = (-4.0, 4.0)
+
+
+def is_compiled(model: nn.Module) -> bool:
+    """Whether ``model``, a wrapper around it or one of its submodules is ``torch.compile``d."""
+    if "torch._dynamo" not in sys.modules:
+        return False  # nothing was compiled in this process (and importing dynamo is slow)
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    seen = set()
+    while id(model) not in seen:
+        seen.add(id(model))
+        if isinstance(model, OptimizedModule):
+            return True
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+    return any(isinstance(m, OptimizedModule) for m in model.modules())
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -127,6 +164,12 @@ class Probe:
         histogram_bins: bins of the activation histograms (with ``stats="full"``).
         label: a name for the run (reports and lab tables use it).
         config: anything JSON-serialisable to keep in the run's meta (hyper-parameters).
+        scaler: the ``torch.amp.GradScaler`` of a mixed-precision loop: steps it skips
+            are recorded as ``skipped`` (and their statistics dropped), and the pre-clip
+            gradient norm is unscaled by it.
+        process_group: the data-parallel group (default: the whole world).
+        sync_ranks: combine statistics across ranks; by default, whenever
+            ``torch.distributed`` is initialised with more than one rank.
 
     Use it as a context manager, or call :meth:`close`: that removes every hook and
     leaves the model exactly as it was. Keep a reference to the Probe while training:
@@ -147,8 +190,27 @@ class Probe:
         histogram_bins: int = 40,
         label: str | None = None,
         config: dict[str, Any] | None = None,
+        scaler: torch.amp.GradScaler | None = None,
+        process_group: Any = None,
+        sync_ranks: bool | None = None,
     ) -> None:
         _validate(model, optimizer, every, flush_every, dead_window, histogram_bins)
+        if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
+            raise GradprobeError(
+                f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}",
+                "pass the GradScaler whose step() and update() your loop calls",
+            )
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if sync_ranks and not distributed:
+            raise GradprobeError(
+                "sync_ranks=True but torch.distributed is not initialised",
+                "call torch.distributed.init_process_group first, or leave sync_ranks unset",
+            )
+        # The group is looked up when the first step closes (see _resolve_ranks).
+        self._sync_ranks = sync_ranks
+        self._process_group = process_group
+        self._ranks_resolved = False
+        self.compiled = is_compiled(model)
         self.every = every
         self.flush_every = flush_every
         self.stats = _resolve_stats(stats)
@@ -174,6 +236,12 @@ class Probe:
         self._frames: list[pd.DataFrame] = []
         self._snapshot: dict[tuple[torch.device, torch.dtype], tuple[list[int], list[Tensor], Tensor]] | None = None
         self._zeros: dict[torch.device, Tensor] = {}
+        # Gradient norms of the last finished backward pass, by (device, parameter indices).
+        self._preclip: dict[tuple[torch.device, tuple[int, ...]], Tensor] = {}
+        self._backward_pending = False
+        self._scaler_ref = weakref.ref(scaler) if scaler is not None else None
+        self._scale_marker = _scale_marker(scaler)
+        self._stepped_since_update = False
 
         want = set(self.stats)
         self._want_output = bool(want & {"act_mean", "act_std", "zero_frac"})
@@ -182,14 +250,28 @@ class Probe:
         self._want_gate = bool(want & {"gate_mean", "sat_frac"})
         self._want_error = bool(want & {"error_norm", "error_gain", "error_nonfinite"})
         self._want_input_error = "error_gain" in want
-        self._want_params = bool(want & {"grad_norm", "param_norm", "update_ratio", "nonfinite"})
+        self._want_params = bool(
+            want & {"grad_norm", "param_norm", "update_ratio", "nonfinite", "global_grad_norm", "clipped"}
+        )
         self._want_update = "update_ratio" in want
+        self._want_preclip = bool(want & {"global_grad_norm_preclip", "clipped"})
 
         self._meta = self._describe(inner, config)
-        rank_zero = not (torch.distributed.is_available() and torch.distributed.is_initialized()) or (
-            torch.distributed.get_rank() == 0
-        )
+        self._meta["probe"].update(scaler=scaler is not None, compiled=self.compiled, world_size=1)
+        # Every rank holds the combined statistics; one writes them.
+        rank_zero = not distributed or torch.distributed.get_rank() == 0
         self._store = Store(store, self._meta) if store is not None and rank_zero else None
+        if self.compiled:
+            warnings.warn(
+                "gradprobe: the model is compiled (torch.compile). Every statistic is recorded, "
+                "but the module hooks run outside the compiled graphs, so the graph breaks at "
+                "each probed module and fusion across modules is lost. To keep the graph whole, "
+                "probe parameters only (modules=[]: grad/param norms, update ratios, global and "
+                "pre-clip norms need no module hooks), probe a few modules (modules=[...]), or "
+                "take the full per-layer statistics on a short uncompiled run.",
+                GradprobeWarning,
+                stacklevel=2,
+            )
 
         self._hooks = HookSet()
         self._register(inner, optimizer)
@@ -222,16 +304,23 @@ class Probe:
             )
         if self._closed:
             return
+        self._poll_scaler()
         if self._recording:
             self._guard_params(self._record_params, "probe.step")
             if self._want_update and self._snapshot is not None:
                 self._guard_params(self._record_updates, "probe.step (update ratio)")
+        self._stepped_since_update = True
         self._end_step()
         if self._recording and self._want_update:
             self._take_snapshot()
 
     def frame(self) -> pd.DataFrame:
-        """All recorded rows so far (columns step, name, stat, value); flushes the buffer."""
+        """All recorded rows so far (columns step, name, stat, value); flushes the buffer.
+
+        Under DDP the flush is collective: call it on every rank (each gets the same rows).
+        """
+        if not self._closed:
+            self._poll_scaler()
         self._flush()
         if not self._frames:
             return empty_frame()
@@ -245,6 +334,7 @@ class Probe:
         """Remove every hook, flush, finish the store. Idempotent."""
         if self._closed:
             return
+        self._poll_scaler()  # a last step the scaler skipped
         self._closed = True
         self._hooks.remove()
         self._finalizer.detach()
@@ -256,15 +346,23 @@ class Probe:
                                   finished=_now())
             self._params = []
             self._snapshot = None
+            self._preclip = {}
 
     # ================================================================ registration
     def _register(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
         ref = weakref.ref(self)
         by_name = dict(model.named_modules())
+        # Under torch.compile the hooks must run eagerly: traced, their appends to Python
+        # lists would guard on list lengths and recompile every call.
+        pre, forward = (_pre_hook_eager, _forward_hook_eager) if self.compiled else (_pre_hook, _forward_hook)
         for slot in self._slots:
             module = by_name[slot.name]
-            self._hooks.add(module.register_forward_pre_hook(partial(_pre_hook, ref, slot.index)))
-            self._hooks.add(module.register_forward_hook(partial(_forward_hook, ref, slot.index)))
+            self._hooks.add(module.register_forward_pre_hook(partial(pre, ref, slot.index)))
+            self._hooks.add(module.register_forward_hook(partial(forward, ref, slot.index)))
+        if self._want_preclip:
+            for p in self._params:
+                if p.requires_grad:
+                    self._hooks.add(p.register_post_accumulate_grad_hook(partial(_post_accumulate_hook, ref)))
         if optimizer is not None:
             self._hooks.add(optimizer.register_step_pre_hook(partial(_step_pre_hook, ref)))
             self._hooks.add(optimizer.register_step_post_hook(partial(_step_post_hook, ref)))
@@ -375,6 +473,10 @@ class Probe:
     @torch.no_grad()
     def _record_params(self) -> None:
         """Gradient norms, parameter norms, NaN/Inf counts: one batched pass per group."""
+        preclip, self._preclip = self._preclip, {}
+        for (device, idx), norms in preclip.items():
+            self.buffer.record_params(device, list(idx), "preclip_norm", norms)
+            self.buffer.set_param_host(list(idx), "has_preclip")
         if not self._want_params:
             return
         for (device, _dtype), idx in self._param_groups(with_grad=True).items():
@@ -386,6 +488,63 @@ class Probe:
             nonfinite = torch.stack(torch._foreach_norm(torch._foreach_mul(grads, 0.0), 0))
             self.buffer.record_params(device, idx, "grad_nonfinite", nonfinite)
             self.buffer.set_param_host(idx, "has_grad")
+
+    def _on_post_accumulate(self) -> None:
+        """A parameter's ``.grad`` was accumulated: measure once, when this backward ends."""
+        if self._closed or not self._recording or self._backward_pending:
+            return
+        self._backward_pending = True
+        queue_at_backward_end(partial(_backward_end_hook, weakref.ref(self), True))
+
+    @torch.no_grad()
+    def _record_preclip(self) -> None:
+        """Norms of ``.grad`` as backward left them: before clipping, unscaled.
+
+        Kept until the step (the last backward of an accumulation step wins), replaced,
+        never summed: the accumulated gradient is what clipping would see.
+        """
+        self._backward_pending = False
+        scaler = self._scaler_ref() if self._scaler_ref is not None else None
+        scale = scaler._scale if scaler is not None and scaler.is_enabled() else None
+        preclip = {}
+        for (device, _dtype), idx in self._param_groups(with_grad=True).items():
+            norms = torch.stack(torch._foreach_norm([self._params[i].grad for i in idx]))
+            if scale is not None:
+                dtype = accumulation_dtype(device)
+                # The scaled loss made scaled gradients: divide on the device, no sync.
+                norms = norms.to(dtype) / scale.to(device=device, dtype=dtype)
+            preclip[(device, tuple(idx))] = norms
+        self._preclip = preclip
+
+    def _poll_scaler(self) -> None:
+        """Close a step the ``GradScaler`` skipped: ``update()`` ran but no optimizer step.
+
+        ``update()`` changes the scale tensor in place (also when the value stays), so its
+        version counter, read on the host without a sync, counts the updates.
+        """
+        scaler = self._scaler_ref() if self._scaler_ref is not None else None
+        marker = _scale_marker(scaler)
+        if marker is None or marker == self._scale_marker:
+            return
+        previous, self._scale_marker = self._scale_marker, marker
+        fresh = previous is None or previous[0] != marker[0]  # a new tensor starts at version 0
+        updates = marker[1] if fresh else marker[1] - previous[1]
+        if updates <= 0:
+            return
+        if self._stepped_since_update:
+            self._stepped_since_update = False
+        else:
+            self._skip_step()
+
+    def _skip_step(self) -> None:
+        """The scaler skipped the step: drop what it recorded, keep a ``skipped`` row."""
+        self.buffer.discard_step()
+        self._preclip = {}
+        if self._optimizer_ref is not None:
+            self._snapshot = None
+        if self._recording:
+            self.buffer.set_model_host("skipped")
+        self._end_step()
 
     def _before_norms(self, device: torch.device, idx: list[int], params: list[Tensor]) -> Tensor:
         """‖w‖ before the update: from the snapshot when the update already happened."""
@@ -419,7 +578,10 @@ class Probe:
             self.buffer.set_param_host(idx, "has_update")
 
     def _on_step_pre(self) -> None:
-        if self._recording and not self._closed:
+        if self._closed:
+            return
+        self._poll_scaler()
+        if self._recording:
             self._guard_params(self._record_params, "optimizer step (gradients)")
             if self._want_update:
                 self._guard_params(self._take_snapshot, "optimizer step (snapshot)")
@@ -429,11 +591,30 @@ class Probe:
             return
         if self._recording and self._want_update and self._snapshot is not None:
             self._guard_params(self._record_updates, "optimizer step (update ratio)")
+        self._stepped_since_update = True
         self._end_step()
 
     # ================================================================ steps and flushes
+    def _resolve_ranks(self) -> None:
+        """Combine statistics across ranks if asked, or by default when there are several."""
+        self._ranks_resolved = True
+        dist = torch.distributed
+        sync = self._sync_ranks
+        if sync is None:
+            sync = dist.is_available() and dist.is_initialized() and dist.get_world_size(self._process_group) > 1
+        if sync:
+            self.buffer.ranks = Ranks(self._process_group)
+            self._meta["probe"]["world_size"] = self.buffer.ranks.world
+            if self._store is not None:
+                self._store.update_meta(probe=self._meta["probe"])
+
     def _end_step(self) -> None:
+        self._backward_pending = False  # a backward that raised never ran its callback
+        if not self._ranks_resolved:
+            self._resolve_ranks()
         if self._recording:
+            if self._scaler_ref is not None:
+                self.buffer.set_model_host("scaler")
             self.buffer.end_step(self.step_index)
             if len(self.buffer) >= self.flush_every:
                 self._flush()
@@ -461,6 +642,9 @@ class Probe:
         param_gap = d.params["param_gap"] > 0
         for stat, (values, present) in finalize(d.params, self.stats, "parameter").items():
             parts.append(_long(d.steps, param_names, stat, values, present & ~param_gap))
+        model_names = np.array([MODEL_NAME], dtype=object)
+        for stat, (values, present) in finalize(d.model, self.stats, "model").items():
+            parts.append(_long(d.steps, model_names, stat, values, present))
         if d.histograms is not None:
             present = (d.modules["calls"] > 0) & ~module_gap
             for b in range(d.histograms.shape[2]):
@@ -536,7 +720,11 @@ class Probe:
 
 def _pre_hook(ref: weakref.ref[Probe], k: int, module: nn.Module, args: tuple[Any, ...]) -> None:
     probe = ref()
-    if probe is None or not probe._active(module):
+    if probe is None:
+        return
+    if probe._scaler_ref is not None:
+        probe._poll_scaler()  # the first forward of an iteration closes a skipped step
+    if not probe._active(module):
         return
     try:
         probe._on_pre(k, module, args)
@@ -552,6 +740,37 @@ def _forward_hook(ref: weakref.ref[Probe], k: int, module: nn.Module, args: Any,
         probe._on_forward(k, module, output)
     except Exception as exc:
         probe._module_failed(k, "forward hook", exc)
+
+
+# The same module hooks, never traced by dynamo (used when the model is compiled).
+_pre_hook_eager = torch.compiler.disable(_pre_hook)
+_forward_hook_eager = torch.compiler.disable(_forward_hook)
+
+
+def _post_accumulate_hook(ref: weakref.ref[Probe], param: Tensor) -> None:
+    probe = ref()
+    if probe is None:
+        return
+    if probe._scaler_ref is not None:
+        probe._poll_scaler()
+    probe._on_post_accumulate()
+
+
+def _backward_end_hook(ref: weakref.ref[Probe], first: bool) -> None:
+    if first:
+        # Queue once more, behind every callback queued during the backward pass: DDP's
+        # reducer queues the one that writes the all-reduced buckets into .grad, and the
+        # pre-clip norm must be of those synchronised gradients.
+        queue_at_backward_end(partial(_backward_end_hook, ref, False))
+        return
+    probe = ref()
+    if probe is not None and not probe._closed:
+        probe._guard_params(probe._record_preclip, "end of backward (pre-clip norms)")
+
+
+def queue_at_backward_end(callback: Callable[[], None]) -> None:
+    """Run ``callback`` when the current backward pass has finished (all of it)."""
+    torch.autograd.Variable._execution_engine.queue_callback(callback)
 
 
 def _output_grad_hook(ref: weakref.ref[Probe], k: int, grad: Tensor) -> None:
@@ -572,6 +791,12 @@ def _input_grad_hook(ref: weakref.ref[Probe], k: int, grad: Tensor) -> None:
         probe._on_error_grad(k, grad, "in_err")
     except Exception as exc:
         probe._module_failed(k, "backward (input) hook", exc)
+
+
+def _scale_marker(scaler: torch.amp.GradScaler | None) -> tuple[int, int] | None:
+    """(identity, version) of the scaler's scale tensor; None before its first ``scale()``."""
+    scale = getattr(scaler, "_scale", None) if scaler is not None else None
+    return None if scale is None else (id(scale), scale._version)
 
 
 def _step_pre_hook(ref: weakref.ref[Probe], optimizer: Any, args: Any, kwargs: Any) -> None:

@@ -9,6 +9,11 @@ gradient-accumulation step, and across data-parallel ranks. So a module called
 twice, accumulation and DDP need no code of their own: they all ``sum`` (or
 ``max``) the same partials, and the statistic is a function of the combined sums.
 
+Three scopes: ``module`` (a row per probed module), ``parameter`` (a row per
+parameter) and ``model`` (one row per step under the pseudo-name :data:`MODEL_NAME`,
+for what belongs to the whole step: the global gradient norm before and after
+clipping, whether the step was clipped, whether a ``GradScaler`` skipped it).
+
 What a hook reduces per call, and how those per-call values fold into the partials,
 is in :mod:`gradprobe.buffer`.
 """
@@ -22,6 +27,8 @@ from typing import Literal
 import numpy as np
 
 __all__ = [
+    "CLIP_RTOL",
+    "MODEL_NAME",
     "PARTIALS",
     "PRESETS",
     "SAT_THRESHOLD",
@@ -29,14 +36,23 @@ __all__ = [
     "Partial",
     "Statistic",
     "finalize",
+    "model_partials",
 ]
 
 # A unit is *saturated* where its gate f'(z) is below this fraction of the activation's
 # largest derivative: at 1% the error signal through it is cut a hundredfold.
 SAT_THRESHOLD = 0.01
 
+# A step is *clipped* where the gradient the optimizer saw is shorter than the one
+# backward produced by more than float rounding (AMP's unscale differs by ~1e-7).
+CLIP_RTOL = 1e-5
+
+# The pseudo-name of the model-scope rows (no module or parameter can be called that).
+MODEL_NAME = "(model)"
+
 Combine = Literal["sum", "max", "same"]
-Where = Literal["device", "host"]
+Where = Literal["device", "host", "params"]
+Scope = Literal["module", "parameter", "model"]
 
 
 @dataclass(frozen=True)
@@ -46,15 +62,21 @@ class Partial:
     ``combine`` says how two partial values make one: ``sum`` (calls, micro-batches
     and ranks add up), ``max`` (a flag: any call set it), or ``same`` (computed after
     the cross-rank combination, so every rank already holds the global value).
-    ``where`` says whether hooks accumulate it on the tensor's device or it is a count
-    the host already knows (numbers of calls and of elements) and costs no device work.
+    ``where`` says whether hooks accumulate it on the tensor's device, or it is a count
+    the host already knows (numbers of calls and of elements) and costs no device work,
+    or (``params``, model scope) it is derived on the host from the parameter partials.
+    ``loss_degree`` is how it scales with the loss: ``err_sumsq`` is quadratic in
+    dL/d(output). Under DDP the loss whose gradient the optimizer applies is the *mean*
+    of the ranks' losses (DDP averages gradients), so after the cross-rank sum a partial
+    of degree d is multiplied by world_size^-d: statistics then describe that loss.
     """
 
     name: str
-    scope: Literal["module", "parameter"]
+    scope: Scope
     combine: Combine
     where: Where
     doc: str
+    loss_degree: int = 0
 
 
 PARTIALS: dict[str, Partial] = {
@@ -77,9 +99,9 @@ PARTIALS: dict[str, Partial] = {
         Partial("out_nonfinite", "module", "sum", "device", "NaN/Inf entries of the output"),
         Partial("gate_sum", "module", "sum", "device", "sum of f'(z) over the activation input"),
         Partial("sat_count", "module", "sum", "device", "entries with f'(z) < 1% of max f'"),
-        Partial("err_sumsq", "module", "sum", "device", "‖dL/d(output)‖² summed over passes"),
+        Partial("err_sumsq", "module", "sum", "device", "‖dL/d(output)‖² summed over passes", 2),
         Partial("err_nonfinite", "module", "sum", "device", "NaN/Inf entries of dL/d(output)"),
-        Partial("in_err_sumsq", "module", "sum", "device", "‖dL/d(input)‖² summed over passes"),
+        Partial("in_err_sumsq", "module", "sum", "device", "‖dL/d(input)‖² summed over passes", 2),
         Partial("dead_units", "module", "same", "device", "units 0 for the whole step"),
         Partial("dead_window_units", "module", "same", "device", "units 0 for `window` steps"),
         # parameter, computed at the step boundary on the device
@@ -90,6 +112,16 @@ PARTIALS: dict[str, Partial] = {
         Partial("param_norm", "parameter", "same", "device", "‖w‖ before the step"),
         Partial("grad_nonfinite", "parameter", "same", "device", "NaN/Inf entries of grad"),
         Partial("update_ratio", "parameter", "same", "device", "‖w_after − w_before‖ / ‖w_before‖"),
+        Partial("has_preclip", "parameter", "same", "host", "1 if backward's norm was measured"),
+        Partial("preclip_norm", "parameter", "same", "device",
+                "‖grad‖ when the step's last backward finished: before clipping, unscaled"),
+        # model: one row per step
+        Partial("skipped", "model", "max", "host", "1 if the GradScaler skipped the step"),
+        Partial("scaler", "model", "same", "host", "1 if a GradScaler is watched"),
+        Partial("any_grad", "model", "max", "params", "1 if some parameter had a gradient"),
+        Partial("grad_sumsq", "model", "same", "params", "Σ‖grad‖² over parameters, at the step"),
+        Partial("any_preclip", "model", "max", "params", "1 if backward's norms were measured"),
+        Partial("preclip_sumsq", "model", "same", "params", "Σ‖grad‖² as backward left it"),
     ]
 }
 
@@ -97,6 +129,7 @@ MODULE_DEVICE_PARTIALS = [n for n, p in PARTIALS.items() if p.scope == "module" 
 MODULE_HOST_PARTIALS = [n for n, p in PARTIALS.items() if p.scope == "module" and p.where == "host"]
 PARAM_DEVICE_PARTIALS = [n for n, p in PARTIALS.items() if p.scope == "parameter" and p.where == "device"]
 PARAM_HOST_PARTIALS = [n for n, p in PARTIALS.items() if p.scope == "parameter" and p.where == "host"]
+MODEL_HOST_PARTIALS = [n for n, p in PARTIALS.items() if p.scope == "model" and p.where == "host"]
 
 Arrays = Mapping[str, np.ndarray]
 Finalize = Callable[[Arrays], tuple[np.ndarray, np.ndarray]]
@@ -105,6 +138,29 @@ Finalize = Callable[[Arrays], tuple[np.ndarray, np.ndarray]]
 def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     with np.errstate(divide="ignore", invalid="ignore"):
         return num / den
+
+
+def model_partials(params: Arrays) -> dict[str, np.ndarray]:
+    """The model partials derived from parameter partials ``[rows, params]``: ``[rows, 1]``.
+
+    The global norm is the root of the summed squared per-parameter norms, exactly as
+    ``clip_grad_norm_`` computes it; before and after clipping it is summed the same
+    way, so an unclipped step gives two bit-identical numbers.
+    """
+    has_grad = params["has_grad"] > 0
+    has_pre = params["has_preclip"] > 0
+    return {
+        "any_grad": has_grad.any(axis=1, keepdims=True).astype(np.float64),
+        "grad_sumsq": np.where(has_grad, params["grad_norm"] ** 2, 0.0).sum(axis=1, keepdims=True),
+        "any_preclip": has_pre.any(axis=1, keepdims=True).astype(np.float64),
+        "preclip_sumsq": np.where(has_pre, params["preclip_norm"] ** 2, 0.0).sum(axis=1, keepdims=True),
+    }
+
+
+def _clipped(p: Arrays) -> tuple[np.ndarray, np.ndarray]:
+    shorter = np.sqrt(p["grad_sumsq"]) < np.sqrt(p["preclip_sumsq"]) * (1.0 - CLIP_RTOL)
+    present = (p["any_grad"] > 0) & (p["any_preclip"] > 0) & (p["skipped"] == 0)
+    return shorter.astype(np.float64), present
 
 
 def _act_std(p: Arrays) -> tuple[np.ndarray, np.ndarray]:
@@ -117,19 +173,20 @@ def _act_std(p: Arrays) -> tuple[np.ndarray, np.ndarray]:
 class Statistic:
     """A statistic of the frame: its name, and how combined partials make it.
 
-    ``module`` and ``parameter`` are its finalisers for each scope it exists in (``None``
-    where it does not): each maps combined partials (arrays of one shape) to the
-    values and a mask of where the statistic exists (a module never run backward has
-    no ``error_norm``; a frozen parameter has no ``grad_norm``).
+    ``module``, ``parameter`` and ``model`` are its finalisers for each scope it exists
+    in (``None`` where it does not): each maps combined partials (arrays of one shape)
+    to the values and a mask of where the statistic exists (a module never run backward
+    has no ``error_norm``; a frozen parameter has no ``grad_norm``).
     """
 
     name: str
     doc: str
     module: Finalize | None = None
     parameter: Finalize | None = None
+    model: Finalize | None = None
 
     def finalizer(self, scope: str) -> Finalize | None:
-        return self.module if scope == "module" else self.parameter
+        return {"module": self.module, "parameter": self.parameter, "model": self.model}[scope]
 
 
 STATISTICS: dict[str, Statistic] = {
@@ -199,6 +256,23 @@ STATISTICS: dict[str, Statistic] = {
             "calls", "forward calls of the module in the step (a shared block or an RNN cell > 1)",
             module=lambda p: (p["calls"], p["calls"] > 0),
         ),
+        Statistic(
+            "global_grad_norm", "(model) global L2 norm of the gradients the optimizer saw: after clipping",
+            model=lambda p: (np.sqrt(p["grad_sumsq"]), (p["any_grad"] > 0) & (p["skipped"] == 0)),
+        ),
+        Statistic(
+            "global_grad_norm_preclip",
+            "(model) global L2 norm of the gradients as backward produced them: before clipping",
+            model=lambda p: (np.sqrt(p["preclip_sumsq"]), (p["any_preclip"] > 0) & (p["skipped"] == 0)),
+        ),
+        Statistic(
+            "clipped", "(model) 1 if clipping shortened the gradient at this step, else 0",
+            model=_clipped,
+        ),
+        Statistic(
+            "skipped", "(model) 1 if the GradScaler skipped the step (inf/NaN gradients), else 0",
+            model=lambda p: (p["skipped"], p["scaler"] > 0),
+        ),
     ]
 }
 
@@ -206,7 +280,8 @@ STATISTICS: dict[str, Statistic] = {
 # activation histograms (stats `hist_00` ... with the bin edges in the run's meta).
 PRESETS: dict[str, tuple[str, ...]] = {
     "cheap": ("grad_norm", "param_norm", "update_ratio", "nonfinite", "error_norm",
-              "error_gain", "error_nonfinite", "calls"),
+              "error_gain", "error_nonfinite", "calls", "global_grad_norm",
+              "global_grad_norm_preclip", "clipped", "skipped"),
     "default": tuple(STATISTICS),
     "full": tuple(STATISTICS),
 }
