@@ -180,7 +180,9 @@ class StepBuffer:
         return len(self._closed)
 
     # ------------------------------------------------------------ written by hooks
-    def record(self, kind: str, slot: int, device: torch.device, count: int, *values: Tensor) -> None:
+    def record(
+        self, kind: str, slot: int, device: torch.device, count: int, *values: Tensor
+    ) -> None:
         """Keep one call's 0-d results (the fields of ``kind``); no device op here."""
         calls = self._calls.get((kind, device))
         if calls is None:
@@ -209,7 +211,9 @@ class StepBuffer:
     def set_host(self, slot: int, name: str, value: float) -> None:
         self._host[slot, self._host_col[name]] = value
 
-    def record_params(self, device: torch.device, index: list[int], name: str, values: Tensor) -> None:
+    def record_params(
+        self, device: torch.device, index: list[int], name: str, values: Tensor
+    ) -> None:
         """Per-parameter values (a partial of :data:`PARAM_PARTIALS`) for ``index``."""
         self._param_values.append((device, index, name, values))
 
@@ -226,14 +230,27 @@ class StepBuffer:
         """Close the current step: stack every list, once per field and device."""
         called = self._host[:, self._host_col["calls"]] > 0
         self.steps_seen += called
-        self._host[:, self._host_col["window_ready"]] = (self.steps_seen >= self.dead_window) & called
+        self._host[:, self._host_col["window_ready"]] = (
+            self.steps_seen >= self.dead_window
+        ) & called
         by_device: dict[torch.device, tuple[list[Tensor], list]] = defaultdict(lambda: ([], []))
         for (kind, device), calls in self._calls.items():
             tensors, layout = by_device[device]
             # One op for every field of every call of this kind: [fields × calls].
-            tensors.append(torch.stack([v for column in calls.values for v in column]).to(accumulation_dtype(device)))
+            tensors.append(
+                torch.stack([v for column in calls.values for v in column]).to(
+                    accumulation_dtype(device)
+                )
+            )
             n = len(calls.slots)
-            layout.append((kind, np.asarray(calls.slots), np.asarray(calls.counts, dtype=np.float64), n * len(FIELDS[kind])))
+            layout.append(
+                (
+                    kind,
+                    np.asarray(calls.slots),
+                    np.asarray(calls.counts, dtype=np.float64),
+                    n * len(FIELDS[kind]),
+                )
+            )
         for device, (slots_list, unit_counts) in self._unit_calls.items():
             tensors, layout = by_device[device]
             dead, dead_window = self._close_units(device, slots_list, unit_counts, called)
@@ -244,7 +261,9 @@ class StepBuffer:
         for device, (slots_list, hists) in self._hist_calls.items():
             tensors, layout = by_device[device]
             tensors.append(torch.stack(hists).to(accumulation_dtype(device)).reshape(-1))
-            layout.append(("hist", np.asarray(slots_list), np.zeros(0), len(slots_list) * self.histogram_bins))
+            layout.append(
+                ("hist", np.asarray(slots_list), np.zeros(0), len(slots_list) * self.histogram_bins)
+            )
         for device, index, name, values in self._param_values:
             tensors, layout = by_device[device]
             tensors.append(values.to(accumulation_dtype(device)).reshape(-1))
@@ -281,7 +300,9 @@ class StepBuffer:
             if slot not in units.segments:
                 self._add_segment(units, device, slot, c.numel())
             elif units.segments[slot][1] != c.numel():
-                raise ValueError(f"the number of units changed from {units.segments[slot][1]} to {c.numel()}")
+                raise ValueError(
+                    f"the number of units changed from {units.segments[slot][1]} to {c.numel()}"
+                )
         assert units.inactive_run is not None and units.slot_of_unit is not None
         total = units.inactive_run.numel()
         index = torch.cat([units.aranges[s] for s in slots])
@@ -302,7 +323,9 @@ class StepBuffer:
                 if called[s]:
                     seen[start : start + n] = True
             inactive = inactive & seen
-            units.inactive_run = torch.where(seen, (units.inactive_run + 1) * inactive, units.inactive_run)
+            units.inactive_run = torch.where(
+                seen, (units.inactive_run + 1) * inactive, units.inactive_run
+            )
         dead = torch.zeros(self.n_slots, dtype=dtype, device=device)
         dead.index_add_(0, units.slot_of_unit, inactive.to(dtype))
         long_dead = (units.inactive_run >= self.dead_window).to(dtype)
@@ -318,8 +341,12 @@ class StepBuffer:
         start = 0 if units.inactive_run is None else units.inactive_run.numel()
         run = torch.zeros(n, dtype=torch.int32, device=device)
         owner = torch.full((n,), slot, dtype=torch.long, device=device)
-        units.inactive_run = run if units.inactive_run is None else torch.cat([units.inactive_run, run])
-        units.slot_of_unit = owner if units.slot_of_unit is None else torch.cat([units.slot_of_unit, owner])
+        units.inactive_run = (
+            run if units.inactive_run is None else torch.cat([units.inactive_run, run])
+        )
+        units.slot_of_unit = (
+            owner if units.slot_of_unit is None else torch.cat([units.slot_of_unit, owner])
+        )
         units.segments[slot] = (start, n)
         units.aranges[slot] = torch.arange(start, start + n, device=device)
 

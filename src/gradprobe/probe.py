@@ -73,14 +73,25 @@ ModuleFilter = Callable[[str, nn.Module], bool]
 
 # Modules whose outputs keep features in the last dimension ([N, ..., F]) ...
 _LAST_DIM_TYPES: tuple[type[nn.Module], ...] = (
-    nn.Linear, nn.Bilinear, nn.LayerNorm, nn.Embedding, nn.RNNBase, nn.MultiheadAttention,
-    nn.TransformerEncoderLayer, nn.TransformerDecoderLayer,
+    nn.Linear,
+    nn.Bilinear,
+    nn.LayerNorm,
+    nn.Embedding,
+    nn.RNNBase,
+    nn.MultiheadAttention,
+    nn.TransformerEncoderLayer,
+    nn.TransformerDecoderLayer,
 ) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
 # ... and those that keep channels in dimension 1 ([N, C, ...]).
 _CHANNEL_TYPES: tuple[type[nn.Module], ...] = (
-    nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm,
-    nn.GroupNorm, nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
-    nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd,
+    nn.modules.conv._ConvNd,
+    nn.modules.batchnorm._BatchNorm,
+    nn.modules.instancenorm._InstanceNorm,
+    nn.GroupNorm,
+    nn.modules.pooling._MaxPoolNd,
+    nn.modules.pooling._AvgPoolNd,
+    nn.modules.pooling._AdaptiveAvgPoolNd,
+    nn.modules.pooling._AdaptiveMaxPoolNd,
 )
 
 DEFAULT_HISTOGRAM_RANGE = (-4.0, 4.0)
@@ -223,8 +234,10 @@ class Probe:
         self._slots = _select_modules(inner, modules)
         self._param_names, self._params = _trainable_parameters(inner)
         self.buffer = StepBuffer(
-            len(self._slots), len(self._params),
-            dead_window=dead_window, histogram_bins=histogram_bins if self.histograms else 0,
+            len(self._slots),
+            len(self._params),
+            dead_window=dead_window,
+            histogram_bins=histogram_bins if self.histograms else 0,
         )
         self.step_index = 0
         self._recording = True
@@ -234,7 +247,9 @@ class Probe:
         self._seen_slots: set[int] = set()
         self._layout_by_shape: dict[tuple[int, ...], str] = {}
         self._frames: list[pd.DataFrame] = []
-        self._snapshot: dict[tuple[torch.device, torch.dtype], tuple[list[int], list[Tensor], Tensor]] | None = None
+        self._snapshot: (
+            dict[tuple[torch.device, torch.dtype], tuple[list[int], list[Tensor], Tensor]] | None
+        ) = None
         self._zeros: dict[torch.device, Tensor] = {}
         # Gradient norms of the last finished backward pass, by (device, parameter indices).
         self._preclip: dict[tuple[torch.device, tuple[int, ...]], Tensor] = {}
@@ -251,7 +266,15 @@ class Probe:
         self._want_error = bool(want & {"error_norm", "error_gain", "error_nonfinite"})
         self._want_input_error = "error_gain" in want
         self._want_params = bool(
-            want & {"grad_norm", "param_norm", "update_ratio", "nonfinite", "global_grad_norm", "clipped"}
+            want
+            & {
+                "grad_norm",
+                "param_norm",
+                "update_ratio",
+                "nonfinite",
+                "global_grad_norm",
+                "clipped",
+            }
         )
         self._want_update = "update_ratio" in want
         self._want_preclip = bool(want & {"global_grad_norm_preclip", "clipped"})
@@ -342,8 +365,9 @@ class Probe:
             self._flush()
         finally:
             if self._store is not None:
-                self._store.close(execution_order=self._order_names(), steps=self.step_index,
-                                  finished=_now())
+                self._store.close(
+                    execution_order=self._order_names(), steps=self.step_index, finished=_now()
+                )
             self._params = []
             self._snapshot = None
             self._preclip = {}
@@ -354,7 +378,9 @@ class Probe:
         by_name = dict(model.named_modules())
         # Under torch.compile the hooks must run eagerly: traced, their appends to Python
         # lists would guard on list lengths and recompile every call.
-        pre, forward = (_pre_hook_eager, _forward_hook_eager) if self.compiled else (_pre_hook, _forward_hook)
+        pre, forward = (
+            (_pre_hook_eager, _forward_hook_eager) if self.compiled else (_pre_hook, _forward_hook)
+        )
         for slot in self._slots:
             module = by_name[slot.name]
             self._hooks.add(module.register_forward_pre_hook(partial(pre, ref, slot.index)))
@@ -362,7 +388,9 @@ class Probe:
         if self._want_preclip:
             for p in self._params:
                 if p.requires_grad:
-                    self._hooks.add(p.register_post_accumulate_grad_hook(partial(_post_accumulate_hook, ref)))
+                    self._hooks.add(
+                        p.register_post_accumulate_grad_hook(partial(_post_accumulate_hook, ref))
+                    )
         if optimizer is not None:
             self._hooks.add(optimizer.register_step_pre_hook(partial(_step_pre_hook, ref)))
             self._hooks.add(optimizer.register_step_post_hook(partial(_step_post_hook, ref)))
@@ -412,8 +440,16 @@ class Probe:
             if self._want_output:
                 # sum and norm are each a single cheap kernel (var_mean is several times
                 # dearer); y − y is 0 where y is finite and NaN where it is NaN or ±Inf.
-                self.buffer.record("out", k, device, n, yd.sum(), torch.linalg.vector_norm(yd),
-                                   torch.count_nonzero(yd), torch.count_nonzero(yd - yd))
+                self.buffer.record(
+                    "out",
+                    k,
+                    device,
+                    n,
+                    yd.sum(),
+                    torch.linalg.vector_norm(yd),
+                    torch.count_nonzero(yd),
+                    torch.count_nonzero(yd - yd),
+                )
             elif self._want_nonfinite:
                 self.buffer.record("nonfinite", k, device, n, torch.count_nonzero(yd - yd))
             if self._want_units and yd.dim() >= 1:
@@ -482,8 +518,12 @@ class Probe:
         for (device, _dtype), idx in self._param_groups(with_grad=True).items():
             params = [self._params[i] for i in idx]
             grads = [p.grad for p in params]
-            self.buffer.record_params(device, idx, "grad_norm", torch.stack(torch._foreach_norm(grads)))
-            self.buffer.record_params(device, idx, "param_norm", self._before_norms(device, idx, params))
+            self.buffer.record_params(
+                device, idx, "grad_norm", torch.stack(torch._foreach_norm(grads))
+            )
+            self.buffer.record_params(
+                device, idx, "param_norm", self._before_norms(device, idx, params)
+            )
             # NaN·0 and Inf·0 are NaN, finite·0 is 0: the ord-0 "norm" counts them.
             nonfinite = torch.stack(torch._foreach_norm(torch._foreach_mul(grads, 0.0), 0))
             self.buffer.record_params(device, idx, "grad_nonfinite", nonfinite)
@@ -574,7 +614,9 @@ class Probe:
             after = [self._params[i].detach() for i in idx]
             update_norms = torch.stack(torch._foreach_norm(torch._foreach_sub(after, before)))
             dtype = accumulation_dtype(device)
-            self.buffer.record_params(device, idx, "update_ratio", update_norms.to(dtype) / before_norms.to(dtype))
+            self.buffer.record_params(
+                device, idx, "update_ratio", update_norms.to(dtype) / before_norms.to(dtype)
+            )
             self.buffer.set_param_host(idx, "has_update")
 
     def _on_step_pre(self) -> None:
@@ -601,7 +643,11 @@ class Probe:
         dist = torch.distributed
         sync = self._sync_ranks
         if sync is None:
-            sync = dist.is_available() and dist.is_initialized() and dist.get_world_size(self._process_group) > 1
+            sync = (
+                dist.is_available()
+                and dist.is_initialized()
+                and dist.get_world_size(self._process_group) > 1
+            )
         if sync:
             self.buffer.ranks = Ranks(self._process_group)
             self._meta["probe"]["world_size"] = self.buffer.ranks.world
@@ -648,7 +694,9 @@ class Probe:
         if d.histograms is not None:
             present = (d.modules["calls"] > 0) & ~module_gap
             for b in range(d.histograms.shape[2]):
-                parts.append(_long(d.steps, module_names, f"hist_{b:02d}", d.histograms[:, :, b], present))
+                parts.append(
+                    _long(d.steps, module_names, f"hist_{b:02d}", d.histograms[:, :, b], present)
+                )
         parts = [p for p in parts if not p.empty]
         if not parts:
             return empty_frame()
@@ -679,7 +727,8 @@ class Probe:
         for s in self._slots:
             m = by_name[s.name]
             info = {
-                "name": s.name, "type": s.type,
+                "name": s.name,
+                "type": s.type,
                 "activation": s.activation.name if s.activation else recurrent_nonlinearity(m),
                 "parameters": sum(p.numel() for p in m.parameters(recurse=False)),
                 "layout": s.layout,
@@ -702,14 +751,18 @@ class Probe:
                 for n in self._param_names
             ],
             "probe": {
-                "every": self.every, "flush_every": self.flush_every, "stats": list(self.stats),
+                "every": self.every,
+                "flush_every": self.flush_every,
+                "stats": list(self.stats),
                 "dead_window": self.buffer.dead_window,
                 "histogram_bins": self.buffer.histogram_bins,
             },
             "config": config or {},
             "versions": {
-                "gradprobe": __version__, "torch": torch.__version__,
-                "python": platform.python_version(), "platform": platform.platform(),
+                "gradprobe": __version__,
+                "torch": torch.__version__,
+                "python": platform.python_version(),
+                "platform": platform.platform(),
             },
         }
 
@@ -717,6 +770,7 @@ class Probe:
 # ==================================================================== hook functions
 # Module-level functions bound with partial(): they hold a weak reference to the Probe
 # and a slot index, never a module or a tensor.
+
 
 def _pre_hook(ref: weakref.ref[Probe], k: int, module: nn.Module, args: tuple[Any, ...]) -> None:
     probe = ref()
@@ -732,7 +786,9 @@ def _pre_hook(ref: weakref.ref[Probe], k: int, module: nn.Module, args: tuple[An
         probe._module_failed(k, "forward pre-hook", exc)
 
 
-def _forward_hook(ref: weakref.ref[Probe], k: int, module: nn.Module, args: Any, output: Any) -> None:
+def _forward_hook(
+    ref: weakref.ref[Probe], k: int, module: nn.Module, args: Any, output: Any
+) -> None:
     probe = ref()
     if probe is None or not probe._active(module):
         return
@@ -812,7 +868,9 @@ def _step_post_hook(ref: weakref.ref[Probe], optimizer: Any, args: Any, kwargs: 
 
 
 # ==================================================================== helpers
-def _long(steps: np.ndarray, names: np.ndarray, stat: str, values: np.ndarray, present: np.ndarray) -> pd.DataFrame:
+def _long(
+    steps: np.ndarray, names: np.ndarray, stat: str, values: np.ndarray, present: np.ndarray
+) -> pd.DataFrame:
     rows, cols = np.nonzero(present)
     return pd.DataFrame(
         {
@@ -829,17 +887,24 @@ def _validate(
 ) -> None:
     if not isinstance(model, nn.Module):
         raise GradprobeError(
-            f"Probe needs a torch.nn.Module, got {type(model).__name__}", "pass your model, e.g. Probe(model)"
+            f"Probe needs a torch.nn.Module, got {type(model).__name__}",
+            "pass your model, e.g. Probe(model)",
         )
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
         raise GradprobeError(
             f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}",
             "pass the optimizer that steps this model, or none and call probe.step()",
         )
-    for name, value in (("every", every), ("flush_every", flush_every), ("dead_window", dead_window),
-                        ("histogram_bins", histogram_bins)):
+    for name, value in (
+        ("every", every),
+        ("flush_every", flush_every),
+        ("dead_window", dead_window),
+        ("histogram_bins", histogram_bins),
+    ):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise GradprobeError(f"{name} must be a positive integer, got {value!r}", f"e.g. {name}=1")
+            raise GradprobeError(
+                f"{name} must be a positive integer, got {value!r}", f"e.g. {name}=1"
+            )
 
 
 def _resolve_stats(stats: str | Sequence[str]) -> tuple[str, ...]:
@@ -856,11 +921,14 @@ def _resolve_stats(stats: str | Sequence[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(stats))
 
 
-def _select_modules(model: nn.Module, selection: Sequence[str] | ModuleFilter | None) -> list[_Slot]:
+def _select_modules(
+    model: nn.Module, selection: Sequence[str] | ModuleFilter | None
+) -> list[_Slot]:
     named = list(model.named_modules())
     if selection is None:
         chosen = [
-            (n, m) for n, m in named
+            (n, m)
+            for n, m in named
             if not any(True for _ in m.children()) or any(True for _ in m.parameters(recurse=False))
         ]
     elif callable(selection):
@@ -870,7 +938,9 @@ def _select_modules(model: nn.Module, selection: Sequence[str] | ModuleFilter | 
         names = {n for n, _ in named}
         missing = [n for n in wanted if n not in names]
         if missing:
-            raise GradprobeError(f"no modules named {missing} in the model", "see model.named_modules()")
+            raise GradprobeError(
+                f"no modules named {missing} in the model", "see model.named_modules()"
+            )
         chosen = [(n, m) for n, m in named if n in set(wanted)]
     slots = []
     for i, (name, module) in enumerate(chosen):

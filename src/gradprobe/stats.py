@@ -113,8 +113,13 @@ PARTIALS: dict[str, Partial] = {
         Partial("grad_nonfinite", "parameter", "same", "device", "NaN/Inf entries of grad"),
         Partial("update_ratio", "parameter", "same", "device", "‖w_after − w_before‖ / ‖w_before‖"),
         Partial("has_preclip", "parameter", "same", "host", "1 if backward's norm was measured"),
-        Partial("preclip_norm", "parameter", "same", "device",
-                "‖grad‖ when the step's last backward finished: before clipping, unscaled"),
+        Partial(
+            "preclip_norm",
+            "parameter",
+            "same",
+            "device",
+            "‖grad‖ when the step's last backward finished: before clipping, unscaled",
+        ),
         # model: one row per step
         Partial("skipped", "model", "max", "host", "1 if the GradScaler skipped the step"),
         Partial("scaler", "model", "same", "host", "1 if a GradScaler is watched"),
@@ -125,10 +130,16 @@ PARTIALS: dict[str, Partial] = {
     ]
 }
 
-MODULE_DEVICE_PARTIALS = [n for n, p in PARTIALS.items() if p.scope == "module" and p.where == "device"]
+MODULE_DEVICE_PARTIALS = [
+    n for n, p in PARTIALS.items() if p.scope == "module" and p.where == "device"
+]
 MODULE_HOST_PARTIALS = [n for n, p in PARTIALS.items() if p.scope == "module" and p.where == "host"]
-PARAM_DEVICE_PARTIALS = [n for n, p in PARTIALS.items() if p.scope == "parameter" and p.where == "device"]
-PARAM_HOST_PARTIALS = [n for n, p in PARTIALS.items() if p.scope == "parameter" and p.where == "host"]
+PARAM_DEVICE_PARTIALS = [
+    n for n, p in PARTIALS.items() if p.scope == "parameter" and p.where == "device"
+]
+PARAM_HOST_PARTIALS = [
+    n for n, p in PARTIALS.items() if p.scope == "parameter" and p.where == "host"
+]
 MODEL_HOST_PARTIALS = [n for n, p in PARTIALS.items() if p.scope == "model" and p.where == "host"]
 
 Arrays = Mapping[str, np.ndarray]
@@ -153,7 +164,9 @@ def model_partials(params: Arrays) -> dict[str, np.ndarray]:
         "any_grad": has_grad.any(axis=1, keepdims=True).astype(np.float64),
         "grad_sumsq": np.where(has_grad, params["grad_norm"] ** 2, 0.0).sum(axis=1, keepdims=True),
         "any_preclip": has_pre.any(axis=1, keepdims=True).astype(np.float64),
-        "preclip_sumsq": np.where(has_pre, params["preclip_norm"] ** 2, 0.0).sum(axis=1, keepdims=True),
+        "preclip_sumsq": np.where(has_pre, params["preclip_norm"] ** 2, 0.0).sum(
+            axis=1, keepdims=True
+        ),
     }
 
 
@@ -193,84 +206,106 @@ STATISTICS: dict[str, Statistic] = {
     s.name: s
     for s in [
         Statistic(
-            "grad_norm", "L2 norm of .grad at the step (after accumulation)",
+            "grad_norm",
+            "L2 norm of .grad at the step (after accumulation)",
             parameter=lambda p: (p["grad_norm"], p["has_grad"] > 0),
         ),
         Statistic(
-            "param_norm", "L2 norm of the parameter, before the optimizer step",
+            "param_norm",
+            "L2 norm of the parameter, before the optimizer step",
             parameter=lambda p: (p["param_norm"], p["has_grad"] > 0),
         ),
         Statistic(
-            "update_ratio", "‖w_after − w_before‖ / ‖w_before‖ across the optimizer step",
+            "update_ratio",
+            "‖w_after − w_before‖ / ‖w_before‖ across the optimizer step",
             parameter=lambda p: (p["update_ratio"], p["has_update"] > 0),
         ),
         Statistic(
-            "nonfinite", "number of NaN/Inf entries in .grad (parameters) or the output (modules)",
+            "nonfinite",
+            "number of NaN/Inf entries in .grad (parameters) or the output (modules)",
             parameter=lambda p: (p["grad_nonfinite"], p["has_grad"] > 0),
             module=lambda p: (p["out_nonfinite"], p["count"] > 0),
         ),
         Statistic(
-            "error_norm", "L2 norm of dL/d(output): the back-propagated error signal",
+            "error_norm",
+            "L2 norm of dL/d(output): the back-propagated error signal",
             module=lambda p: (np.sqrt(p["err_sumsq"]), p["err_calls"] > 0),
         ),
         Statistic(
-            "error_gain", "‖dL/d(input)‖ / ‖dL/d(output)‖: how this module scales the error signal",
+            "error_gain",
+            "‖dL/d(input)‖ / ‖dL/d(output)‖: how this module scales the error signal",
             module=lambda p: (
                 np.sqrt(_ratio(p["in_err_sumsq"], p["err_sumsq"])),
                 (p["in_err_calls"] > 0) & (p["err_calls"] > 0) & (p["err_sumsq"] > 0),
             ),
         ),
         Statistic(
-            "act_mean", "mean of the module's output",
+            "act_mean",
+            "mean of the module's output",
             module=lambda p: (_ratio(p["out_sum"], p["count"]), p["count"] > 0),
         ),
-        Statistic("act_std", "standard deviation (population) of the module's output", module=_act_std),
         Statistic(
-            "zero_frac", "fraction of output entries exactly 0",
+            "act_std", "standard deviation (population) of the module's output", module=_act_std
+        ),
+        Statistic(
+            "zero_frac",
+            "fraction of output entries exactly 0",
             module=lambda p: (_ratio(p["out_zeros"], p["count"]), p["count"] > 0),
         ),
         Statistic(
-            "dead_frac", "fraction of units (features; channels of conv outputs) 0 for the whole batch",
+            "dead_frac",
+            "fraction of units (features; channels of conv outputs) 0 for the whole batch",
             module=lambda p: (_ratio(p["dead_units"], p["n_units"]), p["n_units"] > 0),
         ),
         Statistic(
-            "dead_window_frac", "fraction of units 0 in every recorded batch of the last `dead_window` steps",
+            "dead_window_frac",
+            "fraction of units 0 in every recorded batch of the last `dead_window` steps",
             module=lambda p: (
                 _ratio(p["dead_window_units"], p["n_units"]),
                 (p["n_units"] > 0) & (p["window_ready"] > 0),
             ),
         ),
         Statistic(
-            "sat_frac", "saturating activations: fraction of entries with f'(z) < 1% of max f'",
+            "sat_frac",
+            "saturating activations: fraction of entries with f'(z) < 1% of max f'",
             module=lambda p: (_ratio(p["sat_count"], p["sat_count_n"]), p["sat_count_n"] > 0),
         ),
         Statistic(
-            "gate_mean", "mean of f'(z): the Hadamard factor applied to the error signal",
+            "gate_mean",
+            "mean of f'(z): the Hadamard factor applied to the error signal",
             module=lambda p: (_ratio(p["gate_sum"], p["gate_count"]), p["gate_count"] > 0),
         ),
         Statistic(
-            "error_nonfinite", "number of NaN/Inf entries in dL/d(output) (backward)",
+            "error_nonfinite",
+            "number of NaN/Inf entries in dL/d(output) (backward)",
             module=lambda p: (p["err_nonfinite"], p["err_calls"] > 0),
         ),
         Statistic(
-            "calls", "forward calls of the module in the step (a shared block or an RNN cell > 1)",
+            "calls",
+            "forward calls of the module in the step (a shared block or an RNN cell > 1)",
             module=lambda p: (p["calls"], p["calls"] > 0),
         ),
         Statistic(
-            "global_grad_norm", "(model) global L2 norm of the gradients the optimizer saw: after clipping",
+            "global_grad_norm",
+            "(model) global L2 norm of the gradients the optimizer saw: after clipping",
             model=lambda p: (np.sqrt(p["grad_sumsq"]), (p["any_grad"] > 0) & (p["skipped"] == 0)),
         ),
         Statistic(
             "global_grad_norm_preclip",
             "(model) global L2 norm of the gradients as backward produced them: before clipping",
-            model=lambda p: (np.sqrt(p["preclip_sumsq"]), (p["any_preclip"] > 0) & (p["skipped"] == 0)),
+            model=lambda p: (
+                np.sqrt(p["preclip_sumsq"]),
+                (p["any_preclip"] > 0) & (p["skipped"] == 0),
+            ),
         ),
         Statistic(
-            "clipped", "(model) 1 if clipping shortened the gradient at this step, else 0",
+            "clipped",
+            "(model) 1 if clipping shortened the gradient at this step, else 0",
             model=_clipped,
         ),
         Statistic(
-            "skipped", "(model) 1 if the GradScaler skipped the step (inf/NaN gradients), else 0",
+            "skipped",
+            "(model) 1 if the GradScaler skipped the step (inf/NaN gradients), else 0",
             model=lambda p: (p["skipped"], p["scaler"] > 0),
         ),
     ]
@@ -279,15 +314,28 @@ STATISTICS: dict[str, Statistic] = {
 # Which statistics a Probe records, as plain lists (Cockpit's presets). "full" adds
 # activation histograms (stats `hist_00` ... with the bin edges in the run's meta).
 PRESETS: dict[str, tuple[str, ...]] = {
-    "cheap": ("grad_norm", "param_norm", "update_ratio", "nonfinite", "error_norm",
-              "error_gain", "error_nonfinite", "calls", "global_grad_norm",
-              "global_grad_norm_preclip", "clipped", "skipped"),
+    "cheap": (
+        "grad_norm",
+        "param_norm",
+        "update_ratio",
+        "nonfinite",
+        "error_norm",
+        "error_gain",
+        "error_nonfinite",
+        "calls",
+        "global_grad_norm",
+        "global_grad_norm_preclip",
+        "clipped",
+        "skipped",
+    ),
     "default": tuple(STATISTICS),
     "full": tuple(STATISTICS),
 }
 
 
-def finalize(partials: Arrays, stats: list[str], scope: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def finalize(
+    partials: Arrays, stats: list[str], scope: str
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Turn combined partials into ``{stat: (values, present)}`` for one scope."""
     out = {}
     for name in stats:
