@@ -1,0 +1,173 @@
+"""DDP: two real CPU processes (gloo, loopback) against one process on the same global batch.
+
+Each rank takes half of the global batch and a batch-mean loss; DDP averages the
+gradients, so the loss it optimises is the mean of the ranks' losses, which equals the
+single process's batch-mean loss on the whole batch. Every statistic must then agree:
+parameter statistics of the synchronised gradients, module statistics combined across
+ranks (sums and counts; units dead only if dead on every rank; error signals of the
+mean loss), the global norms before and after clipping. Only rank 0 writes the store.
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import gradprobe
+from gradprobe import Probe
+
+WORLD = 2
+STEPS = 3
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def build() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(4, 6),
+        nn.ReLU(),
+        nn.Linear(6, 6),
+        nn.Tanh(),
+        nn.Linear(6, 6),
+        nn.Sigmoid(),
+        nn.Linear(6, 3),
+    )
+    with torch.no_grad():
+        # Unit 0 fires only where x0 > 0, which is rank 1's half of the batch: dead on
+        # rank 0, alive globally. Unit 1 is dead everywhere.
+        model[0].weight[0] = torch.tensor([10.0, 0.0, 0.0, 0.0])
+        model[0].bias[0] = 0.0
+        model[0].bias[1] = -100.0
+        model[4].weight.mul_(6.0)  # some saturated sigmoid entries
+    return model
+
+
+def global_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(100 + step)
+    x = torch.randn(16, 4, generator=g)
+    x[:, 0] = torch.cat([-x[:8, 0].abs(), x[8:, 0].abs()])  # rank 0: x0 < 0, rank 1: x0 > 0
+    y = torch.randint(0, 3, (16,), generator=g)
+    return x, y
+
+
+def train(model: nn.Module, probed: nn.Module, rank: int, world: int, store: Path) -> pd.DataFrame:
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with Probe(probed, opt, store=store, stats="full", flush_every=2, dead_window=2) as probe:
+        for step in range(STEPS):
+            x, y = global_batch(step)
+            n = len(x) // world
+            x, y = x[rank * n : (rank + 1) * n], y[rank * n : (rank + 1) * n]
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=0.05)
+            opt.step()
+        return probe.frame()
+
+
+def _worker(rank: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD
+    )
+    try:
+        ddp = nn.parallel.DistributedDataParallel(build())
+        frame = train(ddp, ddp, rank, WORLD, Path(out) / f"run{rank}")
+        frame.to_parquet(Path(out) / f"frame{rank}.parquet")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[pd.DataFrame, Path]:
+    out = tmp_path_factory.mktemp("ddp")
+    mp.spawn(_worker, args=(free_port(), str(out)), nprocs=WORLD, join=True)
+    model = build()
+    single = train(model, model, 0, 1, out / "single")
+    return single, out
+
+
+def _compare(got: pd.DataFrame, expected: pd.DataFrame) -> pd.DataFrame:
+    keys = ["step", "name", "stat"]
+    merged = got.merge(expected, on=keys, how="outer", suffixes=("_ddp", "_single"), indicator=True)
+    assert (merged["_merge"] == "both").all(), merged[merged["_merge"] != "both"].head(20)
+    return merged
+
+
+def test_ddp_statistics_equal_one_process_on_the_global_batch(runs):
+    single, out = runs
+    ddp = pd.read_parquet(out / "frame0.parquet")
+    merged = _compare(ddp, single)
+    calls = merged["stat"] == "calls"
+    # A module runs once per rank: calls add up over ranks as over micro-batches.
+    assert (merged.loc[calls, "value_ddp"] == WORLD * merged.loc[calls, "value_single"]).all()
+    rest = merged[~calls]
+    assert set(rest["stat"]) >= {
+        "grad_norm",
+        "param_norm",
+        "update_ratio",
+        "error_norm",
+        "error_gain",
+        "act_mean",
+        "act_std",
+        "zero_frac",
+        "dead_frac",
+        "dead_window_frac",
+        "sat_frac",
+        "gate_mean",
+        "global_grad_norm",
+        "global_grad_norm_preclip",
+        "clipped",
+        "hist_00",
+    }
+    for row in rest.itertuples():
+        assert row.value_ddp == pytest.approx(row.value_single, rel=1e-5, abs=1e-9), (
+            row.step,
+            row.name,
+            row.stat,
+        )
+
+
+def test_a_unit_dead_on_one_rank_only_is_alive(runs):
+    single, out = runs
+    ddp = pd.read_parquet(out / "frame0.parquet")
+    for frame in (single, ddp):
+        dead = frame[(frame.name == "1") & (frame.stat == "dead_frac") & (frame.step == 0)]
+        assert float(dead.value.iloc[0]) == pytest.approx(1 / 6)  # unit 1 only, not unit 0
+
+
+def test_every_rank_holds_the_same_rows_and_only_rank_zero_writes(runs):
+    _, out = runs
+    a = pd.read_parquet(out / "frame0.parquet")
+    b = pd.read_parquet(out / "frame1.parquet")
+    pd.testing.assert_frame_equal(a, b)
+    assert not (out / "run1").exists()
+    stored = gradprobe.load(out / "run0")
+    assert stored.meta["probe"]["world_size"] == WORLD
+    names = set(stored.frame().name)
+    assert "0.weight" in names and "1" in names  # the user's names, no "module." prefix
+    assert not any(n.startswith("module.") for n in names)
+    assert len(stored.frame()) == len(a)
+
+
+def test_clipping_under_ddp_sees_the_synchronised_gradient(runs):
+    single, out = runs
+    ddp = pd.read_parquet(out / "frame0.parquet")
+    for frame in (single, ddp):
+        rows = frame[frame.name == gradprobe.stats.MODEL_NAME].pivot(
+            index="step", columns="stat", values="value"
+        )
+        assert (rows["clipped"] == 1).all()
+        assert rows["global_grad_norm"].to_numpy() == pytest.approx(0.05, rel=1e-4)
+        assert (rows["global_grad_norm_preclip"] > 0.05).all()
