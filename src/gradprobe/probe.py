@@ -137,6 +137,11 @@ class _Slot:
     histogram_range: tuple[float, float]
 
 
+def _reduction_dtype(t: Tensor) -> torch.dtype | None:
+    """float32 for half-precision tensors (AMP): a bfloat16 sum keeps about 3 digits."""
+    return torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else None
+
+
 def _first_float_tensor(value: Any) -> Tensor | None:
     if isinstance(value, Tensor):
         return value if value.is_floating_point() else None
@@ -418,7 +423,8 @@ class Probe:
                     saturated = torch.count_nonzero(gate < SAT_THRESHOLD * act.max_derivative)
                 else:
                     saturated = self._zero(z.device)
-                self.buffer.record("gate", k, z.device, z.numel(), gate.sum(), saturated)
+                total = gate.sum(dtype=_reduction_dtype(gate))
+                self.buffer.record("gate", k, z.device, z.numel(), total, saturated)
             self.buffer.add_host(k, "gate_count", z.numel())
             if act.saturates:
                 self.buffer.add_host(k, "sat_count_n", z.numel())
@@ -445,8 +451,8 @@ class Probe:
                     k,
                     device,
                     n,
-                    yd.sum(),
-                    torch.linalg.vector_norm(yd),
+                    yd.sum(dtype=_reduction_dtype(yd)),
+                    torch.linalg.vector_norm(yd, dtype=_reduction_dtype(yd)),
                     torch.count_nonzero(yd),
                     torch.count_nonzero(yd - yd),
                 )
