@@ -1,0 +1,124 @@
+"""Plots: drawn from a run's frame only, with what they show checked against the frame."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pytest
+import torch
+
+from _diagnose_cases import _digits_run, case
+from gradprobe import GradprobeError
+from gradprobe.lab.models import mlp
+from gradprobe.plots import (
+    PLOTS,
+    activation_histograms,
+    error_heatmap,
+    gradient_flow,
+    missing,
+    update_ratios,
+)
+
+
+@functools.cache
+def full_run():
+    torch.manual_seed(0)
+    return _digits_run(mlp(64, 10, depth=6, width=32, activation="sigmoid"), stats="full", steps=8)
+
+
+@functools.cache
+def cheap_run():
+    torch.manual_seed(0)
+    return _digits_run(mlp(64, 10, depth=6, width=32, activation="relu"), stats="cheap", steps=4)
+
+
+@pytest.mark.parametrize("name", list(PLOTS))
+def test_every_plot_draws_on_a_full_run(name: str) -> None:
+    run = full_run()
+    assert missing(name, run) is None
+    fig = PLOTS[name].fn(run)
+    assert fig.axes and fig.axes[0].has_data()
+    plt.close(fig)
+
+
+@pytest.mark.parametrize("name", list(PLOTS))
+def test_every_plot_uses_a_given_axes(name: str) -> None:
+    fig, ax = plt.subplots()
+    assert PLOTS[name].fn(full_run(), ax=ax) is fig
+    assert ax.has_data()
+    plt.close(fig)
+
+
+def test_gradient_flow_lines_are_the_recorded_error_norms() -> None:
+    run = full_run()
+    fig = gradient_flow(run, steps=[0, 7])
+    ax = fig.axes[0]
+    assert ax.get_yscale() == "log"
+    err = run.table("error_norm")
+    layers = [f"fc{i}" for i in range(1, 7)] + ["out"]  # layers with weights, input first
+    solid = [
+        line for line in ax.get_lines() if line.get_linestyle() == "-" and len(line.get_ydata()) > 1
+    ]
+    np.testing.assert_allclose(solid[0].get_ydata(), err.loc[0, layers].to_numpy())
+    np.testing.assert_allclose(solid[1].get_ydata(), err.loc[7, layers].to_numpy())
+    assert [t.get_text() for t in ax.get_xticklabels()] == layers
+    plt.close(fig)
+
+
+def test_heatmap_is_log10_of_the_error_table() -> None:
+    run = full_run()
+    fig = error_heatmap(run)
+    image = fig.axes[0].get_images()[0].get_array()
+    layers = [f"fc{i}" for i in range(1, 7)] + ["out"]
+    expected = np.log10(run.table("error_norm")[layers].to_numpy().T)
+    np.testing.assert_allclose(np.asarray(image), expected)
+    plt.close(fig)
+
+
+def test_histogram_bands_sum_to_the_recorded_counts() -> None:
+    run = full_run()
+    fig = activation_histograms(run, layers=["act1"])
+    band = np.asarray(fig.axes[0].get_images()[0].get_array())
+    bins = run.meta["probe"]["histogram_bins"]
+    assert band.shape == (bins, len(run.steps))
+    frame = run.frame()
+    counts = (
+        frame[(frame["name"] == "act1") & frame["stat"].str.startswith("hist_")]
+        .pivot_table(index="stat", columns="step", values="value")
+        .to_numpy()
+    )
+    np.testing.assert_allclose(band, np.log1p(100 * counts / counts.sum(axis=0))[::-1])
+    plt.close(fig)
+
+
+def test_missing_statistics_skip_with_a_note() -> None:
+    run = cheap_run()
+    note = missing("activation_histograms", run)
+    assert note is not None and "stats='full'" in note
+    assert missing("dead_saturated", run) is not None
+    assert missing("gradient_flow", run) is None
+    with pytest.raises(GradprobeError, match="not drawn"):
+        activation_histograms(run)
+    plt.close(update_ratios(run))
+
+
+def test_update_ratios_draws_one_line_per_weight() -> None:
+    run = case("sigmoid30")
+    fig = update_ratios(run)
+    weights = [p["name"] for p in run.meta["parameters"] if len(p["shape"]) >= 2]
+    lines = [ln for ln in fig.axes[0].get_lines() if len(ln.get_xdata()) == len(run.steps)]
+    assert len(lines) == len(weights)
+    plt.close(fig)
+
+
+def test_plots_never_touch_hooks_or_models() -> None:
+    source = (Path(__file__).resolve().parents[1] / "src/gradprobe/plots.py").read_text()
+    for word in ("import torch", "from .probe", "from .hooks", "register_"):
+        assert word not in source
