@@ -282,6 +282,30 @@ def demo_command(
     )
 
 
+export_app = typer.Typer(help="Export a recorded run to other tools.", no_args_is_help=True)
+app.add_typer(export_app, name="export")
+
+
+@export_app.command("tensorboard")
+def export_tensorboard_command(
+    run: str = typer.Argument(..., help="a run directory written by Probe(store=...)"),
+    logdir: str = typer.Option(..., "--logdir", help="TensorBoard log directory to write"),
+) -> None:
+    """Scalars (stat/name) and activation histograms as TensorBoard event files."""
+    from .run import load
+
+    recorded = load(run)
+    try:
+        from .integrations.tensorboard import export
+    except ImportError as exc:
+        raise GradprobeError(
+            f"TensorBoard export needs the tensorboard package ({exc.name} is missing)",
+            "pip install 'gradprobe[tensorboard]'",
+        ) from None
+    path = export(recorded, logdir)
+    console.print(f"wrote {path} (open with: tensorboard --logdir {path})", markup=False)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``gradprobe`` command; returns the exit code."""
     try:

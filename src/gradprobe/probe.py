@@ -156,6 +156,9 @@ def _first_float_tensor(value: Any) -> Tensor | None:
 def _layout_of(module: nn.Module) -> str:
     if isinstance(module, _LAST_DIM_TYPES):
         return "last"
+    cls = type(module)
+    if cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers"):
+        return "last"  # Hugging Face's GPT-2 linear layer: [N, T, F], despite its name
     if isinstance(module, _CHANNEL_TYPES):
         return "channel"
     return "inherit"
@@ -252,6 +255,7 @@ class Probe:
         self._seen_slots: set[int] = set()
         self._layout_by_shape: dict[tuple[int, ...], str] = {}
         self._frames: list[pd.DataFrame] = []
+        self._listeners: list[Callable[[pd.DataFrame], None]] = []
         self._snapshot: (
             dict[tuple[torch.device, torch.dtype], tuple[list[int], list[Tensor], Tensor]] | None
         ) = None
@@ -357,6 +361,15 @@ class Probe:
     def run(self) -> Run:
         """What has been recorded so far, as a :class:`~gradprobe.run.Run`."""
         return Run(self.meta, self.frame(), path=self._store.path if self._store else None)
+
+    def add_listener(self, listener: Callable[[pd.DataFrame], None]) -> Callable[[], None]:
+        """Call ``listener(rows)`` with the rows of every flush, on the host; returns its remover.
+
+        Live writers (e.g. :mod:`gradprobe.integrations.tensorboard`) use it: they see each
+        step once, when it is flushed, and cost the training loop nothing in between.
+        """
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener) if listener in self._listeners else None
 
     def close(self) -> None:
         """Remove every hook, flush, finish the store. Idempotent."""
@@ -682,6 +695,11 @@ class Probe:
         if self._store is not None:
             self._store.append(frame)
             self._store.update_meta(execution_order=self._order_names(), steps=self.step_index)
+        for listener in list(self._listeners):
+            try:
+                listener(frame)
+            except Exception as exc:  # a writer's failure must not stop training
+                warn_once(self._failed_where, f"flush listener {listener!r}", exc)
 
     def _to_frame(self, d: Drained) -> pd.DataFrame:
         """Finalise partials into long-form rows (host side, NumPy)."""
