@@ -321,3 +321,29 @@ def test_thresholds_are_consistent() -> None:
     assert mod.VANISHING_FACTOR < 1 < mod.EXPLODING_FACTOR
     assert mod.UNSTABLE_UPDATE_RATIO < mod.UPDATE_RATIO_EXPLODING
     assert np.isfinite(mod.STALL_FACTOR)
+
+
+def test_diagnose_takes_a_probe_or_a_run_directory(tmp_path: Path) -> None:
+    from _diagnose_cases import _digits
+    from gradprobe import Probe
+
+    torch.manual_seed(0)
+    model = mlp(64, 10, depth=12, width=16, activation="sigmoid")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    d = _digits()
+    with Probe(model, opt, store=tmp_path / "run") as probe:
+        for s in range(3):
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(
+                model(d.x_train[s * 16 : (s + 1) * 16]), d.y_train[s * 16 : (s + 1) * 16]
+            )
+            loss.backward()
+            opt.step()
+        live = diagnose(probe)
+    assert "vanishing" in live.kinds
+    assert diagnose(tmp_path / "run").kinds == live.kinds
+    assert diagnose(str(tmp_path / "run")).of("vanishing").evidence[
+        "first_last_ratio"
+    ] == pytest.approx(live.of("vanishing").evidence["first_last_ratio"])
+    with pytest.raises(GradprobeError, match="cannot diagnose"):
+        diagnose(42)
