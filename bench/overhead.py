@@ -5,14 +5,21 @@ Probe(every=10), and under Probe(stats="cheap"); the median ms/step of each, and
 ratios to plain. Also the parameter-only statistics against one bare
 ``torch._foreach_norm`` pass over the gradients. CPU, 2 torch threads.
 
-Run:  python bench/overhead.py [--rounds N] [--steps N] [--write bench/RESULTS.md]
+With ``--ddp``: instead, the 12×256 MLP under DistributedDataParallel on 2 CPU
+processes (gloo, loopback), plain vs Probe(every=1), interleaved rounds, 1 thread each;
+the Probe's cross-rank work is one collective per step (dead units) and two per flush.
+
+Run:  python bench/overhead.py [--rounds N] [--steps N] [--ddp] [--write bench/RESULTS.md]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
+import socket
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -104,12 +111,86 @@ def bench_param_only(build, rounds: int) -> tuple[float, float]:
     return statistics.median(bare), statistics.median(probed)
 
 
+def _ddp_worker(rank: int, world: int, port: int, rounds: int, steps: int, out: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model, x, y = tanh_mlp()
+        n = len(x) // world
+        x, y = x[rank * n : (rank + 1) * n], y[rank * n : (rank + 1) * n]
+        ddp = nn.parallel.DistributedDataParallel(model)
+        opt = torch.optim.SGD(ddp.parameters(), lr=1e-3, momentum=0.9)
+
+        def step() -> None:
+            opt.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(ddp(x), y).backward()
+            opt.step()
+
+        for _ in range(5):
+            step()
+        samples: dict[str, list[float]] = {"plain": [], "probe every=1": []}
+        for _ in range(rounds):
+            dist.barrier()
+            samples["plain"].append(_time_steps(step, steps))
+            dist.barrier()
+            with Probe(ddp, opt, flush_every=50):
+                step()
+                samples["probe every=1"].append(_time_steps(step, steps))
+        if rank == 0:
+            with open(out, "w") as f:
+                f.write(repr({m: statistics.median(v) for m, v in samples.items()}))
+    finally:
+        dist.destroy_process_group()
+
+
+def bench_ddp(rounds: int, steps: int, world: int = 2) -> dict[str, float]:
+    """Median ms/step of rank 0, plain and probed, on ``world`` CPU processes."""
+    import ast
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "result.txt")
+        mp.spawn(_ddp_worker, args=(world, port, rounds, steps, out), nprocs=world, join=True)
+        with open(out) as f:
+            return ast.literal_eval(f.read())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--ddp", action="store_true", help="DDP on 2 CPU processes instead")
     parser.add_argument("--write", default="")
     args = parser.parse_args()
+    if args.ddp:
+        result = bench_ddp(args.rounds, args.steps)
+        plain = result["plain"]
+        text = "\n".join(
+            [
+                "# Probe overhead under DDP (bench/overhead.py --ddp)",
+                "",
+                f"torch {torch.__version__}, 2 CPU processes (gloo), 1 thread each, batch 64 per rank, "
+                f"median of {args.rounds} interleaved rounds of {args.steps} steps (rank 0).",
+                "",
+                "| model | mode | ms/step | × plain |",
+                "|---|---|---:|---:|",
+                *(
+                    f"| 12×256 tanh MLP, DDP × 2 | {mode} | {ms:.2f} | {ms / plain:.2f} |"
+                    for mode, ms in result.items()
+                ),
+            ]
+        )
+        print(text)
+        if args.write:
+            Path(args.write).write_text(text + "\n")
+        return
     torch.set_num_threads(2)
     lines = [
         "# Probe overhead (bench/overhead.py)",
