@@ -130,7 +130,7 @@ class Ranks:
             flat = torch.from_numpy(np.concatenate([a.reshape(-1) for a in arrays]))
             flat = flat.to(self.host_device)
             self.all_reduce_(flat, combine)  # deliberate collective, at the flush
-            reduced = flat.cpu().numpy()
+            reduced = flat.cpu().numpy()  # deliberate host copy, at the flush (NCCL: from the GPU)
             offset = 0
             for a in arrays:
                 a.reshape(-1)[:] = reduced[offset : offset + a.size]
