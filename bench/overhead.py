@@ -53,7 +53,11 @@ MODES: dict[str, dict | None] = {
     "probe every=1": {"every": 1},
     "probe every=10": {"every": 10},
     "probe cheap every=1": {"every": 1, "stats": "cheap"},
-    "params only every=1": {"every": 1, "stats": ["grad_norm", "param_norm", "nonfinite"], "modules": []},
+    "params only every=1": {
+        "every": 1,
+        "stats": ["grad_norm", "param_norm", "nonfinite"],
+        "modules": [],
+    },
 }
 
 
@@ -115,7 +119,9 @@ def _ddp_worker(rank: int, world: int, port: int, rounds: int, steps: int, out: 
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
     try:
         torch.manual_seed(0)
         model, x, y = tanh_mlp()
@@ -201,7 +207,10 @@ def main() -> None:
         "| model | mode | ms/step | × plain |",
         "|---|---|---:|---:|",
     ]
-    for label, build in (("12×256 tanh MLP, batch 128", tanh_mlp), ("6-layer 32-ch CNN, 3×32×32, batch 64", cnn)):
+    for label, build in (
+        ("12×256 tanh MLP, batch 128", tanh_mlp),
+        ("6-layer 32-ch CNN, 3×32×32, batch 64", cnn),
+    ):
         result = bench_model(build, args.rounds, args.steps)
         plain = result["plain"]
         for mode, ms in result.items():

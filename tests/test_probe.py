@@ -463,3 +463,20 @@ def test_frame_is_long_form_with_the_contract_columns():
     assert list(frame.columns) == ["step", "name", "stat", "value"]
     assert frame.step.dtype == np.int64 and frame.value.dtype == np.float64
     assert not frame.duplicated(["step", "name", "stat"]).any()
+
+
+def test_tiny_gradients_do_not_underflow_to_zero():
+    """30 sigmoid layers leave the first weights a gradient around 1e-25: squares of its
+    entries underflow in float32, so the norm must be accumulated in float64."""
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for _ in range(30):
+        layers += [nn.Linear(32, 32), nn.Sigmoid()]
+    model = nn.Sequential(*layers, nn.Linear(32, 2))
+    with Probe(model) as probe:
+        model(torch.randn(16, 32)).sum().backward()
+        probe.step()
+        frame = probe.frame()
+    expected = float(model[0].weight.grad.double().norm())
+    assert 0 < expected < 1e-20
+    assert value(frame, 0, "0.weight", "grad_norm") == pytest.approx(expected, rel=1e-6)

@@ -54,7 +54,7 @@ def theory_command(
     else:
         console.print(theory.render_summary(result))
         if plot is not None:
-            console.print(f"wrote {plot}", markup=False)
+            console.print(f"wrote {plot}", markup=False, soft_wrap=True)
 
 
 @app.command("explain")
@@ -71,7 +71,7 @@ def explain_command(
     for item in explain.render(topic, result):
         console.print(item)
     if path is not None:
-        console.print(f"wrote {path}", markup=False)
+        console.print(f"wrote {path}", markup=False, soft_wrap=True)
 
 
 lab_app = typer.Typer(
@@ -152,7 +152,7 @@ def lab_run_command(
             markup=False,
         )
         console.print("  " + o.verdict.text.splitlines()[0], markup=False)
-    console.print(f"wrote {out}/lab_report.html", markup=False)
+    console.print(f"wrote {out}/lab_report.html", markup=False, soft_wrap=True)
 
 
 # ---- diagnose, report, demo (issue 4) ----
@@ -227,7 +227,7 @@ def report_command(
         path = report(
             loaded, output, progress=lambda what: bar.update(task, advance=1, description=what)
         )
-    console.print(f"wrote {path}", markup=False)
+    console.print(f"wrote {path}", markup=False, soft_wrap=True)
 
 
 @app.command("demo")
@@ -279,6 +279,7 @@ def demo_command(
     console.print(
         f"wrote {result.report} and {result.report.with_name('table.csv')} ({result.seconds:.0f} s)",
         markup=False,
+        soft_wrap=True,
     )
 
 
@@ -303,7 +304,9 @@ def export_tensorboard_command(
             "pip install 'gradprobe[tensorboard]'",
         ) from None
     path = export(recorded, logdir)
-    console.print(f"wrote {path} (open with: tensorboard --logdir {path})", markup=False)
+    console.print(
+        f"wrote {path} (open with: tensorboard --logdir {path})", markup=False, soft_wrap=True
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -538,7 +538,7 @@ class Probe:
             params = [self._params[i] for i in idx]
             grads = [p.grad for p in params]
             self.buffer.record_params(
-                device, idx, "grad_norm", torch.stack(torch._foreach_norm(grads))
+                device, idx, "grad_norm", _l2_norms(grads, device)
             )
             self.buffer.record_params(
                 device, idx, "param_norm", self._before_norms(device, idx, params)
@@ -567,7 +567,7 @@ class Probe:
         scale = scaler._scale if scaler is not None and scaler.is_enabled() else None
         preclip = {}
         for (device, _dtype), idx in self._param_groups(with_grad=True).items():
-            norms = torch.stack(torch._foreach_norm([self._params[i].grad for i in idx]))
+            norms = _l2_norms([self._params[i].grad for i in idx], device)
             if scale is not None:
                 dtype = accumulation_dtype(device)
                 # The scaled loss made scaled gradients: divide on the device, no sync.
@@ -611,7 +611,7 @@ class Probe:
             for (dev, _), (snap_idx, _, norms) in self._snapshot.items():
                 if dev == device and snap_idx == idx:
                     return norms
-        return torch.stack(torch._foreach_norm(params))
+        return _l2_norms(params, device)
 
     @torch.no_grad()
     def _take_snapshot(self) -> None:
@@ -621,7 +621,7 @@ class Probe:
         for key, idx in self._param_groups(with_grad=with_grad).items():
             params = [self._params[i].detach() for i in idx]
             copies = torch._foreach_mul(params, 1.0)
-            snapshot[key] = (idx, copies, torch.stack(torch._foreach_norm(copies)))
+            snapshot[key] = (idx, copies, _l2_norms(copies, key[0]))
         self._snapshot = snapshot
 
     @torch.no_grad()
@@ -631,7 +631,7 @@ class Probe:
             return
         for (device, _dtype), (idx, before, before_norms) in snapshot.items():
             after = [self._params[i].detach() for i in idx]
-            update_norms = torch.stack(torch._foreach_norm(torch._foreach_sub(after, before)))
+            update_norms = _l2_norms(torch._foreach_sub(after, before), device)
             dtype = accumulation_dtype(device)
             self.buffer.record_params(
                 device, idx, "update_ratio", update_norms.to(dtype) / before_norms.to(dtype)
@@ -892,6 +892,12 @@ def _step_post_hook(ref: weakref.ref[Probe], optimizer: Any, args: Any, kwargs: 
 
 
 # ==================================================================== helpers
+def _l2_norms(tensors: list[Tensor], device: torch.device) -> Tensor:
+    """L2 norms of many tensors in one batched pass, accumulated in float64 where the
+    device has it: squares of 1e-20 gradients underflow in float32 and would read 0."""
+    return torch.stack(torch._foreach_norm(tensors, 2, dtype=accumulation_dtype(device)))
+
+
 def _long(
     steps: np.ndarray, names: np.ndarray, stat: str, values: np.ndarray, present: np.ndarray
 ) -> pd.DataFrame:
