@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -18,7 +19,7 @@ from _diagnose_cases import (
     synthetic_run,
     validate,
 )
-from gradprobe import GradprobeError, diagnose
+from gradprobe import GradprobeError, Run, diagnose
 from gradprobe.diagnose import (
     DETECTORS,
     FINDINGS_JSON_SCHEMA,
@@ -347,3 +348,55 @@ def test_diagnose_takes_a_probe_or_a_run_directory(tmp_path: Path) -> None:
     ] == pytest.approx(live.of("vanishing").evidence["first_last_ratio"])
     with pytest.raises(GradprobeError, match="cannot diagnose"):
         diagnose(42)
+
+
+def _clipped_run(clip_every: int):
+    from gradprobe import Probe
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    with Probe(model, opt) as probe:
+        for step in range(8):
+            opt.zero_grad()
+            (50 * model(torch.randn(16, 4))).pow(2).sum().backward()
+            if step % clip_every == 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+        return probe.run()
+
+
+def test_clipping_on_most_steps_is_found_with_both_norms() -> None:
+    findings = diagnose(_clipped_run(clip_every=1))
+    found = [f for f in findings if f.kind == "clipped"]
+    assert len(found) == 1
+    ev = found[0].evidence
+    assert ev["clipped_frac"] == 1.0
+    assert ev["median_postclip"] == pytest.approx(1.0, rel=1e-4)
+    assert ev["median_preclip"] > 10  # the real gradient, which a one-norm logger hides
+    assert found[0].remedies and found[0].remedies[0].key == "lr_schedule"
+
+
+def test_occasional_clipping_is_not_a_finding() -> None:
+    assert not [f for f in diagnose(_clipped_run(clip_every=4)) if f.kind == "clipped"]
+
+
+def test_skipped_steps_are_found_from_the_scaler_record() -> None:
+    from gradprobe.stats import MODEL_NAME
+
+    def run_with(skips: list[int]):
+        rows = [(s, MODEL_NAME, "skipped", 1.0 if s in skips else 0.0) for s in range(20)]
+        rows += [(s, "0.weight", "grad_norm", 1.0) for s in range(20) if s not in skips]
+        frame = pd.DataFrame(rows, columns=["step", "name", "stat", "value"])
+        return Run(
+            {"modules": [], "parameters": [{"name": "0.weight"}], "probe": {"stats": []}}, frame
+        )
+
+    assert not [
+        f for f in diagnose(run_with([0, 1])) if f.kind == "skipped_steps"
+    ]  # finding its scale
+    found = [f for f in diagnose(run_with(list(range(5, 11)))) if f.kind == "skipped_steps"]
+    assert (
+        found and found[0].evidence["longest_streak"] == 6 and found[0].evidence["first_step"] == 5
+    )
+    assert not [f for f in diagnose(run_with(list(range(5, 11)))) if f.kind == "exploding"]

@@ -122,3 +122,26 @@ def test_plots_never_touch_hooks_or_models() -> None:
     source = (Path(__file__).resolve().parents[1] / "src/gradprobe/plots.py").read_text()
     for word in ("import torch", "from .probe", "from .hooks", "register_"):
         assert word not in source
+
+
+def test_clipping_plot_shows_both_norms_and_the_clipped_fraction() -> None:
+    from gradprobe import Probe, plots
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    with Probe(model, opt) as probe:
+        for step in range(6):
+            opt.zero_grad()
+            (50 * model(torch.randn(16, 4))).pow(2).sum().backward()
+            if step % 2 == 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+        run = probe.run()
+    fig = plots.clipping(run)
+    ax = fig.axes[0]
+    pre, post = (line.get_ydata() for line in ax.get_lines()[:2])
+    assert len(pre) == len(post) == 6
+    assert all(p > q for p, q in zip(pre[::2], post[::2]))  # clipped steps part
+    assert list(pre[1::2]) == list(post[1::2])  # the others coincide
+    assert "clipped at 50% of steps" in ax.get_title(loc="left")

@@ -39,8 +39,10 @@ import pandas as pd
 from .errors import GradprobeError
 from .remedies import RankedRemedy, model_profile, rank_remedies
 from .run import Run, load
+from .stats import MODEL_NAME
 
 __all__ = [
+    "CLIPPED_FRAC",
     "DEAD_CHANNEL_FRAC",
     "DEAD_UNIT_FRAC",
     "DETECTORS",
@@ -50,6 +52,8 @@ __all__ = [
     "FINDINGS_JSON_SCHEMA",
     "MIN_DEPTH_LAYERS",
     "SATURATION_FRAC",
+    "SKIPPED_FRAC",
+    "SKIPPED_STREAK",
     "STALL_FACTOR",
     "UNSTABLE_UPDATE_RATIO",
     "UPDATE_RATIO_EXPLODING",
@@ -100,6 +104,14 @@ DEAD_CHANNEL_FRAC = 0.0  # strictly above: any dead channel
 # layer learns a thousand times more slowly than the rest.
 STALL_FACTOR = 1e-3
 STALL_REFERENCE_QUANTILE = 0.9
+# Mixed precision: a GradScaler skips the step when the scaled gradients overflow, then
+# lowers its scale. A few early skips are how it finds the scale; more than 10% of the
+# recorded steps, or 5 in a row, means the gradients themselves overflow.
+SKIPPED_FRAC = 0.1
+SKIPPED_STREAK = 5
+# Clipping that cuts the norm on more than half of the steps sets the step size itself:
+# the optimizer mostly sees max_norm, not the gradient.
+CLIPPED_FRAC = 0.5
 # Depth profiles need at least this many layers with a positive error signal to fit a
 # per-layer factor; fewer, and a line through them says nothing about depth.
 MIN_DEPTH_LAYERS = 4
@@ -118,6 +130,8 @@ KIND_ORDER = (
     "dead_channels",
     "stalled",
     "unstable_updates",
+    "skipped_steps",
+    "clipped",
 )
 
 _NORM_TYPES = (
@@ -449,7 +463,18 @@ def detect_vanishing(run: Run) -> Finding | None:
     )
 
 
+def _model_series(run: Run, stat: str) -> pd.Series:
+    """A run-level statistic (recorded under ``(model)``) by step; empty if not recorded."""
+    f = run.frame()
+    sub = f[(f["name"] == MODEL_NAME) & (f["stat"] == stat)]
+    return pd.Series(sub["value"].to_numpy(dtype=float), index=sub["step"].to_numpy()).sort_index()
+
+
 def _total_grad_norm(run: Run) -> pd.Series:
+    # Clipping hides growth from the norm the optimizer sees: read it before clipping.
+    preclip = _model_series(run, "global_grad_norm_preclip")
+    if not preclip.empty:
+        return preclip.where(np.isfinite(preclip), np.inf)
     table = _table(run, "grad_norm")
     if table.empty:
         return pd.Series(dtype=float)
@@ -810,6 +835,77 @@ def detect_unstable_updates(run: Run) -> Finding | None:
     )
 
 
+def _longest_streak(flags: np.ndarray) -> int:
+    best = current = 0
+    for flag in flags:
+        current = current + 1 if flag else 0
+        best = max(best, current)
+    return best
+
+
+def detect_skipped_steps(run: Run) -> Finding | None:
+    """A GradScaler skipped many steps, or many in a row: gradients overflow in low precision."""
+    skipped = _model_series(run, "skipped")
+    if skipped.empty:
+        return None
+    flags = skipped.to_numpy() > 0
+    count, total, streak = int(flags.sum()), len(flags), _longest_streak(flags)
+    if count == 0 or (count / total <= SKIPPED_FRAC and streak < SKIPPED_STREAK):
+        return None
+    first = int(skipped.index[flags][0])
+    summary = (
+        f"The GradScaler skipped {count} of {total} recorded steps ({count / total:.0%}; "
+        f"{streak} in a row at most, the first at step {first}): the scaled gradients held "
+        "inf/NaN, so those updates never happened."
+    )
+    return Finding(
+        "skipped_steps",
+        "critical" if count / total > 0.5 else "warning",
+        (MODEL_NAME,),
+        summary,
+        {
+            "skipped": count,
+            "recorded": total,
+            "longest_streak": streak,
+            "first_step": first,
+            "threshold_frac": SKIPPED_FRAC,
+            "threshold_streak": SKIPPED_STREAK,
+        },
+    )
+
+
+def detect_clipped(run: Run) -> Finding | None:
+    """Clipping cut the gradient norm on most steps: the step size is max_norm, not the gradient."""
+    clipped = _model_series(run, "clipped")
+    if clipped.empty:
+        return None
+    frac = float(clipped.mean())
+    if frac <= CLIPPED_FRAC:
+        return None
+    steps = clipped.index[clipped.to_numpy() > 0]
+    pre = _model_series(run, "global_grad_norm_preclip").reindex(steps)
+    post = _model_series(run, "global_grad_norm").reindex(steps)
+    med_pre, med_post = float(np.nanmedian(pre)), float(np.nanmedian(post))
+    factor = med_pre / med_post if med_post > 0 else math.inf
+    summary = (
+        f"Gradient clipping cut the norm at {frac:.0%} of {len(clipped)} recorded steps: median "
+        f"{_g(med_pre)} before clipping, {_g(med_post)} after (×{_g(factor)} smaller). A logger "
+        "that shows one norm hides this; the optimizer mostly sees the clipping threshold."
+    )
+    return Finding(
+        "clipped",
+        "warning" if frac > 0.9 or factor > 100 else "info",
+        (MODEL_NAME,),
+        summary,
+        {
+            "clipped_frac": frac,
+            "median_preclip": med_pre,
+            "median_postclip": med_post,
+            "threshold": CLIPPED_FRAC,
+        },
+    )
+
+
 @dataclass(frozen=True)
 class Detector:
     """A registered check: the finding kind it produces, the function, the statistics it reads."""
@@ -871,6 +967,18 @@ DETECTORS: dict[str, Detector] = {
             detect_unstable_updates,
             ("update_ratio",),
             "weights whose update is ≥ 10% of the weight at every step",
+        ),
+        Detector(
+            "skipped_steps",
+            detect_skipped_steps,
+            ("skipped",),
+            "mixed precision: the GradScaler skipped many steps, or many in a row",
+        ),
+        Detector(
+            "clipped",
+            detect_clipped,
+            ("clipped",),
+            "gradient clipping active on most steps (norms before and after clipping)",
         ),
     ]
 }

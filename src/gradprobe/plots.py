@@ -32,6 +32,7 @@ from .diagnose import (
 )
 from .errors import GradprobeError
 from .run import Run
+from .stats import MODEL_NAME
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.axes import Axes
@@ -361,6 +362,62 @@ def update_ratios(run: Run, ax: Axes | None = None) -> Figure:
     return fig
 
 
+def clipping(run: Run, ax: Axes | None = None) -> Figure:
+    """The global gradient norm as backward produced it and as the optimizer saw it.
+
+    Loggers that show one norm hide clipping: here the two lines part wherever
+    ``clip_grad_norm_`` cut the gradient, and the title gives the fraction of steps clipped
+    (and skipped by a GradScaler, where one was watched).
+    """
+    _require(run, "clipping")
+    fig, ax = _axes(ax)
+    frame = run.frame()
+    model_rows = frame[frame["name"] == MODEL_NAME]
+
+    def series(stat: str) -> pd.Series:
+        sub = model_rows[model_rows["stat"] == stat]
+        return pd.Series(
+            sub["value"].to_numpy(dtype=float), index=sub["step"].to_numpy()
+        ).sort_index()
+
+    pre, post = series("global_grad_norm_preclip"), series("global_grad_norm")
+    if not pre.empty:
+        ax.plot(
+            pre.index,
+            _positive(pre.to_numpy()),
+            "-",
+            color="tab:red",
+            lw=1.2,
+            label="before clipping",
+        )
+    if not post.empty:
+        ax.plot(
+            post.index,
+            _positive(post.to_numpy()),
+            "--",
+            color="tab:blue",
+            lw=1.2,
+            label="as the optimizer saw it",
+        )
+    clipped, skipped = series("clipped"), series("skipped")
+    for step in skipped.index[skipped.to_numpy() > 0]:
+        ax.axvline(step, color="0.6", lw=0.6, ls=":")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("global ‖grad‖ (log)")
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    what = (
+        f"gradient norm: clipped at {clipped.mean():.0%} of steps"
+        if not clipped.empty
+        else "gradient norm"
+    )
+    if not skipped.empty:
+        what += f", GradScaler skipped {(skipped > 0).mean():.0%} (dotted)"
+    _title(ax, run, what)
+    return fig
+
+
 # ---------------------------------------------------------------- registry
 @dataclass(frozen=True)
 class Plot:
@@ -416,6 +473,15 @@ PLOTS: dict[str, Plot] = {
             ("update_ratio",),
             "record update_ratio (stats='cheap' or 'default')",
             "‖Δw‖/‖w‖ per weight over time",
+        ),
+        Plot(
+            "clipping",
+            "Gradient norm before and after clipping",
+            clipping,
+            ("global_grad_norm_preclip", "global_grad_norm"),
+            "record the global norms (stats='cheap' or 'default')",
+            "global gradient norm as backward produced it and as the optimizer saw it; "
+            "fraction of steps clipped (and skipped by a GradScaler)",
         ),
     ]
 }

@@ -183,7 +183,13 @@ REMEDIES: dict[str, Remedy] = {
             "caps the gradient norm before the step, so one exploding batch cannot throw "
             "the weights away (standard for RNNs)",
             "loss.backward(); nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0); opt.step()",
-            treats={"exploding": 1.0, "nonfinite": 0.9, "unstable_updates": 0.7, "vanishing": 0.1},
+            treats={
+                "exploding": 1.0,
+                "nonfinite": 0.9,
+                "unstable_updates": 0.7,
+                "vanishing": 0.1,
+                "skipped_steps": 0.6,
+            },
             architectures={"rnn": 1.0},
             present_when=("clipping",),
         ),
@@ -200,6 +206,8 @@ REMEDIES: dict[str, Remedy] = {
                 "nonfinite": 0.8,
                 "dead_units": 0.5,
                 "dead_channels": 0.5,
+                "skipped_steps": 0.8,
+                "clipped": 1.0,
             },
         ),
         Remedy(
