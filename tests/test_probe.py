@@ -266,7 +266,7 @@ def test_no_grad_and_eval_passes_are_not_recorded():
 
 
 def test_module_called_twice_is_accumulated_with_its_call_count():
-    from conftest import PROBLEMS
+    from problems import PROBLEMS
 
     problem = next(p for p in PROBLEMS if p.name == "module_twice")
     model, x, y = problem.make()
@@ -284,7 +284,7 @@ def test_module_called_twice_is_accumulated_with_its_call_count():
 
 
 def test_shared_parameter_has_one_row_and_frozen_ones_none():
-    from conftest import SharedWeight, _frozen_mlp
+    from problems import SharedWeight, _frozen_mlp
 
     for model, absent in ((SharedWeight(), "b.weight"), (_frozen_mlp(), "0.weight")):
         opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
