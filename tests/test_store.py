@@ -141,3 +141,16 @@ def test_rank_zero_only_writes(tmp_path, monkeypatch):
     with Probe(nn.Linear(2, 2), store=tmp_path / "rank1"):
         pass
     assert not Path(tmp_path / "rank1").exists()
+
+
+def test_with_a_store_rows_live_on_disk_only(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh())
+    with Probe(model, store=tmp_path / "run", flush_every=2) as probe:
+        for _ in range(6):
+            model(torch.randn(3, 4)).sum().backward()
+            probe.step()
+        assert probe._frames == []  # nothing accumulates in memory
+        live = probe.frame()
+    assert sorted(live.step.unique()) == list(range(6))
+    assert live.equals(gradprobe.load(tmp_path / "run").frame())

@@ -63,7 +63,7 @@ from .activations import Activation, activation_of, recurrent_nonlinearity
 from .buffer import Drained, Ranks, StepBuffer, accumulation_dtype
 from .errors import GradprobeError
 from .hooks import GradprobeWarning, HookSet, warn_once
-from .run import Run, empty_frame, normalize_frame
+from .run import Run, empty_frame, load, normalize_frame
 from .stats import MODEL_NAME, PRESETS, SAT_THRESHOLD, STATISTICS, finalize
 from .store import Store
 
@@ -354,6 +354,9 @@ class Probe:
         if not self._closed:
             self._poll_scaler()
         self._flush()
+        if self._store is not None:
+            # With a store the rows live on disk only: a long run must not grow in memory.
+            return load(self._store.path).frame()
         if not self._frames:
             return empty_frame()
         return pd.concat(self._frames, ignore_index=True)
@@ -537,9 +540,7 @@ class Probe:
         for (device, _dtype), idx in self._param_groups(with_grad=True).items():
             params = [self._params[i] for i in idx]
             grads = [p.grad for p in params]
-            self.buffer.record_params(
-                device, idx, "grad_norm", _l2_norms(grads, device)
-            )
+            self.buffer.record_params(device, idx, "grad_norm", _l2_norms(grads, device))
             self.buffer.record_params(
                 device, idx, "param_norm", self._before_norms(device, idx, params)
             )
@@ -691,10 +692,11 @@ class Probe:
         if drained is None:
             return
         frame = self._to_frame(drained)
-        self._frames.append(frame)
         if self._store is not None:
             self._store.append(frame)
             self._store.update_meta(execution_order=self._order_names(), steps=self.step_index)
+        else:
+            self._frames.append(frame)
         for listener in list(self._listeners):
             try:
                 listener(frame)
