@@ -480,3 +480,14 @@ def test_tiny_gradients_do_not_underflow_to_zero():
     expected = float(model[0].weight.grad.double().norm())
     assert 0 < expected < 1e-20
     assert value(frame, 0, "0.weight", "grad_norm") == pytest.approx(expected, rel=1e-6)
+
+
+def test_meta_records_what_each_modules_units_are():
+    """dead_frac counts features of [N, F] and channels of [N, C, ...]: the run says which."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(12, 4), nn.ReLU())
+    with Probe(model) as probe:
+        model(torch.randn(2, 1, 4, 4)).sum().backward()
+        probe.step()
+        units = {m["name"]: m.get("units") for m in probe.run().meta["modules"]}
+    assert units == {"0": "channel", "1": "channel", "2": "feature", "3": "feature", "4": "feature"}

@@ -659,9 +659,13 @@ def detect_saturation(run: Run) -> Finding | None:
 def _unit_kind(run: Run, name: str) -> str:
     """'channel' when the module's output is a conv feature map, else 'unit' (features).
 
-    Element-wise modules inherit from the nearest earlier layer with weights (or a
-    Flatten) in forward order: norms and pools keep the layout they receive.
+    The Probe records what each module's units resolved to (meta ``units``). Runs
+    without it: element-wise modules inherit from the nearest earlier layer with weights
+    (or a Flatten) in forward order, as norms and pools keep the layout they receive.
     """
+    recorded = run.module_info(name).get("units")
+    if recorded is not None:
+        return "channel" if recorded == "channel" else "unit"
     order = run.modules
     i = order.index(name) if name in order else -1
     for j in range(i, -1, -1):

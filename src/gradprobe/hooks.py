@@ -4,20 +4,19 @@ Handles come from ``register_forward_pre_hook``/``register_forward_hook`` on mod
 and ``register_step_pre_hook``/``register_step_post_hook`` on optimizers. Tensor hooks
 on activations are not held: they belong to one autograd graph and die with it.
 
-:func:`guarded` wraps a hook body so that an exception inside it can never reach the
-user's training loop: it becomes one warning per place and a gap in the record.
+A hook that fails never reaches the user's training loop: the Probe catches it and
+:func:`warn_once` turns it into one warning per place (and the Probe leaves a gap).
 """
 
 from __future__ import annotations
 
-import functools
 import warnings
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from torch.utils.hooks import RemovableHandle
 
-__all__ = ["GradprobeWarning", "HookSet", "guarded"]
+__all__ = ["GradprobeWarning", "HookSet", "warn_once"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -49,29 +48,6 @@ class HookSet:
 
     def __exit__(self, *exc: object) -> None:
         self.remove()
-
-
-def remove_all(handles: list[RemovableHandle]) -> None:
-    """Remove handles (used by ``weakref.finalize``, which must not hold the owner)."""
-    for handle in handles:
-        handle.remove()
-
-
-def guarded(where: str, on_error: Callable[[str, BaseException], None]) -> Callable[[F], F]:
-    """Decorate a hook body: any exception goes to ``on_error(where, exc)``, never up."""
-
-    def wrap(fn: F) -> F:
-        @functools.wraps(fn)
-        def hook(*args: Any, **kwargs: Any) -> Any:
-            try:
-                return fn(*args, **kwargs)
-            except Exception as exc:  # the user's training must go on
-                on_error(where, exc)
-                return None
-
-        return hook  # type: ignore[return-value]
-
-    return wrap
 
 
 def warn_once(seen: set[str], where: str, exc: BaseException) -> None:

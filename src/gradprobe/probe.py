@@ -254,6 +254,10 @@ class Probe:
         self._execution_order: list[int] = []
         self._seen_slots: set[int] = set()
         self._layout_by_shape: dict[tuple[int, ...], str] = {}
+        # What each module's units turned out to be ("feature" or "channel"), for the meta.
+        self._unit_kinds: dict[int, str] = {}
+        # One weak reference for every hook: the hooks must not keep the Probe alive.
+        self._ref = weakref.ref(self)
         self._frames: list[pd.DataFrame] = []
         self._listeners: list[Callable[[pd.DataFrame], None]] = []
         self._snapshot: (
@@ -321,7 +325,19 @@ class Probe:
 
     @property
     def meta(self) -> dict[str, Any]:
-        return {**self._meta, "execution_order": self._order_names(), "steps": self.step_index}
+        return {**self._meta, **self._progress()}
+
+    def _progress(self) -> dict[str, Any]:
+        """What is learned while training: forward order, steps, each module's units."""
+        modules = [
+            {**info, "units": self._unit_kinds[i]} if i in self._unit_kinds else info
+            for i, info in enumerate(self._meta["modules"])
+        ]
+        return {
+            "execution_order": self._order_names(),
+            "steps": self.step_index,
+            "modules": modules,
+        }
 
     @property
     def closed(self) -> bool:
@@ -386,16 +402,14 @@ class Probe:
             self._flush()
         finally:
             if self._store is not None:
-                self._store.close(
-                    execution_order=self._order_names(), steps=self.step_index, finished=_now()
-                )
+                self._store.close(**self._progress(), finished=_now())
             self._params = []
             self._snapshot = None
             self._preclip = {}
 
     # ================================================================ registration
     def _register(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
-        ref = weakref.ref(self)
+        ref = self._ref
         by_name = dict(model.named_modules())
         # Under torch.compile the hooks must run eagerly: traced, their appends to Python
         # lists would guard on list lengths and recompile every call.
@@ -429,7 +443,7 @@ class Probe:
             return
         slot = self._slots[k]
         if self._want_input_error and x.requires_grad:
-            x.register_hook(partial(_input_grad_hook, weakref.ref(self), k))
+            x.register_hook(partial(_input_grad_hook, self._ref, k))
         act = slot.activation
         if act is not None and self._want_gate:
             with torch.no_grad():
@@ -476,6 +490,8 @@ class Probe:
                 self.buffer.record("nonfinite", k, device, n, torch.count_nonzero(yd - yd))
             if self._want_units and yd.dim() >= 1:
                 unit = self._unit_dim(slot, yd)
+                if k not in self._unit_kinds:  # host-only, once per module
+                    self._unit_kinds[k] = "channel" if unit == 1 and yd.dim() >= 3 else "feature"
                 dims = tuple(d for d in range(yd.dim()) if d != unit)
                 # max |y| per unit: > 0 iff the unit fired somewhere (cheaper than counting).
                 self.buffer.record_units(k, device, yd.abs().amax(dim=dims).reshape(-1))
@@ -484,7 +500,7 @@ class Probe:
                 counts = torch.histc(yd.float().clamp(lo, hi), self.buffer.histogram_bins, lo, hi)
                 self.buffer.record_histogram(k, device, counts)
         if self._want_error and y.requires_grad:
-            y.register_hook(partial(_output_grad_hook, weakref.ref(self), k))
+            y.register_hook(partial(_output_grad_hook, self._ref, k))
 
     def _zero(self, device: torch.device) -> Tensor:
         zero = self._zeros.get(device)
@@ -554,7 +570,7 @@ class Probe:
         if self._closed or not self._recording or self._backward_pending:
             return
         self._backward_pending = True
-        queue_at_backward_end(partial(_backward_end_hook, weakref.ref(self), True))
+        queue_at_backward_end(partial(_backward_end_hook, self._ref, True))
 
     @torch.no_grad()
     def _record_preclip(self) -> None:
@@ -694,7 +710,7 @@ class Probe:
         frame = self._to_frame(drained)
         if self._store is not None:
             self._store.append(frame)
-            self._store.update_meta(execution_order=self._order_names(), steps=self.step_index)
+            self._store.update_meta(**self._progress())
         else:
             self._frames.append(frame)
         for listener in list(self._listeners):
@@ -998,8 +1014,3 @@ def _summary(model: nn.Module, limit: int = 4000) -> str:
 
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def probe_statistics_doc() -> list[dict[str, str]]:
-    """The statistics a Probe can record, for documentation tables."""
-    return [{"name": s.name, "doc": s.doc} for s in STATISTICS.values()]

@@ -130,16 +130,7 @@ PARTIALS: dict[str, Partial] = {
     ]
 }
 
-MODULE_DEVICE_PARTIALS = [
-    n for n, p in PARTIALS.items() if p.scope == "module" and p.where == "device"
-]
 MODULE_HOST_PARTIALS = [n for n, p in PARTIALS.items() if p.scope == "module" and p.where == "host"]
-PARAM_DEVICE_PARTIALS = [
-    n for n, p in PARTIALS.items() if p.scope == "parameter" and p.where == "device"
-]
-PARAM_HOST_PARTIALS = [
-    n for n, p in PARTIALS.items() if p.scope == "parameter" and p.where == "host"
-]
 MODEL_HOST_PARTIALS = [n for n, p in PARTIALS.items() if p.scope == "model" and p.where == "host"]
 
 Arrays = Mapping[str, np.ndarray]
