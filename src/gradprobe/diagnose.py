@@ -463,16 +463,9 @@ def detect_vanishing(run: Run) -> Finding | None:
     )
 
 
-def _model_series(run: Run, stat: str) -> pd.Series:
-    """A run-level statistic (recorded under ``(model)``) by step; empty if not recorded."""
-    f = run.frame()
-    sub = f[(f["name"] == MODEL_NAME) & (f["stat"] == stat)]
-    return pd.Series(sub["value"].to_numpy(dtype=float), index=sub["step"].to_numpy()).sort_index()
-
-
 def _total_grad_norm(run: Run) -> pd.Series:
     # Clipping hides growth from the norm the optimizer sees: read it before clipping.
-    preclip = _model_series(run, "global_grad_norm_preclip")
+    preclip = run.model_series("global_grad_norm_preclip")
     if not preclip.empty:
         return preclip.where(np.isfinite(preclip), np.inf)
     table = _table(run, "grad_norm")
@@ -849,7 +842,7 @@ def _longest_streak(flags: np.ndarray) -> int:
 
 def detect_skipped_steps(run: Run) -> Finding | None:
     """A GradScaler skipped many steps, or many in a row: gradients overflow in low precision."""
-    skipped = _model_series(run, "skipped")
+    skipped = run.model_series("skipped")
     if skipped.empty:
         return None
     flags = skipped.to_numpy() > 0
@@ -880,15 +873,15 @@ def detect_skipped_steps(run: Run) -> Finding | None:
 
 def detect_clipped(run: Run) -> Finding | None:
     """Clipping cut the gradient norm on most steps: the step size is max_norm, not the gradient."""
-    clipped = _model_series(run, "clipped")
+    clipped = run.model_series("clipped")
     if clipped.empty:
         return None
     frac = float(clipped.mean())
     if frac <= CLIPPED_FRAC:
         return None
     steps = clipped.index[clipped.to_numpy() > 0]
-    pre = _model_series(run, "global_grad_norm_preclip").reindex(steps)
-    post = _model_series(run, "global_grad_norm").reindex(steps)
+    pre = run.model_series("global_grad_norm_preclip").reindex(steps)
+    post = run.model_series("global_grad_norm").reindex(steps)
     med_pre, med_post = float(np.nanmedian(pre)), float(np.nanmedian(post))
     factor = med_pre / med_post if med_post > 0 else math.inf
     summary = (

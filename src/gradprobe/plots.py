@@ -32,7 +32,6 @@ from .diagnose import (
 )
 from .errors import GradprobeError
 from .run import Run
-from .stats import MODEL_NAME
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.axes import Axes
@@ -371,16 +370,7 @@ def clipping(run: Run, ax: Axes | None = None) -> Figure:
     """
     _require(run, "clipping")
     fig, ax = _axes(ax)
-    frame = run.frame()
-    model_rows = frame[frame["name"] == MODEL_NAME]
-
-    def series(stat: str) -> pd.Series:
-        sub = model_rows[model_rows["stat"] == stat]
-        return pd.Series(
-            sub["value"].to_numpy(dtype=float), index=sub["step"].to_numpy()
-        ).sort_index()
-
-    pre, post = series("global_grad_norm_preclip"), series("global_grad_norm")
+    pre, post = run.model_series("global_grad_norm_preclip"), run.model_series("global_grad_norm")
     if not pre.empty:
         ax.plot(
             pre.index,
@@ -399,7 +389,7 @@ def clipping(run: Run, ax: Axes | None = None) -> Figure:
             lw=1.2,
             label="as the optimizer saw it",
         )
-    clipped, skipped = series("clipped"), series("skipped")
+    clipped, skipped = run.model_series("clipped"), run.model_series("skipped")
     for step in skipped.index[skipped.to_numpy() > 0]:
         ax.axvline(step, color="0.6", lw=0.6, ls=":")
     ax.set_yscale("log")

@@ -65,7 +65,9 @@ class Run:
     @property
     def modules(self) -> list[str]:
         """Probed modules in forward execution order (input first)."""
-        return list(self.meta.get("execution_order") or [m["name"] for m in self.meta.get("modules", [])])
+        return list(
+            self.meta.get("execution_order") or [m["name"] for m in self.meta.get("modules", [])]
+        )
 
     @property
     def parameters(self) -> list[str]:
@@ -83,6 +85,17 @@ class Run:
         wide = sub.pivot_table(index="step", columns="name", values="value", aggfunc="last")
         order = names if names is not None else self._ordered(list(wide.columns))
         return wide.reindex(columns=[n for n in order if n in wide.columns])
+
+    def model_series(self, stat: str) -> pd.Series:
+        """A run-level statistic (recorded under ``(model)``: global norms, clipped,
+        skipped) by step; empty where it was not recorded."""
+        from .stats import MODEL_NAME
+
+        f = self._frame
+        sub = f[(f["name"] == MODEL_NAME) & (f["stat"] == stat)]
+        return pd.Series(
+            sub["value"].to_numpy(dtype=float), index=sub["step"].to_numpy()
+        ).sort_index()
 
     def _ordered(self, names: list[str]) -> list[str]:
         rank = {n: i for i, n in enumerate(self.modules + self.parameters)}
@@ -139,7 +152,9 @@ def load(path: str | os.PathLike[str]) -> Run:
     """Read the run directory ``path`` written by ``Probe(store=path)``."""
     root = Path(path)
     if not root.exists():
-        raise GradprobeError(f"no run at {str(root)!r}: the path does not exist", "give a run directory")
+        raise GradprobeError(
+            f"no run at {str(root)!r}: the path does not exist", "give a run directory"
+        )
     if not root.is_dir():
         raise GradprobeError(
             f"{str(root)!r} is a file, not a run directory",
@@ -154,7 +169,9 @@ def load(path: str | os.PathLike[str]) -> Run:
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise GradprobeError(f"{str(meta_path)!r} is not valid JSON ({exc})", "the run is damaged") from None
+        raise GradprobeError(
+            f"{str(meta_path)!r} is not valid JSON ({exc})", "the run is damaged"
+        ) from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise GradprobeError(
             f"{str(meta_path)!r} is not a gradprobe run's meta.json",
