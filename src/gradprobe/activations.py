@@ -1,7 +1,7 @@
 """The activation registry: each element-wise activation gradprobe knows, as plain data.
 
 An entry says what the activation *is* (``fn``), how it gates the error signal
-on the way down (``derivative``: the Hadamard factor f'(z) of concepts §1), the
+on the way down (``derivative``: the Hadamard factor f'(z) of docs/concepts.md §1), the
 largest value that factor can take (``max_derivative``), whether it saturates
 (f' → 0 for large |z|, the cause of vanishing gradients) and whether a unit can
 die (output exactly 0 with f' = 0 over a whole region, so no signal comes back).

@@ -1,4 +1,4 @@
-"""The remedy catalogue (concepts §4) as plain data, and its ranking for a given model.
+"""The remedy catalogue (docs/concepts.md §4) as plain data, and its ranking for a given model.
 
 A :class:`Remedy` says what a fix *is* (``why``, a ``code`` hint), which findings it
 addresses and how directly (``treats``: finding kind → strength in [0, 1]), and what

@@ -4,7 +4,7 @@ Shared builders: :mod:`.data` (digits, the adding problem), :mod:`.models` (MLPs
 MLPs, CNNs, recurrent nets with named inits) and :mod:`.training` (``fit``: one training
 run under a Probe). Each experiment is one module holding one
 :class:`~gradprobe.lab.experiment.Experiment`; :data:`EXPERIMENTS` lists them, in the order
-of concepts.md. :mod:`.runner` trains a grid in a process pool and writes its results;
+of docs/concepts.md. :mod:`.runner` trains a grid in a process pool and writes its results;
 ``gradprobe lab list`` and ``gradprobe lab run NAME|all`` are the command line.
 """
 

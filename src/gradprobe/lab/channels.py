@@ -4,7 +4,7 @@ A 3-layer CNN (16 channels, 3×3 convolutions, ReLU, He init) with and without
 BatchNorm2d, with zero biases and with every bias at −3 (a set-up that kills channels).
 After training, on the validation images: each channel's pre-activation mean and standard
 deviation (over samples and positions), and the dead channels — ReLU channels that are
-zero at every position of every image (concepts §6). The Probe's ``dead_window_frac``
+zero at every position of every image (docs/concepts.md §6). The Probe's ``dead_window_frac``
 (per channel for conv outputs) is reported beside it.
 """
 
@@ -209,7 +209,7 @@ EXPERIMENT = Experiment(
     question="In a small CNN on 8×8 digit images, how unequal are the channels' statistics, when do "
     "ReLU channels die, and what does BatchNorm do to each channel?",
     citation="S. Ioffe and C. Szegedy, 'Batch normalization', ICML 2015 (§3.2: per-channel "
-    "normalisation for convolutional layers); concepts.md §6.",
+    "normalisation for convolutional layers); docs/concepts.md §6.",
     source="Ioffe & Szegedy 2015",
     grid=grid,
     run=run,

@@ -1,8 +1,8 @@
 """Data for the demo and the lab: shipped with scikit-learn or generated, never downloaded.
 
 * :func:`digits`: scikit-learn's bundled 8×8 handwritten digits (1,797 images), split
-  into train and validation, standardised with the *training* mean and std (concepts §5);
-  ``images=True`` keeps the ``[N, 1, 8, 8]`` shape for CNNs (concepts §6).
+  into train and validation, standardised with the *training* mean and std (docs/concepts.md §5);
+  ``images=True`` keeps the ``[N, 1, 8, 8]`` shape for CNNs (docs/concepts.md §6).
 * :func:`adding_problem`: Hochreiter & Schmidhuber's (1997) long-range memory task.
 * :func:`synthetic_regression`: a smooth non-linear target for regression sanity checks.
 """

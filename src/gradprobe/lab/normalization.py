@@ -1,5 +1,5 @@
 """Experiment ``normalization``: none vs BatchNorm vs LayerNorm in a deep sigmoid/tanh MLP,
-and raw vs standardised inputs (concepts §5).
+and raw vs standardised inputs (docs/concepts.md §5).
 
 Part ``norm``: 20 hidden layers at PyTorch's default init, normalisation between each
 Linear and its activation, SGD + momentum. Part ``input``: a 3-layer tanh MLP (Xavier) on
