@@ -50,7 +50,7 @@ import weakref
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import partial
+from functools import cache, partial
 from typing import Any
 
 import numpy as np
@@ -413,9 +413,7 @@ class Probe:
         by_name = dict(model.named_modules())
         # Under torch.compile the hooks must run eagerly: traced, their appends to Python
         # lists would guard on list lengths and recompile every call.
-        pre, forward = (
-            (_pre_hook_eager, _forward_hook_eager) if self.compiled else (_pre_hook, _forward_hook)
-        )
+        pre, forward = _eager_hooks() if self.compiled else (_pre_hook, _forward_hook)
         for slot in self._slots:
             module = by_name[slot.name]
             self._hooks.add(module.register_forward_pre_hook(partial(pre, ref, slot.index)))
@@ -841,8 +839,11 @@ def _forward_hook(
 
 
 # The same module hooks, never traced by dynamo (used when the model is compiled).
-_pre_hook_eager = torch.compiler.disable(_pre_hook)
-_forward_hook_eager = torch.compiler.disable(_forward_hook)
+# Made on first use, not at import: torch.compiler.disable imports torch._dynamo (about
+# 2 s), which `from gradprobe import Probe` must not cost a process that compiles nothing.
+@cache
+def _eager_hooks() -> tuple[Callable[..., None], Callable[..., None]]:
+    return torch.compiler.disable(_pre_hook), torch.compiler.disable(_forward_hook)
 
 
 def _post_accumulate_hook(ref: weakref.ref[Probe], param: Tensor) -> None:
