@@ -7,12 +7,31 @@ turns it into one line on stderr and exit code 2, never a traceback.
 
 from __future__ import annotations
 
+import contextlib
+import math
+import shutil
 import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
 
 import typer
 from rich.console import Console
+from typer.core import TyperCommand
 
 from .errors import GradprobeError
+
+# Only typer and rich are imported here: `gradprobe --help` must not pay for torch,
+# pandas, matplotlib or scipy. Each command imports what it needs when it runs.
+
+
+class _Command(TyperCommand):
+    """A command whose usage line writes required arguments as NAME, not typer's {NAME}."""
+
+    def collect_usage_pieces(self, ctx) -> list[str]:  # type: ignore[no-untyped-def]
+        pieces = super().collect_usage_pieces(ctx)
+        return [piece.replace("{", "").replace("}", "") for piece in pieces]
+
 
 app = typer.Typer(
     name="gradprobe",
@@ -25,49 +44,232 @@ console = Console()
 err_console = Console(stderr=True)
 
 
+# ---------------------------------------------------------------- validation
+# Every path and number option of every command goes through one of these before any
+# work starts or any file is written: a command stopped by bad input leaves nothing
+# behind. Each raises GradprobeError (what is wrong: what to do); main() prints it as
+# one line and exits 2. Numbers arrive as text so that "two", "-1" and "nan" all get
+# the same kind of message, naming the option.
+
+
+def _as_path(text: str, option: str) -> Path:
+    if not text or not text.strip() or "\0" in text:
+        raise GradprobeError(f"{option} got an empty or invalid path {text!r}", "give a path")
+    return Path(text)
+
+
+def _first_existing(path: Path) -> Path:
+    """The path itself or its nearest ancestor that exists: where creation would start."""
+    for candidate in (path, *path.absolute().parents):
+        if candidate.exists():
+            return candidate
+    return Path(path.absolute().anchor)
+
+
+def _check_can_create_in(folder: Path, target: Path, option: str) -> None:
+    """``folder`` (an existing ancestor of ``target``) must be a directory we can write in.
+
+    Permission bits do not stop root (os.access says yes under /proc), so the check
+    opens an anonymous temporary file there: nothing visible is created, and it fails
+    exactly where creating the real file would.
+    """
+    if not folder.is_dir():
+        raise GradprobeError(
+            f"cannot create {option} {str(target)!r}: {str(folder)!r} is a file, not a folder",
+            "choose a path under a folder",
+        )
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise GradprobeError(
+            f"cannot write {option} {str(target)!r}: {str(folder)!r} is not writable "
+            f"({exc.strerror or exc})",
+            "choose a folder you can write to",
+        ) from None
+
+
+def output_dir(text: str, option: str) -> Path:
+    """A folder to write into: an existing writable folder, or one that can be created."""
+    path = _as_path(text, option)
+    if path.exists() and not path.is_dir():
+        raise GradprobeError(
+            f"{option} {text!r} is a file, not a folder", f"give a folder, e.g. {option} results"
+        )
+    _check_can_create_in(_first_existing(path), path, option)
+    return path
+
+
+def output_file(text: str, option: str, *, example: str = "out.html") -> Path:
+    """A file to write: not a folder, in a folder that exists or can be created."""
+    path = _as_path(text, option)
+    if path.is_dir():
+        raise GradprobeError(
+            f"{option} {text!r} is a folder, not a file",
+            f"give a file name in it, e.g. {option} {str(path / example)!r}",
+        )
+    _check_can_create_in(_first_existing(path.parent), path, option)
+    return path
+
+
+def existing_run_dir(text: str, option: str = "RUN") -> Path:
+    """A run directory written by ``Probe(store=...)``: a folder holding meta.json."""
+    path = _as_path(text, option)
+    hint = "give a run directory written by Probe(store=...)"
+    if not path.exists():
+        raise GradprobeError(f"{option} {text!r} does not exist", hint)
+    if not path.is_dir():
+        raise GradprobeError(f"{option} {text!r} is a file, not a run directory", hint)
+    if not (path / "meta.json").is_file():
+        raise GradprobeError(f"{option} {text!r} is not a run directory (no meta.json)", hint)
+    return path
+
+
+def whole_number(
+    text: str, option: str, *, minimum: int, maximum: int | None = None, example: int = 1
+) -> int:
+    """An integer from ``minimum`` to ``maximum`` given as text; anything else is an error."""
+    allowed = f"≥ {minimum}" if maximum is None else f"from {minimum} to {maximum}"
+    try:
+        value = int(text.strip())
+    except ValueError:
+        value = None
+    if value is None or value < minimum or (maximum is not None and value > maximum):
+        raise GradprobeError(
+            f"{option} must be a whole number {allowed}, got {text!r}", f"e.g. {option} {example}"
+        )
+    return value
+
+
+def positive_int(text: str, option: str, *, example: int = 2) -> int:
+    """A count: a whole number ≥ 1."""
+    return whole_number(text, option, minimum=1, example=example)
+
+
+def non_negative_int(text: str, option: str, *, maximum: int | None = None) -> int:
+    """A seed or an index: a whole number ≥ 0."""
+    return whole_number(text, option, minimum=0, maximum=maximum, example=0)
+
+
+def finite_float(
+    text: str, option: str, *, what: str = "", minimum: float | None = None, example: str = "1"
+) -> float:
+    """A finite number (not nan/inf), ≥ ``minimum`` if given; ``what`` names it for the reader."""
+    named = f"{option} ({what})" if what else option
+    allowed = "a finite number" + (f" ≥ {minimum:g}" if minimum is not None else "")
+    try:
+        value = float(text.strip())
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or (minimum is not None and value < minimum):
+        raise GradprobeError(f"{named} must be {allowed}, got {text!r}", f"e.g. {option} {example}")
+    return value
+
+
+@contextlib.contextmanager
+def _removed_on_failure(path: Path) -> Iterator[None]:
+    """If the command fails, remove what it created at ``path`` (and any folders above it).
+
+    Only what did not exist before is removed: a folder the user already had is kept.
+    """
+    created: Path | None = None
+    if not path.exists():
+        created = path.absolute()
+        while not created.parent.exists():
+            created = created.parent
+    try:
+        yield
+    except BaseException:
+        if created is not None and created.is_dir():
+            shutil.rmtree(created, ignore_errors=True)
+        elif created is not None:
+            created.unlink(missing_ok=True)
+        raise
+
+
 @app.callback()
 def _root() -> None:
     """gradprobe: per-layer gradient diagnostics for PyTorch."""
 
 
-@app.command("theory")
+@app.command("theory", cls=_Command)
 def theory_command(
-    activation: str = typer.Option(..., "--activation", "-a", help="a registered activation"),
-    weight_var: float = typer.Option(..., "--weight-var", help="σ_w² = fan_in·Var(W)"),
-    bias_var: float = typer.Option(0.0, "--bias-var", help="σ_b² = Var(b)"),
-    depth: int | None = typer.Option(None, "--depth", help="hidden layers: predict first/last"),
+    activation: str = typer.Option(
+        ..., "--activation", "-a", metavar="NAME", help="a registered activation"
+    ),
+    weight_var: str = typer.Option(
+        ..., "--weight-var", metavar="FLOAT", help="σ_w² = fan_in·Var(W), ≥ 0"
+    ),
+    bias_var: str = typer.Option("0", "--bias-var", metavar="FLOAT", help="σ_b² = Var(b), ≥ 0"),
+    depth: str | None = typer.Option(
+        None, "--depth", metavar="N", help="hidden layers: predict first/last"
+    ),
     as_json: bool = typer.Option(False, "--json", help="JSON; non-finite values as null"),
-    plot: str | None = typer.Option(None, "--plot", help="PNG: predicted error norm per layer"),
+    plot: str | None = typer.Option(
+        None, "--plot", metavar="FILE", help="PNG: predicted error norm per layer"
+    ),
 ) -> None:
     """Mean-field predictions (q*, χ₁, depth scale, critical σ_w²) for an activation and init."""
+    sigma_w2 = finite_float(
+        weight_var, "--weight-var", what="the weight variance σ_w²", minimum=0.0, example="2"
+    )
+    sigma_b2 = finite_float(
+        bias_var, "--bias-var", what="the bias variance σ_b²", minimum=0.0, example="0"
+    )
+    n_layers = positive_int(depth, "--depth", example=20) if depth is not None else None
+    plot_path = output_file(plot, "--plot", example="plot.png") if plot is not None else None
+
     import json
 
     from . import theory
 
-    result = theory.summary(activation, weight_var, bias_var, depth)
-    if plot is not None:
-        theory.plot_error_profiles(
-            activation, plot, bias_var=bias_var, depth=depth or 30, weight_var=weight_var
-        )
+    result = theory.summary(activation, sigma_w2, sigma_b2, n_layers)
+    if plot_path is not None:
+        with _removed_on_failure(plot_path):
+            plot_path.parent.mkdir(parents=True, exist_ok=True)  # validated as creatable
+            theory.plot_error_profiles(
+                activation,
+                str(plot_path),
+                bias_var=sigma_b2,
+                depth=n_layers or 30,
+                weight_var=sigma_w2,
+            )
     if as_json:
         typer.echo(json.dumps(result.as_dict()))
     else:
         console.print(theory.render_summary(result))
-        if plot is not None:
-            console.print(f"wrote {plot}", markup=False, soft_wrap=True)
+        if plot_path is not None:
+            console.print(f"wrote {plot_path}", markup=False, soft_wrap=True)
 
 
-@app.command("explain")
+@app.command("explain", cls=_Command)
 def explain_command(
-    topic: str = typer.Argument(..., help="backprop | standardize | channels | activations"),
-    plot: str | None = typer.Option(None, "--plot", help="activations: PNG of f and f'"),
-    out: str | None = typer.Option(None, "--out", help="activations: folder for the PNG"),
+    topic: str = typer.Argument(
+        ..., metavar="TOPIC", help="backprop | standardize | channels | activations"
+    ),
+    plot: str | None = typer.Option(
+        None, "--plot", metavar="FILE", help="activations: PNG of f and f'"
+    ),
+    out: str | None = typer.Option(
+        None, "--out", metavar="DIR", help="activations: folder for activations.png"
+    ),
 ) -> None:
-    """Worked examples of concepts.md, computed live and checked against autograd."""
+    """Worked examples of docs/concepts.md, computed live and checked against autograd.
+
+    backprop: back-propagation as Hadamard products (docs/concepts.md §1).
+    standardize: standardising inputs (docs/concepts.md §5).
+    channels: tensor shapes and channels (docs/concepts.md §6).
+    activations: the activation cheat-sheet (docs/concepts.md §7).
+    """
+    plot_path = output_file(plot, "--plot", example="plot.png") if plot is not None else None
+    out_dir = output_dir(out, "--out") if out is not None else None
+
     from . import explain
 
     result = explain.compute(topic)
-    path = explain.write_figure(topic, plot, out)
+    written = plot_path or out_dir
+    with _removed_on_failure(written) if written else contextlib.nullcontext():
+        path = explain.write_figure(topic, plot_path, out_dir)
     for item in explain.render(topic, result):
         console.print(item)
     if path is not None:
@@ -80,24 +282,7 @@ lab_app = typer.Typer(
 app.add_typer(lab_app, name="lab")
 
 
-def _whole_number(text: str | None, option: str) -> int | None:
-    """Parse a count given on the command line; anything but a whole number ≥ 1 is an error."""
-    if text is None:
-        return None
-    try:
-        value = int(text)
-    except ValueError:
-        raise GradprobeError(
-            f"{option} must be a whole number ≥ 1, got {text!r}", f"e.g. {option} 2"
-        ) from None
-    if value < 1:
-        raise GradprobeError(
-            f"{option} must be a whole number ≥ 1, got {value}", f"e.g. {option} 2"
-        )
-    return value
-
-
-@lab_app.command("list")
+@lab_app.command("list", cls=_Command)
 def lab_list_command() -> None:
     """List the lab's experiments: name, question, source."""
     from rich.table import Table
@@ -110,29 +295,33 @@ def lab_list_command() -> None:
     console.print(table)
 
 
-@lab_app.command("run")
+@lab_app.command("run", cls=_Command)
 def lab_run_command(
-    name: str = typer.Argument(..., help="an experiment from 'gradprobe lab list', or 'all'"),
+    name: str = typer.Argument(
+        ..., metavar="NAME", help="an experiment from 'gradprobe lab list', or 'all'"
+    ),
     quick: bool = typer.Option(False, "--quick", help="small grids: every experiment in minutes"),
     seeds: str | None = typer.Option(
-        None, "--seeds", help="seeds per configuration (default: per experiment)"
+        None, "--seeds", metavar="N", help="seeds per configuration (default: per experiment)"
     ),
     out: str = typer.Option(
-        "lab-results", "--out", help="folder for results, figures and the report"
+        "lab-results", "--out", metavar="DIR", help="folder for results, figures and the report"
     ),
     workers: str | None = typer.Option(
-        None, "--workers", help="worker processes (default min(2, CPUs))"
+        None, "--workers", metavar="N", help="worker processes (default min(2, CPUs))"
     ),
 ) -> None:
     """Run one experiment (or all): results.csv/json, figures and lab_report.html under --out."""
+    n_seeds = positive_int(seeds, "--seeds") if seeds is not None else None
+    n_workers = positive_int(workers, "--workers") if workers is not None else None
+    out_dir = output_dir(out, "--out")
+
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from .lab import EXPERIMENTS
     from .lab.runner import get_experiment, run_experiments
 
     names = list(EXPERIMENTS) if name == "all" else [get_experiment(name).name]
-    n_seeds = _whole_number(seeds, "--seeds")
-    n_workers = _whole_number(workers, "--workers")
     mode = "quick" if quick else "full"
     columns = (
         TextColumn("{task.description:<14}"),
@@ -140,9 +329,11 @@ def lab_run_command(
         MofNCompleteColumn(),
         TimeElapsedColumn(),
     )
+    # A failed or interrupted lab run keeps what it wrote: finished experiments are
+    # worth keeping, unlike the demo's half-written folder.
     with Progress(*columns, console=err_console, transient=False) as progress:
         outcomes = run_experiments(
-            names, mode=mode, seeds=n_seeds, out=out, workers=n_workers, progress=progress
+            names, mode=mode, seeds=n_seeds, out=out_dir, workers=n_workers, progress=progress
         )
     for o in outcomes:
         mark = "agrees" if o.verdict.agrees_with_source else "disagrees"
@@ -152,7 +343,7 @@ def lab_run_command(
             markup=False,
         )
         console.print("  " + o.verdict.text.splitlines()[0], markup=False)
-    console.print(f"wrote {out}/lab_report.html", markup=False, soft_wrap=True)
+    console.print(f"wrote {out_dir / 'lab_report.html'}", markup=False, soft_wrap=True)
 
 
 # ---- diagnose, report, demo (issue 4) ----
@@ -169,86 +360,106 @@ def _progress_bar():  # type: ignore[no-untyped-def]
     )
 
 
-def _nonempty_run(path: str):  # type: ignore[no-untyped-def]
+def _nonempty_run(path: Path):  # type: ignore[no-untyped-def]
     from .run import load
 
     run = load(path)
     if run.empty:
         raise GradprobeError(
-            f"the run {path!r} has no recorded steps", "train at least one step under the Probe"
+            f"the run {str(path)!r} has no recorded steps",
+            "train at least one step under the Probe",
         )
     return run
 
 
-@app.command("diagnose")
+@app.command("diagnose", cls=_Command)
 def diagnose_command(
-    run: str = typer.Argument(..., help="a run directory written by Probe(store=...)"),
+    run: str = typer.Argument(
+        ..., metavar="RUN", help="a run directory written by Probe(store=...)"
+    ),
     as_json: bool = typer.Option(
         False, "--json", help="print the findings as JSON (see FINDINGS_JSON_SCHEMA)"
     ),
 ) -> None:
     """Diagnose a recorded run: findings with their numbers and ranked remedies."""
+    run_dir = existing_run_dir(run)
+
     from rich.table import Table
 
-    from .diagnose import diagnose
+    from .diagnose import diagnose, no_findings_note
 
-    findings = diagnose(_nonempty_run(run))
+    findings = diagnose(_nonempty_run(run_dir))
     if as_json:
         print(findings.to_json())
         return
     if not findings:
-        console.print(f"{findings.run_name}: no problems found", markup=False)
+        # The note says what was checked (and skipped), so it replaces the lines below.
+        console.print(f"{findings.run_name}: {no_findings_note(findings)}", markup=False)
+        return
     table = Table(
         "severity", "finding", "what was measured", "remedies, best first", show_lines=True
     )
     for f in findings:
         fixes = "\n".join(f"{i}. {r.name}" for i, r in enumerate(f.remedies[:3], start=1))
         table.add_row(f.severity, f.kind, f.summary, fixes)
-    if findings:
-        console.print(table)
+    console.print(table)
     for kind, why in findings.skipped.items():
         console.print(f"skipped {kind}: {why}", markup=False)
 
 
-@app.command("report")
+@app.command("report", cls=_Command)
 def report_command(
     runs: list[str] = typer.Argument(  # noqa: B008 (typer reads the default)
-        ..., help="one or more run directories (several: side by side)"
+        ..., metavar="RUN", help="one or more run directories (several: side by side)"
     ),
-    output: str = typer.Option("report.html", "-o", "--output", help="the HTML file to write"),
+    output: str = typer.Option(
+        "report.html", "-o", "--output", metavar="FILE", help="the HTML file to write"
+    ),
 ) -> None:
     """Write one self-contained HTML report of one run, or several compared side by side."""
+    run_dirs = [existing_run_dir(r) for r in runs]
+    target = output_file(output, "--output", example="report.html")
+
     from .plots import PLOTS
     from .report import report
 
-    loaded = [_nonempty_run(r) for r in runs]
-    with _progress_bar() as bar:
+    loaded = [_nonempty_run(r) for r in run_dirs]
+    with _removed_on_failure(target), _progress_bar() as bar:
         task = bar.add_task("report", total=len(PLOTS) + 2)
         path = report(
-            loaded, output, progress=lambda what: bar.update(task, advance=1, description=what)
+            loaded, target, progress=lambda what: bar.update(task, advance=1, description=what)
         )
     console.print(f"wrote {path}", markup=False, soft_wrap=True)
 
 
-@app.command("demo")
+# torch.manual_seed and NumPy's legacy seeding both take 32-bit seeds without surprise.
+_MAX_SEED = 2**32 - 1
+
+
+@app.command("demo", cls=_Command)
 def demo_command(
     out: str = typer.Option(
-        "runs/demo", "--out", help="folder for the runs, table and report.html"
+        "runs/demo", "--out", metavar="DIR", help="folder for the runs, table and report.html"
     ),
-    seed: int = typer.Option(0, "--seed", help="seed of data split, initialisation and batches"),
+    seed: str = typer.Option(
+        "0", "--seed", metavar="N", help="seed of data split, initialisation and batches (≥ 0)"
+    ),
 ) -> None:
     """Train a 20-layer sigmoid MLP on digits, diagnose it, train the proposed remedies, compare."""
+    out_dir = output_dir(out, "--out")
+    seed_value = non_negative_int(seed, "--seed", maximum=_MAX_SEED)
+
     from rich.table import Table
 
     from .demo import DemoConfig, run_demo
 
-    with _progress_bar() as bar:
+    with _removed_on_failure(out_dir), _progress_bar() as bar:
         task = bar.add_task("demo", total=5)
 
         def tick(what: str, done: int, total: int) -> None:
             bar.update(task, completed=done, total=total, description=what)
 
-        result = run_demo(out, DemoConfig(seed=seed), progress=tick)
+        result = run_demo(out_dir, DemoConfig(seed=seed_value), progress=tick)
     base = result.findings
     vanishing = base.of("vanishing")
     console.print(f"baseline findings: {', '.join(base.kinds) or 'none'}", markup=False)
@@ -287,15 +498,18 @@ export_app = typer.Typer(help="Export a recorded run to other tools.", no_args_i
 app.add_typer(export_app, name="export")
 
 
-@export_app.command("tensorboard")
+@export_app.command("tensorboard", cls=_Command)
 def export_tensorboard_command(
-    run: str = typer.Argument(..., help="a run directory written by Probe(store=...)"),
-    logdir: str = typer.Option(..., "--logdir", help="TensorBoard log directory to write"),
+    run: str = typer.Argument(
+        ..., metavar="RUN", help="a run directory written by Probe(store=...)"
+    ),
+    logdir: str = typer.Option(
+        ..., "--logdir", metavar="DIR", help="TensorBoard log directory to write"
+    ),
 ) -> None:
     """Scalars (stat/name) and activation histograms as TensorBoard event files."""
-    from .run import load
-
-    recorded = load(run)
+    run_dir = existing_run_dir(run)
+    log_dir = output_dir(logdir, "--logdir")
     try:
         from .integrations.tensorboard import export
     except ImportError as exc:
@@ -303,7 +517,11 @@ def export_tensorboard_command(
             f"TensorBoard export needs the tensorboard package ({exc.name} is missing)",
             "pip install 'gradprobe[tensorboard]'",
         ) from None
-    path = export(recorded, logdir)
+    from .run import load
+
+    recorded = load(run_dir)
+    with _removed_on_failure(log_dir):
+        path = export(recorded, log_dir)
     console.print(
         f"wrote {path} (open with: tensorboard --logdir {path})", markup=False, soft_wrap=True
     )
@@ -312,7 +530,7 @@ def export_tensorboard_command(
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``gradprobe`` command; returns the exit code."""
     try:
-        app(args=argv, standalone_mode=False)
+        app(args=argv, standalone_mode=False, prog_name="gradprobe")
     except GradprobeError as exc:
         err_console.print(exc.one_line(), markup=False, highlight=False, soft_wrap=True)
         return 2
