@@ -59,6 +59,7 @@ __all__ = [
     "UPDATE_RATIO_EXPLODING",
     "VANISHING_FACTOR",
     "VANISHING_RATIO",
+    "Checked",
     "DepthProfile",
     "Detector",
     "Finding",
@@ -66,6 +67,7 @@ __all__ = [
     "depth_profile",
     "diagnose",
     "key_numbers",
+    "no_findings_note",
 ]
 
 # ---------------------------------------------------------------- thresholds
@@ -169,11 +171,22 @@ class Finding:
         }
 
 
+@dataclass(frozen=True)
+class Checked:
+    """What a diagnosis looked at: recorded steps, probed modules, statistics, detectors run."""
+
+    steps: int
+    modules: int
+    statistics: tuple[str, ...]
+    detectors: tuple[str, ...]
+
+
 class Findings(list):  # list[Finding]; a plain list subclass so it prints and compares as one
     """The findings of one run, most severe first; shows as a table in a notebook.
 
     ``run_name`` names the run; ``skipped`` maps detectors that could not run to why
-    (a statistic that was not recorded).
+    (a statistic that was not recorded); ``checked`` says what :func:`diagnose` looked
+    at (:class:`Checked`), so that an empty list can say what "no problems" covers.
     """
 
     def __init__(
@@ -182,10 +195,12 @@ class Findings(list):  # list[Finding]; a plain list subclass so it prints and c
         *,
         run_name: str = "",
         skipped: dict[str, str] | None = None,
+        checked: Checked | None = None,
     ) -> None:
         super().__init__(items)
         self.run_name = run_name
         self.skipped = dict(skipped or {})
+        self.checked = checked
 
     @property
     def kinds(self) -> list[str]:
@@ -209,17 +224,45 @@ class Findings(list):  # list[Finding]; a plain list subclass so it prints and c
         return findings_html(self)
 
 
+def _statistic_names(names: Iterable[str]) -> list[str]:
+    """Statistic names for a sentence: the histogram bins ``hist_00``… as one entry."""
+    names = list(names)
+    bins = [n for n in names if n.startswith("hist_")]
+    shown = [n for n in names if not n.startswith("hist_")]
+    if bins:
+        shown.append(f"hist_* ({len(bins)} bins)")
+    return shown
+
+
+def no_findings_note(findings: Findings) -> str:
+    """The sentence shown when nothing was found: what was checked, and what could not be.
+
+    One text for the report (:func:`findings_html`) and ``gradprobe diagnose``, so that
+    "no problems found" always says what it covers.
+    """
+    note = "no problems found"
+    checked = findings.checked
+    if checked is not None:
+        statistics = _statistic_names(checked.statistics)
+        note += (
+            f" in {checked.steps} recorded step{'s' if checked.steps != 1 else ''}"
+            f" of {checked.modules} module{'s' if checked.modules != 1 else ''}:"
+            f" {len(checked.detectors)} detectors ({', '.join(checked.detectors)})"
+            f" checked {len(statistics)} statistics ({', '.join(statistics)})"
+        )
+    if findings.skipped:
+        note += (
+            f"; {len(findings.skipped)} checks skipped ("
+            + "; ".join(f"{k}: {v}" for k, v in findings.skipped.items())
+            + ")"
+        )
+    return note
+
+
 def findings_html(findings: Findings, *, remedies: int = 3) -> str:
     """An HTML table of findings (severity, kind, where, summary, top remedies)."""
     if not findings:
-        note = "no problems found"
-        if findings.skipped:
-            note += (
-                f" ({len(findings.skipped)} checks skipped: "
-                + "; ".join(f"{escape(k)}: {escape(v)}" for k, v in findings.skipped.items())
-                + ")"
-            )
-        return f'<p class="gp-none">{note}</p>'
+        return f'<p class="gp-none">{escape(no_findings_note(findings))}</p>'
     rows = []
     for f in findings:
         where = ", ".join(f"<code>{escape(n)}</code>" for n in f.names[:6])
@@ -1011,6 +1054,7 @@ def diagnose(run_or_probe: Any) -> Findings:
     profile = model_profile(run.meta)
     found: list[Finding] = []
     skipped: dict[str, str] = {}
+    ran: list[str] = []  # for the "no problems found" note: what was actually checked
     for kind, det in DETECTORS.items():
         if not stats & set(det.requires):
             asked = set(run.meta.get("probe", {}).get("stats", []))
@@ -1021,6 +1065,7 @@ def diagnose(run_or_probe: Any) -> Findings:
                     f"needs {' or '.join(det.requires)}: record it with Probe(..., stats='default')"
                 )
             continue
+        ran.append(kind)
         finding = det.fn(run)
         if finding is not None:
             remedies = tuple(rank_remedies(finding.kind, profile))
@@ -1035,7 +1080,13 @@ def diagnose(run_or_probe: Any) -> Findings:
                 )
             )
     found.sort(key=lambda f: (-_SEVERITY_RANK[f.severity], KIND_ORDER.index(f.kind)))
-    return Findings(found, run_name=run.name, skipped=skipped)
+    checked = Checked(
+        steps=len(run.steps),
+        modules=len(run.modules),
+        statistics=tuple(run.stats),
+        detectors=tuple(ran),
+    )
+    return Findings(found, run_name=run.name, skipped=skipped, checked=checked)
 
 
 def key_numbers(run: Run) -> dict[str, float]:
