@@ -1,16 +1,16 @@
-"""Worked examples of the concepts behind gradprobe, computed live and checked.
+"""Worked examples of the concepts behind gradprobe (docs/concepts.md), computed live and checked.
 
 Each topic is a function that returns its numbers (a dataclass), so tests and
 notebooks can check them; :func:`render` turns one into rich renderables for the
 ``gradprobe explain TOPIC`` command, which only prints them.
 
-* :func:`backprop` — concepts §1: the two-layer sigmoid network's gradients written
+* :func:`backprop` — docs/concepts.md §1: the two-layer sigmoid network's gradients written
   out as Hadamard products, each compared with ``torch.autograd`` in float64, and a
   deep sigmoid chain whose product of per-layer factors vanishes.
-* :func:`standardize` — concepts §5: X = [100, 50, 10, 5, 1] standardised.
-* :func:`channels` — concepts §6: ``[batch, channels, height, width]`` through a real
+* :func:`standardize` — docs/concepts.md §5: X = [100, 50, 10, 5, 1] standardised.
+* :func:`channels` — docs/concepts.md §6: ``[batch, channels, height, width]`` through a real
   convolution on digits images, per-channel statistics and a dead channel.
-* :func:`activations` — concepts §7: the cheat-sheet, with each registered
+* :func:`activations` — docs/concepts.md §7: the cheat-sheet, with each registered
   activation's maximum derivative, saturated and dead ranges found numerically.
 """
 
@@ -107,7 +107,7 @@ def backprop(chain_depth: int = 12, chain_weight: float = 1.0) -> BackpropExampl
     f64 = torch.float64
     X, W1, b1, W2, b2, y = (torch.tensor(v, dtype=f64) for v in (_X, _W1, _B1, _W2, _B2, _Y))
 
-    # By hand, following the formulas of concepts §1.
+    # By hand, following the formulas of docs/concepts.md §1.
     z = W1 @ X + b1
     H = torch.sigmoid(z)
     y_hat = W2 @ H + b2
@@ -242,8 +242,9 @@ def standardize(values: tuple[float, ...] = (100.0, 50.0, 10.0, 5.0, 1.0)) -> St
     xs = (x - mean) / pop_var.sqrt()
 
     def gate(t: torch.Tensor) -> list[float]:
-        s = torch.sigmoid(t)
-        return (s * (1 - s)).tolist()
+        # σ'(x) = σ(x)·σ(−x), not σ(1 − σ): beyond x ≈ 37 float64 rounds σ(x) to 1, and
+        # 1 − σ would print σ'(100) as 0 where it is 3.7e-44 (tiny, but not zero).
+        return (torch.sigmoid(t) * torch.sigmoid(-t)).tolist()
 
     return StandardizeExample(
         values=x.tolist(),
@@ -339,7 +340,7 @@ def channels(batch: int = 8, dead_bias: float = -100.0) -> ChannelsExample:
 # ---------------------------------------------------------------- §7 activations
 
 
-# The cheat-sheet of concepts §7, as data (softmax is not element-wise, so not registered).
+# The cheat-sheet of docs/concepts.md §7, as data (softmax is not element-wise, so not registered).
 CHEAT_SHEET: dict[str, tuple[str, str, str]] = {
     "relu": ("hidden layers", "fast, simple", "dead units"),
     "leaky_relu": ("hidden layers", "avoids dead units", "extra hyper-parameter"),
@@ -551,7 +552,9 @@ def render(topic: str, result: Any) -> list[Any]:
 
     if topic == "backprop":
         r: BackpropExample = result
-        t = Table(title="two-layer network (concepts §1), float64, by hand vs torch.autograd")
+        t = Table(
+            title="two-layer network (docs/concepts.md §1), float64, by hand vs torch.autograd"
+        )
         t.add_column("quantity")
         t.add_column("value")
         t.add_column("max |hand − autograd|", justify="right")
@@ -591,7 +594,7 @@ def render(topic: str, result: Any) -> list[Any]:
         return [t, note, c, Text(where)]
     if topic == "standardize":
         s: StandardizeExample = result
-        t = Table(title="standardisation x̂ = (x − μ)/σ (concepts §5)")
+        t = Table(title="standardisation x̂ = (x − μ)/σ (docs/concepts.md §5)")
         t.add_column("quantity")
         t.add_column("value", justify="right")
         rows = [
@@ -621,7 +624,9 @@ def render(topic: str, result: Any) -> list[Any]:
         return [t, warn, g]
     if topic == "channels":
         ch: ChannelsExample = result
-        t = Table(title=escape("tensor shapes [batch, channels, height, width] (concepts §6)"))
+        t = Table(
+            title=escape("tensor shapes [batch, channels, height, width] (docs/concepts.md §6)")
+        )
         t.add_column("tensor")
         t.add_column("shape")
         t.add_row(f"input: digits {ch.labels}, 1 grey channel", str(list(ch.input_shape)))
@@ -647,7 +652,7 @@ def render(topic: str, result: Any) -> list[Any]:
     if topic == "activations":
         facts: list[ActivationFacts] = result
         zmax = facts[0].zmax if facts else 0.0
-        sheet = Table(title="activation cheat-sheet (concepts §7)")
+        sheet = Table(title="activation cheat-sheet (docs/concepts.md §7)")
         for col in ("activation", "used in", "strength", "weakness"):
             sheet.add_column(col)
         for name, (used, strength, weakness) in CHEAT_SHEET.items():
