@@ -136,24 +136,26 @@ _GL_X, _GL_W = np.polynomial.legendre.leggauss(_GL_NODES)
 
 
 def _nodes(
-    mean: np.ndarray, scale: float, kinks: Sequence[float], n: int = _GL_NODES
+    mean: np.ndarray, scale: float | np.ndarray, kinks: Sequence[float], n: int = _GL_NODES
 ) -> tuple[np.ndarray, np.ndarray]:
     """Nodes z and weights w (shape [M, K]) with Σ_k w g(mean + scale·z) ≈ E_z[g(mean + scale·z)].
 
-    One row per entry of ``mean``. Each row's range |z| ≤ _Z_MAX is cut at a grid in
-    z, at the points where u = mean + scale·z crosses _U_BREAKS and the kinks, and
-    each piece gets an n-point Gauss–Legendre rule times the normal density. Cuts
-    outside the range are clipped to its ends, leaving pieces of zero width.
+    One row per entry of ``mean``; ``scale`` is one number or one per row. Each row's
+    range |z| ≤ _Z_MAX is cut at a grid in z, at the points where u = mean + scale·z
+    crosses _U_BREAKS and the kinks, and each piece gets an n-point Gauss–Legendre rule
+    times the normal density. Cuts outside the range are clipped to its ends, leaving
+    pieces of zero width (so is every u-cut of a row whose scale is 0).
     """
     gl_x, gl_w = (_GL_X, _GL_W) if n == _GL_NODES else np.polynomial.legendre.leggauss(n)
     mean = np.asarray(mean, dtype=np.float64).reshape(-1)
+    scale = np.broadcast_to(np.asarray(scale, dtype=np.float64), mean.shape)
     grid = np.arange(-_Z_MAX, _Z_MAX + 0.5 * _Z_STEP, _Z_STEP)
     u_cuts = np.array(sorted({*_U_BREAKS, *(-u for u in _U_BREAKS), *kinks}), dtype=np.float64)
-    cuts = np.broadcast_to(grid, (mean.size, grid.size))
-    if scale > 0:
-        mapped = (u_cuts[None, :] - mean[:, None]) / scale
-        cuts = np.concatenate([cuts, np.clip(mapped, -_Z_MAX, _Z_MAX)], axis=1)
-    cuts = np.sort(cuts, axis=1)
+    positive = scale > 0
+    safe_scale = np.where(positive, scale, 1.0)
+    mapped = np.clip((u_cuts[None, :] - mean[:, None]) / safe_scale[:, None], -_Z_MAX, _Z_MAX)
+    mapped = np.where(positive[:, None], mapped, -_Z_MAX)
+    cuts = np.sort(np.concatenate([np.broadcast_to(grid, (mean.size, grid.size)), mapped], 1), 1)
     lo, hi = cuts[:, :-1], cuts[:, 1:]
     half, mid = 0.5 * (hi - lo), 0.5 * (hi + lo)
     z = mid[..., None] + half[..., None] * gl_x  # [M, pieces, n]
@@ -198,6 +200,27 @@ def _moments(act: Activation, q: float, params: Params) -> tuple[float, float, f
     return e_f2, e_d2, e_slope
 
 
+def _second_moments(act: Activation, qs: np.ndarray, params: Params) -> np.ndarray:
+    """E[φ(√q z)²] for each q in ``qs``, in one batched quadrature (see :func:`_moments`)."""
+    qs = np.asarray(qs, dtype=np.float64).reshape(-1)
+    scales = np.sqrt(np.maximum(qs, _Q_TINY))
+    z, w = _nodes(np.zeros(qs.size), scales, act.kinks)
+    f = act(torch.from_numpy(scales[:, None] * z), params).to(torch.float64)
+    return (torch.from_numpy(w) * f * f).sum(dim=1).numpy()
+
+
+def _slopes_at_zero(act: Activation, params: Params) -> tuple[float, float]:
+    """(φ'(0⁻), φ'(0⁺)): one-sided slopes, which decide what a network does as q → 0."""
+    ends = act.gate(torch.tensor([-1e-12, 1e-12], dtype=torch.float64), params)
+    return float(ends[0]), float(ends[1])
+
+
+def _is_linear_at_zero(act: Activation, params: Params) -> bool:
+    """φ'(0⁻) = φ'(0⁺): as q → 0 the network becomes linear (tanh, softsign, silu …)."""
+    left, right = _slopes_at_zero(act, params)
+    return abs(left - right) <= 1e-9 * max(abs(left), abs(right), 1e-300)
+
+
 def length_map(
     activation: ActivationLike, weight_var: float, bias_var: float, q: float, params: Params = None
 ) -> float:
@@ -228,6 +251,19 @@ def _chi(act: Activation, weight_var: float, q: float, params: Params) -> float:
     return weight_var * _moments(act, q, params)[1]
 
 
+# fixed_point walks from its start on a geometric grid of this many points per doubling
+# (so two roots closer than a factor 2^(1/4) ≈ 1.19 can be missed), in batches.
+_WALK_STEPS_PER_DOUBLING = 4
+_WALK_BATCH = 16
+# Below this q the downward walk stops: the remaining root, if any, is found in [0, q].
+_Q_FLOOR = 1e-30
+# With L(0) = 0, a root below this is q* = 0 seen through rounding (critical tanh: the
+# relative gap −2q falls below the tolerance near q ~ 1e-14, yet q^l → 0 like 1/l).
+_Q_ZERO = 1e-10
+# |L(q) − q| at most this times q is taken as a root: rounding, not a direction of travel.
+_GAP_RTOL = 1e-14
+
+
 def fixed_point(
     activation: ActivationLike,
     weight_var: float,
@@ -239,41 +275,82 @@ def fixed_point(
     """q*: the fixed point of the length map reached by iterating it from ``q_start``.
 
     The default start is q^1 = σ_w² + σ_b², the first layer of a network fed
-    standardised data (Poole et al. 2016, eq. 3). For every registered activation the
-    attracting fixed point is unique except in one degenerate case: a positively
-    homogeneous φ (relu, leaky_relu, prelu) with σ_b² = 0 at its critical σ_w², where
-    L(q) = q and every q is fixed; then ``q_start`` is returned. Returns ``math.inf``
-    when q^l grows without bound (e.g. relu with σ_w² > 2), and 0 when the signal
-    dies out (e.g. tanh with σ_w² ≤ 1, σ_b² = 0).
+    standardised data (Poole et al. 2016, eq. 3).
+
+    How: the length map L is non-decreasing in q for every registered activation (the
+    test suite checks L'(q) ≥ 0 on a wide grid), so iterating it from q moves towards
+    the nearest root of L(q) − q in the direction of sign(L(q) − q) and stops there.
+    The solver walks that way on a geometric grid (4 points per doubling), brackets the
+    first sign change and refines it with Brent's method: the root returned is the
+    attractor of the start, never a farther root in a wide bracket. |L(q) − q| within
+    rounding (1e-14·q) counts as a root.
+
+    Degenerate cases:
+
+    * ``math.inf`` when q^l grows without bound (unbounded φ in the chaotic phase,
+      e.g. relu with σ_w² > 2); the walk gives up above 1e15.
+    * 0 when the signal dies out: L(0) = 0 (φ(0) = 0 and σ_b² = 0) and L(q) < q below
+      the start, e.g. tanh with σ_w² ≤ 1 (at σ_w² = 1 q^l → 0 like 1/l).
+    * q_start itself when L(q_start) = q_start, e.g. a positively homogeneous φ (relu,
+      leaky_relu, prelu) with σ_b² = 0 at its critical σ_w², where every q is fixed.
+    * Where the length map has several attractors the start decides; the default is
+      what a network fed standardised data does.
     """
     act = _resolve(activation)
     _check_variances(weight_var, bias_var)
+    if q_start is not None and not (
+        isinstance(q_start, (int, float)) and math.isfinite(q_start) and q_start >= 0
+    ):
+        raise GradprobeError(
+            f"q_start must be a non-negative number, got {q_start!r}",
+            "pass the second moment of the first layer's pre-activations, e.g. 1.0",
+        )
     q = weight_var + bias_var if q_start is None else float(q_start)
+    at_zero = weight_var * float(act(torch.zeros(1, dtype=torch.float64), params)[0]) ** 2
+    dies_out = at_zero + bias_var == 0.0  # L(0) = 0
+
+    def gaps(xs: np.ndarray) -> np.ndarray:
+        return weight_var * _second_moments(act, xs, params) + bias_var - xs
 
     def gap(x: float) -> float:
-        return weight_var * _moments(act, x, params)[0] + bias_var - x
+        return float(gaps(np.array([x]))[0])
 
-    g0 = gap(q)
-    if abs(g0) <= 1e-14 * max(q, 1e-300):
+    def is_root(x: float, g: float) -> bool:
+        return abs(g) <= _GAP_RTOL * max(x, x + g, 1e-300)
+
+    if q == 0.0:  # one step of the map: q^2 = L(0)
+        if dies_out:
+            return 0.0
+        q = at_zero + bias_var
+    g_start = gap(q)
+    if is_root(q, g_start):
         return q
-    if g0 > 0:  # q^l increases towards the nearest root above q, if any
-        lo, hi = q, max(2.0 * q, 1e-12)
-        while gap(hi) > 0:
-            lo, hi = hi, 2.0 * hi
-            if hi > _Q_HUGE:
-                return math.inf
-        return float(_brentq(gap, lo, hi, xtol=1e-300, rtol=1e-15, maxiter=200))
-    # q^l decreases towards the largest root below q (0 when L(0) = 0).
-    hi = q
-    lo = q / 2.0
-    while lo > 1e-30:
-        if gap(lo) >= 0:
-            return float(_brentq(gap, lo, hi, xtol=1e-300, rtol=1e-15, maxiter=200))
-        hi, lo = lo, lo / 2.0
-    at_zero = float(act(torch.zeros(1, dtype=torch.float64), params)[0]) ** 2
-    if weight_var * at_zero + bias_var == 0.0:  # L(0) = 0: the signal dies out
+    up = g_start > 0
+    ratio = 2.0 ** ((1.0 if up else -1.0) / _WALK_STEPS_PER_DOUBLING)
+    prev = q
+    steps = 1
+    while True:
+        xs = q * ratio ** np.arange(steps, steps + _WALK_BATCH, dtype=np.float64)
+        xs = xs[xs <= 2 * _Q_HUGE] if up else xs[xs >= 0.5 * _Q_FLOOR]
+        for x, g in zip(xs.tolist(), gaps(xs).tolist(), strict=True):
+            if dies_out and not up and x < _Q_ZERO:  # any root left is q* = 0 (see _Q_ZERO)
+                return 0.0
+            if is_root(x, g):
+                return x
+            if (g > 0) != up:  # the first sign change: the nearest root lies in between
+                lo, hi = (prev, x) if up else (x, prev)
+                root = _brentq(gap, lo, hi, xtol=1e-300, rtol=1e-15, maxiter=200)
+                return 0.0 if (dies_out and root < _Q_ZERO) else root
+            prev = x
+        steps += _WALK_BATCH
+        if up and prev > _Q_HUGE:
+            return math.inf
+        if not up and prev < _Q_FLOOR:
+            break
+    # L(q) < q all the way down to _Q_FLOOR: q* = 0 if L(0) = 0, else the root in (0, prev)
+    if dies_out:
         return 0.0
-    return float(_brentq(gap, 0.0, hi, xtol=1e-300, rtol=1e-15, maxiter=200))
+    return _brentq(gap, 0.0, prev, xtol=1e-300, rtol=1e-15, maxiter=200)
 
 
 def chi1(
@@ -335,17 +412,52 @@ def _pair_expectation(
     return float((torch.from_numpy(w1) * g1 * inner).sum())
 
 
+# |gap| of the correlation map at most this counts as a root: its noise is ~1e-16.
+_C_GAP_TOL = 1e-12
+
+
 def c_star(
     activation: ActivationLike, weight_var: float, bias_var: float, *, params: Params = None
 ) -> float:
-    """c*: the stable fixed point of the correlation map (Schoenholz et al. 2017, §3).
+    """c*: the fixed point of the correlation map that every pair of inputs converges to.
 
-    1 in the ordered phase (χ₁ ≤ 1: nearby inputs become identical with depth); in the
-    chaotic phase (χ₁ > 1) the unique root of c ↦ correlation_map(c) − c in [0, 1).
+    Which root that is follows from two facts that hold for every φ (not only the
+    monotone ones), with M(c) the correlation map at a finite q* > 0 and gap = M(c) − c:
+
+    * On [0, 1], M(c) = (σ_w² Σ_n a_n² cⁿ + σ_b²)/q* (a_n the Hermite coefficients of
+      φ(√q* z)): non-decreasing and convex, with M(1) = 1 and M'(1) = χ₁. So gap(0) =
+      (σ_w² E[φ]² + σ_b²)/q* ≥ 0 and gap has at most one root in [0, 1).
+    * On [−1, 0], |odd part| ≤ |c|·(its value at 1) gives gap(c) ≥ σ_b²(1 + |c|)/q* ≥ 0:
+      every start c⁰ ∈ (−1, 0) moves up. c = −1 is a root only for an odd φ with σ_b² = 0,
+      and it repels.
+
+    Hence every start c⁰ ∈ (−1, 1) converges to the same c*: 1 in the ordered phase
+    (χ₁ ≤ 1, where gap > 0 on [0, 1)); in the chaotic phase (χ₁ > 1, where gap < 0 just
+    below 1) the unique root in [0, 1), which is 0 when E[φ(√q* z)] = 0 and σ_b² = 0
+    (odd φ such as tanh, softsign, hardtanh). That root is bracketed in [0, 1 − δ], and a
+    gap(0) within rounding (|gap| ≤ 1e-12) is the root 0 itself, never a sign to follow.
+    Within δ = 1e-6 of criticality c* is returned as 1.
+
+    Degenerate q*:
+
+    * q* = ∞ (unbounded φ, chaotic length map): 1. Large pre-activations see only φ's
+      positively homogeneous asymptote, whose normalised correlation map (the arc-cosine
+      kernel of relu) lies above the diagonal on [−1, 1) and so attracts to 1.
+    * q* = 0 with a kink at 0 (relu, leaky_relu, prelu, selu; elu with α ≠ 1): φ acts
+      as the positively homogeneous map with the same one-sided slopes, whose normalised
+      correlation map does not depend on q and attracts to 1: c* = 1.
+    * q* = 0 with φ linear at 0 (tanh, softsign, hardtanh, silu, gelu, elu at σ_b² = 0
+      in the ordered phase): the pre-activations shrink to 0, the network becomes linear
+      and every correlation is preserved to first order, so the limit depends on the
+      inputs and there is no unique c*: ``math.nan``. (:func:`chi_c` is then χ₁.)
     """
     act = _resolve(activation)
     q = fixed_point(act, weight_var, bias_var, params=params)
-    if math.isinf(q) or _chi(act, weight_var, q, params) <= 1.0 + 1e-9:
+    if math.isinf(q):
+        return 1.0
+    if q == 0.0:
+        return math.nan if _is_linear_at_zero(act, params) else 1.0
+    if _chi(act, weight_var, q, params) <= 1.0 + 1e-9:
         return 1.0
 
     def gap(c: float) -> float:
@@ -353,15 +465,14 @@ def c_star(
 
     hi = None
     for delta in (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 0.5, 1.0):
-        if gap(1.0 - delta) < -1e-12:
+        if gap(1.0 - delta) < -_C_GAP_TOL:
             hi = 1.0 - delta
             break
     if hi is None:  # too close to criticality to tell c* from 1
         return 1.0
-    lo = 0.0
-    if gap(lo) < 0:
-        lo = -1.0
-    return float(_brentq(gap, lo, hi, xtol=1e-13))
+    if hi == 0.0 or gap(0.0) <= _C_GAP_TOL:  # gap(0) ≥ 0 in exact arithmetic
+        return 0.0
+    return _brentq(gap, 0.0, hi, xtol=1e-13)
 
 
 def chi_c(
@@ -369,12 +480,14 @@ def chi_c(
 ) -> float:
     """χ_c* = σ_w² E[φ'(u₁) φ'(u₂)] at correlation c* (Schoenholz et al. 2017, eq. 7).
 
-    The slope of the correlation map at its stable fixed point; equals χ₁ when c* = 1.
+    The slope of the correlation map at its stable fixed point; equals χ₁ when c* = 1,
+    and at q* = 0 with φ linear at 0 (c* undefined, see :func:`c_star`), where
+    E[φ'(u₁)φ'(u₂)] → φ'(0)² for every correlation.
     """
     act = _resolve(activation)
     q = fixed_point(act, weight_var, bias_var, params=params)
     c = c_star(act, weight_var, bias_var, params=params)
-    if c >= 1.0:
+    if math.isnan(c) or c >= 1.0:
         return _chi(act, weight_var, q, params)
     return weight_var * _pair_expectation(act, q, c, params, derivative=True)
 
