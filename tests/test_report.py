@@ -16,6 +16,7 @@ from _diagnose_cases import _digits_run, case
 from gradprobe import GradprobeError, diagnose, load, report
 from gradprobe.lab.models import mlp
 from gradprobe.plots import PLOTS, missing
+from gradprobe.report import inline_code
 
 
 @functools.cache
@@ -49,6 +50,17 @@ def _imgs(page: str) -> list[str]:
     return re.findall(r"<img [^>]*src=\"([^\"]+)\"", page)
 
 
+def _figures_expected(runs) -> int:
+    """Plots that at least one run can draw and that show something (a sentence stands in
+    for a figure that would show nothing, e.g. clipping where nothing was clipped)."""
+    count = 0
+    for spec in PLOTS.values():
+        drawable = [r for r in runs if missing(spec, r) is None]
+        if drawable and (spec.nothing_to_show is None or spec.nothing_to_show(drawable) is None):
+            count += 1
+    return count
+
+
 def test_single_run_report_is_self_contained(tmp_path: Path) -> None:
     run = case("sigmoid30")
     path = report(run, tmp_path / "r.html")
@@ -57,10 +69,9 @@ def test_single_run_report_is_self_contained(tmp_path: Path) -> None:
     # Findings first, then figures, then metadata.
     assert page.index("Findings") < page.index("Figures") < page.index("<h2>Runs")
     for f in found:
-        assert html.escape(f.summary) in page
-    drawable = [n for n in PLOTS if missing(n, run) is None]
+        assert inline_code(f.summary) in page  # names quoted in backticks render as code
     srcs = _imgs(page)
-    assert len(srcs) == len(drawable)
+    assert len(srcs) == _figures_expected([run])
     assert all(s.startswith("data:image/png;base64,") for s in srcs)
     assert "<script" not in page
     assert not re.search(r"(src|href)=\"(https?:)?//", page)
@@ -74,7 +85,7 @@ def test_several_runs_side_by_side(runs, tmp_path: Path) -> None:
     table = page.split("<h2>Key numbers</h2>")[1].split("</table>")[0]
     assert "deep sigmoid" in table and "relu he" in table and "0.5" in table
     # One image per plot that at least one run can draw: panels share a figure.
-    assert len(_imgs(page)) == sum(any(missing(n, r) is None for r in (sig, relu)) for n in PLOTS)
+    assert len(_imgs(page)) == _figures_expected([sig, relu])
     # The cheap run has no histograms: its note says how to get them.
     assert "relu he: Activation histograms" in html.unescape(page)
     assert "stats=&#x27;full&#x27;" in page
@@ -158,8 +169,9 @@ def test_report_renders_in_headless_chromium(runs, tmp_path: Path) -> None:
     assert int(images.group(1)) == n_imgs == int(images.group(2)) > 0
     sizes = re.findall(r'data-natural="(\d+)x(\d+)"', dom)
     assert len(sizes) == n_imgs and all(int(w) > 0 and int(h) > 0 for w, h in sizes)
-    for f in diagnose(sig):
-        assert html.escape(f.summary, quote=False) in dom
+    for f in diagnose(sig):  # the DOM serialises quotes unescaped
+        expected = inline_code(f.summary).replace("&quot;", '"').replace("&#x27;", "'")
+        assert expected in dom
     shot = tmp_path / "report.png"
     done = _headless(
         binary,

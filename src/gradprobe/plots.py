@@ -41,14 +41,17 @@ __all__ = [
     "PLOTS",
     "Plot",
     "activation_histograms",
+    "clipping",
     "dead_saturated",
     "error_heatmap",
     "gradient_flow",
     "missing",
+    "nothing_clipped",
     "update_ratios",
 ]
 
-_MAX_TICKS = 16
+_MAX_TICKS = 40  # layer names one axis can hold at fontsize 6
+_MAX_ROW_TICKS = 32  # layer names on a heatmap's 4-inch y axis
 _MAX_HIST_LAYERS = 8
 
 
@@ -70,18 +73,31 @@ def _axes(ax: Axes | None, size: tuple[float, float] = (7.0, 4.0)) -> tuple[Figu
     return fig, ax
 
 
-def _thin_ticks(ax: Axes, labels: Sequence[str], axis: str = "x") -> None:
-    """Label at most _MAX_TICKS positions, always the first and last."""
+def _thin_ticks(ax: Axes, labels: Sequence[str], axis: str = "x", limit: int = _MAX_TICKS) -> int:
+    """Name every position when at most ``limit`` fit, else every k-th (and the last).
+
+    A regular stride (not a spread of positions) so the axis label can say which layers are
+    named. Returns the stride k (1: every position is named).
+    """
     n = len(labels)
     if n == 0:
-        return
-    idx = np.unique(np.linspace(0, n - 1, min(n, _MAX_TICKS)).round().astype(int))
+        return 1
+    stride = max(1, math.ceil(n / limit))
+    idx = sorted(set(range(0, n, stride)) | {n - 1})
+    size = 7 if len(idx) <= 24 else 6
     if axis == "x":
         ax.set_xticks(idx)
-        ax.set_xticklabels([labels[i] for i in idx], rotation=60, ha="right", fontsize=7)
+        ax.set_xticklabels([labels[i] for i in idx], rotation=60, ha="right", fontsize=size)
     else:
         ax.set_yticks(idx)
-        ax.set_yticklabels([labels[i] for i in idx], fontsize=7)
+        ax.set_yticklabels([labels[i] for i in idx], fontsize=size)
+    return stride
+
+
+def _layer_axis_label(stride: int) -> str:
+    ordinal = {2: "second", 3: "third"}.get(stride, f"{stride}th")
+    named = "" if stride == 1 else f"; every {ordinal} named"
+    return f"layer with weights (input → output{named})"
 
 
 def _pick_steps(steps: np.ndarray, k: int = 3) -> list[int]:
@@ -164,7 +180,7 @@ def gradient_flow(run: Run, ax: Axes | None = None, steps: Sequence[int] | None 
                 alpha=0.8,
             )
     ax.set_yscale("log")
-    _thin_ticks(ax, layers)
+    ax.set_xlabel(_layer_axis_label(_thin_ticks(ax, layers)), fontsize=8)
     ax.set_ylabel("norm (log)")
     ax.grid(True, which="major", alpha=0.3)
     handles, labels = ax.get_legend_handles_labels()
@@ -183,7 +199,13 @@ def gradient_flow(run: Run, ax: Axes | None = None, steps: Sequence[int] | None 
 def error_heatmap(
     run: Run, ax: Axes | None = None, vmin: float | None = None, vmax: float | None = None
 ) -> Figure:
-    """log10 ‖dL/dz‖ for each layer with weights (rows, input on top) at each step (columns)."""
+    """log10 ‖dL/dz‖ for each layer with weights (rows, input on top) at each step (columns).
+
+    The colour scale is the run's own (its smallest to its largest value) unless ``vmin``/
+    ``vmax`` are given: on a range shared with a vanishing run, a healthy run is one flat
+    colour. Cells that cannot be logged (a signal that underflowed to 0, NaN/Inf) are grey,
+    and the title says so.
+    """
     _require(run, "error_heatmap")
     fig, ax = _axes(ax)
     err = run.table("error_norm")
@@ -194,16 +216,18 @@ def error_heatmap(
         logs = np.log10(_positive(values))
     steps = err.index.to_numpy()
     lo, hi = _finite_range(logs, vmin, vmax)
+    plt = _pyplot()
+    cmap = plt.get_cmap("magma").with_extremes(bad="0.75")
     im = ax.imshow(
         np.ma.masked_invalid(logs),
         aspect="auto",
         interpolation="nearest",
-        cmap="magma",
+        cmap=cmap,
         vmin=lo,
         vmax=hi,
         extent=(-0.5, len(steps) - 0.5, len(layers) - 0.5, -0.5),
     )
-    _thin_ticks(ax, layers, axis="y")
+    _thin_ticks(ax, layers, axis="y", limit=_MAX_ROW_TICKS)
     ticks = np.unique(np.linspace(0, len(steps) - 1, min(len(steps), 8)).round().astype(int))
     ax.set_xticks(ticks)
     ax.set_xticklabels([str(int(steps[i])) for i in ticks], fontsize=7)
@@ -211,7 +235,11 @@ def error_heatmap(
     cb = fig.colorbar(im, ax=ax, pad=0.01)
     cb.set_label("log10 ‖dL/dz‖", fontsize=8)
     cb.ax.tick_params(labelsize=7)
-    _title(ax, run, "error signal per layer and step")
+    blank = int((~np.isfinite(logs)).sum())
+    what = "error signal per layer and step"
+    if blank:
+        what += f" (grey: {blank} cells 0 or NaN/Inf)"
+    _title(ax, run, what)
     return fig
 
 
@@ -279,13 +307,22 @@ def activation_histograms(
             frac = np.where(totals > 0, one / totals, 0.0)
         bands.append(np.log1p(100.0 * frac)[::-1])  # highest bin on top of its band
     image = np.vstack(bands) if bands else np.zeros((1, 1))
-    ax.imshow(
+    im = ax.imshow(
         image,
         aspect="auto",
         interpolation="nearest",
         cmap="viridis",
+        # A fixed scale, 0 to all entries in one bin: every layer, step and run reads alike.
+        vmin=0.0,
+        vmax=math.log1p(100.0),
         extent=(-0.5, len(steps) - 0.5, len(names) * bins - 0.5, -0.5),
     )
+    cb = fig.colorbar(im, ax=ax, pad=0.01)
+    shares = [0.0, 0.01, 0.1, 1.0]
+    cb.set_ticks([math.log1p(100.0 * f) for f in shares])
+    cb.set_ticklabels(["0", "1%", "10%", "100%"])
+    cb.set_label("share of the layer's entries in the bin", fontsize=8)
+    cb.ax.tick_params(labelsize=7)
     for k in range(1, len(names)):
         ax.axhline(k * bins - 0.5, color="white", lw=1.2)
     centers = [k * bins + bins / 2 for k in range(len(names))]
@@ -340,21 +377,78 @@ def dead_saturated(run: Run, ax: Axes | None = None) -> Figure:
     return fig
 
 
+def _names_list(names: Sequence[str], limit: int = 2) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" +{len(names) - limit} more" if len(names) > limit else "")
+
+
 def update_ratios(run: Run, ax: Axes | None = None) -> Figure:
-    """‖Δw‖/‖w‖ of each weight matrix per step (log scale); ~1e-3 is the usual healthy level."""
+    """‖Δw‖/‖w‖ of each weight matrix per step (log scale); ~1e-3 is the usual healthy level.
+
+    A log axis has no place for an update of exactly 0 (a frozen weight, a zero learning
+    rate, a skipped step) nor for NaN/Inf: those steps are marked on the bottom (▼, zero)
+    and top (×, non-finite) edges, and the legend names the weights, so nothing vanishes
+    silently.
+    """
     _require(run, "update_ratios")
     fig, ax = _axes(ax)
     table = run.table("update_ratio")
     weights = [w for w in _weights(run) if w in table.columns] or list(table.columns)
     colors = _depth_colors(len(weights))
+    edge = ax.get_xaxis_transform()  # x in steps, y in axes fractions: 0 bottom, 1 top
+    zero_names, bad_names = [], []
+    # NaN in the table may be a step without a record; NaN/Inf that was recorded is in the frame.
+    frame = run.frame()
+    recorded = frame[(frame["stat"] == "update_ratio") & ~np.isfinite(frame["value"])]
+    nonfinite_steps = recorded.groupby("name")["step"].apply(list).to_dict()
     for color, name in zip(colors, weights):
-        ax.plot(table.index, _positive(table[name].to_numpy()), "-", color=color, lw=1)
+        values = table[name].to_numpy(dtype=float)
+        ax.plot(table.index, _positive(values), "-", color=color, lw=1)
+        zero = values == 0
+        bad = np.isin(table.index.to_numpy(), nonfinite_steps.get(name, ()))
+        if zero.any():
+            zero_names.append(name)
+            ax.plot(
+                table.index[zero],
+                np.full(zero.sum(), 0.02),
+                "v",
+                ms=4,
+                color=color,
+                transform=edge,
+                clip_on=False,
+                gid="zero_update",
+            )
+        if bad.any():
+            bad_names.append(name)
+            ax.plot(
+                table.index[bad],
+                np.full(bad.sum(), 0.98),
+                "x",
+                ms=4,
+                color=color,
+                transform=edge,
+                clip_on=False,
+                gid="nonfinite_update",
+            )
     ax.set_yscale("log")
     ax.axhline(1e-3, color="0.4", ls=":", lw=0.8)
     ax.axhline(UNSTABLE_UPDATE_RATIO, color="tab:red", ls=":", lw=0.8)
     ax.set_xlabel("step")
     ax.set_ylabel("‖Δw‖ / ‖w‖ (log)")
     ax.grid(True, which="major", alpha=0.3)
+    from matplotlib.lines import Line2D
+
+    handles, labels = [], []
+    if zero_names:
+        handles.append(Line2D([], [], color="0.3", ls="", marker="v", ms=4))
+        labels.append(
+            f"‖Δw‖ = 0 (bottom edge): {len(zero_names)} weight(s)\n{_names_list(zero_names)}"
+        )
+    if bad_names:
+        handles.append(Line2D([], [], color="0.3", ls="", marker="x", ms=4))
+        labels.append(f"NaN/Inf (top edge): {len(bad_names)} weight(s)\n{_names_list(bad_names)}")
+    if handles:
+        ax.legend(handles, labels, fontsize=6.5, loc="lower left", bbox_to_anchor=(0.0, 0.05))
     if weights:
         _depth_colorbar(fig, ax, weights)
     _title(ax, run, "update ratio per weight (dotted: 1e-3 typical, red: unstable)")
@@ -408,6 +502,41 @@ def clipping(run: Run, ax: Axes | None = None) -> Figure:
     return fig
 
 
+def _clipped_anywhere(run: Run) -> bool | None:
+    """Whether the run clipped (or a GradScaler skipped) any recorded step; ``None``: unknown."""
+    clipped, skipped = run.model_series("clipped"), run.model_series("skipped")
+    if (skipped > 0).any() or (clipped > 0).any():
+        return True
+    pre, post = run.model_series("global_grad_norm_preclip"), run.model_series("global_grad_norm")
+    if not pre.empty and not post.empty:
+        both = pd.concat([pre, post], axis=1, join="inner").to_numpy(dtype=float)
+        return bool(not np.allclose(both[:, 0], both[:, 1], rtol=1e-6, equal_nan=True))
+    return False if not clipped.empty else None
+
+
+def nothing_clipped(runs: Sequence[Run]) -> str | None:
+    """One sentence in place of the clipping figure when no run clipped anything, else ``None``.
+
+    Then both lines of every panel coincide: the figure would show nothing. The sentence
+    gives each run's range of the global norm instead.
+    """
+    if not runs or any(_clipped_anywhere(run) is not False for run in runs):
+        return None
+    ranges = []
+    for run in runs:
+        norm = _positive(run.model_series("global_grad_norm_preclip").to_numpy())
+        if not np.isfinite(norm).any():
+            norm = _positive(run.model_series("global_grad_norm").to_numpy())
+        if np.isfinite(norm).any():
+            ranges.append(f"{np.nanmin(norm):.3g}–{np.nanmax(norm):.3g} in {run.name}")
+    where = f" in any of the {len(runs)} runs" if len(runs) > 1 else ""
+    return (
+        f"Nothing was clipped{where}: at every recorded step the optimizer saw the gradient "
+        "as backward produced it, and no step was skipped"
+        + (f" (global ‖grad‖ {'; '.join(ranges)})." if ranges else ".")
+    )
+
+
 # ---------------------------------------------------------------- registry
 @dataclass(frozen=True)
 class Plot:
@@ -419,6 +548,9 @@ class Plot:
     requires: tuple[str, ...]
     hint: str
     doc: str
+    # Given the runs that can draw it: a sentence to show in place of a figure that would show
+    # nothing (e.g. clipping where nothing was clipped), or None to draw it.
+    nothing_to_show: Callable[[Sequence[Run]], str | None] | None = None
 
 
 PLOTS: dict[str, Plot] = {
@@ -430,7 +562,8 @@ PLOTS: dict[str, Plot] = {
             gradient_flow,
             ("error_norm",),
             "record error_norm (stats='cheap' or 'default')",
-            "error signal and weight-gradient norm per layer at the first, middle and last step",
+            "error signal ‖dL/dz‖ (solid) and weight-gradient norm (dashed) of each layer with "
+            "weights, at up to three steps (first, middle, last)",
         ),
         Plot(
             "error_heatmap",
@@ -446,7 +579,8 @@ PLOTS: dict[str, Plot] = {
             activation_histograms,
             ("hist_00",),
             "record with Probe(..., stats='full')",
-            "each layer's output histogram over time",
+            "output histograms over steps of up to 8 layers (the activations where the model has "
+            "them), input on top; colour: share of the layer's entries in each bin",
         ),
         Plot(
             "dead_saturated",
@@ -454,7 +588,8 @@ PLOTS: dict[str, Plot] = {
             dead_saturated,
             ("dead_frac", "sat_frac"),
             "record dead_frac/sat_frac (stats='default')",
-            "fraction of dead units and of saturated entries per layer over time",
+            "fraction of dead units (solid) and of saturated entries (dashed) per layer over steps; "
+            "dotted: the diagnosis thresholds",
         ),
         Plot(
             "update_ratios",
@@ -462,7 +597,8 @@ PLOTS: dict[str, Plot] = {
             update_ratios,
             ("update_ratio",),
             "record update_ratio (stats='cheap' or 'default')",
-            "‖Δw‖/‖w‖ per weight over time",
+            "‖Δw‖/‖w‖ per weight over steps; an update of exactly 0, which a log axis cannot show, "
+            "is marked ▼ on the bottom edge (NaN/Inf: × on the top edge)",
         ),
         Plot(
             "clipping",
@@ -472,6 +608,7 @@ PLOTS: dict[str, Plot] = {
             "record the global norms (stats='cheap' or 'default')",
             "global gradient norm as backward produced it and as the optimizer saw it; "
             "fraction of steps clipped (and skipped by a GradScaler)",
+            nothing_clipped,
         ),
     ]
 }

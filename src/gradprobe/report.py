@@ -15,7 +15,10 @@ import io
 import json
 import math
 import os
+import re
+import uuid
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from html import escape
 from pathlib import Path
 from typing import Any
@@ -25,7 +28,15 @@ from .diagnose import Findings, as_run, diagnose, findings_html, key_numbers
 from .errors import GradprobeError
 from .run import Run
 
-__all__ = ["KEY_COLUMNS", "comparison_table", "report"]
+__all__ = [
+    "KEY_COLUMNS",
+    "ReportFigure",
+    "axes_facts",
+    "comparison_table",
+    "inline_code",
+    "report",
+    "report_figure",
+]
 
 # The comparison table's columns: key_numbers() name → header.
 KEY_COLUMNS: dict[str, str] = {
@@ -37,7 +48,9 @@ KEY_COLUMNS: dict[str, str] = {
     "median_update_ratio": "median update ratio",
 }
 
-_SHARE_Y = {"gradient_flow", "update_ratios", "dead_saturated"}
+# Plots whose panels share a y axis (by construction: sharey=True). Not the images: their
+# y axes are layers, which differ between models.
+_SHARE_Y = {"gradient_flow", "update_ratios", "dead_saturated", "clipping"}
 _DPI = 110
 
 _CSS = """
@@ -121,15 +134,92 @@ def _png(fig: Any) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _figure_html(name: str, runs: Sequence[Run]) -> str:
-    """One figure for a plot: a panel per run, shared axes; notes for runs that lack data."""
+_INLINE_CODE = re.compile(r"`([^`\n]+)`")
+
+
+def inline_code(text: str) -> str:
+    """``text`` as HTML: escaped first, then each Markdown backtick span as ``<code>``.
+
+    Only backtick spans are rendered (finding summaries quote names as `fc1`); any other
+    markup in the text stays text.
+    """
+    return _INLINE_CODE.sub(r"<code>\1</code>", escape(text))
+
+
+def _findings_html(found: Findings) -> str:
+    """The findings table of :func:`findings_html`, with backtick spans rendered as code."""
+    page = findings_html(found)
+    texts = [f.summary for f in found] + [r.why for f in found for r in f.remedies]
+    texts += list(found.skipped.values())
+    for text in dict.fromkeys(t for t in texts if "`" in t):
+        page = page.replace(escape(text), inline_code(text))
+    return page
+
+
+@dataclass
+class ReportFigure:
+    """One figure of the report, before it is encoded: what the page shows for one plot.
+
+    ``figure`` holds a panel per run that can draw the plot (``None`` when none can, or
+    when the plot would show nothing; then ``sentence`` says so). ``caption`` is the
+    plot's description plus what is true of *this* figure's axes and colour scales, read
+    from the drawn figure. ``notes`` names the runs that could not be drawn, and why.
+    """
+
+    name: str
+    title: str
+    figure: Any
+    caption: str
+    notes: dict[str, str]
+    sentence: str | None = None
+
+
+def _same(values: Sequence[tuple[float, ...]]) -> bool:
+    return all(
+        all(math.isclose(a, b, rel_tol=1e-9) for a, b in zip(v, values[0])) for v in values[1:]
+    )
+
+
+def axes_facts(panels: Sequence[Any]) -> str:
+    """What the panels of one figure have in common, read from the drawn axes.
+
+    A caption may claim a shared y axis or a shared colour scale only when every panel's
+    y limits and scale (or every image's colour limits) are the same: this reads them
+    from the figure, so the caption cannot drift from what is drawn.
+    """
+    if not panels:
+        return ""
+    facts = []
+    images = [ax.get_images()[0] for ax in panels if ax.get_images()]
+    if images:
+        same = _same([tuple(im.get_clim()) for im in images])
+        if len(images) == 1:
+            facts.append("colour scale from this run's own smallest to largest value")
+        elif same:
+            facts.append("one colour scale for all panels")
+        else:
+            facts.append("each panel has its own colour scale (read its colour bar)")
+    elif len(panels) > 1:
+        scales = {ax.get_yscale() for ax in panels}
+        if len(scales) == 1 and _same([tuple(ax.get_ylim()) for ax in panels]):
+            facts.append("panels share their y axis")
+        else:
+            facts.append("each panel has its own y axis (read its tick values)")
+    return "; ".join(facts)
+
+
+def report_figure(name: str, runs: Sequence[Run]) -> ReportFigure:
+    """Draw plot ``name`` for ``runs``: a panel per run that can, notes for those that cannot."""
     from . import plots
 
     spec = plots.PLOTS[name]
-    notes = {run.name: plots.missing(spec, run) for run in runs}
-    drawable = [r for r in runs if notes[r.name] is None]
+    notes = {run.name: note for run in runs if (note := plots.missing(spec, run)) is not None}
+    drawable = [r for r in runs if r.name not in notes]
     if not drawable:
-        return f'<h3>{escape(spec.title)}</h3><p class="note">{escape(next(iter(notes.values())) or "")}</p>'
+        return ReportFigure(name, spec.title, None, "", notes)
+    sentence = spec.nothing_to_show(drawable) if spec.nothing_to_show else None
+    if sentence is not None:
+        return ReportFigure(name, spec.title, None, "", notes, sentence)
     plt = plots._pyplot()
     n = len(drawable)
     ncols = min(n, 2)
@@ -144,28 +234,33 @@ def _figure_html(name: str, runs: Sequence[Run]) -> str:
         sharey=name in _SHARE_Y,
         layout="constrained",
     )
-    kwargs: dict[str, Any] = {}
-    if name == "error_heatmap":
-        span = plots.error_log_range(drawable)
-        if span is not None:
-            kwargs = {"vmin": span[0], "vmax": span[1]}
     flat = axes.ravel()
     for ax, run in zip(flat, drawable):
-        spec.fn(run, ax=ax, **kwargs)
+        spec.fn(run, ax=ax)
         if name in _SHARE_Y:
-            ax.yaxis.set_tick_params(labelleft=True)
+            ax.yaxis.set_tick_params(which="both", labelleft=True)
     for ax in flat[n:]:
         ax.set_visible(False)
+    facts = axes_facts(list(flat[:n]))
+    caption = spec.doc + (f"; {facts}" if facts else "")
+    return ReportFigure(name, spec.title, fig, caption, notes)
+
+
+def _figure_html(figure: ReportFigure) -> str:
+    """A figure with its caption, or the sentence/note that stands in its place."""
     skipped = "".join(
-        f'<p class="note">{escape(run)}: {escape(note)}</p>'
-        for run, note in notes.items()
-        if note is not None
+        f'<p class="note">{escape(run)}: {escape(note)}</p>' for run, note in figure.notes.items()
     )
-    caption = spec.doc + ("; panels share their axes" if n > 1 else "")
+    head = f"<h3>{escape(figure.title)}</h3>"
+    if figure.sentence is not None:
+        return f'{head}<p class="gp-none">{escape(figure.sentence)}</p>{skipped}'
+    if figure.figure is None:
+        first = next(iter(figure.notes.values()), "")
+        return f'{head}<p class="note">{escape(first)}</p>'
     return (
-        f'<h3>{escape(spec.title)}</h3><figure><img alt="{escape(spec.title)}" '
-        f'src="data:image/png;base64,{_png(fig)}"><figcaption>{escape(caption)}</figcaption>'
-        f"</figure>{skipped}"
+        f'{head}<figure><img alt="{escape(figure.title)}" '
+        f'src="data:image/png;base64,{_png(figure.figure)}">'
+        f"<figcaption>{escape(figure.caption)}</figcaption></figure>{skipped}"
     )
 
 
@@ -214,6 +309,12 @@ def report(
     validation accuracy). ``progress`` is called with a short label after each stage.
     Returns the path written.
     """
+    out = Path(path)
+    if out.is_dir():
+        raise GradprobeError(
+            f"{out} is a directory, not a file to write the report to",
+            f"give a file name, e.g. {out / 'report.html'}",
+        )
     sources = list(run_or_runs) if isinstance(run_or_runs, (list, tuple)) else [run_or_runs]
     if not sources:
         raise GradprobeError("no runs to report", "give at least one run directory")
@@ -242,7 +343,7 @@ def report(
 
     figures = []
     for name in plots.PLOTS:
-        figures.append(_figure_html(name, runs))
+        figures.append(_figure_html(report_figure(name, runs)))
         if progress:
             progress(name)
 
@@ -258,7 +359,7 @@ def report(
     for run, found in zip(runs, findings):
         if len(runs) > 1:
             parts.append(f"<h3>{escape(run.name)}</h3>")
-        parts.append(findings_html(found))
+        parts.append(_findings_html(found))
     parts += [
         "<h2>Key numbers</h2>",
         _table_html(comparison_table(runs, findings, extra)),
@@ -269,14 +370,38 @@ def report(
         "<footer>Self-contained: figures are embedded PNG; nothing is loaded from the network."
         "</footer></main></body></html>",
     ]
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text("".join(parts), encoding="utf-8")
-    os.replace(tmp, out)  # a reader never sees half a page
+    _write_atomically(out, "".join(parts))
     if progress:
         progress("written")
     return out
+
+
+def _write_atomically(out: Path, text: str) -> None:
+    """Write ``text`` to ``out`` through a temporary file in the same folder, then rename.
+
+    A reader never sees half a page, and a write that fails (a full disk, ``out`` a
+    directory, an interrupt) leaves nothing behind: neither the temporary file nor the
+    folders made for it.
+    """
+    made = [p for p in [out.parent, *out.parent.parents] if not p.exists()]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp: Path | None = None
+    try:
+        # A name of its own (not mkstemp: its file is private to the user, the page is not).
+        tmp = out.with_name(f".{out.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+        with open(tmp, "x", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, out)
+        tmp = None
+    except BaseException:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        for folder in made:  # innermost first; only those this call made, and only if empty
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise
 
 
 def _now() -> str:
