@@ -112,6 +112,11 @@ def test_the_page_keeps_the_cited_section_numbers():
     assert "channels" in titles[6] and "activation" in titles[7]
 
 
+def test_the_readme_links_this_page():
+    readme = (DOC_PATH.parent.parent / "README.md").read_text(encoding="utf-8")
+    assert "](docs/concepts.md)" in readme
+
+
 def test_explain_cites_this_page():
     source = Path(explain.__file__).read_text(encoding="utf-8")
     cited = set(re.findall(r"concepts(?:\.md)? §(\d)", source))

@@ -242,7 +242,7 @@ def standardize(values: tuple[float, ...] = (100.0, 50.0, 10.0, 5.0, 1.0)) -> St
     xs = (x - mean) / pop_var.sqrt()
 
     def gate(t: torch.Tensor) -> list[float]:
-        # σ'(x) = σ(x)·σ(−x), not σ(1 − σ): beyond x ≈ 37 float64 rounds σ(x) to 1, and
+        # σ'(x) = σ(x)·σ(−x), not σ(x)(1 − σ(x)): beyond x ≈ 37 float64 rounds σ(x) to 1, and
         # 1 − σ would print σ'(100) as 0 where it is 3.7e-44 (tiny, but not zero).
         return (torch.sigmoid(t) * torch.sigmoid(-t)).tolist()
 
