@@ -250,20 +250,6 @@ def _finite_range(logs: np.ndarray, vmin: float | None, vmax: float | None) -> t
     return (lo, hi) if hi > lo else (lo - 0.5, hi + 0.5)
 
 
-def error_log_range(runs: Sequence[Run]) -> tuple[float, float] | None:
-    """The common (min, max) of log10 error_norm over runs: a shared colour scale."""
-    lows, highs = [], []
-    for run in runs:
-        if "error_norm" not in run.stats:
-            continue
-        v = _positive(run.table("error_norm").to_numpy(dtype=float))
-        v = v[np.isfinite(v)]
-        if v.size:
-            lows.append(math.log10(v.min()))
-            highs.append(math.log10(v.max()))
-    return (min(lows), max(highs)) if lows else None
-
-
 def _hist_layers(run: Run, names: Sequence[str] | None) -> list[str]:
     have = set(run.frame().query("stat == 'hist_00'")["name"])
     ordered = [n for n in run.modules if n in have]

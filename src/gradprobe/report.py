@@ -2,8 +2,9 @@
 
 The page has, in this order: the findings of each run (with their numbers and ranked
 remedies), a table of the key numbers of every run, the figures of :mod:`gradprobe.plots`
-(several runs share each figure's axes, so they compare at a glance), and each run's
-metadata. Figures are embedded as base64 PNG; the page loads nothing from the network
+(several runs side by side, a panel each; line plots share their y axis so they compare
+at a glance, and each caption says what its panels share, read from the drawn figure),
+and each run's metadata. Figures are embedded as base64 PNG; the page loads nothing from the network
 and needs no JavaScript. The report knows nothing of hooks: it reads runs.
 """
 
