@@ -26,9 +26,9 @@ from torch import nn
 
 from _diagnose_cases import case, linear_modules, profile_rows, synthetic_run
 from gradprobe import GradprobeError, Probe, diagnose, report
-from gradprobe.diagnose import Finding, Findings
+from gradprobe.diagnose import Finding, Findings, findings_html
 from gradprobe.plots import PLOTS, activation_histograms, gradient_flow, update_ratios
-from gradprobe.report import _findings_html, axes_facts, inline_code, report_figure
+from gradprobe.report import axes_facts, inline_code, report_figure
 from gradprobe.run import Run
 from gradprobe.stats import MODEL_NAME
 
@@ -84,7 +84,7 @@ def test_inline_code_escapes_first_then_renders_backtick_spans() -> None:
 def test_findings_show_quoted_names_as_code_and_no_backticks() -> None:
     found = diagnose(case("sigmoid30"))
     assert any("`" in f.summary for f in found)  # the diagnosis quotes names
-    page = _findings_html(found)
+    page = findings_html(found)
     for f in found:
         for name in re.findall(r"`([^`]+)`", f.summary):
             assert f"<code>{html.escape(name)}</code>" in page
@@ -93,7 +93,7 @@ def test_findings_show_quoted_names_as_code_and_no_backticks() -> None:
 
 def test_hostile_text_in_backticks_is_escaped() -> None:
     finding = Finding("stalled", "warning", ("x",), "layer `<img src=x>` & more", {}, ())
-    page = _findings_html(Findings([finding]))
+    page = findings_html(Findings([finding]))
     assert "<code>&lt;img src=x&gt;</code> &amp; more" in page
     assert "<img" not in page
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from html import escape
@@ -259,22 +260,34 @@ def no_findings_note(findings: Findings) -> str:
     return note
 
 
+_INLINE_CODE = re.compile(r"`([^`\n]+)`")
+
+
+def inline_code(text: str) -> str:
+    """``text`` as HTML: escaped first, then each Markdown backtick span as ``<code>``.
+
+    Only backtick spans are rendered (finding summaries quote names as `fc1`); any other
+    markup in the text stays text.
+    """
+    return _INLINE_CODE.sub(r"<code>\1</code>", escape(text))
+
+
 def findings_html(findings: Findings, *, remedies: int = 3) -> str:
     """An HTML table of findings (severity, kind, where, summary, top remedies)."""
     if not findings:
-        return f'<p class="gp-none">{escape(no_findings_note(findings))}</p>'
+        return f'<p class="gp-none">{inline_code(no_findings_note(findings))}</p>'
     rows = []
     for f in findings:
         where = ", ".join(f"<code>{escape(n)}</code>" for n in f.names[:6])
         if len(f.names) > 6:
             where += f" … (+{len(f.names) - 6})"
         fixes = "".join(
-            f"<li><b>{escape(r.name)}</b>: {escape(r.why)}<br><code>{escape(r.code)}</code></li>"
+            f"<li><b>{escape(r.name)}</b>: {inline_code(r.why)}<br><code>{escape(r.code)}</code></li>"
             for r in f.remedies[:remedies]
         )
         rows.append(
             f'<tr class="gp-{escape(f.severity)}"><td><span class="gp-sev">{escape(f.severity)}</span></td>'
-            f"<td><b>{escape(f.kind)}</b></td><td>{where}</td><td>{escape(f.summary)}</td>"
+            f"<td><b>{escape(f.kind)}</b></td><td>{where}</td><td>{inline_code(f.summary)}</td>"
             f"<td><ol>{fixes}</ol></td></tr>"
         )
     return (

@@ -16,7 +16,6 @@ import io
 import json
 import math
 import os
-import re
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ._version import __version__
-from .diagnose import Findings, as_run, diagnose, findings_html, key_numbers
+from .diagnose import Findings, as_run, diagnose, findings_html, inline_code, key_numbers
 from .errors import GradprobeError
 from .run import Run
 
@@ -133,28 +132,6 @@ def _png(fig: Any) -> str:
 
     plt.close(fig)
     return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-_INLINE_CODE = re.compile(r"`([^`\n]+)`")
-
-
-def inline_code(text: str) -> str:
-    """``text`` as HTML: escaped first, then each Markdown backtick span as ``<code>``.
-
-    Only backtick spans are rendered (finding summaries quote names as `fc1`); any other
-    markup in the text stays text.
-    """
-    return _INLINE_CODE.sub(r"<code>\1</code>", escape(text))
-
-
-def _findings_html(found: Findings) -> str:
-    """The findings table of :func:`findings_html`, with backtick spans rendered as code."""
-    page = findings_html(found)
-    texts = [f.summary for f in found] + [r.why for f in found for r in f.remedies]
-    texts += list(found.skipped.values())
-    for text in dict.fromkeys(t for t in texts if "`" in t):
-        page = page.replace(escape(text), inline_code(text))
-    return page
 
 
 @dataclass
@@ -360,7 +337,7 @@ def report(
     for run, found in zip(runs, findings):
         if len(runs) > 1:
             parts.append(f"<h3>{escape(run.name)}</h3>")
-        parts.append(_findings_html(found))
+        parts.append(findings_html(found))
     parts += [
         "<h2>Key numbers</h2>",
         _table_html(comparison_table(runs, findings, extra)),
