@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -58,13 +59,24 @@ def cases(python: str, console_script: str) -> list[Case]:
     ]
 
 
-def run_once(argv: list[str]) -> float:
+def children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_once(argv: list[str]) -> tuple[float, float]:
+    """Wall seconds and CPU seconds (user + system) of one run of ``argv``.
+
+    CPU time is reported beside wall time because on a shared machine the wall time
+    also counts the time spent waiting for a core.
+    """
+    cpu_before = children_cpu_seconds()
     start = time.perf_counter()
     done = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     elapsed = time.perf_counter() - start
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(argv)} failed (exit {done.returncode}): {done.stderr[-500:]}")
-    return elapsed
+    return elapsed, children_cpu_seconds() - cpu_before
 
 
 def loaded_heavy_modules(python: str, statement: str) -> list[str]:
@@ -74,10 +86,10 @@ def loaded_heavy_modules(python: str, statement: str) -> list[str]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def measure(all_cases: list[Case], rounds: int) -> dict[str, list[float]]:
+def measure(all_cases: list[Case], rounds: int) -> dict[str, list[tuple[float, float]]]:
     for case in all_cases:  # untimed: file cache and .pyc files
         run_once(case.argv)
-    samples: dict[str, list[float]] = {case.label: [] for case in all_cases}
+    samples: dict[str, list[tuple[float, float]]] = {case.label: [] for case in all_cases}
     for r in range(rounds):
         shift = r % len(all_cases)
         for case in all_cases[shift:] + all_cases[:shift]:
@@ -86,8 +98,8 @@ def measure(all_cases: list[Case], rounds: int) -> dict[str, list[float]]:
     return samples
 
 
-def table(all_cases: list[Case], samples: dict[str, list[float]], rounds: int) -> str:
-    torch_times = samples["import torch"]
+def table(all_cases: list[Case], samples: dict[str, list[tuple[float, float]]], rounds: int) -> str:
+    torch_times = [wall for wall, _ in samples["import torch"]]
     torch_median = statistics.median(torch_times)
     lines = [
         SECTION_TITLE,
@@ -95,18 +107,20 @@ def table(all_cases: list[Case], samples: dict[str, list[float]], rounds: int) -
         f"torch {version('torch')}, Python {platform.python_version()}, {platform.machine()}, "
         f"shared 2-core machine; each case a fresh process, median of {rounds} interleaved "
         "rounds (rotated order) after one untimed round; spread = min–max; "
-        "Δ torch = median of the per-round differences to `import torch`.",
+        "Δ torch = median of the per-round differences to `import torch`; "
+        "CPU s = user + system time of the process (what the wall time would be on an idle core).",
         "",
-        "| case | median s | spread s | Δ torch s | × torch | target |",
-        "|---|---:|---:|---:|---:|---|",
+        "| case | median s | spread s | Δ torch s | × torch | CPU s | target |",
+        "|---|---:|---:|---:|---:|---:|---|",
     ]
     for case in all_cases:
-        times = samples[case.label]
+        times = [wall for wall, _ in samples[case.label]]
+        cpu = statistics.median(cpu for _, cpu in samples[case.label])
         median = statistics.median(times)
         paired = statistics.median(t - b for t, b in zip(times, torch_times))
         lines.append(
             f"| `{case.label}` | {median:.2f} | {min(times):.2f}–{max(times):.2f} "
-            f"| {paired:+.2f} | {median / torch_median:.2f} | {case.target} |"
+            f"| {paired:+.2f} | {median / torch_median:.2f} | {cpu:.2f} | {case.target} |"
         )
     return "\n".join(lines)
 
