@@ -160,7 +160,15 @@ class StepBuffer:
         self.n_params = n_params
         self.dead_window = dead_window
         self.histogram_bins = histogram_bins
-        self.steps_seen = np.zeros(n_slots, dtype=np.int64)
+        self.steps_seen = np.zeros(n_slots, dtype=np.int64)  # steps each module's units were seen
+        # Under data parallelism, whether per-unit activity is tracked (every rank must then
+        # take part in its collectives each step, whatever it ran); the Probe sets it.
+        self.track_units = False
+        self._rank_unit_device: torch.device | None = None
+        # Modules whose number of units changed (not features or channels): no longer tracked.
+        self.units_off: set[int] = set()
+        # (slot, units before, units after) for each module just dropped; the Probe warns.
+        self.unit_problems: list[tuple[int, int, int]] = []
         self._calls: dict[tuple[str, torch.device], _Calls] = {}
         self._unit_calls: dict[torch.device, tuple[list[int], list[Tensor]]] = {}
         self._hist_calls: dict[torch.device, tuple[list[int], list[Tensor]]] = {}
@@ -229,10 +237,6 @@ class StepBuffer:
     def end_step(self, step: int) -> None:
         """Close the current step: stack every list, once per field and device."""
         called = self._host[:, self._host_col["calls"]] > 0
-        self.steps_seen += called
-        self._host[:, self._host_col["window_ready"]] = (
-            self.steps_seen >= self.dead_window
-        ) & called
         by_device: dict[torch.device, tuple[list[Tensor], list]] = defaultdict(lambda: ([], []))
         for (kind, device), calls in self._calls.items():
             tensors, layout = by_device[device]
@@ -251,9 +255,8 @@ class StepBuffer:
                     n * len(FIELDS[kind]),
                 )
             )
-        for device, (slots_list, unit_counts) in self._unit_calls.items():
+        for device, (dead, dead_window) in self._close_all_units(called).items():
             tensors, layout = by_device[device]
-            dead, dead_window = self._close_units(device, slots_list, unit_counts, called)
             tensors += [dead, dead_window]
             every_slot = np.arange(self.n_slots)
             layout.append(("dead_units", every_slot, np.zeros(0), self.n_slots))
@@ -291,37 +294,105 @@ class StepBuffer:
         """Forget the current step's calls (a step that will not be recorded)."""
         self._reset_step()
 
+    def _close_all_units(self, called: np.ndarray) -> dict[torch.device, tuple[Tensor, Tensor]]:
+        """Dead units of the step and the inactivity runs, per device: ``{device: (dead,
+        dead_window)}``, each ``[n_slots]``.
+
+        Units are keyed by module and counted once: a module's number of units must stay
+        the same from call to call and step to step (features and channels do, whatever the
+        batch size, sequence length or image size). A module where it does not is dropped
+        from unit tracking for good, and named in :attr:`unit_problems` (the Probe warns).
+
+        Under data parallelism every rank issues the same collectives with the same shapes,
+        whatever modules it ran: first which modules ran anywhere and their unit counts
+        (host integers), then the activity of every unit known to any rank.
+        """
+        calls = self._unit_calls
+        if self.ranks is not None:
+            if not self.track_units:
+                return {}
+            if self._rank_unit_device is None:
+                self._rank_unit_device = next(iter(calls), self.ranks.host_device)
+            device = self._rank_unit_device
+            slots = [s for slots_list, _ in calls.values() for s in slots_list]
+            activities = [a.to(device) for _, acts in calls.values() for a in acts]
+            calls = {device: (slots, activities)}
+        if not calls:
+            return {}
+        closed = {}
+        for device, (slots, activities) in calls.items():
+            lo, hi = _unit_counts(self.n_slots, slots, activities)
+            anywhere = called.copy()
+            if self.ranks is not None:
+                # Deliberate collective (host integers), once per step: the segment table,
+                # hence the shape of the activity collective, must agree on every rank.
+                big = np.iinfo(np.int64).max
+                agreed = np.concatenate([called.astype(np.int64), hi, np.where(hi > 0, -lo, -big)])
+                flat = torch.from_numpy(agreed).to(self.ranks.host_device)
+                self.ranks.all_reduce_(flat, "max")
+                agreed = flat.cpu().numpy()  # deliberate host copy (NCCL: from the GPU)
+                n = self.n_slots
+                anywhere, hi, lo = agreed[:n] > 0, agreed[n : 2 * n], -agreed[2 * n :]
+            result = self._close_units(device, slots, activities, anywhere, lo, hi)
+            if result is not None:
+                closed[device] = result
+        return closed
+
     def _close_units(
-        self, device: torch.device, slots: list[int], counts: list[Tensor], called: np.ndarray
-    ) -> tuple[Tensor, Tensor]:
+        self,
+        device: torch.device,
+        slots: list[int],
+        activities: list[Tensor],
+        called: np.ndarray,
+        lo: np.ndarray,
+        hi: np.ndarray,
+    ) -> tuple[Tensor, Tensor] | None:
         """Dead units of the step, and runs of inactivity, for every module at once."""
         units = self._units.setdefault(device, _Units())
-        for slot, c in zip(slots, counts):
-            if slot not in units.segments:
-                self._add_segment(units, device, slot, c.numel())
-            elif units.segments[slot][1] != c.numel():
-                raise ValueError(
-                    f"the number of units changed from {units.segments[slot][1]} to {c.numel()}"
-                )
-        assert units.inactive_run is not None and units.slot_of_unit is not None
+        live = []
+        for s in np.flatnonzero(hi > 0).tolist():  # slot order: the same on every rank
+            if s in self.units_off:
+                continue
+            known = units.segments.get(s)
+            n = int(hi[s])
+            if lo[s] != n or (known is not None and known[1] != n):
+                before, after = (int(lo[s]), n) if known is None else (known[1], int(lo[s]))
+                if known is not None and after == known[1]:
+                    after = n
+                self.units_off.add(s)
+                self.unit_problems.append((s, before, after))
+                continue
+            if known is None:
+                self._add_segment(units, device, s, n)
+            live.append(s)
+        if units.inactive_run is None or units.slot_of_unit is None:
+            return None
         total = units.inactive_run.numel()
-        index = torch.cat([units.aranges[s] for s in slots])
         dtype = accumulation_dtype(device)
         activity = torch.zeros(total, dtype=dtype, device=device)
-        activity.index_add_(0, index, torch.cat([c.reshape(-1) for c in counts]).to(dtype))
+        kept = [(s, a) for s, a in zip(slots, activities) if s in units.segments and s in live]
+        if kept:
+            index = torch.cat([units.aranges[s] for s, _ in kept])
+            values = torch.cat([a.reshape(-1) for _, a in kept]).to(dtype)
+            activity.index_add_(0, index, values)  # ≥ 0 each: > 0 iff some call was active
         if self.ranks is not None:
             # Deliberate collective, once per step: a unit is dead only if it is 0 on every
             # rank (an OR of activity), and the inactivity runs below must agree on all ranks.
             self.ranks.all_reduce_(activity, "max")
+        live_called = [s for s in live if called[s]]
+        every = set(units.segments) - self.units_off
+        if every and every <= set(live_called):
+            seen = None  # every tracked module ran: the common case, no mask to build
+        else:
+            seen = torch.zeros(total, dtype=torch.bool, device=device)
+            for s in live_called:
+                start, n = units.segments[s]
+                seen[start : start + n] = True
         inactive = activity == 0
-        if all(called[s] for s in units.segments):
+        if seen is None:
             units.inactive_run = (units.inactive_run + 1) * inactive
         else:
             # A module not run in this step keeps its runs as they were.
-            seen = torch.zeros(total, dtype=torch.bool, device=device)
-            for s, (start, n) in units.segments.items():
-                if called[s]:
-                    seen[start : start + n] = True
             inactive = inactive & seen
             units.inactive_run = torch.where(
                 seen, (units.inactive_run + 1) * inactive, units.inactive_run
@@ -331,8 +402,10 @@ class StepBuffer:
         long_dead = (units.inactive_run >= self.dead_window).to(dtype)
         dead_window = torch.zeros(self.n_slots, dtype=dtype, device=device)
         dead_window.index_add_(0, units.slot_of_unit, long_dead)
-        for s in set(slots):
+        for s in live_called:
+            self.steps_seen[s] += 1
             self.set_host(s, "n_units", units.segments[s][1])
+            self.set_host(s, "window_ready", float(self.steps_seen[s] >= self.dead_window))
         return dead, dead_window
 
     @staticmethod
@@ -387,6 +460,19 @@ class StepBuffer:
         if self.ranks is not None:
             self.ranks.combine(drained)
         return drained
+
+
+def _unit_counts(
+    n_slots: int, slots: list[int], activities: list[Tensor]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Fewest and most units of each module's calls in the step (host shapes; 0 if none)."""
+    lo = np.zeros(n_slots, dtype=np.int64)
+    hi = np.zeros(n_slots, dtype=np.int64)
+    for s, a in zip(slots, activities):
+        n = a.numel()
+        lo[s] = n if hi[s] == 0 else min(lo[s], n)
+        hi[s] = max(hi[s], n)
+    return lo, hi
 
 
 def _combine(

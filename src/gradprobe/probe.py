@@ -41,6 +41,7 @@ Where users train (see ``docs/integrations.md``):
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import os
 import platform
@@ -48,7 +49,7 @@ import sys
 import warnings
 import weakref
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache, partial
 from typing import Any
@@ -57,15 +58,17 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor, nn
+from torch.utils import _pytree
 
 from ._version import __version__
 from .activations import Activation, activation_of, recurrent_nonlinearity
 from .buffer import Drained, Ranks, StepBuffer, accumulation_dtype
 from .errors import GradprobeError
-from .hooks import GradprobeWarning, HookSet, warn_once
+from .hooks import GradprobeWarning, HookSet, ModuleHook, warn_gap, warn_once
 from .run import Run, empty_frame, load, normalize_frame
 from .stats import MODEL_NAME, PRESETS, SAT_THRESHOLD, STATISTICS, finalize
 from .store import Store
+from .traversals import GAP_BOTH_SIDES, GAP_INPUT_SIDE, Traversals, consumer_edges, input_edge
 
 __all__ = ["Probe", "unwrap_model"]
 
@@ -142,14 +145,43 @@ def _reduction_dtype(t: Tensor) -> torch.dtype | None:
     return torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else None
 
 
-def _first_float_tensor(value: Any) -> Tensor | None:
+# A mapping output (a dict, a transformers ModelOutput) is read at these keys first: the
+# tensor the module computes. A "loss" entry is never "the" output: it is a function of it.
+_PREFERRED_KEYS = ("logits", "last_hidden_state")
+_SKIPPED_KEYS = frozenset({"loss"})
+_MAX_NESTING = 32  # deeper than any real output; guards against self-referencing objects
+
+
+def _first_float_tensor(value: Any, depth: int = 0) -> Tensor | None:
+    """"The" tensor of a module's output (or input): the first floating-point tensor in
+    pytree order, see docs/recording.md ("Inputs and outputs").
+
+    Tuples and lists in order; mappings at ``logits``, then ``last_hidden_state``, then
+    their other values in insertion order, never at ``loss``; dataclasses in field order;
+    any other type registered with ``torch.utils._pytree`` in its flattening order.
+    """
     if isinstance(value, Tensor):
         return value if value.is_floating_point() else None
+    if value is None or depth > _MAX_NESTING or isinstance(value, (str, bytes, int, float)):
+        return None
     if isinstance(value, (tuple, list)):
-        for item in value:
-            found = _first_float_tensor(item)
-            if found is not None:
-                return found
+        children: Iterable[Any] = value
+    elif isinstance(value, Mapping):
+        first = [value[key] for key in _PREFERRED_KEYS if key in value]
+        rest = [v for key, v in value.items() if key not in _PREFERRED_KEYS and key not in _SKIPPED_KEYS]
+        children = first + rest
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        children = [getattr(value, f.name, None) for f in dataclasses.fields(value)]
+        children = [c for c in children if c is not None]
+    else:
+        node = _pytree.SUPPORTED_NODES.get(type(value))
+        if node is None:
+            return None
+        children, _context = node.flatten_fn(value)
+    for item in children:
+        found = _first_float_tensor(item, depth + 1)
+        if found is not None:
+            return found
     return None
 
 
@@ -254,6 +286,11 @@ class Probe:
         self._execution_order: list[int] = []
         self._seen_slots: set[int] = set()
         self._layout_by_shape: dict[tuple[int, ...], str] = {}
+        # (dims, layout, units) seen on a typed module's input or output, the layout each
+        # element-wise module took, and unit activity waiting for the step's end to say it.
+        self._layout_signatures: set[tuple[int, str, int]] = set()
+        self._slot_layout: dict[int, str] = {}
+        self._deferred_units: list[tuple[int, tuple[int, ...], Tensor]] = []
         # What each module's units turned out to be ("feature" or "channel"), for the meta.
         self._unit_kinds: dict[int, str] = {}
         # One weak reference for every hook: the hooks must not keep the Probe alive.
@@ -270,6 +307,8 @@ class Probe:
         self._scaler_ref = weakref.ref(scaler) if scaler is not None else None
         self._scale_marker = _scale_marker(scaler)
         self._stepped_since_update = False
+        # Error signals wait for their backward pass to end: only .backward() counts.
+        self._traversals = Traversals()
 
         want = set(self.stats)
         self._want_output = bool(want & {"act_mean", "act_std", "zero_frac"})
@@ -360,7 +399,7 @@ class Probe:
         self._stepped_since_update = True
         self._end_step()
         if self._recording and self._want_update:
-            self._take_snapshot()
+            self._guard_params(self._take_snapshot, "probe.step (snapshot)")
 
     def frame(self) -> pd.DataFrame:
         """All recorded rows so far (columns step, name, stat, value); flushes the buffer.
@@ -396,29 +435,62 @@ class Probe:
             return
         self._poll_scaler()  # a last step the scaler skipped
         self._closed = True
-        self._hooks.remove()
+        self._guard(self._hooks.remove, "close (removing hooks)")
         self._finalizer.detach()
-        try:
-            self._flush()
-        finally:
-            if self._store is not None:
-                self._store.close(**self._progress(), finished=_now())
-            self._params = []
-            self._snapshot = None
-            self._preclip = {}
+        self._flush()  # never raises
+        if self._store is not None:
+            store = self._store
+            self._guard(lambda: store.close(**self._progress(), finished=_now()), "close (store)")
+        self._params = []
+        self._snapshot = None
+        self._preclip = {}
+        self._deferred_units = []
+
 
     # ================================================================ registration
     def _register(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
         ref = self._ref
         by_name = dict(model.named_modules())
+        # Is the current pass of the probed model trained? Decided once per pass by the
+        # hooks on the model itself (see _call_mode and docs/recording.md).
+        self._pass_open = False
+        self._pass_trained = False
+        self._trained_step = -1  # the last step with a recorded pass
+        self._eval_grad_step: int | None = None  # a step with eval() passes under grad
+        # Calls whose first run could not register error-signal hooks (a reentrant
+        # checkpoint runs it under no_grad): their recomputation in backward registers them.
+        self._owed_error_hooks: dict[int, int] = defaultdict(int)
+        self._unreadable: set[str] = set()
         # Under torch.compile the hooks must run eagerly: traced, their appends to Python
         # lists would guard on list lengths and recompile every call.
-        pre, forward = _eager_hooks() if self.compiled else (_pre_hook, _forward_hook)
+        pre, forward, start, end = (
+            _eager_hooks()
+            if self.compiled
+            else (_pre_hook, _forward_hook, _pass_start_hook, _pass_end_hook)
+        )
+        hooks = self._hooks
+        # ModuleHook, not a closure: it pickles and deep-copies as an inert no-op, so the
+        # model can be saved or copied while probed (see gradprobe.hooks).
+        hooks.add(
+            model.register_forward_pre_hook(
+                ModuleHook(start, ref, -1, model, hooks), prepend=True, with_kwargs=True
+            )
+        )
         for slot in self._slots:
             module = by_name[slot.name]
-            self._hooks.add(module.register_forward_pre_hook(partial(pre, ref, slot.index)))
-            self._hooks.add(module.register_forward_hook(partial(forward, ref, slot.index)))
-        if self._want_preclip:
+            pre_hook = ModuleHook(pre, ref, slot.index, module, hooks)
+            forward_hook = ModuleHook(forward, ref, slot.index, module, hooks)
+            hooks.add(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
+            hooks.add(module.register_forward_hook(forward_hook, with_kwargs=True))
+        # Registered last, so that it closes the pass after the model's own forward hook;
+        # always called, so that a forward that raises closes it too.
+        hooks.add(
+            model.register_forward_hook(
+                ModuleHook(end, ref, -1, model, hooks), with_kwargs=True, always_call=True
+            )
+        )
+        # Post-accumulate hooks also tell which backward passes count for error signals.
+        if self._want_preclip or self._want_error:
             for p in self._params:
                 if p.requires_grad:
                     self._hooks.add(
@@ -428,20 +500,113 @@ class Probe:
             self._hooks.add(optimizer.register_step_pre_hook(partial(_step_pre_hook, ref)))
             self._hooks.add(optimizer.register_step_post_hook(partial(_step_post_hook, ref)))
 
-    def _active(self, module: nn.Module) -> bool:
-        # Passes under no_grad/inference_mode or in eval mode are not training: skip them.
-        return self._recording and not self._closed and module.training and torch.is_grad_enabled()
+    def _trained_now(self) -> bool:
+        """A pass is trained if gradients are enabled and the probed model is in train()
+        mode; a submodule's own flag (frozen BatchNorm, a backbone in eval()) does not count."""
+        model = self._model_ref()
+        return model is not None and model.training and torch.is_grad_enabled()
+
+    def _on_pass_start(self) -> None:
+        """The probed model's forward begins: decide, once for the whole pass, whether
+        its modules are recorded (see docs/recording.md, "Training passes and eval()")."""
+        if _inside_backward():
+            return  # the model itself recomputed by checkpointing: not a pass
+        self._pass_open = True
+        self._pass_trained = self._trained_now()
+        if self._pass_trained:
+            self._trained_step = self.step_index
+        elif torch.is_grad_enabled():
+            self._eval_grad_step = self.step_index
+        self._check_trained_in_eval()
+
+    def _on_pass_end(self) -> None:
+        if not _inside_backward():
+            self._pass_open = False
+
+    def _check_trained_in_eval(self) -> None:
+        """Say once if the model is trained in eval() mode: then nothing of its modules is
+        recorded. Host-side: a step ended after an eval() pass under grad, with no trained
+        pass in that step."""
+        step = self._eval_grad_step
+        if step is None or self.step_index <= step:
+            return
+        self._eval_grad_step = None
+        if self._trained_step != step:
+            warn_gap(
+                self._unreadable,
+                "trained in eval",
+                "gradprobe: the model is in eval() mode with gradients enabled and an optimizer "
+                "step followed: passes in eval() mode are not recorded (as validation and "
+                "saliency maps are not), so its modules have no rows. To record training "
+                "in eval() mode, keep the model in train() and put the submodules that must "
+                "not change in eval() (frozen BatchNorm, no dropout): the computation is the "
+                "same, and a submodule's own mode does not stop recording",
+            )
+
+    def _call_mode(self) -> int:
+        """What a module hook does with this call: skip it, record it, or (a forward run
+        again inside backward by activation checkpointing) register only owed hooks."""
+        if self._closed or not self._recording:
+            return _SKIP
+        if _inside_backward():
+            # The first run of this forward was recorded; this one must not double it.
+            return _RECOMPUTE if self._trained_now() else _SKIP
+        if self._pass_open:
+            return _RECORD if self._pass_trained else _SKIP
+        # A submodule called outside the model's forward: the same rule, judged now.
+        return _RECORD if self._trained_now() else _SKIP
+
+    def _unreadable_module(self, k: int, side: str, value: Any) -> None:
+        """One warning per module whose output (or input) holds no floating-point tensor."""
+        name = self._slots[k].name
+        warn_gap(
+            self._unreadable,
+            f"{side} {k}",
+            f"gradprobe: module {name!r} ({self._slots[k].type}) has no floating-point tensor "
+            f"in its {side} (a {type(value).__name__}): its {side} statistics are not "
+            "recorded. gradprobe reads the first floating-point tensor of a module's "
+            f"{side}, through tuples, lists, dicts, dataclasses and pytrees "
+            "(docs/recording.md)",
+        )
 
     # ================================================================ module hooks
     # Each hook launches only the reductions it needs and hands the 0-d results to the
     # buffer: on small layers the number of ops, not their size, is what costs.
-    def _on_pre(self, k: int, module: nn.Module, args: tuple[Any, ...]) -> None:
-        x = _first_float_tensor(args)
-        if x is None:
+    def _on_recomputed_pre(self, k: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Checkpointing re-runs this forward inside backward: its statistics were taken in
+        the first run. Only an owed error-signal hook (see _on_recomputed) needs the input."""
+        x = _first_float_tensor((args, kwargs))
+        owed = self._owed_error_hooks.get(k) and self._want_input_error
+        if owed and x is not None and x.requires_grad:
+            self._traversals.input_edges[k] = input_edge(x)  # its own share: see _hook_errors
+
+    def _on_recomputed(self, k: int, output: Any) -> None:
+        """Activation checkpointing's recomputation, inside backward: calls, activation and
+        unit statistics were recorded by the first run and are not doubled. The first run's
+        error-signal hooks fire on the original graph (``use_reentrant=False``); a first run
+        under no_grad (``use_reentrant=True``) had none: they are owed, and hooked here, on
+        the graph that the checkpoint's own backward traverses."""
+        if not self._owed_error_hooks.get(k):
             return
+        self._owed_error_hooks[k] -= 1
+        y = _first_float_tensor(output)
+        if y is not None and self._want_error and y.requires_grad:
+            self._hook_errors(k, y)
+
+    def _on_pre(
+        self, k: int, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
+        # "The" input: the first floating-point tensor, positional arguments before keywords.
+        x = _first_float_tensor((args, kwargs))
         slot = self._slots[k]
+        if x is None:
+            if slot.activation is not None and self._want_gate:
+                self._unreadable_module(k, "input", args)  # the gate needs it
+            return
+        if self._want_units:
+            self._note_input_layout(slot, x)
         if self._want_input_error and x.requires_grad:
-            x.register_hook(partial(_input_grad_hook, self._ref, k))
+            self._traversals.input_edges[k] = input_edge(x)  # its own share: see _hook_errors
         act = slot.activation
         if act is not None and self._want_gate:
             with torch.no_grad():
@@ -460,7 +625,10 @@ class Probe:
     def _on_forward(self, k: int, module: nn.Module, output: Any) -> None:
         y = _first_float_tensor(output)
         if y is None:
+            self._unreadable_module(k, "output", output)
             return
+        if self._want_error and not y.requires_grad:
+            self._owed_error_hooks[k] += 1  # only a recomputation pays it: _on_recomputed
         slot = self._slots[k]
         if k not in self._seen_slots:
             self._seen_slots.add(k)
@@ -487,18 +655,13 @@ class Probe:
             elif self._want_nonfinite:
                 self.buffer.record("nonfinite", k, device, n, torch.count_nonzero(yd - yd))
             if self._want_units and yd.dim() >= 1:
-                unit = self._unit_dim(slot, yd)
-                if k not in self._unit_kinds:  # host-only, once per module
-                    self._unit_kinds[k] = "channel" if unit == 1 and yd.dim() >= 3 else "feature"
-                dims = tuple(d for d in range(yd.dim()) if d != unit)
-                # max |y| per unit: > 0 iff the unit fired somewhere (cheaper than counting).
-                self.buffer.record_units(k, device, yd.abs().amax(dim=dims).reshape(-1))
+                self._record_units(slot, yd)
             if self.histograms:
                 lo, hi = slot.histogram_range
                 counts = torch.histc(yd.float().clamp(lo, hi), self.buffer.histogram_bins, lo, hi)
                 self.buffer.record_histogram(k, device, counts)
         if self._want_error and y.requires_grad:
-            y.register_hook(partial(_output_grad_hook, self._ref, k))
+            self._hook_errors(k, y)
 
     def _zero(self, device: torch.device) -> Tensor:
         zero = self._zeros.get(device)
@@ -506,31 +669,200 @@ class Probe:
             zero = self._zeros[device] = torch.zeros((), device=device)
         return zero
 
-    def _unit_dim(self, slot: _Slot, y: Tensor) -> int:
-        """Which dimension holds the units: features of [N, F], channels of [N, C, ...]."""
+    def _record_units(self, slot: _Slot, y: Tensor) -> None:
+        """Per-unit activity of one call: max |y| per unit, > 0 iff the unit fired somewhere
+        (cheaper than counting)."""
+        k = slot.index
+        unit = self._unit_dim(slot, y)
+        if unit is None:
+            # An element-wise module on a tensor no module has shown the layout of yet (the
+            # model's input, first step): reduce the batch dimension now, the rest when the
+            # step closes, by when the module that reads this tensor has said.
+            self._deferred_units.append((k, tuple(y.shape), y.abs().amax(dim=0)))
+            return
+        if k not in self._unit_kinds:  # host-only, once per module
+            self._unit_kinds[k] = "channel" if unit == 1 and y.dim() >= 3 else "feature"
+        dims = tuple(d for d in range(y.dim()) if d != unit)
+        self.buffer.record_units(k, y.device, y.abs().amax(dim=dims).reshape(-1))
+
+    def _record_deferred_units(self) -> None:
+        """Units of the calls whose layout was not known in their hook (see _record_units)."""
+        deferred, self._deferred_units = self._deferred_units, []
+        for k, shape, activity in deferred:
+            # Nothing in the step said: channels of [N, C, ...], as before.
+            layout = self._inherited_layout(k, shape) or "channel"
+            unit = len(shape) - 1 if layout == "last" else 1
+            if k not in self._unit_kinds:
+                self._unit_kinds[k] = "channel" if unit == 1 else "feature"
+            dims = tuple(d - 1 for d in range(1, len(shape)) if d != unit)
+            units = activity.amax(dim=dims) if dims else activity
+            self.buffer.record_units(k, activity.device, units.reshape(-1))
+
+    def _unit_dim(self, slot: _Slot, y: Tensor) -> int | None:
+        """Which dimension holds the units: features of [N, F], channels of [N, C, ...].
+
+        Units are features or channels: they do not change with the batch size, the
+        sequence length or the image size. A typed module (Linear, Conv, ...) knows its
+        layout; an element-wise one (ReLU, Dropout, ...) takes the layout of the tensor it
+        received (see :meth:`_inherited_layout`), or ``None`` while nothing has said it yet.
+        """
         if y.dim() <= 2:
             return y.dim() - 1
-        shape = tuple(y.shape)
         layout = slot.layout
         if layout == "inherit":
-            layout = self._layout_by_shape.get(shape, "channel")
+            found = self._inherited_layout(slot.index, tuple(y.shape))
+            if found is None:
+                return None
+            layout = found
         else:
-            self._layout_by_shape[shape] = layout
+            self._learn_layout(tuple(y.shape), layout)
         return y.dim() - 1 if layout == "last" else 1
 
-    def _on_error_grad(self, k: int, grad: Tensor, kind: str) -> None:
+    def _learn_layout(self, shape: tuple[int, ...], layout: str) -> None:
+        self._layout_by_shape[shape] = layout
+        units = shape[-1] if layout == "last" else shape[1]
+        self._layout_signatures.add((len(shape), layout, units))
+
+    def _note_input_layout(self, slot: _Slot, x: Tensor) -> None:
+        """A typed module reads its input in its own layout: [N, ..., F] or [N, C, ...]."""
+        if slot.layout != "inherit" and x.dim() >= 3:
+            self._learn_layout(tuple(x.shape), slot.layout)
+
+    def _inherited_layout(self, k: int, shape: tuple[int, ...]) -> str | None:
+        """The layout of an element-wise module's tensor: that of a typed module that made
+        or read this very shape; else the one this module took before (shapes change with
+        the sequence length and image size, a module's layout does not); else, with as many
+        dimensions, the one whose features or channels match a typed module's, if only one
+        does."""
+        layout = self._layout_by_shape.get(shape) or self._slot_layout.get(k)
+        if layout is None:
+            last = (len(shape), "last", shape[-1]) in self._layout_signatures
+            channel = (len(shape), "channel", shape[1]) in self._layout_signatures
+            if last == channel:
+                return None
+            layout = "last" if last else "channel"
+        self._slot_layout[k] = layout
+        return layout
+
+    # ---------------------------------------------------------------- error signals
+    # What a step's error signal is when autograd traverses a tensor more than once:
+    # gradprobe/traversals.py and docs/recording.md.
+    def _hook_errors(self, k: int, y: Tensor) -> None:
+        """A tensor hook on the output (dL/d(output), all of it, whoever else reads ``y``)
+        and hooks on the module's own autograd nodes that read its input (its share of
+        dL/d(input), not what other readers of that tensor add)."""
+        token = self._traversals.new_token()
+        y.register_hook(partial(_output_grad_hook, self._ref, k, token))
+        edge = self._traversals.input_edges.pop(k, None)
+        if edge is None or y.grad_fn is None:
+            return
+        if input_edge(y) == edge:  # the input passed through (an identity): same signal
+            y.register_hook(partial(_input_grad_hook, self._ref, k, token))
+            return
+        readers = consumer_edges(y.grad_fn, edge)
+        if readers is None:
+            self._error_gap(
+                k,
+                GAP_INPUT_SIDE,
+                "large graph",
+                f"the autograd graph of `{self._slots[k].name}` is too large to find the "
+                "module's own share of dL/d(input): its error_gain is not recorded (probe "
+                "its submodules instead)",
+            )
+            return
+        for node, indices in readers:
+            node.register_hook(
+                partial(_input_share_hook, self._ref, k, token, indices, len(readers))
+            )
+
+    def _on_error_grad(self, k: int, grad: Tensor, kind: str, token: int) -> None:
         if self._closed:
             return
         with torch.no_grad():
             g = grad.detach()
             # float64 where the device has it: 1e-20 signals of vanishing nets must not underflow.
             norm = torch.linalg.vector_norm(g, dtype=accumulation_dtype(g.device))
-            if kind == "err":
-                self.buffer.record("err", k, g.device, g.numel(), norm, torch.count_nonzero(g - g))
-                self.buffer.add_host(k, "err_calls")
-            else:
-                self.buffer.record("in_err", k, g.device, g.numel(), norm)
-                self.buffer.add_host(k, "in_err_calls")
+            # g − g is NaN exactly where g is NaN or ±Inf; on the input side the norm
+            # itself carries it (a NaN/Inf error_gain where dL/d(output) is finite).
+            values = (norm, torch.count_nonzero(g - g)) if kind == "err" else (norm,)
+        self._pending_errors().records.append((kind, k, token, g.device, g.numel(), values))
+
+    def _on_input_share(
+        self,
+        k: int,
+        token: int,
+        indices: tuple[int, ...],
+        nodes: int,
+        grad_inputs: Sequence[Tensor | None],
+    ) -> None:
+        """One of the module's nodes that read its input has run: add its gradients."""
+        if self._closed:
+            return
+        grads = [grad_inputs[i] for i in indices if grad_inputs[i] is not None]
+        if not grads:
+            return
+        with torch.no_grad():
+            share = grads[0].detach()
+            for g in grads[1:]:
+                share = share + g.detach()
+        pending = self._pending_errors()
+        total = self._traversals.add_share(pending, k, token, nodes, share)
+        if total is None:
+            return
+        with torch.no_grad():
+            norm = torch.linalg.vector_norm(total, dtype=accumulation_dtype(total.device))
+        pending.records.append(("in_err", k, token, total.device, total.numel(), (norm,)))
+
+    def _pending_errors(self) -> Any:
+        """The current backward pass's waiting results; its end is queued on first use."""
+        task = torch._C._current_graph_task_id()
+        pending, new = self._traversals.task(task)
+        if new:
+            queue_at_backward_end(partial(_errors_end_hook, self._ref, task, self.step_index))
+        return pending
+
+    def _note_accumulation(self) -> None:
+        """A ``.grad`` was accumulated: this backward pass's error signals count."""
+        self._traversals.accumulating.add(torch._C._current_graph_task_id())
+
+    def _commit_errors(self, task: int, step: int) -> None:
+        """A backward pass ended: keep its error signals if it accumulated into ``.grad``."""
+        traversals = self._traversals
+        pending = traversals.pending.pop(task, None)
+        # A model with no trainable parameter accumulates nothing: its passes all count.
+        counts = task in traversals.accumulating or not any(p.requires_grad for p in self._params)
+        traversals.accumulating = {t for t in traversals.accumulating if t in traversals.pending}
+        if pending is None or not counts or step != self.step_index or not self._recording:
+            return  # torch.autograd.grad, or a pass that outlived its step
+        for k, _token in pending.shares:
+            self._error_gap(
+                k,
+                GAP_INPUT_SIDE,
+                "partial share",
+                f"only some of `{self._slots[k].name}`'s own nodes that read its input ran "
+                "in a backward pass: its error_gain is not recorded for that step",
+            )
+        for kind, k, token, device, numel, values in pending.records:
+            if not traversals.first_commit(kind, token, step):
+                self._error_gap(
+                    k,
+                    GAP_BOTH_SIDES,
+                    "retraversal",
+                    f"the output of `{self._slots[k].name}` was traversed by two backward "
+                    "passes in one step (a retained graph: backward(retain_graph=True) and "
+                    "another backward()); the step's error signal is their sum, whose norm "
+                    "needs both gradients at once, so error_norm and error_gain are not "
+                    "recorded for such a step (sum the losses and call backward() once to "
+                    "have them; see docs/recording.md)",
+                )
+                continue
+            self.buffer.record(kind, k, device, numel, *values)
+            self.buffer.add_host(k, f"{kind}_calls")
+
+    def _error_gap(self, k: int, level: float, cause: str, message: str) -> None:
+        """Leave module ``k``'s error statistics out of this step, with one warning."""
+        self.buffer.set_host(k, "err_gap", self._traversals.gap(k, level, self.step_index))
+        self._traversals.warn_once(cause, message)
 
     # ================================================================ parameter hooks
     def _param_groups(self, with_grad: bool) -> dict[tuple[torch.device, torch.dtype], list[int]]:
@@ -591,6 +923,11 @@ class Probe:
         self._preclip = preclip
 
     def _poll_scaler(self) -> None:
+        """Close a step the ``GradScaler`` skipped (never raises: see :meth:`_check_scaler`)."""
+        if self._scaler_ref is not None:
+            self._guard(self._check_scaler, "the GradScaler watch")
+
+    def _check_scaler(self) -> None:
         """Close a step the ``GradScaler`` skipped: ``update()`` ran but no optimizer step.
 
         ``update()`` changes the scale tensor in place (also when the value stays), so its
@@ -684,31 +1021,61 @@ class Probe:
             )
         if sync:
             self.buffer.ranks = Ranks(self._process_group)
+            # Every rank then takes part in the unit collectives each step, ran it or not.
+            self.buffer.track_units = self._want_units
             self._meta["probe"]["world_size"] = self.buffer.ranks.world
+
             if self._store is not None:
                 self._store.update_meta(probe=self._meta["probe"])
 
     def _end_step(self) -> None:
+        """Close the step. Never raises: a failure is one warning and a gap (this step's
+        rows, or a flush's), and the step count moves on."""
         self._backward_pending = False  # a backward that raised never ran its callback
         if not self._ranks_resolved:
-            self._resolve_ranks()
-        if self._recording:
-            if self._scaler_ref is not None:
-                self.buffer.set_model_host("scaler")
-            self.buffer.end_step(self.step_index)
-            if len(self.buffer) >= self.flush_every:
-                self._flush()
+            self._guard(self._resolve_ranks, "the step boundary (process group)")
+        if self._recording and not self._guard(self._close_step, "the step boundary"):
+            self._deferred_units = []
+            self._guard(self.buffer.discard_step, "the step boundary (discard)")
         self.step_index += 1
         self._recording = self.step_index % self.every == 0
 
+    def _close_step(self) -> None:
+        self._record_deferred_units()
+        if self._scaler_ref is not None:
+            self.buffer.set_model_host("scaler")
+        try:
+            self.buffer.end_step(self.step_index)
+        finally:
+            self._warn_unit_problems()
+        if len(self.buffer) >= self.flush_every:
+            self._flush()
+
+    def _warn_unit_problems(self) -> None:
+        problems, self.buffer.unit_problems = self.buffer.unit_problems, []
+        for k, before, after in problems:
+            name = self._slots[k].name
+            warn_gap(
+                self._failed_where,
+                f"units of {name}",
+                f"gradprobe: the number of units of module {name!r} changed from {before} to "
+                f"{after}: its output has no fixed feature or channel dimension, so dead_frac "
+                "and dead_window_frac are not recorded for it from now on",
+            )
+
     def _flush(self) -> None:
+        """Drain the buffer into rows and write them. Never raises: a failure loses the
+        drained steps' rows (one warning), not the run."""
+        self._guard(self._flush_rows, "a flush (the rows of the steps since the last one)")
+
+    def _flush_rows(self) -> None:
         drained = self.buffer.drain()
         if drained is None:
             return
         frame = self._to_frame(drained)
         if self._store is not None:
             self._store.append(frame)
-            self._store.update_meta(**self._progress())
+            self._guard(lambda: self._store.update_meta(**self._progress()), "the store's meta")
         else:
             self._frames.append(frame)
         for listener in list(self._listeners):
@@ -745,11 +1112,20 @@ class Probe:
 
     # ================================================================ failures
     def _guard_params(self, fn: Callable[[], None], where: str) -> None:
+        if not self._guard(fn, where):
+            self._guard(
+                lambda: self.buffer.set_param_host(list(range(len(self._params))), "param_gap"),
+                f"{where} (marking the gap)",
+            )
+
+    def _guard(self, fn: Callable[[], object], where: str) -> bool:
+        """Run a piece of the Probe's work; a failure is one warning, never the user's error."""
         try:
             fn()
         except Exception as exc:  # never into the user's loop
             warn_once(self._failed_where, where, exc)
-            self.buffer.set_param_host(list(range(len(self._params))), "param_gap")
+            return False
+        return True
 
     def _module_failed(self, k: int, where: str, exc: BaseException) -> None:
         warn_once(self._failed_where, f"{where} of module {self._slots[k].name!r}", exc)
@@ -808,42 +1184,80 @@ class Probe:
 
 
 # ==================================================================== hook functions
-# Module-level functions bound with partial(): they hold a weak reference to the Probe
-# and a slot index, never a module or a tensor.
+# Module-level functions. The module hooks are called through a ModuleHook (gradprobe.hooks),
+# which holds a weak reference to the Probe and a slot index, never a module or a tensor.
+# What a module hook does with a call (Probe._call_mode).
+_SKIP, _RECORD, _RECOMPUTE = 0, 1, 2
 
 
-def _pre_hook(ref: weakref.ref[Probe], k: int, module: nn.Module, args: tuple[Any, ...]) -> None:
+def _inside_backward() -> bool:
+    """Whether this thread is running a backward pass: autograd's current graph task.
+
+    A module's forward that runs inside backward is activation checkpointing recomputing
+    it (``torch.utils.checkpoint``, either ``use_reentrant``), not a new pass.
+    """
+    return torch._C._current_graph_task_id() != -1
+
+
+def _pre_hook(
+    ref: weakref.ref[Probe], k: int, module: nn.Module, args: tuple[Any, ...], kwargs: Any
+) -> None:
     probe = ref()
     if probe is None:
         return
     if probe._scaler_ref is not None:
         probe._poll_scaler()  # the first forward of an iteration closes a skipped step
-    if not probe._active(module):
-        return
     try:
-        probe._on_pre(k, module, args)
+        mode = probe._call_mode()
+        if mode == _RECORD:
+            probe._on_pre(k, module, args, kwargs)
+        elif mode == _RECOMPUTE:
+            probe._on_recomputed_pre(k, args, kwargs)
     except Exception as exc:
         probe._module_failed(k, "forward pre-hook", exc)
 
 
 def _forward_hook(
-    ref: weakref.ref[Probe], k: int, module: nn.Module, args: Any, output: Any
+    ref: weakref.ref[Probe], k: int, module: nn.Module, args: Any, kwargs: Any, output: Any
 ) -> None:
     probe = ref()
-    if probe is None or not probe._active(module):
+    if probe is None:
         return
     try:
-        probe._on_forward(k, module, output)
+        mode = probe._call_mode()
+        if mode == _RECORD:
+            probe._on_forward(k, module, output)
+        elif mode == _RECOMPUTE:
+            probe._on_recomputed(k, output)
     except Exception as exc:
         probe._module_failed(k, "forward hook", exc)
+
+
+def _pass_start_hook(
+    ref: weakref.ref[Probe], key: int, module: nn.Module, args: Any, kwargs: Any
+) -> None:
+    probe = ref()
+    if probe is not None and not probe._closed:
+        probe._guard(probe._on_pass_start, "the start of the model's forward")
+
+
+def _pass_end_hook(
+    ref: weakref.ref[Probe], key: int, module: nn.Module, args: Any, kwargs: Any, output: Any
+) -> None:
+    probe = ref()
+    if probe is not None and not probe._closed:
+        probe._guard(probe._on_pass_end, "the end of the model's forward")
 
 
 # The same module hooks, never traced by dynamo (used when the model is compiled).
 # Made on first use, not at import: torch.compiler.disable imports torch._dynamo (about
 # 2 s), which `from gradprobe import Probe` must not cost a process that compiles nothing.
 @cache
-def _eager_hooks() -> tuple[Callable[..., None], Callable[..., None]]:
-    return torch.compiler.disable(_pre_hook), torch.compiler.disable(_forward_hook)
+def _eager_hooks() -> tuple[Callable[..., None], ...]:
+    return tuple(
+        torch.compiler.disable(hook)
+        for hook in (_pre_hook, _forward_hook, _pass_start_hook, _pass_end_hook)
+    )
 
 
 def _post_accumulate_hook(ref: weakref.ref[Probe], param: Tensor) -> None:
@@ -852,7 +1266,9 @@ def _post_accumulate_hook(ref: weakref.ref[Probe], param: Tensor) -> None:
         return
     if probe._scaler_ref is not None:
         probe._poll_scaler()
-    probe._on_post_accumulate()
+    probe._guard(probe._note_accumulation, "a gradient-accumulated hook (error signals)")
+    if probe._want_preclip:
+        probe._guard(probe._on_post_accumulate, "a gradient-accumulated hook")
 
 
 def _backward_end_hook(ref: weakref.ref[Probe], first: bool) -> None:
@@ -860,7 +1276,12 @@ def _backward_end_hook(ref: weakref.ref[Probe], first: bool) -> None:
         # Queue once more, behind every callback queued during the backward pass: DDP's
         # reducer queues the one that writes the all-reduced buckets into .grad, and the
         # pre-clip norm must be of those synchronised gradients.
-        queue_at_backward_end(partial(_backward_end_hook, ref, False))
+        try:
+            queue_at_backward_end(partial(_backward_end_hook, ref, False))
+        except Exception as exc:  # never into the user's backward
+            probe = ref()
+            if probe is not None:
+                warn_once(probe._failed_where, "the end of backward", exc)
         return
     probe = ref()
     if probe is not None and not probe._closed:
@@ -872,24 +1293,50 @@ def queue_at_backward_end(callback: Callable[[], None]) -> None:
     torch.autograd.Variable._execution_engine.queue_callback(callback)
 
 
-def _output_grad_hook(ref: weakref.ref[Probe], k: int, grad: Tensor) -> None:
+def _output_grad_hook(ref: weakref.ref[Probe], k: int, token: int, grad: Tensor) -> None:
     probe = ref()
     if probe is None:
         return
     try:
-        probe._on_error_grad(k, grad, "err")
+        probe._on_error_grad(k, grad, "err", token)
     except Exception as exc:
         probe._module_failed(k, "backward (output) hook", exc)
 
 
-def _input_grad_hook(ref: weakref.ref[Probe], k: int, grad: Tensor) -> None:
+def _input_grad_hook(ref: weakref.ref[Probe], k: int, token: int, grad: Tensor) -> None:
     probe = ref()
     if probe is None:
         return
     try:
-        probe._on_error_grad(k, grad, "in_err")
+        probe._on_error_grad(k, grad, "in_err", token)
     except Exception as exc:
         probe._module_failed(k, "backward (input) hook", exc)
+
+
+def _input_share_hook(
+    ref: weakref.ref[Probe],
+    k: int,
+    token: int,
+    indices: tuple[int, ...],
+    nodes: int,
+    grad_inputs: Sequence[Tensor | None],
+    grad_outputs: Sequence[Tensor | None],
+) -> None:
+    """On an autograd node of module ``k`` that reads its input: ``grad_inputs[i]`` for
+    ``i`` in ``indices`` is the gradient this node sends to that input."""
+    probe = ref()
+    if probe is None:
+        return
+    try:
+        probe._on_input_share(k, token, indices, nodes, grad_inputs)
+    except Exception as exc:
+        probe._module_failed(k, "backward (input) hook", exc)
+
+
+def _errors_end_hook(ref: weakref.ref[Probe], task: int, step: int) -> None:
+    probe = ref()
+    if probe is not None and not probe._closed:
+        probe._guard(partial(probe._commit_errors, task, step), "the end of backward (errors)")
 
 
 def _scale_marker(scaler: torch.amp.GradScaler | None) -> tuple[int, int] | None:
@@ -901,13 +1348,14 @@ def _scale_marker(scaler: torch.amp.GradScaler | None) -> tuple[int, int] | None
 def _step_pre_hook(ref: weakref.ref[Probe], optimizer: Any, args: Any, kwargs: Any) -> None:
     probe = ref()
     if probe is not None:
-        probe._on_step_pre()
+        probe._guard(probe._on_step_pre, "the optimizer step (pre-hook)")
 
 
 def _step_post_hook(ref: weakref.ref[Probe], optimizer: Any, args: Any, kwargs: Any) -> None:
     probe = ref()
     if probe is not None:
-        probe._on_step_post()
+        probe._guard(probe._on_step_post, "the optimizer step (post-hook)")
+
 
 
 # ==================================================================== helpers
