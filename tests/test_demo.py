@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from gradprobe import diagnose, load
 from gradprobe.cli import main
 from gradprobe.demo import BUILDERS, DemoConfig
 from gradprobe.remedies import model_profile, rank_remedies
+from test_demo_robustness import SAME_SEED_SPREAD, readme_demo_rows
 
 
 @pytest.mark.slow
@@ -27,6 +29,18 @@ def test_demo_finds_vanishing_and_a_remedy_that_helps(tmp_path: Path, capsys) ->
     page = (out / "report.html").read_text(encoding="utf-8")
     for row in rows:
         assert row["model"] in page
+
+    # README's demo table is what the demo prints, row by row and column by column as
+    # the CLI formats them: accuracy within the spread README states (the robustness
+    # test checks that spread), the other columns to the digits printed.
+    stated = readme_demo_rows()
+    assert list(stated) == [row["model"] for row in rows]
+    for row in rows:
+        acc, ratio, dead, findings = stated[row["model"]]
+        assert abs(float(acc) - float(row["val_acc"])) <= SAME_SEED_SPREAD, row["model"]
+        assert math.isclose(float(ratio), float(row["error_ratio_first_last"]), rel_tol=0.3)
+        assert abs(float(dead) - float(row["max_dead_frac"])) <= 0.1, row["model"]
+        assert findings == row["findings"]
 
     # Vanishing, measured again from the stored baseline run, not read from the table.
     baseline = load(rows[0]["run"])
