@@ -19,6 +19,7 @@ feeds the Probe.
 from __future__ import annotations
 
 import contextlib
+import sys
 import warnings
 import weakref
 from collections.abc import Callable
@@ -48,14 +49,16 @@ class InertHook:
 
     Called (as a forward pre-hook or forward hook of the copy), it returns ``None``, which
     leaves inputs and outputs unchanged, and deletes itself from the module's hook tables
-    (torch iterates over a snapshot of them, so this is safe mid-call). An always-called
-    forward hook is only made harmless, never deleted: torch walks those tables live when
-    a forward raises.
+    (torch iterates over a snapshot of them, so this is safe mid-call). Called while an
+    exception is being handled (torch runs always-called forward hooks after a forward
+    raised, walking the live table), it stays, harmless, until the next call.
     """
 
     __slots__ = ()
 
     def __call__(self, module: Any, *args: Any) -> None:
+        if sys.exc_info()[1] is not None:
+            return  # see above: the table may be being iterated
         with contextlib.suppress(Exception):  # a copy must run whatever its tables hold
             remove_inert_hooks(module, only=self)
 
@@ -73,12 +76,9 @@ def remove_inert_hooks(module: Any, only: InertHook | None = None) -> int:
         table = getattr(module, table_name, None)
         if not table:
             continue
-        always = getattr(module, "_forward_hooks_always_called", {})
         for key, hook in list(table.items()):
             if not isinstance(hook, InertHook) or (only is not None and hook is not only):
                 continue
-            if only is not None and table_name == "_forward_hooks" and key in always:
-                continue  # see InertHook: torch may be iterating this table live
             del table[key]
             for side_name in side_tables:
                 getattr(module, side_name, {}).pop(key, None)

@@ -463,30 +463,26 @@ class Probe:
         self._unreadable: set[str] = set()
         # Under torch.compile the hooks must run eagerly: traced, their appends to Python
         # lists would guard on list lengths and recompile every call.
-        pre, forward, start, end = (
-            _eager_hooks()
-            if self.compiled
-            else (_pre_hook, _forward_hook, _pass_start_hook, _pass_end_hook)
-        )
+        hook = _eager_hooks() if self.compiled else ModuleHook
         hooks = self._hooks
         # ModuleHook, not a closure: it pickles and deep-copies as an inert no-op, so the
         # model can be saved or copied while probed (see gradprobe.hooks).
         hooks.add(
             model.register_forward_pre_hook(
-                ModuleHook(start, ref, -1, model, hooks), prepend=True, with_kwargs=True
+                hook(_pass_start_hook, ref, -1, model, hooks), prepend=True, with_kwargs=True
             )
         )
         for slot in self._slots:
             module = by_name[slot.name]
-            pre_hook = ModuleHook(pre, ref, slot.index, module, hooks)
-            forward_hook = ModuleHook(forward, ref, slot.index, module, hooks)
+            pre_hook = hook(_pre_hook, ref, slot.index, module, hooks)
+            forward_hook = hook(_forward_hook, ref, slot.index, module, hooks)
             hooks.add(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
             hooks.add(module.register_forward_hook(forward_hook, with_kwargs=True))
         # Registered last, so that it closes the pass after the model's own forward hook;
         # always called, so that a forward that raises closes it too.
         hooks.add(
             model.register_forward_hook(
-                ModuleHook(end, ref, -1, model, hooks), with_kwargs=True, always_call=True
+                hook(_pass_end_hook, ref, -1, model, hooks), with_kwargs=True, always_call=True
             )
         )
         # Post-accumulate hooks also tell which backward passes count for error signals.
@@ -511,13 +507,13 @@ class Probe:
         its modules are recorded (see docs/recording.md, "Training passes and eval()")."""
         if _inside_backward():
             return  # the model itself recomputed by checkpointing: not a pass
+        self._check_trained_in_eval()  # before this pass counts
         self._pass_open = True
         self._pass_trained = self._trained_now()
         if self._pass_trained:
             self._trained_step = self.step_index
         elif torch.is_grad_enabled():
             self._eval_grad_step = self.step_index
-        self._check_trained_in_eval()
 
     def _on_pass_end(self) -> None:
         if not _inside_backward():
@@ -868,11 +864,28 @@ class Probe:
     def _param_groups(self, with_grad: bool) -> dict[tuple[torch.device, torch.dtype], list[int]]:
         groups: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
         for i, p in enumerate(self._params):
-            g = p.grad
-            if with_grad and (g is None or g.is_sparse):
+            if with_grad and p.grad is None:
                 continue
             groups[(p.device, p.dtype)].append(i)
         return groups
+
+    def _record_missing_grads(self) -> None:
+        """Flag the parameters the optimizer holds for training that got no gradient.
+
+        Not flagged: parameters the optimizer does not hold, or with ``requires_grad=False``
+        (frozen on purpose). Host-only: ``.grad is None`` is known without the device.
+        """
+        optimizer = self._optimizer_ref() if self._optimizer_ref is not None else None
+        if optimizer is None or "grad_missing" not in self.stats:
+            return
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        missing = [
+            i
+            for i, p in enumerate(self._params)
+            if p.grad is None and p.requires_grad and id(p) in held
+        ]
+        if missing:
+            self.buffer.set_param_host(missing, "grad_missing")
 
     @torch.no_grad()
     def _record_params(self) -> None:
@@ -881,11 +894,12 @@ class Probe:
         for (device, idx), norms in preclip.items():
             self.buffer.record_params(device, list(idx), "preclip_norm", norms)
             self.buffer.set_param_host(list(idx), "has_preclip")
+        self._record_missing_grads()
         if not self._want_params:
             return
         for (device, _dtype), idx in self._param_groups(with_grad=True).items():
             params = [self._params[i] for i in idx]
-            grads = [p.grad for p in params]
+            grads = _grad_values([p.grad for p in params])
             self.buffer.record_params(device, idx, "grad_norm", _l2_norms(grads, device))
             self.buffer.record_params(
                 device, idx, "param_norm", self._before_norms(device, idx, params)
@@ -914,7 +928,7 @@ class Probe:
         scale = scaler._scale if scaler is not None and scaler.is_enabled() else None
         preclip = {}
         for (device, _dtype), idx in self._param_groups(with_grad=True).items():
-            norms = _l2_norms([self._params[i].grad for i in idx], device)
+            norms = _l2_norms(_grad_values([self._params[i].grad for i in idx]), device)
             if scale is not None:
                 dtype = accumulation_dtype(device)
                 # The scaled loss made scaled gradients: divide on the device, no sync.
@@ -1253,11 +1267,15 @@ def _pass_end_hook(
 # Made on first use, not at import: torch.compiler.disable imports torch._dynamo (about
 # 2 s), which `from gradprobe import Probe` must not cost a process that compiles nothing.
 @cache
-def _eager_hooks() -> tuple[Callable[..., None], ...]:
-    return tuple(
-        torch.compiler.disable(hook)
-        for hook in (_pre_hook, _forward_hook, _pass_start_hook, _pass_end_hook)
-    )
+def _eager_hooks() -> type[ModuleHook]:
+    class EagerModuleHook(ModuleHook):
+        """A ModuleHook whose call dynamo never traces (it would pass the Probe's weak
+        reference on as the Probe itself)."""
+
+        __slots__ = ()
+        __call__ = torch.compiler.disable(ModuleHook.__call__)
+
+    return EagerModuleHook
 
 
 def _post_accumulate_hook(ref: weakref.ref[Probe], param: Tensor) -> None:
@@ -1359,7 +1377,25 @@ def _step_post_hook(ref: weakref.ref[Probe], optimizer: Any, args: Any, kwargs: 
 
 
 # ==================================================================== helpers
+def _grad_values(grads: list[Tensor]) -> list[Tensor]:
+    """Gradients as dense tensors with the same norm and the same NaN/Inf entries.
+
+    A sparse gradient (``nn.Embedding(sparse=True)``, ``EmbeddingBag``) is its coalesced
+    values: an uncoalesced one may hold an index several times, and those entries add up
+    to the gradient's entry, so they must be summed before any norm.
+    """
+    values = []
+    for g in grads:
+        if g.layout == torch.sparse_coo:
+            g = g.coalesce().values()
+        elif g.layout != torch.strided:
+            g = g.values()  # compressed layouts hold each index once
+        values.append(g)
+    return values
+
+
 def _l2_norms(tensors: list[Tensor], device: torch.device) -> Tensor:
+
     """L2 norms of many tensors in one batched pass, accumulated in float64 where the
     device has it: squares of 1e-20 gradients underflow in float32 and would read 0."""
     return torch.stack(torch._foreach_norm(tensors, 2, dtype=accumulation_dtype(device)))
