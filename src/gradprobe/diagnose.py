@@ -57,6 +57,8 @@ __all__ = [
     "SKIPPED_STREAK",
     "STALL_FACTOR",
     "UNSTABLE_UPDATE_RATIO",
+    "UNUSED_FRAC",
+    "UNUSED_HINTS",
     "UPDATE_RATIO_EXPLODING",
     "VANISHING_FACTOR",
     "VANISHING_RATIO",
@@ -115,6 +117,20 @@ SKIPPED_STREAK = 5
 # Clipping that cuts the norm on more than half of the steps sets the step size itself:
 # the optimizer mostly sees max_norm, not the gradient.
 CLIPPED_FRAC = 0.5
+# A parameter the optimizer trains that gets no gradient on more than half of the recorded
+# steps: a branch taken now and then (mixture of experts, stochastic depth) misses some
+# steps; one that misses most, or all, is cut off from the loss.
+UNUSED_FRAC = 0.5
+# Where a gradient goes missing, most often (what the finding suggests to look at).
+UNUSED_HINTS = (
+    "a branch the forward never runs (a module built but not called, a flag that is off)",
+    "a tensor detached on the way to the loss (.detach(), .data, .item(), .numpy(), "
+    "torch.no_grad())",
+    "activation checkpointing with use_reentrant=True after a frozen input: no input "
+    "requires grad, so the segment's parameters get none (use_reentrant=False)",
+    "a parameter left out of the loss (an auxiliary head whose loss is not added)",
+    "meant to be frozen: set requires_grad=False or leave it out of the optimizer",
+)
 # Depth profiles need at least this many layers with a positive error signal to fit a
 # per-layer factor; fewer, and a line through them says nothing about depth.
 MIN_DEPTH_LAYERS = 4
@@ -135,6 +151,7 @@ KIND_ORDER = (
     "unstable_updates",
     "skipped_steps",
     "clipped",
+    "unused_parameters",
 )
 
 _NORM_TYPES = (
@@ -959,6 +976,60 @@ def detect_clipped(run: Run) -> Finding | None:
     )
 
 
+def detect_unused_parameters(run: Run) -> Finding | None:
+    """Parameters the optimizer holds for training that receive no gradient.
+
+    Read from ``grad_missing`` (a row where the optimizer held the parameter with
+    ``requires_grad`` but ``.grad`` was None at the step); the steps counted are those
+    whose parameters were measured (a ``grad_norm`` or ``grad_missing`` row).
+    """
+    missing = _table(run, "grad_missing")
+    if missing.empty:
+        return None
+    grads = _table(run, "grad_norm")
+    measured = missing.index.union(grads.index)
+    total = len(measured)
+    rows = []
+    for name in missing.columns:
+        steps = missing.index[missing[name].fillna(0).to_numpy() > 0]
+        count = len(steps)
+        if count == 0 or count / total < UNUSED_FRAC:
+            continue
+        had = grads[name].dropna().index if name in grads.columns else pd.Index([])
+        last_grad = int(had.max()) if len(had) else None
+        since = int(steps[steps > last_grad].min()) if last_grad is not None else int(steps.min())
+        rows.append((name, count, since, last_grad))
+    if not rows:
+        return None
+    never = [r for r in rows if r[3] is None]
+    names = [r[0] for r in rows]
+    counts = sorted({r[1] for r in rows})
+    span = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
+    first = min(r[2] for r in rows)
+    summary = (
+        f"{len(rows)} parameter{'s' if len(rows) > 1 else ''} the optimizer trains "
+        f"received no gradient on {span} of {total} recorded steps (since step {first}): "
+        f"{_names(names)}"
+        + (f"; {len(never)} never had one" if never else "")
+        + ". Backward never reaches them, so the optimizer never changes them."
+    )
+    return Finding(
+        "unused_parameters",
+        "warning" if never else "info",
+        tuple(names),
+        summary,
+        {
+            "parameters": {
+                name: {"missing_steps": count, "since_step": since, "last_grad_step": last}
+                for name, count, since, last in rows
+            },
+            "recorded_steps": total,
+            "threshold_frac": UNUSED_FRAC,
+            "hints": list(UNUSED_HINTS),
+        },
+    )
+
+
 @dataclass(frozen=True)
 class Detector:
     """A registered check: the finding kind it produces, the function, the statistics it reads."""
@@ -1032,6 +1103,12 @@ DETECTORS: dict[str, Detector] = {
             detect_clipped,
             ("clipped",),
             "gradient clipping active on most steps (norms before and after clipping)",
+        ),
+        Detector(
+            "unused_parameters",
+            detect_unused_parameters,
+            ("grad_missing",),
+            "parameters the optimizer trains that receive no gradient",
         ),
     ]
 }

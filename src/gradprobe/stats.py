@@ -108,6 +108,13 @@ PARTIALS: dict[str, Partial] = {
         Partial("has_grad", "parameter", "same", "host", "1 if the parameter had a gradient"),
         Partial("has_update", "parameter", "same", "host", "1 if the update was measured"),
         Partial("param_gap", "parameter", "max", "host", "1 if the step hook failed"),
+        Partial(
+            "grad_missing",
+            "parameter",
+            "max",  # under DDP: missing on some rank (its ranks then update it differently)
+            "host",
+            "1 if the optimizer held the parameter (requires_grad) but it had no gradient",
+        ),
         Partial("grad_norm", "parameter", "same", "device", "‖grad‖ (gradients are in sync)"),
         Partial("param_norm", "parameter", "same", "device", "‖w‖ before the step"),
         Partial("grad_nonfinite", "parameter", "same", "device", "NaN/Inf entries of grad"),
@@ -200,6 +207,12 @@ STATISTICS: dict[str, Statistic] = {
             "grad_norm",
             "L2 norm of .grad at the step (after accumulation)",
             parameter=lambda p: (p["grad_norm"], p["has_grad"] > 0),
+        ),
+        Statistic(
+            "grad_missing",
+            "1 at a step where the optimizer held the parameter for training (requires_grad) "
+            "but it received no gradient (.grad was None): a row only where it is 1",
+            parameter=lambda p: (p["grad_missing"], p["grad_missing"] > 0),
         ),
         Statistic(
             "param_norm",
@@ -307,6 +320,8 @@ STATISTICS: dict[str, Statistic] = {
 PRESETS: dict[str, tuple[str, ...]] = {
     "cheap": (
         "grad_norm",
+        "grad_missing",
+
         "param_norm",
         "update_ratio",
         "nonfinite",
