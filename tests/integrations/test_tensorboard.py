@@ -84,5 +84,5 @@ def test_export_of_a_path_that_is_not_a_run_is_one_line(tmp_path, capsys):
         == 2
     )
     err = capsys.readouterr().err
-    assert "no run at" in err and "Traceback" not in err
+    assert "does not exist" in err and "Traceback" not in err
     assert not np.any([p.name.startswith("events") for p in tmp_path.rglob("*")])
