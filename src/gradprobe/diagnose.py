@@ -639,7 +639,9 @@ def detect_exploding(run: Run) -> Finding | None:
 
 
 def detect_nonfinite(run: Run) -> Finding | None:
-    """NaN/Inf: the first step, and the first layer, where it appears."""
+    """NaN/Inf: the first step, and the first layer, where it appears, and in which pass:
+    a forward output, or a backward signal (born in the module's own backward, or
+    arriving from above it)."""
     first = run.first_nonfinite()
     if first is None:
         first = _first_nonfinite_value(run)
@@ -655,12 +657,30 @@ def detect_nonfinite(run: Run) -> Finding | None:
     count = at[(at["name"] == name) & (at["stat"] == stat)]["value"]
     where = {
         "nonfinite": "the forward output of" if name in run.modules else "the gradient of",
-        "error_nonfinite": "the error signal (dL/d output) of",
+        "error_nonfinite": "the backward error signal (dL/d output) that reaches",
+        "error_gain": "the backward pass of",
     }.get(stat, f"the {stat} of")
-    affected = sorted(set(at["name"]), key=lambda n: (run.modules + run.parameters + [n]).index(n))
+    origin = "forward" if stat == "nonfinite" and name in run.modules else "backward"
+    if stat == "error_gain":
+        where_detail = (
+            ": its dL/d(output) is finite, the gradient it sends to its input is not "
+            "(a forward that is finite but a backward that is not, e.g. the sqrt of a "
+            "negative in an untaken torch.where branch)"
+        )
+    elif stat == "error_nonfinite":
+        where_detail = (
+            ": it is non-finite already above it (the loss, or code between it and the "
+            "next probed module)"
+        )
+    else:
+        where_detail = ""
+    affected = sorted(
+        set(at["name"]) | {name}, key=lambda n: (run.modules + run.parameters + [n]).index(n)
+    )
     summary = (
         f"NaN/Inf first appears at step {step} in {where} `{name}`"
         + (f" ({int(count.iloc[0])} entries)" if not count.empty else "")
+        + where_detail
         + f"; {len(affected)} module(s)/parameter(s) are non-finite at that step."
     )
     return Finding(
@@ -672,6 +692,7 @@ def detect_nonfinite(run: Run) -> Finding | None:
             "step": step,
             "name": name,
             "stat": stat,
+            "origin": origin,
             "affected": affected,
             "count": float(count.iloc[0]) if not count.empty else None,
         },

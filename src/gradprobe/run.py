@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -18,7 +18,7 @@ import pandas as pd
 from .errors import GradprobeError
 from .store import FORMAT, PART_GLOB
 
-__all__ = ["COLUMNS", "Run", "empty_frame", "load", "normalize_frame"]
+__all__ = ["COLUMNS", "NonFinite", "Run", "empty_frame", "load", "normalize_frame"]
 
 COLUMNS = ["step", "name", "stat", "value"]
 
@@ -31,6 +31,26 @@ def normalize_frame(frame: pd.DataFrame) -> pd.DataFrame:
 
 def empty_frame() -> pd.DataFrame:
     return normalize_frame(pd.DataFrame({c: [] for c in COLUMNS}))
+
+
+class NonFinite(NamedTuple):
+    """Where a NaN/Inf first appears: ``(step, name, stat)``.
+
+    ``stat`` says where: ``nonfinite`` on a module is its forward output (on a parameter,
+    its ``.grad``); ``error_gain`` is the module's own backward (dL/d(output) finite,
+    its share of dL/d(input) not: the module's backward made it); ``error_nonfinite``
+    is dL/d(output) itself, non-finite as it reached the module from above (the loss,
+    or code between the module and the next probed one).
+    """
+
+    step: int
+    name: str
+    stat: str
+
+    @property
+    def origin(self) -> str:
+        """``forward`` or ``backward``: which pass produced the first NaN/Inf."""
+        return "forward" if self.stat == "nonfinite" else "backward"
 
 
 class Run:
@@ -101,29 +121,37 @@ class Run:
         rank = {n: i for i, n in enumerate(self.modules + self.parameters)}
         return sorted(names, key=lambda n: (rank.get(n, len(rank)), n))
 
-    def first_nonfinite(self) -> tuple[int, str, str] | None:
-        """(step, name, stat) of the first NaN/Inf: earliest step, then forward order.
+    def first_nonfinite(self) -> NonFinite | None:
+        """Where the first NaN/Inf was born (a :class:`NonFinite`), or ``None``.
 
-        Forward outputs come before backward signals within a step; among backward
-        signals the one nearest the loss (last in forward order) comes first.
+        The earliest step; in it, forward outputs first, in execution order (a NaN born
+        in forward makes everything after it non-finite). Then the backward pass, from
+        the loss down (reverse forward order): the first module whose dL/d(output) is
+        non-finite (``error_nonfinite``: it arrived so), or whose dL/d(output) is finite
+        but its own share of dL/d(input) is not (a non-finite ``error_gain``: its
+        backward made it, as autograd's anomaly mode would say). Parameters last.
         """
         f = self._frame
-        bad = f[(f["stat"].isin(["nonfinite", "error_nonfinite"])) & (f["value"] > 0)]
+        values = f["value"].to_numpy(dtype=float)
+        counted = f["stat"].isin(["nonfinite", "error_nonfinite"]).to_numpy() & (values > 0)
+        input_side = (f["stat"] == "error_gain").to_numpy() & ~np.isfinite(values)
+        bad = f[counted | input_side]
         if bad.empty:
             return None
         step = int(bad["step"].min())
         at = bad[bad["step"] == step]
         order = {n: i for i, n in enumerate(self.modules)}
-        forward = at[at["stat"] == "nonfinite"]
-        forward_modules = [n for n in forward["name"] if n in order]
-        if forward_modules:
-            name = min(forward_modules, key=order.__getitem__)
-            return step, name, "nonfinite"
-        backward = [n for n in at[at["stat"] == "error_nonfinite"]["name"] if n in order]
+        forward = [n for n in at[at["stat"] == "nonfinite"]["name"] if n in order]
+        if forward:
+            return NonFinite(step, min(forward, key=order.__getitem__), "nonfinite")
+        arrived = set(at[at["stat"] == "error_nonfinite"]["name"])
+        made = set(at[at["stat"] == "error_gain"]["name"])
+        backward = (arrived | made) & order.keys()
         if backward:
-            return step, max(backward, key=order.__getitem__), "error_nonfinite"
+            name = max(backward, key=order.__getitem__)  # the nearest the loss
+            return NonFinite(step, name, "error_nonfinite" if name in arrived else "error_gain")
         row = at.iloc[0]
-        return step, str(row["name"]), str(row["stat"])
+        return NonFinite(step, str(row["name"]), str(row["stat"]))
 
     # ---------------------------------------------------------------- display
     def __repr__(self) -> str:

@@ -92,6 +92,14 @@ PARTIALS: dict[str, Partial] = {
         Partial("n_units", "module", "same", "host", "units (features or channels)"),
         Partial("window_ready", "module", "same", "host", "1 once `dead_window` steps are seen"),
         Partial("gap", "module", "max", "host", "1 if a hook failed: the step is not recorded"),
+        Partial(
+            "err_gap",
+            "module",
+            "max",
+            "host",
+            "1: error_gain not recorded, 2: nor error_norm (autograd traversed a tensor "
+            "twice in the step, or the module's own input share could not be found)",
+        ),
         # module, accumulated on the device
         Partial("out_sum", "module", "sum", "device", "sum of output entries"),
         Partial("out_sumsq", "module", "sum", "device", "sum of squared output entries"),
@@ -233,14 +241,17 @@ STATISTICS: dict[str, Statistic] = {
         Statistic(
             "error_norm",
             "L2 norm of dL/d(output): the back-propagated error signal",
-            module=lambda p: (np.sqrt(p["err_sumsq"]), p["err_calls"] > 0),
+            module=lambda p: (np.sqrt(p["err_sumsq"]), (p["err_calls"] > 0) & (p["err_gap"] < 2)),
         ),
         Statistic(
             "error_gain",
             "‖dL/d(input)‖ / ‖dL/d(output)‖: how this module scales the error signal",
             module=lambda p: (
                 np.sqrt(_ratio(p["in_err_sumsq"], p["err_sumsq"])),
-                (p["in_err_calls"] > 0) & (p["err_calls"] > 0) & (p["err_sumsq"] > 0),
+                (p["in_err_calls"] > 0)
+                & (p["err_calls"] > 0)
+                & (p["err_sumsq"] > 0)
+                & (p["err_gap"] == 0),
             ),
         ),
         Statistic(
