@@ -11,6 +11,7 @@ mean loss), the global norms before and after clipping. Only rank 0 writes the s
 from __future__ import annotations
 
 import socket
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -171,3 +172,133 @@ def test_clipping_under_ddp_sees_the_synchronised_gradient(runs):
         assert (rows["clipped"] == 1).all()
         assert rows["global_grad_norm"].to_numpy() == pytest.approx(0.05, rel=1e-4)
         assert (rows["global_grad_norm_preclip"] > 0.05).all()
+
+
+# ------------------------------------------- ranks that run different modules in a step
+# find_unused_parameters=True models: rank 0 runs branch `a`, rank 1 branch `b` (on its half
+# of the global batch), and branch `never` runs nowhere. Every collective the Probe issues
+# must still have the same shape on every rank (a mismatch hangs or raises), and a module
+# run on one rank only is combined like any other: its sums over the samples it saw, its
+# error signal that of the mean of the ranks' losses, its units dead if 0 wherever it ran.
+
+
+class TwoBranches(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(4, 6), nn.ReLU())
+        self.a = nn.Sequential(nn.Linear(6, 5), nn.ReLU())
+        self.b = nn.Sequential(nn.Linear(6, 7), nn.Tanh(), nn.Linear(7, 5), nn.ReLU())
+        self.never = nn.Linear(6, 5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor, branch: str) -> torch.Tensor:
+        h = self.trunk(x)
+        return self.head(self.a(h) if branch == "a" else self.b(h))
+
+
+def build_branches() -> TwoBranches:
+    torch.manual_seed(1)
+    model = TwoBranches()
+    with torch.no_grad():
+        model.a[0].bias[:2] = -100.0  # two dead units in branch a (rank 0 only)
+        model.b[2].bias[:1] = -100.0  # one in branch b (rank 1 only)
+    return model
+
+
+def branch_loss(model, x, y, branch: str) -> torch.Tensor:
+    return nn.functional.cross_entropy(model(x, branch), y)
+
+
+def train_branches(model, probed, rank: int, world: int) -> pd.DataFrame:
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with Probe(probed, opt, stats="default", flush_every=2, dead_window=2) as probe:
+        for step in range(STEPS):
+            x, y = global_batch(step)
+            n = len(x) // 2
+            opt.zero_grad()
+            if world == 1:
+                # One process, the same mean loss: (loss_a(first half) + loss_b(second half)) / 2
+                loss = (
+                    branch_loss(model, x[:n], y[:n], "a") + branch_loss(model, x[n:], y[n:], "b")
+                ) / 2
+            else:
+                half = slice(rank * n, (rank + 1) * n)
+                loss = branch_loss(model, x[half], y[half], "ab"[rank])
+            loss.backward()
+            opt.step()
+        return probe.frame()
+
+
+def _branch_worker(rank: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD
+    )
+    try:
+        ddp = nn.parallel.DistributedDataParallel(build_branches(), find_unused_parameters=True)
+        frame = train_branches(ddp, ddp, rank, WORLD)
+        frame.to_parquet(Path(out) / f"branches{rank}.parquet")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def branch_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[pd.DataFrame, Path]:
+    out = tmp_path_factory.mktemp("ddp_branches")
+    ctx = mp.spawn(_branch_worker, args=(free_port(), str(out)), nprocs=WORLD, join=False)
+    # A collective of mismatched shape hangs: fail the test instead of the suite.
+    deadline = time.monotonic() + 120
+    while not ctx.join(timeout=1):  # False while some process still runs
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+            pytest.fail("the DDP branch run did not finish in 120 s (a hung collective)")
+    model = build_branches()
+    return train_branches(model, model, 0, 1), out
+
+
+@pytest.mark.slow
+def test_ranks_running_different_modules_agree_and_match_one_process(branch_runs):
+    single, out = branch_runs
+    a = pd.read_parquet(out / "branches0.parquet")
+    b = pd.read_parquet(out / "branches1.parquet")
+    pd.testing.assert_frame_equal(a, b)  # every rank holds the same rows
+    merged = _compare(a, single)
+    trunk_calls = (merged["stat"] == "calls") & merged["name"].str.startswith("trunk")
+    head_calls = (merged["stat"] == "calls") & (merged["name"] == "head")
+    # The trunk and head ran on both ranks (once each) and twice in the single process
+    # (once per half): equal. Branch modules ran once anywhere.
+    assert (merged.loc[trunk_calls, "value_ddp"] == 2).all()
+    assert (merged.loc[head_calls, "value_ddp"] == 2).all()
+    one_rank = merged["name"].str.match(r"^(a|b)\.") & (merged["stat"] == "calls")
+    assert (merged.loc[one_rank, "value_ddp"] == 1).all()
+    for row in merged.itertuples():
+        assert row.value_ddp == pytest.approx(row.value_single, rel=1e-5, abs=1e-9), (
+            row.step,
+            row.name,
+            row.stat,
+        )
+    stats = set(merged.stat)
+    assert {"dead_frac", "dead_window_frac", "error_norm", "grad_norm", "act_mean"} <= stats
+
+
+@pytest.mark.slow
+def test_modules_run_on_one_rank_only_have_their_own_units_and_signals(branch_runs):
+    _, out = branch_runs
+    frame = pd.read_parquet(out / "branches0.parquet")
+
+    def value(name: str, stat: str, step: int = 0) -> float:
+        sub = frame[(frame.name == name) & (frame.stat == stat) & (frame.step == step)]
+        assert len(sub) == 1, (name, stat, step)
+        return float(sub.value.iloc[0])
+
+    assert value("a.1", "dead_frac") == pytest.approx(2 / 5)  # rank 0's branch
+    assert value("b.3", "dead_frac") >= 1 / 5  # rank 1's branch: its dead unit, and any other
+    assert value("a.1", "dead_window_frac", step=1) == pytest.approx(2 / 5)
+    assert value("a.0", "error_norm") > 0 and value("b.0", "error_norm") > 0
+    # The branch no rank ran has no module rows; its parameters got no gradient anywhere.
+    assert frame[frame.name == "never"].empty
+    missing = frame[frame.stat == "grad_missing"]
+    assert set(missing.name) == {"never.weight", "never.bias"}
+    assert sorted(set(missing.step)) == list(range(STEPS))
