@@ -35,7 +35,12 @@ Where users train (see ``docs/integrations.md``):
   and it is recorded as ``skipped`` on :data:`~gradprobe.stats.MODEL_NAME`.
 - *DDP*: statistics of every rank are combined as :mod:`gradprobe.stats` declares
   (:class:`~gradprobe.buffer.Ranks`); rank 0 writes the store. ``frame()``, ``run()``
-  and ``close()`` are then collective: call them on every rank.
+  and ``close()`` are then collective: call them on every rank. Ranks may run different
+  modules in a step (``find_unused_parameters=True``): every collective has the same
+  shape on every rank, and a module run on some ranks only has the statistics of the
+  samples that went through it (sums and counts over those ranks; units dead if 0
+  wherever it ran; ``error_norm`` that of the mean of the ranks' losses, as DDP applies).
+
 - *torch.compile*: module hooks run outside the compiled graphs (one warning says so).
 """
 
