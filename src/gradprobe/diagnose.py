@@ -404,8 +404,15 @@ def _recent(table: pd.DataFrame) -> pd.DataFrame:
 
 def _weights(run: Run) -> list[str]:
     """Weight matrices and kernels (≥ 2 dimensions): biases and norm scales start at 0 or 1,
-    so their update ratios say little."""
-    return [p["name"] for p in run.meta.get("parameters", []) if len(p.get("shape", [])) >= 2]
+    so their update ratios say little. For the same reason, weights initialised to 0
+    (Fixup's and SkipInit's last layer of a residual branch) are left out: growing from 0,
+    ‖Δw‖/‖w‖ is ∞, then about 1/steps, which is growth, not instability."""
+    weights = [p["name"] for p in run.meta.get("parameters", []) if len(p.get("shape", [])) >= 2]
+    norms = _table(run, "param_norm")
+    if norms.empty:
+        return weights
+    first = norms.iloc[0]
+    return [w for w in weights if not (w in first.index and first[w] == 0)]
 
 
 def _since(series: pd.Series, threshold: float, strict: bool = False) -> int | None:
@@ -451,12 +458,15 @@ class DepthProfile:
         return self.layers[-1]
 
 
-def depth_profile(run: Run) -> DepthProfile | None:
+def depth_profile(run: Run, first_steps: int | None = None) -> DepthProfile | None:
     """The error signal at each layer with weights, and its fitted per-layer factor.
 
+    ``first_steps``: only the first recorded steps (1: the network as initialised).
     ``None`` when ``error_norm`` was not recorded or fewer than two layers have it.
     """
     table = _table(run, "error_norm")
+    if first_steps is not None:
+        table = table.iloc[:first_steps]
     if table.empty:
         return None
     layers = [n for n in run.modules if n in table.columns and _is_weight_layer(run.module_info(n))]
@@ -584,6 +594,37 @@ def detect_exploding(run: Run) -> Finding | None:
             f"{p.fitted_layers} layers with weights); layer `{p.first}` receives {_g(p.ratio)}× "
             f"what `{p.last}` receives."
         )
+    else:
+        # At init: a net without normalisation that explodes there (a deep residual net
+        # with He-init branches: ×√2 per block) is changed within a few steps (its huge
+        # first updates kill units), so the median over steps no longer shows it.
+        p0 = depth_profile(run, first_steps=1)
+        if (
+            p0 is not None
+            and p0.fitted_layers >= MIN_DEPTH_LAYERS
+            and p0.ratio >= EXPLODING_RATIO
+            and p0.factor >= EXPLODING_FACTOR
+        ):
+            last = p0.error[-1]
+            names += [n for n, e in zip(p0.layers, p0.error) if e >= EXPLODING_RATIO * last]
+            critical |= p0.ratio >= 1e6
+            evidence["modes"].append("init")
+            evidence.update(
+                factor_per_layer=p0.factor,
+                first_last_ratio=p0.ratio,
+                first=p0.first,
+                last=p0.last,
+                r2=p0.r2,
+                layers=list(p0.layers),
+                error_norm=list(p0.error),
+                init_step=int(run.steps[0]),
+            )
+            sentences.append(
+                f"At the first recorded step (step {int(run.steps[0])}) the error signal grows "
+                f"×{_g(p0.factor)} per layer toward the input (fitted over {p0.fitted_layers} "
+                f"layers with weights); layer `{p0.first}` receives {_g(p0.ratio)}× what "
+                f"`{p0.last}` receives."
+            )
 
     total = _total_grad_norm(run)
     if len(total) >= 3:

@@ -56,6 +56,10 @@ class Remedy:
     present_when: tuple[str, ...] = ()
     then: tuple[str, ...] = ()  # remedies that go with it (ReLU → He init)
     risk: str = ""
+    # It changes something only some models have (a forget gate, a residual branch,
+    # Adam's moments): at least one of these tokens must be in the model's profile.
+    requires: tuple[str, ...] = ()
+    cite: str = ""
 
     def applies_to(self, architecture: str) -> bool:
         return self.architectures.get(architecture, 0.0) is not None
@@ -72,7 +76,9 @@ REMEDIES: dict[str, Remedy] = {
             "nn.ReLU() in place of nn.Sigmoid()/nn.Tanh(); "
             "nn.init.kaiming_normal_(layer.weight, nonlinearity='relu')",
             treats={"vanishing": 1.0, "saturation": 1.0, "stalled": 0.5},
-            architectures={"rnn": -0.8},
+            # Transformers use GELU/SiLU MLPs behind LayerNorm; their gradient problems
+            # come from depth, norms and the step size, not from the MLP's activation.
+            architectures={"rnn": -0.8, "transformer": None},
             suits_activations=_SATURATING,
             present_when=("relu",),
             then=("he_init",),
@@ -143,7 +149,9 @@ REMEDIES: dict[str, Remedy] = {
                 "dead_units": 0.5,
                 "dead_channels": 0.6,
             },
-            architectures={"cnn": 0.2, "rnn": None, "transformer": -0.5},
+            # BatchNorm in Transformers trains worse than LayerNorm (batch statistics of
+            # padded, variable-length sequences fluctuate: Shen et al. 2020, PowerNorm).
+            architectures={"cnn": 0.2, "rnn": None, "transformer": None},
             present_when=("BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm"),
             risk="depends on the batch: small batches give noisy statistics",
         ),
@@ -165,7 +173,7 @@ REMEDIES: dict[str, Remedy] = {
             "class Block(nn.Module):\n    def forward(self, x):\n        return x + self.fc(self.act(x))",
             treats={"vanishing": 0.85, "exploding": 0.3, "stalled": 0.5},
             architectures={"rnn": None},
-            present_when=("ResidualBlock", "BasicBlock", "Bottleneck"),
+            present_when=("residual",),
         ),
         Remedy(
             "lstm_gru",
@@ -209,6 +217,112 @@ REMEDIES: dict[str, Remedy] = {
                 "skipped_steps": 0.8,
                 "clipped": 1.0,
             },
+            # For a Transformer, warmup and a lower peak rate (their own entries) say it better.
+            architectures={"transformer": -0.2},
+        ),
+        Remedy(
+            "lr_warmup",
+            "Learning-rate warmup",
+            "early updates are the largest and least informed (Adam's second-moment "
+            "estimate rests on a few gradients, a post-LN Transformer's last layers get "
+            "the largest gradients at init): ramping the rate up from near 0 over the "
+            "first steps keeps them small until the statistics settle",
+            "sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup_steps))"
+            "  # sched.step() after each opt.step()",
+            treats={
+                "exploding": 0.7,
+                "unstable_updates": 0.9,
+                "nonfinite": 0.6,
+                "skipped_steps": 0.5,
+                "vanishing": 0.3,
+            },
+            architectures={"transformer": 0.5},
+            cite="Vaswani et al. 2017; Goyal et al. 2017; Xiong et al. 2020; Liu et al. 2020 (RAdam)",
+        ),
+        Remedy(
+            "lower_peak_lr",
+            "A lower peak learning rate",
+            "the largest stable step shrinks with depth and width: a Transformer that "
+            "spikes or diverges at one peak rate trains at a few times less (Adam's "
+            "update is about lr per weight whatever the gradient's scale, so only the "
+            "rate bounds it)",
+            "opt = torch.optim.AdamW(model.parameters(), lr=peak_lr / 3)  # keep warmup and decay",
+            treats={
+                "exploding": 0.6,
+                "unstable_updates": 0.9,
+                "nonfinite": 0.7,
+                "skipped_steps": 0.6,
+                "clipped": 0.8,
+            },
+            architectures={"transformer": 0.4},
+            cite="Wortsman et al. 2023 (small-scale proxies for Transformer instabilities)",
+        ),
+        Remedy(
+            "pre_layernorm",
+            "Pre-LayerNorm Transformer blocks",
+            "x + f(LN(x)) leaves the residual stream un-normalised, so the error reaches "
+            "the first blocks through an identity path; post-LN's LN(x + f(x)) divides it "
+            "at every block, which makes the lower layers' gradients small, the top "
+            "layers' large, and warmup necessary",
+            "nn.TransformerEncoderLayer(d, heads, norm_first=True)  # and a final LayerNorm",
+            treats={"vanishing": 0.8, "exploding": 0.7, "unstable_updates": 0.6, "nonfinite": 0.4},
+            architectures={"transformer": 0.5, "mlp": None, "cnn": None, "rnn": None},
+            present_when=("pre_ln",),
+            cite="Xiong et al. 2020; Nguyen & Salazar 2019; Liu et al. 2020 (Admin)",
+        ),
+        Remedy(
+            "branch_scaling",
+            "Scaled residual branches at init (Fixup, SkipInit, zero-init last norm)",
+            "each un-normalised residual block adds its branch's variance to the stream, so "
+            "the signal and the error grow ×√2 per block with He init; starting each "
+            "branch at (or near) zero — the last layer zeroed, or scaled by blocks^(-1/2) — "
+            "makes every block the identity at init",
+            "nn.init.zeros_(block.conv2.weight)  # Fixup: also scale conv1 by blocks ** -0.5; "
+            "with BN: nn.init.zeros_(block.bn2.weight)",
+            treats={"exploding": 1.0, "nonfinite": 0.5, "unstable_updates": 0.3},
+            # In a Transformer the step size and the norms' placement come first.
+            architectures={"cnn": 0.3, "mlp": 0.1, "transformer": -0.2, "rnn": None},
+            requires=("residual",),
+            cite="Zhang et al. 2019 (Fixup); De & Smith 2020 (SkipInit); Goyal et al. 2017; "
+            "Radford et al. 2019 (GPT-2's 1/√N)",
+        ),
+        Remedy(
+            "forget_bias",
+            "LSTM forget-gate bias +1",
+            "the cell state carries the error back by the forget gate's value at each "
+            "step; a bias of +1 opens it (σ(1) = 0.73) so the error survives many steps, "
+            "where a zero or negative bias multiplies it by ≤ 0.5 per step",
+            "for n, p in lstm.named_parameters():\n    if n.startswith('bias_ih'):\n"
+            "        p.data[hidden:2 * hidden] = 1.0  # gates: input, forget, cell, output",
+            treats={"vanishing": 1.0, "stalled": 0.3},
+            architectures={"rnn": 0.5, "mlp": None, "cnn": None, "transformer": None},
+            requires=("LSTM", "LSTMCell"),
+            cite="Gers et al. 2000; Jozefowicz et al. 2015",
+        ),
+        Remedy(
+            "truncated_bptt",
+            "Shorter truncated-BPTT windows",
+            "the error is multiplied by the recurrent Jacobian once per step it travels "
+            "back; cutting the sequence into windows (detaching the carried state) bounds "
+            "how many factors can compound",
+            "h = tuple(t.detach() for t in h)  # every k steps, before the next window's forward",
+            treats={"exploding": 0.5, "nonfinite": 0.4, "unstable_updates": 0.3},
+            architectures={"rnn": 0.3, "mlp": None, "cnn": None, "transformer": None},
+            risk="dependencies longer than the window are no longer learned",
+            cite="Williams & Peng 1990; Sutskever 2013",
+        ),
+        Remedy(
+            "adam_beta2_eps",
+            "Adam's β₂ lower (0.95) and ε set for the gradient's scale",
+            "with β₂ = 0.999 the second moment remembers ~1000 steps, so after a quiet "
+            "stretch a sudden large gradient is divided by a stale, small √v and the "
+            "update spikes; β₂ = 0.95 follows the gradient's scale faster, and an ε too "
+            "small for tiny gradients lets rare ones make full-size steps",
+            "opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), eps=1e-8)",
+            treats={"exploding": 0.4, "unstable_updates": 0.5, "nonfinite": 0.4},
+            architectures={"transformer": 0.3, "rnn": 0.1},
+            requires=("optimizer:adam", "optimizer:adamw", "optimizer:unknown"),
+            cite="Brown et al. 2020 (GPT-3, β₂ = 0.95); Molybog et al. 2023; Wortsman et al. 2023",
         ),
         Remedy(
             "adam",
@@ -246,10 +360,51 @@ class ModelProfile:
 
 _RECURRENT = {"RNN", "LSTM", "GRU", "RNNCell", "LSTMCell", "GRUCell"}
 _TRANSFORMER = {"MultiheadAttention", "TransformerEncoderLayer", "TransformerDecoderLayer"}
+# Attention modules by class name: nn.MultiheadAttention, and the classes of other
+# libraries (transformers' GPT2Attention, BertSelfAttention, LlamaAttention, ...).
+_ATTENTION = re.compile(r"Attention")
+_ATTENTION_NAME = re.compile(r"attn|attention", re.IGNORECASE)
+_RESIDUAL_BLOCKS = {"ResidualBlock", "BasicBlock", "Bottleneck", "PreActBlock"}
+_NORMS = ("LayerNorm", "RMSNorm", "BatchNorm", "GroupNorm", "SyncBatchNorm")
+# Activation modules the Probe does not know by type (they are not subclasses of
+# torch's), recognised by class name: transformers' NewGELUActivation, SiLUActivation...
+_ACTIVATION_NAMES = (("gelu", re.compile(r"GELU")), ("silu", re.compile(r"SiLU|Swish")))
+
+
+def _norm_placement(meta: Mapping[str, Any]) -> str | None:
+    """`pre_ln` if every attention block runs a norm first, `post_ln` if any does not.
+
+    A block is the parent of an attention module ("encoder.layers.0" for
+    "encoder.layers.0.self_attn"); the first of its probed modules in forward order
+    tells where its norm sits: x + f(LN(x)) runs LN first, LN(x + f(x)) runs it last.
+    """
+    types = {str(m.get("name")): str(m.get("type", "")) for m in meta.get("modules", []) or []}
+    order = [str(n) for n in meta.get("execution_order") or []]
+    blocks = set()
+    for name, t in types.items():
+        parts = name.split(".")
+        # An attention module is probed only if it has parameters of its own
+        # (nn.MultiheadAttention); otherwise (GPT2Attention) its children are, under a
+        # name segment such as "attn", "self_attn" or "attention".
+        at = len(parts) - 1 if _ATTENTION.search(t) else None
+        if at is None:
+            at = next((i for i, p in enumerate(parts) if _ATTENTION_NAME.search(p)), None)
+        if at:
+            blocks.add(".".join(parts[:at]))
+    placements = set()
+    for block in blocks:
+        inside = [n for n in order if n.startswith(block + ".")]
+        if inside:
+            first = types.get(inside[0], "")
+            placements.add("pre_ln" if first.startswith(_NORMS) else "post_ln")
+    if not placements:
+        return None
+    return "post_ln" if "post_ln" in placements else "pre_ln"
 
 
 def model_profile(meta: Mapping[str, Any]) -> ModelProfile:
-    """The architecture, activations and known choices (init, optimizer) of a run's model."""
+    """The architecture, activations and known choices (init, optimizer, norm placement,
+    residual connections) of a run's model."""
     modules = meta.get("modules", []) or []
     types = {str(m.get("type", "")) for m in modules}
     summary = str((meta.get("model") or {}).get("summary", ""))
@@ -257,21 +412,33 @@ def model_profile(meta: Mapping[str, Any]) -> ModelProfile:
     # probed) are visible in the model's repr: "(0): ResidualBlock(".
     types |= set(re.findall(r"\b([A-Z][A-Za-z0-9_]*)\(", summary))
     activations = {str(m["activation"]) for m in modules if m.get("activation")}
+    activations |= {a for a, pattern in _ACTIVATION_NAMES if any(pattern.search(t) for t in types)}
     config = meta.get("config") or {}
     tokens = set(types) | activations
     for key in ("init", "optimizer"):
         if isinstance(config.get(key), str):
-            tokens.add(f"{key}:{config[key]}")
+            tokens.add(f"{key}:{config[key].lower()}")
+    optimizer = meta.get("optimizer")  # the optimizer's class, where the Probe records it
+    if isinstance(optimizer, Mapping):
+        optimizer = optimizer.get("class")
+    if isinstance(optimizer, str):
+        tokens.add(f"optimizer:{optimizer.lower()}")
+    if not any(t.startswith("optimizer:") for t in tokens):
+        tokens.add("optimizer:unknown")  # remedies that tune Adam are offered, conditionally
     if config.get("clip_norm") is not None or config.get("clip_value") is not None:
         tokens.add("clipping")
     if types & _RECURRENT:
         arch = "rnn"
-    elif types & _TRANSFORMER:
+    elif types & _TRANSFORMER or any(_ATTENTION.search(t) for t in types):
         arch = "transformer"
-    elif any(t.startswith("Conv") for t in types):
-        arch = "cnn"
+    elif any(t.startswith("Conv") and t != "Conv1D" for t in types):
+        arch = "cnn"  # transformers' Conv1D is GPT-2's linear layer, not a convolution
     else:
         arch = "mlp"
+    if arch == "transformer" or types & _RESIDUAL_BLOCKS or any("Residual" in t for t in types):
+        tokens.add("residual")  # every Transformer block adds its attention and MLP to x
+    if arch == "transformer" and (placement := _norm_placement(meta)):
+        tokens.add(placement)
     return ModelProfile(arch, frozenset(activations), frozenset(tokens))
 
 
@@ -319,12 +486,16 @@ def rank_remedies(kind: str, profile: ModelProfile, limit: int | None = None) ->
             continue
         if any(profile.has(t) for t in remedy.present_when):
             continue  # already in place: proposing it again would be noise
+        if remedy.requires and not any(profile.has(t) for t in remedy.requires):
+            continue  # it changes something this model does not have
         score = strength + (remedy.architectures.get(profile.architecture) or 0.0)
         reasons = [f"treats {kind} ({strength:g})"]
         if bonus := remedy.architectures.get(profile.architecture):
             reasons.append(
                 f"{'suits' if bonus > 0 else 'less suited to'} {profile.architecture} models"
             )
+        if [t for t in remedy.requires if profile.has(t)] == ["optimizer:unknown"]:
+            reasons.append("if the optimizer is Adam (the run does not say which it is)")
         suited = sorted(profile.activations & set(remedy.suits_activations))
         if suited:
             score += ACTIVATION_FIT_BONUS
