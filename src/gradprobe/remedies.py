@@ -396,7 +396,8 @@ def _norm_placement(meta: Mapping[str, Any]) -> str | None:
         inside = [n for n in order if n.startswith(block + ".")]
         if inside:
             first = types.get(inside[0], "")
-            placements.add("pre_ln" if first.startswith(_NORMS) else "post_ln")
+            # "in", not startswith: other libraries prefix their norms (LlamaRMSNorm).
+            placements.add("pre_ln" if any(n in first for n in _NORMS) else "post_ln")
     if not placements:
         return None
     return "post_ln" if "post_ln" in placements else "pre_ln"
