@@ -386,8 +386,9 @@ def test_readme_install_documents_extras_and_the_torch_range() -> None:
 
 # --------------------------------------------------------------------------- clean venv
 
-# Run by the venv's interpreter from a temporary folder: 10 probed SGD steps, then every
-# number the test compares, as JSON.
+# Run by the venv's interpreter from a temporary folder: 10 probed SGD steps on the data
+# the demo uses (scikit-learn is imported only when data is loaded: importing every module
+# would not see it), then every number the test compares, as JSON.
 INSTALLED_PROBE = textwrap.dedent(
     """
     import importlib, importlib.metadata, importlib.resources, json, pkgutil, sys
@@ -396,11 +397,15 @@ INSTALLED_PROBE = textwrap.dedent(
     from torch import nn
 
     import gradprobe
+    from gradprobe.lab.data import digits  # scikit-learn's digits, as the demo and examples
 
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+    data = digits()
+    model = nn.Sequential(
+        nn.Linear(data.in_features, 16), nn.Tanh(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 10)
+    )
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
+    x, y = data.x_train[:64], data.y_train[:64]
     with gradprobe.Probe(model, optimizer, store=sys.argv[1]):
         for _ in range(10):
             optimizer.zero_grad()
@@ -529,9 +534,10 @@ def test_the_wheel_installs_with_consistent_dependencies(venv: Venv) -> None:
     assert len(site_packages) == 1
     # The wheel's files, not an editable link back to the checkout.
     assert (site_packages[0] / "gradprobe" / "probe.py").is_file()
-    assert not list(site_packages[0].glob("*.pth")) or all(
-        str(ROOT) not in pth.read_text() for pth in site_packages[0].glob("*.pth")
-    )
+    assert not [pth for pth in site_packages[0].glob("*.pth") if str(ROOT) in pth.read_text()]
+    # Clean: neither the dev environment's nor the system's site-packages are visible.
+    config = (venv.root / "pyvenv.cfg").read_text()
+    assert "include-system-site-packages = false" in config
 
 
 @pytest.mark.slow
