@@ -15,20 +15,29 @@ from gradprobe import Probe
 from gradprobe.remedies import REMEDIES, ModelProfile, model_profile, rank_remedies
 
 
-def _one_step_meta(model: nn.Module, batch: torch.Tensor, **config: Any) -> dict[str, Any]:
+def _one_step_meta(
+    model: nn.Module, batch: torch.Tensor, keep_optimizer: bool = True, **config: Any
+) -> dict[str, Any]:
     """The meta a user's run of ``model`` records (forward order included), after one step."""
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    # The optimizer the config names is the one that steps (the Probe records its class).
+    optimizer = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[
+        str(config.get("optimizer", "sgd")).lower()
+    ]
+    opt = optimizer(model.parameters(), lr=1e-3)
     with Probe(model, opt, config=config or None) as probe:
         out = model(batch)
         logits = out.logits if hasattr(out, "logits") else out
         opt.zero_grad()
         logits.float().pow(2).mean().backward()
         opt.step()
-    return probe.run().meta
+    meta = dict(probe.run().meta)
+    if not keep_optimizer:  # a run written before the Probe recorded its optimizer
+        meta.pop("optimizer", None)
+    return meta
 
 
 @functools.cache
-def profile(name: str, **config: Any) -> ModelProfile:
+def profile(name: str, keep_optimizer: bool = True, **config: Any) -> ModelProfile:
     torch.manual_seed(0)
     tokens = A.token_sequences(4, 16)
     images = A.blob_images(4)[0]
@@ -41,7 +50,7 @@ def profile(name: str, **config: Any) -> ModelProfile:
         "lstm": lambda: (A.LSTMLanguageModel(), tokens),
     }[name]
     model, batch = build()
-    return model_profile(_one_step_meta(model, batch, **config))
+    return model_profile(_one_step_meta(model, batch, keep_optimizer, **config))
 
 
 def keys(kind: str, p: ModelProfile) -> list[str]:
@@ -68,14 +77,15 @@ def test_every_offered_remedy_applies_to_the_model(name: str) -> None:
 def test_exploding_transformer_gets_step_size_and_norm_remedies_never_relu_or_batchnorm(
     name: str,
 ) -> None:
-    ranked = keys("exploding", profile(name))
+    ranked = keys("exploding", profile(name, optimizer="adamw"))
     assert {"lr_warmup", "lower_peak_lr", "grad_clipping", "adam_beta2_eps"} <= set(ranked)
     assert ranked[0] in ("lr_warmup", "pre_layernorm")
     assert not {"relu", "batchnorm", "lstm_gru", "layernorm", "residual"} & set(ranked)
-    # the optimizer is not recorded in these runs: β₂/ε is offered conditionally
-    fit = next(
-        r.fit for r in rank_remedies("exploding", profile(name)) if r.key == "adam_beta2_eps"
-    )
+    # trained with SGD: no Adam remedy
+    assert "adam_beta2_eps" not in keys("exploding", profile(name))
+    # a run that does not say which optimizer: β₂/ε is offered conditionally
+    unknown = profile(name, keep_optimizer=False)
+    fit = next(r.fit for r in rank_remedies("exploding", unknown) if r.key == "adam_beta2_eps")
     assert "if the optimizer is Adam" in fit
 
 
@@ -136,6 +146,21 @@ def test_adam_remedy_follows_the_optimizer_when_the_run_says_which() -> None:
     # the same from meta["optimizer"] (where a Probe may record the class)
     meta = {"modules": [{"name": "attn", "type": "MultiheadAttention"}], "optimizer": "SGD"}
     assert "adam_beta2_eps" not in keys("exploding", model_profile(meta))
+
+
+def test_the_probe_records_the_optimizer_it_sees_step() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 1))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), eps=1e-6)
+    with Probe(model, opt, config={"optimizer": "sgd"}) as probe:  # a stale config loses
+        model(torch.randn(8, 4)).pow(2).mean().backward()
+        opt.step()
+    recorded = probe.run().meta["optimizer"]
+    group = opt.param_groups[0]
+    assert recorded["class"] == "AdamW"
+    assert recorded["param_groups"][0]["betas"] == list(group["betas"])
+    assert recorded["param_groups"][0]["eps"] == group["eps"] == 1e-6
+    tokens = model_profile(probe.run().meta).tokens
+    assert "optimizer:adamw" in tokens and "optimizer:sgd" not in tokens
 
 
 # ------------------------------------------------------------------ ResNets

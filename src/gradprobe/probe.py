@@ -40,7 +40,6 @@ Where users train (see ``docs/integrations.md``):
   shape on every rank, and a module run on some ranks only has the statistics of the
   samples that went through it (sums and counts over those ranks; units dead if 0
   wherever it ran; ``error_norm`` that of the mean of the ranks' losses, as DDP applies).
-
 - *torch.compile*: module hooks run outside the compiled graphs (one warning says so).
 """
 
@@ -71,7 +70,8 @@ from .buffer import Drained, Ranks, StepBuffer, accumulation_dtype
 from .errors import GradprobeError
 from .hooks import GradprobeWarning, HookSet, ModuleHook, warn_gap, warn_once
 from .run import Run, empty_frame, load, normalize_frame
-from .stats import MODEL_NAME, PRESETS, SAT_THRESHOLD, STATISTICS, finalize
+from .stats import MODEL_NAME, PRESETS, SAT_THRESHOLD, STATISTICS, finalize, logged_mean
+from .shards import ShardedNorms, local_shards, sharded_parameters
 from .store import Store
 from .traversals import GAP_BOTH_SIDES, GAP_INPUT_SIDE, Traversals, consumer_edges, input_edge
 
@@ -278,6 +278,8 @@ class Probe:
 
         self._slots = _select_modules(inner, modules)
         self._param_names, self._params = _trainable_parameters(inner)
+        # FSDP2: sharded parameters, whose norms add up over the ranks at each step.
+        self._shards = ShardedNorms(self._params)
         self.buffer = StepBuffer(
             len(self._slots),
             len(self._params),
@@ -314,6 +316,8 @@ class Probe:
         self._stepped_since_update = False
         # Error signals wait for their backward pass to end: only .backward() counts.
         self._traversals = Traversals()
+        # The last step in which a probed module ran under grad (which step log() is for).
+        self._forward_step = -1
 
         want = set(self.stats)
         self._want_output = bool(want & {"act_mean", "act_std", "zero_frac"})
@@ -337,6 +341,8 @@ class Probe:
         self._want_preclip = bool(want & {"global_grad_norm_preclip", "clipped"})
 
         self._meta = self._describe(inner, config)
+        if optimizer is not None:
+            self._meta["optimizer"] = _optimizer_meta(optimizer)
         self._meta["probe"].update(scaler=scaler is not None, compiled=self.compiled, world_size=1)
         # Every rank holds the combined statistics; one writes them.
         rank_zero = not distributed or torch.distributed.get_rank() == 0
@@ -413,7 +419,7 @@ class Probe:
         """
         if not self._closed:
             self._poll_scaler()
-        self._flush()
+        self._flush(final=True)
         if self._store is not None:
             # With a store the rows live on disk only: a long run must not grow in memory.
             return load(self._store.path).frame()
@@ -434,6 +440,34 @@ class Probe:
         self._listeners.append(listener)
         return lambda: self._listeners.remove(listener) if listener in self._listeners else None
 
+    def log(self, **scalars: Tensor | float) -> None:
+        """Record scalars of the training step as ``(model)`` rows: ``probe.log(loss=loss)``.
+
+        A tensor (one element) stays on its device, detached, until the flush: logging
+        costs no host sync. Python and NumPy numbers are taken as they are. A step's row
+        is the mean of the values logged for it (its micro-batches: log each one's own
+        loss, not divided by the accumulation steps), and under DDP the mean over the
+        ranks that logged it.
+
+        Which step a value belongs to: the step in progress if the model (or any probed
+        module) has run a forward pass under grad since the last optimizer step; otherwise (logged after
+        ``optimizer.step()``, before the next forward) the step that just closed. Values
+        for steps that ``every`` does not record are dropped, as are values logged after
+        :meth:`close`. ``lr`` is read from the optimizer at each step; log it yourself
+        only when the Probe watches no optimizer.
+        """
+        reads_lr = self._optimizer_ref is not None
+        values = {name: _loggable(name, value, reads_lr) for name, value in scalars.items()}
+        if self._closed or not values:
+            return
+        step = self.step_index
+        if step not in (self._trained_step, self._forward_step) and step > 0:
+            step -= 1  # no training pass since the optimizer step: the loss is that step's
+        if step % self.every != 0:
+            return
+        for name, value in values.items():
+            self.buffer.log(step, name, value)
+
     def close(self) -> None:
         """Remove every hook, flush, finish the store. Idempotent."""
         if self._closed:
@@ -442,7 +476,7 @@ class Probe:
         self._closed = True
         self._guard(self._hooks.remove, "close (removing hooks)")
         self._finalizer.detach()
-        self._flush()  # never raises
+        self._flush(final=True)  # never raises
         if self._store is not None:
             store = self._store
             self._guard(lambda: store.close(**self._progress(), finished=_now()), "close (store)")
@@ -547,6 +581,8 @@ class Probe:
     def _call_mode(self) -> int:
         """What a module hook does with this call: skip it, record it, or (a forward run
         again inside backward by activation checkpointing) register only owed hooks."""
+        if self._forward_step != self.step_index and torch.is_grad_enabled():
+            self._forward_step = self.step_index  # a forward under grad in this step (log())
         if self._closed or not self._recording:
             return _SKIP
         if _inside_backward():
@@ -896,22 +932,22 @@ class Probe:
     def _record_params(self) -> None:
         """Gradient norms, parameter norms, NaN/Inf counts: one batched pass per group."""
         preclip, self._preclip = self._preclip, {}
+        # Sharded parameters' values (of local shards) wait for the step's one collective.
+        record = partial(self._shards.record, self.buffer)
         for (device, idx), norms in preclip.items():
-            self.buffer.record_params(device, list(idx), "preclip_norm", norms)
+            record(device, list(idx), "preclip_norm", norms)
             self.buffer.set_param_host(list(idx), "has_preclip")
         self._record_missing_grads()
         if not self._want_params:
             return
         for (device, _dtype), idx in self._param_groups(with_grad=True).items():
-            params = [self._params[i] for i in idx]
-            grads = _grad_values([p.grad for p in params])
-            self.buffer.record_params(device, idx, "grad_norm", _l2_norms(grads, device))
-            self.buffer.record_params(
-                device, idx, "param_norm", self._before_norms(device, idx, params)
-            )
+            params = local_shards([self._params[i] for i in idx])
+            grads = _grad_values([self._params[i].grad for i in idx])
+            record(device, idx, "grad_norm", _l2_norms(grads, device))
+            record(device, idx, "param_norm", self._before_norms(device, idx, params))
             # NaN·0 and Inf·0 are NaN, finite·0 is 0: the ord-0 "norm" counts them.
             nonfinite = torch.stack(torch._foreach_norm(torch._foreach_mul(grads, 0.0), 0))
-            self.buffer.record_params(device, idx, "grad_nonfinite", nonfinite)
+            record(device, idx, "grad_nonfinite", nonfinite)
             self.buffer.set_param_host(idx, "has_grad")
 
     def _on_post_accumulate(self) -> None:
@@ -968,8 +1004,9 @@ class Probe:
 
     def _skip_step(self) -> None:
         """The scaler skipped the step: drop what it recorded, keep a ``skipped`` row."""
-        self.buffer.discard_step()
+        self.buffer.discard_step(self.step_index)
         self._preclip = {}
+        self._shards.discard()
         if self._optimizer_ref is not None:
             self._snapshot = None
         if self._recording:
@@ -990,7 +1027,8 @@ class Probe:
         snapshot = {}
         with_grad = self._optimizer_ref is not None
         for key, idx in self._param_groups(with_grad=with_grad).items():
-            params = [self._params[i].detach() for i in idx]
+            # Sharded parameters: of this rank's shard, before and after alike.
+            params = local_shards([self._params[i].detach() for i in idx])
             copies = torch._foreach_mul(params, 1.0)
             snapshot[key] = (idx, copies, _l2_norms(copies, key[0]))
         self._snapshot = snapshot
@@ -1001,11 +1039,16 @@ class Probe:
         if not snapshot:
             return
         for (device, _dtype), (idx, before, before_norms) in snapshot.items():
-            after = [self._params[i].detach() for i in idx]
+            after = local_shards([self._params[i].detach() for i in idx])
             update_norms = _l2_norms(torch._foreach_sub(after, before), device)
             dtype = accumulation_dtype(device)
-            self.buffer.record_params(
-                device, idx, "update_ratio", update_norms.to(dtype) / before_norms.to(dtype)
+            self._shards.record_ratio(
+                self.buffer,
+                device,
+                idx,
+                "update_ratio",
+                update_norms.to(dtype),
+                before_norms.to(dtype),
             )
             self.buffer.set_param_host(idx, "has_update")
 
@@ -1014,6 +1057,8 @@ class Probe:
             return
         self._poll_scaler()
         if self._recording:
+            if "lr" in self.stats:
+                self._guard(self._record_lr, "optimizer step (learning rate)")
             self._guard_params(self._record_params, "optimizer step (gradients)")
             if self._want_update:
                 self._guard_params(self._take_snapshot, "optimizer step (snapshot)")
@@ -1025,6 +1070,33 @@ class Probe:
             self._guard_params(self._record_updates, "optimizer step (update ratio)")
         self._stepped_since_update = True
         self._end_step()
+
+    def _record_lr(self) -> None:
+        """Each param group's learning rate: host numbers (a tensor rate, as capturable
+        optimizers keep it, is logged as a tensor: no sync). ``lr`` is the largest; with
+        groups at different rates each one's is ``lr/<i>`` too."""
+        optimizer = self._optimizer_ref() if self._optimizer_ref is not None else None
+        if optimizer is None:
+            return
+        rates = [g["lr"] for g in optimizer.param_groups if "lr" in g]
+        if not rates:
+            return
+        if all(not isinstance(r, Tensor) for r in rates):
+            floats = [float(r) for r in rates]
+            self.buffer.log(self.step_index, "lr", max(floats))
+            if len(set(floats)) > 1:
+                for i, rate in enumerate(floats):
+                    self.buffer.log(self.step_index, f"lr/{i}", rate)
+            return
+        tensors = [r.detach() if isinstance(r, Tensor) else torch.tensor(float(r)) for r in rates]
+        if len(tensors) == 1:
+            self.buffer.log(self.step_index, "lr", tensors[0])
+            return
+        device = tensors[0].device
+        stacked = torch.stack([t.to(device=device, dtype=torch.float64) for t in tensors])
+        self.buffer.log(self.step_index, "lr", stacked.max())
+        for i, rate in enumerate(tensors):
+            self.buffer.log(self.step_index, f"lr/{i}", rate)
 
     # ================================================================ steps and flushes
     def _resolve_ranks(self) -> None:
@@ -1053,9 +1125,16 @@ class Probe:
         self._backward_pending = False  # a backward that raised never ran its callback
         if not self._ranks_resolved:
             self._guard(self._resolve_ranks, "the step boundary (process group)")
+        if self._recording and self._shards:
+            # On every rank, whatever failed before: the collective must be issued by all.
+            self._guard_params(
+                partial(self._shards.reduce, self.buffer), "the step boundary (sharded norms)"
+            )
         if self._recording and not self._guard(self._close_step, "the step boundary"):
             self._deferred_units = []
-            self._guard(self.buffer.discard_step, "the step boundary (discard)")
+            self._guard(
+                partial(self.buffer.discard_step, self.step_index), "the step boundary (discard)"
+            )
         self.step_index += 1
         self._recording = self.step_index % self.every == 0
 
@@ -1082,13 +1161,17 @@ class Probe:
                 "and dead_window_frac are not recorded for it from now on",
             )
 
-    def _flush(self) -> None:
+    def _flush(self, final: bool = False) -> None:
         """Drain the buffer into rows and write them. Never raises: a failure loses the
-        drained steps' rows (one warning), not the run."""
-        self._guard(self._flush_rows, "a flush (the rows of the steps since the last one)")
+        drained steps' rows (one warning), not the run. ``final`` (``frame()``, ``close()``)
+        also drains the values logged for the last closed step."""
+        if not self._guard(
+            partial(self._flush_rows, final), "a flush (the rows of the steps since the last one)"
+        ):
+            self._guard(self.buffer.forget_logged_of_failed_drain, "a flush (logged values)")
 
-    def _flush_rows(self) -> None:
-        drained = self.buffer.drain()
+    def _flush_rows(self, final: bool = False) -> None:
+        drained = self.buffer.drain(final)
         if drained is None:
             return
         frame = self._to_frame(drained)
@@ -1117,6 +1200,7 @@ class Probe:
         model_names = np.array([MODEL_NAME], dtype=object)
         for stat, (values, present) in finalize(d.model, self.stats, "model").items():
             parts.append(_long(d.steps, model_names, stat, values, present))
+        parts += _logged_rows(d.logged)
         if d.histograms is not None:
             present = (d.modules["calls"] > 0) & ~module_gap
             for b in range(d.histograms.shape[2]):
@@ -1200,6 +1284,28 @@ class Probe:
                 "platform": platform.platform(),
             },
         }
+
+
+_OPTIMIZER_KEYS = ("lr", "betas", "eps", "momentum", "weight_decay", "nesterov", "amsgrad")
+
+
+def _optimizer_meta(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer's class and each param group's scalar hyper-parameters, for the meta.
+
+    Remedies read them (Adam's β₂/ε, momentum); tensors (a capturable lr) are left out
+    rather than copied to the host.
+    """
+    groups = []
+    for group in optimizer.param_groups:
+        kept: dict[str, Any] = {}
+        for key in _OPTIMIZER_KEYS:
+            value = group.get(key)
+            if isinstance(value, (bool, int, float)):
+                kept[key] = value
+            elif isinstance(value, tuple) and all(isinstance(v, (int, float)) for v in value):
+                kept[key] = list(value)
+        groups.append(kept)
+    return {"class": type(optimizer).__name__, "param_groups": groups}
 
 
 # ==================================================================== hook functions
@@ -1382,15 +1488,63 @@ def _step_post_hook(ref: weakref.ref[Probe], optimizer: Any, args: Any, kwargs: 
 
 
 # ==================================================================== helpers
+def _loggable(name: str, value: Any, reads_lr: bool) -> Tensor | float:
+    """A value for :meth:`Probe.log`: a detached one-element tensor, or a float."""
+    if not name.isidentifier() and not name.startswith("lr/"):
+        raise GradprobeError(
+            f"cannot log {name!r}: names are identifiers", "e.g. probe.log(loss=loss)"
+        )
+    if (name == "lr" and reads_lr) or (name in STATISTICS and STATISTICS[name].logged is None):
+        raise GradprobeError(
+            f"cannot log {name!r}: the Probe records it itself",
+            "log the loss and other values of your own under their own names",
+        )
+    if isinstance(value, Tensor):
+        if value.numel() != 1 or value.is_complex():
+            raise GradprobeError(
+                f"cannot log {name!r}: a tensor of shape {tuple(value.shape)} is not one real "
+                "number",
+                f"log a scalar, e.g. probe.log({name}=loss) with loss = loss_fn(out, y)",
+            )
+        return value.detach()
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.number)):
+        raise GradprobeError(
+            f"cannot log {name!r}: a {type(value).__name__} is not a number",
+            f"log a tensor or a float, e.g. probe.log({name}=loss)",
+        )
+    return float(value)
+
+
+def _logged_rows(logged: Mapping[tuple[int, str], tuple[float, float]]) -> list[pd.DataFrame]:
+    """``(model)`` rows of logged values, finalised as their statistic declares."""
+    by_name: dict[str, list[tuple[int, float, float]]] = defaultdict(list)
+    for (step, name), (total, count) in logged.items():
+        by_name[name].append((step, total, count))
+    names = np.array([MODEL_NAME], dtype=object)
+    parts = []
+    for name, entries in by_name.items():
+        steps = np.array([e[0] for e in entries], dtype=np.int64)
+        partials = {
+            "log_sum": np.array([[e[1]] for e in entries]),
+            "log_count": np.array([[e[2]] for e in entries]),
+        }
+        declared = STATISTICS.get(name)
+        fn = declared.logged if declared is not None and declared.logged else logged_mean
+        values, present = fn(partials)
+        parts.append(_long(steps, names, name, values, present))
+    return parts
+
+
 def _grad_values(grads: list[Tensor]) -> list[Tensor]:
     """Gradients as dense tensors with the same norm and the same NaN/Inf entries.
 
     A sparse gradient (``nn.Embedding(sparse=True)``, ``EmbeddingBag``) is its coalesced
     values: an uncoalesced one may hold an index several times, and those entries add up
-    to the gradient's entry, so they must be summed before any norm.
+    to the gradient's entry, so they must be summed before any norm. A sharded gradient
+    (a ``DTensor``) is this rank's shard: its values add up over the shards.
     """
     values = []
-    for g in grads:
+    for g in local_shards(grads):
         if g.layout == torch.sparse_coo:
             g = g.coalesce().values()
         elif g.layout != torch.strided:

@@ -416,12 +416,15 @@ def model_profile(meta: Mapping[str, Any]) -> ModelProfile:
     activations |= {a for a, pattern in _ACTIVATION_NAMES if any(pattern.search(t) for t in types)}
     config = meta.get("config") or {}
     tokens = set(types) | activations
-    for key in ("init", "optimizer"):
-        if isinstance(config.get(key), str):
-            tokens.add(f"{key}:{config[key].lower()}")
-    optimizer = meta.get("optimizer")  # the optimizer's class, where the Probe records it
+    if isinstance(config.get("init"), str):
+        tokens.add(f"init:{config['init'].lower()}")
+    # The optimizer the Probe saw step (meta["optimizer"]["class"]) wins over what the
+    # user's config says.
+    optimizer = meta.get("optimizer")
     if isinstance(optimizer, Mapping):
         optimizer = optimizer.get("class")
+    if not isinstance(optimizer, str):
+        optimizer = config.get("optimizer")
     if isinstance(optimizer, str):
         tokens.add(f"optimizer:{optimizer.lower()}")
     if not any(t.startswith("optimizer:") for t in tokens):
