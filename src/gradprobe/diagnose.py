@@ -29,6 +29,7 @@ import json
 import math
 import os
 import re
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from html import escape
@@ -469,16 +470,23 @@ def depth_profile(run: Run, first_steps: int | None = None) -> DepthProfile | No
         table = table.iloc[:first_steps]
     if table.empty:
         return None
-    layers = [n for n in run.modules if n in table.columns and _is_weight_layer(run.module_info(n))]
+    # The probed root ("", a model with parameters of its own such as a ViT's class token)
+    # is the whole network, not a layer at some depth.
+    modules = [n for n in run.modules if n and n in table.columns]
+    layers = [n for n in modules if _is_weight_layer(run.module_info(n))]
     if len(layers) < 2:  # no layers with weights (all functional?): every module, as recorded
-        layers = [n for n in run.modules if n in table.columns]
+        layers = modules
     if len(layers) < 2:
         return None
     values = table[layers].to_numpy(dtype=float)
     values = np.where(np.isfinite(values), values, np.nan)
     with np.errstate(divide="ignore"):
         logs = np.log10(np.maximum(values, _FLOAT32_TINY))
-    med = np.nanmedian(logs, axis=0) if np.isfinite(logs).any() else np.full(len(layers), np.nan)
+    with warnings.catch_warnings():  # a layer whose signal is NaN/Inf at every step: NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        med = (
+            np.nanmedian(logs, axis=0) if np.isfinite(logs).any() else np.full(len(layers), np.nan)
+        )
     keep = np.isfinite(med)
     if keep.sum() < 2:
         return None
