@@ -13,7 +13,9 @@ per-call values into the per-step partials declared in :mod:`gradprobe.stats`
 
 Under data parallelism (:class:`Ranks`) the drained partials of every rank are
 combined at the flush, as each partial declares (``sum`` or ``max``; ``same`` ones are
-equal on every rank already): two collectives per flush, whatever the model. Only
+equal on every rank already): two collectives per flush, whatever the model, and a
+third for logged values (``Probe.log``, the learning rate), whose names and steps need
+not be the same on every rank. Only
 per-unit activity is combined per step (one collective), because "dead on every
 rank" must be known before the next step's inactivity runs are counted.
 """
@@ -85,6 +87,9 @@ class Drained:
     params: dict[str, np.ndarray]  # partial -> [rows, params]
     histograms: np.ndarray | None  # [rows, slots, bins]
     model: dict[str, np.ndarray] = field(default_factory=dict)  # partial -> [rows, 1]
+    # Logged values: (step, name) -> (log_sum, log_count); steps may be any drained or
+    # earlier step (a loss logged after its optimizer step closed).
+    logged: dict[tuple[int, str], tuple[float, float]] = field(default_factory=dict)
 
 
 class Ranks:
@@ -141,6 +146,25 @@ class Ranks:
                 if degree:
                     # DDP applies the gradient of the mean of the ranks' losses.
                     values *= float(self.world) ** -degree
+        drained.logged = self.combine_logged(drained.logged)
+
+    def combine_logged(
+        self, logged: dict[tuple[int, str], tuple[float, float]]
+    ) -> dict[tuple[int, str], tuple[float, float]]:
+        """Add up every rank's ``log_sum`` and ``log_count`` per (step, name), as declared
+        (``sum``): ranks may have logged different names or steps (only rank 0 logs, or a
+        value arrived after a flush on one rank), so they are gathered as objects."""
+        import torch.distributed as dist
+
+        gathered: list[Any] = [None] * self.world
+        # Deliberate collective of host numbers, at the flush (every rank calls it).
+        dist.all_gather_object(gathered, logged, group=self.group)
+        combined: dict[tuple[int, str], tuple[float, float]] = {}
+        for part in gathered:
+            for key, (total, count) in (part or {}).items():
+                before = combined.get(key, (0.0, 0.0))
+                combined[key] = (before[0] + total, before[1] + count)
+        return combined
 
 
 class StepBuffer:
@@ -178,6 +202,11 @@ class StepBuffer:
         self._host_col = {name: i for i, name in enumerate(MODULE_HOST_PARTIALS)}
         self._param_host: dict[str, np.ndarray] = {}
         self._model_host: dict[str, float] = {}
+        # Logged values by (step, name): 0-d tensors (on their device) and host floats.
+        self._logged: dict[tuple[int, str], list[Tensor | float]] = {}
+        self._last_closed = -1
+        self._draining_through = -1  # the last step of the drain in progress
+        self._complete: set[tuple[int, str]] = set()
         # Closed steps: step number, host partials (modules, parameters, model), records per device.
         self._closed: list[
             tuple[int, np.ndarray, dict[str, np.ndarray], dict[str, float], list[_StepRecord]]
@@ -233,6 +262,14 @@ class StepBuffer:
         """Set a model-scope partial the host knows (a flag of the whole step)."""
         self._model_host[name] = value
 
+    def log(self, step: int, name: str, value: Tensor | float, *, complete: bool = False) -> None:
+        """Keep one logged value (a detached 0-d tensor, or a float) for ``step``; no
+        device op here: tensors are stacked and copied at the flush. ``complete``: no
+        other value will come for it (the learning rate), so it never waits a flush."""
+        self._logged.setdefault((step, name), []).append(value)
+        if complete:
+            self._complete.add((step, name))
+
     # ------------------------------------------------------------ step boundary
     def end_step(self, step: int) -> None:
         """Close the current step: stack every list, once per field and device."""
@@ -279,6 +316,7 @@ class StepBuffer:
         self._closed.append(
             (step, self._host.copy(), dict(self._param_host), dict(self._model_host), records)
         )
+        self._last_closed = step
         self._reset_step()
 
     def _reset_step(self) -> None:
@@ -290,9 +328,13 @@ class StepBuffer:
         self._param_host = {}
         self._model_host = {}
 
-    def discard_step(self) -> None:
-        """Forget the current step's calls (a step that will not be recorded)."""
+    def discard_step(self, step: int | None = None) -> None:
+        """Forget the current step's calls (a step that will not be recorded), and the
+        values logged for it if its number is given: a gap leaves no rows at all."""
         self._reset_step()
+        if step is not None:
+            self._logged = {k: v for k, v in self._logged.items() if k[0] != step}
+            self._complete = {k for k in self._complete if k in self._logged}
 
     def _close_all_units(self, called: np.ndarray) -> dict[torch.device, tuple[Tensor, Tensor]]:
         """Dead units of the step and the inactivity runs, per device: ``{device: (dead,
@@ -424,10 +466,22 @@ class StepBuffer:
         units.aranges[slot] = torch.arange(start, start + n, device=device)
 
     # ------------------------------------------------------------ flush
-    def drain(self) -> Drained | None:
-        """Copy the closed steps to the host and combine them into partials."""
+    def drain(self, final: bool = False) -> Drained | None:
+        """Copy the closed steps to the host and combine them into partials.
+
+        Logged values of the last closed step wait for the next drain unless ``final``
+        (``frame()``, ``close()``) or complete (the learning rate): a loss is often logged
+        just after its optimizer step closed, and the micro-batches of one step must end
+        up in one row.
+        """
         closed, self._closed = self._closed, []
-        if not closed:
+        if closed:
+            self._draining_through = closed[-1][0]
+        logged = self._take_logged(final)
+        # Under DDP every rank must reach the same collectives: ranks agree on ``closed``
+        # and on ``final``, not on what each logged.
+        if not closed and not (final and (logged or self.ranks is not None)):
+            self._logged.update(logged)  # nothing to flush yet: keep it for the next drain
             return None
         rows = len(closed)
         steps = np.array([c[0] for c in closed], dtype=np.int64)
@@ -456,10 +510,51 @@ class StepBuffer:
                     offset += length
                     _combine(kind, row, slots, counts, values, modules, params, hist)
         model.update(model_partials(params))
-        drained = Drained(steps, modules, params, hist, model)
+        drained = Drained(steps, modules, params, hist, model, _logged_partials(logged))
         if self.ranks is not None:
             self.ranks.combine(drained)
         return drained
+
+    def forget_logged_of_failed_drain(self) -> None:
+        """A flush failed after its drain: its steps have no rows, so the values logged
+        for them that still wait (the last closed step's) must not appear alone later."""
+        through = self._draining_through
+        self._logged = {k: v for k, v in self._logged.items() if k[0] > through}
+        self._complete = {k for k in self._complete if k in self._logged}
+
+    def _take_logged(self, final: bool) -> dict[tuple[int, str], list[Tensor | float]]:
+        """The logged values to drain now: all if ``final``, else those of steps before
+        the last closed one."""
+        take = {
+            k: v
+            for k, v in self._logged.items()
+            if final or k[0] < self._last_closed or k in self._complete
+        }
+        for key in take:
+            del self._logged[key]
+            self._complete.discard(key)
+        return take
+
+
+def _logged_partials(
+    logged: dict[tuple[int, str], list[Tensor | float]],
+) -> dict[tuple[int, str], tuple[float, float]]:
+    """``log_sum`` and ``log_count`` of each (step, name), on the host: one copy per device."""
+    tensors: dict[torch.device, list[Tensor]] = defaultdict(list)
+    for values in logged.values():
+        for v in values:
+            if isinstance(v, Tensor):
+                tensors[v.device].append(v.reshape(()).to(accumulation_dtype(v.device)))
+    host = {
+        # Deliberate host sync: one copy per device per flush.
+        device: iter(torch.stack(ts).cpu().numpy().astype(np.float64).tolist())
+        for device, ts in tensors.items()
+    }
+    out = {}
+    for key, values in logged.items():
+        numbers = [next(host[v.device]) if isinstance(v, Tensor) else float(v) for v in values]
+        out[key] = (float(np.sum(numbers)), float(len(numbers)))
+    return out
 
 
 def _unit_counts(

@@ -14,6 +14,12 @@ parameter) and ``model`` (one row per step under the pseudo-name :data:`MODEL_NA
 for what belongs to the whole step: the global gradient norm before and after
 clipping, whether the step was clipped, whether a ``GradScaler`` skipped it).
 
+*Logged* values are ``(model)`` rows too: the scalars a training loop hands to
+``Probe.log`` (the loss), and each param group's learning rate, read at the optimizer
+step. Each is kept as two partials per name (``log_sum``, ``log_count``), which add up
+across the values logged in one step (micro-batches) and across ranks, and its
+statistic is their ratio, the mean (:func:`logged_mean`).
+
 What a hook reduces per call, and how those per-call values fold into the partials,
 is in :mod:`gradprobe.buffer`.
 """
@@ -36,6 +42,7 @@ __all__ = [
     "Partial",
     "Statistic",
     "finalize",
+    "logged_mean",
     "model_partials",
 ]
 
@@ -142,11 +149,21 @@ PARTIALS: dict[str, Partial] = {
         Partial("grad_sumsq", "model", "same", "params", "Σ‖grad‖² over parameters, at the step"),
         Partial("any_preclip", "model", "max", "params", "1 if backward's norms were measured"),
         Partial("preclip_sumsq", "model", "same", "params", "Σ‖grad‖² as backward left it"),
+        # model, one pair per logged name (Probe.log, the learning rate), kept apart from
+        # the tables above: names and steps need not agree across ranks (see buffer.Ranks)
+        Partial("log_sum", "model", "sum", "device", "sum of the values logged under a name"),
+        Partial("log_count", "model", "sum", "host", "number of values logged under a name"),
     ]
 }
 
+# Partials of one logged name each: not columns of the per-step model table.
+LOGGED_PARTIALS = ("log_sum", "log_count")
 MODULE_HOST_PARTIALS = [n for n, p in PARTIALS.items() if p.scope == "module" and p.where == "host"]
-MODEL_HOST_PARTIALS = [n for n, p in PARTIALS.items() if p.scope == "model" and p.where == "host"]
+MODEL_HOST_PARTIALS = [
+    n
+    for n, p in PARTIALS.items()
+    if p.scope == "model" and p.where == "host" and n not in LOGGED_PARTIALS
+]
 
 Arrays = Mapping[str, np.ndarray]
 Finalize = Callable[[Arrays], tuple[np.ndarray, np.ndarray]]
@@ -182,6 +199,12 @@ def _clipped(p: Arrays) -> tuple[np.ndarray, np.ndarray]:
     return shorter.astype(np.float64), present
 
 
+def logged_mean(p: Arrays) -> tuple[np.ndarray, np.ndarray]:
+    """A logged name's value at each step: the mean of what was logged for it (over the
+    step's micro-batches and the ranks that logged it); absent where nothing was."""
+    return _ratio(p["log_sum"], p["log_count"]), p["log_count"] > 0
+
+
 def _act_std(p: Arrays) -> tuple[np.ndarray, np.ndarray]:
     mean = _ratio(p["out_sum"], p["count"])
     var = _ratio(p["out_sumsq"], p["count"]) - mean * mean
@@ -195,7 +218,9 @@ class Statistic:
     ``module``, ``parameter`` and ``model`` are its finalisers for each scope it exists
     in (``None`` where it does not): each maps combined partials (arrays of one shape)
     to the values and a mask of where the statistic exists (a module never run backward
-    has no ``error_norm``; a frozen parameter has no ``grad_norm``).
+    has no ``error_norm``; a frozen parameter has no ``grad_norm``). ``logged`` is the
+    finaliser of a logged name (``(model)`` rows from ``log_sum``/``log_count``); a name
+    logged with ``Probe.log`` that is not declared here is finalised by :func:`logged_mean`.
     """
 
     name: str
@@ -203,9 +228,15 @@ class Statistic:
     module: Finalize | None = None
     parameter: Finalize | None = None
     model: Finalize | None = None
+    logged: Finalize | None = None
 
     def finalizer(self, scope: str) -> Finalize | None:
-        return {"module": self.module, "parameter": self.parameter, "model": self.model}[scope]
+        return {
+            "module": self.module,
+            "parameter": self.parameter,
+            "model": self.model,
+            "logged": self.logged,
+        }[scope]
 
 
 STATISTICS: dict[str, Statistic] = {
@@ -323,6 +354,21 @@ STATISTICS: dict[str, Statistic] = {
             "(model) 1 if the GradScaler skipped the step (inf/NaN gradients), else 0",
             model=lambda p: (p["skipped"], p["scaler"] > 0),
         ),
+        Statistic(
+            "loss",
+            "(model) the loss handed to Probe.log(loss=...) (the Lightning and Hugging Face "
+            "callbacks log it): the mean of the values logged for the step, i.e. over its "
+            "micro-batches (log each micro-batch's own loss, not divided by the accumulation "
+            "steps), then over the ranks that logged it",
+            logged=logged_mean,
+        ),
+        Statistic(
+            "lr",
+            "(model) the learning rate, read from the optimizer's param groups at its step; "
+            "with groups at different rates the largest, and each group's as `lr/<i>` (i: "
+            "its index in optimizer.param_groups)",
+            logged=logged_mean,
+        ),
     ]
 }
 
@@ -332,7 +378,6 @@ PRESETS: dict[str, tuple[str, ...]] = {
     "cheap": (
         "grad_norm",
         "grad_missing",
-
         "param_norm",
         "update_ratio",
         "nonfinite",
@@ -344,6 +389,8 @@ PRESETS: dict[str, tuple[str, ...]] = {
         "global_grad_norm_preclip",
         "clipped",
         "skipped",
+        "loss",
+        "lr",
     ),
     "default": tuple(STATISTICS),
     "full": tuple(STATISTICS),
