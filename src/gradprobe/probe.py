@@ -70,8 +70,8 @@ from .buffer import Drained, Ranks, StepBuffer, accumulation_dtype
 from .errors import GradprobeError
 from .hooks import GradprobeWarning, HookSet, ModuleHook, warn_gap, warn_once
 from .run import Run, empty_frame, load, normalize_frame
-from .stats import MODEL_NAME, PRESETS, SAT_THRESHOLD, STATISTICS, finalize, logged_mean
 from .shards import ShardedNorms, local_shards, sharded_parameters
+from .stats import MODEL_NAME, PRESETS, SAT_THRESHOLD, STATISTICS, finalize, logged_mean
 from .store import Store
 from .traversals import GAP_BOTH_SIDES, GAP_INPUT_SIDE, Traversals, consumer_edges, input_edge
 
@@ -1081,22 +1081,23 @@ class Probe:
         rates = [g["lr"] for g in optimizer.param_groups if "lr" in g]
         if not rates:
             return
+        log = partial(self.buffer.log, self.step_index, complete=True)
         if all(not isinstance(r, Tensor) for r in rates):
             floats = [float(r) for r in rates]
-            self.buffer.log(self.step_index, "lr", max(floats))
+            log("lr", max(floats))
             if len(set(floats)) > 1:
                 for i, rate in enumerate(floats):
-                    self.buffer.log(self.step_index, f"lr/{i}", rate)
+                    log(f"lr/{i}", rate)
             return
         tensors = [r.detach() if isinstance(r, Tensor) else torch.tensor(float(r)) for r in rates]
         if len(tensors) == 1:
-            self.buffer.log(self.step_index, "lr", tensors[0])
+            log("lr", tensors[0])
             return
         device = tensors[0].device
         stacked = torch.stack([t.to(device=device, dtype=torch.float64) for t in tensors])
-        self.buffer.log(self.step_index, "lr", stacked.max())
+        log("lr", stacked.max())
         for i, rate in enumerate(tensors):
-            self.buffer.log(self.step_index, f"lr/{i}", rate)
+            log(f"lr/{i}", rate)
 
     # ================================================================ steps and flushes
     def _resolve_ranks(self) -> None:
@@ -1643,9 +1644,18 @@ def _select_modules(
 
 
 def _trainable_parameters(model: nn.Module) -> tuple[list[str], list[nn.Parameter]]:
-    """Parameters in order, each once (a shared one under its first name)."""
+    """Parameters in order, each once (a shared one under its first name).
+
+    Under FSDP2 each is the sharded ``DTensor`` the optimizer holds, also while a forward
+    with ``reshard_after_forward=False`` has left the full one registered on its module.
+    """
+    sharded = sharded_parameters(model)
+    by_module = dict(model.named_modules()) if sharded else {}
     names, params = [], []
     for name, p in model.named_parameters():
+        if sharded:
+            owner, _, attribute = name.rpartition(".")
+            p = sharded.get((id(by_module[owner]), attribute), p)
         names.append(name)
         params.append(p)
     return names, params

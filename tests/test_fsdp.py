@@ -1,0 +1,366 @@
+"""FSDP2 (``fully_shard``): two real CPU processes (gloo, loopback) against one process.
+
+Every parameter and gradient is then a ``DTensor`` of which each rank holds a shard.
+Each rank takes half of the global batch and a batch-mean loss; FSDP2 averages the
+gradients (reduce-scatter), so the loss it optimises is the mean of the ranks' losses,
+which equals the single process's batch-mean loss on the whole batch. Every statistic
+must then agree with one unsharded process: parameter statistics of the *full* tensors
+(not of the shards, and without FSDP's padding of uneven shards), module statistics
+combined across ranks as under DDP, the global norms before and after clipping.
+
+A second, independent reference is computed inside the sharded run itself, with
+DTensor's own collectives: ``p.grad.full_tensor()`` and ``p.full_tensor()`` of every
+parameter at every step, and the total norm ``torch.nn.utils.clip_grad_norm_`` returns
+for the DTensor gradients. Mixed precision (bf16 compute) is checked against that one
+exactly, and against the float32 single process within bf16's rounding.
+
+All cases run in one spawn of two processes (about 15 s on 2 shared CPU cores).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import gradprobe
+from gradprobe import Probe
+from test_ddp import free_port
+
+pytestmark = pytest.mark.slow
+
+WORLD = 2
+STEPS = 3
+GLOBAL_BATCH = 16
+
+
+# ------------------------------------------------------------------ models and data
+def build_mlp() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(4, 6),
+        nn.ReLU(),
+        nn.Linear(6, 6),
+        nn.Tanh(),
+        nn.Linear(6, 6),
+        nn.Sigmoid(),
+        nn.Linear(6, 3),
+    )
+    with torch.no_grad():
+        model[0].bias[1] = -100.0  # a unit dead everywhere
+        model[4].weight.mul_(6.0)  # some saturated sigmoid entries
+    return model
+
+
+def build_uneven() -> nn.Module:
+    """No dimension 0 divisible by 2: shards of 4+3, 2+1 and 1+0 rows (rank 1 holds an
+    empty shard of the last layer): FSDP pads them, and padding must not enter a norm."""
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3), nn.ReLU(), nn.Linear(3, 1))
+
+
+def build_conv() -> nn.Module:
+    torch.manual_seed(2)
+    return nn.Sequential(
+        nn.Conv2d(3, 5, 3, padding=1),  # 5 output channels: shards of 3 and 2
+        nn.ReLU(),
+        nn.Conv2d(5, 3, 3),
+        nn.SiLU(),
+        nn.Flatten(),
+        nn.Linear(3 * 4 * 4, 3),
+    )
+
+
+MODELS: dict[str, Callable[[], nn.Module]] = {
+    "mlp": build_mlp,
+    "uneven": build_uneven,
+    "conv": build_conv,
+}
+
+
+def batch(model: str, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(100 + step)
+    if model == "conv":
+        return torch.randn(GLOBAL_BATCH, 3, 6, 6, generator=g), torch.randint(
+            0, 3, (GLOBAL_BATCH,), generator=g
+        )
+    if model == "uneven":
+        return torch.randn(GLOBAL_BATCH, 5, generator=g), torch.randn(GLOBAL_BATCH, 1, generator=g)
+    return torch.randn(GLOBAL_BATCH, 4, generator=g), torch.randint(
+        0, 3, (GLOBAL_BATCH,), generator=g
+    )
+
+
+def loss_of(model: str, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    output = output.float()
+    if model == "uneven":
+        return nn.functional.mse_loss(output, target)
+    return nn.functional.cross_entropy(output, target)
+
+
+@dataclass(frozen=True)
+class Case:
+    model: str
+    reshard: bool  # reshard_after_forward
+    optimizer: str = "sgd"  # "sgd", "adam", or "none" (probe.step())
+    max_norm: float = 1e9  # clip_grad_norm_'s bound (1e9: measured, never clipped)
+    micro: int = 1  # micro-batches per step (gradient accumulation)
+    late: bool = False  # the Probe attached after a no_grad forward left full parameters
+    bf16: bool = False  # MixedPrecisionPolicy(param_dtype=torch.bfloat16)
+
+
+CASES: dict[str, Case] = {
+    "mlp_resharded_clipped": Case("mlp", reshard=True, max_norm=0.05),
+    "mlp_kept_full": Case("mlp", reshard=False),
+    "uneven_adam": Case("uneven", reshard=True, optimizer="adam"),
+    "uneven_no_optimizer": Case("uneven", reshard=False, optimizer="none"),
+    "conv_accumulated_clipped": Case("conv", reshard=False, micro=2, max_norm=0.1),
+    "mlp_probe_attached_late": Case("mlp", reshard=False, late=True),
+    "mlp_bf16": Case("mlp", reshard=True, bf16=True),
+}
+
+
+# ------------------------------------------------------------------ one training run
+def train(
+    case: Case, model: nn.Module, rank: int, world: int, store: Path | None
+) -> tuple[pd.DataFrame, list[dict]]:
+    """Train ``STEPS`` steps on this rank's share of each global batch under a Probe; the
+    frame, and per step the reference numbers from the full tensors (an independent
+    computation: DTensor's ``full_tensor()`` collectives, torch's ``clip_grad_norm_``)."""
+    params = dict(model.named_parameters())
+    optimizer: torch.optim.Optimizer | None = None
+    if case.optimizer == "sgd":
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.5)
+    elif case.optimizer == "adam":
+        # eps well above the gradients' rounding: Adam's g/(|g| + eps) turns the 1e-7
+        # rounding of a near-zero gradient entry into a full-size difference otherwise.
+        optimizer = torch.optim.Adam(model.parameters(), lr=0.01, eps=1e-3)
+    if case.late:
+        model.eval()
+        with torch.no_grad():  # with reshard_after_forward=False: full parameters stay registered
+            model(batch(case.model, -1)[0][:2])
+        model.train()
+    references: list[dict] = []
+    with Probe(model, optimizer, store=store, stats="full", flush_every=2, dead_window=2) as probe:
+        for step in range(STEPS):
+            x, y = batch(case.model, step)
+            share = len(x) // world
+            x, y = x[rank * share : (rank + 1) * share], y[rank * share : (rank + 1) * share]
+            for p in params.values():
+                p.grad = None
+            micro = len(x) // case.micro
+            for i in range(case.micro):
+                part = slice(i * micro, (i + 1) * micro)
+                (loss_of(case.model, model(x[part]), y[part]) / case.micro).backward()
+            total = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=case.max_norm)
+            ref = {"preclip": float(_full(total).double())}
+            before = {n: _full(p).detach().double().clone() for n, p in params.items()}
+            ref["grad_norm"] = {
+                n: float(torch.linalg.vector_norm(_full(p.grad).double()))
+                for n, p in params.items()
+            }
+            ref["param_norm"] = {n: float(torch.linalg.vector_norm(w)) for n, w in before.items()}
+            if optimizer is not None:
+                optimizer.step()
+            else:
+                with torch.no_grad():
+                    for p in params.values():
+                        p.sub_(0.05 * p.grad)
+                probe.step()
+            ref["update_ratio"] = {
+                n: float(
+                    torch.linalg.vector_norm(_full(p).detach().double() - before[n])
+                    / torch.linalg.vector_norm(before[n])
+                )
+                for n, p in params.items()
+            }
+            references.append(ref)
+        return probe.frame(), references
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """The full tensor of a DTensor (a collective), or the tensor itself."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def shard(case: Case, model: nn.Module) -> nn.Module:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    policy = (
+        MixedPrecisionPolicy(param_dtype=torch.bfloat16) if case.bf16 else MixedPrecisionPolicy()
+    )
+    kw = dict(mesh=mesh, reshard_after_forward=case.reshard, mp_policy=policy)
+    for module in model:
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            fully_shard(module, **kw)
+    fully_shard(model, **kw)
+    return model
+
+
+def _worker(rank: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD
+    )
+    try:
+        for name, case in CASES.items():
+            model = shard(case, MODELS[case.model]())
+            store = Path(out) / f"{name}_run{rank}" if name == "mlp_resharded_clipped" else None
+            frame, references = train(case, model, rank, WORLD, store)
+            frame.to_parquet(Path(out) / f"{name}_{rank}.parquet")
+            if rank == 0:
+                (Path(out) / f"{name}_reference.json").write_text(json.dumps(references))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("fsdp")
+    ctx = mp.spawn(_worker, args=(free_port(), str(out)), nprocs=WORLD, join=False)
+    # A collective of mismatched shape hangs: fail the test instead of the suite.
+    deadline = time.monotonic() + 180
+    while not ctx.join(timeout=1):  # False while some process still runs
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+            pytest.fail("the FSDP2 run did not finish in 180 s (a hung collective)")
+    return out
+
+
+@pytest.fixture(scope="module")
+def singles() -> dict[str, pd.DataFrame]:
+    """Each case in one process on the whole batch, unsharded, in float32."""
+    frames = {}
+    for name, case in CASES.items():
+        model = MODELS[case.model]()
+        frames[name] = train(case, model, 0, 1, None)[0]
+    return frames
+
+
+def _merged(got: pd.DataFrame, expected: pd.DataFrame) -> pd.DataFrame:
+    keys = ["step", "name", "stat"]
+    merged = got.merge(
+        expected, on=keys, how="outer", suffixes=("_fsdp", "_single"), indicator=True
+    )
+    assert (merged["_merge"] == "both").all(), merged[merged["_merge"] != "both"].head(20)
+    return merged
+
+
+PARAMETER_STATS = {"grad_norm", "param_norm", "update_ratio", "nonfinite"}
+MODULE_STATS = {"error_norm", "act_mean", "act_std", "zero_frac", "dead_frac", "hist_00"}
+
+
+# ------------------------------------------------------------------ tests
+@pytest.mark.parametrize("name", [n for n, c in CASES.items() if not c.bf16])
+def test_every_statistic_equals_one_unsharded_process(runs, singles, name):
+    fsdp = pd.read_parquet(runs / f"{name}_0.parquet")
+    merged = _merged(fsdp, singles[name])
+    calls = merged["stat"] == "calls"
+    # A module runs once per rank and micro-batch: calls add up over ranks.
+    assert (merged.loc[calls, "value_fsdp"] == WORLD * merged.loc[calls, "value_single"]).all()
+    stats = set(merged.stat)
+    assert stats >= PARAMETER_STATS | MODULE_STATS | {"global_grad_norm"}, stats
+    for row in merged[~calls].itertuples():
+        assert row.value_fsdp == pytest.approx(row.value_single, rel=1e-5, abs=1e-9), (
+            row.step,
+            row.name,
+            row.stat,
+        )
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_parameter_norms_are_those_of_the_full_tensors(runs, name):
+    """Against DTensor's own full tensors and clip_grad_norm_'s total, in the same run."""
+    frame = pd.read_parquet(runs / f"{name}_0.parquet")
+    references = json.loads((runs / f"{name}_reference.json").read_text())
+    table = frame.pivot_table(index=["step", "name"], columns="stat", values="value")
+    for step, ref in enumerate(references):
+        for stat in ("grad_norm", "param_norm", "update_ratio"):
+            for param, expected in ref[stat].items():
+                got = table.loc[(step, param), stat]
+                assert got == pytest.approx(expected, rel=1e-5, abs=1e-12), (step, param, stat)
+        preclip = table.loc[(step, gradprobe.stats.MODEL_NAME), "global_grad_norm_preclip"]
+        assert preclip == pytest.approx(ref["preclip"], rel=1e-5), step
+        squares = sum(v**2 for v in ref["grad_norm"].values())
+        assert table.loc[(step, gradprobe.stats.MODEL_NAME), "global_grad_norm"] == (
+            pytest.approx(squares**0.5, rel=1e-5)
+        )
+
+
+def test_clipping_is_seen_on_the_full_gradient(runs, singles):
+    for name in ("mlp_resharded_clipped", "conv_accumulated_clipped"):
+        frame = pd.read_parquet(runs / f"{name}_0.parquet")
+        rows = frame[frame.name == gradprobe.stats.MODEL_NAME].pivot(
+            index="step", columns="stat", values="value"
+        )
+        assert (rows["clipped"] == 1).all(), name
+        bound = CASES[name].max_norm
+        assert rows["global_grad_norm"].to_numpy() == pytest.approx(bound, rel=1e-4)
+        assert (rows["global_grad_norm_preclip"] > bound).all()
+
+
+def test_a_local_shard_norm_would_have_been_wrong(runs):
+    """The test can fail: on each rank the shard's norm is well below the full one."""
+    frame = pd.read_parquet(runs / "uneven_adam_0.parquet")
+    references = json.loads((runs / "uneven_adam_reference.json").read_text())
+    grad = frame[(frame.stat == "grad_norm") & (frame.step == 0)].set_index("name").value
+    # 4.weight is [1, 3]: rank 0 holds all of it, rank 1 an empty shard; 0.weight splits 4+3.
+    assert grad["4.weight"] == pytest.approx(references[0]["grad_norm"]["4.weight"], rel=1e-6)
+    model = build_uneven()
+    x, y = batch("uneven", 0)
+    loss_of("uneven", model(x), y).backward()
+    first_rows = torch.linalg.vector_norm(model[0].weight.grad[:4]).item()
+    assert first_rows < 0.99 * grad["0.weight"]
+
+
+def test_every_rank_holds_the_same_rows_and_only_rank_zero_writes(runs):
+    for name in CASES:
+        a = pd.read_parquet(runs / f"{name}_0.parquet")
+        b = pd.read_parquet(runs / f"{name}_1.parquet")
+        pd.testing.assert_frame_equal(a, b)
+    assert not (runs / "mlp_resharded_clipped_run1").exists()
+    stored = gradprobe.load(runs / "mlp_resharded_clipped_run0")
+    assert stored.meta["probe"]["world_size"] == WORLD
+    names = set(stored.frame().name)
+    assert {"0.weight", "6.bias", "0", "5"} <= names  # the user's names, no FSDP prefix
+    assert not any("fsdp" in n or "_checkpoint" in n for n in names)
+    shapes = {p["name"]: p["shape"] for p in stored.meta["parameters"]}
+    assert shapes["0.weight"] == [6, 4]  # the full shape, not a shard's
+    assert len(stored.frame()) == len(a)
+
+
+def test_mixed_precision_within_bf16_rounding_of_float32(runs, singles):
+    """bf16 compute (8 significant bits: each op rounds by up to 2^-9 ≈ 0.2%) and a bf16
+    reduce-scatter of the gradients, against the float32 single process: the parameter
+    norms of the float32 sharded master weights agree to float32; gradient and module
+    statistics within the measured bf16 error, a few tenths of a percent to a few percent."""
+    fsdp = pd.read_parquet(runs / "mlp_bf16_0.parquet")
+    merged = _merged(fsdp, singles["mlp_bf16"])
+    merged = merged[merged.stat != "calls"]
+    exact = merged[(merged.stat == "param_norm") & (merged.step == 0)]
+    for row in exact.itertuples():
+        assert row.value_fsdp == pytest.approx(row.value_single, rel=1e-6), row.name
+    for row in merged.itertuples():
+        if row.stat.startswith("hist_") or row.stat in ("zero_frac", "dead_frac", "sat_frac"):
+            continue  # counts of entries near a threshold: a rounding can move one across
+        assert row.value_fsdp == pytest.approx(row.value_single, rel=BF16_RTOL, abs=1e-3), (
+            row.step,
+            row.name,
+            row.stat,
+        )
+
+
+BF16_RTOL = 0.05
