@@ -53,6 +53,7 @@ __all__ = [
     "EXPLODING_RATIO",
     "FINDINGS_JSON_SCHEMA",
     "MIN_DEPTH_LAYERS",
+    "NOTEBOOK_CSS",
     "SATURATION_FRAC",
     "SKIPPED_FRAC",
     "SKIPPED_STREAK",
@@ -240,7 +241,17 @@ class Findings(list):  # list[Finding]; a plain list subclass so it prints and c
         return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
 
     def _repr_html_(self) -> str:
-        return findings_html(self)
+        """The findings in a notebook: a table with their numbers and remedies; never raises
+        (Jupyter would print a traceback): on failure, the plain repr and the reason."""
+        try:
+            count = f"{len(self)} finding{'s' if len(self) != 1 else ''}"
+            head = f"<p><b>{escape(self.run_name)}</b>: {count}</p>" if self.run_name else ""
+            return f'{NOTEBOOK_CSS}<div class="gp-run">{head}{findings_html(self)}</div>'
+        except Exception as exc:  # a display must never raise into Jupyter
+            return (
+                f"<pre>{escape(list.__repr__(self))}</pre><p>gradprobe could not show these "
+                f"findings as HTML ({escape(type(exc).__name__)}: {escape(str(exc))})</p>"
+            )
 
 
 def _statistic_names(names: Iterable[str]) -> list[str]:
@@ -279,6 +290,19 @@ def no_findings_note(findings: Findings) -> str:
 
 
 _INLINE_CODE = re.compile(r"`([^`\n]+)`")
+
+# The look of findings and runs in a notebook (Findings/Run._repr_html_): every selector
+# under .gp-run, so it styles gradprobe's output and nothing else on the page.
+NOTEBOOK_CSS = """<style>
+.gp-run table.gp-findings,.gp-run table.gp-table{border-collapse:collapse;font-size:12px;margin:4px 0}
+.gp-run th,.gp-run td{border:1px solid #dde1e6;padding:3px 6px;text-align:left;vertical-align:top}
+.gp-run td.gp-num{text-align:right;font-variant-numeric:tabular-nums}
+.gp-run .gp-findings ol{margin:0;padding-left:16px}
+.gp-run .gp-sev{padding:0 6px;border-radius:8px;font-weight:600;color:#fff;background:#2e86c1}
+.gp-run .gp-critical .gp-sev{background:#c0392b}.gp-run .gp-warning .gp-sev{background:#d68910}
+.gp-run .gp-note,.gp-run .gp-none{color:#5a6572;font-size:12px}
+.gp-run h4{margin:10px 0 4px}
+</style>"""
 
 
 def inline_code(text: str) -> str:

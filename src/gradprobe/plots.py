@@ -8,7 +8,10 @@ that note in its place), and calling a plot anyway raises a :class:`GradprobeErr
 with the same note.
 
 matplotlib is imported on first use, with the non-interactive Agg backend unless a
-backend was already chosen (so a notebook keeps its own).
+backend was already chosen (``MPLBACKEND``, a matplotlibrc, ``matplotlib.use``, or pyplot
+already imported), so a notebook keeps its inline backend. :func:`draw` (what
+``Run.plot`` calls) returns a figure that pyplot no longer holds: a notebook shows it
+once, as the cell's value, and nothing accumulates in pyplot's list of open figures.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ __all__ = [
     "activation_histograms",
     "clipping",
     "dead_saturated",
+    "draw",
     "error_heatmap",
     "gradient_flow",
     "missing",
@@ -56,9 +60,14 @@ _MAX_HIST_LAYERS = 8
 
 
 def _pyplot() -> Any:
+    import sys
+
     import matplotlib
 
-    if "matplotlib.pyplot" not in __import__("sys").modules:
+    # Agg only where nothing chose a backend: a Jupyter kernel sets MPLBACKEND to its
+    # inline backend, and forcing Agg there would make every figure print as text.
+    chosen = getattr(matplotlib.rcParams, "_get_backend_or_none", lambda: None)()
+    if "matplotlib.pyplot" not in sys.modules and chosen is None:
         matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -618,6 +627,42 @@ def missing(plot: str | Plot, run: Run) -> str | None:
     ):
         return f"{spec.title}: not drawn, the run has no weights"
     return None
+
+
+def draw(
+    name: str,
+    run: Run,
+    *,
+    ax: Axes | None = None,
+    size: tuple[float, float] | None = None,
+    **options: Any,
+) -> Figure:
+    """Plot ``name`` of :data:`PLOTS` for ``run``, as a matplotlib ``Figure``.
+
+    With ``ax``, draws there and returns its figure. Without, a new figure that pyplot
+    does not hold (a notebook shows it once, as the cell's value; ``fig.savefig``
+    writes it; ``plt.show()`` does not show it). ``options`` go to the plot's function
+    (``steps=`` for gradient_flow, ``vmin``/``vmax`` for error_heatmap, ``layers=`` for
+    activation_histograms). An unknown name, or a run without the statistics the plot
+    needs, raises :class:`GradprobeError` saying which names exist or what to record.
+    """
+    spec = PLOTS.get(name) if isinstance(name, str) else None
+    if spec is None:
+        raise GradprobeError(
+            f"no plot named {name!r}",
+            f"the plots are: {', '.join(PLOTS)}",
+        )
+    _require(run, spec.name)
+    if ax is None:
+        plt = _pyplot()
+        default = (7.0, 5.0) if spec.name == "activation_histograms" else (7.0, 4.0)
+        # Made by pyplot, so that the backend is loaded (the inline backend registers how
+        # a notebook displays figures), then let go: pyplot would show it a second time at
+        # the end of the cell, and keep every figure ever drawn.
+        fig = plt.figure(figsize=size or default, layout="constrained")
+        plt.close(fig)
+        ax = fig.add_subplot()
+    return spec.fn(run, ax=ax, **options)
 
 
 def _require(run: Run, name: str) -> None:

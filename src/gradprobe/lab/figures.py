@@ -11,7 +11,10 @@ from pathlib import Path
 
 import matplotlib
 
-matplotlib.use("Agg")
+# Agg only where nothing chose a backend (as gradprobe.plots does): importing gradprobe.lab
+# in a notebook must not take the inline backend away from the user's figures.
+if getattr(matplotlib.rcParams, "_get_backend_or_none", lambda: None)() is None:
+    matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
