@@ -48,15 +48,27 @@ __all__ = [
     "DEAD_CHANNEL_FRAC",
     "DEAD_UNIT_FRAC",
     "DETECTORS",
+    "DIVERGENCE_FACTOR",
+    "DIVERGENCE_GIVEBACK",
     "EXPLODING_FACTOR",
     "EXPLODING_GROWTH",
     "EXPLODING_RATIO",
     "FINDINGS_JSON_SCHEMA",
+    "GRAD_SPIKE_FACTOR",
+    "LOSS_SPIKE_FACTOR",
+    "LOSS_SPIKE_MADS",
+    "LOSS_WINDOW",
     "MIN_DEPTH_LAYERS",
+    "MIN_LOSS_STEPS",
     "NOTEBOOK_CSS",
+    "OSCILLATION_AMPLITUDE",
+    "OSCILLATION_AUTOCORR",
+    "PLATEAU_DECREASE",
+    "PLATEAU_LEVEL",
     "SATURATION_FRAC",
     "SKIPPED_FRAC",
     "SKIPPED_STREAK",
+    "SPIKE_WINDOW",
     "STALL_FACTOR",
     "UNSTABLE_UPDATE_RATIO",
     "UNUSED_FRAC",
@@ -133,6 +145,44 @@ UNUSED_HINTS = (
     "a parameter left out of the loss (an auxiliary head whose loss is not added)",
     "meant to be frozen: set requires_grad=False or leave it out of the optimizer",
 )
+# ---- unstable training, read from the logged loss and the global gradient norm over steps
+# Running medians are taken over the SPIKE_WINDOW recorded steps before each one (at least
+# a quarter of it must be there): long enough that one odd batch does not move them.
+SPIKE_WINDOW = 20
+# A gradient-norm spike: the pre-clip global norm ≥ 10× its running median. Minibatch noise
+# moves it by 2–5× in healthy runs (a 20-layer He-init ReLU MLP at a stable rate: ≤ 5×);
+# a deep ReLU net at too high a rate jumps 10–100×.
+GRAD_SPIKE_FACTOR = 10.0
+# A loss spike: the loss ≥ 3× its running median and ≥ 10 median absolute deviations above
+# it. Minibatch losses are skewed (a hard batch doubles the loss of a well-trained model),
+# so the factor alone would flag noise near 0; the deviation bound alone, noise of a flat run.
+LOSS_SPIKE_FACTOR = 3.0
+LOSS_SPIKE_MADS = 10.0
+# The loss is judged on medians of LOSS_WINDOW recorded steps (odd batches do not count),
+# and only with MIN_LOSS_STEPS recorded losses: fewer say nothing about a trend.
+LOSS_WINDOW = 5
+MIN_LOSS_STEPS = 20
+# Divergence: the smoothed loss ends ≥ 1.5× its best level and has given back at least half
+# of what it had gained from the start (or is above the start): noise at a low loss moves it
+# a few percent, a run that diverges loses what it learned.
+DIVERGENCE_FACTOR = 1.5
+DIVERGENCE_GIVEBACK = 0.5
+# Oscillation: the loss, less its trend (a running mean of 2·LOSS_WINDOW+1 steps), is
+# anti-correlated with itself at some lag ≤ LOSS_WINDOW (autocorrelation ≤ −0.5: it goes up
+# and down in a rhythm), with swings ≥ 10% of its level. Minibatch noise is uncorrelated
+# (|autocorrelation| ≲ 0.25 over 40+ steps), so it does not read as oscillation.
+OSCILLATION_AUTOCORR = -0.5
+OSCILLATION_AMPLITUDE = 0.1
+# Plateau: over the last half of the run the loss did not decrease by 2% (medians of its
+# two quarters), while it is still at ≥ 50% of its starting level: a run that has not
+# learned, not one that converged.
+PLATEAU_DECREASE = 0.02
+PLATEAU_LEVEL = 0.5
+# What a loss-based finding says when the loss was not logged.
+LOSS_NOT_LOGGED = (
+    "needs the loss: call probe.log(loss=loss) at each step (the Lightning and Hugging Face "
+    "callbacks log it)"
+)
 # Depth profiles need at least this many layers with a positive error signal to fit a
 # per-layer factor; fewer, and a line through them says nothing about depth.
 MIN_DEPTH_LAYERS = 4
@@ -154,6 +204,11 @@ KIND_ORDER = (
     "skipped_steps",
     "clipped",
     "unused_parameters",
+    "divergence",
+    "grad_norm_spike",
+    "loss_spike",
+    "oscillation",
+    "plateau",
 )
 
 _NORM_TYPES = (
@@ -1124,6 +1179,246 @@ def detect_unused_parameters(run: Run) -> Finding | None:
     )
 
 
+# ---------------------------------------------------------------- unstable training
+def _running_median(series: pd.Series) -> pd.Series:
+    """The median of the SPIKE_WINDOW values before each one (NaN where too few)."""
+    finite = series.where(np.isfinite(series))
+    return finite.rolling(SPIKE_WINDOW, min_periods=max(3, SPIKE_WINDOW // 4)).median().shift(1)
+
+
+def _steps_text(steps: list[int], limit: int = 5) -> str:
+    shown = ", ".join(str(s) for s in steps[:limit])
+    return shown + (f" and {len(steps) - limit} more" if len(steps) > limit else "")
+
+
+def _loss(run: Run) -> pd.Series:
+    return run.model_series("loss")
+
+
+def _smoothed(loss: pd.Series) -> pd.Series:
+    """Running median of LOSS_WINDOW steps, ending at each step (finite losses only)."""
+    finite = loss[np.isfinite(loss)]
+    return finite.rolling(LOSS_WINDOW, min_periods=1).median()
+
+
+def detect_grad_norm_spike(run: Run) -> Finding | None:
+    """The global gradient norm (before clipping) jumps far above its running median."""
+    norm = _total_grad_norm(run)
+    if len(norm) < SPIKE_WINDOW // 2:
+        return None
+    median = _running_median(norm)
+    ratio = norm / median
+    hit = ratio[(ratio >= GRAD_SPIKE_FACTOR) & np.isfinite(norm)]
+    if hit.empty:
+        return None
+    steps = [int(s) for s in hit.index]
+    worst = int(ratio.loc[hit.index].idxmax())
+    summary = (
+        f"The global gradient norm jumped to {_g(float(norm[worst]))} at step {worst} "
+        f"(×{_g(float(ratio[worst]))} its running median {_g(float(median[worst]))}); "
+        f"{len(steps)} spike(s) ≥ ×{_g(GRAD_SPIKE_FACTOR)} in {len(norm)} recorded steps, at "
+        f"steps {_steps_text(steps)}."
+    )
+    return Finding(
+        "grad_norm_spike",
+        "critical" if float(ratio[worst]) >= 100 or len(steps) >= 5 else "warning",
+        (MODEL_NAME,),
+        summary,
+        {
+            "steps": steps,
+            "grad_norm": [float(norm[s]) for s in steps],
+            "running_median": [float(median[s]) for s in steps],
+            "ratio": [float(ratio[s]) for s in steps],
+            "worst_step": worst,
+            "threshold": GRAD_SPIKE_FACTOR,
+            "window": SPIKE_WINDOW,
+        },
+    )
+
+
+def detect_divergence(run: Run) -> Finding | None:
+    """The loss becomes NaN/Inf, or rises back and stays up: training undoes itself."""
+    loss = _loss(run)
+    if loss.empty:
+        return None
+    bad = loss[~np.isfinite(loss)]
+    if not bad.empty:
+        first = int(bad.index[0])
+        before = loss[(loss.index < first) & np.isfinite(loss)]
+        last_finite = (
+            f"; its last finite value was {_g(float(before.iloc[-1]))} at step {int(before.index[-1])}"
+            if not before.empty
+            else ""
+        )
+        summary = (
+            f"The loss became {'NaN' if np.isnan(bad.iloc[0]) else 'infinite'} at step {first} "
+            f"and is non-finite at {len(bad)} of {len(loss)} recorded steps{last_finite}."
+        )
+        return Finding(
+            "divergence",
+            "critical",
+            (MODEL_NAME,),
+            summary,
+            {
+                "mode": "nonfinite",
+                "first_step": first,
+                "nonfinite_steps": len(bad),
+                "recorded": len(loss),
+            },
+        )
+    if len(loss) < MIN_LOSS_STEPS:
+        return None
+    smooth = _smoothed(loss)
+    start = float(smooth.iloc[LOSS_WINDOW - 1])  # median of the first LOSS_WINDOW losses
+    best_step = int(smooth.idxmin())
+    best = float(smooth[best_step])
+    end = float(smooth.iloc[-1])
+    gained = start - best
+    rose = end - best
+    if not (best > 0 and end >= DIVERGENCE_FACTOR * best):
+        return None
+    if not (rose >= DIVERGENCE_GIVEBACK * gained or end > start):
+        return None
+    summary = (
+        f"The loss diverged: from {_g(start)} at the start it fell to {_g(best)} (step "
+        f"{best_step}), then rose to {_g(end)} by step {int(smooth.index[-1])} (×{_g(end / best)} "
+        f"its best; medians of {LOSS_WINDOW} steps)."
+    )
+    return Finding(
+        "divergence",
+        "critical" if end > start else "warning",
+        (MODEL_NAME,),
+        summary,
+        {
+            "mode": "rising",
+            "start": start,
+            "best": best,
+            "best_step": best_step,
+            "end": end,
+            "end_step": int(smooth.index[-1]),
+            "threshold_factor": DIVERGENCE_FACTOR,
+            "threshold_giveback": DIVERGENCE_GIVEBACK,
+        },
+    )
+
+
+def detect_loss_spike(run: Run) -> Finding | None:
+    """Single steps whose loss jumps far above its running median."""
+    loss = _loss(run)
+    loss = loss[np.isfinite(loss)]
+    if len(loss) < SPIKE_WINDOW // 2:
+        return None
+    median = _running_median(loss)
+    mad = (loss - median).abs().rolling(SPIKE_WINDOW, min_periods=3).median().shift(1)
+    ratio = loss / median
+    spikes = (ratio >= LOSS_SPIKE_FACTOR) & (loss - median >= LOSS_SPIKE_MADS * mad) & (median > 0)
+    hit = loss[spikes]
+    if hit.empty:
+        return None
+    steps = [int(s) for s in hit.index]
+    worst = int(ratio[spikes].idxmax())
+    summary = (
+        f"The loss jumped to {_g(float(loss[worst]))} at step {worst} (×{_g(float(ratio[worst]))} "
+        f"its running median {_g(float(median[worst]))}); {len(steps)} spike(s) in {len(loss)} "
+        f"recorded steps, at steps {_steps_text(steps)}."
+    )
+    return Finding(
+        "loss_spike",
+        "warning",
+        (MODEL_NAME,),
+        summary,
+        {
+            "steps": steps,
+            "loss": [float(loss[s]) for s in steps],
+            "running_median": [float(median[s]) for s in steps],
+            "worst_step": worst,
+            "threshold_factor": LOSS_SPIKE_FACTOR,
+            "threshold_mads": LOSS_SPIKE_MADS,
+        },
+    )
+
+
+def detect_oscillation(run: Run) -> Finding | None:
+    """The loss goes up and down in a rhythm (anti-correlated with itself), with large swings."""
+    loss = _loss(run)
+    loss = loss[np.isfinite(loss)]
+    if len(loss) < MIN_LOSS_STEPS:
+        return None
+    span = 2 * LOSS_WINDOW + 1
+    trend = loss.rolling(span, center=True, min_periods=span).mean()
+    resid = (loss - trend).dropna()
+    if len(resid) < MIN_LOSS_STEPS // 2 or float(resid.std()) == 0:
+        return None
+    values = resid.to_numpy() - resid.mean()
+    denom = float((values**2).sum())
+    autocorr = {
+        lag: float((values[:-lag] * values[lag:]).sum()) / denom
+        for lag in range(1, LOSS_WINDOW + 1)
+    }
+    lag = min(autocorr, key=autocorr.__getitem__)
+    level = float(np.median(np.abs(loss.loc[resid.index])))
+    amplitude = float(resid.std()) / level if level > 0 else math.inf
+    if autocorr[lag] > OSCILLATION_AUTOCORR or amplitude < OSCILLATION_AMPLITUDE:
+        return None
+    summary = (
+        f"The loss oscillates: it swings by ±{amplitude:.0%} of its level ({_g(level)}) around "
+        f"its trend, up and down with a period of about {2 * lag} steps (autocorrelation "
+        f"{autocorr[lag]:.2f} at lag {lag}), over steps {int(resid.index[0])}–"
+        f"{int(resid.index[-1])}."
+    )
+    return Finding(
+        "oscillation",
+        "warning",
+        (MODEL_NAME,),
+        summary,
+        {
+            "autocorrelation": autocorr[lag],
+            "lag": lag,
+            "period": 2 * lag,
+            "amplitude": amplitude,
+            "level": level,
+            "first_step": int(resid.index[0]),
+            "last_step": int(resid.index[-1]),
+            "threshold_autocorr": OSCILLATION_AUTOCORR,
+            "threshold_amplitude": OSCILLATION_AMPLITUDE,
+        },
+    )
+
+
+def detect_plateau(run: Run) -> Finding | None:
+    """The loss stopped decreasing while still far from where it started: it is not learning."""
+    loss = _loss(run)
+    loss = loss[np.isfinite(loss)]
+    if len(loss) < MIN_LOSS_STEPS:
+        return None
+    start = float(loss.iloc[:LOSS_WINDOW].median())
+    half = loss.iloc[len(loss) // 2 :]
+    quarter = len(half) // 2
+    before, after = float(half.iloc[:quarter].median()), float(half.iloc[quarter:].median())
+    if start <= 0 or after < before * (1 - PLATEAU_DECREASE) or after < PLATEAU_LEVEL * start:
+        return None
+    summary = (
+        f"The loss has not decreased over the last {len(half)} recorded steps (steps "
+        f"{int(half.index[0])}–{int(half.index[-1])}: median {_g(before)}, then {_g(after)}), at "
+        f"{after / start:.0%} of its starting level {_g(start)}: the model is not learning."
+    )
+    return Finding(
+        "plateau",
+        "warning",
+        (MODEL_NAME,),
+        summary,
+        {
+            "start": start,
+            "before": before,
+            "after": after,
+            "first_step": int(half.index[0]),
+            "last_step": int(half.index[-1]),
+            "threshold_decrease": PLATEAU_DECREASE,
+            "threshold_level": PLATEAU_LEVEL,
+        },
+    )
+
+
 @dataclass(frozen=True)
 class Detector:
     """A registered check: the finding kind it produces, the function, the statistics it reads."""
@@ -1132,6 +1427,9 @@ class Detector:
     fn: Callable[[Run], Finding | None]
     requires: tuple[str, ...]  # any one of them suffices
     doc: str
+    # Why it was skipped when none of ``requires`` is in the run, for values the Probe
+    # cannot measure itself (the loss): they are logged, not recorded by a preset.
+    unrecorded: str = ""
 
 
 DETECTORS: dict[str, Detector] = {
@@ -1204,6 +1502,40 @@ DETECTORS: dict[str, Detector] = {
             ("grad_missing",),
             "parameters the optimizer trains that receive no gradient",
         ),
+        Detector(
+            "divergence",
+            detect_divergence,
+            ("loss",),
+            "the loss becomes NaN/Inf, or rises back well above its best level",
+            LOSS_NOT_LOGGED,
+        ),
+        Detector(
+            "grad_norm_spike",
+            detect_grad_norm_spike,
+            ("global_grad_norm_preclip", "global_grad_norm", "grad_norm"),
+            "the global gradient norm (before clipping) jumps far above its running median",
+        ),
+        Detector(
+            "loss_spike",
+            detect_loss_spike,
+            ("loss",),
+            "single steps whose loss jumps far above its running median",
+            LOSS_NOT_LOGGED,
+        ),
+        Detector(
+            "oscillation",
+            detect_oscillation,
+            ("loss",),
+            "the loss going up and down in a rhythm with large swings",
+            LOSS_NOT_LOGGED,
+        ),
+        Detector(
+            "plateau",
+            detect_plateau,
+            ("loss",),
+            "the loss not decreasing over the last half of the run, far from where it started",
+            LOSS_NOT_LOGGED,
+        ),
     ]
 }
 
@@ -1241,6 +1573,9 @@ def diagnose(run_or_probe: Any) -> Findings:
     ran: list[str] = []  # for the "no problems found" note: what was actually checked
     for kind, det in DETECTORS.items():
         if not stats & set(det.requires):
+            if det.unrecorded:
+                skipped[kind] = det.unrecorded
+                continue
             asked = set(run.meta.get("probe", {}).get("stats", []))
             if not asked & set(det.requires):
                 # Recorded but absent means nothing to measure (no saturating activation

@@ -19,6 +19,7 @@ and a plain RNN with the same symptom gets LSTM/GRU and gradient clipping first.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -342,8 +343,49 @@ REMEDIES: dict[str, Remedy] = {
             treats={"vanishing": 0.3, "stalled": 0.3},
             architectures={"rnn": None, "transformer": None},
         ),
+        Remedy(
+            "raise_lr",
+            "A larger learning rate (after checking the loss and the labels)",
+            "a loss that stays where it started while the gradients are healthy moves too "
+            "slowly: the step is too small for the loss surface; but first check that the "
+            "loss can fall at all (labels shuffled or misaligned, a target that does not "
+            "depend on the input, a loss on the wrong outputs)",
+            "opt = torch.optim.SGD(model.parameters(), lr=lr * 3)  # or a range test: lr × 10^k",
+            treats={"plateau": 0.8},
+            risk="too large a rate diverges: raise it step by step",
+        ),
     ]
 }
+
+# What the remedies above do for unstable training (issue 14 §2: diagnose's divergence,
+# grad_norm_spike, loss_spike, oscillation and plateau), kept as one table and merged into
+# their ``treats``: the step size is the first cause of each, clipping bounds the spikes,
+# warmup and Adam's β₂ the early and the stale-moment ones.
+_INSTABILITY_TREATS: dict[str, dict[str, float]] = {
+    "lr_schedule": {
+        "divergence": 1.0,
+        "grad_norm_spike": 0.8,
+        "loss_spike": 0.8,
+        "oscillation": 1.0,
+    },
+    "lower_peak_lr": {
+        "divergence": 0.9,
+        "grad_norm_spike": 0.8,
+        "loss_spike": 0.7,
+        "oscillation": 0.8,
+    },
+    "grad_clipping": {"divergence": 0.7, "grad_norm_spike": 1.0, "loss_spike": 0.8},
+    "lr_warmup": {"divergence": 0.7, "grad_norm_spike": 0.7, "loss_spike": 0.6},
+    "adam_beta2_eps": {"grad_norm_spike": 0.6, "loss_spike": 0.6, "divergence": 0.4},
+    "batchnorm": {"plateau": 0.4, "grad_norm_spike": 0.3},
+    "residual": {"plateau": 0.4},
+    "he_init": {"plateau": 0.4},
+    "adam": {"plateau": 0.6, "oscillation": 0.3},
+}
+for _key, _treats in _INSTABILITY_TREATS.items():
+    REMEDIES[_key] = dataclasses.replace(
+        REMEDIES[_key], treats={**REMEDIES[_key].treats, **_treats}
+    )
 
 
 @dataclass(frozen=True)
