@@ -48,8 +48,11 @@ class InertHook:
     """What a :class:`ModuleHook` becomes in a copy of the module: records nothing.
 
     Called (as a forward pre-hook or forward hook of the copy), it returns ``None``, which
-    leaves inputs and outputs unchanged, and deletes itself from the module's hook tables
-    (torch iterates over a snapshot of them, so this is safe mid-call). Called while an
+    leaves inputs and outputs unchanged, and deletes the inert hooks of the module and of
+    its submodules, which may never run (``MultiheadAttention``'s ``out_proj``, an unused
+    branch) and would keep theirs for good (torch iterates over a snapshot of the module's
+    own tables, and no submodule's table is being walked while the module's hooks run, so
+    this is safe mid-call). Called while an
     exception is being handled (torch runs always-called forward hooks after a forward
     raised, walking the live table), it stays, harmless, until the next call.
     """
@@ -60,7 +63,8 @@ class InertHook:
         if sys.exc_info()[1] is not None:
             return  # see above: the table may be being iterated
         with contextlib.suppress(Exception):  # a copy must run whatever its tables hold
-            remove_inert_hooks(module, only=self)
+            for submodule in module.modules() if hasattr(module, "modules") else (module,):
+                remove_inert_hooks(submodule)
 
     def __reduce__(self) -> tuple[type[InertHook], tuple[()]]:
         return (InertHook, ())
