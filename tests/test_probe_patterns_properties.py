@@ -1,0 +1,375 @@
+"""Property test: the Probe on random models built from the patterns of real training code
+(issue 11, "Also"), never in the way and right where it records.
+
+Each drawn :class:`~strategies.PatternSpec` mixes pytree outputs, keyword calls, variable
+batch sizes and sequence lengths, shared inputs and residual adds, retained graphs, a
+gradient penalty, gradient accumulation, activation checkpointing (reentrant or not), a
+BatchNorm kept in eval(), a sparse Embedding, an unused branch, and a save/pickle/deepcopy
+of the model mid-training. The model is trained under the Probe and, from the same
+initial state and seeds, without it. Asserted:
+
+1. training is bit-identical (losses, gradients of every step, the final state, and
+   what the copies made mid-training compute);
+2. no exception reaches the loop, and the only GradprobeWarning is the one the pattern
+   calls for (a retained graph's); the Probe adds no torch warning either;
+3. close() leaves every hook table as it was (modules, parameters, optimizer, globals),
+   and the copies hold no gradprobe hook;
+4. the model can be saved, pickled and deep-copied while probed and after close;
+5. recorded statistics are right: grad_norm and global_grad_norm against the real
+   ``.grad``, grad_missing exactly for the unused branch, calls one per forward, and the
+   head's error_norm (a pytree output) against autograd on the un-probed twin.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+import pickle
+import warnings
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+import torch.optim.optimizer as torch_optimizer
+from hypothesis import HealthCheck, given, settings
+from torch import Tensor, nn
+
+from gradprobe import Probe
+from gradprobe.hooks import GradprobeWarning, InertHook, ModuleHook
+from strategies import PatternModel, PatternSpec, pattern_specs
+
+# Every hook table a module has (torch 2.x): forward, backward, state-dict hooks.
+MODULE_HOOK_TABLES = (
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_backward_pre_hooks",
+    "_backward_hooks",
+    "_state_dict_pre_hooks",
+    "_state_dict_hooks",
+    "_load_state_dict_pre_hooks",
+    "_load_state_dict_post_hooks",
+)
+# The one GradprobeWarning a pattern calls for: a tensor traversed by two .backward().
+RETAINED_GRAPH_WORDS = "retain_graph"
+
+
+def hook_census(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[tuple[str, str], int]:
+    """How many hooks each table holds: the model's modules and parameters, the optimizer's
+    step hooks, and torch's global module and optimizer hooks."""
+    census = {
+        (name, table): len(getattr(module, table, None) or {})
+        for name, module in model.named_modules()
+        for table in MODULE_HOOK_TABLES
+    }
+    for name, p in model.named_parameters():
+        census[(name, "post_accumulate_grad")] = len(p._post_accumulate_grad_hooks or {})
+        census[(name, "backward")] = len(p._backward_hooks or {})
+    census[("optimizer", "step_pre")] = len(optimizer._optimizer_step_pre_hooks)
+    census[("optimizer", "step_post")] = len(optimizer._optimizer_step_post_hooks)
+    glob = torch.nn.modules.module
+    for table in ("_global_forward_pre_hooks", "_global_forward_hooks", "_global_backward_hooks",
+                  "_global_backward_pre_hooks", "_global_forward_hooks_always_called"):
+        census[("torch.nn", table)] = len(getattr(glob, table, {}))
+    census[("torch.optim", "pre")] = len(torch_optimizer._global_optimizer_pre_hooks)
+    census[("torch.optim", "post")] = len(torch_optimizer._global_optimizer_post_hooks)
+    return census
+
+
+def gradprobe_hooks(model: nn.Module) -> list[object]:
+    """Every gradprobe object in the model's forward hook tables (live or inert)."""
+    return [
+        hook
+        for module in model.modules()
+        for table in ("_forward_pre_hooks", "_forward_hooks")
+        for hook in getattr(module, table).values()
+        if isinstance(hook, (ModuleHook, InertHook))
+    ]
+
+
+def copies_of(model: nn.Module) -> dict[str, nn.Module]:
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    return {
+        "torch_save": torch.load(buffer, weights_only=False),
+        "pickle": pickle.loads(pickle.dumps(model)),
+        "deepcopy": copy.deepcopy(model),
+    }
+
+
+def dense(t: Tensor) -> Tensor:
+    return t.to_dense() if t.is_sparse else t
+
+
+def states_equal(a: nn.Module, b: nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return list(sa) == list(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def optimizer_for(spec: PatternSpec, model: nn.Module) -> torch.optim.Optimizer:
+    if spec.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=0.01)
+    return torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9 if spec.optimizer == "momentum" else 0.0)
+
+
+@dataclass
+class Trace:
+    """What one training run did, to compare the probed run with its un-probed twin."""
+
+    losses: list[Tensor] = field(default_factory=list)
+    grads: list[dict[str, Tensor]] = field(default_factory=list)
+    copy_outputs: dict[str, Tensor] = field(default_factory=dict)
+    copy_grads: dict[str, dict[str, Tensor]] = field(default_factory=dict)
+    head_error: list[float | None] = field(default_factory=list)  # un-probed twin only
+    final: dict[str, Tensor] = field(default_factory=dict)
+    frame: object = None
+    gradprobe_warnings: list[str] = field(default_factory=list)
+    torch_warnings: set[str] = field(default_factory=set)
+
+
+def forward(model: PatternModel, spec: PatternSpec, x: Tensor, ids: Tensor) -> Tensor:
+    out = model(x=x, ids=ids) if spec.keyword_call else model(x, ids)
+    return model.logits(out)
+
+
+def task_loss(logits: Tensor, y: Tensor) -> Tensor:
+    return nn.functional.cross_entropy(logits.mean(dim=1), y)
+
+
+def backward_step(model: PatternModel, spec: PatternSpec, batch, reference: bool) -> tuple[Tensor, float | None]:
+    """The step's backward passes, by ``spec.loss_mode``; returns the losses and, with
+    ``reference``, ‖dL/d(head output)‖ for the loss the step applies (autograd.grad,
+    which accumulates nothing), or None where the Probe must leave it out."""
+    x, ids, y = batch
+
+    def dl_dlogits(loss: Tensor, logits: Tensor) -> float:
+        (g,) = torch.autograd.grad(loss, logits, retain_graph=True)
+        return float(torch.linalg.vector_norm(g.double()) ** 2)
+
+    if spec.loss_mode == "accumulate":  # two micro-batches, a backward each
+        half = x.shape[0] // 2
+        losses, squares = [], 0.0
+        for part in (slice(0, half), slice(half, None)):
+            logits = forward(model, spec, x[part], ids[part])
+            loss = task_loss(logits, y[part]) / 2
+            squares += dl_dlogits(loss, logits) if reference else 0.0
+            loss.backward()
+            losses.append(loss.detach())
+        return torch.stack(losses), math.sqrt(squares) if reference else None
+    if spec.loss_mode == "penalty":  # a gradient penalty on the input, then one backward
+        x = x.clone().requires_grad_()
+        logits = forward(model, spec, x, ids)
+        loss = task_loss(logits, y)
+        (gx,) = torch.autograd.grad(loss, x, create_graph=True)
+        total = loss + 0.1 * gx.pow(2).sum()
+        error = math.sqrt(dl_dlogits(total, logits)) if reference else None
+        total.backward()
+        return torch.stack([loss.detach(), total.detach()]), error
+    logits = forward(model, spec, x, ids)
+    loss = task_loss(logits, y)
+    if spec.loss_mode == "retained":  # two losses on one graph: the head is traversed twice
+        loss.backward(retain_graph=True)
+        regulariser = logits.pow(2).mean()
+        regulariser.backward()
+        return torch.stack([loss.detach(), regulariser.detach()]), None
+    error = math.sqrt(dl_dlogits(loss, logits)) if reference else None
+    loss.backward()
+    return loss.detach().unsqueeze(0), error
+
+
+def exercise_copies(model: PatternModel, spec: PatternSpec, batch, trace: Trace, probed: bool) -> None:
+    """Save, pickle and deep-copy the model mid-training; each copy equals the model, holds
+    no live hook, and trains (a forward and a backward) as an un-probed copy would."""
+    x, ids, y = batch
+    for way, copied in copies_of(model).items():
+        assert states_equal(copied, model), way
+        held = gradprobe_hooks(copied)
+        assert not any(isinstance(h, ModuleHook) for h in held), way  # nothing live
+        assert bool(held) == probed, way  # a probed model's copy carries inert hooks only
+        logits = forward(copied, spec, x, ids)
+        task_loss(logits, y).backward()
+        assert gradprobe_hooks(copied) == [], way  # inert hooks leave at the first forward
+        trace.copy_outputs[way] = logits.detach()
+        trace.copy_grads[way] = {n: dense(p.grad).clone() for n, p in copied.named_parameters()
+                                 if p.grad is not None}
+
+
+def train(spec: PatternSpec, probed: bool) -> Trace:
+    torch.manual_seed(5)
+    model = spec.build()
+    model.train()
+    batches = spec.batches()
+    optimizer = optimizer_for(spec, model)
+    trace = Trace()
+    before = hook_census(model, optimizer)
+    torch.manual_seed(7)  # dropout masks alike in both twins
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        probe = Probe(model, optimizer, every=spec.every, stats=spec.stats) if probed else None
+        for step, batch in enumerate(batches):
+            optimizer.zero_grad()
+            losses, head_error = backward_step(model, spec, batch, reference=not probed)
+            trace.losses.append(losses)
+            trace.head_error.append(head_error)
+            trace.grads.append({n: dense(p.grad).clone() for n, p in model.named_parameters()
+                                if p.grad is not None})
+            if step == spec.copy_step and not spec.copy_after_step:
+                exercise_copies(model, spec, batch, trace, probed)
+            optimizer.step()
+            if step == spec.copy_step and spec.copy_after_step:
+                exercise_copies(model, spec, batch, trace, probed)
+        if probe is not None:
+            trace.frame = probe.frame()
+            probe.close()
+    trace.gradprobe_warnings = [str(w.message) for w in caught if issubclass(w.category, GradprobeWarning)]
+    trace.torch_warnings = {str(w.message) for w in caught if not issubclass(w.category, GradprobeWarning)}
+    # Every hook gone: the tables hold what they held before the Probe was attached.
+    assert hook_census(model, optimizer) == before
+    assert gradprobe_hooks(model) == []
+    # Saved, pickled and copied after close: no gradprobe object travels with it.
+    for way, copied in copies_of(model).items():
+        assert gradprobe_hooks(copied) == [] and states_equal(copied, model), way
+    trace.final = {k: v.clone() for k, v in model.state_dict().items()}
+    return trace
+
+
+def check_statistics(spec: PatternSpec, probed: Trace, plain: Trace) -> None:
+    frame = probed.frame
+    recorded = [s for s in range(len(spec.shapes)) if s % spec.every == 0]
+    assert sorted(frame.step.unique()) == recorded
+    forwards = 2 if spec.loss_mode == "accumulate" else 1
+    unused = {"unused.weight", "unused.bias"} if spec.unused_branch else set()
+    for s in recorded:
+        at = frame[frame.step == s]
+        grads = probed.grads[s]
+        # grad_norm of every parameter with a gradient, against the real .grad (sparse: dense).
+        got = dict(zip(at[at.stat == "grad_norm"].name, at[at.stat == "grad_norm"].value))
+        assert set(got) == set(grads), s
+        for name, g in grads.items():
+            assert got[name] == pytest.approx(float(torch.linalg.vector_norm(g.double())), rel=1e-5, abs=1e-12), name
+        total = math.sqrt(sum(float(torch.linalg.vector_norm(g.double()) ** 2) for g in grads.values()))
+        (global_norm,) = at[(at.stat == "global_grad_norm") & (at.name == "(model)")].value
+        assert global_norm == pytest.approx(total, rel=1e-5)
+        # grad_missing: exactly the parameters the optimizer holds that got no gradient.
+        missing = at[at.stat == "grad_missing"]
+        assert set(missing.name) == unused and (missing.value == 1).all(), s
+        # calls: every module that ran, once per forward (copies and recomputations add none).
+        calls = at[at.stat == "calls"]
+        assert (calls.value == forwards).all(), calls
+        frozen = {f"blocks.{i}.norm" for i, kind in enumerate(spec.blocks) if kind == "frozen_batchnorm"}
+        assert {"stem", "head"} | frozen <= set(calls.name)
+        # The head returns a pytree: its error signal, against autograd on the twin.
+        head = at[(at.stat == "error_norm") & (at.name == "head")].value
+        if spec.loss_mode == "retained":
+            assert head.empty  # traversed by two backward passes: left out, with a warning
+        else:
+            assert len(head) == 1 and head.iloc[0] == pytest.approx(plain.head_error[s], rel=1e-5)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(spec=pattern_specs())
+def test_the_probe_is_never_in_the_way_on_the_patterns_of_real_code(spec: PatternSpec):
+    plain = train(spec, probed=False)
+    probed = train(spec, probed=True)
+    # 1. Bit for bit: losses, every step's gradients, the final state, the copies.
+    for a, b in zip(probed.losses, plain.losses, strict=True):
+        assert torch.equal(a, b)
+    for ga, gb in zip(probed.grads, plain.grads, strict=True):
+        assert ga.keys() == gb.keys() and all(torch.equal(ga[n], gb[n]) for n in ga)
+    assert probed.final.keys() == plain.final.keys()
+    assert all(torch.equal(probed.final[k], plain.final[k]) for k in plain.final)
+    assert probed.copy_outputs.keys() == plain.copy_outputs.keys() == {"torch_save", "pickle", "deepcopy"}
+    for way in plain.copy_outputs:
+        assert torch.equal(probed.copy_outputs[way], plain.copy_outputs[way]), way
+        grads_a, grads_b = probed.copy_grads[way], plain.copy_grads[way]
+        assert grads_a.keys() == grads_b.keys() and all(torch.equal(grads_a[n], grads_b[n]) for n in grads_a)
+    # 2. The only GradprobeWarning is the retained graph's, and only where there is one.
+    expected = [w for w in probed.gradprobe_warnings if RETAINED_GRAPH_WORDS in w]
+    assert probed.gradprobe_warnings == expected, probed.gradprobe_warnings
+    assert len(expected) == (1 if spec.loss_mode == "retained" else 0)
+    assert probed.torch_warnings <= plain.torch_warnings, probed.torch_warnings - plain.torch_warnings
+    # 5. Recorded statistics, right against independent computations.
+    check_statistics(spec, probed, plain)
+
+
+# ---------------------------------------------------------------- found by the property test
+# A copy made while probed carries inert hooks; they used to leave only from the modules the
+# copy runs, so a module that never runs kept its own for good (MultiheadAttention's
+# out_proj, whose weights attention reads without calling it; an unused branch). Now the
+# first inert hook a copy runs clears its module's whole subtree.
+
+
+class _WithUnusedBranch(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.used = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+        self.unused = nn.Sequential(nn.Linear(4, 4), nn.Tanh())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.used(x)
+
+
+class _Attention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.attn(x, x, x, need_weights=False)[0]
+
+
+COPY_WAYS = {
+    "torch_save": lambda m: copies_of(m)["torch_save"],
+    "pickle": lambda m: pickle.loads(pickle.dumps(m)),
+    "deepcopy": copy.deepcopy,
+}
+NEVER_RUN = {  # a model, and a submodule of it that its forward never calls
+    "attention_out_proj": (_Attention, "attn.out_proj"),
+    "unused_branch": (_WithUnusedBranch, "unused.0"),
+    "transformer_layer": (
+        lambda: nn.TransformerEncoderLayer(4, 2, dim_feedforward=8, batch_first=True),
+        "self_attn.out_proj",
+    ),
+}
+
+
+def _table_sizes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(len(getattr(m, t)) for t in MODULE_HOOK_TABLES) for name, m in model.named_modules()}
+
+
+@pytest.mark.parametrize("way", list(COPY_WAYS))
+@pytest.mark.parametrize("kind", list(NEVER_RUN))
+def test_a_copy_sheds_the_inert_hooks_of_modules_it_never_runs(kind, way):
+    make, never_run = NEVER_RUN[kind]
+    torch.manual_seed(0)
+    model = make()
+    unprobed = _table_sizes(model)
+    x = torch.randn(3, 5, 4)
+    with Probe(model, torch.optim.SGD(model.parameters(), lr=0.1)):
+        model(x).sum().backward()
+        copied = COPY_WAYS[way](model)
+        held = dict(copied.named_modules())[never_run]
+        assert any(isinstance(h, InertHook) for h in held._forward_hooks.values())  # it had some
+        copied(x).sum().backward()  # the copy's first forward, while the Probe is open
+        assert gradprobe_hooks(copied) == []
+        assert _table_sizes(copied) == unprobed  # exactly the tables of a never-probed model
+
+
+def test_a_submodule_run_alone_sheds_its_subtree_only_then_the_model_sheds_the_rest():
+    torch.manual_seed(0)
+    model = _WithUnusedBranch()
+    with Probe(model):
+        copied = pickle.loads(pickle.dumps(model))
+    copied.used(torch.randn(2, 4))  # called by hand, outside the model's forward
+    left = {
+        name
+        for name, m in copied.named_modules()
+        if any(isinstance(h, InertHook) for t in (m._forward_pre_hooks, m._forward_hooks) for h in t.values())
+    }
+    assert left == {"", "unused.0", "unused.1"}  # the model's own, and the branch's
+    copied(torch.randn(2, 4))
+    assert gradprobe_hooks(copied) == []
