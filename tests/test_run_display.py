@@ -440,3 +440,8 @@ def test_a_chosen_backend_is_kept(env: dict[str, str], expected: str) -> None:
         timeout=120, check=True,
     ).stdout
     assert out.strip().endswith(expected)
+
+
+def test_plot_docstring_names_every_plot() -> None:
+    for name in PLOTS:
+        assert f"``{name}``" in (Run.plot.__doc__ or ""), name
