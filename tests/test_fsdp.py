@@ -116,6 +116,10 @@ class Case:
     micro: int = 1  # micro-batches per step (gradient accumulation)
     late: bool = False  # the Probe attached after a no_grad forward left full parameters
     bf16: bool = False  # MixedPrecisionPolicy(param_dtype=torch.bfloat16)
+    replicas: int = 1  # hybrid sharding (HSDP): a (replicas, WORLD / replicas) mesh
+    no_sync: bool = (
+        False  # accumulate unsharded: gradients reduce-scattered at the last micro-batch
+    )
 
 
 CASES: dict[str, Case] = {
@@ -126,7 +130,15 @@ CASES: dict[str, Case] = {
     "conv_accumulated_clipped": Case("conv", reshard=False, micro=2, max_norm=0.1),
     "mlp_probe_attached_late": Case("mlp", reshard=False, late=True),
     "mlp_bf16": Case("mlp", reshard=True, bf16=True),
+    # Two replicas of one shard: every parameter is (Replicate, Shard(0)); summing over
+    # the replicas too would read each norm √2 too large.
+    "mlp_hybrid_replicas_clipped": Case("mlp", reshard=True, replicas=2, max_norm=0.05),
+    "conv_accumulated_without_sync": Case("conv", reshard=False, micro=2, no_sync=True),
 }
+# Under set_requires_gradient_sync(False) the sharded parameters' .grad (and their
+# post-accumulate hooks) see only the last micro-batch, so the earlier micro-batches'
+# error signals are not counted (a known gap, docs/integrations.md).
+UNCOUNTED_ERRORS = {"error_norm", "error_gain"}
 
 
 # ------------------------------------------------------------------ one training run
@@ -160,6 +172,8 @@ def train(
             micro = len(x) // case.micro
             for i in range(case.micro):
                 part = slice(i * micro, (i + 1) * micro)
+                if case.no_sync and hasattr(model, "set_requires_gradient_sync"):
+                    model.set_requires_gradient_sync(i == case.micro - 1)
                 (loss_of(case.model, model(x[part]), y[part]) / case.micro).backward()
             total = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=case.max_norm)
             ref = {"preclip": float(_full(total).double())}
@@ -196,7 +210,11 @@ def shard(case: Case, model: nn.Module) -> nn.Module:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mesh = init_device_mesh("cpu", (WORLD,))
+    if case.replicas > 1:
+        shape = (case.replicas, WORLD // case.replicas)
+        mesh = init_device_mesh("cpu", shape, mesh_dim_names=("replicate", "shard"))
+    else:
+        mesh = init_device_mesh("cpu", (WORLD,))
     policy = (
         MixedPrecisionPolicy(param_dtype=torch.bfloat16) if case.bf16 else MixedPrecisionPolicy()
     )
@@ -273,7 +291,10 @@ def test_every_statistic_equals_one_unsharded_process(runs, singles, name):
     assert (merged.loc[calls, "value_fsdp"] == WORLD * merged.loc[calls, "value_single"]).all()
     stats = set(merged.stat)
     assert stats >= PARAMETER_STATS | MODULE_STATS | {"global_grad_norm"}, stats
-    for row in merged[~calls].itertuples():
+    rest = merged[~calls]
+    if CASES[name].no_sync:
+        rest = rest[~rest.stat.isin(UNCOUNTED_ERRORS)]
+    for row in rest.itertuples():
         assert row.value_fsdp == pytest.approx(row.value_single, rel=1e-5, abs=1e-9), (
             row.step,
             row.name,
@@ -301,7 +322,11 @@ def test_parameter_norms_are_those_of_the_full_tensors(runs, name):
 
 
 def test_clipping_is_seen_on_the_full_gradient(runs, singles):
-    for name in ("mlp_resharded_clipped", "conv_accumulated_clipped"):
+    for name in (
+        "mlp_resharded_clipped",
+        "conv_accumulated_clipped",
+        "mlp_hybrid_replicas_clipped",
+    ):
         frame = pd.read_parquet(runs / f"{name}_0.parquet")
         rows = frame[frame.name == gradprobe.stats.MODEL_NAME].pivot(
             index="step", columns="stat", values="value"
@@ -339,28 +364,46 @@ def test_every_rank_holds_the_same_rows_and_only_rank_zero_writes(runs):
     assert not any("fsdp" in n or "_checkpoint" in n for n in names)
     shapes = {p["name"]: p["shape"] for p in stored.meta["parameters"]}
     assert shapes["0.weight"] == [6, 4]  # the full shape, not a shard's
-    assert len(stored.frame()) == len(a)
+    pd.testing.assert_frame_equal(
+        stored.frame(), pd.read_parquet(runs / "mlp_resharded_clipped_0.parquet")
+    )
 
 
 def test_mixed_precision_within_bf16_rounding_of_float32(runs, singles):
-    """bf16 compute (8 significant bits: each op rounds by up to 2^-9 ≈ 0.2%) and a bf16
-    reduce-scatter of the gradients, against the float32 single process: the parameter
-    norms of the float32 sharded master weights agree to float32; gradient and module
-    statistics within the measured bf16 error, a few tenths of a percent to a few percent."""
+    """bf16 compute against the float32 single process.
+
+    bf16 keeps 8 significant bits: each op rounds by up to 2^-9 ≈ 0.2%, the gradients are
+    reduce-scattered in bf16 too, and three steps of training carry the differences into
+    the float32 master weights. Measured on this case: at most 1.05% relative (grad_norm;
+    error_norm 0.7%, update_ratio 0.9%, act_std 0.6%), and act_mean, a mean of signed
+    entries near 0, at most 0.0064 absolute. So: 2% relative, 0.01 absolute, twice what
+    was measured; the parameter norms at step 0 (float32 master weights, nothing rounded
+    yet) to float32. Bins of the histograms and sat_frac (entries near a threshold) can
+    move by one entry per rounding and are left out; zero_frac and dead_frac (exact zeros
+    of ReLU) are kept.
+    """
     fsdp = pd.read_parquet(runs / "mlp_bf16_0.parquet")
     merged = _merged(fsdp, singles["mlp_bf16"])
     merged = merged[merged.stat != "calls"]
     exact = merged[(merged.stat == "param_norm") & (merged.step == 0)]
+    assert len(exact) == 8
     for row in exact.itertuples():
         assert row.value_fsdp == pytest.approx(row.value_single, rel=1e-6), row.name
-    for row in merged.itertuples():
-        if row.stat.startswith("hist_") or row.stat in ("zero_frac", "dead_frac", "sat_frac"):
-            continue  # counts of entries near a threshold: a rounding can move one across
-        assert row.value_fsdp == pytest.approx(row.value_single, rel=BF16_RTOL, abs=1e-3), (
+    compared = merged[~merged.stat.str.startswith("hist_") & (merged.stat != "sat_frac")]
+    assert set(compared.stat) >= {"grad_norm", "update_ratio", "error_norm", "act_std", "zero_frac"}
+    for row in compared.itertuples():
+        assert row.value_fsdp == pytest.approx(row.value_single, rel=0.02, abs=0.01), (
             row.step,
             row.name,
             row.stat,
         )
 
 
-BF16_RTOL = 0.05
+@pytest.mark.xfail(strict=True, reason="error signals of no-sync micro-batches are not counted")
+def test_error_signals_of_micro_batches_accumulated_without_sync(runs, singles):
+    name = "conv_accumulated_without_sync"
+    merged = _merged(pd.read_parquet(runs / f"{name}_0.parquet"), singles[name])
+    errors = merged[merged.stat == "error_norm"]
+    assert len(errors) > 0
+    for row in errors.itertuples():
+        assert row.value_fsdp == pytest.approx(row.value_single, rel=1e-5), (row.step, row.name)
