@@ -57,7 +57,9 @@ def tanh_run(label: str, clip_at: float, frozen: bool = False, scale: float = 1.
         for step in range(8):
             batch = slice(8 * step, 8 * step + 8)
             opt.zero_grad()
-            nn.functional.cross_entropy(model(x[batch]), y[batch]).backward()
+            loss = nn.functional.cross_entropy(model(x[batch]), y[batch])
+            loss.backward()
+            probe.log(loss=loss)
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip_at)
             opt.step()
         return probe.run()
@@ -100,11 +102,25 @@ def test_hostile_text_in_backticks_is_escaped() -> None:
 
 # ---------------------------------------------------------------- captions vs figures
 def _panels(figure) -> list:
-    """The panels of a report figure: its visible axes that are not colour bars."""
+    """The panels of a report figure: its visible axes that are not colour bars nor the
+    right-hand axes (twins) of a panel."""
+    panels: list = []
+    for ax in figure.axes:
+        if not ax.get_visible() or ax.get_label() == "<colorbar>" or not ax.has_data():
+            continue
+        if any(ax in p.get_shared_x_axes().get_siblings(p) for p in panels):
+            continue  # a twin: it shares x with a panel already listed
+        panels.append(ax)
+    return panels
+
+
+def _right_axes(figure) -> list:
+    """The right-hand axes (ax.twinx()) of the panels, in panel order."""
     return [
-        ax
-        for ax in figure.axes
-        if ax.get_visible() and ax.get_label() != "<colorbar>" and ax.has_data()
+        twin
+        for p in _panels(figure)
+        for twin in p.get_shared_x_axes().get_siblings(p)
+        if twin is not p
     ]
 
 
@@ -124,6 +140,13 @@ def test_every_caption_claim_about_axes_holds_for_its_figure(name: str) -> None:
     if "own colour scale" in drawn.caption:
         clims = [ax.get_images()[0].get_clim() for ax in panels]
         assert clims[0] != pytest.approx(clims[1], rel=1e-6)
+    if "right axes share one scale" in drawn.caption:
+        right = _right_axes(drawn.figure)
+        assert len(right) == 2
+        assert right[0].get_ylim() == pytest.approx(right[1].get_ylim(), rel=1e-12)
+    if "right axis has its own scale" in drawn.caption:
+        right = _right_axes(drawn.figure)
+        assert right[0].get_ylim() != pytest.approx(right[1].get_ylim(), rel=1e-6)
     assert "share their axes" not in drawn.caption  # the old, unqualified claim
     plt.close(drawn.figure)
 

@@ -49,7 +49,10 @@ __all__ = [
     "draw",
     "error_heatmap",
     "gradient_flow",
+    "loss",
+    "loss_scale",
     "missing",
+    "no_loss_logged",
     "nothing_clipped",
     "update_ratios",
 ]
@@ -532,6 +535,157 @@ def nothing_clipped(runs: Sequence[Run]) -> str | None:
     )
 
 
+LOSS_LOG_RANGE = 30.0  # max/min of the positive losses above which the loss axis is log
+
+
+def loss_scale(runs: Sequence[Run]) -> dict[str, Any]:
+    """Options that put every panel of the loss figure on one scale (what the report passes).
+
+    ``log``: a log loss axis when the positive losses of all ``runs`` together span more than
+    ×:data:`LOSS_LOG_RANGE` (a curve that falls by decades, or one spike far above the
+    rest, would flatten everything else on a linear axis) and no finite loss is ≤ 0, which
+    a log axis could not show. ``lr_limits``: one learning-rate axis for all panels.
+    """
+    losses = [run.model_series("loss").to_numpy(dtype=float) for run in runs]
+    finite = np.concatenate([v[np.isfinite(v)] for v in losses] or [np.empty(0)])
+    log = bool(finite.size and (finite > 0).all() and finite.max() / finite.min() > LOSS_LOG_RANGE)
+    rates = [run.model_series("lr").to_numpy(dtype=float) for run in runs]
+    rates_finite = np.concatenate([v[np.isfinite(v)] for v in rates] or [np.empty(0)])
+    options: dict[str, Any] = {"log": log}
+    if rates_finite.size:
+        options["lr_limits"] = (0.0, float(rates_finite.max()) * 1.05 or 1.0)
+    return options
+
+
+def _loss_markers(run: Run) -> list[tuple[str, list[int], str, str]]:
+    """The steps that the instability findings name: (label, steps, marker, colour)."""
+    from .diagnose import detect_divergence, detect_grad_norm_spike, detect_loss_spike
+
+    marks = []
+    spike = detect_grad_norm_spike(run)
+    if spike is not None:
+        steps = list(spike.evidence["steps"])
+        marks.append((f"grad_norm_spike: {len(steps)} step(s)", steps, "^", "tab:red"))
+    jump = detect_loss_spike(run)
+    if jump is not None:
+        steps = list(jump.evidence["steps"])
+        marks.append((f"loss_spike: {len(steps)} step(s)", steps, "v", "tab:orange"))
+    diverged = detect_divergence(run)
+    if diverged is not None:
+        ev = diverged.evidence
+        if ev["mode"] == "nonfinite":
+            marks.append(("divergence: loss non-finite from here", [ev["first_step"]], "|", "k"))
+        else:
+            marks.append(
+                ("divergence: loss rising from its best here", [ev["best_step"]], "|", "k")
+            )
+    return marks
+
+
+def loss(
+    run: Run,
+    ax: Axes | None = None,
+    *,
+    log: bool | None = None,
+    lr_limits: tuple[float, float] | None = None,
+) -> Figure:
+    """The training loss per recorded step (left axis) and the learning rate (dashed, right).
+
+    ``log``: a log loss axis; by default when this run's positive losses span more than
+    ×:data:`LOSS_LOG_RANGE` (:func:`loss_scale` decides it for several runs at once). A
+    non-finite loss is marked × on the top edge (a line cannot show it); steps named by a
+    ``grad_norm_spike`` (▲, bottom edge), ``loss_spike`` (▼, top edge) or ``divergence``
+    (vertical line) finding are marked, with the finding in the legend.
+    """
+    _require(run, "loss")
+    fig, ax = _axes(ax)
+    series = run.model_series("loss")
+    values = series.to_numpy(dtype=float)
+    if log is None:
+        log = loss_scale([run])["log"]
+    ax.plot(
+        series.index,
+        values if not log else _positive(values),
+        "-",
+        color="tab:blue",
+        lw=1.2,
+        label="training loss",
+    )
+    edge = ax.get_xaxis_transform()  # x in steps, y in axes fractions
+    bad = ~np.isfinite(values)
+    if bad.any():
+        ax.plot(
+            series.index[bad],
+            np.full(bad.sum(), 0.98),
+            "x",
+            ms=5,
+            color="tab:red",
+            transform=edge,
+            clip_on=False,
+            label="loss NaN/Inf (top edge)",
+        )
+    for label, steps, marker, color in _loss_markers(run):
+        if marker == "|":
+            for step in steps:
+                ax.axvline(step, color=color, ls=":", lw=1, label=label)
+                label = "_"  # one legend entry per finding
+        else:
+            y = 0.03 if marker == "^" else 0.97
+            ax.plot(
+                steps,
+                np.full(len(steps), y),
+                marker,
+                ms=5,
+                color=color,
+                ls="",
+                transform=edge,
+                clip_on=False,
+                label=label,
+            )
+    if log:
+        ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss" + (" (log)" if log else ""))
+    ax.grid(True, which="major", alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    rate = run.model_series("lr")
+    if not rate.empty:
+        right = ax.twinx()
+        right.plot(
+            rate.index,
+            rate.to_numpy(dtype=float),
+            "--",
+            color="tab:green",
+            lw=1,
+            label="learning rate (right axis)",
+        )
+        right.set_ylabel("learning rate", color="tab:green")
+        right.tick_params(axis="y", colors="tab:green", labelsize=8)
+        if lr_limits is not None:
+            right.set_ylim(*lr_limits)
+        more, more_labels = right.get_legend_handles_labels()
+        handles, labels = handles + more, labels + more_labels
+    ax.legend(handles, labels, loc="upper right", fontsize=7)
+    _title(ax, run, "training loss" + (" and learning rate" if not rate.empty else ""))
+    return fig
+
+
+def no_loss_logged(runs: Sequence[Run]) -> str | None:
+    """One sentence in place of the loss figure when no run logged a loss, else ``None``.
+
+    The report asks it with all its runs when none can draw the figure: one sentence that
+    says how to log the loss reads better than a note per run.
+    """
+    if any("loss" in run.stats for run in runs):
+        return None
+    where = f"None of the {len(runs)} runs" if len(runs) > 1 else "The run"
+    return (
+        f"{where} logged a loss, so there is no loss curve (and the loss findings could not "
+        "be judged): call probe.log(loss=loss) at each training step, the loss tensor itself "
+        "(it stays on the device until the flush)."
+    )
+
+
 # ---------------------------------------------------------------- registry
 @dataclass(frozen=True)
 class Plot:
@@ -546,6 +700,9 @@ class Plot:
     # Given the runs that can draw it: a sentence to show in place of a figure that would show
     # nothing (e.g. clipping where nothing was clipped), or None to draw it.
     nothing_to_show: Callable[[Sequence[Run]], str | None] | None = None
+    # Given the runs that can draw it: options for every panel's function, so that the
+    # panels of one figure share a scale (e.g. the loss figure's log axis and lr axis).
+    shared_options: Callable[[Sequence[Run]], dict[str, Any]] | None = None
 
 
 PLOTS: dict[str, Plot] = {
@@ -604,6 +761,18 @@ PLOTS: dict[str, Plot] = {
             "global gradient norm as backward produced it and as the optimizer saw it; "
             "fraction of steps clipped (and skipped by a GradScaler)",
             nothing_clipped,
+        ),
+        Plot(
+            "loss",
+            "Training loss",
+            loss,
+            ("loss",),
+            "call probe.log(loss=loss) at each training step (the tensor: no host sync)",
+            "training loss per recorded step (solid, left axis); where the learning rate was "
+            "recorded, it is dashed on the right axis; steps that a grad_norm_spike (▲), "
+            "loss_spike (▼) or divergence (dotted line) finding names are marked",
+            no_loss_logged,
+            loss_scale,
         ),
     ]
 }

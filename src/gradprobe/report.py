@@ -50,7 +50,7 @@ KEY_COLUMNS: dict[str, str] = {
 
 # Plots whose panels share a y axis (by construction: sharey=True). Not the images: their
 # y axes are layers, which differ between models.
-_SHARE_Y = {"gradient_flow", "update_ratios", "dead_saturated", "clipping"}
+_SHARE_Y = {"gradient_flow", "update_ratios", "dead_saturated", "clipping", "loss"}
 _DPI = 110
 
 _CSS = """
@@ -183,6 +183,17 @@ def axes_facts(panels: Sequence[Any]) -> str:
             facts.append("panels share their y axis")
         else:
             facts.append("each panel has its own y axis (read its tick values)")
+    # A right-hand axis (ax.twinx(), the loss figure's learning rate) shares x with its panel.
+    twins = [
+        [t for t in ax.get_shared_x_axes().get_siblings(ax) if t is not ax and t not in panels]
+        for ax in panels
+    ]
+    rights = [t[0] for t in twins if t]
+    if len(rights) > 1:
+        if len({r.get_yscale() for r in rights}) == 1 and _same([r.get_ylim() for r in rights]):
+            facts.append("the right axes share one scale")
+        else:
+            facts.append("each right axis has its own scale")
     return "; ".join(facts)
 
 
@@ -194,7 +205,9 @@ def report_figure(name: str, runs: Sequence[Run]) -> ReportFigure:
     notes = {run.name: note for run in runs if (note := plots.missing(spec, run)) is not None}
     drawable = [r for r in runs if r.name not in notes]
     if not drawable:
-        return ReportFigure(name, spec.title, None, "", notes)
+        # A sentence for all runs at once (no run logged a loss) instead of a note per run.
+        sentence = spec.nothing_to_show(runs) if spec.nothing_to_show else None
+        return ReportFigure(name, spec.title, None, "", {} if sentence else notes, sentence)
     sentence = spec.nothing_to_show(drawable) if spec.nothing_to_show else None
     if sentence is not None:
         return ReportFigure(name, spec.title, None, "", notes, sentence)
@@ -213,8 +226,9 @@ def report_figure(name: str, runs: Sequence[Run]) -> ReportFigure:
         layout="constrained",
     )
     flat = axes.ravel()
+    options = spec.shared_options(drawable) if spec.shared_options else {}
     for ax, run in zip(flat, drawable):
-        spec.fn(run, ax=ax)
+        spec.fn(run, ax=ax, **options)
         if name in _SHARE_Y:
             ax.yaxis.set_tick_params(which="both", labelleft=True)
     for ax in flat[n:]:
