@@ -422,19 +422,24 @@ def test_plot_of_an_unrecorded_statistic_says_what_to_record(name: str, needs: s
 
 # ---------------------------------------------------------------- backends
 @pytest.mark.parametrize(
-    ("env", "expected"),
-    [({"MPLBACKEND": "svg"}, "svg"), ({}, "agg"), ({"MPLBACKEND": "pdf"}, "pdf")],
+    ("how", "expected"), [("MPLBACKEND", "svg"), ("matplotlibrc", "pdf"), ("nothing", "agg")]
 )
-def test_a_chosen_backend_is_kept(env: dict[str, str], expected: str) -> None:
+def test_a_chosen_backend_is_kept(how: str, expected: str, tmp_path: Path) -> None:
     """A notebook's kernel chooses its inline backend by MPLBACKEND; importing gradprobe.lab
     or drawing must not replace it by Agg (figures would print as text). Alone: Agg."""
+    env = {"MPLCONFIGDIR": str(tmp_path / "config")}  # no user matplotlibrc either
+    if how == "MPLBACKEND":
+        env["MPLBACKEND"] = expected
+    elif how == "matplotlibrc":
+        (tmp_path / "matplotlibrc").write_text(f"backend: {expected}\n")
+        env["MATPLOTLIBRC"] = str(tmp_path / "matplotlibrc")
     code = (
         "import gradprobe.lab.data, matplotlib\n"
         "from gradprobe import plots\n"
         "plots._pyplot()\n"
         "print(matplotlib.get_backend().lower())\n"
     )
-    base = {k: v for k, v in os.environ.items() if k != "MPLBACKEND"}
+    base = {k: v for k, v in os.environ.items() if k not in ("MPLBACKEND", "MATPLOTLIBRC")}
     out = subprocess.run(
         [sys.executable, "-c", code], env={**base, **env}, capture_output=True, text=True,
         timeout=120, check=True,
