@@ -294,3 +294,175 @@ def test_a_successful_write_leaves_only_the_page(tmp_path: Path) -> None:
     report_module._write_atomically(target, "<p>page</p>")
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["r.html"]
     assert target.read_text(encoding="utf-8") == "<p>page</p>"
+
+
+# ---------------------------------------------------------------- loss
+def _loss_run(losses: list[float], label: str = "synthetic", norms: list[float] | None = None):
+    """A run whose (model) rows are exactly these losses (and pre-clip norms), one per step."""
+    rows = [(s, MODEL_NAME, "loss", v) for s, v in enumerate(losses)]
+    rows += [(s, MODEL_NAME, "global_grad_norm_preclip", v) for s, v in enumerate(norms or [])]
+    rows += [(s, "fc", "error_norm", 1.0) for s in range(len(losses))]
+    return synthetic_run(rows, [{"name": "fc"}], label=label)
+
+
+def _loss_line(ax):
+    return next(line for line in ax.get_lines() if line.get_label() == "training loss")
+
+
+def test_loss_curve_is_the_loss_of_an_unprobed_twin() -> None:
+    # Independent: the same model, data and updates without a Probe, losses by plain autograd.
+    torch.manual_seed(0)
+    twin = nn.Sequential(
+        nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3)
+    )
+    opt = torch.optim.SGD(twin.parameters(), lr=0.05)
+    x, y = torch.randn(64, 8), torch.randint(0, 3, (64,))
+    expected = []
+    for step in range(8):
+        batch = slice(8 * step, 8 * step + 8)
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(twin(x[batch]), y[batch])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(twin.parameters(), 1e9)
+        opt.step()
+        expected.append(loss.item())
+    run = unclipped_run()
+    drawn = report_figure("loss", [run])
+    (panel,) = _panels(drawn.figure)
+    line = _loss_line(panel)
+    assert list(line.get_xdata()) == list(range(8))
+    assert np.asarray(line.get_ydata()) == pytest.approx(expected, rel=1e-5)
+    # The learning rate on the right axis: the optimizer's largest rate at each step.
+    (right,) = _right_axes(drawn.figure)
+    (rate,) = right.get_lines()
+    assert np.asarray(rate.get_ydata()) == pytest.approx([0.05] * 8)
+    assert panel.get_yscale() == "linear"  # a few steps of tanh: no decades to span
+    plt.close(drawn.figure)
+
+
+def test_learning_rate_of_a_schedule_is_drawn_as_the_optimizer_had_it() -> None:
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
+    x, y = torch.randn(32, 4), torch.randn(32, 1)
+    rates = []
+    with Probe(model, opt, stats="cheap", label="stepped") as probe:
+        for _ in range(9):
+            opt.zero_grad()
+            loss = nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            probe.log(loss=loss)
+            rates.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        run = probe.run()
+    fig = PLOTS["loss"].fn(run)
+    (right,) = [a for a in fig.axes if a is not fig.axes[0]]
+    assert np.asarray(right.get_lines()[0].get_ydata()) == pytest.approx(rates)
+    assert rates[0] == 0.1 and rates[-1] == 0.025  # the premise: the rate did change
+    plt.close(fig)
+
+
+def test_loss_axis_is_log_when_the_runs_span_decades_and_shared_across_panels() -> None:
+    falling = _loss_run([2.0 * 0.5**s for s in range(12)], "falling")  # 2 → 1e-3
+    flat = _loss_run([1.0 + 0.01 * (s % 3) for s in range(12)], "flat")
+    alone = report_figure("loss", [flat])
+    assert _panels(alone.figure)[0].get_yscale() == "linear"
+    both = report_figure("loss", [flat, falling])
+    panels = _panels(both.figure)
+    # The flat run alone is linear; next to a run that spans decades, both panels are log
+    # and share one y axis, as the caption says.
+    assert [ax.get_yscale() for ax in panels] == ["log", "log"]
+    assert "panels share their y axis" in both.caption
+    assert panels[0].get_ylim() == pytest.approx(panels[1].get_ylim())
+    lo, hi = panels[0].get_ylim()
+    assert lo <= 2.0 * 0.5**11 and hi >= 2.0
+    # A loss ≤ 0 (a negative log-likelihood with a bonus, say) cannot sit on a log axis.
+    negative = _loss_run([2.0 * 0.5**s - 0.5 for s in range(12)], "negative")
+    drawn = report_figure("loss", [negative, falling])
+    assert {ax.get_yscale() for ax in _panels(drawn.figure)} == {"linear"}
+    for figure in (alone, both, drawn):
+        plt.close(figure.figure)
+
+
+def test_no_loss_logged_is_one_sentence_saying_how() -> None:
+    runs = [_no_loss_run("a"), _no_loss_run("b")]
+    drawn = report_figure("loss", runs)
+    assert drawn.figure is None and drawn.notes == {}
+    assert drawn.sentence is not None and drawn.sentence.startswith(
+        "None of the 2 runs logged a loss"
+    )
+    assert "probe.log(loss=loss)" in drawn.sentence
+    one = report_figure("loss", runs[:1])
+    assert one.sentence is not None and one.sentence.startswith("The run logged no loss")
+    # One run with a loss: its panel is drawn, the other run gets its own note saying how.
+    mixed = report_figure("loss", [runs[0], unclipped_run()])
+    assert mixed.figure is not None and mixed.sentence is None
+    assert len(_panels(mixed.figure)) == 1
+    assert "probe.log(loss=loss)" in mixed.notes["a"]
+    plt.close(mixed.figure)
+    with pytest.raises(GradprobeError, match=r"probe\.log"):
+        runs[0].plot("loss")
+
+
+@functools.cache
+def _no_loss_run(label: str) -> Run:
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with Probe(model, opt, stats="cheap", label=label) as probe:
+        for _ in range(3):
+            opt.zero_grad()
+            model(torch.randn(8, 4)).sum().backward()
+            opt.step()
+        return probe.run()
+
+
+def test_report_page_shows_the_loss_figure_or_the_sentence(tmp_path: Path) -> None:
+    page = report([unclipped_run()], tmp_path / "with.html").read_text(encoding="utf-8")
+    section = page.split("<h3>Training loss</h3>", 1)[1].split("<h3>", 1)[0]
+    assert "<img" in section and "training loss per recorded step" in section
+    page = report([_no_loss_run("a")], tmp_path / "without.html").read_text(encoding="utf-8")
+    section = page.split("<h3>Training loss</h3>", 1)[1].split("<h3>", 1)[0]
+    assert "<img" not in section and "probe.log(loss=loss)" in section
+
+
+@pytest.mark.parametrize(
+    ("losses", "norms", "marker", "steps"),
+    [
+        # grad_norm_spike: two norms ×50 their running median, at steps 20 and 31.
+        ([1.0] * 40, [1.0 if s not in (20, 31) else 50.0 for s in range(40)], "^", [20, 31]),
+        # loss_spike: one loss ×20 its running median at step 25 (noise so the MAD is > 0).
+        ([1.0 + 0.01 * (s % 4) if s != 25 else 20.0 for s in range(40)], None, "v", [25]),
+        # divergence: NaN from step 12 on.
+        ([1.0 - 0.01 * s if s < 12 else math.nan for s in range(20)], None, "|", [12]),
+    ],
+)
+def test_steps_named_by_instability_findings_are_marked(losses, norms, marker, steps) -> None:
+    run = _loss_run(losses, norms=norms)
+    found = diagnose(run)
+    kind = {"^": "grad_norm_spike", "v": "loss_spike", "|": "divergence"}[marker]
+    finding = found.of(kind)
+    assert finding is not None, found.kinds  # the premise, judged by diagnose itself
+    fig = PLOTS["loss"].fn(run)
+    ax = fig.axes[0]
+    if marker == "|":
+        marked = [
+            line.get_xdata()[0] for line in ax.get_lines() if line.get_label().startswith(kind)
+        ]
+        assert marked == steps == [finding.evidence["first_step"]]
+        # NaN losses cannot be a line: each is a × on the top edge.
+        (crosses,) = [line for line in ax.get_lines() if line.get_marker() == "x"]
+        assert list(crosses.get_xdata()) == [s for s, v in enumerate(losses) if math.isnan(v)]
+    else:
+        (marks,) = [line for line in ax.get_lines() if line.get_marker() == marker]
+        assert list(marks.get_xdata()) == steps == finding.evidence["steps"]
+        assert marks.get_label().startswith(kind)
+    plt.close(fig)
+
+
+def test_a_healthy_loss_has_no_instability_marks() -> None:
+    fig = PLOTS["loss"].fn(unclipped_run())
+    ax = fig.axes[0]
+    assert [line.get_label() for line in ax.get_lines()] == ["training loss"]
+    plt.close(fig)

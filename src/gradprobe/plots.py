@@ -678,9 +678,11 @@ def no_loss_logged(runs: Sequence[Run]) -> str | None:
     """
     if any("loss" in run.stats for run in runs):
         return None
-    where = f"None of the {len(runs)} runs" if len(runs) > 1 else "The run"
+    who = (
+        f"None of the {len(runs)} runs logged a loss" if len(runs) > 1 else "The run logged no loss"
+    )
     return (
-        f"{where} logged a loss, so there is no loss curve (and the loss findings could not "
+        f"{who}, so there is no loss curve (and the loss findings could not "
         "be judged): call probe.log(loss=loss) at each training step, the loss tensor itself "
         "(it stays on the device until the flush)."
     )
