@@ -40,6 +40,9 @@ Where users train (see ``docs/integrations.md``):
   shape on every rank, and a module run on some ranks only has the statistics of the
   samples that went through it (sums and counts over those ranks; units dead if 0
   wherever it ran; ``error_norm`` that of the mean of the ranks' losses, as DDP applies).
+- *FSDP2* (``fully_shard``): as DDP for module statistics; parameter statistics are of
+  the full tensors, their shards' squared norms summed in one collective per step
+  (:mod:`gradprobe.shards`).
 - *torch.compile*: module hooks run outside the compiled graphs (one warning says so).
 """
 
@@ -279,7 +282,7 @@ class Probe:
         self._slots = _select_modules(inner, modules)
         self._param_names, self._params = _trainable_parameters(inner)
         # FSDP2: sharded parameters, whose norms add up over the ranks at each step.
-        self._shards = ShardedNorms(self._params)
+        self._shards = ShardedNorms(self._params, inner)
         self.buffer = StepBuffer(
             len(self._slots),
             len(self._params),
@@ -557,6 +560,8 @@ class Probe:
     def _on_pass_end(self) -> None:
         if not _inside_backward():
             self._pass_open = False
+            if self._shards.awaiting_unsharded and self._want_error:
+                self._hook_unsharded_params()  # FSDP2 made them in this forward
 
     def _check_trained_in_eval(self) -> None:
         """Say once if the model is trained in eval() mode: then nothing of its modules is
@@ -949,6 +954,16 @@ class Probe:
             nonfinite = torch.stack(torch._foreach_norm(torch._foreach_mul(grads, 0.0), 0))
             record(device, idx, "grad_nonfinite", nonfinite)
             self.buffer.set_param_host(idx, "has_grad")
+
+    def _hook_unsharded_params(self) -> None:
+        """Hook FSDP2's full parameters, which it makes at its first all-gather: backward
+        accumulates into them, and without gradient sync only into them, so they say
+        which backward passes count for error signals (the sharded ones' hooks fire only
+        where FSDP2 reduce-scatters)."""
+        for full in self._shards.new_unsharded():
+            self._hooks.add(
+                full.register_post_accumulate_grad_hook(partial(_accumulated_hook, self._ref))
+            )
 
     def _on_post_accumulate(self) -> None:
         """A parameter's ``.grad`` was accumulated: measure once, when this backward ends."""
@@ -1388,6 +1403,13 @@ def _eager_hooks() -> type[ModuleHook]:
         __call__ = torch.compiler.disable(ModuleHook.__call__)
 
     return EagerModuleHook
+
+
+def _accumulated_hook(ref: weakref.ref[Probe], param: Tensor) -> None:
+    """A backward pass accumulated into one of FSDP2's full parameters."""
+    probe = ref()
+    if probe is not None:
+        probe._guard(probe._note_accumulation, "a gradient-accumulated hook (error signals)")
 
 
 def _post_accumulate_hook(ref: weakref.ref[Probe], param: Tensor) -> None:

@@ -21,7 +21,9 @@ parameter is reported as a failure of the step hook (one warning and a gap).
 from __future__ import annotations
 
 import sys
+import weakref
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -70,18 +72,29 @@ def sharded_parameters(model: nn.Module) -> dict[tuple[int, str], nn.Parameter]:
     parameters are used as they are.
     """
     found: dict[tuple[int, str], nn.Parameter] = {}
+    for fsdp_param in _fsdp_params(model):
+        try:
+            info = fsdp_param._module_info
+            found[(id(info.module), info.param_name)] = fsdp_param.sharded_param
+        except Exception:  # another FSDP2 layout: keep the registered parameters
+            continue
+    return found
+
+
+def _fsdp_params(model: nn.Module) -> list[Any]:
+    """FSDP2's record of each parameter it manages in ``model`` (private state; ``[]``
+    without FSDP2, or with an FSDP2 laid out otherwise)."""
     if "torch.distributed.fsdp" not in sys.modules:
-        return found  # nothing was sharded in this process
+        return []  # nothing was sharded in this process
+    found = []
     for module in model.modules():
         get_state = getattr(module, "_get_fsdp_state", None)
         if get_state is None:
             continue
         try:
             group = get_state()._fsdp_param_group
-            for fsdp_param in group.fsdp_params if group is not None else ():
-                info = fsdp_param._module_info
-                found[(id(info.module), info.param_name)] = fsdp_param.sharded_param
-        except Exception:  # another FSDP2 layout: keep the registered parameters
+            found += list(group.fsdp_params) if group is not None else []
+        except Exception:
             continue
     return found
 
@@ -103,10 +116,24 @@ class ShardedNorms:
     waiting squares over the shards, in one collective per mesh, and records them.
     """
 
-    def __init__(self, params: list[Tensor]) -> None:
+    def __init__(self, params: list[Tensor], model: nn.Module | None = None) -> None:
         self._meshes: list[_Mesh] = []
         self._where: dict[int, tuple[int, int]] = {}  # parameter -> (mesh, row)
         self.unsupported: dict[int, str] = {}  # parameter -> its placements (Partial)
+        # FSDP2's records of the probed parameters (weakly: they hold the user's modules),
+        # for the full parameters it creates at its first all-gather.
+        ids = {id(p) for p in params}
+        self._fsdp_params = [
+            weakref.ref(fp)
+            for fp in (_fsdp_params(model) if model is not None else [])
+            if id(getattr(fp, "sharded_param", None)) in ids
+        ]
+        self._hooked: set[int] = set()
+        self._indices: dict[tuple[torch.device, tuple[int, ...]], Tensor] = {}
+        # The step's waiting squares: mesh -> quantity -> [(rows, values)], and the
+        # parameters measured, which the host knows: quantity -> [parameter indices].
+        self._held: dict[int, dict[str, list[tuple[list[int], Tensor]]]] = {}
+        self._measured: dict[int, dict[str, list[int]]] = {}
         dtensor = dtensor_type()
         if dtensor is None:
             return
@@ -131,10 +158,6 @@ class ShardedNorms:
             m = by_key[key]
             self._where[i] = (m, len(self._meshes[m].params))
             self._meshes[m].params.append(i)
-        # The step's waiting squares: mesh -> quantity -> [(rows, values)], and the
-        # parameters measured, which the host knows: quantity -> [parameter indices].
-        self._held: dict[int, dict[str, list[tuple[list[int], Tensor]]]] = {}
-        self._measured: dict[int, dict[str, list[int]]] = {}
 
     def __bool__(self) -> bool:
         """Whether any parameter is sharded (the step then takes one collective)."""
@@ -143,21 +166,43 @@ class ShardedNorms:
     def is_sharded(self, i: int) -> bool:
         return i in self._where
 
+    @property
+    def awaiting_unsharded(self) -> bool:
+        """Whether some of FSDP2's full parameters may still be unseen (see below)."""
+        return len(self._hooked) < len(self._fsdp_params)
+
+    def new_unsharded(self) -> Iterator[nn.Parameter]:
+        """FSDP2's full (unsharded) parameters not yet returned, once each.
+
+        Backward accumulates into these, and FSDP2 then reduce-scatters into the sharded
+        ``.grad``; without gradient sync (``set_requires_gradient_sync(False)``) only into
+        these. FSDP2 makes each at its first all-gather and keeps the same object after.
+        """
+        for i, ref in enumerate(self._fsdp_params):
+            fsdp_param = ref()
+            if i in self._hooked or fsdp_param is None:
+                continue
+            full = getattr(fsdp_param, "_unsharded_param", None)
+            if isinstance(full, nn.Parameter):
+                self._hooked.add(i)
+                if full.requires_grad:
+                    yield full
+
     def record(
         self, buffer: StepBuffer, device: torch.device, idx: list[int], name: str, values: Tensor
     ) -> None:
         """Per-parameter ``values`` for ``idx`` (norms, or NaN/Inf counts), measured on the
         local shards: unsharded parameters' go to ``buffer``, sharded ones' wait."""
-        if not self._where or not any(i in self._where for i in idx):
-            buffer.record_params(device, idx, name, values)
+        if not self:
+            buffer.record_params(device, idx, name, values)  # nothing sharded: no cost
             return
         self._check(idx)
         plain = [j for j, i in enumerate(idx) if i not in self._where]
         if plain:
-            buffer.record_params(device, [idx[j] for j in plain], name, _take(values, plain))
+            buffer.record_params(device, [idx[j] for j in plain], name, self._take(values, plain))
         squared = name in _SQUARED
         for m, (rows, positions) in self._split(idx).items():
-            part = _take(values, positions).to(torch.float64)
+            part = self._take(values, positions).to(torch.float64)
             self._hold(m, name, rows, part.square() if squared else part)
             self._measured.setdefault(m, {}).setdefault(name, []).extend(idx[j] for j in positions)
 
@@ -171,21 +216,25 @@ class ShardedNorms:
         denominator: Tensor,
     ) -> None:
         """A ratio of two norms (``update_ratio``): of the full tensors for sharded ones."""
-        if not self._where or not any(i in self._where for i in idx):
+        if not self:
             buffer.record_params(device, idx, name, numerator / denominator)
             return
+        self._check(idx)
         plain = [j for j, i in enumerate(idx) if i not in self._where]
         if plain:
             buffer.record_params(
                 device,
                 [idx[j] for j in plain],
                 name,
-                _take(numerator, plain) / _take(denominator, plain),
+                self._take(numerator, plain) / self._take(denominator, plain),
             )
-        self._check(idx)
         for m, (rows, positions) in self._split(idx).items():
-            self._hold(m, "update", rows, _take(numerator, positions).to(torch.float64).square())
-            self._hold(m, "before", rows, _take(denominator, positions).to(torch.float64).square())
+            self._hold(
+                m, "update", rows, self._take(numerator, positions).to(torch.float64).square()
+            )
+            self._hold(
+                m, "before", rows, self._take(denominator, positions).to(torch.float64).square()
+            )
             self._measured.setdefault(m, {}).setdefault(name, []).extend(idx[j] for j in positions)
 
     def discard(self) -> None:
@@ -209,7 +258,7 @@ class ShardedNorms:
             for quantity, parts in held.get(m, {}).items():
                 offset = QUANTITIES.index(quantity) * n
                 for rows, values in parts:
-                    index = torch.tensor([offset + r for r in rows], device=mesh.device)
+                    index = self._index(mesh.device, [offset + r for r in rows])
                     flat.index_copy_(0, index, values.to(mesh.device))
             for group in mesh.groups:
                 # Deliberate collective, once per recorded step: the squares of every
@@ -217,7 +266,7 @@ class ShardedNorms:
                 dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
             totals = dict(zip(QUANTITIES, flat.view(len(QUANTITIES), n)))
             for name, params in measured.get(m, {}).items():
-                rows = torch.tensor([self._where[i][1] for i in params], device=mesh.device)
+                rows = self._index(mesh.device, [self._where[i][1] for i in params])
                 if name == "update_ratio":
                     values = totals["update"][rows].sqrt() / totals["before"][rows].sqrt()
                 elif name in _SQUARED:
@@ -245,15 +294,24 @@ class ShardedNorms:
                 parts[where[0]][1].append(j)
         return parts
 
+    def _take(self, values: Tensor, positions: list[int]) -> Tensor:
+        """``values[positions]``: the whole tensor when that is all of it (no op)."""
+        if len(positions) == values.numel():
+            return values
+        return values[self._index(values.device, positions)]
+
+    def _index(self, device: torch.device, values: list[int]) -> Tensor:
+        """An index tensor on ``device``, made once per layout: a host-to-device copy
+        each step could wait for the device."""
+        key = (device, tuple(values))
+        index = self._indices.get(key)
+        if index is None:
+            index = torch.tensor(values, dtype=torch.long, device=device)
+            self._indices[key] = index
+        return index
+
     def _hold(self, m: int, quantity: str, rows: list[int], values: Tensor) -> None:
         self._held.setdefault(m, {}).setdefault(quantity, []).append((rows, values))
-
-
-def _take(values: Tensor, positions: list[int]) -> Tensor:
-    """``values[positions]``: the whole tensor when that is all of it (no op)."""
-    if len(positions) == values.numel():
-        return values
-    return values[torch.tensor(positions, device=values.device)]
 
 
 def _mesh_device(mesh: Any, param: Tensor) -> torch.device:
