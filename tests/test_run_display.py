@@ -8,6 +8,7 @@ checked on runs built to break them.
 from __future__ import annotations
 
 import base64
+import functools
 import os
 import re
 import struct
@@ -23,12 +24,16 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import pytest
+import torch
 from matplotlib.figure import Figure
+from torch import nn
 
 import gradprobe.run as run_module
 from _diagnose_cases import case, linear_modules, profile_rows, synthetic_run
-from gradprobe import GradprobeError, diagnose
+from gradprobe import GradprobeError, Probe, diagnose
 from gradprobe.diagnose import Findings, key_numbers
+from gradprobe.lab.data import digits
+from gradprobe.lab.models import mlp
 from gradprobe.plots import PLOTS
 from gradprobe.report import KEY_COLUMNS
 from gradprobe.run import Run, empty_frame
@@ -363,11 +368,27 @@ def test_findings_html_counts_and_names_the_run() -> None:
 
 
 # ---------------------------------------------------------------- Run.plot
+@functools.cache
+def logged_run() -> Run:
+    """Every statistic (stats="full") and the loss, logged: a run every plot can draw."""
+    torch.manual_seed(0)
+    data = digits(seed=0)
+    model = mlp(64, 10, depth=4, width=16, activation="sigmoid")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with Probe(model, opt, stats="full") as probe:
+        for step in range(6):
+            opt.zero_grad()
+            batch = slice(32 * step, 32 * (step + 1))
+            loss = nn.functional.cross_entropy(model(data.x_train[batch]), data.y_train[batch])
+            loss.backward()
+            probe.log(loss=loss)
+            opt.step()
+    return probe.run()
+
+
 @pytest.mark.parametrize("name", list(PLOTS))
 def test_plot_returns_a_figure_pyplot_does_not_hold(name: str) -> None:
-    from test_plots import full_run
-
-    run = full_run()
+    run = logged_run()
     before = plt.get_fignums()
     fig = run.plot(name)
     assert isinstance(fig, Figure) and fig.axes[0].has_data()

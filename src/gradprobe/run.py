@@ -186,10 +186,11 @@ class Run:
         """Figure ``name`` of :data:`gradprobe.plots.PLOTS` for this run.
 
         ``gradient_flow``, ``error_heatmap``, ``activation_histograms``, ``dead_saturated``,
-        ``update_ratios`` or ``clipping``. Returns a matplotlib ``Figure`` (a notebook shows
-        it inline when it is a cell's value; ``fig.savefig(path)`` writes it); with ``ax``,
-        draws on that axes. ``options`` go to the plot (e.g. ``steps=[0, 100]``). An unknown
-        name, or a statistic the run did not record, raises :class:`GradprobeError`.
+        ``update_ratios``, ``clipping`` or ``loss``. Returns a matplotlib ``Figure`` (a
+        notebook shows it inline when it is a cell's value; ``fig.savefig(path)`` writes it);
+        with ``ax``, draws on that axes. ``options`` go to the plot (e.g. ``steps=[0, 100]``).
+        An unknown name, or a statistic the run did not record, raises
+        :class:`GradprobeError`.
         """
         from .plots import draw  # matplotlib on first use only, never at import
 
