@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from gradprobe import diagnose, load
 from gradprobe.cli import main
@@ -36,11 +37,27 @@ def test_demo_finds_vanishing_and_a_remedy_that_helps(tmp_path: Path, capsys) ->
     stated = readme_demo_rows()
     assert list(stated) == [row["model"] for row in rows]
     for row in rows:
-        acc, ratio, dead, findings = stated[row["model"]]
+        acc, final_loss, ratio, dead, findings = stated[row["model"]]
         assert abs(float(acc) - float(row["val_acc"])) <= SAME_SEED_SPREAD, row["model"]
+        assert math.isclose(
+            float(final_loss), float(row["final_train_loss"]), rel_tol=0.5, abs_tol=0.05
+        ), row["model"]
         assert math.isclose(float(ratio), float(row["error_ratio_first_last"]), rel_tol=0.3)
         assert abs(float(dead) - float(row["max_dead_frac"])) <= 0.1, row["model"]
         assert findings == row["findings"]
+
+    # Every run recorded its loss at every recorded step (fit logs it), the table's final
+    # train loss is the mean of the last five, and the report draws the curves. The
+    # baseline learns nothing: its loss stays at chance, ln 10 for ten classes.
+    for row in rows:
+        losses = load(row["run"]).model_series("loss")
+        assert list(losses.index) == list(range(0, DemoConfig().steps, DemoConfig().every))
+        assert float(row["final_train_loss"]) == pytest.approx(losses.iloc[-5:].mean())
+    assert float(rows[0]["final_train_loss"]) == pytest.approx(math.log(10), abs=0.05)
+    assert all(float(r["final_train_loss"]) < math.log(10) - 0.5 for r in rows[1:])
+    figure = page.split("<h3>Training loss</h3>", 1)[1].split("<h3>", 1)[0]
+    assert "<img" in figure and "learning rate" in figure
+    assert "plateau" in rows[0]["findings"]  # and a finding says why the curve is flat
 
     # Vanishing, measured again from the stored baseline run, not read from the table.
     baseline = load(rows[0]["run"])
@@ -66,3 +83,51 @@ def test_demo_finds_vanishing_and_a_remedy_that_helps(tmp_path: Path, capsys) ->
     for r in better:
         assert float(r["error_ratio_first_last"]) > 1e-2
         assert diagnose(load(r["run"])).of("vanishing") is None
+
+
+def test_fit_logs_each_steps_loss_as_an_unprobed_twin_computes_it() -> None:
+    # Independent: the same model, batches, SGD and cosine schedule in a plain loop.
+    from gradprobe.lab.data import digits
+    from gradprobe.lab.training import fit
+
+    cfg = DemoConfig(depth=3, width=16, steps=12, every=1)
+    data = digits(seed=0)
+    torch.manual_seed(0)
+    twin = BUILDERS["relu"][1](cfg)
+    opt = torch.optim.SGD(twin.parameters(), lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.steps)
+    g = torch.Generator().manual_seed(0)
+    expected, rates = [], []
+    for _ in range(cfg.steps):
+        idx = torch.randint(0, len(data.x_train), (cfg.batch_size,), generator=g)
+        opt.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.cross_entropy(twin(data.x_train[idx]), data.y_train[idx])
+        loss.backward()
+        rates.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+        expected.append(loss.item())
+    torch.manual_seed(0)
+    result = fit(
+        BUILDERS["relu"][1](cfg),
+        data,
+        steps=cfg.steps,
+        lr=cfg.lr,
+        schedule="cosine",
+        probe={"stats": "cheap", "every": 1},
+    )
+    assert result.run.model_series("loss").to_numpy() == pytest.approx(expected, rel=1e-5)
+    assert result.run.model_series("lr").to_numpy() == pytest.approx(rates)
+    # Every 3rd step recorded: the loss of exactly those steps, the others dropped.
+    torch.manual_seed(0)
+    sparse = fit(
+        BUILDERS["relu"][1](cfg),
+        data,
+        steps=cfg.steps,
+        lr=cfg.lr,
+        schedule="cosine",
+        probe={"stats": "cheap", "every": 3},
+    )
+    losses = sparse.run.model_series("loss")
+    assert list(losses.index) == [0, 3, 6, 9]
+    assert losses.to_numpy() == pytest.approx(expected[::3], rel=1e-5)

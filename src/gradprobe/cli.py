@@ -473,6 +473,7 @@ def demo_command(
     table = Table(
         "model",
         "val. accuracy",
+        "final train loss",
         "error ratio first/last",
         "max dead frac",
         "findings",
@@ -482,6 +483,7 @@ def demo_command(
         table.add_row(
             row.model,
             f"{row.val_acc:.3f}",
+            f"{row.final_train_loss:.3g}",
             f"{row.error_ratio_first_last:.2g}",
             f"{row.max_dead_frac:.2f}",
             row.findings,

@@ -8,8 +8,9 @@
    (:data:`BUILDERS`), best first.
 3. Train each chosen remedy with the same data, seed, optimizer, learning rate and
    number of steps.
-4. A before/after table (validation accuracy, first/last-layer error ratio, dead
-   fraction, findings) and ``report.html`` comparing every run side by side.
+4. A before/after table (validation accuracy, final training loss, first/last-layer
+   error ratio, dead fraction, findings) and ``report.html`` comparing every run side by
+   side, the loss curve of each among its figures.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from .report import report
 if TYPE_CHECKING:
     from .lab.data import Split
     from .lab.training import FitResult
+    from .run import Run
 
 __all__ = ["BUILDERS", "DemoConfig", "DemoResult", "baseline_model", "run_demo", "train_model"]
 
@@ -133,6 +135,20 @@ def train_model(
     )
 
 
+FINAL_LOSS_STEPS = 5  # recorded steps averaged: one step's mini-batch loss is noisy
+
+
+def final_train_loss(run: Run, last: int = FINAL_LOSS_STEPS) -> float:
+    """The run's training loss at the end: the mean of its last ``last`` recorded steps.
+
+    Read from the record (``probe.log(loss=loss)`` in :func:`~gradprobe.lab.training.fit`),
+    so it is the loss the report's figure draws; NaN when no loss was logged, and NaN or
+    Inf when the training diverged.
+    """
+    losses = run.model_series("loss")
+    return float(losses.iloc[-last:].mean()) if len(losses) else math.nan
+
+
 @dataclass
 class DemoResult:
     """What the demo produced: the table, the baseline's findings, the chosen remedies, files."""
@@ -223,6 +239,7 @@ def run_demo(
                 "remedy": t["remedy"],
                 "val_acc": t["fit"].final.get("val_acc", math.nan),
                 "val_loss": t["fit"].final.get("val_loss", math.nan),
+                "final_train_loss": final_train_loss(run),
                 "error_ratio_first_last": numbers["first_last_error_ratio"],
                 "error_factor_per_layer": numbers["error_factor_per_layer"],
                 "max_dead_frac": numbers.get("max_dead_frac", math.nan),

@@ -122,6 +122,9 @@ def fit(
             opt.zero_grad(set_to_none=True)
             loss = loss_fn(model(data.x_train[idx]), data.y_train[idx])
             loss.backward()
+            # The tensor, not a float: the Probe keeps it on the device until its flush,
+            # so every run records its loss curve without a host sync per step.
+            p.log(loss=loss)
             if clip_norm is not None:
                 nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
             if clip_value is not None:
