@@ -458,10 +458,9 @@ def activations(zmax: float = 12.0, step: float = 1e-3) -> list[ActivationFacts]
 
 def plot_activations(path: str | Path, zmax: float = 6.0) -> Path:
     """PNG of every registered activation f (solid) and its derivative f' (dashed)."""
-    import matplotlib
+    from .plots import _pyplot  # Agg unless a backend was chosen (a notebook keeps its own)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     path = Path(path)
     acts = list(ACTIVATIONS.values())

@@ -827,10 +827,9 @@ def plot_error_profiles(
         f"{label} (σ_w²={v:.3g})": predict_error_profile(act, v, bias_var, depth)
         for label, v in inits.items()
     }
-    import matplotlib
+    from .plots import _pyplot  # Agg unless a backend was chosen (a notebook keeps its own)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     layers = np.arange(1, depth + 1)
