@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ from torch import nn
 
 import gradprobe
 from gradprobe import Probe
+from gradprobe.hooks import GradprobeWarning
 from test_ddp import free_port
 
 pytestmark = pytest.mark.slow
@@ -117,9 +119,9 @@ class Case:
     late: bool = False  # the Probe attached after a no_grad forward left full parameters
     bf16: bool = False  # MixedPrecisionPolicy(param_dtype=torch.bfloat16)
     replicas: int = 1  # hybrid sharding (HSDP): a (replicas, WORLD / replicas) mesh
-    no_sync: bool = (
-        False  # accumulate unsharded: gradients reduce-scattered at the last micro-batch
-    )
+    # Accumulate unsharded: gradients reduce-scattered at the last micro-batch only.
+    no_sync: bool = False
+    sync_ranks: bool | None = None  # Probe(sync_ranks=...)
 
 
 CASES: dict[str, Case] = {
@@ -134,7 +136,9 @@ CASES: dict[str, Case] = {
     # the replicas too would read each norm √2 too large.
     "mlp_hybrid_replicas_clipped": Case("mlp", reshard=True, replicas=2, max_norm=0.05),
     "conv_accumulated_without_sync": Case("conv", reshard=False, micro=2, no_sync=True),
+    "uneven_ranks_not_combined": Case("uneven", reshard=True, sync_ranks=False),
 }
+COMBINED = [n for n, c in CASES.items() if c.sync_ranks is not False]
 
 
 # ------------------------------------------------------------------ one training run
@@ -158,7 +162,16 @@ def train(
             model(batch(case.model, -1)[0][:2])
         model.train()
     references: list[dict] = []
-    with Probe(model, optimizer, store=store, stats="full", flush_every=2, dead_window=2) as probe:
+    probe = Probe(
+        model,
+        optimizer,
+        store=store,
+        stats="full",
+        flush_every=2,
+        dead_window=2,
+        sync_ranks=case.sync_ranks,
+    )
+    with probe:
         for step in range(STEPS):
             x, y = batch(case.model, step)
             share = len(x) // world
@@ -231,8 +244,12 @@ def _worker(rank: int, port: int, out: str) -> None:
         for name, case in CASES.items():
             model = shard(case, MODELS[case.model]())
             store = Path(out) / f"{name}_run{rank}" if name == "mlp_resharded_clipped" else None
-            frame, references = train(case, model, rank, WORLD, store)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", GradprobeWarning)
+                frame, references = train(case, model, rank, WORLD, store)
             frame.to_parquet(Path(out) / f"{name}_{rank}.parquet")
+            said = [str(w.message) for w in caught if issubclass(w.category, GradprobeWarning)]
+            (Path(out) / f"{name}_{rank}_warnings.json").write_text(json.dumps(said))
             if rank == 0:
                 (Path(out) / f"{name}_reference.json").write_text(json.dumps(references))
     finally:
@@ -278,7 +295,7 @@ MODULE_STATS = {"error_norm", "act_mean", "act_std", "zero_frac", "dead_frac", "
 
 
 # ------------------------------------------------------------------ tests
-@pytest.mark.parametrize("name", [n for n, c in CASES.items() if not c.bf16])
+@pytest.mark.parametrize("name", [n for n in COMBINED if not CASES[n].bf16])
 def test_every_statistic_equals_one_unsharded_process(runs, singles, name):
     fsdp = pd.read_parquet(runs / f"{name}_0.parquet")
     merged = _merged(fsdp, singles[name])
@@ -295,7 +312,7 @@ def test_every_statistic_equals_one_unsharded_process(runs, singles, name):
         )
 
 
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", COMBINED)
 def test_parameter_norms_are_those_of_the_full_tensors(runs, name):
     """Against DTensor's own full tensors and clip_grad_norm_'s total, in the same run."""
     frame = pd.read_parquet(runs / f"{name}_0.parquet")
@@ -345,7 +362,7 @@ def test_a_local_shard_norm_would_have_been_wrong(runs):
 
 
 def test_every_rank_holds_the_same_rows_and_only_rank_zero_writes(runs):
-    for name in CASES:
+    for name in COMBINED:
         a = pd.read_parquet(runs / f"{name}_0.parquet")
         b = pd.read_parquet(runs / f"{name}_1.parquet")
         pd.testing.assert_frame_equal(a, b)
@@ -401,3 +418,23 @@ def test_error_signals_of_micro_batches_accumulated_without_sync(runs, singles):
     assert len(errors) > 0
     for row in errors.itertuples():
         assert row.value_fsdp == pytest.approx(row.value_single, rel=1e-5), (row.step, row.name)
+
+
+def test_no_warning_and_no_gap_in_a_sharded_run(runs):
+    for name in COMBINED:
+        for rank in range(WORLD):
+            assert json.loads((runs / f"{name}_{rank}_warnings.json").read_text()) == [], name
+
+
+def test_ranks_not_combined_leave_sharded_norms_out_with_a_word(runs):
+    """sync_ranks=False: no collective, so no norm of a sharded parameter (a shard's norm
+    is not the parameter's) and no global norm; module rows are each rank's own."""
+    name = "uneven_ranks_not_combined"
+    for rank in range(WORLD):
+        frame = pd.read_parquet(runs / f"{name}_{rank}.parquet")
+        stats = set(frame.stat)
+        assert not stats & {"grad_norm", "param_norm", "update_ratio", "global_grad_norm"}
+        assert "global_grad_norm_preclip" not in stats and "clipped" not in stats
+        assert {"error_norm", "act_mean"} <= stats
+        said = json.loads((runs / f"{name}_{rank}_warnings.json").read_text())
+        assert len(said) == 1 and "sync_ranks=False" in said[0], said

@@ -301,6 +301,9 @@ class Probe:
         self._layout_signatures: set[tuple[int, str, int]] = set()
         self._slot_layout: dict[int, str] = {}
         self._deferred_units: list[tuple[int, tuple[int, ...], Tensor]] = []
+        # Shapes two typed modules read in different layouts ([B, T, W] features and, with
+        # T == W, [B, W, T] channels after a transpose): their shape says nothing.
+        self._ambiguous_shapes: set[tuple[int, ...]] = set()
         # What each module's units turned out to be ("feature" or "channel"), for the meta.
         self._unit_kinds: dict[int, str] = {}
         # One weak reference for every hook: the hooks must not keep the Probe alive.
@@ -731,8 +734,23 @@ class Probe:
         """Units of the calls whose layout was not known in their hook (see _record_units)."""
         deferred, self._deferred_units = self._deferred_units, []
         for k, shape, activity in deferred:
+            layout = self._inherited_layout(k, shape)
+            if layout is None and shape in self._ambiguous_shapes:
+                # Features-last and channels share this shape and this module has shown
+                # neither yet: its units are unknown, so no units rather than wrong ones.
+                name = self._slots[k].name
+                warn_gap(
+                    self._failed_where,
+                    f"ambiguous units of {name}",
+                    f"gradprobe: module {name!r} received a {list(shape)} tensor that other "
+                    "modules read both as [N, ..., features] and as [N, channels, ...] (a "
+                    "transpose where the sequence length equals the width): its dead_frac "
+                    "and dead_window_frac are not recorded for such calls until a call of "
+                    "another shape shows its units",
+                )
+                continue
             # Nothing in the step said: channels of [N, C, ...], as before.
-            layout = self._inherited_layout(k, shape) or "channel"
+            layout = layout or "channel"
             unit = len(shape) - 1 if layout == "last" else 1
             if k not in self._unit_kinds:
                 self._unit_kinds[k] = "channel" if unit == 1 else "feature"
@@ -761,7 +779,12 @@ class Probe:
         return y.dim() - 1 if layout == "last" else 1
 
     def _learn_layout(self, shape: tuple[int, ...], layout: str) -> None:
-        self._layout_by_shape[shape] = layout
+        known = self._layout_by_shape.get(shape)
+        if shape in self._ambiguous_shapes or (known is not None and known != layout):
+            self._ambiguous_shapes.add(shape)
+            self._layout_by_shape.pop(shape, None)
+        else:
+            self._layout_by_shape[shape] = layout
         units = shape[-1] if layout == "last" else shape[1]
         self._layout_signatures.add((len(shape), layout, units))
 
@@ -955,6 +978,22 @@ class Probe:
             record(device, idx, "grad_nonfinite", nonfinite)
             self.buffer.set_param_host(idx, "has_grad")
 
+    def _end_sharded_step(self) -> None:
+        """Sharded parameters' norms of the step: their shards' squares summed across the
+        ranks, by all of them (whatever failed before on one), unless told not to combine
+        ranks: then they are left out, with one warning (a shard's norm is not theirs)."""
+        if self._sync_ranks is not False:
+            self._shards.reduce(self.buffer)
+            return
+        self._shards.drop(self.buffer)
+        warn_gap(
+            self._failed_where,
+            "sharded parameters",
+            "gradprobe: sync_ranks=False, so the norms of sharded (FSDP2) parameters are "
+            "not combined across ranks; a shard's norm is not the parameter's, so they and "
+            "the global norms are not recorded. Leave sync_ranks unset to have them",
+        )
+
     def _hook_unsharded_params(self) -> None:
         """Hook FSDP2's full parameters, which it makes at its first all-gather: backward
         accumulates into them, and without gradient sync only into them, so they say
@@ -1142,10 +1181,7 @@ class Probe:
         if not self._ranks_resolved:
             self._guard(self._resolve_ranks, "the step boundary (process group)")
         if self._recording and self._shards:
-            # On every rank, whatever failed before: the collective must be issued by all.
-            self._guard_params(
-                partial(self._shards.reduce, self.buffer), "the step boundary (sharded norms)"
-            )
+            self._guard_params(self._end_sharded_step, "the step boundary (sharded norms)")
         if self._recording and not self._guard(self._close_step, "the step boundary"):
             self._deferred_units = []
             self._guard(

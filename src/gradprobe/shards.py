@@ -242,6 +242,15 @@ class ShardedNorms:
         self._held = {}
         self._measured = {}
 
+    def drop(self, buffer: StepBuffer) -> None:
+        """Leave the step's sharded parameters out, without a collective (ranks are not
+        combined): a gap for each one measured, since a shard's norm is not its norm."""
+        measured = self._measured
+        self.discard()
+        idx = sorted({i for names in measured.values() for ps in names.values() for i in ps})
+        if idx:
+            buffer.set_param_host(idx, "param_gap")
+
     def reduce(self, buffer: StepBuffer) -> None:
         """Sum the step's squares over the shards and record the full tensors' values.
 

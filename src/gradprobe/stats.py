@@ -183,10 +183,13 @@ def model_partials(params: Arrays) -> dict[str, np.ndarray]:
     """
     has_grad = params["has_grad"] > 0
     has_pre = params["has_preclip"] > 0
+    # A parameter left out of a step (a failed step hook) leaves its global norms out:
+    # a sum over the other parameters would be a wrong number, not a gap.
+    whole = ~(params["param_gap"] > 0).any(axis=1, keepdims=True)
     return {
-        "any_grad": has_grad.any(axis=1, keepdims=True).astype(np.float64),
+        "any_grad": (has_grad.any(axis=1, keepdims=True) & whole).astype(np.float64),
         "grad_sumsq": np.where(has_grad, params["grad_norm"] ** 2, 0.0).sum(axis=1, keepdims=True),
-        "any_preclip": has_pre.any(axis=1, keepdims=True).astype(np.float64),
+        "any_preclip": (has_pre.any(axis=1, keepdims=True) & whole).astype(np.float64),
         "preclip_sumsq": np.where(has_pre, params["preclip_norm"] ** 2, 0.0).sum(
             axis=1, keepdims=True
         ),
