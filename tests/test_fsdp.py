@@ -14,7 +14,8 @@ parameter at every step, and the total norm ``torch.nn.utils.clip_grad_norm_`` r
 for the DTensor gradients. Mixed precision (bf16 compute) is checked against that one
 exactly, and against the float32 single process within bf16's rounding.
 
-All cases run in one spawn of two processes (about 15 s on 2 shared CPU cores).
+All cases run in one spawn of two processes, then once more in one process: 50 to 80 s
+in all on 2 shared CPU cores, hence `slow`.
 """
 
 from __future__ import annotations
