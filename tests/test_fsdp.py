@@ -20,6 +20,7 @@ in all on 2 shared CPU cores, hence `slow`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import warnings
@@ -140,15 +141,18 @@ CASES: dict[str, Case] = {
     "uneven_ranks_not_combined": Case("uneven", reshard=True, sync_ranks=False),
 }
 COMBINED = [n for n, c in CASES.items() if c.sync_ranks is not False]
+# Trained once more without a Probe: the weights must come out bit for bit the same.
+UNPROBED_TWINS = ("mlp_kept_full", "conv_accumulated_without_sync", "mlp_bf16")
 
 
 # ------------------------------------------------------------------ one training run
 def train(
-    case: Case, model: nn.Module, rank: int, world: int, store: Path | None
-) -> tuple[pd.DataFrame, list[dict]]:
-    """Train ``STEPS`` steps on this rank's share of each global batch under a Probe; the
-    frame, and per step the reference numbers from the full tensors (an independent
-    computation: DTensor's ``full_tensor()`` collectives, torch's ``clip_grad_norm_``)."""
+    case: Case, model: nn.Module, rank: int, world: int, store: Path | None, probed: bool = True
+) -> tuple[pd.DataFrame | None, list[dict]]:
+    """Train ``STEPS`` steps on this rank's share of each global batch under a Probe (or
+    none: ``probed=False``); the frame, and per step the reference numbers from the full
+    tensors (an independent computation: DTensor's ``full_tensor()`` collectives, torch's
+    ``clip_grad_norm_``)."""
     params = dict(model.named_parameters())
     optimizer: torch.optim.Optimizer | None = None
     if case.optimizer == "sgd":
@@ -163,16 +167,20 @@ def train(
             model(batch(case.model, -1)[0][:2])
         model.train()
     references: list[dict] = []
-    probe = Probe(
-        model,
-        optimizer,
-        store=store,
-        stats="full",
-        flush_every=2,
-        dead_window=2,
-        sync_ranks=case.sync_ranks,
+    probe = (
+        Probe(
+            model,
+            optimizer,
+            store=store,
+            stats="full",
+            flush_every=2,
+            dead_window=2,
+            sync_ranks=case.sync_ranks,
+        )
+        if probed
+        else None
     )
-    with probe:
+    with probe or contextlib.nullcontext():
         for step in range(STEPS):
             x, y = batch(case.model, step)
             share = len(x) // world
@@ -199,7 +207,8 @@ def train(
                 with torch.no_grad():
                     for p in params.values():
                         p.sub_(0.05 * p.grad)
-                probe.step()
+                if probe is not None:
+                    probe.step()
             ref["update_ratio"] = {
                 n: float(
                     torch.linalg.vector_norm(_full(p).detach().double() - before[n])
@@ -208,7 +217,7 @@ def train(
                 for n, p in params.items()
             }
             references.append(ref)
-        return probe.frame(), references
+        return (probe.frame() if probe is not None else None), references
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
@@ -253,6 +262,14 @@ def _worker(rank: int, port: int, out: str) -> None:
             (Path(out) / f"{name}_{rank}_warnings.json").write_text(json.dumps(said))
             if rank == 0:
                 (Path(out) / f"{name}_reference.json").write_text(json.dumps(references))
+            if name in UNPROBED_TWINS:
+                twin = shard(case, MODELS[case.model]())
+                train(case, twin, rank, WORLD, None, probed=False)
+                same = all(
+                    torch.equal(_full(p), _full(q))
+                    for p, q in zip(model.parameters(), twin.parameters(), strict=True)
+                )
+                (Path(out) / f"{name}_{rank}_twin.json").write_text(json.dumps(same))
     finally:
         dist.destroy_process_group()
 
@@ -439,3 +456,9 @@ def test_ranks_not_combined_leave_sharded_norms_out_with_a_word(runs):
         assert {"error_norm", "act_mean"} <= stats
         said = json.loads((runs / f"{name}_{rank}_warnings.json").read_text())
         assert len(said) == 1 and "sync_ranks=False" in said[0], said
+
+
+def test_the_probe_changes_nothing_in_sharded_training(runs):
+    for name in UNPROBED_TWINS:
+        for rank in range(WORLD):
+            assert json.loads((runs / f"{name}_{rank}_twin.json").read_text()) is True, name
