@@ -228,7 +228,9 @@ class Probe:
             gradient norm is unscaled by it.
         process_group: the data-parallel group (default: the whole world).
         sync_ranks: combine statistics across ranks; by default, whenever
-            ``torch.distributed`` is initialised with more than one rank.
+            ``torch.distributed`` is initialised with more than one rank. Sharded
+            (FSDP2) parameters' norms are combined across their shards at each step
+            unless it is ``False``; then they are left out, with one warning.
 
     Use it as a context manager, or call :meth:`close`: that removes every hook and
     leaves the model exactly as it was. Keep a reference to the Probe while training:
