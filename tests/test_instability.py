@@ -275,3 +275,39 @@ def test_new_kinds_are_in_the_json_schema() -> None:
     assert {"divergence", "grad_norm_spike"} <= set(found.kinds)
     doc = json.loads(found.to_json())
     assert validate(doc, FINDINGS_JSON_SCHEMA) == []
+
+
+def test_gradients_gated_off_during_a_warm_up_are_not_a_spike() -> None:
+    # A running median of 0 makes no ratio: the first non-zero norms are no "×inf" spike.
+    norm = np.r_[np.zeros(15), np.full(20, 1e-3)]
+    assert diagnose(_series_run(grad_norm=norm)).of("grad_norm_spike") is None
+
+
+def test_a_parameter_switched_on_after_a_warm_up_is_not_unused() -> None:
+    # Missing on steps 0–11 (over half of 20), a gradient every step since: nothing unused,
+    # and diagnose runs to the end (it once raised on an empty set of later steps).
+    rows = [(s, "aux.weight", "grad_missing", 1.0) for s in range(12)]
+    rows += [(s, "aux.weight", "grad_norm", 0.5) for s in range(12, 20)]
+    rows += [(s, "fc0.weight", "grad_norm", 1.0) for s in range(20)]
+    found = diagnose(synthetic_run(rows, [{"name": "fc0"}]))
+    assert found.of("unused_parameters") is None
+    assert not any("could not be judged" in v for v in found.skipped.values())
+
+
+def test_a_detector_that_fails_is_a_skipped_check_not_a_crash(monkeypatch) -> None:
+    import dataclasses
+    import importlib
+
+    # the module (gradprobe.diagnose is also the function the package exports)
+    diagnose_module = importlib.import_module("gradprobe.diagnose")
+
+    def broken(run):
+        raise ValueError("boom")
+
+    detectors = {
+        k: (dataclasses.replace(d, fn=broken) if k == "plateau" else d)
+        for k, d in diagnose_module.DETECTORS.items()
+    }
+    monkeypatch.setattr(diagnose_module, "DETECTORS", detectors)
+    found = diagnose(_series_run(loss=np.linspace(2.0, 1.0, 40)))
+    assert found.skipped["plateau"] == "could not be judged: ValueError: boom"

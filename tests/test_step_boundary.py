@@ -360,3 +360,29 @@ def test_probe_step_without_optimizer_never_raises(monkeypatch):
     assert set(frame.step) == {0, 1, 3}
     for (k, a), b in zip(model.state_dict().items(), twin.state_dict().values()):
         assert torch.equal(a, b), k
+
+
+def test_no_state_outlives_its_step() -> None:
+    """Per-backward bookkeeping is dropped at the step boundary: with no module probed (no
+    pass ever trims it), with a module whose output never requires grad (Dropout on the
+    input), and after a backward that raised (an OOM retry never runs its end callback)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Dropout(0.1), nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    for modules in ([], None):
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        with Probe(model, opt, modules=modules) as probe:
+            for step in range(20):
+                opt.zero_grad()
+                loss = model(torch.randn(16, 4)).pow(2).mean()
+                if step % 5 == 0:
+                    # a backward that raises half-way: a hook on the input of the last layer
+                    h = model[2](model[1](model[0](torch.randn(16, 4))))
+                    h.register_hook(lambda g: (_ for _ in ()).throw(RuntimeError("oom")))
+                    with pytest.raises(RuntimeError, match="oom"):
+                        model[3](h).sum().backward()
+                loss.backward()
+                opt.step()
+            traversals = probe._traversals
+            assert len(traversals.accumulating) == 0, modules
+            assert len(traversals.pending) == 0, modules
+            assert sum(probe._owed_error_hooks.values()) == 0, modules

@@ -1146,8 +1146,10 @@ def detect_unused_parameters(run: Run) -> Finding | None:
             continue
         had = grads[name].dropna().index if name in grads.columns else pd.Index([])
         last_grad = int(had.max()) if len(had) else None
-        since = int(steps[steps > last_grad].min()) if last_grad is not None else int(steps.min())
-        rows.append((name, count, since, last_grad))
+        later = steps[steps > last_grad] if last_grad is not None else steps
+        if len(later) == 0:
+            continue  # missing early (a branch switched on after warm-up), used since: fine
+        rows.append((name, count, int(later.min()), last_grad))
     if not rows:
         return None
     never = [r for r in rows if r[3] is None]
@@ -1208,7 +1210,8 @@ def detect_grad_norm_spike(run: Run) -> Finding | None:
         return None
     median = _running_median(norm)
     ratio = norm / median
-    hit = ratio[(ratio >= GRAD_SPIKE_FACTOR) & np.isfinite(norm)]
+    # A median of 0 (gradients gated off during a warm-up) makes no ratio: no spike.
+    hit = ratio[(ratio >= GRAD_SPIKE_FACTOR) & np.isfinite(norm) & (median > 0)]
     if hit.empty:
         return None
     steps = [int(s) for s in hit.index]
@@ -1585,7 +1588,12 @@ def diagnose(run_or_probe: Any) -> Findings:
                 )
             continue
         ran.append(kind)
-        finding = det.fn(run)
+        try:
+            finding = det.fn(run)
+        except Exception as exc:  # one detector's failure must not take the others with it
+            ran.pop()
+            skipped[kind] = f"could not be judged: {type(exc).__name__}: {exc}"
+            continue
         if finding is not None:
             remedies = tuple(rank_remedies(finding.kind, profile))
             found.append(

@@ -674,8 +674,10 @@ class Probe:
         if y is None:
             self._unreadable_module(k, "output", output)
             return
-        if self._want_error and not y.requires_grad:
-            self._owed_error_hooks[k] += 1  # only a recomputation pays it: _on_recomputed
+        if self._want_error and not y.requires_grad and not torch.is_grad_enabled():
+            # A first run under no_grad inside a trained pass (reentrant checkpointing):
+            # only its recomputation pays this (_on_recomputed); reset at the step's end.
+            self._owed_error_hooks[k] += 1
         slot = self._slots[k]
         if k not in self._seen_slots:
             self._seen_slots.add(k)
@@ -1180,6 +1182,13 @@ class Probe:
         """Close the step. Never raises: a failure is one warning and a gap (this step's
         rows, or a flush's), and the step count moves on."""
         self._backward_pending = False  # a backward that raised never ran its callback
+        if not _inside_backward():
+            # Nothing of a backward outlives its step: a backward that raised (an OOM retry)
+            # never ran the callback that drops its pending results, and with no probed
+            # module hooked no pass ever trims the set of passes that accumulated.
+            self._owed_error_hooks.clear()
+            self._traversals.pending.clear()
+            self._traversals.accumulating.clear()
         if not self._ranks_resolved:
             self._guard(self._resolve_ranks, "the step boundary (process group)")
         if self._recording and self._shards:
