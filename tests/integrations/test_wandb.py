@@ -24,10 +24,10 @@ from torch import nn
 pytest.importorskip("wandb", reason="the [wandb] extra is not installed")
 
 import wandb
+from _trackers import OddNames, deep_sigmoid, expected_key, sequential, train
 from wandb.proto import wandb_internal_pb2
 
 import gradprobe
-from gradprobe import Probe
 from gradprobe.diagnose import Findings
 from gradprobe.integrations.wandb import WandbWriter, export, log_findings
 
@@ -118,56 +118,6 @@ class Offline:
     def table(self, key: str) -> dict:
         path = self.summary[f"{key}/path"]
         return json.loads((self.folder / "files" / path).read_text(encoding="utf-8"))
-
-
-class OddNames(nn.Module):
-    """Module names with characters MLflow refuses in a key: '(' ')' '[' ']'."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.layers = nn.ModuleDict({"in(put)": nn.Linear(4, 8), "out[1]": nn.Linear(8, 2)})
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers["out[1]"](torch.sigmoid(self.layers["in(put)"](x)))
-
-
-def sequential() -> nn.Module:
-    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
-
-
-def deep_sigmoid() -> nn.Module:
-    """Ten sigmoid layers: gradients vanish, so the diagnosis has findings to log."""
-    layers: list[nn.Module] = []
-    for i in range(10):
-        layers += [nn.Linear(4 if i == 0 else 16, 16), nn.Sigmoid()]
-    return nn.Sequential(*layers, nn.Linear(16, 2))
-
-
-def train(make=sequential, store=None, steps=3, flush_every=2, live=None, user_logs=False):
-    """Train under a Probe; ``live(probe)`` makes a writer; ``user_logs``: the loop logs its
-    own loss to W&B every step, at W&B's own step. Returns (model, writer)."""
-    torch.manual_seed(0)
-    model = make()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    x, y = torch.randn(16, 4), torch.randint(0, 2, (16,))
-    writer = None
-    with Probe(model, opt, store=store, flush_every=flush_every) as probe:
-        writer = live(probe) if live else None
-        for _ in range(steps):
-            opt.zero_grad()
-            loss = nn.functional.cross_entropy(model(x), y)
-            loss.backward()
-            probe.log(loss=loss)
-            opt.step()
-            if user_logs:
-                wandb.log({"train/loss": loss.item()})
-    return model, writer
-
-
-def expected_key(stat: str, name: str) -> str:
-    """The documented mapping, written out independently of the module's."""
-    key = f"gradprobe/{stat}" if name == "(model)" else f"gradprobe/{stat}/{name}"
-    return re.sub(r"[^A-Za-z0-9_\-. /:]", "_", key)
 
 
 def check(offline: Offline, run: gradprobe.Run, model: nn.Module, *, wandb_steps=True) -> None:
@@ -271,7 +221,7 @@ def test_live_writer_beside_the_users_own_steps(tmp_path, wandb_dir):
         steps=5,
         flush_every=2,
         live=lambda p: WandbWriter(p, use_step=False),
-        user_logs=True,
+        after_step=lambda loss: wandb.log({"train/loss": loss.item()}),
     )
     writer.close()
     user_run.finish()
