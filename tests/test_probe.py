@@ -300,7 +300,8 @@ def test_shared_parameter_has_one_row_and_frozen_ones_none():
 
 # ---------------------------------------------------------------- NaN/Inf
 
-def test_injected_nan_is_found_at_its_layer():
+@pytest.mark.parametrize("stats", ["default", "full"])
+def test_injected_nan_is_found_at_its_layer(stats):
     class Poison(nn.Module):
         def forward(self, x):
             return x * float("nan")
@@ -309,14 +310,19 @@ def test_injected_nan_is_found_at_its_layer():
     model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 6), Poison(), nn.Linear(6, 6),
                           nn.Tanh(), nn.Linear(6, 2))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with Probe(model, opt) as probe:
+    with Probe(model, opt, stats=stats) as probe:
         train_steps(model, torch.randn(8, 4), torch.randint(0, 2, (8,)), nn.functional.cross_entropy, opt, 1)
         run = probe.run()
     frame = run.frame()
     assert value(frame, 0, "2", "nonfinite") == 0
-    assert value(frame, 0, "3", "nonfinite") == 8 * 6  # every entry of its [8, 6] output
+    # Every entry of its [8, 6] output: counted under "full", flagged (1) otherwise.
+    assert value(frame, 0, "3", "nonfinite") == (8 * 6 if stats == "full" else 1)
     assert run.first_nonfinite() == (0, "3", "nonfinite")
-    assert value(frame, 0, "6.weight", "nonfinite") > 0
+    for name in ("6.weight", "0.weight", "0.bias"):  # .grad is still the step's
+        bad = int((~torch.isfinite(model.get_parameter(name).grad)).sum())
+        assert bad > 0
+        assert value(frame, 0, name, "nonfinite") == (bad if stats == "full" else 1)
+    assert value(frame, 0, "4", "error_nonfinite") == (8 * 6 if stats == "full" else 1)
 
 
 # ---------------------------------------------------------------- robustness

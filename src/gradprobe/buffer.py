@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .reduce import accumulation_dtype
 from .stats import MODEL_HOST_PARTIALS, MODULE_HOST_PARTIALS, PARTIALS, Combine, model_partials
 
 __all__ = ["FIELDS", "Drained", "Ranks", "StepBuffer", "accumulation_dtype"]
@@ -44,11 +45,6 @@ FIELDS: dict[str, tuple[str, ...]] = {
 }
 MODULE_PARTIALS = [n for n, p in PARTIALS.items() if p.scope == "module"]
 PARAM_PARTIALS = [n for n, p in PARTIALS.items() if p.scope == "parameter"]
-
-
-def accumulation_dtype(device: torch.device) -> torch.dtype:
-    """float64 where the device has it: squared error signals of 1e-20 must not underflow."""
-    return torch.float32 if device.type == "mps" else torch.float64
 
 
 @dataclass

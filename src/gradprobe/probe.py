@@ -69,9 +69,10 @@ from torch.utils import _pytree
 
 from ._version import __version__
 from .activations import Activation, activation_of, recurrent_nonlinearity
-from .buffer import Drained, Ranks, StepBuffer, accumulation_dtype
+from .buffer import Drained, Ranks, StepBuffer
 from .errors import GradprobeError
 from .hooks import GradprobeWarning, HookSet, ModuleHook, warn_gap, warn_once
+from .reduce import accumulation_dtype, l2_norm, l2_norms
 from .run import Run, empty_frame, load, normalize_frame
 from .shards import ShardedNorms, local_shards, sharded_parameters
 from .stats import MODEL_NAME, PRESETS, SAT_THRESHOLD, STATISTICS, finalize, logged_mean
@@ -148,9 +149,16 @@ class _Slot:
     histogram_range: tuple[float, float]
 
 
-def _reduction_dtype(t: Tensor) -> torch.dtype | None:
+def _sum_dtype(t: Tensor) -> torch.dtype | None:
     """float32 for half-precision tensors (AMP): a bfloat16 sum keeps about 3 digits."""
     return torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else None
+
+
+def _activity(y: Tensor, dims: tuple[int, ...]) -> Tensor:
+    """max |y| over ``dims``: > 0 iff the unit is non-zero somewhere (NaN: counted dead).
+    A max and a min are two reading passes; ``abs()`` first would write a copy (~2× dearer
+    on a conv output)."""
+    return torch.maximum(y.amax(dim=dims), y.amin(dim=dims).neg())
 
 
 # A mapping output (a dict, a transformers ModelOutput) is read at these keys first: the
@@ -269,6 +277,7 @@ class Probe:
             )
         # The group is looked up when the first step closes (see _resolve_ranks).
         self._sync_ranks = sync_ranks
+        self._distributed = distributed
         self._process_group = process_group
         self._ranks_resolved = False
         self.compiled = is_compiled(model)
@@ -276,6 +285,9 @@ class Probe:
         self.flush_every = flush_every
         self.stats = _resolve_stats(stats)
         self.histograms = stats == "full"
+        # NaN/Inf: exact counts of entries under "full"; elsewhere a flag that the norms
+        # carry at no extra pass (gradprobe/reduce.py).
+        self.exact_counts = stats == "full"
         self.label = label
         inner = unwrap_model(model)
         self._model_ref = weakref.ref(inner)
@@ -315,9 +327,15 @@ class Probe:
         self._snapshot: (
             dict[tuple[torch.device, torch.dtype], tuple[list[int], list[Tensor], Tensor]] | None
         ) = None
-        self._zeros: dict[torch.device, Tensor] = {}
+        self._zeros: dict[tuple[torch.device, int], Tensor] = {}
         # Gradient norms of the last finished backward pass, by (device, parameter indices).
-        self._preclip: dict[tuple[torch.device, tuple[int, ...]], Tensor] = {}
+        self._preclip: dict[
+            tuple[torch.device, tuple[int, ...]], tuple[Tensor, list[bool] | None]
+        ] = {}
+        # The .grad tensors and versions those norms were taken of (see _grads_untouched).
+        self._grad_versions: dict[tuple[torch.device, tuple[int, ...]], list[tuple[int, int]]] = {}
+        # ‖w‖ just taken for param_norm: the update_ratio snapshot reuses them.
+        self._param_norms_now: dict[tuple[torch.device, tuple[int, ...]], Tensor] = {}
         self._backward_pending = False
         self._scaler_ref = weakref.ref(scaler) if scaler is not None else None
         self._scale_marker = _scale_marker(scaler)
@@ -663,7 +681,7 @@ class Probe:
                     saturated = torch.count_nonzero(gate < SAT_THRESHOLD * act.max_derivative)
                 else:
                     saturated = self._zero(z.device)
-                total = gate.sum(dtype=_reduction_dtype(gate))
+                total = gate.sum(dtype=_sum_dtype(gate))
                 self.buffer.record("gate", k, z.device, z.numel(), total, saturated)
             self.buffer.add_host(k, "gate_count", z.numel())
             if act.saturates:
@@ -690,19 +708,21 @@ class Probe:
             yd = y.detach()
             if self._want_output:
                 # sum and norm are each a single cheap kernel (var_mean is several times
-                # dearer); y − y is 0 where y is finite and NaN where it is NaN or ±Inf.
+                # dearer); the norm carries the NaN/Inf flag (gradprobe/reduce.py).
+                norm, finite = l2_norm(yd)
                 self.buffer.record(
                     "out",
                     k,
                     device,
                     n,
-                    yd.sum(dtype=_reduction_dtype(yd)),
-                    torch.linalg.vector_norm(yd, dtype=_reduction_dtype(yd)),
+                    yd.sum(dtype=_sum_dtype(yd)),
+                    norm,
                     torch.count_nonzero(yd),
-                    torch.count_nonzero(yd - yd),
+                    self._nonfinite(yd, norm, finite),
                 )
             elif self._want_nonfinite:
-                self.buffer.record("nonfinite", k, device, n, torch.count_nonzero(yd - yd))
+                norm, finite = l2_norm(yd)
+                self.buffer.record("nonfinite", k, device, n, self._nonfinite(yd, norm, finite))
             if self._want_units and yd.dim() >= 1:
                 self._record_units(slot, yd)
             if self.histograms:
@@ -713,10 +733,23 @@ class Probe:
             self._hook_errors(k, y)
 
     def _zero(self, device: torch.device) -> Tensor:
-        zero = self._zeros.get(device)
-        if zero is None:
-            zero = self._zeros[device] = torch.zeros((), device=device)
-        return zero
+        return self._constant(device, 0)
+
+    def _constant(self, device: torch.device, value: int) -> Tensor:
+        """A 0-d tensor of 0 or 1 to record (the buffer stacks copies: it is never written)."""
+        constant = self._zeros.get((device, value))
+        if constant is None:
+            constant = self._zeros[(device, value)] = torch.full((), float(value), device=device)
+        return constant
+
+    def _nonfinite(self, t: Tensor, norm: Tensor, finite: bool | None) -> Tensor:
+        """NaN/Inf entries of ``t``: their exact number under ``stats="full"``, else a flag
+        (0 or 1) that the norm already carries, at no extra pass (gradprobe/reduce.py)."""
+        if self.exact_counts:
+            return torch.count_nonzero(t - t)  # t − t is NaN exactly where t is NaN or ±Inf
+        if finite is not None:
+            return self._constant(t.device, 0 if finite else 1)
+        return ~torch.isfinite(norm)
 
     def _record_units(self, slot: _Slot, y: Tensor) -> None:
         """Per-unit activity of one call: max |y| per unit, > 0 iff the unit fired somewhere
@@ -727,12 +760,12 @@ class Probe:
             # An element-wise module on a tensor no module has shown the layout of yet (the
             # model's input, first step): reduce the batch dimension now, the rest when the
             # step closes, by when the module that reads this tensor has said.
-            self._deferred_units.append((k, tuple(y.shape), y.abs().amax(dim=0)))
+            self._deferred_units.append((k, tuple(y.shape), _activity(y, (0,))))
             return
         if k not in self._unit_kinds:  # host-only, once per module
             self._unit_kinds[k] = "channel" if unit == 1 and y.dim() >= 3 else "feature"
         dims = tuple(d for d in range(y.dim()) if d != unit)
-        self.buffer.record_units(k, y.device, y.abs().amax(dim=dims).reshape(-1))
+        self.buffer.record_units(k, y.device, _activity(y, dims).reshape(-1))
 
     def _record_deferred_units(self) -> None:
         """Units of the calls whose layout was not known in their hook (see _record_units)."""
@@ -849,11 +882,11 @@ class Probe:
             return
         with torch.no_grad():
             g = grad.detach()
-            # float64 where the device has it: 1e-20 signals of vanishing nets must not underflow.
-            norm = torch.linalg.vector_norm(g, dtype=accumulation_dtype(g.device))
-            # g − g is NaN exactly where g is NaN or ±Inf; on the input side the norm
-            # itself carries it (a NaN/Inf error_gain where dL/d(output) is finite).
-            values = (norm, torch.count_nonzero(g - g)) if kind == "err" else (norm,)
+            # Screened float32, or float64: 1e-20 signals of vanishing nets must not
+            # underflow (gradprobe/reduce.py). On the input side the norm itself carries
+            # NaN/Inf (a NaN/Inf error_gain where dL/d(output) is finite).
+            norm, finite = l2_norm(g)
+            values = (norm, self._nonfinite(g, norm, finite)) if kind == "err" else (norm,)
         self._pending_errors().records.append((kind, k, token, g.device, g.numel(), values))
 
     def _on_input_share(
@@ -879,7 +912,7 @@ class Probe:
         if total is None:
             return
         with torch.no_grad():
-            norm = torch.linalg.vector_norm(total, dtype=accumulation_dtype(total.device))
+            norm, _ = l2_norm(total)
         pending.records.append(("in_err", k, token, total.device, total.numel(), (norm,)))
 
     def _pending_errors(self) -> Any:
@@ -966,20 +999,26 @@ class Probe:
         preclip, self._preclip = self._preclip, {}
         # Sharded parameters' values (of local shards) wait for the step's one collective.
         record = partial(self._shards.record, self.buffer)
-        for (device, idx), norms in preclip.items():
+        for (device, idx), (norms, _finite) in preclip.items():
             record(device, list(idx), "preclip_norm", norms)
             self.buffer.set_param_host(list(idx), "has_preclip")
         self._record_missing_grads()
         if not self._want_params:
             return
+        preclip_by_key = {key: value for key, value in preclip.items()}
         for (device, _dtype), idx in self._param_groups(with_grad=True).items():
             params = local_shards([self._params[i] for i in idx])
             grads = _grad_values([self._params[i].grad for i in idx])
-            record(device, idx, "grad_norm", _l2_norms(grads, device))
+            # The norms backward left are these very gradients' where nothing touched
+            # them since (no clipping, no scaler): one pass fewer.
+            same = preclip_by_key.get((device, tuple(idx)))
+            if same is not None and self._grads_untouched(idx):
+                grad_norms, finite = same
+            else:
+                grad_norms, finite = l2_norms(grads, device)
+            record(device, idx, "grad_norm", grad_norms)
             record(device, idx, "param_norm", self._before_norms(device, idx, params))
-            # NaN·0 and Inf·0 are NaN, finite·0 is 0: the ord-0 "norm" counts them.
-            nonfinite = torch.stack(torch._foreach_norm(torch._foreach_mul(grads, 0.0), 0))
-            record(device, idx, "grad_nonfinite", nonfinite)
+            record(device, idx, "grad_nonfinite", self._grads_nonfinite(device, grads, grad_norms, finite))
             self.buffer.set_param_host(idx, "has_grad")
 
     def _end_sharded_step(self) -> None:
@@ -1027,13 +1066,41 @@ class Probe:
         scale = scaler._scale if scaler is not None and scaler.is_enabled() else None
         preclip = {}
         for (device, _dtype), idx in self._param_groups(with_grad=True).items():
-            norms = _l2_norms(_grad_values([self._params[i].grad for i in idx]), device)
+            norms, finite = l2_norms(_grad_values([self._params[i].grad for i in idx]), device)
             if scale is not None:
                 dtype = accumulation_dtype(device)
                 # The scaled loss made scaled gradients: divide on the device, no sync.
                 norms = norms.to(dtype) / scale.to(device=device, dtype=dtype)
-            preclip[(device, tuple(idx))] = norms
+                self._grad_versions.pop((device, tuple(idx)), None)
+            else:  # unscaled: the step may reuse them if nothing touched the gradients
+                self._grad_versions[(device, tuple(idx))] = self._versions(idx)
+            preclip[(device, tuple(idx))] = (norms, finite)
         self._preclip = preclip
+
+    def _versions(self, idx: list[int]) -> list[tuple[int, int]]:
+        """Which tensor each ``.grad`` is and its in-place version: host numbers, no sync."""
+        return [(id(g), g._version) for g in (self._params[i].grad for i in idx)]
+
+    def _grads_untouched(self, idx: list[int]) -> bool:
+        """Whether the gradients are exactly as the last backward left them (no clipping,
+        unscaling, or other in-place change since), read from version counters."""
+        key = (self._params[idx[0]].device, tuple(idx)) if idx else None
+        before = self._grad_versions.pop(key, None) if key is not None else None
+        # Under data parallelism collectives write gradients without a version bump.
+        alone = not self._distributed and not self._shards
+        return alone and before is not None and before == self._versions(idx)
+
+    def _grads_nonfinite(
+        self, device: torch.device, grads: list[Tensor], norms: Tensor, finite: list[bool] | None
+    ) -> Tensor:
+        """Per gradient: its NaN/Inf entries under ``stats="full"``, else a 0/1 flag the
+        norms carry at no extra pass."""
+        if self.exact_counts:
+            # NaN·0 and Inf·0 are NaN, finite·0 is 0: the ord-0 "norm" counts them.
+            return torch.stack(torch._foreach_norm(torch._foreach_mul(grads, 0.0), 0))
+        if finite is not None:
+            return torch.tensor([0.0 if ok else 1.0 for ok in finite], device=device)
+        return ~torch.isfinite(norms)
 
     def _poll_scaler(self) -> None:
         """Close a step the ``GradScaler`` skipped (never raises: see :meth:`_check_scaler`)."""
@@ -1077,7 +1144,9 @@ class Probe:
             for (dev, _), (snap_idx, _, norms) in self._snapshot.items():
                 if dev == device and snap_idx == idx:
                     return norms
-        return _l2_norms(params, device)
+        norms, _ = l2_norms(params, device)
+        self._param_norms_now[(device, tuple(idx))] = norms  # the snapshot's, if it follows
+        return norms
 
     @torch.no_grad()
     def _take_snapshot(self) -> None:
@@ -1087,8 +1156,15 @@ class Probe:
         for key, idx in self._param_groups(with_grad=with_grad).items():
             # Sharded parameters: of this rank's shard, before and after alike.
             params = local_shards([self._params[i].detach() for i in idx])
-            copies = torch._foreach_mul(params, 1.0)
-            snapshot[key] = (idx, copies, _l2_norms(copies, key[0]))
+            # A fresh copy at each step, not a buffer kept between steps: it lives only
+            # across optimizer.step(), when the activations are gone, so it never adds
+            # to the step's peak memory.
+            copies = [p.clone() for p in params]
+            norms = self._param_norms_now.get((key[0], tuple(idx)))
+            if norms is None:
+                norms, _ = l2_norms(copies, key[0])
+            snapshot[key] = (idx, copies, norms)
+        self._param_norms_now = {}
         self._snapshot = snapshot
 
     @torch.no_grad()
@@ -1098,7 +1174,8 @@ class Probe:
             return
         for (device, _dtype), (idx, before, before_norms) in snapshot.items():
             after = local_shards([self._params[i].detach() for i in idx])
-            update_norms = _l2_norms(torch._foreach_sub(after, before), device)
+            torch._foreach_sub_(before, after)  # the copy is ours: −update, in place
+            update_norms, _ = l2_norms(before, device)
             dtype = accumulation_dtype(device)
             self._shards.record_ratio(
                 self.buffer,
@@ -1621,13 +1698,6 @@ def _grad_values(grads: list[Tensor]) -> list[Tensor]:
             g = g.values()  # compressed layouts hold each index once
         values.append(g)
     return values
-
-
-def _l2_norms(tensors: list[Tensor], device: torch.device) -> Tensor:
-
-    """L2 norms of many tensors in one batched pass, accumulated in float64 where the
-    device has it: squares of 1e-20 gradients underflow in float32 and would read 0."""
-    return torch.stack(torch._foreach_norm(tensors, 2, dtype=accumulation_dtype(device)))
 
 
 def _long(

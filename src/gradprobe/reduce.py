@@ -1,0 +1,104 @@
+"""How a hook turns a tensor into the few numbers a statistic needs, cheaply.
+
+Why this module: on a CPU the reductions, not the hooks, are what a recorded step
+costs, and their price depends on their formulation far more than on their size
+(timed on the real shapes in ``bench/``): an L2 norm accumulated in float64 costs
+~8× one in float32 (the cast is a copy), ``_foreach_norm`` with a float64 ``dtype``
+~25× the plain one, a norm over ``[rows, -1]`` then over the rows ~½ one flat norm
+(and it is more accurate: float32 partial sums stay short).
+
+**Why float32 is safe here (the screen).** Squares of float32 entries below ~1e-19
+underflow, and above ~1.8e19 overflow: a vanishing error signal of 1e-20 must not
+read 0. Both show in the float32 result: where any square overflowed the norm is
+Inf; where the norm is at least :data:`SAFE_LOW`, what the underflowed entries lost
+is below ``numel · 1.2e-38 / SAFE_LOW²`` of the squared norm (< 1e-8 relative for up to
+10⁹ entries). So a float32 norm that is finite and ≥ :data:`SAFE_LOW` is kept, and only
+the rare tensor outside that range is measured again in float64, exactly as before.
+A NaN or Inf norm (after that recheck) means the tensor held a NaN or an Inf: the
+*flag* of non-finite entries comes free with the norm; an exact count of them costs
+two more passes and is taken only under ``stats="full"``.
+
+The screen reads the float32 result on the host: on a CPU the value is already
+there (no device to wait for), so it costs a microsecond. On other devices nothing is
+read in a hook: norms are accumulated in float64 there (bandwidth-bound, cheap on a
+GPU), and the non-finite flag is a device tensor.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = ["SAFE_LOW", "accumulation_dtype", "l2_norm", "l2_norms", "screened"]
+
+# Below this float32 norm, underflowed squares could matter: see the module's docstring.
+SAFE_LOW = 1e-10
+# Tensors with fewer entries take one flat norm (one kernel); larger ones a norm per
+# row then over the rows (two kernels, half the time, float32 partial sums stay short).
+_ROWWISE_FROM = 1 << 16
+_FLOAT32_INPUTS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def accumulation_dtype(device: torch.device) -> torch.dtype:
+    """float64 where the device has it: squared error signals of 1e-20 must not underflow."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def screened(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether norms of such tensors are taken in float32 and screened on the host."""
+    return device.type == "cpu" and dtype in _FLOAT32_INPUTS
+
+
+def _float32_norm(t: Tensor) -> Tensor:
+    if t.numel() >= _ROWWISE_FROM and t.dim() >= 2 and t.is_contiguous():
+        rows = torch.linalg.vector_norm(t.view(t.shape[0], -1), dim=1, dtype=torch.float32)
+        return torch.linalg.vector_norm(rows)
+    return torch.linalg.vector_norm(t, dtype=torch.float32)
+
+
+def l2_norm(t: Tensor) -> tuple[Tensor, bool | None]:
+    """``‖t‖`` as a 0-d tensor, and whether it is finite where that is known on the host.
+
+    Returns ``(norm, finite)``: ``finite`` is a host bool on the screened (CPU) path —
+    False iff ``t`` holds a NaN or an Inf — and ``None`` elsewhere (then the caller
+    derives the flag on the device: ``~torch.isfinite(norm)``).
+    """
+    if not screened(t.device, t.dtype):
+        return torch.linalg.vector_norm(t, dtype=accumulation_dtype(t.device)), None
+    norm = _float32_norm(t)
+    value = norm.item()  # deliberate: a CPU tensor, the value is already on the host
+    if SAFE_LOW <= value < math.inf:
+        return norm, True
+    exact = torch.linalg.vector_norm(t, dtype=torch.float64)
+    return exact, math.isfinite(exact.item())  # CPU again: no device to wait for
+
+
+def l2_norms(tensors: list[Tensor], device: torch.device) -> tuple[Tensor, list[bool] | None]:
+    """Norms of many tensors of one device and dtype in one batched pass: ``[n]``.
+
+    Returns ``(norms, finite)`` as :func:`l2_norm` does, ``finite`` per tensor. The
+    float32 pass is one ``_foreach_norm``; the few tensors outside the screen's range
+    are measured again in float64.
+    """
+    if not tensors:
+        return torch.zeros(0, device=device, dtype=accumulation_dtype(device)), []
+    if not screened(device, tensors[0].dtype):
+        dtype = accumulation_dtype(device)
+        return torch.stack(torch._foreach_norm(tensors, 2, dtype=dtype)), None
+    if tensors[0].dtype == torch.float32:
+        norms = torch.stack(torch._foreach_norm(tensors))
+    else:
+        norms = torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32))
+    values = norms.tolist()  # deliberate: CPU tensors, the values are already on the host
+    recheck = [i for i, v in enumerate(values) if not SAFE_LOW <= v < math.inf]
+    if not recheck:
+        return norms, [True] * len(values)
+    norms = norms.to(torch.float64)
+    exact = torch._foreach_norm([tensors[i] for i in recheck], 2, dtype=torch.float64)
+    finite = [True] * len(values)
+    for i, value in zip(recheck, exact):
+        norms[i] = value
+        finite[i] = math.isfinite(value.item())  # CPU: no device to wait for
+    return norms, finite
