@@ -142,20 +142,76 @@ class LSTMLanguageModel(nn.Module):
     makes the cell forget at every step.
     """
 
-    def __init__(self, hidden: int = 32, *, forget_bias: float = 1.0, layers: int = 1) -> None:
+    def __init__(
+        self,
+        hidden: int = 32,
+        *,
+        forget_bias: float = 1.0,
+        layers: int = 1,
+        top_forget_bias: float | None = None,
+    ) -> None:
         super().__init__()
         self.embed = nn.Embedding(VOCAB, hidden)
         self.lstm = nn.LSTM(hidden, hidden, num_layers=layers, batch_first=True)
         self.head = nn.Linear(hidden, VOCAB)
+        top = f"_l{layers - 1}"
         with torch.no_grad():
             for name, p in self.lstm.named_parameters():
                 if name.startswith("bias"):  # gates in PyTorch's order: input, forget, cell, output
                     p.zero_()
-                    p[hidden : 2 * hidden] = forget_bias / 2
+                    # ``top_forget_bias``: the last layer's own, the layers below keep theirs
+                    top_only = top_forget_bias is not None and name.endswith(top)
+                    p[hidden : 2 * hidden] = (top_forget_bias if top_only else forget_bias) / 2
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         out, _ = self.lstm(self.embed(tokens))
         return self.head(out)
+
+
+class GRULanguageModel(nn.Module):
+    """Embedding → fused ``nn.GRU`` → linear read-out of the next token at every position.
+
+    ``update_bias`` sets the update gate's bias (both vectors together). The update gate z
+    is the GRU's carry: h_t = (1 − z)⊙n + z⊙h_{t−1}, so a large *negative* bias (z ≈ 0)
+    makes it forget at every step; PyTorch's default (≈ 0) keeps half.
+    """
+
+    def __init__(self, hidden: int = 32, *, update_bias: float | None = None) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, hidden)
+        self.gru = nn.GRU(hidden, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, VOCAB)
+        if update_bias is not None:
+            with torch.no_grad():  # gates in PyTorch's order: reset, update, new
+                self.gru.bias_ih_l0[hidden : 2 * hidden] = update_bias / 2
+                self.gru.bias_hh_l0[hidden : 2 * hidden] = update_bias / 2
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        out, _ = self.gru(self.embed(tokens))
+        return self.head(out)
+
+
+class LSTMCellLanguageModel(nn.Module):
+    """The LSTM language model written as a Python loop over an ``nn.LSTMCell``."""
+
+    def __init__(self, hidden: int = 32, *, forget_bias: float = 1.0) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, hidden)
+        self.cell = nn.LSTMCell(hidden, hidden)
+        self.head = nn.Linear(hidden, VOCAB)
+        with torch.no_grad():
+            for p in (self.cell.bias_ih, self.cell.bias_hh):
+                p.zero_()
+                p[hidden : 2 * hidden] = forget_bias / 2
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.embed(tokens)
+        h = c = x.new_zeros(x.shape[0], self.cell.hidden_size)
+        outs = []
+        for t in range(x.shape[1]):
+            h, c = self.cell(x[:, t], (h, c))
+            outs.append(h)
+        return self.head(torch.stack(outs, dim=1))
 
 
 class ViT(nn.Module):
@@ -334,9 +390,44 @@ SETTINGS: dict[str, Callable[[], tuple[Run, list[float]]]] = {
     "vit_postln_high_lr": _seeded(
         lambda: train_classifier(ViT(8, norm_first=False), optimizer="adam", lr=1e-2)
     ),
+    # vanishing through time beyond the issue's LSTM: a GRU whose update gate is shut, a
+    # cell in a Python loop, and a 2-layer LSTM whose top layer alone forgets
+    "gru_update_negative": _seeded(
+        lambda: train_lm(GRULanguageModel(update_bias=-20.0), lr=1e-2, length=48)
+    ),
+    "lstmcell_forget_negative": _seeded(
+        lambda: train_lm(LSTMCellLanguageModel(forget_bias=-20.0), lr=1e-2, length=24, steps=20)
+    ),
+    "lstm2_top_forget_negative": _seeded(
+        lambda: train_lm(
+            LSTMLanguageModel(layers=2, top_forget_bias=-20.0), lr=1e-2, length=48
+        )
+    ),
+    # ... and their healthy twins
+    "gru_lm": _seeded(lambda: train_lm(GRULanguageModel(), lr=1e-2)),
+    "lstmcell_lm": _seeded(
+        lambda: train_lm(LSTMCellLanguageModel(forget_bias=1.0), lr=1e-2, length=24, steps=20)
+    ),
+    "lstm2_lm": _seeded(lambda: train_lm(LSTMLanguageModel(layers=2), lr=1e-2, length=48)),
 }
 
-HEALTHY = ("gpt2", "resnet_bn", "resnet_fixup", "lstm_lm", "vit_preln", "vit_preln_high_lr")
+HEALTHY = (
+    "gpt2",
+    "resnet_bn",
+    "resnet_fixup",
+    "lstm_lm",
+    "vit_preln",
+    "vit_preln_high_lr",
+    "gru_lm",
+    "lstmcell_lm",
+    "lstm2_lm",
+)
+# The recurrent module each built-to-forget setting must be named by.
+FORGETTING = {
+    "lstm_forget_negative": "lstm",
+    "gru_update_negative": "gru",
+    "lstmcell_forget_negative": "cell",
+}
 
 
 @functools.cache

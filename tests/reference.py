@@ -70,3 +70,68 @@ def hook_counts(model: nn.Module) -> dict[str, tuple[int, ...]]:
     kinds = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
              "_state_dict_hooks", "_load_state_dict_pre_hooks")
     return {n: tuple(len(getattr(m, k, {})) for k in kinds) for n, m in model.named_modules()}
+
+
+def recurrent_carry_gates(module: nn.Module, x: Tensor, hx: object = None) -> list[Tensor]:
+    """Every carry gate of a gated recurrent module's call, by a hand-written float64 loop.
+
+    The LSTM's forget gates f and the GRU's update gates z, one tensor ``[T, B, H]`` per
+    layer and direction (input layer first, forward before reverse), computed by running
+    the whole recurrence step by step from the module's parameters: no torch kernel of
+    the module, nothing of gradprobe. ``x`` is ``[T, B, F]`` (sequence first); ``hx`` as
+    the module takes it, sequence-first shapes, or ``None``.
+    """
+    p = {n: w.detach().double() for n, w in module.named_parameters()}
+    lstm = isinstance(module, (nn.LSTM, nn.LSTMCell))
+    cell = isinstance(module, (nn.LSTMCell, nn.GRUCell))
+    layers = 1 if cell else module.num_layers
+    directions = 2 if (not cell and module.bidirectional) else 1
+    hidden = module.hidden_size
+    h_out = getattr(module, "proj_size", 0) or hidden
+    length, batch = x.shape[0], x.shape[1]
+    if hx is None:
+        h0 = torch.zeros(layers * directions, batch, h_out, dtype=torch.float64)
+        c0 = torch.zeros(layers * directions, batch, hidden, dtype=torch.float64)
+    elif lstm:
+        h0, c0 = (t.detach().double().reshape(layers * directions, batch, -1) for t in hx)
+    else:
+        h0 = hx.detach().double().reshape(layers * directions, batch, -1)
+        c0 = None
+    gates: list[Tensor] = []
+    layer_in = x.detach().double()
+    for layer in range(layers):
+        outs = []
+        for d in range(directions):
+            sfx = "" if cell else f"_l{layer}" + ("_reverse" if d else "")
+
+            def w(kind: str, _sfx: str = sfx) -> Tensor:
+                return p.get(f"{kind}{_sfx}", torch.zeros(()))
+
+            h = h0[layer * directions + d]
+            c = c0[layer * directions + d] if c0 is not None else None
+            order = range(length) if d == 0 else reversed(range(length))
+            hs = [torch.zeros(0)] * length
+            fs = [torch.zeros(0)] * length
+            for t in order:
+                a = layer_in[t] @ w("weight_ih").T + w("bias_ih")
+                b = h @ w("weight_hh").T + w("bias_hh")
+                if lstm:
+                    i, f, g, o = (a + b).chunk(4, dim=-1)
+                    f = torch.sigmoid(f)
+                    c = f * c + torch.sigmoid(i) * torch.tanh(g)
+                    h = torch.sigmoid(o) * torch.tanh(c)
+                    if f"weight_hr{sfx}" in p:
+                        h = h @ p[f"weight_hr{sfx}"].T
+                    fs[t] = f
+                else:
+                    ar, az, an = a.chunk(3, dim=-1)
+                    br, bz, bn = b.chunk(3, dim=-1)
+                    r, z = torch.sigmoid(ar + br), torch.sigmoid(az + bz)
+                    n = torch.tanh(an + r * bn)
+                    h = (1 - z) * n + z * h
+                    fs[t] = z
+                hs[t] = h
+            gates.append(torch.stack(fs))
+            outs.append(torch.stack(hs))
+        layer_in = torch.cat(outs, dim=-1)
+    return gates

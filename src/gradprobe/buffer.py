@@ -42,6 +42,7 @@ FIELDS: dict[str, tuple[str, ...]] = {
     "gate": ("sum", "saturated"),  # activation gate f'(z)
     "err": ("norm", "nonfinite"),  # dL/d(output)
     "in_err": ("norm",),  # dL/d(input)
+    "carry": ("sum", "log_sum"),  # carry gates of a gated recurrent module (f or z)
 }
 MODULE_PARTIALS = [n for n, p in PARTIALS.items() if p.scope == "module"]
 PARAM_PARTIALS = [n for n, p in PARTIALS.items() if p.scope == "parameter"]
@@ -607,3 +608,6 @@ def _combine(
         add("err_nonfinite", fields["nonfinite"])
     elif kind == "in_err":
         add("in_err_sumsq", fields["norm"] ** 2)
+    elif kind == "carry":
+        add("carry_gate_sum", fields["sum"])
+        add("carry_log_sum", fields["log_sum"])

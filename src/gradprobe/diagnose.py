@@ -44,6 +44,8 @@ from .run import Run, load
 from .stats import MODEL_NAME
 
 __all__ = [
+    "CARRY_GATE_MEAN",
+    "CARRY_MEMORY_STEPS",
     "CLIPPED_FRAC",
     "DEAD_CHANNEL_FRAC",
     "DEAD_UNIT_FRAC",
@@ -95,6 +97,17 @@ VANISHING_RATIO = 1e-2
 # ... and the fitted per-layer factor is below 0.9: the loss is a steady shrinkage over
 # depth (10% or more per layer), not one bottleneck layer.
 VANISHING_FACTOR = 0.9
+# Vanishing through time, in a gated recurrent module (LSTM, GRU, their cells): the error
+# carried back along the cell (LSTM) or leaky (GRU) path is multiplied by the carry gate at
+# every step, so its memory is −1/mean(log f) steps (stat ``memory_steps``). It vanishes when
+# that memory is under half a step (the carried error cut by e² ≈ 7 or more per step: forget
+# bias 0, PyTorch's default, gives ≈1.4 steps, +1 ≈3, −20 ≈0.05) ...
+CARRY_MEMORY_STEPS = 0.5
+# ... the arithmetic mean gate is below 0.1 too (units that keep their state, f ≈ 1, lift it:
+# a model that carries its memory in a few units is not flagged for the many that forget) ...
+CARRY_GATE_MEAN = 0.1
+# ... and across the sequence (seq_len − 1 steps back) the carried error falls below
+# VANISHING_RATIO, as over depth: two decades lost between the last position and the first.
 # Exploding over depth: the first layer receives 10× the last one's error signal, and
 # the fitted factor grows it by ≥ 5% per layer. A healthy net does not amplify the
 # signal on its way down; a 30-layer tanh net with σ_w² = 4 measures ×1.13/layer, ~40×.
@@ -598,39 +611,98 @@ def depth_profile(run: Run, first_steps: int | None = None) -> DepthProfile | No
 
 # ---------------------------------------------------------------- detectors
 def detect_vanishing(run: Run) -> Finding | None:
-    """The error signal shrinks by a steady factor per layer toward the input."""
+    """The error signal shrinks by a steady factor per layer toward the input (depth), or
+    a gated recurrent module's carry gates cut it at every step back (through time)."""
+    names: list[str] = []
+    sentences: list[str] = []
+    evidence: dict[str, Any] = {"modes": []}
+    critical = False
     p = depth_profile(run)
-    if p is None or p.fitted_layers < MIN_DEPTH_LAYERS:
+    if (
+        p is not None
+        and p.fitted_layers >= MIN_DEPTH_LAYERS
+        and p.ratio <= VANISHING_RATIO
+        and p.factor < VANISHING_FACTOR
+    ):
+        last = p.error[-1]
+        names += [n for n, e in zip(p.layers, p.error) if e < VANISHING_RATIO * last]
+        critical |= p.ratio <= 1e-6
+        evidence["modes"].append("depth")
+        evidence.update(
+            factor_per_layer=p.factor,
+            first_last_ratio=p.ratio,
+            first=p.first,
+            last=p.last,
+            r2=p.r2,
+            layers=list(p.layers),
+            error_norm=list(p.error),
+            steps=p.steps,
+            threshold_ratio=VANISHING_RATIO,
+            threshold_factor=VANISHING_FACTOR,
+        )
+        sentences.append(
+            f"The error signal shrinks ×{_g(p.factor)} per layer toward the input "
+            f"(fitted over {p.fitted_layers} layers with weights, R² = {p.r2:.2f}); layer "
+            f"`{p.first}` receives {_g(p.ratio)} of what `{p.last}` receives, and {len(names)} "
+            f"of {len(p.layers)} layers get less than {_g(VANISHING_RATIO)} of it."
+        )
+    through_time = _vanishing_through_time(run)
+    if through_time:
+        evidence["modes"].append("time")
+        evidence["through_time"] = through_time
+        evidence.update(
+            threshold_memory_steps=CARRY_MEMORY_STEPS, threshold_gate_mean=CARRY_GATE_MEAN
+        )
+        for name, t in through_time.items():
+            names.append(name)
+            critical |= t["log10_carried"] <= -6
+            sentences.append(
+                f"`{name}`'s {t['gate']} gates average {_g(t['carry_gate_mean'])}: the "
+                f"{t['path']} carries the error signal back ≈{_g(t['memory_steps'])} steps "
+                f"(it falls by e each {_g(t['memory_steps'])} steps), on sequences of "
+                f"{_g(t['seq_len'])}: across one, it is multiplied by "
+                f"≈1e{t['log10_carried']:.0f}."
+            )
+    if not sentences:
         return None
-    if not (p.ratio <= VANISHING_RATIO and p.factor < VANISHING_FACTOR):
-        return None
-    last = p.error[-1]
-    starved = [n for n, e in zip(p.layers, p.error) if e < VANISHING_RATIO * last]
-    severity = "critical" if p.ratio <= 1e-6 else "warning"
-    summary = (
-        f"The error signal shrinks ×{_g(p.factor)} per layer toward the input "
-        f"(fitted over {p.fitted_layers} layers with weights, R² = {p.r2:.2f}); layer `{p.first}` "
-        f"receives {_g(p.ratio)} of what `{p.last}` receives, and {len(starved)} of "
-        f"{len(p.layers)} layers get less than {_g(VANISHING_RATIO)} of it."
-    )
     return Finding(
         "vanishing",
-        severity,
-        tuple(starved),
-        summary,
-        {
-            "factor_per_layer": p.factor,
-            "first_last_ratio": p.ratio,
-            "first": p.first,
-            "last": p.last,
-            "r2": p.r2,
-            "layers": list(p.layers),
-            "error_norm": list(p.error),
-            "steps": p.steps,
-            "threshold_ratio": VANISHING_RATIO,
-            "threshold_factor": VANISHING_FACTOR,
-        },
+        "critical" if critical else "warning",
+        tuple(names),
+        " ".join(sentences),
+        evidence,
     )
+
+
+def _vanishing_through_time(run: Run) -> dict[str, dict[str, Any]]:
+    """Gated recurrent modules whose carry gates forget within a step (see
+    ``CARRY_MEMORY_STEPS``): per module, medians over the last half of the steps."""
+    memory, gate, length = (_table(run, s) for s in ("memory_steps", "carry_gate_mean", "seq_len"))
+    if memory.empty or gate.empty or length.empty:
+        return {}
+    memory_now, gate_now, length_now = (_recent(t).median() for t in (memory, gate, length))
+    found: dict[str, dict[str, Any]] = {}
+    for name in run.modules:
+        if not all(name in t.index for t in (memory_now, gate_now, length_now)):
+            continue
+        m, g, n = float(memory_now[name]), float(gate_now[name]), float(length_now[name])
+        if not (m < CARRY_MEMORY_STEPS and g < CARRY_GATE_MEAN and n > 1):
+            continue
+        # ∏ f over the seq_len − 1 steps between the last position and the first.
+        log10_carried = -(n - 1) / m / math.log(10) if m > 0 else -math.inf
+        if log10_carried > math.log10(VANISHING_RATIO):
+            continue
+        gru = "GRU" in str(run.module_info(name).get("type", ""))
+        found[name] = {
+            "carry_gate_mean": g,
+            "memory_steps": m,
+            "seq_len": n,
+            "log10_carried": log10_carried,
+            "gate": "update" if gru else "forget",
+            "path": "leaky path of the hidden state" if gru else "cell state",
+            "since_step": _since(-memory[name], -CARRY_MEMORY_STEPS, strict=True),
+        }
+    return found
 
 
 def _total_grad_norm(run: Run) -> pd.Series:
@@ -1454,8 +1526,9 @@ DETECTORS: dict[str, Detector] = {
         Detector(
             "vanishing",
             detect_vanishing,
-            ("error_norm",),
-            "error signal shrinking by a steady factor per layer toward the input",
+            ("error_norm", "memory_steps"),
+            "error signal shrinking by a steady factor per layer toward the input, or cut "
+            "at every step back through time by an LSTM's/GRU's carry gates",
         ),
         Detector(
             "saturation",

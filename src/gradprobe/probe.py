@@ -72,6 +72,7 @@ from .activations import Activation, activation_of, recurrent_nonlinearity
 from .buffer import Drained, Ranks, StepBuffer
 from .errors import GradprobeError
 from .hooks import GradprobeWarning, HookSet, ModuleHook, warn_gap, warn_once
+from .recurrent import carry_slots, record_carry
 from .reduce import accumulation_dtype, l2_norm, l2_norms
 from .run import Run, empty_frame, load, normalize_frame
 from .shards import ShardedNorms, local_shards, sharded_parameters
@@ -365,6 +366,11 @@ class Probe:
         )
         self._want_update = "update_ratio" in want
         self._want_preclip = bool(want & {"global_grad_norm_preclip", "clipped"})
+        # Gated recurrent modules whose carry gates are measured (gradprobe.recurrent).
+        self._carry_slots = frozenset()
+        if want & {"carry_gate_mean", "memory_steps", "seq_len"}:
+            by_name = dict(inner.named_modules())
+            self._carry_slots = carry_slots([(s.index, by_name[s.name]) for s in self._slots])
 
         self._meta = self._describe(inner, config)
         if optimizer is not None:
@@ -1492,6 +1498,9 @@ def _forward_hook(
         mode = probe._call_mode()
         if mode == _RECORD:
             probe._on_forward(k, module, output)
+            if k in probe._carry_slots:
+                name = probe._slots[k].name
+                record_carry(probe.buffer, k, name, module, args, kwargs, output, probe._unreadable)
         elif mode == _RECOMPUTE:
             probe._on_recomputed(k, output)
     except Exception as exc:

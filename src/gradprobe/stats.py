@@ -119,6 +119,15 @@ PARTIALS: dict[str, Partial] = {
         Partial("in_err_sumsq", "module", "sum", "device", "‖dL/d(input)‖² summed over passes", 2),
         Partial("dead_units", "module", "same", "device", "units 0 for the whole step"),
         Partial("dead_window_units", "module", "same", "device", "units 0 for `window` steps"),
+        # module, gated recurrent modules only (gradprobe.recurrent): the carry gates
+        Partial("carry_count", "module", "sum", "host", "carry-gate entries measured"),
+        Partial("carry_steps", "module", "sum", "host", "time steps the carried state travelled"),
+        Partial("carry_seqs", "module", "sum", "host", "sequences (carried states) started"),
+        Partial(
+            "carry_gap", "module", "max", "host", "1 if a call's carry gates were not measured"
+        ),
+        Partial("carry_gate_sum", "module", "sum", "device", "sum of the carry gates f (or z)"),
+        Partial("carry_log_sum", "module", "sum", "device", "sum of log f (or log z)"),
         # parameter, computed at the step boundary on the device
         Partial("has_grad", "parameter", "same", "host", "1 if the parameter had a gradient"),
         Partial("has_update", "parameter", "same", "host", "1 if the update was measured"),
@@ -206,6 +215,18 @@ def logged_mean(p: Arrays) -> tuple[np.ndarray, np.ndarray]:
     """A logged name's value at each step: the mean of what was logged for it (over the
     step's micro-batches and the ranks that logged it); absent where nothing was."""
     return _ratio(p["log_sum"], p["log_count"]), p["log_count"] > 0
+
+
+def _memory_steps(p: Arrays) -> tuple[np.ndarray, np.ndarray]:
+    """−1 / mean(log f): after this many steps back the carried error has fallen by e
+    (∏ f over k steps = exp(k · mean log f)); ∞ where every gate is exactly 1."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        memory = np.where(p["carry_log_sum"] < 0, -p["carry_count"] / p["carry_log_sum"], np.inf)
+    return memory, _carried(p)
+
+
+def _carried(p: Arrays) -> np.ndarray:
+    return (p["carry_count"] > 0) & (p["carry_gap"] == 0)
 
 
 def _act_std(p: Arrays) -> tuple[np.ndarray, np.ndarray]:
@@ -323,6 +344,29 @@ STATISTICS: dict[str, Statistic] = {
             "gate_mean",
             "mean of f'(z): the Hadamard factor applied to the error signal",
             module=lambda p: (_ratio(p["gate_sum"], p["gate_count"]), p["gate_count"] > 0),
+        ),
+        Statistic(
+            "carry_gate_mean",
+            "gated recurrent modules (LSTM, GRU, their cells): mean of the carry gate, the "
+            "factor the carried error is multiplied by at each step back: the forget gate f "
+            "(LSTM), the update gate z (GRU), over every sample, step, unit, layer, direction",
+            module=lambda p: (_ratio(p["carry_gate_sum"], p["carry_count"]), _carried(p)),
+        ),
+        Statistic(
+            "memory_steps",
+            "gated recurrent modules: −1/mean(log f), the steps back after which the error "
+            "carried along the cell (LSTM) or leaky (GRU) path has fallen by e",
+            module=_memory_steps,
+        ),
+        Statistic(
+            "seq_len",
+            "gated recurrent modules: time steps per sequence, the longest way back the error "
+            "can travel (a fused module: its input's length; a cell: its calls from a state "
+            "that needs no grad, as after a detach, to the next)",
+            module=lambda p: (
+                _ratio(p["carry_steps"], p["carry_seqs"]),
+                _carried(p) & (p["carry_seqs"] > 0),
+            ),
         ),
         Statistic(
             "error_nonfinite",
