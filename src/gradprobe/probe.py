@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import math
 import os
 import platform
 import sys
@@ -73,7 +74,7 @@ from .buffer import Drained, Ranks, StepBuffer
 from .errors import GradprobeError
 from .hooks import GradprobeWarning, HookSet, ModuleHook, warn_gap, warn_once
 from .recurrent import carry_slots, record_carry
-from .reduce import accumulation_dtype, l2_norm, l2_norms
+from .reduce import accumulation_dtype, l2_norm, l2_norms, nonzero_count
 from .run import Run, empty_frame, load, normalize_frame
 from .shards import ShardedNorms, local_shards, sharded_parameters
 from .stats import MODEL_NAME, PRESETS, SAT_THRESHOLD, STATISTICS, finalize, logged_mean
@@ -148,6 +149,8 @@ class _Slot:
     activation: Activation | None
     layout: str  # "last", "channel" or "inherit" (element-wise: like the tensor it received)
     histogram_range: tuple[float, float]
+    # The activation's gate read from its output (see _gate_from_output), or None: from z.
+    gate_from_output: str | None = None
 
 
 def _sum_dtype(t: Tensor) -> torch.dtype | None:
@@ -679,7 +682,7 @@ class Probe:
         if self._want_input_error and x.requires_grad:
             self._traversals.input_edges[k] = input_edge(x)  # its own share: see _hook_errors
         act = slot.activation
-        if act is not None and self._want_gate:
+        if act is not None and self._want_gate and slot.gate_from_output is None:
             with torch.no_grad():
                 z = x.detach()
                 gate = act.gate(z, act.params(module))
@@ -712,20 +715,20 @@ class Probe:
         device = y.device
         with torch.no_grad():
             yd = y.detach()
-            if self._want_output:
+            gate = self._want_gate and slot.gate_from_output is not None
+            if self._want_output or gate:
                 # sum and norm are each a single cheap kernel (var_mean is several times
                 # dearer); the norm carries the NaN/Inf flag (gradprobe/reduce.py).
                 norm, finite = l2_norm(yd)
-                self.buffer.record(
-                    "out",
-                    k,
-                    device,
-                    n,
-                    yd.sum(dtype=_sum_dtype(yd)),
-                    norm,
-                    torch.count_nonzero(yd),
-                    self._nonfinite(yd, norm, finite),
-                )
+                total = yd.sum(dtype=_sum_dtype(yd))
+                nonzero = nonzero_count(yd)
+                if self._want_output:
+                    nonfinite = self._nonfinite(yd, norm, finite)
+                    self.buffer.record("out", k, device, n, total, norm, nonzero, nonfinite)
+                elif self._want_nonfinite:
+                    self.buffer.record("nonfinite", k, device, n, self._nonfinite(yd, norm, finite))
+                if gate:
+                    self._gate_from_output(slot, yd, total, norm, nonzero)
             elif self._want_nonfinite:
                 norm, finite = l2_norm(yd)
                 self.buffer.record("nonfinite", k, device, n, self._nonfinite(yd, norm, finite))
@@ -737,6 +740,30 @@ class Probe:
                 self.buffer.record_histogram(k, device, counts)
         if self._want_error and y.requires_grad:
             self._hook_errors(k, y)
+
+    def _gate_from_output(
+        self, slot: _Slot, y: Tensor, total: Tensor, norm: Tensor, nonzero: Tensor
+    ) -> None:
+        """Gate statistics of a stock ReLU, tanh or sigmoid from its output y = f(z): the
+        sum of f'(z) from the output's own sum, norm and non-zero count; the saturated
+        entries (f' < 1% of its maximum) in one comparison. z itself may be gone (an
+        in-place module writes y over it)."""
+        k, n, device = slot.index, y.numel(), y.device
+        name = slot.gate_from_output
+        if name == "relu":  # f' = 1 where y > 0, else 0; never saturates
+            self.buffer.record("gate", k, device, n, nonzero, self._zero(device))
+        else:
+            sumsq = norm.double() ** 2 if device.type != "mps" else norm**2
+            if name == "tanh":  # f' = 1 − y²: saturated where y² > 1 − 0.01
+                gate_sum = n - sumsq
+                saturated = torch.count_nonzero(y.abs() > math.sqrt(1.0 - SAT_THRESHOLD))
+            else:  # sigmoid, f' = y(1 − y) ≤ 1/4: saturated where |y − ½| > √(¼ − 0.01·¼)
+                gate_sum = total - sumsq
+                bound = math.sqrt(0.25 - SAT_THRESHOLD * 0.25)
+                saturated = torch.count_nonzero((y - 0.5).abs() > bound)
+            self.buffer.record("gate", k, device, n, gate_sum, saturated)
+            self.buffer.add_host(k, "sat_count_n", n)
+        self.buffer.add_host(k, "gate_count", n)
 
     def _zero(self, device: torch.device) -> Tensor:
         return self._constant(device, 0)
@@ -1787,8 +1814,23 @@ def _select_modules(
     for i, (name, module) in enumerate(chosen):
         act = activation_of(module)
         hist = act.histogram_range if act else DEFAULT_HISTOGRAM_RANGE
-        slots.append(_Slot(i, name, type(module).__name__, act, _layout_of(module), hist))
+        from_output = act.name if act is not None and _stock_forward(module, act) else None
+        slots.append(
+            _Slot(i, name, type(module).__name__, act, _layout_of(module), hist, from_output)
+        )
     return slots
+
+
+# Activations whose gate f'(z) is a function of their output y = f(z), so that the gate
+# statistics come from the output statistics (no second pass over z, no f recomputed):
+# ReLU: f' = [y > 0]; tanh: f' = 1 − y²; sigmoid: f' = y(1 − y).
+_GATE_FROM_OUTPUT = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
+
+
+def _stock_forward(module: nn.Module, act: Activation) -> bool:
+    """Whether the module computes exactly its activation (a subclass may do more)."""
+    base = _GATE_FROM_OUTPUT.get(act.name)
+    return base is not None and type(module).forward is base.forward
 
 
 def _trainable_parameters(model: nn.Module) -> tuple[list[str], list[nn.Parameter]]:

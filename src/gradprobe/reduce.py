@@ -31,7 +31,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["SAFE_LOW", "accumulation_dtype", "l2_norm", "l2_norms", "screened"]
+__all__ = ["SAFE_LOW", "accumulation_dtype", "l2_norm", "l2_norms", "nonzero_count", "screened"]
 
 # Below this float32 norm, underflowed squares could matter: see the module's docstring.
 SAFE_LOW = 1e-10
@@ -102,3 +102,16 @@ def l2_norms(tensors: list[Tensor], device: torch.device) -> tuple[Tensor, list[
         norms[i] = value
         finite[i] = math.isfinite(value.item())  # CPU: no device to wait for
     return norms, finite
+
+
+def nonzero_count(t: Tensor) -> Tensor:
+    """Entries of ``t`` that are not 0 (NaN counts as non-zero), as a 0-d integer tensor.
+
+    ``count_nonzero`` on a float tensor branches per entry: on a ReLU output, zeros at
+    random places, it ran ~8× slower than on one without zeros (12.8 vs 1.6 ms on a
+    ``[64, 32, 32, 32]`` tensor, one thread); through a bool copy it costs ~1.9 ms on
+    either. Small tensors skip the copy: there the extra op costs more than it saves.
+    """
+    if t.numel() >= _ROWWISE_FROM and t.device.type == "cpu":
+        return torch.count_nonzero(t.bool())
+    return torch.count_nonzero(t)

@@ -1,0 +1,66 @@
+"""gate_mean and sat_frac of every activation module against f'(z) computed by hand from
+the module's real input z in float64: whether the Probe reads the gate from z (most
+activations) or from the output y = f(z) (stock ReLU, tanh and sigmoid, in place or not),
+and a subclass whose forward does more than its activation."""
+
+import pytest
+import torch
+from torch import nn
+
+from gradprobe import Probe
+from gradprobe.activations import activation_of
+from gradprobe.stats import SAT_THRESHOLD
+
+
+class DoubledReLU(nn.ReLU):
+    """A ReLU subclass whose output is not relu(z): its gate must be read from z."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * 2.0
+
+
+def _by_hand(act_module: nn.Module, z: torch.Tensor) -> tuple[float, float | None]:
+    act = activation_of(act_module)
+    gate = act.gate(z.double(), act.params(act_module))
+    sat = (gate < SAT_THRESHOLD * act.max_derivative).double().mean() if act.saturates else None
+    return float(gate.mean()), (float(sat) if sat is not None else None)
+
+
+ACTIVATIONS = [
+    lambda: nn.ReLU(),
+    lambda: nn.ReLU(inplace=True),
+    lambda: nn.Tanh(),
+    lambda: nn.Sigmoid(),
+    lambda: nn.LeakyReLU(0.1),
+    lambda: nn.ELU(),
+    lambda: nn.GELU(),
+    lambda: DoubledReLU(),
+]
+
+
+@pytest.mark.parametrize("make", ACTIVATIONS)
+@pytest.mark.parametrize("scale", [0.5, 3.0, 8.0])  # from linear to deeply saturated
+@pytest.mark.parametrize("shape", [(64, 48), (8, 6, 5, 7)])
+def test_gate_statistics_match_the_derivative_at_the_real_input(make, scale, shape):
+    torch.manual_seed(0)
+    act = make()
+    pre = nn.Linear(shape[-1], shape[-1])
+    with torch.no_grad():
+        pre.weight.mul_(scale)
+    model = nn.Sequential(pre, act, nn.Linear(shape[-1], 1))
+    x = torch.randn(shape)
+    with torch.no_grad():
+        z = pre(x)  # what the activation will read
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with Probe(model, opt) as probe:
+        opt.zero_grad()
+        model(x).sum().backward()
+        opt.step()
+        frame = probe.frame()
+    rows = frame[(frame.name == "1") & (frame.step == 0)].set_index("stat").value
+    gate_mean, sat_frac = _by_hand(act, z)
+    assert rows["gate_mean"] == pytest.approx(gate_mean, rel=1e-5, abs=1e-7)
+    if sat_frac is None:
+        assert "sat_frac" not in rows
+    else:
+        assert rows["sat_frac"] == pytest.approx(sat_frac, abs=1.5 / z.numel())
