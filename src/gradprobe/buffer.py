@@ -227,6 +227,20 @@ class StepBuffer:
         for column, value in zip(calls.values, values):
             column.append(value)
 
+    def record_many(
+        self, kind: str, slots: list[int], device: torch.device, count: int, *values: Tensor
+    ) -> None:
+        """Keep the results of several calls reduced in one batch: each value a ``[calls]``
+        vector, ``count`` entries reduced by each call; no device op here."""
+        calls = self._calls.get((kind, device))
+        if calls is None:
+            calls = _Calls(values=[[] for _ in FIELDS[kind]])
+            self._calls[(kind, device)] = calls
+        calls.slots.extend(slots)
+        calls.counts.extend([count] * len(slots))
+        for column, value in zip(calls.values, values):
+            column.append(value)
+
     def record_units(self, slot: int, device: torch.device, activity: Tensor) -> None:
         """Keep one call's per-unit activity (≥ 0, 0 iff the unit was all-zero)."""
         entry = self._unit_calls.setdefault(device, ([], []))
@@ -274,12 +288,15 @@ class StepBuffer:
         by_device: dict[torch.device, tuple[list[Tensor], list]] = defaultdict(lambda: ([], []))
         for (kind, device), calls in self._calls.items():
             tensors, layout = by_device[device]
-            # One op for every field of every call of this kind: [fields × calls].
-            tensors.append(
-                torch.stack([v for column in calls.values for v in column]).to(
-                    accumulation_dtype(device)
-                )
+            # One op for every field of every call of this kind: [fields × calls]. Batched
+            # calls (record_many) left vectors among the 0-d values: those are concatenated.
+            values = [v for column in calls.values for v in column]
+            joined = (
+                torch.stack(values)
+                if all(v.dim() == 0 for v in values)
+                else torch.cat([v.reshape(-1).to(accumulation_dtype(device)) for v in values])
             )
+            tensors.append(joined.to(accumulation_dtype(device)))
             n = len(calls.slots)
             layout.append(
                 (

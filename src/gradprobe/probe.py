@@ -74,7 +74,7 @@ from .buffer import Drained, Ranks, StepBuffer
 from .errors import GradprobeError
 from .hooks import GradprobeWarning, HookSet, ModuleHook, warn_gap, warn_once
 from .recurrent import carry_slots, record_carry
-from .reduce import accumulation_dtype, l2_norm, l2_norms, nonzero_count
+from .reduce import accumulation_dtype, l2_norm, l2_norms, nonzero_count, row_norms
 from .run import Run, empty_frame, load, normalize_frame
 from .shards import ShardedNorms, local_shards, sharded_parameters
 from .stats import MODEL_NAME, PRESETS, SAT_THRESHOLD, STATISTICS, finalize, logged_mean
@@ -151,6 +151,7 @@ class _Slot:
     histogram_range: tuple[float, float]
     # The activation's gate read from its output (see _gate_from_output), or None: from z.
     gate_from_output: str | None = None
+    inplace: bool = False  # an in-place module writes over its input
 
 
 def _sum_dtype(t: Tensor) -> torch.dtype | None:
@@ -319,6 +320,13 @@ class Probe:
         self._layout_signatures: set[tuple[int, str, int]] = set()
         self._slot_layout: dict[int, str] = {}
         self._deferred_units: list[tuple[int, tuple[int, ...], Tensor]] = []
+        # Small outputs waiting for the end of the forward (see _hold), and the modules
+        # whose outputs were written in place after their hook: reduced in the hook.
+        self._held: list[tuple[_Slot, Tensor, int, int]] = []
+        self._held_numel = 0
+        self._unbatched: set[int] = set()
+        self._batch_safe: set[int] = set()
+        self._watched: list[tuple[int, Tensor, int]] = []
         # Shapes two typed modules read in different layouts ([B, T, W] features and, with
         # T == W, [B, W, T] channels after a transpose): their shape says nothing.
         self._ambiguous_shapes: set[tuple[int, ...]] = set()
@@ -590,6 +598,8 @@ class Probe:
             self._eval_grad_step = self.step_index
 
     def _on_pass_end(self) -> None:
+        if self._held or self._watched:
+            self._reduce_held()
         if not _inside_backward():
             self._pass_open = False
             if self._shards.awaiting_unsharded and self._want_error:
@@ -673,6 +683,8 @@ class Probe:
         # "The" input: the first floating-point tensor, positional arguments before keywords.
         x = _first_float_tensor((args, kwargs))
         slot = self._slots[k]
+        if slot.inplace and (self._held or self._watched):
+            self._reduce_held()  # it will write over its input, which may be held
         if x is None:
             if slot.activation is not None and self._want_gate:
                 self._unreadable_module(k, "input", args)  # the gate needs it
@@ -712,9 +724,125 @@ class Probe:
         n = y.numel()
         self.buffer.add_host(k, "calls")
         self.buffer.add_host(k, "count", n)
-        device = y.device
         with torch.no_grad():
             yd = y.detach()
+            if not self._hold(slot, yd):
+                self._forward_stats(slot, yd, self._units_of(slot, yd))
+            if self.histograms:
+                lo, hi = slot.histogram_range
+                counts = torch.histc(yd.float().clamp(lo, hi), self.buffer.histogram_bins, lo, hi)
+                self.buffer.record_histogram(k, y.device, counts)
+        if self._want_error and y.requires_grad:
+            self._hook_errors(k, y)
+
+    # Outputs of at most this many entries wait for the end of the forward, and are
+    # reduced there, shape by shape, a few ops for all of them (bench/: on a 12×256 MLP
+    # the per-module ops, not their size, were the cost). They are held, not copied; a
+    # hold is checked against the tensor's version counter before it is read.
+    _HELD_NUMEL = 1 << 16
+    _HELD_NUMEL_TOTAL = 1 << 24  # 64 MiB of float32 at most: then reduce what is held
+
+    def _units_of(self, slot: _Slot, yd: Tensor) -> int | None:
+        """The unit dimension of this call (``-1``: not recorded), learned in call order."""
+        if not self._want_units or yd.dim() < 1:
+            return -1
+        return self._unit_dim(slot, yd)
+
+    def _hold(self, slot: _Slot, yd: Tensor) -> bool:
+        """Keep a small output for the batched reduction at the end of the forward."""
+        n = yd.numel()
+        if n > self._HELD_NUMEL or slot.index in self._unbatched or n == 0:
+            return False
+        unit = self._units_of(slot, yd)
+        if unit is None or slot.index not in self._batch_safe:
+            # Units deferred (see _record_units), or a module not yet seen to leave its
+            # output alone until the forward ends: reduce now, and watch the output.
+            self._forward_stats(slot, yd, unit)
+            if unit is not None:
+                self._watched.append((slot.index, yd, yd._version))
+            return True
+        self._held.append((slot, yd, yd._version, unit))
+        self._held_numel += n
+        if self._held_numel > self._HELD_NUMEL_TOTAL:
+            self._reduce_held()
+        return True
+
+    def _reduce_held(self) -> None:
+        """Reduce the held outputs: one batch per shape, dtype, device and unit dimension.
+
+        A module's outputs are held only once one of them was seen to stay as it was until
+        the forward ended (watched on its first recorded call): an output written in place
+        after its hook (``out += identity`` after a BatchNorm, in a parent's forward) is not
+        what the module made. Should that still happen to a held one (control flow), its
+        call is a gap, and the module is reduced in its hook from then on."""
+        watched, self._watched = self._watched, []
+        for k, yd, version in watched:
+            (self._batch_safe if yd._version == version else self._unbatched).add(k)
+        self._batch_safe -= self._unbatched
+        held, self._held, self._held_numel = self._held, [], 0
+        groups: dict[tuple[Any, ...], list[tuple[_Slot, Tensor, int, int]]] = defaultdict(list)
+        for entry in held:
+            slot, yd, version, unit = entry
+            if yd._version != version:
+                self._unbatched.add(slot.index)
+                self.buffer.set_host(slot.index, "gap", 1)
+                continue
+            groups[(tuple(yd.shape), yd.dtype, yd.device, unit)].append(entry)
+        for (_shape, _dtype, device, unit), entries in groups.items():
+            try:
+                with torch.no_grad():
+                    if len(entries) == 1:
+                        self._forward_stats(entries[0][0], entries[0][1], unit)
+                    else:
+                        self._forward_stats_batch(entries, device, unit)
+            except Exception as exc:  # never the user's training: a gap and a warning
+                for slot, *_ in entries:
+                    self._module_failed(slot.index, "the batched forward statistics", exc)
+
+    def _forward_stats_batch(
+        self, entries: list[tuple[_Slot, Tensor, int, int]], device: torch.device, unit: int
+    ) -> None:
+        """The statistics of :meth:`_forward_stats` for calls of one shape, stacked."""
+        slots = [e[0] for e in entries]
+        ks = [s.index for s in slots]
+        stacked = torch.stack([e[1] for e in entries])
+        rows = stacked.view(len(entries), -1)
+        n = rows.shape[1]
+        gated = [i for i, s in enumerate(slots) if s.gate_from_output is not None]
+        gated = gated if self._want_gate else []
+        if self._want_output or gated or self._want_nonfinite:
+            norms, finite = row_norms(rows)
+            nonfinite = self._nonfinite_rows(rows, norms, finite)
+            if self._want_output or gated:
+                totals = rows.sum(dim=1, dtype=_sum_dtype(rows))
+                nonzero = torch.count_nonzero(rows, dim=1)
+                if self._want_output:
+                    self.buffer.record_many("out", ks, device, n, totals, norms, nonzero, nonfinite)
+                elif self._want_nonfinite:
+                    self.buffer.record_many("nonfinite", ks, device, n, nonfinite)
+                for i in gated:
+                    self._gate_from_output(slots[i], entries[i][1], totals[i], norms[i], nonzero[i])
+            else:
+                self.buffer.record_many("nonfinite", ks, device, n, nonfinite)
+        if unit >= 0:
+            dims = tuple(d + 1 for d in range(stacked.dim() - 1) if d != unit)
+            activity = _activity(stacked, dims) if dims else stacked.abs()
+            for k, row in zip(ks, activity.unbind(0)):
+                self._note_unit_kind(k, unit, stacked.dim() - 1)
+                self.buffer.record_units(k, device, row.reshape(-1))
+
+    def _nonfinite_rows(self, rows: Tensor, norms: Tensor, finite: list[bool] | None) -> Tensor:
+        """Per row, as :meth:`_nonfinite`."""
+        if self.exact_counts:
+            return torch.count_nonzero(rows - rows, dim=1)
+        if finite is not None:
+            return torch.tensor([0.0 if ok else 1.0 for ok in finite], device=rows.device)
+        return ~torch.isfinite(norms)
+
+    def _forward_stats(self, slot: _Slot, yd: Tensor, unit: int | None) -> None:
+        """Output, non-finite, gate (from the output) and unit statistics of one call."""
+        k, n, device = slot.index, yd.numel(), yd.device
+        with torch.no_grad():
             gate = self._want_gate and slot.gate_from_output is not None
             if self._want_output or gate:
                 # sum and norm are each a single cheap kernel (var_mean is several times
@@ -732,14 +860,8 @@ class Probe:
             elif self._want_nonfinite:
                 norm, finite = l2_norm(yd)
                 self.buffer.record("nonfinite", k, device, n, self._nonfinite(yd, norm, finite))
-            if self._want_units and yd.dim() >= 1:
-                self._record_units(slot, yd)
-            if self.histograms:
-                lo, hi = slot.histogram_range
-                counts = torch.histc(yd.float().clamp(lo, hi), self.buffer.histogram_bins, lo, hi)
-                self.buffer.record_histogram(k, device, counts)
-        if self._want_error and y.requires_grad:
-            self._hook_errors(k, y)
+            if unit != -1:
+                self._record_units(slot, yd, unit)
 
     def _gate_from_output(
         self, slot: _Slot, y: Tensor, total: Tensor, norm: Tensor, nonzero: Tensor
@@ -784,21 +906,23 @@ class Probe:
             return self._constant(t.device, 0 if finite else 1)
         return ~torch.isfinite(norm)
 
-    def _record_units(self, slot: _Slot, y: Tensor) -> None:
+    def _record_units(self, slot: _Slot, y: Tensor, unit: int | None) -> None:
         """Per-unit activity of one call: max |y| per unit, > 0 iff the unit fired somewhere
-        (cheaper than counting)."""
+        (cheaper than counting). ``unit``: from :meth:`_unit_dim`, in call order."""
         k = slot.index
-        unit = self._unit_dim(slot, y)
         if unit is None:
             # An element-wise module on a tensor no module has shown the layout of yet (the
             # model's input, first step): reduce the batch dimension now, the rest when the
             # step closes, by when the module that reads this tensor has said.
             self._deferred_units.append((k, tuple(y.shape), _activity(y, (0,))))
             return
-        if k not in self._unit_kinds:  # host-only, once per module
-            self._unit_kinds[k] = "channel" if unit == 1 and y.dim() >= 3 else "feature"
+        self._note_unit_kind(k, unit, y.dim())
         dims = tuple(d for d in range(y.dim()) if d != unit)
         self.buffer.record_units(k, y.device, _activity(y, dims).reshape(-1))
+
+    def _note_unit_kind(self, k: int, unit: int, dims: int) -> None:
+        if k not in self._unit_kinds:  # host-only, once per module
+            self._unit_kinds[k] = "channel" if unit == 1 and dims >= 3 else "feature"
 
     def _record_deferred_units(self) -> None:
         """Units of the calls whose layout was not known in their hook (see _record_units)."""
@@ -952,6 +1076,8 @@ class Probe:
         """The current backward pass's waiting results; its end is queued on first use."""
         task = torch._C._current_graph_task_id()
         pending, new = self._traversals.task(task)
+        if new and (self._held or self._watched):
+            self._reduce_held()  # backward began: the forward's held outputs are complete
         if new:
             queue_at_backward_end(partial(_errors_end_hook, self._ref, task, self.step_index))
         return pending
@@ -1163,6 +1289,7 @@ class Probe:
     def _skip_step(self) -> None:
         """The scaler skipped the step: drop what it recorded, keep a ``skipped`` row."""
         self.buffer.discard_step(self.step_index)
+        self._held, self._held_numel, self._watched = [], 0, []
         self._preclip = {}
         self._shards.discard()
         if self._optimizer_ref is not None:
@@ -1305,6 +1432,7 @@ class Probe:
             self._guard_params(self._end_sharded_step, "the step boundary (sharded norms)")
         if self._recording and not self._guard(self._close_step, "the step boundary"):
             self._deferred_units = []
+            self._held, self._held_numel, self._watched = [], 0, []
             self._guard(
                 partial(self.buffer.discard_step, self.step_index), "the step boundary (discard)"
             )
@@ -1312,6 +1440,8 @@ class Probe:
         self._recording = self.step_index % self.every == 0
 
     def _close_step(self) -> None:
+        if self._held or self._watched:
+            self._reduce_held()
         self._record_deferred_units()
         if self._scaler_ref is not None:
             self.buffer.set_model_host("scaler")
@@ -1815,8 +1945,11 @@ def _select_modules(
         act = activation_of(module)
         hist = act.histogram_range if act else DEFAULT_HISTOGRAM_RANGE
         from_output = act.name if act is not None and _stock_forward(module, act) else None
+        inplace = getattr(module, "inplace", False) is True
         slots.append(
-            _Slot(i, name, type(module).__name__, act, _layout_of(module), hist, from_output)
+            _Slot(
+                i, name, type(module).__name__, act, _layout_of(module), hist, from_output, inplace
+            )
         )
     return slots
 

@@ -31,7 +31,15 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["SAFE_LOW", "accumulation_dtype", "l2_norm", "l2_norms", "nonzero_count", "screened"]
+__all__ = [
+    "SAFE_LOW",
+    "accumulation_dtype",
+    "l2_norm",
+    "l2_norms",
+    "nonzero_count",
+    "row_norms",
+    "screened",
+]
 
 # Below this float32 norm, underflowed squares could matter: see the module's docstring.
 SAFE_LOW = 1e-10
@@ -115,3 +123,22 @@ def nonzero_count(t: Tensor) -> Tensor:
     if t.numel() >= _ROWWISE_FROM and t.device.type == "cpu":
         return torch.count_nonzero(t.bool())
     return torch.count_nonzero(t)
+
+
+def row_norms(rows: Tensor) -> tuple[Tensor, list[bool] | None]:
+    """The L2 norm of each row of ``rows`` (``[calls, entries]``, calls of one shape
+    stacked), screened as :func:`l2_norm`: ``(norms [calls], finite per row or None)``."""
+    if not screened(rows.device, rows.dtype):
+        return torch.linalg.vector_norm(rows, dim=1, dtype=accumulation_dtype(rows.device)), None
+    norms = torch.linalg.vector_norm(rows, dim=1, dtype=torch.float32)
+    values = norms.tolist()  # deliberate: a CPU tensor, the values are already on the host
+    recheck = [i for i, v in enumerate(values) if not SAFE_LOW <= v < math.inf]
+    if not recheck:
+        return norms, [True] * len(values)
+    norms = norms.to(torch.float64)
+    finite = [True] * len(values)
+    for i in recheck:
+        exact = torch.linalg.vector_norm(rows[i], dtype=torch.float64)
+        norms[i] = exact
+        finite[i] = math.isfinite(exact.item())  # CPU: no device to wait for
+    return norms, finite
