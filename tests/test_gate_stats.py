@@ -64,3 +64,42 @@ def test_gate_statistics_match_the_derivative_at_the_real_input(make, scale, sha
         assert "sat_frac" not in rows
     else:
         assert rows["sat_frac"] == pytest.approx(sat_frac, abs=1.5 / z.numel())
+
+
+@pytest.mark.parametrize("make", ACTIVATIONS)
+def test_gate_statistics_of_many_layers_of_one_shape(make):
+    """Several activations of one output shape: reduced together once their outputs are
+    known to stay as they were (from the second step), still f'(z) at their real input."""
+    torch.manual_seed(1)
+    width, layers = 24, 4
+    modules: list[nn.Module] = []
+    for _ in range(layers):
+        pre = nn.Linear(width, width)
+        with torch.no_grad():
+            pre.weight.mul_(3.0)
+        modules += [pre, make()]
+    model = nn.Sequential(*modules, nn.Linear(width, 1))
+    xs = [torch.randn(16, width) for _ in range(3)]
+    inputs: list[dict[str, torch.Tensor]] = []
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with Probe(model, opt) as probe:
+        for x in xs:
+            z_by_act: dict[str, torch.Tensor] = {}
+            with torch.no_grad():
+                h = x
+                for i, m in enumerate(model):
+                    if activation_of(m) is not None:
+                        z_by_act[str(i)] = h.clone()
+                    h = m(h.clone())
+            inputs.append(z_by_act)
+            opt.zero_grad()
+            model(x).pow(2).mean().backward()
+            opt.step()
+        frame = probe.frame()
+    for step, z_by_act in enumerate(inputs):
+        for name, z in z_by_act.items():
+            rows = frame[(frame.name == name) & (frame.step == step)].set_index("stat").value
+            gate_mean, sat_frac = _by_hand(model[int(name)], z)
+            assert rows["gate_mean"] == pytest.approx(gate_mean, rel=1e-5, abs=1e-7), (step, name)
+            if sat_frac is not None:
+                assert rows["sat_frac"] == pytest.approx(sat_frac, abs=1.5 / z.numel()), (step, name)

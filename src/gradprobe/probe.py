@@ -326,6 +326,7 @@ class Probe:
         self._held_numel = 0
         self._unbatched: set[int] = set()
         self._batch_safe: set[int] = set()
+        self._staging_buffers: dict[tuple[Any, ...], Tensor] = {}
         self._watched: list[tuple[int, Tensor, int]] = []
         # Shapes two typed modules read in different layouts ([B, T, W] features and, with
         # T == W, [B, W, T] channels after a transpose): their shape says nothing.
@@ -376,6 +377,9 @@ class Probe:
             }
         )
         self._want_update = "update_ratio" in want
+        self._want_forward = (
+            self._want_output or self._want_nonfinite or self._want_units or self._want_gate
+        )
         self._want_preclip = bool(want & {"global_grad_norm_preclip", "clipped"})
         # Gated recurrent modules whose carry gates are measured (gradprobe.recurrent).
         self._carry_slots = frozenset()
@@ -554,7 +558,9 @@ class Probe:
                 hook(_pass_start_hook, ref, -1, model, hooks), prepend=True, with_kwargs=True
             )
         )
-        for slot in self._slots:
+        # Statistics the user did not ask for cost nothing: no module statistic, no hook.
+        module_stats = {n for n, st in STATISTICS.items() if st.module is not None}
+        for slot in self._slots if module_stats & set(self.stats) or self.histograms else []:
             module = by_name[slot.name]
             pre_hook = hook(_pre_hook, ref, slot.index, module, hooks)
             forward_hook = hook(_forward_hook, ref, slot.index, module, hooks)
@@ -751,6 +757,8 @@ class Probe:
     def _hold(self, slot: _Slot, yd: Tensor) -> bool:
         """Keep a small output for the batched reduction at the end of the forward."""
         n = yd.numel()
+        if not self._want_forward:
+            return True  # nothing of the output is asked for
         if n > self._HELD_NUMEL or slot.index in self._unbatched or n == 0:
             return False
         unit = self._units_of(slot, yd)
@@ -802,34 +810,84 @@ class Probe:
     def _forward_stats_batch(
         self, entries: list[tuple[_Slot, Tensor, int, int]], device: torch.device, unit: int
     ) -> None:
-        """The statistics of :meth:`_forward_stats` for calls of one shape, stacked."""
+        """The statistics of :meth:`_forward_stats` for calls of one shape, stacked.
+
+        The stack is our own copy, in a buffer kept from step to step (a fresh one page-
+        faults on every touch: it was the dearest op here); after the reductions that need
+        the values it is overwritten in place (|y|, then sign) for the ones that do not."""
         slots = [e[0] for e in entries]
         ks = [s.index for s in slots]
-        stacked = torch.stack([e[1] for e in entries])
+        stacked = self._staging(entries)
         rows = stacked.view(len(entries), -1)
         n = rows.shape[1]
-        gated = [i for i, s in enumerate(slots) if s.gate_from_output is not None]
-        gated = gated if self._want_gate else []
-        if self._want_output or gated or self._want_nonfinite:
+        want_gate = self._want_gate
+        relu = [i for i, s in enumerate(slots) if want_gate and s.gate_from_output == "relu"]
+        tanh = [i for i, s in enumerate(slots) if want_gate and s.gate_from_output == "tanh"]
+        other = [
+            i for i, s in enumerate(slots) if want_gate and s.gate_from_output == "sigmoid"
+        ]
+        measure = self._want_output or relu or tanh or other
+        if measure or self._want_nonfinite:
             norms, finite = row_norms(rows)
             nonfinite = self._nonfinite_rows(rows, norms, finite)
-            if self._want_output or gated:
-                totals = rows.sum(dim=1, dtype=_sum_dtype(rows))
-                nonzero = torch.count_nonzero(rows, dim=1)
-                if self._want_output:
-                    self.buffer.record_many("out", ks, device, n, totals, norms, nonzero, nonfinite)
-                elif self._want_nonfinite:
-                    self.buffer.record_many("nonfinite", ks, device, n, nonfinite)
-                for i in gated:
-                    self._gate_from_output(slots[i], entries[i][1], totals[i], norms[i], nonzero[i])
-            else:
-                self.buffer.record_many("nonfinite", ks, device, n, nonfinite)
+        if measure:
+            totals = rows.sum(dim=1, dtype=_sum_dtype(rows))
+            for i in other:  # reads the values: before they are overwritten below
+                self._gate_from_output(slots[i], entries[i][1], totals[i], norms[i], None)
         if unit >= 0:
             dims = tuple(d + 1 for d in range(stacked.dim() - 1) if d != unit)
             activity = _activity(stacked, dims) if dims else stacked.abs()
             for k, row in zip(ks, activity.unbind(0)):
                 self._note_unit_kind(k, unit, stacked.dim() - 1)
                 self.buffer.record_units(k, device, row.reshape(-1))
+        if not measure:
+            if self._want_nonfinite:
+                self.buffer.record_many("nonfinite", ks, device, n, nonfinite)
+            return
+        rows.abs_()
+        if tanh:  # f' = 1 − y² < 1% where |y| > √0.99
+            over = (rows > math.sqrt(1.0 - SAT_THRESHOLD)).sum(dim=1)
+        # Per-row count_nonzero branches per entry (~8× a sum here); sign(|y|) is 0 or 1
+        # and its float sum exact (rows ≤ 2²⁴ entries); NaN stays NaN: counted by bool.
+        rows.sign_()
+        finite_rows = finite is not None and all(finite)
+        nonzero = rows.sum(dim=1) if finite_rows else rows.bool().sum(dim=1)
+        if self._want_output:
+            self.buffer.record_many("out", ks, device, n, totals, norms, nonzero, nonfinite)
+        elif self._want_nonfinite:
+            self.buffer.record_many("nonfinite", ks, device, n, nonfinite)
+        if relu:  # f' = 1 where y > 0: the non-zero count; never saturates
+            index = torch.tensor(relu, device=device)
+            zeros = self._zero(device).expand(len(relu))
+            self.buffer.record_many(
+                "gate", [ks[i] for i in relu], device, n, nonzero.index_select(0, index), zeros
+            )
+            for i in relu:
+                self.buffer.add_host(ks[i], "gate_count", n)
+        if tanh:
+            index = torch.tensor(tanh, device=device)
+            sumsq = norms.index_select(0, index).to(accumulation_dtype(device)) ** 2
+            self.buffer.record_many(
+                "gate", [ks[i] for i in tanh], device, n, n - sumsq, over.index_select(0, index)
+            )
+            for i in tanh:
+                self.buffer.add_host(ks[i], "gate_count", n)
+                self.buffer.add_host(ks[i], "sat_count_n", n)
+
+    def _staging(self, entries: list[tuple[_Slot, Tensor, int, int]]) -> Tensor:
+        """``torch.stack`` of the held outputs into a buffer kept for their shape (grown
+        when more calls come); its memory is counted in the run's meta."""
+        first = entries[0][1]
+        key = (tuple(first.shape), first.dtype, first.device)
+        buffer = self._staging_buffers.get(key)
+        if buffer is None or buffer.shape[0] < len(entries):
+            buffer = torch.empty((len(entries), *first.shape), dtype=first.dtype, device=first.device)
+            self._staging_buffers[key] = buffer
+            held = sum(b.numel() * b.element_size() for b in self._staging_buffers.values())
+            self._meta["probe"]["staging_bytes"] = held
+        out = buffer[: len(entries)]
+        torch.stack([e[1] for e in entries], out=out)
+        return out
 
     def _nonfinite_rows(self, rows: Tensor, norms: Tensor, finite: list[bool] | None) -> Tensor:
         """Per row, as :meth:`_nonfinite`."""
@@ -864,7 +922,7 @@ class Probe:
                 self._record_units(slot, yd, unit)
 
     def _gate_from_output(
-        self, slot: _Slot, y: Tensor, total: Tensor, norm: Tensor, nonzero: Tensor
+        self, slot: _Slot, y: Tensor, total: Tensor, norm: Tensor, nonzero: Tensor | None
     ) -> None:
         """Gate statistics of a stock ReLU, tanh or sigmoid from its output y = f(z): the
         sum of f'(z) from the output's own sum, norm and non-zero count; the saturated
@@ -873,9 +931,10 @@ class Probe:
         k, n, device = slot.index, y.numel(), y.device
         name = slot.gate_from_output
         if name == "relu":  # f' = 1 where y > 0, else 0; never saturates
+            assert nonzero is not None
             self.buffer.record("gate", k, device, n, nonzero, self._zero(device))
         else:
-            sumsq = norm.double() ** 2 if device.type != "mps" else norm**2
+            sumsq = norm.to(accumulation_dtype(device)) ** 2
             if name == "tanh":  # f' = 1 − y²: saturated where y² > 1 − 0.01
                 gate_sum = n - sumsq
                 saturated = torch.count_nonzero(y.abs() > math.sqrt(1.0 - SAT_THRESHOLD))
