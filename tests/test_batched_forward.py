@@ -119,3 +119,104 @@ def test_an_output_written_in_place_after_a_held_hook_is_a_gap_then_reduced_in_i
     assert 2 not in fc.index  # the call written over: a gap
     for step in (0, 1, 3, 4):
         assert fc[step] == pytest.approx(expected, rel=1e-5), step
+
+
+# ------------------------------------------------------------- error signals, batched
+
+def _reference_errors(model: nn.Module, x: torch.Tensor) -> dict[str, tuple[float, float]]:
+    """‖dL/d(output)‖ and ‖dL/d(input)‖ of every leaf module, by autograd on a twin."""
+    twin = copy.deepcopy(model)
+    names = [n for n, m in twin.named_modules() if n and not list(m.children())]
+    ins: dict[str, torch.Tensor] = {}
+    outs: dict[str, torch.Tensor] = {}
+
+    def keep(name):
+        def hook(m, args, y):
+            if args[0].requires_grad:
+                args[0].retain_grad()
+                ins[name] = args[0]
+            y.retain_grad()
+            outs[name] = y
+        return hook
+
+    modules = dict(twin.named_modules())
+    handles = [modules[n].register_forward_hook(keep(n)) for n in names]
+    twin(x).pow(2).mean().backward()
+    for h in handles:
+        h.remove()
+    return {
+        n: (
+            float(outs[n].grad.double().norm()),
+            float(ins[n].grad.double().norm()) if n in ins else float("nan"),
+        )
+        for n in names
+    }
+
+
+def test_batched_error_norms_equal_autograd_on_every_step(monkeypatch):
+    deferred: list[int] = []
+    original = Probe._resolve_deferred
+
+    def spy(self, pending):
+        deferred.append(len(pending.deferred))
+        return original(self, pending)
+
+    monkeypatch.setattr(Probe, "_resolve_deferred", spy)
+    torch.manual_seed(0)
+    model = nn.Sequential(*[m for _ in range(4) for m in (nn.Linear(16, 16), nn.Tanh())], nn.Linear(16, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    xs = [torch.randn(8, 16, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    expected = []
+    with Probe(model, opt) as probe:
+        for x in xs:
+            expected.append(_reference_errors(model, x))
+            opt.zero_grad()
+            model(x).pow(2).mean().backward()
+            opt.step()
+        frame = probe.frame()
+    assert deferred[0] == 0 and max(deferred) >= 16  # from the second step, batched
+    for step, errors in enumerate(expected):
+        rows = frame[frame.step == step]
+        for name, (out_norm, in_norm) in errors.items():
+            got = rows[rows.name == name].set_index("stat").value
+            assert got["error_norm"] == pytest.approx(out_norm, rel=1e-5), (step, name)
+            if name != "0":  # the first module's input needs no grad
+                assert got["error_gain"] == pytest.approx(in_norm / out_norm, rel=1e-5), (step, name)
+
+
+class _ScaleInPlaceBackward(torch.autograd.Function):
+    """y = 2x, whose backward writes over the incoming dL/dy (which our hook has read)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x * 2.0
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.mul_(2.0)
+
+
+class _Scale(nn.Module):
+    def forward(self, x):
+        return _ScaleInPlaceBackward.apply(x)
+
+
+def test_an_error_signal_written_over_in_backward_is_never_a_wrong_number():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 5), _Scale(), nn.Tanh(), nn.Linear(5, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    x = torch.randn(4, 5)
+    with Probe(model, opt) as probe:
+        for _ in range(4):
+            opt.zero_grad()
+            model(x).sum().backward()
+            opt.step()
+        frame = probe.frame()
+    # dL/d(output of _Scale) by autograd, before its backward doubles it in place
+    y = model[1](model[0](x)).detach().requires_grad_()
+    model[3](model[2](y)).sum().backward()
+    expected = float(y.grad.double().norm())
+    got = frame[(frame.name == "1") & (frame.stat == "error_norm")].set_index("step").value
+    assert len(got) >= 3  # at most the one call that taught the Probe is left out
+    for step, value in got.items():
+        assert value == pytest.approx(expected, rel=1e-5), step

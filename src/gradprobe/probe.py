@@ -327,6 +327,11 @@ class Probe:
         self._unbatched: set[int] = set()
         self._batch_safe: set[int] = set()
         self._staging_buffers: dict[tuple[Any, ...], Tensor] = {}
+        # Error signals (kind, slot) seen to stay as they came until the backward ended
+        # (their norms are then batched at its end), and those seen changed (never).
+        self._errors_batch_safe: set[tuple[str, int]] = set()
+        self._errors_unbatched: set[tuple[str, int]] = set()
+        self._deferred_numel = 0
         self._watched: list[tuple[int, Tensor, int]] = []
         # Shapes two typed modules read in different layouts ([B, T, W] features and, with
         # T == W, [B, W, T] channels after a transpose): their shape says nothing.
@@ -1128,14 +1133,55 @@ class Probe:
     def _on_error_grad(self, k: int, grad: Tensor, kind: str, token: int) -> None:
         if self._closed:
             return
+        self._record_error(self._pending_errors(), kind, k, token, grad.detach())
+
+    def _record_error(self, pending: Any, kind: str, k: int, token: int, g: Tensor) -> None:
+        """The norm of one error signal: now, or (small, and its module's signals seen to
+        stay as they came until the pass ends) with the others at the pass's end."""
+        record = (kind, k, token, g.device, g.numel())
+        small = g.numel() <= self._HELD_NUMEL and not self.exact_counts
+        room = self._deferred_numel + g.numel() <= self._HELD_NUMEL_TOTAL
+        if small and room and (kind, k) in self._errors_batch_safe:
+            self._deferred_numel += g.numel()
+            pending.deferred[len(pending.records)] = (g, g._version)
+            pending.records.append((*record, ()))
+            return
         with torch.no_grad():
-            g = grad.detach()
             # Screened float32, or float64: 1e-20 signals of vanishing nets must not
             # underflow (gradprobe/reduce.py). On the input side the norm itself carries
             # NaN/Inf (a NaN/Inf error_gain where dL/d(output) is finite).
             norm, finite = l2_norm(g)
             values = (norm, self._nonfinite(g, norm, finite)) if kind == "err" else (norm,)
-        self._pending_errors().records.append((kind, k, token, g.device, g.numel(), values))
+        pending.records.append((*record, values))
+        if small and (kind, k) not in self._errors_unbatched:
+            pending.watched.append((kind, k, g, g._version))
+
+    def _resolve_deferred(self, pending: Any) -> None:
+        """Norms of the deferred error signals, one batched pass per device and dtype. One
+        changed in place since it came is not the module's signal: a gap for that step,
+        and the module's signals are measured at once from then on."""
+        for kind, k, g, version in pending.watched:
+            safe = g._version == version
+            (self._errors_batch_safe if safe else self._errors_unbatched).add((kind, k))
+        self._errors_batch_safe -= self._errors_unbatched
+        self._deferred_numel = 0
+        groups: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
+        for i, (g, version) in pending.deferred.items():
+            kind, k = pending.records[i][0], pending.records[i][1]
+            if g._version != version:
+                self._errors_unbatched.add((kind, k))
+                self._errors_batch_safe.discard((kind, k))
+                continue
+            groups[(g.device, g.dtype)].append(i)
+        for (device, _dtype), indices in groups.items():
+            with torch.no_grad():
+                norms, finite = l2_norms([pending.deferred[i][0] for i in indices], device)
+                flags = self._grads_nonfinite(device, [], norms, finite)
+            for j, i in enumerate(indices):
+                kind, k, token, dev, numel, _ = pending.records[i]
+                values = (norms[j], flags[j]) if kind == "err" else (norms[j],)
+                pending.records[i] = (kind, k, token, dev, numel, values)
+        pending.deferred = {}
 
     def _on_input_share(
         self,
@@ -1159,9 +1205,7 @@ class Probe:
         total = self._traversals.add_share(pending, k, token, nodes, share)
         if total is None:
             return
-        with torch.no_grad():
-            norm, _ = l2_norm(total)
-        pending.records.append(("in_err", k, token, total.device, total.numel(), (norm,)))
+        self._record_error(pending, "in_err", k, token, total)
 
     def _pending_errors(self) -> Any:
         """The current backward pass's waiting results; its end is queued on first use."""
@@ -1186,6 +1230,7 @@ class Probe:
         traversals.accumulating = {t for t in traversals.accumulating if t in traversals.pending}
         if pending is None or not counts or step != self.step_index or not self._recording:
             return  # torch.autograd.grad, or a pass that outlived its step
+        self._resolve_deferred(pending)
         for k, _token in pending.shares:
             self._error_gap(
                 k,
@@ -1195,6 +1240,10 @@ class Probe:
                 "in a backward pass: its error_gain is not recorded for that step",
             )
         for kind, k, token, device, numel, values in pending.records:
+            if not values:  # deferred, and changed in place before the pass ended
+                side = GAP_BOTH_SIDES if kind == "err" else GAP_INPUT_SIDE
+                self.buffer.set_host(k, "err_gap", traversals.gap(k, side, step))
+                continue
             if not traversals.first_commit(kind, token, step):
                 self._error_gap(
                     k,
@@ -1515,6 +1564,7 @@ class Probe:
             # never ran the callback that drops its pending results, and with no probed
             # module hooked no pass ever trims the set of passes that accumulated.
             self._owed_error_hooks.clear()
+            self._deferred_numel = 0
             self._traversals.pending.clear()
             self._traversals.accumulating.clear()
         if not self._ranks_resolved:

@@ -117,6 +117,11 @@ class _Pending:
     )
     # (slot, token) -> [node hooks fired, sum of the module's own share so far]
     shares: dict[tuple[int, int], list[Any]] = field(default_factory=dict)
+    # Small error signals whose norms wait for the pass's end (one batched pass for all),
+    # by their index in ``records``: (the gradient, its version when it came); and the
+    # ones measured at once but watched to see whether they stay as they came.
+    deferred: dict[int, tuple[Tensor, int]] = field(default_factory=dict)
+    watched: list[tuple[str, int, Tensor, int]] = field(default_factory=list)
 
 
 class Traversals:
