@@ -111,11 +111,11 @@ PARTIALS: dict[str, Partial] = {
         Partial("out_sum", "module", "sum", "device", "sum of output entries"),
         Partial("out_sumsq", "module", "sum", "device", "sum of squared output entries"),
         Partial("out_zeros", "module", "sum", "device", "output entries exactly 0"),
-        Partial("out_nonfinite", "module", "sum", "device", "NaN/Inf entries of the output"),
+        Partial("out_nonfinite", "module", "sum", "device", "NaN/Inf flags (full: entries) of the output"),
         Partial("gate_sum", "module", "sum", "device", "sum of f'(z) over the activation input"),
         Partial("sat_count", "module", "sum", "device", "entries with f'(z) < 1% of max f'"),
         Partial("err_sumsq", "module", "sum", "device", "‖dL/d(output)‖² summed over passes", 2),
-        Partial("err_nonfinite", "module", "sum", "device", "NaN/Inf entries of dL/d(output)"),
+        Partial("err_nonfinite", "module", "sum", "device", "NaN/Inf flags (full: entries), dL/dy"),
         Partial("in_err_sumsq", "module", "sum", "device", "‖dL/d(input)‖² summed over passes", 2),
         Partial("dead_units", "module", "same", "device", "units 0 for the whole step"),
         Partial("dead_window_units", "module", "same", "device", "units 0 for `window` steps"),
@@ -289,7 +289,9 @@ STATISTICS: dict[str, Statistic] = {
         ),
         Statistic(
             "nonfinite",
-            "number of NaN/Inf entries in .grad (parameters) or the output (modules)",
+            "NaN/Inf in .grad (parameters) or the output (modules): a flag (0/1 per call, "
+            "summed over a step's calls) read from the norm computed anyway; the exact number "
+            "of entries with stats='full'",
             parameter=lambda p: (p["grad_nonfinite"], p["has_grad"] > 0),
             module=lambda p: (p["out_nonfinite"], p["count"] > 0),
         ),
@@ -370,7 +372,8 @@ STATISTICS: dict[str, Statistic] = {
         ),
         Statistic(
             "error_nonfinite",
-            "number of NaN/Inf entries in dL/d(output) (backward)",
+            "NaN/Inf in dL/d(output) (backward): a flag as nonfinite, the exact number of "
+            "entries with stats='full'",
             module=lambda p: (p["err_nonfinite"], p["err_calls"] > 0),
         ),
         Statistic(
