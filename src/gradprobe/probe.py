@@ -1316,8 +1316,12 @@ class Probe:
             else:
                 grad_norms, finite = l2_norms(grads, device)
             record(device, idx, "grad_norm", grad_norms)
-            record(device, idx, "param_norm", self._before_norms(device, idx, params))
-            record(device, idx, "grad_nonfinite", self._grads_nonfinite(device, grads, grad_norms, finite))
+            # Only what is asked: each is a pass over every parameter.
+            if "param_norm" in self.stats:
+                record(device, idx, "param_norm", self._before_norms(device, idx, params))
+            if "nonfinite" in self.stats:
+                flags = self._grads_nonfinite(device, grads, grad_norms, finite)
+                record(device, idx, "grad_nonfinite", flags)
             self.buffer.set_param_host(idx, "has_grad")
 
     def _end_sharded_step(self) -> None:
