@@ -327,6 +327,7 @@ class Probe:
         self._unbatched: set[int] = set()
         self._batch_safe: set[int] = set()
         self._staging_buffers: dict[tuple[Any, ...], Tensor] = {}
+        self._index_tensors: dict[tuple[Any, ...], Tensor] = {}
         # Error signals (kind, slot) seen to stay as they came until the backward ended
         # (their norms are then batched at its end), and those seen changed (never).
         self._errors_batch_safe: set[tuple[str, int]] = set()
@@ -894,7 +895,7 @@ class Probe:
         elif self._want_nonfinite:
             self.buffer.record_many("nonfinite", ks, device, n, nonfinite)
         if relu:  # f' = 1 where y > 0: the non-zero count; never saturates
-            index = torch.tensor(relu, device=device)
+            index = self._index(relu, device)
             zeros = self._zero(device).expand(len(relu))
             self.buffer.record_many(
                 "gate", [ks[i] for i in relu], device, n, nonzero.index_select(0, index), zeros
@@ -902,7 +903,7 @@ class Probe:
             for i in relu:
                 self.buffer.add_host(ks[i], "gate_count", n)
         if tanh:
-            index = torch.tensor(tanh, device=device)
+            index = self._index(tanh, device)
             sumsq = norms.index_select(0, index).to(accumulation_dtype(device)) ** 2
             self.buffer.record_many(
                 "gate", [ks[i] for i in tanh], device, n, n - sumsq, over.index_select(0, index)
@@ -910,6 +911,14 @@ class Probe:
             for i in tanh:
                 self.buffer.add_host(ks[i], "gate_count", n)
                 self.buffer.add_host(ks[i], "sat_count_n", n)
+
+    def _index(self, rows: list[int], device: torch.device) -> Tensor:
+        """An index tensor, made once per pattern (no host-to-device copy per step)."""
+        key = (tuple(rows), device)
+        index = self._index_tensors.get(key)
+        if index is None:
+            index = self._index_tensors[key] = torch.tensor(rows, device=device)
+        return index
 
     def _staging(self, entries: list[tuple[_Slot, Tensor, int, int]]) -> Tensor:
         """``torch.stack`` of the held outputs into a buffer kept for their shape (grown
