@@ -1,0 +1,747 @@
+"""What the hooks capture: the module hooks' and error-signal hooks' work for a recorded step.
+
+:class:`Capture` is a part of :class:`gradprobe.Probe` (a mixin; the Probe owns the state
+it reads): what a module's forward pre-hook and forward hook take from a call (the
+activation gate, the output's statistics, per-unit activity), how small outputs wait for
+the end of the forward and are reduced together (:meth:`Capture._hold`,
+:meth:`Capture._reduce_held`), and the error signals dL/d(output) and the module's own
+share of dL/d(input), measured when their backward pass ends. The reductions themselves
+are in :mod:`gradprobe.reduce`; where a step begins and ends is in :mod:`gradprobe.step`.
+The hook functions here are module-level and hold a weak reference to the Probe and a
+slot index, never a module or a tensor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import weakref
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils import _pytree
+
+from .activations import Activation
+from .hooks import warn_gap
+from .reduce import accumulation_dtype, l2_norm, l2_norms, nonzero_count, row_norms
+from .stats import SAT_THRESHOLD
+from .traversals import GAP_BOTH_SIDES, GAP_INPUT_SIDE, consumer_edges, input_edge
+
+if TYPE_CHECKING:
+    from .probe import Probe
+
+__all__ = ["Capture"]
+
+
+_PREFERRED_KEYS = ("logits", "last_hidden_state")
+
+
+_SKIPPED_KEYS = frozenset({"loss"})
+
+
+_MAX_NESTING = 32  # deeper than any real output; guards against self-referencing objects
+
+
+@dataclass(frozen=True)
+class _Slot:
+    """A probed module, by name: what the hooks need to know about it."""
+
+    index: int
+    name: str
+    type: str
+    activation: Activation | None
+    layout: str  # "last", "channel" or "inherit" (element-wise: like the tensor it received)
+    histogram_range: tuple[float, float]
+    # The activation's gate read from its output (see _gate_from_output), or None: from z.
+    gate_from_output: str | None = None
+    inplace: bool = False  # an in-place module writes over its input
+
+
+def _sum_dtype(t: Tensor) -> torch.dtype | None:
+    """float32 for half-precision tensors (AMP): a bfloat16 sum keeps about 3 digits."""
+    return torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else None
+
+
+def _activity(y: Tensor, dims: tuple[int, ...]) -> Tensor:
+    """max |y| over ``dims``: > 0 iff the unit is non-zero somewhere (NaN: counted dead).
+    A max and a min are two reading passes; ``abs()`` first would write a copy (~2× dearer
+    on a conv output)."""
+    return torch.maximum(y.amax(dim=dims), y.amin(dim=dims).neg())
+
+
+def _first_float_tensor(value: Any, depth: int = 0) -> Tensor | None:
+    """"The" tensor of a module's output (or input): the first floating-point tensor in
+    pytree order, see docs/recording.md ("Inputs and outputs").
+
+    Tuples and lists in order; mappings at ``logits``, then ``last_hidden_state``, then
+    their other values in insertion order, never at ``loss``; dataclasses in field order;
+    any other type registered with ``torch.utils._pytree`` in its flattening order.
+    """
+    if isinstance(value, Tensor):
+        return value if value.is_floating_point() else None
+    if value is None or depth > _MAX_NESTING or isinstance(value, (str, bytes, int, float)):
+        return None
+    if isinstance(value, (tuple, list)):
+        children: Iterable[Any] = value
+    elif isinstance(value, Mapping):
+        first = [value[key] for key in _PREFERRED_KEYS if key in value]
+        rest = [v for key, v in value.items() if key not in _PREFERRED_KEYS and key not in _SKIPPED_KEYS]
+        children = first + rest
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        children = [getattr(value, f.name, None) for f in dataclasses.fields(value)]
+        children = [c for c in children if c is not None]
+    else:
+        node = _pytree.SUPPORTED_NODES.get(type(value))
+        if node is None:
+            return None
+        children, _context = node.flatten_fn(value)
+    for item in children:
+        found = _first_float_tensor(item, depth + 1)
+        if found is not None:
+            return found
+    return None
+
+
+def _inside_backward() -> bool:
+    """Whether this thread is running a backward pass: autograd's current graph task.
+
+    A module's forward that runs inside backward is activation checkpointing recomputing
+    it (``torch.utils.checkpoint``, either ``use_reentrant``), not a new pass.
+    """
+    return torch._C._current_graph_task_id() != -1
+
+
+def queue_at_backward_end(callback: Callable[[], None]) -> None:
+    """Run ``callback`` when the current backward pass has finished (all of it)."""
+    torch.autograd.Variable._execution_engine.queue_callback(callback)
+
+
+def _output_grad_hook(ref: weakref.ref[Probe], k: int, token: int, grad: Tensor) -> None:
+    probe = ref()
+    if probe is None:
+        return
+    try:
+        probe._on_error_grad(k, grad, "err", token)
+    except Exception as exc:
+        probe._module_failed(k, "backward (output) hook", exc)
+
+
+def _input_grad_hook(ref: weakref.ref[Probe], k: int, token: int, grad: Tensor) -> None:
+    probe = ref()
+    if probe is None:
+        return
+    try:
+        probe._on_error_grad(k, grad, "in_err", token)
+    except Exception as exc:
+        probe._module_failed(k, "backward (input) hook", exc)
+
+
+def _input_share_hook(
+    ref: weakref.ref[Probe],
+    k: int,
+    token: int,
+    indices: tuple[int, ...],
+    nodes: int,
+    grad_inputs: Sequence[Tensor | None],
+    grad_outputs: Sequence[Tensor | None],
+) -> None:
+    """On an autograd node of module ``k`` that reads its input: ``grad_inputs[i]`` for
+    ``i`` in ``indices`` is the gradient this node sends to that input."""
+    probe = ref()
+    if probe is None:
+        return
+    try:
+        probe._on_input_share(k, token, indices, nodes, grad_inputs)
+    except Exception as exc:
+        probe._module_failed(k, "backward (input) hook", exc)
+
+
+def _errors_end_hook(ref: weakref.ref[Probe], task: int, step: int) -> None:
+    probe = ref()
+    if probe is not None and not probe._closed:
+        probe._guard(partial(probe._commit_errors, task, step), "the end of backward (errors)")
+
+
+class Capture:
+    # ================================================================ module hooks
+    # Each hook launches only the reductions it needs and hands the 0-d results to the
+    # buffer: on small layers the number of ops, not their size, is what costs.
+    def _on_recomputed_pre(self, k: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Checkpointing re-runs this forward inside backward: its statistics were taken in
+        the first run. Only an owed error-signal hook (see _on_recomputed) needs the input."""
+        x = _first_float_tensor((args, kwargs))
+        owed = self._owed_error_hooks.get(k) and self._want_input_error
+        if owed and x is not None and x.requires_grad:
+            self._traversals.input_edges[k] = input_edge(x)  # its own share: see _hook_errors
+
+    def _on_recomputed(self, k: int, output: Any) -> None:
+        """Activation checkpointing's recomputation, inside backward: calls, activation and
+        unit statistics were recorded by the first run and are not doubled. The first run's
+        error-signal hooks fire on the original graph (``use_reentrant=False``); a first run
+        under no_grad (``use_reentrant=True``) had none: they are owed, and hooked here, on
+        the graph that the checkpoint's own backward traverses."""
+        if not self._owed_error_hooks.get(k):
+            return
+        self._owed_error_hooks[k] -= 1
+        y = _first_float_tensor(output)
+        if y is not None and self._want_error and y.requires_grad:
+            self._hook_errors(k, y)
+
+    def _on_pre(
+        self, k: int, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
+        # "The" input: the first floating-point tensor, positional arguments before keywords.
+        x = _first_float_tensor((args, kwargs))
+        slot = self._slots[k]
+        if slot.inplace and (self._held or self._watched):
+            self._reduce_held()  # it will write over its input, which may be held
+        if x is None:
+            if slot.activation is not None and self._want_gate:
+                self._unreadable_module(k, "input", args)  # the gate needs it
+            return
+        if self._want_units:
+            self._note_input_layout(slot, x)
+        if self._want_input_error and x.requires_grad:
+            self._traversals.input_edges[k] = input_edge(x)  # its own share: see _hook_errors
+        act = slot.activation
+        if act is not None and self._want_gate and slot.gate_from_output is None:
+            with torch.no_grad():
+                z = x.detach()
+                gate = act.gate(z, act.params(module))
+                if act.saturates:
+                    saturated = torch.count_nonzero(gate < SAT_THRESHOLD * act.max_derivative)
+                else:
+                    saturated = self._zero(z.device)
+                total = gate.sum(dtype=_sum_dtype(gate))
+                self.buffer.record("gate", k, z.device, z.numel(), total, saturated)
+            self.buffer.add_host(k, "gate_count", z.numel())
+            if act.saturates:
+                self.buffer.add_host(k, "sat_count_n", z.numel())
+
+    def _on_forward(self, k: int, module: nn.Module, output: Any) -> None:
+        y = _first_float_tensor(output)
+        if y is None:
+            self._unreadable_module(k, "output", output)
+            return
+        if self._want_error and not y.requires_grad and not torch.is_grad_enabled():
+            # A first run under no_grad inside a trained pass (reentrant checkpointing):
+            # only its recomputation pays this (_on_recomputed); reset at the step's end.
+            self._owed_error_hooks[k] += 1
+        slot = self._slots[k]
+        if k not in self._seen_slots:
+            self._seen_slots.add(k)
+            self._execution_order.append(k)
+        n = y.numel()
+        self.buffer.add_host(k, "calls")
+        self.buffer.add_host(k, "count", n)
+        with torch.no_grad():
+            yd = y.detach()
+            if not self._hold(slot, yd):
+                self._forward_stats(slot, yd, self._units_of(slot, yd))
+            if self.histograms:
+                lo, hi = slot.histogram_range
+                counts = torch.histc(yd.float().clamp(lo, hi), self.buffer.histogram_bins, lo, hi)
+                self.buffer.record_histogram(k, y.device, counts)
+        if self._want_error and y.requires_grad:
+            self._hook_errors(k, y)
+
+    # Outputs of at most this many entries wait for the end of the forward, and are
+    # reduced there, shape by shape, a few ops for all of them (bench/: on a 12×256 MLP
+    # the per-module ops, not their size, were the cost). They are held, not copied; a
+    # hold is checked against the tensor's version counter before it is read.
+    _HELD_NUMEL = 1 << 16
+    _HELD_NUMEL_TOTAL = 1 << 24  # 64 MiB of float32 at most: then reduce what is held
+
+    def _units_of(self, slot: _Slot, yd: Tensor) -> int | None:
+        """The unit dimension of this call (``-1``: not recorded), learned in call order."""
+        if not self._want_units or yd.dim() < 1:
+            return -1
+        return self._unit_dim(slot, yd)
+
+    def _hold(self, slot: _Slot, yd: Tensor) -> bool:
+        """Keep a small output for the batched reduction at the end of the forward."""
+        n = yd.numel()
+        if not self._want_forward:
+            return True  # nothing of the output is asked for
+        if n > self._HELD_NUMEL or slot.index in self._unbatched or n == 0:
+            return False
+        unit = self._units_of(slot, yd)
+        if unit is None or slot.index not in self._batch_safe:
+            # Units deferred (see _record_units), or a module not yet seen to leave its
+            # output alone until the forward ends: reduce now, and watch the output.
+            self._forward_stats(slot, yd, unit)
+            if unit is not None:
+                self._watched.append((slot.index, yd, yd._version))
+            return True
+        self._held.append((slot, yd, yd._version, unit))
+        self._held_numel += n
+        if self._held_numel > self._HELD_NUMEL_TOTAL:
+            self._reduce_held()
+        return True
+
+    def _reduce_held(self) -> None:
+        """Reduce the held outputs: one batch per shape, dtype, device and unit dimension.
+
+        A module's outputs are held only once one of them was seen to stay as it was until
+        the forward ended (watched on its first recorded call): an output written in place
+        after its hook (``out += identity`` after a BatchNorm, in a parent's forward) is not
+        what the module made. Should that still happen to a held one (control flow), its
+        call is a gap, and the module is reduced in its hook from then on."""
+        watched, self._watched = self._watched, []
+        for k, yd, version in watched:
+            (self._batch_safe if yd._version == version else self._unbatched).add(k)
+        self._batch_safe -= self._unbatched
+        held, self._held, self._held_numel = self._held, [], 0
+        groups: dict[tuple[Any, ...], list[tuple[_Slot, Tensor, int, int]]] = defaultdict(list)
+        for entry in held:
+            slot, yd, version, unit = entry
+            if yd._version != version:
+                self._unbatched.add(slot.index)
+                self.buffer.set_host(slot.index, "gap", 1)
+                continue
+            groups[(tuple(yd.shape), yd.dtype, yd.device, unit)].append(entry)
+        for (_shape, _dtype, device, unit), entries in groups.items():
+            try:
+                with torch.no_grad():
+                    if len(entries) == 1:
+                        self._forward_stats(entries[0][0], entries[0][1], unit)
+                    else:
+                        self._forward_stats_batch(entries, device, unit)
+            except Exception as exc:  # never the user's training: a gap and a warning
+                for slot, *_ in entries:
+                    self._module_failed(slot.index, "the batched forward statistics", exc)
+
+    def _forward_stats_batch(
+        self, entries: list[tuple[_Slot, Tensor, int, int]], device: torch.device, unit: int
+    ) -> None:
+        """The statistics of :meth:`_forward_stats` for calls of one shape, stacked.
+
+        The stack is our own copy, in a buffer kept from step to step (a fresh one page-
+        faults on every touch: it was the dearest op here); after the reductions that need
+        the values it is overwritten in place (|y|, then sign) for the ones that do not."""
+        slots = [e[0] for e in entries]
+        ks = [s.index for s in slots]
+        stacked = self._staging(entries)
+        rows = stacked.view(len(entries), -1)
+        n = rows.shape[1]
+        want_gate = self._want_gate
+        relu = [i for i, s in enumerate(slots) if want_gate and s.gate_from_output == "relu"]
+        tanh = [i for i, s in enumerate(slots) if want_gate and s.gate_from_output == "tanh"]
+        other = [
+            i for i, s in enumerate(slots) if want_gate and s.gate_from_output == "sigmoid"
+        ]
+        measure = self._want_output or relu or tanh or other
+        if measure or self._want_nonfinite:
+            norms, finite = row_norms(rows)
+            nonfinite = self._nonfinite_rows(rows, norms, finite)
+        if measure:
+            totals = rows.sum(dim=1, dtype=_sum_dtype(rows))
+            for i in other:  # reads the values: before they are overwritten below
+                self._gate_from_output(slots[i], entries[i][1], totals[i], norms[i], None)
+        if unit >= 0:
+            dims = tuple(d + 1 for d in range(stacked.dim() - 1) if d != unit)
+            activity = _activity(stacked, dims) if dims else stacked.abs()
+            for k, row in zip(ks, activity.unbind(0)):
+                self._note_unit_kind(k, unit, stacked.dim() - 1)
+                self.buffer.record_units(k, device, row.reshape(-1))
+        if not measure:
+            if self._want_nonfinite:
+                self.buffer.record_many("nonfinite", ks, device, n, nonfinite)
+            return
+        rows.abs_()
+        if tanh:  # f' = 1 − y² < 1% where |y| > √0.99
+            over = (rows > math.sqrt(1.0 - SAT_THRESHOLD)).sum(dim=1)
+        # Per-row count_nonzero branches per entry (~8× a sum here); sign(|y|) is 0 or 1
+        # and its float sum exact (rows ≤ 2²⁴ entries); NaN stays NaN: counted by bool.
+        rows.sign_()
+        finite_rows = finite is not None and all(finite)
+        nonzero = rows.sum(dim=1) if finite_rows else rows.bool().sum(dim=1)
+        if self._want_output:
+            self.buffer.record_many("out", ks, device, n, totals, norms, nonzero, nonfinite)
+        elif self._want_nonfinite:
+            self.buffer.record_many("nonfinite", ks, device, n, nonfinite)
+        if relu:  # f' = 1 where y > 0: the non-zero count; never saturates
+            index = self._index(relu, device)
+            zeros = self._zero(device).expand(len(relu))
+            self.buffer.record_many(
+                "gate", [ks[i] for i in relu], device, n, nonzero.index_select(0, index), zeros
+            )
+            for i in relu:
+                self.buffer.add_host(ks[i], "gate_count", n)
+        if tanh:
+            index = self._index(tanh, device)
+            sumsq = norms.index_select(0, index).to(accumulation_dtype(device)) ** 2
+            self.buffer.record_many(
+                "gate", [ks[i] for i in tanh], device, n, n - sumsq, over.index_select(0, index)
+            )
+            for i in tanh:
+                self.buffer.add_host(ks[i], "gate_count", n)
+                self.buffer.add_host(ks[i], "sat_count_n", n)
+
+    def _index(self, rows: list[int], device: torch.device) -> Tensor:
+        """An index tensor, made once per pattern (no host-to-device copy per step)."""
+        key = (tuple(rows), device)
+        index = self._index_tensors.get(key)
+        if index is None:
+            index = self._index_tensors[key] = torch.tensor(rows, device=device)
+        return index
+
+    def _staging(self, entries: list[tuple[_Slot, Tensor, int, int]]) -> Tensor:
+        """``torch.stack`` of the held outputs into a buffer kept for their shape (grown
+        when more calls come); its memory is counted in the run's meta."""
+        first = entries[0][1]
+        key = (tuple(first.shape), first.dtype, first.device)
+        buffer = self._staging_buffers.get(key)
+        if buffer is None or buffer.shape[0] < len(entries):
+            buffer = torch.empty((len(entries), *first.shape), dtype=first.dtype, device=first.device)
+            self._staging_buffers[key] = buffer
+            held = sum(b.numel() * b.element_size() for b in self._staging_buffers.values())
+            self._meta["probe"]["staging_bytes"] = held
+        out = buffer[: len(entries)]
+        torch.stack([e[1] for e in entries], out=out)
+        return out
+
+    def _nonfinite_rows(self, rows: Tensor, norms: Tensor, finite: list[bool] | None) -> Tensor:
+        """Per row, as :meth:`_nonfinite`."""
+        if self.exact_counts:
+            return torch.count_nonzero(rows - rows, dim=1)
+        if finite is not None:
+            return torch.tensor([0.0 if ok else 1.0 for ok in finite], device=rows.device)
+        return ~torch.isfinite(norms)
+
+    def _forward_stats(self, slot: _Slot, yd: Tensor, unit: int | None) -> None:
+        """Output, non-finite, gate (from the output) and unit statistics of one call."""
+        k, n, device = slot.index, yd.numel(), yd.device
+        with torch.no_grad():
+            gate = self._want_gate and slot.gate_from_output is not None
+            if self._want_output or gate:
+                # sum and norm are each a single cheap kernel (var_mean is several times
+                # dearer); the norm carries the NaN/Inf flag (gradprobe/reduce.py).
+                norm, finite = l2_norm(yd)
+                total = yd.sum(dtype=_sum_dtype(yd))
+                nonzero = nonzero_count(yd)
+                if self._want_output:
+                    nonfinite = self._nonfinite(yd, norm, finite)
+                    self.buffer.record("out", k, device, n, total, norm, nonzero, nonfinite)
+                elif self._want_nonfinite:
+                    self.buffer.record("nonfinite", k, device, n, self._nonfinite(yd, norm, finite))
+                if gate:
+                    self._gate_from_output(slot, yd, total, norm, nonzero)
+            elif self._want_nonfinite:
+                norm, finite = l2_norm(yd)
+                self.buffer.record("nonfinite", k, device, n, self._nonfinite(yd, norm, finite))
+            if unit != -1:
+                self._record_units(slot, yd, unit)
+
+    def _gate_from_output(
+        self, slot: _Slot, y: Tensor, total: Tensor, norm: Tensor, nonzero: Tensor | None
+    ) -> None:
+        """Gate statistics of a stock ReLU, tanh or sigmoid from its output y = f(z): the
+        sum of f'(z) from the output's own sum, norm and non-zero count; the saturated
+        entries (f' < 1% of its maximum) in one comparison. z itself may be gone (an
+        in-place module writes y over it)."""
+        k, n, device = slot.index, y.numel(), y.device
+        name = slot.gate_from_output
+        if name == "relu":  # f' = 1 where y > 0, else 0; never saturates
+            assert nonzero is not None
+            self.buffer.record("gate", k, device, n, nonzero, self._zero(device))
+        else:
+            sumsq = norm.to(accumulation_dtype(device)) ** 2
+            if name == "tanh":  # f' = 1 − y²: saturated where y² > 1 − 0.01
+                gate_sum = n - sumsq
+                saturated = torch.count_nonzero(y.abs() > math.sqrt(1.0 - SAT_THRESHOLD))
+            else:  # sigmoid, f' = y(1 − y) ≤ 1/4: saturated where |y − ½| > √(¼ − 0.01·¼)
+                gate_sum = total - sumsq
+                bound = math.sqrt(0.25 - SAT_THRESHOLD * 0.25)
+                saturated = torch.count_nonzero((y - 0.5).abs() > bound)
+            self.buffer.record("gate", k, device, n, gate_sum, saturated)
+            self.buffer.add_host(k, "sat_count_n", n)
+        self.buffer.add_host(k, "gate_count", n)
+
+    def _zero(self, device: torch.device) -> Tensor:
+        return self._constant(device, 0)
+
+    def _constant(self, device: torch.device, value: int) -> Tensor:
+        """A 0-d tensor of 0 or 1 to record (the buffer stacks copies: it is never written)."""
+        constant = self._zeros.get((device, value))
+        if constant is None:
+            constant = self._zeros[(device, value)] = torch.full((), float(value), device=device)
+        return constant
+
+    def _nonfinite(self, t: Tensor, norm: Tensor, finite: bool | None) -> Tensor:
+        """NaN/Inf entries of ``t``: their exact number under ``stats="full"``, else a flag
+        (0 or 1) that the norm already carries, at no extra pass (gradprobe/reduce.py)."""
+        if self.exact_counts:
+            return torch.count_nonzero(t - t)  # t − t is NaN exactly where t is NaN or ±Inf
+        if finite is not None:
+            return self._constant(t.device, 0 if finite else 1)
+        return ~torch.isfinite(norm)
+
+    def _record_units(self, slot: _Slot, y: Tensor, unit: int | None) -> None:
+        """Per-unit activity of one call: max |y| per unit, > 0 iff the unit fired somewhere
+        (cheaper than counting). ``unit``: from :meth:`_unit_dim`, in call order."""
+        k = slot.index
+        if unit is None:
+            # An element-wise module on a tensor no module has shown the layout of yet (the
+            # model's input, first step): reduce the batch dimension now, the rest when the
+            # step closes, by when the module that reads this tensor has said.
+            self._deferred_units.append((k, tuple(y.shape), _activity(y, (0,))))
+            return
+        self._note_unit_kind(k, unit, y.dim())
+        dims = tuple(d for d in range(y.dim()) if d != unit)
+        self.buffer.record_units(k, y.device, _activity(y, dims).reshape(-1))
+
+    def _note_unit_kind(self, k: int, unit: int, dims: int) -> None:
+        if k not in self._unit_kinds:  # host-only, once per module
+            self._unit_kinds[k] = "channel" if unit == 1 and dims >= 3 else "feature"
+
+    def _record_deferred_units(self) -> None:
+        """Units of the calls whose layout was not known in their hook (see _record_units)."""
+        deferred, self._deferred_units = self._deferred_units, []
+        for k, shape, activity in deferred:
+            layout = self._inherited_layout(k, shape)
+            if layout is None and shape in self._ambiguous_shapes:
+                # Features-last and channels share this shape and this module has shown
+                # neither yet: its units are unknown, so no units rather than wrong ones.
+                name = self._slots[k].name
+                warn_gap(
+                    self._failed_where,
+                    f"ambiguous units of {name}",
+                    f"gradprobe: module {name!r} received a {list(shape)} tensor that other "
+                    "modules read both as [N, ..., features] and as [N, channels, ...] (a "
+                    "transpose where the sequence length equals the width): its dead_frac "
+                    "and dead_window_frac are not recorded for such calls until a call of "
+                    "another shape shows its units",
+                )
+                continue
+            # Nothing in the step said: channels of [N, C, ...], as before.
+            layout = layout or "channel"
+            unit = len(shape) - 1 if layout == "last" else 1
+            if k not in self._unit_kinds:
+                self._unit_kinds[k] = "channel" if unit == 1 else "feature"
+            dims = tuple(d - 1 for d in range(1, len(shape)) if d != unit)
+            units = activity.amax(dim=dims) if dims else activity
+            self.buffer.record_units(k, activity.device, units.reshape(-1))
+
+    def _unit_dim(self, slot: _Slot, y: Tensor) -> int | None:
+        """Which dimension holds the units: features of [N, F], channels of [N, C, ...].
+
+        Units are features or channels: they do not change with the batch size, the
+        sequence length or the image size. A typed module (Linear, Conv, ...) knows its
+        layout; an element-wise one (ReLU, Dropout, ...) takes the layout of the tensor it
+        received (see :meth:`_inherited_layout`), or ``None`` while nothing has said it yet.
+        """
+        if y.dim() <= 2:
+            return y.dim() - 1
+        layout = slot.layout
+        if layout == "inherit":
+            found = self._inherited_layout(slot.index, tuple(y.shape))
+            if found is None:
+                return None
+            layout = found
+        else:
+            self._learn_layout(tuple(y.shape), layout)
+        return y.dim() - 1 if layout == "last" else 1
+
+    def _learn_layout(self, shape: tuple[int, ...], layout: str) -> None:
+        known = self._layout_by_shape.get(shape)
+        if shape in self._ambiguous_shapes or (known is not None and known != layout):
+            self._ambiguous_shapes.add(shape)
+            self._layout_by_shape.pop(shape, None)
+        else:
+            self._layout_by_shape[shape] = layout
+        units = shape[-1] if layout == "last" else shape[1]
+        self._layout_signatures.add((len(shape), layout, units))
+
+    def _note_input_layout(self, slot: _Slot, x: Tensor) -> None:
+        """A typed module reads its input in its own layout: [N, ..., F] or [N, C, ...]."""
+        if slot.layout != "inherit" and x.dim() >= 3:
+            self._learn_layout(tuple(x.shape), slot.layout)
+
+    def _inherited_layout(self, k: int, shape: tuple[int, ...]) -> str | None:
+        """The layout of an element-wise module's tensor: that of a typed module that made
+        or read this very shape; else the one this module took before (shapes change with
+        the sequence length and image size, a module's layout does not); else, with as many
+        dimensions, the one whose features or channels match a typed module's, if only one
+        does."""
+        layout = self._layout_by_shape.get(shape) or self._slot_layout.get(k)
+        if layout is None:
+            last = (len(shape), "last", shape[-1]) in self._layout_signatures
+            channel = (len(shape), "channel", shape[1]) in self._layout_signatures
+            if last == channel:
+                return None
+            layout = "last" if last else "channel"
+        self._slot_layout[k] = layout
+        return layout
+
+    # ---------------------------------------------------------------- error signals
+    # What a step's error signal is when autograd traverses a tensor more than once:
+    # gradprobe/traversals.py and docs/recording.md.
+    def _hook_errors(self, k: int, y: Tensor) -> None:
+        """A tensor hook on the output (dL/d(output), all of it, whoever else reads ``y``)
+        and hooks on the module's own autograd nodes that read its input (its share of
+        dL/d(input), not what other readers of that tensor add)."""
+        token = self._traversals.new_token()
+        y.register_hook(partial(_output_grad_hook, self._ref, k, token))
+        edge = self._traversals.input_edges.pop(k, None)
+        if edge is None or y.grad_fn is None:
+            return
+        if input_edge(y) == edge:  # the input passed through (an identity): same signal
+            y.register_hook(partial(_input_grad_hook, self._ref, k, token))
+            return
+        readers = consumer_edges(y.grad_fn, edge)
+        if readers is None:
+            self._error_gap(
+                k,
+                GAP_INPUT_SIDE,
+                "large graph",
+                f"the autograd graph of `{self._slots[k].name}` is too large to find the "
+                "module's own share of dL/d(input): its error_gain is not recorded (probe "
+                "its submodules instead)",
+            )
+            return
+        for node, indices in readers:
+            node.register_hook(
+                partial(_input_share_hook, self._ref, k, token, indices, len(readers))
+            )
+
+    def _on_error_grad(self, k: int, grad: Tensor, kind: str, token: int) -> None:
+        if self._closed:
+            return
+        self._record_error(self._pending_errors(), kind, k, token, grad.detach())
+
+    def _record_error(self, pending: Any, kind: str, k: int, token: int, g: Tensor) -> None:
+        """The norm of one error signal: now, or (small, and its module's signals seen to
+        stay as they came until the pass ends) with the others at the pass's end."""
+        record = (kind, k, token, g.device, g.numel())
+        small = g.numel() <= self._HELD_NUMEL and not self.exact_counts
+        room = self._deferred_numel + g.numel() <= self._HELD_NUMEL_TOTAL
+        if small and room and (kind, k) in self._errors_batch_safe:
+            self._deferred_numel += g.numel()
+            pending.deferred[len(pending.records)] = (g, g._version)
+            pending.records.append((*record, ()))
+            return
+        with torch.no_grad():
+            # Screened float32, or float64: 1e-20 signals of vanishing nets must not
+            # underflow (gradprobe/reduce.py). On the input side the norm itself carries
+            # NaN/Inf (a NaN/Inf error_gain where dL/d(output) is finite).
+            norm, finite = l2_norm(g)
+            values = (norm, self._nonfinite(g, norm, finite)) if kind == "err" else (norm,)
+        pending.records.append((*record, values))
+        if small and (kind, k) not in self._errors_unbatched:
+            pending.watched.append((kind, k, g, g._version))
+
+    def _resolve_deferred(self, pending: Any) -> None:
+        """Norms of the deferred error signals, one batched pass per device and dtype. One
+        changed in place since it came is not the module's signal: a gap for that step,
+        and the module's signals are measured at once from then on."""
+        for kind, k, g, version in pending.watched:
+            safe = g._version == version
+            (self._errors_batch_safe if safe else self._errors_unbatched).add((kind, k))
+        self._errors_batch_safe -= self._errors_unbatched
+        self._deferred_numel = 0
+        groups: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
+        for i, (g, version) in pending.deferred.items():
+            kind, k = pending.records[i][0], pending.records[i][1]
+            if g._version != version:
+                self._errors_unbatched.add((kind, k))
+                self._errors_batch_safe.discard((kind, k))
+                continue
+            groups[(g.device, g.dtype)].append(i)
+        for (device, _dtype), indices in groups.items():
+            with torch.no_grad():
+                norms, finite = l2_norms([pending.deferred[i][0] for i in indices], device)
+                flags = self._grads_nonfinite(device, [], norms, finite)
+            for j, i in enumerate(indices):
+                kind, k, token, dev, numel, _ = pending.records[i]
+                values = (norms[j], flags[j]) if kind == "err" else (norms[j],)
+                pending.records[i] = (kind, k, token, dev, numel, values)
+        pending.deferred = {}
+
+    def _on_input_share(
+        self,
+        k: int,
+        token: int,
+        indices: tuple[int, ...],
+        nodes: int,
+        grad_inputs: Sequence[Tensor | None],
+    ) -> None:
+        """One of the module's nodes that read its input has run: add its gradients."""
+        if self._closed:
+            return
+        grads = [grad_inputs[i] for i in indices if grad_inputs[i] is not None]
+        if not grads:
+            return
+        with torch.no_grad():
+            share = grads[0].detach()
+            for g in grads[1:]:
+                share = share + g.detach()
+        pending = self._pending_errors()
+        total = self._traversals.add_share(pending, k, token, nodes, share)
+        if total is None:
+            return
+        self._record_error(pending, "in_err", k, token, total)
+
+    def _pending_errors(self) -> Any:
+        """The current backward pass's waiting results; its end is queued on first use."""
+        task = torch._C._current_graph_task_id()
+        pending, new = self._traversals.task(task)
+        if new and (self._held or self._watched):
+            self._reduce_held()  # backward began: the forward's held outputs are complete
+        if new:
+            queue_at_backward_end(partial(_errors_end_hook, self._ref, task, self.step_index))
+        return pending
+
+    def _note_accumulation(self) -> None:
+        """A ``.grad`` was accumulated: this backward pass's error signals count."""
+        self._traversals.accumulating.add(torch._C._current_graph_task_id())
+
+    def _commit_errors(self, task: int, step: int) -> None:
+        """A backward pass ended: keep its error signals if it accumulated into ``.grad``."""
+        traversals = self._traversals
+        pending = traversals.pending.pop(task, None)
+        # A model with no trainable parameter accumulates nothing: its passes all count.
+        counts = task in traversals.accumulating or not any(p.requires_grad for p in self._params)
+        traversals.accumulating = {t for t in traversals.accumulating if t in traversals.pending}
+        if pending is None or not counts or step != self.step_index or not self._recording:
+            return  # torch.autograd.grad, or a pass that outlived its step
+        self._resolve_deferred(pending)
+        for k, _token in pending.shares:
+            self._error_gap(
+                k,
+                GAP_INPUT_SIDE,
+                "partial share",
+                f"only some of `{self._slots[k].name}`'s own nodes that read its input ran "
+                "in a backward pass: its error_gain is not recorded for that step",
+            )
+        for kind, k, token, device, numel, values in pending.records:
+            if not values:  # deferred, and changed in place before the pass ended
+                side = GAP_BOTH_SIDES if kind == "err" else GAP_INPUT_SIDE
+                self.buffer.set_host(k, "err_gap", traversals.gap(k, side, step))
+                continue
+            if not traversals.first_commit(kind, token, step):
+                self._error_gap(
+                    k,
+                    GAP_BOTH_SIDES,
+                    "retraversal",
+                    f"the output of `{self._slots[k].name}` was traversed by two backward "
+                    "passes in one step (a retained graph: backward(retain_graph=True) and "
+                    "another backward()); the step's error signal is their sum, whose norm "
+                    "needs both gradients at once, so error_norm and error_gain are not "
+                    "recorded for such a step (sum the losses and call backward() once to "
+                    "have them; see docs/recording.md)",
+                )
+                continue
+            self.buffer.record(kind, k, device, numel, *values)
+            self.buffer.add_host(k, f"{kind}_calls")
+
+    def _error_gap(self, k: int, level: float, cause: str, message: str) -> None:
+        """Leave module ``k``'s error statistics out of this step, with one warning."""
+        self.buffer.set_host(k, "err_gap", self._traversals.gap(k, level, self.step_index))
+        self._traversals.warn_once(cause, message)
+

@@ -1,0 +1,455 @@
+"""Where a step begins and ends: parameter statistics, the optimizer step, the scaler.
+
+:class:`StepBoundary` is a part of :class:`gradprobe.Probe` (a mixin; the Probe owns the
+state it reads): the gradient and parameter norms taken at the optimizer step (and the
+pre-clip norms when a backward pass ends), the ``update_ratio`` snapshot, the learning
+rate, a step a ``GradScaler`` skipped, and the step's close, where the buffer stacks the
+step's results. What the module hooks capture is in :mod:`gradprobe.capture`.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections import defaultdict
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .buffer import Ranks
+from .capture import _inside_backward, queue_at_backward_end
+from .errors import GradprobeError
+from .hooks import warn_gap, warn_once
+from .reduce import accumulation_dtype, l2_norms
+from .shards import local_shards
+from .stats import STATISTICS
+
+if TYPE_CHECKING:
+    from .probe import Probe
+
+__all__ = ["StepBoundary"]
+
+
+def _backward_end_hook(ref: weakref.ref[Probe], first: bool) -> None:
+    if first:
+        # Queue once more, behind every callback queued during the backward pass: DDP's
+        # reducer queues the one that writes the all-reduced buckets into .grad, and the
+        # pre-clip norm must be of those synchronised gradients.
+        try:
+            queue_at_backward_end(partial(_backward_end_hook, ref, False))
+        except Exception as exc:  # never into the user's backward
+            probe = ref()
+            if probe is not None:
+                warn_once(probe._failed_where, "the end of backward", exc)
+        return
+    probe = ref()
+    if probe is not None and not probe._closed:
+        probe._guard_params(probe._record_preclip, "end of backward (pre-clip norms)")
+
+
+def _accumulated_hook(ref: weakref.ref[Probe], param: Tensor) -> None:
+    """A backward pass accumulated into one of FSDP2's full parameters."""
+    probe = ref()
+    if probe is not None:
+        probe._guard(probe._note_accumulation, "a gradient-accumulated hook (error signals)")
+
+
+def _scale_marker(scaler: torch.amp.GradScaler | None) -> tuple[int, int] | None:
+    """(identity, version) of the scaler's scale tensor; None before its first ``scale()``."""
+    scale = getattr(scaler, "_scale", None) if scaler is not None else None
+    return None if scale is None else (id(scale), scale._version)
+
+
+def _grad_values(grads: list[Tensor]) -> list[Tensor]:
+    """Gradients as dense tensors with the same norm and the same NaN/Inf entries.
+
+    A sparse gradient (``nn.Embedding(sparse=True)``, ``EmbeddingBag``) is its coalesced
+    values: an uncoalesced one may hold an index several times, and those entries add up
+    to the gradient's entry, so they must be summed before any norm. A sharded gradient
+    (a ``DTensor``) is this rank's shard: its values add up over the shards.
+    """
+    values = []
+    for g in local_shards(grads):
+        if g.layout == torch.sparse_coo:
+            g = g.coalesce().values()
+        elif g.layout != torch.strided:
+            g = g.values()  # compressed layouts hold each index once
+        values.append(g)
+    return values
+
+
+def _loggable(name: str, value: Any, reads_lr: bool) -> Tensor | float:
+    """A value for :meth:`Probe.log`: a detached one-element tensor, or a float."""
+    if not name.isidentifier() and not name.startswith("lr/"):
+        raise GradprobeError(
+            f"cannot log {name!r}: names are identifiers", "e.g. probe.log(loss=loss)"
+        )
+    if (name == "lr" and reads_lr) or (name in STATISTICS and STATISTICS[name].logged is None):
+        raise GradprobeError(
+            f"cannot log {name!r}: the Probe records it itself",
+            "log the loss and other values of your own under their own names",
+        )
+    if isinstance(value, Tensor):
+        if value.numel() != 1 or value.is_complex():
+            raise GradprobeError(
+                f"cannot log {name!r}: a tensor of shape {tuple(value.shape)} is not one real "
+                "number",
+                f"log a scalar, e.g. probe.log({name}=loss) with loss = loss_fn(out, y)",
+            )
+        return value.detach()
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.number)):
+        raise GradprobeError(
+            f"cannot log {name!r}: a {type(value).__name__} is not a number",
+            f"log a tensor or a float, e.g. probe.log({name}=loss)",
+        )
+    return float(value)
+
+
+class StepBoundary:
+    # ================================================================ parameter hooks
+    def _param_groups(self, with_grad: bool) -> dict[tuple[torch.device, torch.dtype], list[int]]:
+        groups: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
+        for i, p in enumerate(self._params):
+            if with_grad and p.grad is None:
+                continue
+            groups[(p.device, p.dtype)].append(i)
+        return groups
+
+    def _record_missing_grads(self) -> None:
+        """Flag the parameters the optimizer holds for training that got no gradient.
+
+        Not flagged: parameters the optimizer does not hold, or with ``requires_grad=False``
+        (frozen on purpose). Host-only: ``.grad is None`` is known without the device.
+        """
+        optimizer = self._optimizer_ref() if self._optimizer_ref is not None else None
+        if optimizer is None or "grad_missing" not in self.stats:
+            return
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        missing = [
+            i
+            for i, p in enumerate(self._params)
+            if p.grad is None and p.requires_grad and id(p) in held
+        ]
+        if missing:
+            self.buffer.set_param_host(missing, "grad_missing")
+
+    @torch.no_grad()
+    def _record_params(self) -> None:
+        """Gradient norms, parameter norms, NaN/Inf counts: one batched pass per group."""
+        preclip, self._preclip = self._preclip, {}
+        # Sharded parameters' values (of local shards) wait for the step's one collective.
+        record = partial(self._shards.record, self.buffer)
+        for (device, idx), (norms, _finite) in preclip.items():
+            record(device, list(idx), "preclip_norm", norms)
+            self.buffer.set_param_host(list(idx), "has_preclip")
+        self._record_missing_grads()
+        if not self._want_params:
+            return
+        preclip_by_key = {key: value for key, value in preclip.items()}
+        for (device, _dtype), idx in self._param_groups(with_grad=True).items():
+            params = local_shards([self._params[i] for i in idx])
+            grads = _grad_values([self._params[i].grad for i in idx])
+            # The norms backward left are these very gradients' where nothing touched
+            # them since (no clipping, no scaler): one pass fewer.
+            same = preclip_by_key.get((device, tuple(idx)))
+            if same is not None and self._grads_untouched(idx):
+                grad_norms, finite = same
+            else:
+                grad_norms, finite = l2_norms(grads, device)
+            record(device, idx, "grad_norm", grad_norms)
+            # Only what is asked: each is a pass over every parameter.
+            if "param_norm" in self.stats:
+                record(device, idx, "param_norm", self._before_norms(device, idx, params))
+            if "nonfinite" in self.stats:
+                flags = self._grads_nonfinite(device, grads, grad_norms, finite)
+                record(device, idx, "grad_nonfinite", flags)
+            self.buffer.set_param_host(idx, "has_grad")
+
+    def _end_sharded_step(self) -> None:
+        """Sharded parameters' norms of the step: their shards' squares summed across the
+        ranks, by all of them (whatever failed before on one), unless told not to combine
+        ranks: then they are left out, with one warning (a shard's norm is not theirs)."""
+        if self._sync_ranks is not False:
+            self._shards.reduce(self.buffer)
+            return
+        self._shards.drop(self.buffer)
+        warn_gap(
+            self._failed_where,
+            "sharded parameters",
+            "gradprobe: sync_ranks=False, so the norms of sharded (FSDP2) parameters are "
+            "not combined across ranks; a shard's norm is not the parameter's, so they and "
+            "the global norms are not recorded. Leave sync_ranks unset to have them",
+        )
+
+    def _hook_unsharded_params(self) -> None:
+        """Hook FSDP2's full parameters, which it makes at its first all-gather: backward
+        accumulates into them, and without gradient sync only into them, so they say
+        which backward passes count for error signals (the sharded ones' hooks fire only
+        where FSDP2 reduce-scatters)."""
+        for full in self._shards.new_unsharded():
+            self._hooks.add(
+                full.register_post_accumulate_grad_hook(partial(_accumulated_hook, self._ref))
+            )
+
+    def _on_post_accumulate(self) -> None:
+        """A parameter's ``.grad`` was accumulated: measure once, when this backward ends."""
+        if self._closed or not self._recording or self._backward_pending:
+            return
+        self._backward_pending = True
+        queue_at_backward_end(partial(_backward_end_hook, self._ref, True))
+
+    @torch.no_grad()
+    def _record_preclip(self) -> None:
+        """Norms of ``.grad`` as backward left them: before clipping, unscaled.
+
+        Kept until the step (the last backward of an accumulation step wins), replaced,
+        never summed: the accumulated gradient is what clipping would see.
+        """
+        self._backward_pending = False
+        scaler = self._scaler_ref() if self._scaler_ref is not None else None
+        scale = scaler._scale if scaler is not None and scaler.is_enabled() else None
+        preclip = {}
+        for (device, _dtype), idx in self._param_groups(with_grad=True).items():
+            norms, finite = l2_norms(_grad_values([self._params[i].grad for i in idx]), device)
+            if scale is not None:
+                dtype = accumulation_dtype(device)
+                # The scaled loss made scaled gradients: divide on the device, no sync.
+                norms = norms.to(dtype) / scale.to(device=device, dtype=dtype)
+                self._grad_versions.pop((device, tuple(idx)), None)
+            else:  # unscaled: the step may reuse them if nothing touched the gradients
+                self._grad_versions[(device, tuple(idx))] = self._versions(idx)
+            preclip[(device, tuple(idx))] = (norms, finite)
+        self._preclip = preclip
+
+    def _versions(self, idx: list[int]) -> list[tuple[int, int]]:
+        """Which tensor each ``.grad`` is and its in-place version: host numbers, no sync."""
+        return [(id(g), g._version) for g in (self._params[i].grad for i in idx)]
+
+    def _grads_untouched(self, idx: list[int]) -> bool:
+        """Whether the gradients are exactly as the last backward left them (no clipping,
+        unscaling, or other in-place change since), read from version counters."""
+        key = (self._params[idx[0]].device, tuple(idx)) if idx else None
+        before = self._grad_versions.pop(key, None) if key is not None else None
+        # Under data parallelism collectives write gradients without a version bump.
+        alone = not self._distributed and not self._shards
+        return alone and before is not None and before == self._versions(idx)
+
+    def _grads_nonfinite(
+        self, device: torch.device, grads: list[Tensor], norms: Tensor, finite: list[bool] | None
+    ) -> Tensor:
+        """Per gradient: its NaN/Inf entries under ``stats="full"``, else a 0/1 flag the
+        norms carry at no extra pass."""
+        if self.exact_counts:
+            # NaN·0 and Inf·0 are NaN, finite·0 is 0: the ord-0 "norm" counts them.
+            return torch.stack(torch._foreach_norm(torch._foreach_mul(grads, 0.0), 0))
+        if finite is not None:
+            return torch.tensor([0.0 if ok else 1.0 for ok in finite], device=device)
+        return ~torch.isfinite(norms)
+
+    def _poll_scaler(self) -> None:
+        """Close a step the ``GradScaler`` skipped (never raises: see :meth:`_check_scaler`)."""
+        if self._scaler_ref is not None:
+            self._guard(self._check_scaler, "the GradScaler watch")
+
+    def _check_scaler(self) -> None:
+        """Close a step the ``GradScaler`` skipped: ``update()`` ran but no optimizer step.
+
+        ``update()`` changes the scale tensor in place (also when the value stays), so its
+        version counter, read on the host without a sync, counts the updates.
+        """
+        scaler = self._scaler_ref() if self._scaler_ref is not None else None
+        marker = _scale_marker(scaler)
+        if marker is None or marker == self._scale_marker:
+            return
+        previous, self._scale_marker = self._scale_marker, marker
+        fresh = previous is None or previous[0] != marker[0]  # a new tensor starts at version 0
+        updates = marker[1] if fresh else marker[1] - previous[1]
+        if updates <= 0:
+            return
+        if self._stepped_since_update:
+            self._stepped_since_update = False
+        else:
+            self._skip_step()
+
+    def _skip_step(self) -> None:
+        """The scaler skipped the step: drop what it recorded, keep a ``skipped`` row."""
+        self.buffer.discard_step(self.step_index)
+        self._held, self._held_numel, self._watched = [], 0, []
+        self._preclip = {}
+        self._shards.discard()
+        if self._optimizer_ref is not None:
+            self._snapshot = None
+        if self._recording:
+            self.buffer.set_model_host("skipped")
+        self._end_step()
+
+    def _before_norms(self, device: torch.device, idx: list[int], params: list[Tensor]) -> Tensor:
+        """‖w‖ before the update: from the snapshot when the update already happened."""
+        if self._optimizer_ref is None and self._snapshot is not None:
+            for (dev, _), (snap_idx, _, norms) in self._snapshot.items():
+                if dev == device and snap_idx == idx:
+                    return norms
+        norms, _ = l2_norms(params, device)
+        self._param_norms_now[(device, tuple(idx))] = norms  # the snapshot's, if it follows
+        return norms
+
+    @torch.no_grad()
+    def _take_snapshot(self) -> None:
+        """Copy the parameters that will be updated, for ``update_ratio``."""
+        snapshot = {}
+        with_grad = self._optimizer_ref is not None
+        for key, idx in self._param_groups(with_grad=with_grad).items():
+            # Sharded parameters: of this rank's shard, before and after alike.
+            params = local_shards([self._params[i].detach() for i in idx])
+            # A fresh copy at each step, not a buffer kept between steps: it lives only
+            # across optimizer.step(), when the activations are gone, so it never adds
+            # to the step's peak memory.
+            copies = [p.clone() for p in params]
+            norms = self._param_norms_now.get((key[0], tuple(idx)))
+            if norms is None:
+                norms, _ = l2_norms(copies, key[0])
+            snapshot[key] = (idx, copies, norms)
+        self._param_norms_now = {}
+        self._snapshot = snapshot
+
+    @torch.no_grad()
+    def _record_updates(self) -> None:
+        snapshot, self._snapshot = self._snapshot, None
+        if not snapshot:
+            return
+        for (device, _dtype), (idx, before, before_norms) in snapshot.items():
+            after = local_shards([self._params[i].detach() for i in idx])
+            torch._foreach_sub_(before, after)  # the copy is ours: −update, in place
+            update_norms, _ = l2_norms(before, device)
+            dtype = accumulation_dtype(device)
+            self._shards.record_ratio(
+                self.buffer,
+                device,
+                idx,
+                "update_ratio",
+                update_norms.to(dtype),
+                before_norms.to(dtype),
+            )
+            self.buffer.set_param_host(idx, "has_update")
+
+    def _on_step_pre(self) -> None:
+        if self._closed:
+            return
+        self._poll_scaler()
+        if self._recording:
+            if "lr" in self.stats:
+                self._guard(self._record_lr, "optimizer step (learning rate)")
+            self._guard_params(self._record_params, "optimizer step (gradients)")
+            if self._want_update:
+                self._guard_params(self._take_snapshot, "optimizer step (snapshot)")
+
+    def _on_step_post(self) -> None:
+        if self._closed:
+            return
+        if self._recording and self._want_update and self._snapshot is not None:
+            self._guard_params(self._record_updates, "optimizer step (update ratio)")
+        self._stepped_since_update = True
+        self._end_step()
+
+    def _record_lr(self) -> None:
+        """Each param group's learning rate: host numbers (a tensor rate, as capturable
+        optimizers keep it, is logged as a tensor: no sync). ``lr`` is the largest; with
+        groups at different rates each one's is ``lr/<i>`` too."""
+        optimizer = self._optimizer_ref() if self._optimizer_ref is not None else None
+        if optimizer is None:
+            return
+        rates = [g["lr"] for g in optimizer.param_groups if "lr" in g]
+        if not rates:
+            return
+        log = partial(self.buffer.log, self.step_index, complete=True)
+        if all(not isinstance(r, Tensor) for r in rates):
+            floats = [float(r) for r in rates]
+            log("lr", max(floats))
+            if len(set(floats)) > 1:
+                for i, rate in enumerate(floats):
+                    log(f"lr/{i}", rate)
+            return
+        tensors = [r.detach() if isinstance(r, Tensor) else torch.tensor(float(r)) for r in rates]
+        if len(tensors) == 1:
+            log("lr", tensors[0])
+            return
+        device = tensors[0].device
+        stacked = torch.stack([t.to(device=device, dtype=torch.float64) for t in tensors])
+        log("lr", stacked.max())
+        for i, rate in enumerate(tensors):
+            log(f"lr/{i}", rate)
+
+    # ================================================================ steps and flushes
+    def _resolve_ranks(self) -> None:
+        """Combine statistics across ranks if asked, or by default when there are several."""
+        self._ranks_resolved = True
+        dist = torch.distributed
+        sync = self._sync_ranks
+        if sync is None:
+            sync = (
+                dist.is_available()
+                and dist.is_initialized()
+                and dist.get_world_size(self._process_group) > 1
+            )
+        if sync:
+            self.buffer.ranks = Ranks(self._process_group)
+            # Every rank then takes part in the unit collectives each step, ran it or not.
+            self.buffer.track_units = self._want_units
+            self._meta["probe"]["world_size"] = self.buffer.ranks.world
+
+            if self._store is not None:
+                self._store.update_meta(probe=self._meta["probe"])
+
+    def _end_step(self) -> None:
+        """Close the step. Never raises: a failure is one warning and a gap (this step's
+        rows, or a flush's), and the step count moves on."""
+        self._backward_pending = False  # a backward that raised never ran its callback
+        if not _inside_backward():
+            # Nothing of a backward outlives its step: a backward that raised (an OOM retry)
+            # never ran the callback that drops its pending results, and with no probed
+            # module hooked no pass ever trims the set of passes that accumulated.
+            self._owed_error_hooks.clear()
+            self._deferred_numel = 0
+            self._traversals.pending.clear()
+            self._traversals.accumulating.clear()
+        if not self._ranks_resolved:
+            self._guard(self._resolve_ranks, "the step boundary (process group)")
+        if self._recording and self._shards:
+            self._guard_params(self._end_sharded_step, "the step boundary (sharded norms)")
+        if self._recording and not self._guard(self._close_step, "the step boundary"):
+            self._deferred_units = []
+            self._held, self._held_numel, self._watched = [], 0, []
+            self._guard(
+                partial(self.buffer.discard_step, self.step_index), "the step boundary (discard)"
+            )
+        self.step_index += 1
+        self._recording = self.step_index % self.every == 0
+        self._guard(self._sync_step_hooks, "the step boundary (hooks)")
+
+    def _close_step(self) -> None:
+        if self._held or self._watched:
+            self._reduce_held()
+        self._record_deferred_units()
+        if self._scaler_ref is not None:
+            self.buffer.set_model_host("scaler")
+        try:
+            self.buffer.end_step(self.step_index)
+        finally:
+            self._warn_unit_problems()
+        if len(self.buffer) >= self.flush_every:
+            self._flush()
+
+    def _warn_unit_problems(self) -> None:
+        problems, self.buffer.unit_problems = self.buffer.unit_problems, []
+        for k, before, after in problems:
+            name = self._slots[k].name
+            warn_gap(
+                self._failed_where,
+                f"units of {name}",
+                f"gradprobe: the number of units of module {name!r} changed from {before} to "
+                f"{after}: its output has no fixed feature or channel dimension, so dead_frac "
+                "and dead_window_frac are not recorded for it from now on",
+            )
+
