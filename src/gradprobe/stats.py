@@ -231,8 +231,10 @@ def _carried(p: Arrays) -> np.ndarray:
 
 def _act_std(p: Arrays) -> tuple[np.ndarray, np.ndarray]:
     mean = _ratio(p["out_sum"], p["count"])
-    var = _ratio(p["out_sumsq"], p["count"]) - mean * mean
-    return np.sqrt(np.maximum(var, 0.0)), p["count"] > 0
+    # Inf outputs make Inf − Inf: a NaN std, which is the answer; NumPy need not warn.
+    with np.errstate(invalid="ignore", over="ignore"):
+        var = _ratio(p["out_sumsq"], p["count"]) - mean * mean
+        return np.sqrt(np.maximum(var, 0.0)), p["count"] > 0
 
 
 @dataclass(frozen=True)
