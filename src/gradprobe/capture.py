@@ -28,7 +28,7 @@ from torch.utils import _pytree
 
 from .activations import Activation
 from .hooks import warn_gap
-from .reduce import accumulation_dtype, l2_norm, l2_norms, nonzero_count, row_norms
+from .reduce import accumulation_dtype, l2_norm, l2_norms, nonfinite_flags, nonzero_count, row_norms
 from .stats import SAT_THRESHOLD
 from .traversals import GAP_BOTH_SIDES, GAP_INPUT_SIDE, consumer_edges, input_edge
 
@@ -121,24 +121,19 @@ def queue_at_backward_end(callback: Callable[[], None]) -> None:
     torch.autograd.Variable._execution_engine.queue_callback(callback)
 
 
-def _output_grad_hook(ref: weakref.ref[Probe], k: int, token: int, grad: Tensor) -> None:
+def _error_grad_hook(
+    ref: weakref.ref[Probe], k: int, token: int, kind: str, grad: Tensor
+) -> None:
+    """A tensor hook: dL/d(output) (``kind`` "err"), or dL/d(input) of a module whose
+    input passes through it unchanged ("in_err")."""
     probe = ref()
     if probe is None:
         return
     try:
-        probe._on_error_grad(k, grad, "err", token)
+        probe._on_error_grad(k, grad, kind, token)
     except Exception as exc:
-        probe._module_failed(k, "backward (output) hook", exc)
-
-
-def _input_grad_hook(ref: weakref.ref[Probe], k: int, token: int, grad: Tensor) -> None:
-    probe = ref()
-    if probe is None:
-        return
-    try:
-        probe._on_error_grad(k, grad, "in_err", token)
-    except Exception as exc:
-        probe._module_failed(k, "backward (input) hook", exc)
+        side = "output" if kind == "err" else "input"
+        probe._module_failed(k, f"backward ({side}) hook", exc)
 
 
 def _input_share_hook(
@@ -410,9 +405,7 @@ class Capture:
         """Per row, as :meth:`_nonfinite`."""
         if self.exact_counts:
             return torch.count_nonzero(rows - rows, dim=1)
-        if finite is not None:
-            return torch.tensor([0.0 if ok else 1.0 for ok in finite], device=rows.device)
-        return ~torch.isfinite(norms)
+        return nonfinite_flags(norms, finite)
 
     def _forward_stats(self, slot: _Slot, yd: Tensor, unit: int | None) -> None:
         """Output, non-finite, gate (from the output) and unit statistics of one call."""
@@ -587,12 +580,12 @@ class Capture:
         and hooks on the module's own autograd nodes that read its input (its share of
         dL/d(input), not what other readers of that tensor add)."""
         token = self._traversals.new_token()
-        y.register_hook(partial(_output_grad_hook, self._ref, k, token))
+        y.register_hook(partial(_error_grad_hook, self._ref, k, token, "err"))
         edge = self._traversals.input_edges.pop(k, None)
         if edge is None or y.grad_fn is None:
             return
         if input_edge(y) == edge:  # the input passed through (an identity): same signal
-            y.register_hook(partial(_input_grad_hook, self._ref, k, token))
+            y.register_hook(partial(_error_grad_hook, self._ref, k, token, "in_err"))
             return
         readers = consumer_edges(y.grad_fn, edge)
         if readers is None:
@@ -656,7 +649,7 @@ class Capture:
         for (device, _dtype), indices in groups.items():
             with torch.no_grad():
                 norms, finite = l2_norms([pending.deferred[i][0] for i in indices], device)
-                flags = self._grads_nonfinite(device, [], norms, finite)
+                flags = nonfinite_flags(norms, finite)  # deferral is off under "full"
             for j, i in enumerate(indices):
                 kind, k, token, dev, numel, _ = pending.records[i]
                 values = (norms[j], flags[j]) if kind == "err" else (norms[j],)

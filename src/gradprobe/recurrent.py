@@ -190,29 +190,11 @@ def _replay_layer(
     states = slice(layer * directions, (layer + 1) * directions)
     if isinstance(module, nn.LSTM):
         assert c0 is not None
-        result = torch._VF.lstm(  # type: ignore[attr-defined]
-            layer_input,
-            (h0[states], c0[states]),
-            weights,
-            module.bias,
-            1,
-            0.0,
-            False,
-            module.bidirectional,
-            False,
-        )
+        kernel, hx = torch._VF.lstm, (h0[states], c0[states])  # type: ignore[attr-defined]
     else:
-        result = torch._VF.gru(  # type: ignore[attr-defined]
-            layer_input,
-            h0[states],
-            weights,
-            module.bias,
-            1,
-            0.0,
-            False,
-            module.bidirectional,
-            False,
-        )
+        kernel, hx = torch._VF.gru, h0[states]  # type: ignore[attr-defined]
+    # one layer, no dropout, not training, not batch_first (the input is laid out [T, N, F])
+    result = kernel(layer_input, hx, weights, module.bias, 1, 0.0, False, module.bidirectional, False)
     return result[0]
 
 

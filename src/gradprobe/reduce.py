@@ -36,6 +36,7 @@ __all__ = [
     "accumulation_dtype",
     "l2_norm",
     "l2_norms",
+    "nonfinite_flags",
     "nonzero_count",
     "row_norms",
     "screened",
@@ -142,3 +143,12 @@ def row_norms(rows: Tensor) -> tuple[Tensor, list[bool] | None]:
         norms[i] = exact
         finite[i] = math.isfinite(exact.item())  # CPU: no device to wait for
     return norms, finite
+
+
+def nonfinite_flags(norms: Tensor, finite: list[bool] | None) -> Tensor:
+    """0/1 per norm: 1 where its tensor held a NaN or an Inf. From the host-side ``finite``
+    of the screened path where there is one (no device op beyond a small copy), else from
+    the norms themselves, on their device (no sync)."""
+    if finite is not None:
+        return torch.tensor([0.0 if ok else 1.0 for ok in finite], device=norms.device)
+    return ~torch.isfinite(norms)

@@ -22,7 +22,7 @@ from .buffer import Ranks
 from .capture import _inside_backward, queue_at_backward_end
 from .errors import GradprobeError
 from .hooks import warn_gap, warn_once
-from .reduce import accumulation_dtype, l2_norms
+from .reduce import accumulation_dtype, l2_norms, nonfinite_flags
 from .shards import local_shards
 from .stats import STATISTICS
 
@@ -244,9 +244,7 @@ class StepBoundary:
         if self.exact_counts:
             # NaN·0 and Inf·0 are NaN, finite·0 is 0: the ord-0 "norm" counts them.
             return torch.stack(torch._foreach_norm(torch._foreach_mul(grads, 0.0), 0))
-        if finite is not None:
-            return torch.tensor([0.0 if ok else 1.0 for ok in finite], device=device)
-        return ~torch.isfinite(norms)
+        return nonfinite_flags(norms, finite)
 
     def _poll_scaler(self) -> None:
         """Close a step the ``GradScaler`` skipped (never raises: see :meth:`_check_scaler`)."""
