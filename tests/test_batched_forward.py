@@ -158,7 +158,8 @@ def test_batched_error_norms_equal_autograd_on_every_step(monkeypatch):
     original = Probe._resolve_deferred
 
     def spy(self, pending):
-        deferred.append(len(pending.deferred))
+        # Deferred norms, and signals that are a deferred one (a reader's whole share).
+        deferred.append(len(pending.deferred) + len(pending.aliases))
         return original(self, pending)
 
     monkeypatch.setattr(Probe, "_resolve_deferred", spy)

@@ -291,12 +291,15 @@ class StepBuffer:
             # One op for every field of every call of this kind: [fields × calls]. Batched
             # calls (record_many) left vectors among the 0-d values: those are concatenated.
             values = [v for column in calls.values for v in column]
-            joined = (
-                torch.stack(values)
-                if all(v.dim() == 0 for v in values)
-                else torch.cat([v.reshape(-1).to(accumulation_dtype(device)) for v in values])
-            )
-            tensors.append(joined.to(accumulation_dtype(device)))
+            dtype = accumulation_dtype(device)
+            # stack and cat promote float32 beside float64 exactly; integer counts (exact
+            # beyond 2^24 only in float64) and flags are converted first.
+            values = [v if v.is_floating_point() else v.to(dtype) for v in values]
+            if all(v.dim() == 0 for v in values):
+                joined = torch.stack(values)
+            else:
+                joined = torch.cat([v.reshape(-1) for v in values])
+            tensors.append(joined.to(dtype))
             n = len(calls.slots)
             layout.append(
                 (

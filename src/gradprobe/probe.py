@@ -281,6 +281,8 @@ class Probe(Capture, StepBoundary):
         self._unbatched: set[int] = set()
         self._batch_safe: set[int] = set()
         self._staging_buffers: dict[tuple[Any, ...], Tensor] = {}
+        # The parameters' copies for update_ratio, kept from step to step (gradprobe/step.py).
+        self._snapshot_buffers: dict[tuple[Any, ...], tuple[tuple[int, ...], list[Tensor]]] = {}
         self._index_tensors: dict[tuple[Any, ...], Tensor] = {}
         # Error signals (kind, slot) seen to stay as they came until the backward ended
         # (their norms are then batched at its end), and those seen changed (never).
@@ -494,6 +496,8 @@ class Probe(Capture, StepBoundary):
             self._guard(lambda: store.close(**self._progress(), finished=_now()), "close (store)")
         self._params = []
         self._snapshot = None
+        self._snapshot_buffers = {}
+        self._staging_buffers = {}
         self._preclip = {}
         self._deferred_units = []
 
