@@ -22,9 +22,12 @@ def _spy_reuse(monkeypatch) -> list[tuple[str, bool]]:
     answers: list[tuple[str, bool]] = []
     original = Probe._same_as_share
 
-    def spy(self, pending, k, *args):
-        answer = original(self, pending, k, *args)
+    def spy(self, pending, k, token, grad):
+        answer = original(self, pending, k, token, grad)
         answers.append((self._slots[k].name, answer))
+        # A reader's share kept for this call is let go here, equal or not: no gradient
+        # is held past the producer's own hook (a skip connection's would be, otherwise).
+        assert token not in pending.shared
         return answer
 
     monkeypatch.setattr(Probe, "_same_as_share", spy)

@@ -153,18 +153,18 @@ def _input_share_hook(
     token: int,
     indices: tuple[int, ...],
     nodes: int,
-    shared: bool,
+    producer: int,
     grad_inputs: Sequence[Tensor | None],
     grad_outputs: Sequence[Tensor | None],
 ) -> None:
     """On an autograd node of module ``k`` that reads its input: ``grad_inputs[i]`` for
-    ``i`` in ``indices`` is the gradient this node sends to that input. ``shared``: that
-    input is a probed module's output (see Capture._on_input_share)."""
+    ``i`` in ``indices`` is the gradient this node sends to that input. ``producer``: the
+    token of the probed call whose output that input is, or -1 (Capture._on_input_share)."""
     probe = ref()
     if probe is None:
         return
     try:
-        probe._on_input_share(k, token, indices, nodes, grad_inputs, shared)
+        probe._on_input_share(k, token, indices, nodes, grad_inputs, producer)
     except Exception as exc:
         probe._module_failed(k, "backward (input) hook", exc)
 
@@ -614,7 +614,7 @@ class Capture:
         if y.grad_fn is None:
             return
         output_edges = self._traversals.output_edges
-        output_edges.add((y.grad_fn._sequence_nr(), y.output_nr))
+        output_edges[(y.grad_fn._sequence_nr(), y.output_nr)] = token
         if edge is None:
             return
         if input_edge(y) == edge:  # the input passed through (an identity): same signal
@@ -631,15 +631,13 @@ class Capture:
                 "its submodules instead)",
             )
             return
-        # Read only here and by one node: its share may be the producer's whole signal.
-        shared = (
-            len(readers) == 1
-            and edge.leaf_id is None
-            and (edge.sequence_nr, edge.output_nr) in output_edges
-        )
+        # Read by one node of this module: its share may be the producer's whole signal.
+        producer = -1
+        if len(readers) == 1 and edge.leaf_id is None:
+            producer = output_edges.get((edge.sequence_nr, edge.output_nr), -1)
         for node, indices in readers:
             node.register_hook(
-                partial(_input_share_hook, self._ref, k, token, indices, len(readers), shared)
+                partial(_input_share_hook, self._ref, k, token, indices, len(readers), producer)
             )
 
     def _on_error_grad(self, k: int, grad: Tensor, kind: str, token: int) -> None:
@@ -647,7 +645,7 @@ class Capture:
             return
         pending = self._pending_errors()
         if kind == "err" and pending.shared and self._same_as_share(pending, k, token, grad):
-            return
+            return  # (a share kept for this call is dropped either way: no gradient outlives it)
         self._record_error(pending, kind, k, token, grad.detach())
 
     def _same_as_share(self, pending: Any, k: int, token: int, grad: Tensor) -> bool:
@@ -655,7 +653,7 @@ class Capture:
         that very tensor, unchanged: autograd handed the reader's gradient on as it was,
         so nothing else was added to it. Saves a pass over the tensor (a norm per layer
         of a chain: on the bench CNN, ~1 ms each)."""
-        entry = pending.shared.pop(id(grad), None)
+        entry = pending.shared.pop(token, None)
         if entry is None:
             return False
         share, version, index, finite = entry
@@ -680,10 +678,12 @@ class Capture:
         token: int,
         g: Tensor,
         source: Tensor | None = None,
+        producer: int = -1,
     ) -> None:
         """The norm of one error signal: now, or (small, and its module's signals seen to
         stay as they came until the pass ends) with the others at the pass's end.
-        ``source``: the tensor autograd handed on, kept to be recognised (_same_as_share)."""
+        ``source``: the tensor autograd handed on, kept until the call ``producer`` (a
+        token) receives its own signal, to be recognised there (_same_as_share)."""
         record = (kind, k, token, g.device, g.numel())
         small = g.numel() <= self._HELD_NUMEL and not self.exact_counts
         room = self._deferred_numel + g.numel() <= self._HELD_NUMEL_TOTAL
@@ -693,7 +693,7 @@ class Capture:
             pending.deferred[index] = (g, g._version)
             pending.records.append((*record, ()))
             if source is not None:
-                pending.shared[id(source)] = (source, source._version, index, None)
+                pending.shared[producer] = (source, source._version, index, None)
             return
         with torch.no_grad():
             # Screened float32, or float64: 1e-20 signals of vanishing nets must not
@@ -703,7 +703,7 @@ class Capture:
             values = (norm, self._nonfinite(g, norm, finite)) if kind == "err" else (norm,)
         pending.records.append((*record, values))
         if source is not None and not self.exact_counts:
-            pending.shared[id(source)] = (source, source._version, index, finite)
+            pending.shared[producer] = (source, source._version, index, finite)
         if small and (kind, k) not in self._errors_unbatched:
             pending.watched.append((kind, k, g, g._version))
 
@@ -748,11 +748,12 @@ class Capture:
         indices: tuple[int, ...],
         nodes: int,
         grad_inputs: Sequence[Tensor | None],
-        shared: bool = False,
+        producer: int = -1,
     ) -> None:
         """One of the module's nodes that read its input has run: add its gradients.
-        ``shared``: the input is a probed module's output and this node its module's one
-        reader; the very tensor it hands on is kept to be recognised (_same_as_share)."""
+        ``producer`` (≥ 0): the input is that probed call's output and this node its
+        module's one reader; the very tensor it hands on is kept to be recognised when the
+        producer's own signal comes (_same_as_share), and let go then."""
         if self._closed:
             return
         grads = [grad_inputs[i] for i in indices if grad_inputs[i] is not None]
@@ -766,8 +767,8 @@ class Capture:
         total = self._traversals.add_share(pending, k, token, nodes, share)
         if total is None:
             return
-        source = grads[0] if shared and len(grads) == 1 else None
-        self._record_error(pending, "in_err", k, token, total, source)
+        source = grads[0] if producer >= 0 and len(grads) == 1 else None
+        self._record_error(pending, "in_err", k, token, total, source, producer)
 
     def _pending_errors(self) -> Any:
         """The current backward pass's waiting results; its end is queued on first use."""

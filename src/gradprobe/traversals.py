@@ -123,9 +123,10 @@ class _Pending:
     deferred: dict[int, tuple[Tensor, int]] = field(default_factory=dict)
     watched: list[tuple[str, int, Tensor, int]] = field(default_factory=list)
     # A module's own share of dL/d(input) as autograd handed it on, when the tensor it
-    # reads is a probed module's output: by id, (the gradient, its version, its record's
-    # index, whether it is finite). If that very tensor arrives unchanged as the producer's
-    # dL/d(output), no other reader added to it: one norm serves both (see Capture).
+    # reads is a probed call's output: by that call's token, (the gradient, its version,
+    # its record's index, whether it is finite). If that very tensor arrives unchanged as
+    # the producer's dL/d(output), no other reader added to it: one norm serves both
+    # (see Capture); it is let go when the producer's signal comes, equal or not.
     shared: dict[int, tuple[Tensor, int, int, bool | None]] = field(default_factory=dict)
     # Records whose values are another's (an error signal that is that very share).
     aliases: dict[int, int] = field(default_factory=dict)
@@ -137,8 +138,9 @@ class Traversals:
     def __init__(self) -> None:
         self._next_token = 0
         self.input_edges: dict[int, InputEdge] = {}
-        # Where this step's hooked module outputs enter autograd: (sequence_nr, output_nr).
-        self.output_edges: set[tuple[int, int]] = set()
+        # Where this step's hooked module outputs enter autograd, (sequence_nr, output_nr),
+        # and the token of the call that made each.
+        self.output_edges: dict[tuple[int, int], int] = {}
         self.pending: dict[int, _Pending] = {}
         self.accumulating: set[int] = set()
         self._step = -1
