@@ -86,7 +86,7 @@ from .recurrent import carry_slots, record_carry
 from .run import Run, empty_frame, load, normalize_frame
 from .shards import ShardedNorms, sharded_parameters
 from .stats import MODEL_NAME, PRESETS, STATISTICS, finalize, logged_mean
-from .step import StepBoundary, _loggable, _scale_marker
+from .step import AUTO_BURST, AUTO_EVERY, AUTO_FIRST, StepBoundary, _loggable, _scale_marker
 from .store import Store
 from .traversals import Traversals
 
@@ -178,7 +178,13 @@ class Probe(Capture, StepBoundary):
         model: the network (DDP/DataParallel/compiled wrappers are unwrapped for names).
         optimizer: its ``step()`` marks a step (hooks, so the loop does not change);
             without one, call :meth:`step` after each update.
-        every: record every ``every``-th step only (others cost almost nothing).
+        every: record every ``every``-th step only (others cost almost nothing); or
+            ``"auto"``: every step for the first ``gradprobe.step.AUTO_FIRST`` (20)
+            steps, then every ``AUTO_EVERY``-th (50th), with the gradients' norms
+            (``grad_norm``, ``global_grad_norm``, their NaN/Inf flags) recorded at
+            *every* step as a sentinel: a step whose gradients are not finite shows in
+            those rows exactly, and the ``AUTO_BURST`` (20) steps after it are recorded
+            in full (see docs/recording.md, "Cadence").
         store: a run directory to stream to (see :mod:`gradprobe.store`).
         stats: ``"cheap"``, ``"default"``, ``"full"`` (adds activation histograms), or a
             list of statistic names from ``gradprobe.stats.STATISTICS``.
@@ -209,7 +215,7 @@ class Probe(Capture, StepBoundary):
         model: nn.Module,
         optimizer: torch.optim.Optimizer | None = None,
         *,
-        every: int = 1,
+        every: int | str = 1,
         store: str | os.PathLike[str] | None = None,
         stats: str | Sequence[str] = "default",
         modules: Sequence[str] | ModuleFilter | None = None,
@@ -241,6 +247,10 @@ class Probe(Capture, StepBoundary):
         self._ranks_resolved = False
         self.compiled = is_compiled(model)
         self.every = every
+        # "auto": a sentinel runs on the steps the cadence does not record; until this
+        # step (a burst after non-finite gradients) every step is recorded.
+        self._auto = every == "auto"
+        self._burst_until = -1
         self.flush_every = flush_every
         self.stats = _resolve_stats(stats)
         self.histograms = stats == "full"
@@ -419,6 +429,8 @@ class Probe(Capture, StepBoundary):
             self._guard_params(self._record_params, "probe.step")
             if self._want_update and self._snapshot is not None:
                 self._guard_params(self._record_updates, "probe.step (update ratio)")
+        elif self._auto and self._want_params:
+            self._guard_params(self._record_sentinel, "probe.step (sentinel)")
         self._stepped_since_update = True
         self._end_step()
         if self._recording and self._want_update:
@@ -464,7 +476,8 @@ class Probe(Capture, StepBoundary):
         Which step a value belongs to: the step in progress if the model (or any probed
         module) has run a forward pass under grad since the last optimizer step; otherwise (logged after
         ``optimizer.step()``, before the next forward) the step that just closed. Values
-        for steps that ``every`` does not record are dropped, as are values logged after
+        for steps that an integer ``every`` does not record are dropped (``"auto"`` keeps
+        them: every step has its sentinel rows), as are values logged after
         :meth:`close`. ``lr`` is read from the optimizer at each step; log it yourself
         only when the Probe watches no optimizer.
         """
@@ -475,8 +488,8 @@ class Probe(Capture, StepBoundary):
         step = self.step_index
         if step not in (self._trained_step, self._forward_step) and step > 0:
             step -= 1  # no training pass since the optimizer step: the loss is that step's
-        if step % self.every != 0:
-            return
+        if not self._records(step) and not self._auto:
+            return  # (under "auto" every step has rows: the sentinel's)
         for name, value in values.items():
             self.buffer.log(step, name, value)
 
@@ -765,6 +778,7 @@ class Probe(Capture, StepBoundary):
             ],
             "probe": {
                 "every": self.every,
+                **({"cadence": _auto_cadence()} if self._auto else {}),
                 "flush_every": self.flush_every,
                 "stats": list(self.stats),
                 "dead_window": self.buffer.dead_window,
@@ -965,6 +979,10 @@ def _long(
     )
 
 
+def _auto_cadence() -> dict[str, int]:
+    return {"first": AUTO_FIRST, "every": AUTO_EVERY, "burst": AUTO_BURST}
+
+
 def _validate(
     model: Any, optimizer: Any, every: Any, flush_every: Any, dead_window: Any, histogram_bins: Any
 ) -> None:
@@ -978,16 +996,22 @@ def _validate(
             f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}",
             "pass the optimizer that steps this model, or none and call probe.step()",
         )
+    if every != "auto":
+        _positive("every", every)
     for name, value in (
-        ("every", every),
         ("flush_every", flush_every),
         ("dead_window", dead_window),
         ("histogram_bins", histogram_bins),
     ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise GradprobeError(
-                f"{name} must be a positive integer, got {value!r}", f"e.g. {name}=1"
-            )
+        _positive(name, value)
+
+
+def _positive(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        extra = ' or "auto"' if name == "every" else ""
+        raise GradprobeError(
+            f"{name} must be a positive integer{extra}, got {value!r}", f"e.g. {name}=1"
+        )
 
 
 def _resolve_stats(stats: str | Sequence[str]) -> tuple[str, ...]:

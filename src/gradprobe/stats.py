@@ -131,6 +131,8 @@ PARTIALS: dict[str, Partial] = {
         # parameter, computed at the step boundary on the device
         Partial("has_grad", "parameter", "same", "host", "1 if the parameter had a gradient"),
         Partial("has_update", "parameter", "same", "host", "1 if the update was measured"),
+        # A step the "auto" cadence does not record has gradient norms only (its sentinel).
+        Partial("has_param_norm", "parameter", "same", "host", "1 if ‖w‖ was measured"),
         Partial("param_gap", "parameter", "max", "host", "1 if the step hook failed"),
         Partial(
             "grad_missing",
@@ -282,7 +284,7 @@ STATISTICS: dict[str, Statistic] = {
         Statistic(
             "param_norm",
             "L2 norm of the parameter, before the optimizer step",
-            parameter=lambda p: (p["param_norm"], p["has_grad"] > 0),
+            parameter=lambda p: (p["param_norm"], p["has_param_norm"] > 0),
         ),
         Statistic(
             "update_ratio",

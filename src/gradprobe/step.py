@@ -29,7 +29,15 @@ from .stats import STATISTICS
 if TYPE_CHECKING:
     from .probe import Probe
 
-__all__ = ["StepBoundary"]
+__all__ = ["AUTO_BURST", "AUTO_EVERY", "AUTO_FIRST", "StepBoundary"]
+
+# The "auto" cadence, Probe(every="auto"): all of the first AUTO_FIRST steps (where a bad
+# initialisation shows), then every AUTO_EVERY-th; the gradients' norms at every step (one
+# _foreach_norm: the floor of any monitor), and after a step whose gradients held a NaN or
+# an Inf, the AUTO_BURST steps that follow in full. Over 500 steps it records 29 in full.
+AUTO_FIRST = 20
+AUTO_EVERY = 50
+AUTO_BURST = 20
 
 
 def _backward_end_hook(ref: weakref.ref[Probe], first: bool) -> None:
@@ -108,6 +116,33 @@ def _loggable(name: str, value: Any, reads_lr: bool) -> Tensor | float:
 
 
 class StepBoundary:
+    def _records(self, step: int) -> bool:
+        """Whether the cadence records ``step`` in full (module hooks on)."""
+        if self._auto:
+            return step < AUTO_FIRST or step % AUTO_EVERY == 0 or step <= self._burst_until
+        return step % self.every == 0
+
+    @torch.no_grad()
+    def _record_sentinel(self) -> None:
+        """At a step the "auto" cadence does not record: the gradients' norms (and their
+        NaN/Inf flags), one batched pass per device and dtype, as at a recorded step. On
+        the screened (CPU) path the flags are on the host already: non-finite gradients
+        start a burst of recorded steps. Elsewhere that would need a host read, so the
+        rows show the step but no burst follows; nor under torch.distributed (ranks keep
+        one cadence). See docs/recording.md, "Cadence"."""
+        record = partial(self._shards.record, self.buffer)
+        for (device, _dtype), idx in self._param_groups(with_grad=True).items():
+            grads = _grad_values([self._params[i].grad for i in idx])
+            norms, finite = l2_norms(grads, device)
+            record(device, idx, "grad_norm", norms)
+            if "nonfinite" in self.stats:
+                record(device, idx, "grad_nonfinite", self._grads_nonfinite(device, grads, norms, finite))
+            self.buffer.set_param_host(idx, "has_grad")
+            # Ranks must keep one cadence (their collectives must match): one rank's
+            # shards may be finite where another's are not, so no burst under them.
+            if finite is not None and not all(finite) and not self._distributed:
+                self._burst_until = self.step_index + AUTO_BURST
+
     # ================================================================ parameter hooks
     def _param_groups(self, with_grad: bool) -> dict[tuple[torch.device, torch.dtype], list[int]]:
         groups: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
@@ -162,6 +197,7 @@ class StepBoundary:
             # Only what is asked: each is a pass over every parameter.
             if "param_norm" in self.stats:
                 record(device, idx, "param_norm", self._before_norms(device, idx, params))
+                self.buffer.set_param_host(idx, "has_param_norm")
             if "nonfinite" in self.stats:
                 flags = self._grads_nonfinite(device, grads, grad_norms, finite)
                 record(device, idx, "grad_nonfinite", flags)
@@ -279,7 +315,7 @@ class StepBoundary:
         self._shards.discard()
         if self._optimizer_ref is not None:
             self._snapshot = None
-        if self._recording:
+        if self._recording or self._auto:
             self.buffer.set_model_host("skipped")
         self._end_step()
 
@@ -359,6 +395,11 @@ class StepBoundary:
             self._guard_params(self._record_params, "optimizer step (gradients)")
             if self._want_update:
                 self._guard_params(self._take_snapshot, "optimizer step (snapshot)")
+        elif self._auto:
+            if "lr" in self.stats:
+                self._guard(self._record_lr, "optimizer step (learning rate)")
+            if self._want_params:
+                self._guard_params(self._record_sentinel, "optimizer step (sentinel)")
 
     def _on_step_post(self) -> None:
         if self._closed:
@@ -432,16 +473,18 @@ class StepBoundary:
             self._traversals.accumulating.clear()
         if not self._ranks_resolved:
             self._guard(self._resolve_ranks, "the step boundary (process group)")
-        if self._recording and self._shards:
+        # A step the "auto" cadence does not record still closes: its sentinel's rows.
+        closes = self._recording or self._auto
+        if closes and self._shards:
             self._guard_params(self._end_sharded_step, "the step boundary (sharded norms)")
-        if self._recording and not self._guard(self._close_step, "the step boundary"):
+        if closes and not self._guard(self._close_step, "the step boundary"):
             self._deferred_units = []
             self._held, self._held_numel, self._watched = [], 0, []
             self._guard(
                 partial(self.buffer.discard_step, self.step_index), "the step boundary (discard)"
             )
         self.step_index += 1
-        self._recording = self.step_index % self.every == 0
+        self._recording = self._records(self.step_index)
         self._guard(self._sync_step_hooks, "the step boundary (hooks)")
 
     def _close_step(self) -> None:
