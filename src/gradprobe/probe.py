@@ -694,8 +694,10 @@ class Probe(Capture, StepBoundary):
                 warn_once(self._failed_where, f"flush listener {listener!r}", exc)
 
     def _to_frame(self, d: Drained) -> pd.DataFrame:
-        """Finalise partials into long-form rows (host side, NumPy)."""
-        parts: list[pd.DataFrame] = []
+        """Finalise partials into long-form rows (host side, NumPy): columns per statistic,
+        joined as arrays, one DataFrame at the end (a frame per statistic, then a concat,
+        cost ~10× as much: text columns are converted once, not once per statistic)."""
+        parts: list[_Rows] = []
         module_names = np.array([s.name for s in self._slots], dtype=object)
         module_gap = d.modules["gap"] > 0
         for stat, (values, present) in finalize(d.modules, self.stats, "module").items():
@@ -714,11 +716,15 @@ class Probe(Capture, StepBoundary):
                 parts.append(
                     _long(d.steps, module_names, f"hist_{b:02d}", d.histograms[:, :, b], present)
                 )
-        parts = [p for p in parts if not p.empty]
+        parts = [p for p in parts if len(p[0])]
         if not parts:
             return empty_frame()
-        frame = normalize_frame(pd.concat(parts, ignore_index=True))
-        return frame.sort_values("step", kind="stable", ignore_index=True)
+        steps, names, stats, values = (np.concatenate(column) for column in zip(*parts))
+        order = np.argsort(steps, kind="stable")
+        frame = pd.DataFrame(
+            {"step": steps[order], "name": names[order], "stat": stats[order], "value": values[order]}
+        )
+        return normalize_frame(frame)
 
     # ================================================================ failures
     def _guard_params(self, fn: Callable[[], None], where: str) -> None:
@@ -943,7 +949,7 @@ def _step_post_hook(ref: weakref.ref[Probe], optimizer: Any, args: Any, kwargs: 
 # ==================================================================== helpers
 
 
-def _logged_rows(logged: Mapping[tuple[int, str], tuple[float, float]]) -> list[pd.DataFrame]:
+def _logged_rows(logged: Mapping[tuple[int, str], tuple[float, float]]) -> list[_Rows]:
     """``(model)`` rows of logged values, finalised as their statistic declares."""
     by_name: dict[str, list[tuple[int, float, float]]] = defaultdict(list)
     for (step, name), (total, count) in logged.items():
@@ -965,17 +971,19 @@ def _logged_rows(logged: Mapping[tuple[int, str], tuple[float, float]]) -> list[
 
 
 
+# Long-form rows of one statistic, as columns: step, name, stat, value.
+_Rows = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+
+
 def _long(
     steps: np.ndarray, names: np.ndarray, stat: str, values: np.ndarray, present: np.ndarray
-) -> pd.DataFrame:
+) -> _Rows:
     rows, cols = np.nonzero(present)
-    return pd.DataFrame(
-        {
-            "step": steps[rows].astype(np.int64),
-            "name": names[cols],
-            "stat": np.full(len(rows), stat, dtype=object),
-            "value": values[rows, cols].astype(np.float64),
-        }
+    return (
+        steps[rows].astype(np.int64),
+        names[cols],
+        np.full(len(rows), stat, dtype=object),
+        values[rows, cols].astype(np.float64),
     )
 
 
