@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gradprobe.reduce import SAFE_LOW, l2_norm, l2_norms
+from gradprobe.reduce import _COUNT_CHUNK, SAFE_LOW, l2_norm, l2_norms, unit_nonzero_counts
 
 SHAPES = [(7,), (3, 5), (128, 256), (64, 32, 16), (4, 8, 33, 33), (1, 70000)]
 SCALES = [1e-30, 1e-25, 1e-20, 1e-12, 1e-10, 1.0, 1e10, 1e18, 1e25, 1e30]
@@ -94,3 +94,28 @@ def test_norm_property(rows, cols, exponent, transpose):
         assert float(norm) == 0.0
     else:
         assert float(norm) == pytest.approx(expected, rel=2e-6)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    shape=st.lists(st.integers(1, 40), min_size=2, max_size=4),
+    unit=st.integers(1, 3),
+    zero_frac=st.floats(0.0, 1.0),
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16, torch.float64]),
+    chunk=st.sampled_from([7, 64, _COUNT_CHUNK]),
+)
+def test_unit_nonzero_counts_equal_count_nonzero(shape, unit, zero_frac, dtype, chunk):
+    """Per-unit non-zero counts against torch.count_nonzero over the other dimensions,
+    whatever the chunking (the buffer's size: one sample's slice, or several)."""
+    unit = min(unit, len(shape) - 1)
+    g = torch.Generator().manual_seed(len(shape) * 1000 + sum(shape))
+    y = torch.randn(shape, generator=g)
+    y[torch.rand(shape, generator=g) < zero_frac] = 0.0
+    y[..., 0] = -0.0  # a negative zero is 0
+    y = y.to(dtype)
+    dims = tuple(d for d in range(len(shape)) if d != unit)
+    expected = torch.count_nonzero(y, dim=dims)
+    need = max(chunk, math.prod(shape[unit:]))
+    got = unit_nonzero_counts(y, unit, torch.empty(need))
+    assert got.dtype == torch.float64
+    assert torch.equal(got.long(), expected)

@@ -28,7 +28,16 @@ from torch.utils import _pytree
 
 from .activations import Activation
 from .hooks import warn_gap
-from .reduce import accumulation_dtype, l2_norm, l2_norms, nonfinite_flags, nonzero_count, row_norms
+from .reduce import (
+    _COUNT_CHUNK,
+    accumulation_dtype,
+    l2_norm,
+    l2_norms,
+    nonfinite_flags,
+    nonzero_count,
+    row_norms,
+    unit_nonzero_counts,
+)
 from .stats import SAT_THRESHOLD
 from .traversals import GAP_BOTH_SIDES, GAP_INPUT_SIDE, consumer_edges, input_edge
 
@@ -68,7 +77,8 @@ def _sum_dtype(t: Tensor) -> torch.dtype | None:
 
 
 def _activity(y: Tensor, dims: tuple[int, ...], nonnegative: bool = False) -> Tensor:
-    """max |y| over ``dims``: > 0 iff the unit is non-zero somewhere (NaN: counted dead).
+    """max |y| over ``dims``: > 0 iff the unit is non-zero somewhere (a NaN max is not 0:
+    a unit holding a NaN is alive, as its non-zero count says in unit_nonzero_counts).
     A max and a min are two reading passes; ``abs()`` first would write a copy (~2× dearer
     on a conv output). ``nonnegative``: y ≥ 0 (a ReLU's output), the max alone."""
     if nonnegative:
@@ -445,7 +455,8 @@ class Capture:
                 # dearer); the norm carries the NaN/Inf flag (gradprobe/reduce.py).
                 norm, finite = l2_norm(yd)
                 total = yd.sum(dtype=_sum_dtype(yd))
-                nonzero = nonzero_count(yd)
+                counts = self._unit_counts(yd, unit)
+                nonzero = counts.sum() if counts is not None else nonzero_count(yd)
                 if self._want_output:
                     nonfinite = self._nonfinite(yd, norm, finite)
                     self.buffer.record("out", k, device, n, total, norm, nonzero, nonfinite)
@@ -456,8 +467,36 @@ class Capture:
             elif self._want_nonfinite:
                 norm, finite = l2_norm(yd)
                 self.buffer.record("nonfinite", k, device, n, self._nonfinite(yd, norm, finite))
-            if unit != -1:
+                counts = None
+            else:
+                counts = None
+            if counts is not None:  # a unit is active iff its count of non-zeros is > 0
+                assert unit is not None
+                self._note_unit_kind(k, unit, yd.dim())
+                self.buffer.record_units(k, device, counts)
+            elif unit != -1:
                 self._record_units(slot, yd, unit)
+
+    def _unit_counts(self, yd: Tensor, unit: int | None) -> Tensor | None:
+        """Non-zero entries per unit of a large CPU output: the non-zero count and the
+        units' activity in one pass (gradprobe/reduce.py), or None where that does not
+        apply (then a count, and a max and a min per unit)."""
+        if (
+            unit is None
+            or unit < 0
+            or yd.numel() < self._HELD_NUMEL
+            or yd.device.type != "cpu"
+            or not yd.is_contiguous()
+        ):
+            return None
+        need = max(_COUNT_CHUNK, math.prod(yd.shape[unit:]))
+        key = ("count", yd.device)
+        buffer = self._staging_buffers.get(key)
+        if buffer is None or buffer.numel() < need:
+            buffer = self._staging_buffers[key] = torch.empty(need, device=yd.device)
+            held = sum(b.numel() * b.element_size() for b in self._staging_buffers.values())
+            self._meta["probe"]["staging_bytes"] = held
+        return unit_nonzero_counts(yd, unit, buffer)
 
     def _gate_from_output(
         self, slot: _Slot, y: Tensor, total: Tensor, norm: Tensor, nonzero: Tensor | None
