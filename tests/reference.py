@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections import defaultdict
 
 import torch
@@ -135,3 +136,41 @@ def recurrent_carry_gates(module: nn.Module, x: Tensor, hx: object = None) -> li
             outs.append(torch.stack(hs))
         layer_in = torch.cat(outs, dim=-1)
     return gates
+
+
+def leaf_error_norms(model: nn.Module, x: Tensor, float64: bool = False) -> dict[str, tuple[float, float]]:
+    """‖dL/d(output)‖ and ‖dL/d(input)‖ of every leaf module for the loss mean(model(x)²),
+    by autograd on a twin (float64 if asked) whose ReLUs do not work in place (the same
+    function; its tensors stay readable). NaN for an input that needs no gradient."""
+    twin = copy.deepcopy(model)
+    if float64:
+        twin, x = twin.double(), x.double()
+    for m in twin.modules():
+        if isinstance(m, nn.ReLU):
+            m.inplace = False
+    names = [n for n, m in twin.named_modules() if n and not list(m.children())]
+    ins: dict[str, Tensor] = {}
+    outs: dict[str, Tensor] = {}
+
+    def keep(name):
+        def hook(m, args, y):
+            if args[0].requires_grad:
+                args[0].retain_grad()
+                ins[name] = args[0]
+            y.retain_grad()
+            outs[name] = y
+
+        return hook
+
+    modules = dict(twin.named_modules())
+    handles = [modules[n].register_forward_hook(keep(n)) for n in names]
+    twin(x).pow(2).mean().backward()
+    for h in handles:
+        h.remove()
+    return {
+        n: (
+            float(outs[n].grad.double().norm()),
+            float(ins[n].grad.double().norm()) if n in ins else float("nan"),
+        )
+        for n in names
+    }

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from gradprobe import Probe
+from reference import leaf_error_norms
 
 
 class Block(nn.Module):
@@ -123,36 +124,6 @@ def test_an_output_written_in_place_after_a_held_hook_is_a_gap_then_reduced_in_i
 
 # ------------------------------------------------------------- error signals, batched
 
-def _reference_errors(model: nn.Module, x: torch.Tensor) -> dict[str, tuple[float, float]]:
-    """‖dL/d(output)‖ and ‖dL/d(input)‖ of every leaf module, by autograd on a twin."""
-    twin = copy.deepcopy(model)
-    names = [n for n, m in twin.named_modules() if n and not list(m.children())]
-    ins: dict[str, torch.Tensor] = {}
-    outs: dict[str, torch.Tensor] = {}
-
-    def keep(name):
-        def hook(m, args, y):
-            if args[0].requires_grad:
-                args[0].retain_grad()
-                ins[name] = args[0]
-            y.retain_grad()
-            outs[name] = y
-        return hook
-
-    modules = dict(twin.named_modules())
-    handles = [modules[n].register_forward_hook(keep(n)) for n in names]
-    twin(x).pow(2).mean().backward()
-    for h in handles:
-        h.remove()
-    return {
-        n: (
-            float(outs[n].grad.double().norm()),
-            float(ins[n].grad.double().norm()) if n in ins else float("nan"),
-        )
-        for n in names
-    }
-
-
 def test_batched_error_norms_equal_autograd_on_every_step(monkeypatch):
     deferred: list[int] = []
     original = Probe._resolve_deferred
@@ -170,7 +141,7 @@ def test_batched_error_norms_equal_autograd_on_every_step(monkeypatch):
     expected = []
     with Probe(model, opt) as probe:
         for x in xs:
-            expected.append(_reference_errors(model, x))
+            expected.append(leaf_error_norms(model, x))
             opt.zero_grad()
             model(x).pow(2).mean().backward()
             opt.step()

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from gradprobe import Probe
+from reference import leaf_error_norms
 
 
 def _spy_reuse(monkeypatch) -> list[tuple[str, bool]]:
@@ -34,47 +35,12 @@ def _spy_reuse(monkeypatch) -> list[tuple[str, bool]]:
     return answers
 
 
-def _reference(model: nn.Module, x: torch.Tensor) -> dict[str, tuple[float, float]]:
-    """‖dL/d(output)‖ and ‖dL/d(input)‖ of each leaf module in float64, on a twin whose
-    ReLUs do not work in place (the same function; its tensors stay readable)."""
-    twin = copy.deepcopy(model).double()
-    for m in twin.modules():
-        if isinstance(m, nn.ReLU):
-            m.inplace = False
-    names = [n for n, m in twin.named_modules() if n and not list(m.children())]
-    ins: dict[str, torch.Tensor] = {}
-    outs: dict[str, torch.Tensor] = {}
-
-    def keep(name):
-        def hook(m, args, y):
-            if args[0].requires_grad:
-                args[0].retain_grad()
-                ins[name] = args[0]
-            y.retain_grad()
-            outs[name] = y
-
-        return hook
-
-    modules = dict(twin.named_modules())
-    handles = [modules[n].register_forward_hook(keep(n)) for n in names]
-    twin(x.double()).pow(2).mean().backward()
-    for h in handles:
-        h.remove()
-    return {
-        n: (
-            float(outs[n].grad.norm()),
-            float(ins[n].grad.norm()) if n in ins else float("nan"),
-        )
-        for n in names
-    }
-
-
 def _train(model, xs, **probe_kwargs):
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     expected = []
     with Probe(model, opt, **probe_kwargs) as probe:
         for x in xs:
-            expected.append(_reference(model, x))
+            expected.append(leaf_error_norms(model, x, float64=True))
             opt.zero_grad()
             model(x).pow(2).mean().backward()
             opt.step()
@@ -147,7 +113,7 @@ def test_a_second_reader_keeps_the_share_and_the_whole_signal_apart(monkeypatch,
     with Probe(model, opt) as probe:
         for x in xs:
             gains.append(own_share_gain(model, x))
-            expected.append(_reference(model, x))
+            expected.append(leaf_error_norms(model, x, float64=True))
             opt.zero_grad()
             model(x).pow(2).mean().backward()
             opt.step()
