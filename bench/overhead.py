@@ -85,8 +85,10 @@ from gradprobe import Probe
 TARGET_DEFAULT = 1.10  # default statistics at every=1, × plain
 RESOLVED_BAR = {"mlp": 1.5, "cnn": 1.2}  # issue 12 is not resolved above these (default every=1)
 TARGET_CADENCE = 1.03  # the default cadence over a 500-step run
-# The opt-in cadence every="auto" gets its own long-run row, where the Probe has it.
-AUTO_CADENCE = '"auto"' in (Probe.__doc__ or "")
+# every="auto" gets a long-run row of its own where the Probe has it but not as its default.
+AUTO_CADENCE = '"auto"' in (Probe.__doc__ or "") and (
+    inspect.signature(Probe).parameters["every"].default != "auto"
+)
 TARGET_CHEAP = 1.05  # stats="cheap" at every=1
 TARGET_PARAMS = 1.5  # parameter statistics, × one bare _foreach_norm
 TARGET_MEMORY = 1.05  # peak memory with the Probe, × without

@@ -103,3 +103,27 @@ def test_every_must_be_a_positive_integer_or_auto():
         Probe(_model(), every="sometimes")
     with pytest.raises(GradprobeError, match='positive integer or "auto"'):
         Probe(_model(), every=0)
+
+
+def test_auto_records_the_pre_clip_norm_at_every_step():
+    """Clipping hides a spike from the norm at the step: the sentinel's pre-clip norm,
+    measured when backward ends, is there at every step, equal to the real one."""
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    before_clip = {}
+    with Probe(model, opt, every="auto") as probe:
+        for step in range(AUTO_EVERY + 5):
+            opt.zero_grad()
+            model(torch.randn(5, 6) * (50.0 if step == 33 else 1.0)).pow(2).mean().backward()
+            before_clip[step] = math.sqrt(
+                sum(float(p.grad.double().square().sum()) for p in model.parameters())
+            )
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
+            opt.step()
+        frame = probe.frame()
+    pre = frame[frame.stat == "global_grad_norm_preclip"].set_index("step").value
+    assert set(pre.index) == set(range(AUTO_EVERY + 5))
+    for step, value in pre.items():
+        assert value == pytest.approx(before_clip[step], rel=1e-5), step
+    clipped = frame[frame.stat == "global_grad_norm"].set_index("step").value
+    assert clipped[33] == pytest.approx(0.1, rel=1e-4) and pre[33] > 10 * clipped[33]

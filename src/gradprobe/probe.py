@@ -178,13 +178,14 @@ class Probe(Capture, StepBoundary):
         model: the network (DDP/DataParallel/compiled wrappers are unwrapped for names).
         optimizer: its ``step()`` marks a step (hooks, so the loop does not change);
             without one, call :meth:`step` after each update.
-        every: record every ``every``-th step only (others cost almost nothing); or
-            ``"auto"``: every step for the first ``gradprobe.step.AUTO_FIRST`` (20)
-            steps, then every ``AUTO_EVERY``-th (50th), with the gradients' norms
-            (``grad_norm``, ``global_grad_norm``, their NaN/Inf flags) recorded at
-            *every* step as a sentinel: a step whose gradients are not finite shows in
-            those rows exactly, and the ``AUTO_BURST`` (20) steps after it are recorded
-            in full (see docs/recording.md, "Cadence").
+        every: ``"auto"`` (the default): every step for the first
+            ``gradprobe.step.AUTO_FIRST`` (20) steps, then every ``AUTO_EVERY``-th
+            (50th), with the gradients' norms (``grad_norm``, ``global_grad_norm`` and
+            its pre-clip value, their NaN/Inf flags) recorded at *every* step as a
+            sentinel: a step whose gradients are not finite shows in those rows exactly,
+            and the ``AUTO_BURST`` (20) steps after it are recorded in full (see
+            docs/recording.md, "Cadence"). Or an integer k: every k-th step in full, the
+            others cost nothing (``every=1``: every step).
         store: a run directory to stream to (see :mod:`gradprobe.store`).
         stats: ``"cheap"``, ``"default"``, ``"full"`` (adds activation histograms), or a
             list of statistic names from ``gradprobe.stats.STATISTICS``.
@@ -215,7 +216,7 @@ class Probe(Capture, StepBoundary):
         model: nn.Module,
         optimizer: torch.optim.Optimizer | None = None,
         *,
-        every: int | str = 1,
+        every: int | str = "auto",
         store: str | os.PathLike[str] | None = None,
         stats: str | Sequence[str] = "default",
         modules: Sequence[str] | ModuleFilter | None = None,
@@ -251,6 +252,7 @@ class Probe(Capture, StepBoundary):
         # step (a burst after non-finite gradients) every step is recorded.
         self._auto = every == "auto"
         self._burst_until = -1
+        self._param_hooks_kept = False  # "auto": the gradient hooks stay on at every step
         self.flush_every = flush_every
         self.stats = _resolve_stats(stats)
         self.histograms = stats == "full"
@@ -429,7 +431,7 @@ class Probe(Capture, StepBoundary):
             self._guard_params(self._record_params, "probe.step")
             if self._want_update and self._snapshot is not None:
                 self._guard_params(self._record_updates, "probe.step (update ratio)")
-        elif self._auto and self._want_params:
+        elif self._auto:
             self._guard_params(self._record_sentinel, "probe.step (sentinel)")
         self._stepped_since_update = True
         self._end_step()
@@ -573,12 +575,15 @@ class Probe(Capture, StepBoundary):
             hooks.add(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
             hooks.add(module.register_forward_hook(forward_hook, with_kwargs=True))
         # Post-accumulate hooks also tell which backward passes count for error signals.
-        if self._want_preclip or self._want_error:
+        # Under every="auto" they stay on at every step: the sentinel's pre-clip norms.
+        if (self._want_preclip or self._want_error) and not self._param_hooks_kept:
+            kept = self._auto
             for p in self._params:
                 if p.requires_grad:
-                    hooks.add(
+                    (self._hooks if kept else hooks).add(
                         p.register_post_accumulate_grad_hook(partial(_post_accumulate_hook, ref))
                     )
+            self._param_hooks_kept = kept
         self._step_hooks_on = True
 
     def _sync_step_hooks(self) -> None:

@@ -122,26 +122,14 @@ class StepBoundary:
             return step < AUTO_FIRST or step % AUTO_EVERY == 0 or step <= self._burst_until
         return step % self.every == 0
 
-    @torch.no_grad()
     def _record_sentinel(self) -> None:
-        """At a step the "auto" cadence does not record: the gradients' norms (and their
-        NaN/Inf flags), one batched pass per device and dtype, as at a recorded step. On
-        the screened (CPU) path the flags are on the host already: non-finite gradients
-        start a burst of recorded steps. Elsewhere that would need a host read, so the
-        rows show the step but no burst follows; nor under torch.distributed (ranks keep
-        one cadence). See docs/recording.md, "Cadence"."""
-        record = partial(self._shards.record, self.buffer)
-        for (device, _dtype), idx in self._param_groups(with_grad=True).items():
-            grads = _grad_values([self._params[i].grad for i in idx])
-            norms, finite = l2_norms(grads, device)
-            record(device, idx, "grad_norm", norms)
-            if "nonfinite" in self.stats:
-                record(device, idx, "grad_nonfinite", self._grads_nonfinite(device, grads, norms, finite))
-            self.buffer.set_param_host(idx, "has_grad")
-            # Ranks must keep one cadence (their collectives must match): one rank's
-            # shards may be finite where another's are not, so no burst under them.
-            if finite is not None and not all(finite) and not self._distributed:
-                self._burst_until = self.step_index + AUTO_BURST
+        """At a step the "auto" cadence does not record: the gradients' norms (before
+        clipping, too) and their NaN/Inf flags, as at a recorded step, and nothing else.
+        On the screened (CPU) path the flags are on the host already: non-finite
+        gradients start a burst of recorded steps. Elsewhere that would need a host read,
+        so the rows show the step but no burst follows; nor under torch.distributed
+        (ranks keep one cadence). See docs/recording.md, "Cadence"."""
+        self._record_params(grads_only=True)
 
     # ================================================================ parameter hooks
     def _param_groups(self, with_grad: bool) -> dict[tuple[torch.device, torch.dtype], list[int]]:
@@ -171,8 +159,9 @@ class StepBoundary:
             self.buffer.set_param_host(missing, "grad_missing")
 
     @torch.no_grad()
-    def _record_params(self) -> None:
-        """Gradient norms, parameter norms, NaN/Inf counts: one batched pass per group."""
+    def _record_params(self, grads_only: bool = False) -> None:
+        """Gradient norms, parameter norms, NaN/Inf counts: one batched pass per group.
+        ``grads_only``: the sentinel of a step the "auto" cadence does not record."""
         preclip, self._preclip = self._preclip, {}
         # Sharded parameters' values (of local shards) wait for the step's one collective.
         record = partial(self._shards.record, self.buffer)
@@ -194,8 +183,12 @@ class StepBoundary:
             else:
                 grad_norms, finite = l2_norms(grads, device)
             record(device, idx, "grad_norm", grad_norms)
+            # Ranks must keep one cadence (their collectives must match): one rank's
+            # shards may be finite where another's are not, so no burst under them.
+            if grads_only and finite is not None and not all(finite) and not self._distributed:
+                self._burst_until = self.step_index + AUTO_BURST
             # Only what is asked: each is a pass over every parameter.
-            if "param_norm" in self.stats:
+            if "param_norm" in self.stats and not grads_only:
                 record(device, idx, "param_norm", self._before_norms(device, idx, params))
                 self.buffer.set_param_host(idx, "has_param_norm")
             if "nonfinite" in self.stats:
@@ -231,7 +224,7 @@ class StepBoundary:
 
     def _on_post_accumulate(self) -> None:
         """A parameter's ``.grad`` was accumulated: measure once, when this backward ends."""
-        if self._closed or not self._recording or self._backward_pending:
+        if self._closed or not (self._recording or self._auto) or self._backward_pending:
             return
         self._backward_pending = True
         queue_at_backward_end(partial(_backward_end_hook, self._ref, True))
@@ -398,8 +391,7 @@ class StepBoundary:
         elif self._auto:
             if "lr" in self.stats:
                 self._guard(self._record_lr, "optimizer step (learning rate)")
-            if self._want_params:
-                self._guard_params(self._record_sentinel, "optimizer step (sentinel)")
+            self._guard_params(self._record_sentinel, "optimizer step (sentinel)")
 
     def _on_step_post(self) -> None:
         if self._closed:
