@@ -282,8 +282,11 @@ class StepBuffer:
             self._complete.add((step, name))
 
     # ------------------------------------------------------------ step boundary
-    def end_step(self, step: int) -> None:
-        """Close the current step: stack every list, once per field and device."""
+    def end_step(self, step: int, modules: bool = True) -> None:
+        """Close the current step: stack every list, once per field and device.
+        ``modules=False``: a step whose modules were not recorded (the "auto" cadence's
+        sentinel): no unit runs to move, and, under DDP, none of their collectives (every
+        rank keeps the same cadence, so all skip them alike)."""
         called = self._host[:, self._host_col["calls"]] > 0
         by_device: dict[torch.device, tuple[list[Tensor], list]] = defaultdict(lambda: ([], []))
         for (kind, device), calls in self._calls.items():
@@ -309,7 +312,8 @@ class StepBuffer:
                     n * len(FIELDS[kind]),
                 )
             )
-        for device, (dead, dead_window) in self._close_all_units(called).items():
+        units = self._close_all_units(called) if modules else {}
+        for device, (dead, dead_window) in units.items():
             tensors, layout = by_device[device]
             tensors += [dead, dead_window]
             every_slot = np.arange(self.n_slots)

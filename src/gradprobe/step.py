@@ -486,7 +486,7 @@ class StepBoundary:
         if self._scaler_ref is not None:
             self.buffer.set_model_host("scaler")
         try:
-            self.buffer.end_step(self.step_index)
+            self.buffer.end_step(self.step_index, modules=self._recording)
         finally:
             self._warn_unit_problems()
         if len(self.buffer) >= self.flush_every:
