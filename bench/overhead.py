@@ -20,6 +20,12 @@ Method
   round (a load spike: every round of a mode does the same work) counts as the median
   round. × plain = that over plain's ms/step; the spread is the min–max of the per-round
   ratios to plain.
+* **The floor of the work itself** (row "the default statistics' reductions alone"):
+  ``bench/bare.py``'s hand-written monitor takes the reductions the default statistics
+  need, the cheapest way we know, with nothing around them (no rows, no step close, no
+  guards); its results are dropped each step. Between it and plain: what the statistics
+  cost on this machine in any eager implementation; between it and the Probe: the
+  Probe's own bookkeeping.
 * **The default cadence**: ``Probe(model, opt)`` with no ``every`` argument (whatever the
   library's default is when it runs: read from the signature and printed), attached to a
   twin for a long run (MLP 500 steps; the CNN's scaled down to 100), timed in blocks
@@ -76,6 +82,7 @@ from typing import Any
 
 import torch
 from _results import write_section  # bench/, the script's own directory
+from bare import BareMonitor  # bench/, the script's own directory
 from torch import nn
 
 import gradprobe
@@ -85,10 +92,6 @@ from gradprobe import Probe
 TARGET_DEFAULT = 1.10  # default statistics at every=1, × plain
 RESOLVED_BAR = {"mlp": 1.5, "cnn": 1.2}  # issue 12 is not resolved above these (default every=1)
 TARGET_CADENCE = 1.03  # the default cadence over a 500-step run
-# every="auto" gets a long-run row of its own where the Probe has it but not as its default.
-AUTO_CADENCE = '"auto"' in (Probe.__doc__ or "") and (
-    inspect.signature(Probe).parameters["every"].default != "auto"
-)
 TARGET_CHEAP = 1.05  # stats="cheap" at every=1
 TARGET_PARAMS = 1.5  # parameter statistics, × one bare _foreach_norm
 TARGET_MEMORY = 1.05  # peak memory with the Probe, × without
@@ -130,7 +133,7 @@ MODELS: dict[str, tuple[str, Callable[..., tuple[nn.Module, torch.Tensor, torch.
 @dataclass(frozen=True)
 class Mode:
     label: str
-    kind: str  # "plain", "floor", "snippet" or "probe"
+    kind: str  # "plain", "floor", "snippet", "bare" or "probe"
     probe: dict[str, Any] = field(default_factory=dict)  # Probe kwargs (kind "probe")
     target: float | None = None  # × plain (issue 12)
 
@@ -138,6 +141,9 @@ class Mode:
 PLAIN = Mode("plain", "plain")
 FLOOR = Mode("plain + one `torch._foreach_norm` over the gradients (floor)", "floor")
 SNIPPET = Mode("plain + plot_grad_flow snippet (`.item()` per parameter: mean, max)", "snippet")
+BARE = Mode(
+    "plain + the default statistics' reductions alone, hand-written (bench/bare.py)", "bare"
+)
 DEFAULT_1 = Mode("Probe default, every=1", "probe", {"every": 1}, TARGET_DEFAULT)
 CHEAP_1 = Mode(
     'Probe stats="cheap", every=1', "probe", {"every": 1, "stats": "cheap"}, TARGET_CHEAP
@@ -146,6 +152,7 @@ MAIN_MODES = [
     PLAIN,
     FLOOR,
     SNIPPET,
+    BARE,
     Mode('Probe stats=["grad_norm"], every=1', "probe", {"every": 1, "stats": ["grad_norm"]}),
     CHEAP_1,
     DEFAULT_1,
@@ -222,6 +229,7 @@ class Twin:
         self.opt = torch.optim.SGD(self.params, lr=1e-3, momentum=0.9)
         self.x, self.y = x, y
         self.probe: Probe | None = None
+        self.bare: BareMonitor | None = None
         self.seconds = 0.0
         self.steps = 0
         self.rounds: list[float] = []  # ms/step of each timed round
@@ -241,7 +249,10 @@ class Twin:
         self.opt.step()
 
     def attach(self, **kwargs: Any) -> None:
-        self.probe = Probe(self.model, self.opt, **kwargs)
+        if self.mode.kind == "bare":
+            self.bare = BareMonitor(self.model, self.opt)
+        else:
+            self.probe = Probe(self.model, self.opt, **kwargs)
 
     def time(self, steps: int) -> float:
         start = time.perf_counter()
@@ -340,7 +351,7 @@ def interleaved(
     for t in twins:
         for _ in range(warm):
             t.step()
-        if t.mode.kind == "probe":
+        if t.mode.kind in ("probe", "bare"):
             t.attach(**t.mode.probe)
             t.step()  # the first recorded step sets up: not the steady state
     for r in range(rounds):
@@ -834,7 +845,6 @@ def run_single(plan: Plan, title: str) -> str:
     prof = profile_modes()
     steps_res: dict[str, dict[str, dict[str, Any]]] = {}
     cad: dict[str, dict[str, Any]] = {}
-    cad_auto: dict[str, dict[str, Any]] = {}
     for k, (_, build) in MODELS.items():
         log(
             f"{k}: {len(MAIN_MODES) + len(prof)} modes, {plan.rounds} rounds of {plan.steps[k]} steps"
@@ -844,9 +854,6 @@ def run_single(plan: Plan, title: str) -> str:
         )
         log(f"{k}: default cadence, {plan.cadence[k][0]} steps")
         cad[k] = cadence(build, *plan.cadence[k], warm=plan.warm)
-        if AUTO_CADENCE:
-            log(f"{k}: every='auto', {plan.cadence[k][0]} steps")
-            cad_auto[k] = cadence(build, *plan.cadence[k], warm=plan.warm, every="auto")
     log("parameter statistics vs _foreach_norm")
     params = param_stats_vs_foreach(tanh_mlp, plan.param_rounds)
     mem = {}
@@ -882,7 +889,7 @@ def run_single(plan: Plan, title: str) -> str:
         f"{plan.cadence['cnn'][0]} steps (about 0.3 s a plain step here): a cadence whose first steps are all recorded weighs more in it than "
         "in 500. Recorded on: distinct steps with rows of each statistic in `probe.frame()`.",
         "",
-        *cadence_table(cad, cad_auto),
+        *cadence_table(cad),
         "",
         "### Peak memory (each mode in a fresh process)",
         "",
@@ -932,6 +939,11 @@ def run_single(plan: Plan, title: str) -> str:
             f"{mark(d1 <= TARGET_DEFAULT)}; not resolved above {RESOLVED_BAR[k]:.1f}×: "
             f"{mark(d1 <= RESOLVED_BAR[k])})"
         )
+        bare = r[BARE.label]["ratio"]
+        lines.append(
+            f"- {k.upper()} the default statistics' reductions alone (bench/bare.py), every "
+            f"step: {bare:.2f}×: the floor of any eager implementation of them here"
+        )
         ch = r[CHEAP_1.label]["ratio"]
         lines.append(f"- {k.upper()} cheap every=1: {ch:.2f}× ({checked(ch, TARGET_CHEAP)})")
         c = cad[k]
@@ -939,12 +951,6 @@ def run_single(plan: Plan, title: str) -> str:
             f"- {k.upper()} default cadence over {c['steps']} steps: {c['ratio']:.3f}× "
             f"({checked(c['ratio'], TARGET_CADENCE)})"
         )
-        if k in cad_auto:
-            c = cad_auto[k]
-            lines.append(
-                f"- {k.upper()} every='auto' over {c['steps']} steps: {c['ratio']:.3f}× "
-                f"({checked(c['ratio'], TARGET_CADENCE)})"
-            )
         for mode in list(MEMORY_MODES)[1:]:
             ratio = memory_ratio(mem[k], mode)
             verdict = checked(ratio, TARGET_MEMORY) or "n/a: see the memory table"
