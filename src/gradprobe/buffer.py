@@ -65,6 +65,25 @@ class _Units:
     inactive_run: Tensor | None = None  # recorded steps in a row each unit was all-zero
     slot_of_unit: Tensor | None = None
     aranges: dict[int, Tensor] = field(default_factory=dict)
+    # Where a step's calls, in their order, land in the flat vectors, by (slots, units in
+    # all): the index for index_add_, or None where they land in order, once each.
+    plans: dict[tuple[tuple[int, ...], int], Tensor | None] = field(default_factory=dict)
+    widths: np.ndarray | None = None  # [n_slots]: units of each module's segment, 0 if none
+
+
+@dataclass
+class _UnitCalls:
+    """Per-unit activity of a step's calls on one device, in call order: ``blocks`` hold
+    one call each (a vector) or several of one width (a ``[calls, units]`` matrix from
+    a batched reduction), flattened in the order of ``slots``."""
+
+    slots: list[int] = field(default_factory=list)  # one per call
+    widths: list[int] = field(default_factory=list)  # units of each call
+    blocks: list[Tensor] = field(default_factory=list)
+
+    def rows(self) -> list[Tensor]:
+        """One activity vector per call (blocks split)."""
+        return [row for b in self.blocks for row in b.reshape(-1, b.shape[-1]).unbind(0)]
 
 
 @dataclass
@@ -191,7 +210,7 @@ class StepBuffer:
         # (slot, units before, units after) for each module just dropped; the Probe warns.
         self.unit_problems: list[tuple[int, int, int]] = []
         self._calls: dict[tuple[str, torch.device], _Calls] = {}
-        self._unit_calls: dict[torch.device, tuple[list[int], list[Tensor]]] = {}
+        self._unit_calls: dict[torch.device, _UnitCalls] = {}
         self._hist_calls: dict[torch.device, tuple[list[int], list[Tensor]]] = {}
         self._param_values: list[tuple[torch.device, list[int], str, Tensor]] = []
         self._units: dict[torch.device, _Units] = {}
@@ -228,24 +247,42 @@ class StepBuffer:
             column.append(value)
 
     def record_many(
-        self, kind: str, slots: list[int], device: torch.device, count: int, *values: Tensor
+        self,
+        kind: str,
+        slots: list[int],
+        device: torch.device,
+        count: int | list[int],
+        *values: Tensor,
     ) -> None:
         """Keep the results of several calls reduced in one batch: each value a ``[calls]``
-        vector, ``count`` entries reduced by each call; no device op here."""
+        vector, ``count`` entries reduced by each call (or a count per call); no device
+        op here."""
         calls = self._calls.get((kind, device))
         if calls is None:
             calls = _Calls(values=[[] for _ in FIELDS[kind]])
             self._calls[(kind, device)] = calls
         calls.slots.extend(slots)
-        calls.counts.extend([count] * len(slots))
+        calls.counts.extend(count if isinstance(count, list) else [count] * len(slots))
         for column, value in zip(calls.values, values):
             column.append(value)
 
     def record_units(self, slot: int, device: torch.device, activity: Tensor) -> None:
         """Keep one call's per-unit activity (≥ 0, 0 iff the unit was all-zero)."""
-        entry = self._unit_calls.setdefault(device, ([], []))
-        entry[0].append(slot)
-        entry[1].append(activity)
+        calls = self._unit_calls.get(device)
+        if calls is None:
+            calls = self._unit_calls[device] = _UnitCalls()
+        calls.slots.append(slot)
+        calls.widths.append(activity.numel())
+        calls.blocks.append(activity)
+
+    def record_units_many(self, slots: list[int], device: torch.device, activity: Tensor) -> None:
+        """Keep the per-unit activity of several calls of one width: ``[calls, units]``."""
+        calls = self._unit_calls.get(device)
+        if calls is None:
+            calls = self._unit_calls[device] = _UnitCalls()
+        calls.slots.extend(slots)
+        calls.widths.extend([activity.shape[1]] * len(slots))
+        calls.blocks.append(activity)
 
     def record_histogram(self, slot: int, device: torch.device, counts: Tensor) -> None:
         entry = self._hist_calls.setdefault(device, ([], []))
@@ -377,14 +414,17 @@ class StepBuffer:
             if self._rank_unit_device is None:
                 self._rank_unit_device = next(iter(calls), self.ranks.host_device)
             device = self._rank_unit_device
-            slots = [s for slots_list, _ in calls.values() for s in slots_list]
-            activities = [a.to(device) for _, acts in calls.values() for a in acts]
-            calls = {device: (slots, activities)}
+            merged = _UnitCalls()
+            for part in calls.values():
+                merged.slots += part.slots
+                merged.widths += part.widths
+                merged.blocks += [b.to(device) for b in part.blocks]
+            calls = {device: merged}
         if not calls:
             return {}
         closed = {}
-        for device, (slots, activities) in calls.items():
-            lo, hi = _unit_counts(self.n_slots, slots, activities)
+        for device, unit_calls in calls.items():
+            lo, hi = _unit_counts(self.n_slots, unit_calls.slots, unit_calls.widths)
             anywhere = called.copy()
             if self.ranks is not None:
                 # Deliberate collective (host integers), once per step: the segment table,
@@ -396,7 +436,7 @@ class StepBuffer:
                 agreed = flat.cpu().numpy()  # deliberate host copy (NCCL: from the GPU)
                 n = self.n_slots
                 anywhere, hi, lo = agreed[:n] > 0, agreed[n : 2 * n], -agreed[2 * n :]
-            result = self._close_units(device, slots, activities, anywhere, lo, hi)
+            result = self._close_units(device, unit_calls, anywhere, lo, hi)
             if result is not None:
                 closed[device] = result
         return closed
@@ -404,40 +444,31 @@ class StepBuffer:
     def _close_units(
         self,
         device: torch.device,
-        slots: list[int],
-        activities: list[Tensor],
+        calls: _UnitCalls,
         called: np.ndarray,
         lo: np.ndarray,
         hi: np.ndarray,
     ) -> tuple[Tensor, Tensor] | None:
         """Dead units of the step, and runs of inactivity, for every module at once."""
         units = self._units.setdefault(device, _Units())
-        live = []
-        for s in np.flatnonzero(hi > 0).tolist():  # slot order: the same on every rank
-            if s in self.units_off:
-                continue
-            known = units.segments.get(s)
-            n = int(hi[s])
-            if lo[s] != n or (known is not None and known[1] != n):
-                before, after = (int(lo[s]), n) if known is None else (known[1], int(lo[s]))
-                if known is not None and after == known[1]:
-                    after = n
-                self.units_off.add(s)
-                self.unit_problems.append((s, before, after))
-                continue
-            if known is None:
-                self._add_segment(units, device, s, n)
-            live.append(s)
+        if units.widths is None:
+            units.widths = np.zeros(self.n_slots, dtype=np.int64)
+        active = np.flatnonzero(hi > 0)  # slot order: the same on every rank
+        # The common step: every module that ran has its segment already, as wide as all
+        # its calls were, and none was dropped. Host arrays, no loop over modules.
+        if (
+            (lo[active] == hi[active]).all()
+            and (units.widths[active] == hi[active]).all()
+            and (not self.units_off or not self.units_off.intersection(active.tolist()))
+        ):
+            live = active.tolist()
+        else:
+            live = self._live_units(units, device, active, lo, hi)
         if units.inactive_run is None or units.slot_of_unit is None:
             return None
         total = units.inactive_run.numel()
         dtype = accumulation_dtype(device)
-        activity = torch.zeros(total, dtype=dtype, device=device)
-        kept = [(s, a) for s, a in zip(slots, activities) if s in units.segments and s in live]
-        if kept:
-            index = torch.cat([units.aranges[s] for s, _ in kept])
-            values = torch.cat([a.reshape(-1) for _, a in kept]).to(dtype)
-            activity.index_add_(0, index, values)  # ≥ 0 each: > 0 iff some call was active
+        activity = self._step_activity(units, device, calls, set(live), total)
         if self.ranks is not None:
             # Deliberate collective, once per step: a unit is dead only if it is 0 on every
             # rank (an OR of activity), and the inactivity runs below must agree on all ranks.
@@ -465,11 +496,75 @@ class StepBuffer:
         long_dead = (units.inactive_run >= self.dead_window).to(dtype)
         dead_window = torch.zeros(self.n_slots, dtype=dtype, device=device)
         dead_window.index_add_(0, units.slot_of_unit, long_dead)
-        for s in live_called:
-            self.steps_seen[s] += 1
-            self.set_host(s, "n_units", units.segments[s][1])
-            self.set_host(s, "window_ready", float(self.steps_seen[s] >= self.dead_window))
+        seen_now = np.asarray(live_called, dtype=np.int64)
+        self.steps_seen[seen_now] += 1
+        self._host[seen_now, self._host_col["n_units"]] = units.widths[seen_now]
+        ready = self.steps_seen[seen_now] >= self.dead_window
+        self._host[seen_now, self._host_col["window_ready"]] = ready
         return dead, dead_window
+
+    def _live_units(
+        self,
+        units: _Units,
+        device: torch.device,
+        active: np.ndarray,
+        lo: np.ndarray,
+        hi: np.ndarray,
+    ) -> list[int]:
+        """The modules whose units are tracked this step, among those that ran: a module
+        seen for the first time gets its segment; one whose number of units changed is
+        dropped for good (named in :attr:`unit_problems`)."""
+        live = []
+        for s in active.tolist():
+            if s in self.units_off:
+                continue
+            known = units.segments.get(s)
+            n = int(hi[s])
+            if lo[s] != n or (known is not None and known[1] != n):
+                before, after = (int(lo[s]), n) if known is None else (known[1], int(lo[s]))
+                if known is not None and after == known[1]:
+                    after = n
+                self.units_off.add(s)
+                self.unit_problems.append((s, before, after))
+                continue
+            if known is None:
+                self._add_segment(units, device, s, n)
+            live.append(s)
+        return live
+
+    @staticmethod
+    def _step_activity(
+        units: _Units, device: torch.device, calls: _UnitCalls, live: set[int], total: int
+    ) -> Tensor:
+        """Each tracked unit's activity in the step, ``[total]``: its calls' added up (≥ 0
+        each: > 0 iff some call was active). Where every call is tracked, the index is
+        planned once per pattern of calls, and skipped where the calls land in order."""
+        dtype = accumulation_dtype(device)
+        if calls.blocks and all(s in live for s in calls.slots):
+            key = (tuple(calls.slots), total)
+            if key not in units.plans:
+                if len(units.plans) >= 64:  # patterns that do not repeat: keep a few
+                    units.plans.clear()
+                end = 0  # do the calls' segments follow each other from 0 to the end?
+                for s in calls.slots:
+                    start, n = units.segments[s]
+                    end = end + n if start == end else -1
+                in_order = end == total
+                index = None if in_order else torch.cat([units.aranges[s] for s in calls.slots])
+                units.plans[key] = index
+            index = units.plans[key]
+            blocks = [b.reshape(-1) for b in calls.blocks]
+            values = (blocks[0] if len(blocks) == 1 else torch.cat(blocks)).to(dtype)
+            if index is None:
+                return values
+            return torch.zeros(total, dtype=dtype, device=device).index_add_(0, index, values)
+        activity = torch.zeros(total, dtype=dtype, device=device)
+        kept = [(s, a) for s, a in zip(calls.slots, calls.rows()) if s in live]
+        if kept:
+            index = torch.cat([units.aranges[s] for s, _ in kept])
+            values = torch.cat([a.reshape(-1) for _, a in kept]).to(dtype)
+            activity.index_add_(0, index, values)
+        return activity
 
     @staticmethod
     def _add_segment(units: _Units, device: torch.device, slot: int, n: int) -> None:
@@ -484,6 +579,8 @@ class StepBuffer:
             owner if units.slot_of_unit is None else torch.cat([units.slot_of_unit, owner])
         )
         units.segments[slot] = (start, n)
+        assert units.widths is not None  # made by _close_units
+        units.widths[slot] = n
         units.aranges[slot] = torch.arange(start, start + n, device=device)
 
     # ------------------------------------------------------------ flush
@@ -579,13 +676,12 @@ def _logged_partials(
 
 
 def _unit_counts(
-    n_slots: int, slots: list[int], activities: list[Tensor]
+    n_slots: int, slots: list[int], widths: list[int]
 ) -> tuple[np.ndarray, np.ndarray]:
     """Fewest and most units of each module's calls in the step (host shapes; 0 if none)."""
     lo = np.zeros(n_slots, dtype=np.int64)
     hi = np.zeros(n_slots, dtype=np.int64)
-    for s, a in zip(slots, activities):
-        n = a.numel()
+    for s, n in zip(slots, widths):
         lo[s] = n if hi[s] == 0 else min(lo[s], n)
         hi[s] = max(hi[s], n)
     return lo, hi

@@ -83,7 +83,9 @@ def _activity(y: Tensor, dims: tuple[int, ...], nonnegative: bool = False) -> Te
     on a conv output). ``nonnegative``: y ≥ 0 (a ReLU's output), the max alone."""
     if nonnegative:
         return _reduce_units(y, dims, torch.amax)
-    return torch.maximum(_reduce_units(y, dims, torch.amax), _reduce_units(y, dims, torch.amin).neg())
+    return torch.maximum(
+        _reduce_units(y, dims, torch.amax), _reduce_units(y, dims, torch.amin).neg()
+    )
 
 
 def _reduce_units(y: Tensor, dims: tuple[int, ...], op: Callable[..., Tensor]) -> Tensor:
@@ -96,7 +98,7 @@ def _reduce_units(y: Tensor, dims: tuple[int, ...], op: Callable[..., Tensor]) -
 
 
 def _first_float_tensor(value: Any, depth: int = 0) -> Tensor | None:
-    """"The" tensor of a module's output (or input): the first floating-point tensor in
+    """ "The" tensor of a module's output (or input): the first floating-point tensor in
     pytree order, see docs/recording.md ("Inputs and outputs").
 
     Tuples and lists in order; mappings at ``logits``, then ``last_hidden_state``, then
@@ -111,7 +113,9 @@ def _first_float_tensor(value: Any, depth: int = 0) -> Tensor | None:
         children: Iterable[Any] = value
     elif isinstance(value, Mapping):
         first = [value[key] for key in _PREFERRED_KEYS if key in value]
-        rest = [v for key, v in value.items() if key not in _PREFERRED_KEYS and key not in _SKIPPED_KEYS]
+        rest = [
+            v for key, v in value.items() if key not in _PREFERRED_KEYS and key not in _SKIPPED_KEYS
+        ]
         children = first + rest
     elif dataclasses.is_dataclass(value) and not isinstance(value, type):
         children = [getattr(value, f.name, None) for f in dataclasses.fields(value)]
@@ -128,6 +132,16 @@ def _first_float_tensor(value: Any, depth: int = 0) -> Tensor | None:
     return None
 
 
+def _first_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor | None:
+    """:func:`_first_float_tensor` of a call's arguments, positional before keywords; the
+    common call (a float tensor first) without the walk."""
+    if args:
+        first = args[0]
+        if isinstance(first, Tensor) and first.is_floating_point():
+            return first
+    return _first_float_tensor((args, kwargs))
+
+
 def _inside_backward() -> bool:
     """Whether this thread is running a backward pass: autograd's current graph task.
 
@@ -142,9 +156,7 @@ def queue_at_backward_end(callback: Callable[[], None]) -> None:
     torch.autograd.Variable._execution_engine.queue_callback(callback)
 
 
-def _error_grad_hook(
-    ref: weakref.ref[Probe], k: int, token: int, kind: str, grad: Tensor
-) -> None:
+def _error_grad_hook(ref: weakref.ref[Probe], k: int, token: int, kind: str, grad: Tensor) -> None:
     """A tensor hook: dL/d(output) (``kind`` "err"), or dL/d(input) of a module whose
     input passes through it unchanged ("in_err")."""
     probe = ref()
@@ -155,6 +167,22 @@ def _error_grad_hook(
     except Exception as exc:
         side = "output" if kind == "err" else "input"
         probe._module_failed(k, f"backward ({side}) hook", exc)
+
+
+def _error_prehook(
+    ref: weakref.ref[Probe],
+    k: int,
+    token: int,
+    kind: str,
+    output_nr: int,
+    grad_outputs: Sequence[Tensor | None],
+) -> None:
+    """:func:`_error_grad_hook` as a pre-hook of the output's autograd node: the node's
+    gradient for that output, all of it (autograd adds every reader's before the node
+    runs). Registered on the node, not the tensor: half the cost per call (bench/)."""
+    grad = grad_outputs[output_nr]
+    if grad is not None:  # the node also runs for its other outputs' gradients
+        _error_grad_hook(ref, k, token, kind, grad)
 
 
 def _input_share_hook(
@@ -185,6 +213,14 @@ def _errors_end_hook(ref: weakref.ref[Probe], task: int, step: int) -> None:
         probe._guard(partial(probe._commit_errors, task, step), "the end of backward (errors)")
 
 
+@dataclass
+class _Batch:
+    """The norms of a backward pass's deferred error signals, and their NaN/Inf flags."""
+
+    norms: Tensor
+    flags: Tensor
+
+
 class Capture:
     # ================================================================ module hooks
     # Each hook launches only the reductions it needs and hands the 0-d results to the
@@ -192,7 +228,7 @@ class Capture:
     def _on_recomputed_pre(self, k: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """Checkpointing re-runs this forward inside backward: its statistics were taken in
         the first run. Only an owed error-signal hook (see _on_recomputed) needs the input."""
-        x = _first_float_tensor((args, kwargs))
+        x = _first_input(args, kwargs)
         owed = self._owed_error_hooks.get(k) and self._want_input_error
         if owed and x is not None and x.requires_grad:
             self._traversals.input_edges[k] = input_edge(x)  # its own share: see _hook_errors
@@ -214,7 +250,7 @@ class Capture:
         self, k: int, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> None:
         # "The" input: the first floating-point tensor, positional arguments before keywords.
-        x = _first_float_tensor((args, kwargs))
+        x = _first_input(args, kwargs)
         slot = self._slots[k]
         if slot.inplace and (self._held or self._watched):
             self._reduce_held()  # it will write over its input, which may be held
@@ -257,14 +293,14 @@ class Capture:
         n = y.numel()
         self.buffer.add_host(k, "calls")
         self.buffer.add_host(k, "count", n)
-        with torch.no_grad():
-            yd = y.detach()
-            if not self._hold(slot, yd):
-                self._forward_stats(slot, yd, self._units_of(slot, yd))
-            if self.histograms:
-                lo, hi = slot.histogram_range
-                counts = torch.histc(yd.float().clamp(lo, hi), self.buffer.histogram_bins, lo, hi)
-                self.buffer.record_histogram(k, y.device, counts)
+        # Detached: no graph is recorded, so no no_grad() context (it costs per call).
+        yd = y.detach()
+        if not self._hold(slot, yd):
+            self._forward_stats(slot, yd, self._units_of(slot, yd))
+        if self.histograms:
+            lo, hi = slot.histogram_range
+            counts = torch.histc(yd.float().clamp(lo, hi), self.buffer.histogram_bins, lo, hi)
+            self.buffer.record_histogram(k, y.device, counts)
         if self._want_error and y.requires_grad:
             self._hook_errors(k, y)
 
@@ -352,9 +388,7 @@ class Capture:
         want_gate = self._want_gate
         relu = [i for i, s in enumerate(slots) if want_gate and s.gate_from_output == "relu"]
         tanh = [i for i, s in enumerate(slots) if want_gate and s.gate_from_output == "tanh"]
-        other = [
-            i for i, s in enumerate(slots) if want_gate and s.gate_from_output == "sigmoid"
-        ]
+        other = [i for i, s in enumerate(slots) if want_gate and s.gate_from_output == "sigmoid"]
         measure = self._want_output or relu or tanh or other
         if measure or self._want_nonfinite:
             norms, finite = row_norms(rows)
@@ -367,9 +401,9 @@ class Capture:
             dims = tuple(d + 1 for d in range(stacked.dim() - 1) if d != unit)
             relu_only = len(relu) == len(slots)  # every call's y ≥ 0: the max alone
             activity = _activity(stacked, dims, relu_only) if dims else stacked.abs()
-            for k, row in zip(ks, activity.unbind(0)):
+            for k in ks:
                 self._note_unit_kind(k, unit, stacked.dim() - 1)
-                self.buffer.record_units(k, device, row.reshape(-1))
+            self.buffer.record_units_many(ks, device, activity.reshape(len(ks), -1))
         if not measure:
             if self._want_nonfinite:
                 self.buffer.record_many("nonfinite", ks, device, n, nonfinite)
@@ -404,9 +438,7 @@ class Capture:
         if tanh:
             index = self._index(tanh, device)
             sumsq = norms.index_select(0, index).to(accumulation_dtype(device)) ** 2
-            self.buffer.record_many(
-                "gate", [ks[i] for i in tanh], device, n, n - sumsq, over
-            )
+            self.buffer.record_many("gate", [ks[i] for i in tanh], device, n, n - sumsq, over)
             for i in tanh:
                 self.buffer.add_host(ks[i], "gate_count", n)
                 self.buffer.add_host(ks[i], "sat_count_n", n)
@@ -416,6 +448,8 @@ class Capture:
         key = (tuple(rows), device)
         index = self._index_tensors.get(key)
         if index is None:
+            if len(self._index_tensors) >= 256:  # patterns that do not repeat: keep a few
+                self._index_tensors.clear()
             index = self._index_tensors[key] = torch.tensor(rows, device=device)
         return index
 
@@ -648,18 +682,23 @@ class Capture:
         and hooks on the module's own autograd nodes that read its input (its share of
         dL/d(input), not what other readers of that tensor add)."""
         token = self._traversals.new_token()
-        y.register_hook(partial(_error_grad_hook, self._ref, k, token, "err"))
         edge = self._traversals.input_edges.pop(k, None)
-        if y.grad_fn is None:
+        fn = y.grad_fn
+        if fn is None:  # a leaf (a module that returns a parameter): a tensor hook
+            y.register_hook(partial(_error_grad_hook, self._ref, k, token, "err"))
             return
+        output_nr = y.output_nr
+        fn.register_prehook(partial(_error_prehook, self._ref, k, token, "err", output_nr))
+        sequence_nr = fn._sequence_nr()
         output_edges = self._traversals.output_edges
-        output_edges[(y.grad_fn._sequence_nr(), y.output_nr)] = token
+        output_edges[(sequence_nr, output_nr)] = token
         if edge is None:
             return
-        if input_edge(y) == edge:  # the input passed through (an identity): same signal
-            y.register_hook(partial(_error_grad_hook, self._ref, k, token, "in_err"))
+        if edge.leaf_id is None and (sequence_nr, output_nr) == (edge.sequence_nr, edge.output_nr):
+            # The input passed through (an identity): the same signal.
+            fn.register_prehook(partial(_error_prehook, self._ref, k, token, "in_err", output_nr))
             return
-        readers = consumer_edges(y.grad_fn, edge)
+        readers = consumer_edges(fn, edge)
         if readers is None:
             self._error_gap(
                 k,
@@ -734,12 +773,11 @@ class Capture:
             if source is not None:
                 pending.shared[producer] = (source, source._version, index, None)
             return
-        with torch.no_grad():
-            # Screened float32, or float64: 1e-20 signals of vanishing nets must not
-            # underflow (gradprobe/reduce.py). On the input side the norm itself carries
-            # NaN/Inf (a NaN/Inf error_gain where dL/d(output) is finite).
-            norm, finite = l2_norm(g)
-            values = (norm, self._nonfinite(g, norm, finite)) if kind == "err" else (norm,)
+        # Screened float32, or float64: 1e-20 signals of vanishing nets must not
+        # underflow (gradprobe/reduce.py). On the input side the norm itself carries
+        # NaN/Inf (a NaN/Inf error_gain where dL/d(output) is finite). ``g`` is detached.
+        norm, finite = l2_norm(g)
+        values = (norm, self._nonfinite(g, norm, finite)) if kind == "err" else (norm,)
         pending.records.append((*record, values))
         if source is not None and not self.exact_counts:
             pending.shared[producer] = (source, source._version, index, finite)
@@ -763,21 +801,19 @@ class Capture:
                 self._errors_batch_safe.discard((kind, k))
                 continue
             groups[(g.device, g.dtype)].append(i)
-        flag_of: dict[int, Tensor] = {}
         for (device, _dtype), indices in groups.items():
             with torch.no_grad():
                 norms, finite = l2_norms([pending.deferred[i][0] for i in indices], device)
-                flags = nonfinite_flags(norms, finite).unbind(0)  # deferral is off under "full"
-            for i, norm, flag in zip(indices, norms.unbind(0), flags):
-                kind, k, token, dev, numel, _ = pending.records[i]
-                values = (norm, flag) if kind == "err" else (norm,)
-                pending.records[i] = (kind, k, token, dev, numel, values)
-                flag_of[i] = flag
+                flags = nonfinite_flags(norms, finite)  # deferral is off under "full"
+            # Not split into 0-d tensors: each record points into the batch's vectors,
+            # and _commit_errors takes them out with one index per statistic.
+            batch = _Batch(norms, flags)
+            for j, i in enumerate(indices):
+                pending.records[i] = (*pending.records[i][:5], (batch, j))
         for i, source in pending.aliases.items():  # the same tensor's norm (_same_as_share)
-            kind, k, token, dev, numel, _ = pending.records[i]
             values = pending.records[source][-1]
             if values:  # else a gap, as its source's
-                pending.records[i] = (kind, k, token, dev, numel, (values[0], flag_of[source]))
+                pending.records[i] = (*pending.records[i][:5], values)
         pending.deferred, pending.aliases, pending.shared = {}, {}, {}
 
     def _on_input_share(
@@ -798,10 +834,9 @@ class Capture:
         grads = [grad_inputs[i] for i in indices if grad_inputs[i] is not None]
         if not grads:
             return
-        with torch.no_grad():
-            share = grads[0].detach()
-            for g in grads[1:]:
-                share = share + g.detach()
+        share = grads[0].detach()  # detached: no graph, so no no_grad() context
+        for g in grads[1:]:
+            share = share + g.detach()
         pending = self._pending_errors()
         total = self._traversals.add_share(pending, k, token, nodes, share)
         if total is None:
@@ -841,6 +876,8 @@ class Capture:
                 f"only some of `{self._slots[k].name}`'s own nodes that read its input ran "
                 "in a backward pass: its error_gain is not recorded for that step",
             )
+        # Records measured in a batch, by kind and batch: (slots, counts, rows).
+        batched: dict[tuple[str, int], tuple[_Batch, list[int], list[int], list[int]]] = {}
         for kind, k, token, device, numel, values in pending.records:
             if not values:  # deferred, and changed in place before the pass ended
                 side = GAP_BOTH_SIDES if kind == "err" else GAP_INPUT_SIDE
@@ -859,11 +896,28 @@ class Capture:
                     "have them; see docs/recording.md)",
                 )
                 continue
-            self.buffer.record(kind, k, device, numel, *values)
             self.buffer.add_host(k, f"{kind}_calls")
+            if isinstance(values[0], _Batch):
+                batch, row = values
+                entry = batched.get((kind, id(batch)))
+                if entry is None:
+                    entry = batched[(kind, id(batch))] = (batch, [], [], [])
+                entry[1].append(k)
+                entry[2].append(numel)
+                entry[3].append(row)
+                continue
+            self.buffer.record(kind, k, device, numel, *values)
+        for (kind, _), (batch, ks, counts, rows) in batched.items():
+            device = batch.norms.device
+            index = self._index(rows, device)  # made once per pattern of rows
+            norms = batch.norms.index_select(0, index)
+            if kind == "err":
+                flags = batch.flags.index_select(0, index)
+                self.buffer.record_many(kind, ks, device, counts, norms, flags)
+            else:
+                self.buffer.record_many(kind, ks, device, counts, norms)
 
     def _error_gap(self, k: int, level: float, cause: str, message: str) -> None:
         """Leave module ``k``'s error statistics out of this step, with one warning."""
         self.buffer.set_host(k, "err_gap", self._traversals.gap(k, level, self.step_index))
         self._traversals.warn_once(cause, message)
-

@@ -148,16 +148,8 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return model
 
 
-
-
-
-
-
-
 # A mapping output (a dict, a transformers ModelOutput) is read at these keys first: the
 # tensor the module computes. A "loss" entry is never "the" output: it is a function of it.
-
-
 
 
 def _layout_of(module: nn.Module) -> str:
@@ -516,7 +508,6 @@ class Probe(Capture, StepBoundary):
         self._preclip = {}
         self._deferred_units = []
 
-
     # ================================================================ registration
     def _register(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
         ref = self._ref
@@ -727,7 +718,12 @@ class Probe(Capture, StepBoundary):
         steps, names, stats, values = (np.concatenate(column) for column in zip(*parts))
         order = np.argsort(steps, kind="stable")
         frame = pd.DataFrame(
-            {"step": steps[order], "name": names[order], "stat": stats[order], "value": values[order]}
+            {
+                "step": steps[order],
+                "name": names[order],
+                "stat": stats[order],
+                "value": values[order],
+            }
         )
         return normalize_frame(frame)
 
@@ -834,8 +830,6 @@ def _optimizer_meta(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
 _SKIP, _RECORD, _RECOMPUTE = 0, 1, 2
 
 
-
-
 def _remove_all(*hooksets: HookSet) -> None:
     for hooks in hooksets:
         hooks.remove()
@@ -911,8 +905,6 @@ def _eager_hooks() -> type[ModuleHook]:
     return EagerModuleHook
 
 
-
-
 def _post_accumulate_hook(ref: weakref.ref[Probe], param: Tensor) -> None:
     probe = ref()
     if probe is None:
@@ -922,20 +914,6 @@ def _post_accumulate_hook(ref: weakref.ref[Probe], param: Tensor) -> None:
     probe._guard(probe._note_accumulation, "a gradient-accumulated hook (error signals)")
     if probe._want_preclip:
         probe._guard(probe._on_post_accumulate, "a gradient-accumulated hook")
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 def _step_pre_hook(ref: weakref.ref[Probe], optimizer: Any, args: Any, kwargs: Any) -> None:
@@ -948,7 +926,6 @@ def _step_post_hook(ref: weakref.ref[Probe], optimizer: Any, args: Any, kwargs: 
     probe = ref()
     if probe is not None:
         probe._guard(probe._on_step_post, "the optimizer step (post-hook)")
-
 
 
 # ==================================================================== helpers
@@ -972,8 +949,6 @@ def _logged_rows(logged: Mapping[tuple[int, str], tuple[float, float]]) -> list[
         values, present = fn(partials)
         parts.append(_long(steps, names, name, values, present))
     return parts
-
-
 
 
 # Long-form rows of one statistic, as columns: step, name, stat, value.

@@ -194,7 +194,9 @@ def _replay_layer(
     else:
         kernel, hx = torch._VF.gru, h0[states]  # type: ignore[attr-defined]
     # one layer, no dropout, not training, not batch_first (the input is laid out [T, N, F])
-    result = kernel(layer_input, hx, weights, module.bias, 1, 0.0, False, module.bidirectional, False)
+    result = kernel(
+        layer_input, hx, weights, module.bias, 1, 0.0, False, module.bidirectional, False
+    )
     return result[0]
 
 

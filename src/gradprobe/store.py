@@ -59,7 +59,8 @@ def _check_directory(path: Path) -> None:
         ) from None
     if not os.access(path, os.W_OK | os.X_OK):
         raise GradprobeError(
-            f"the run directory {str(path)!r} is not writable", "choose a directory you can write to"
+            f"the run directory {str(path)!r} is not writable",
+            "choose a directory you can write to",
         )
     entries = [p for p in path.iterdir() if not p.name.startswith(".")]
     if entries and not (path / "meta.json").exists():
@@ -81,7 +82,12 @@ class Store:
         for old in self.stats_dir.glob(PART_GLOB):
             old.unlink()
         self.parts = 0
-        self.meta = {"format": FORMAT, "format_version": FORMAT_VERSION, **meta, "status": "running"}
+        self.meta = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            **meta,
+            "status": "running",
+        }
         try:
             write_json_atomic(self.path / "meta.json", self.meta)
         except OSError as exc:

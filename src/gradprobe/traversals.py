@@ -71,12 +71,6 @@ def input_edge(x: Tensor) -> InputEdge:
     return InputEdge(fn._sequence_nr(), x.output_nr, None)
 
 
-def _is_edge(node: Any, output_nr: int, edge: InputEdge) -> bool:
-    if edge.leaf_id is not None:
-        return id(getattr(node, "variable", None)) == edge.leaf_id
-    return output_nr == edge.output_nr and node._sequence_nr() == edge.sequence_nr
-
-
 def consumer_edges(root: Any, edge: InputEdge) -> list[tuple[Any, tuple[int, ...]]] | None:
     """The nodes between ``root`` (the module's output node) and ``edge`` that read the
     input, each with the indices of its gradient outputs that flow into it; ``None``
@@ -87,6 +81,7 @@ def consumer_edges(root: Any, edge: InputEdge) -> list[tuple[Any, tuple[int, ...
     """
     found: list[tuple[Any, tuple[int, ...]]] = []
     stack, seen, walked = [root], {id(root)}, 0
+    leaf_id, below, output_nr = edge.leaf_id, edge.sequence_nr, edge.output_nr
     while stack:
         node = stack.pop()
         walked += 1
@@ -96,11 +91,15 @@ def consumer_edges(root: Any, edge: InputEdge) -> list[tuple[Any, tuple[int, ...
         for i, (nxt, nr) in enumerate(node.next_functions):
             if nxt is None:
                 continue
-            if _is_edge(nxt, nr, edge):
+            # Is this the input's edge? (This walk runs in every probed call's forward hook.)
+            sequence_nr = nxt._sequence_nr()
+            if leaf_id is not None:
+                hit = id(getattr(nxt, "variable", None)) == leaf_id
+            else:
+                hit = nr == output_nr and sequence_nr == below
+            if hit:
                 hits.append(i)
-            elif (
-                id(nxt) not in seen and nxt._sequence_nr() > edge.sequence_nr and nxt.next_functions
-            ):
+            elif id(nxt) not in seen and sequence_nr > below and nxt.next_functions:
                 seen.add(id(nxt))
                 stack.append(nxt)
         if hits:

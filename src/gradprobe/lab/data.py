@@ -32,7 +32,9 @@ class Split:
 
     @property
     def in_features(self) -> int:
-        return int(self.x_train[0].numel()) if self.x_train.dim() > 2 else int(self.x_train.shape[-1])
+        return (
+            int(self.x_train[0].numel()) if self.x_train.dim() > 2 else int(self.x_train.shape[-1])
+        )
 
     @property
     def out_features(self) -> int:
@@ -74,8 +76,13 @@ def digits(
     if images:
         xt, xv = xt.reshape(-1, 1, 8, 8), xv.reshape(-1, 1, 8, 8)
     return Split(
-        xt, torch.from_numpy(y[train]), xv, torch.from_numpy(y[val]),
-        task="classification", n_classes=10, name="digits" + ("" if standardize else " (raw)"),
+        xt,
+        torch.from_numpy(y[train]),
+        xv,
+        torch.from_numpy(y[val]),
+        task="classification",
+        n_classes=10,
+        name="digits" + ("" if standardize else " (raw)"),
     )
 
 
@@ -106,11 +113,15 @@ def adding_split(n_train: int, n_val: int, length: int, *, seed: int = 0) -> Spl
     return Split(xt, yt, xv, yv, task="regression", name=f"adding T={length}")
 
 
-def synthetic_regression(n_train: int = 1024, n_val: int = 512, dim: int = 16, *, seed: int = 0) -> Split:
+def synthetic_regression(
+    n_train: int = 1024, n_val: int = 512, dim: int = 16, *, seed: int = 0
+) -> Split:
     """y = sin(x·a) + 0.5·(x·b)² with Gaussian inputs: smooth, non-linear, known to be learnable."""
     g = torch.Generator().manual_seed(seed)
     a = torch.randn(dim, generator=g) / dim**0.5
     b = torch.randn(dim, generator=g) / dim**0.5
     x = torch.randn(n_train + n_val, dim, generator=g)
     y = (torch.sin(x @ a) + 0.5 * (x @ b) ** 2).unsqueeze(1)
-    return Split(x[:n_train], y[:n_train], x[n_train:], y[n_train:], task="regression", name="synthetic")
+    return Split(
+        x[:n_train], y[:n_train], x[n_train:], y[n_train:], task="regression", name="synthetic"
+    )

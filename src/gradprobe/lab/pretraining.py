@@ -42,7 +42,12 @@ WIDTH = 64
 def grid(mode: str, seeds: int) -> list[RunConfig]:
     return [
         RunConfig.make(
-            NAME, s, init=i, depth=DEPTH[mode], steps=STEPS[mode], pretrain_steps=PRETRAIN_STEPS[mode],
+            NAME,
+            s,
+            init=i,
+            depth=DEPTH[mode],
+            steps=STEPS[mode],
+            pretrain_steps=PRETRAIN_STEPS[mode],
             n_labelled=N_LABELLED[mode],
         )
         for s in range(seeds)
@@ -51,7 +56,13 @@ def grid(mode: str, seeds: int) -> list[RunConfig]:
 
 
 def pretrain_greedy(
-    model: nn.Sequential, x: torch.Tensor, *, steps: int, lr: float = 1e-2, batch_size: int = 64, seed: int = 0
+    model: nn.Sequential,
+    x: torch.Tensor,
+    *,
+    steps: int,
+    lr: float = 1e-2,
+    batch_size: int = 64,
+    seed: int = 0,
 ) -> list[float]:
     """Greedy layer-wise autoencoder pre-training of ``model``'s hidden ``fc``/``act`` pairs on
     unlabelled ``x``, in place; returns each layer's final reconstruction error."""
@@ -80,13 +91,17 @@ def run(config: RunConfig, store: Path | None) -> RunResult:
     full = data.digits(seed=0)
     split = data.digits(seed=0, n_train=config["n_labelled"])
     torch.manual_seed(config.seed)
-    model = models.mlp(split.in_features, 10, depth=config["depth"], width=WIDTH, activation="sigmoid")
+    model = models.mlp(
+        split.in_features, 10, depth=config["depth"], width=WIDTH, activation="sigmoid"
+    )
     recon = (
         pretrain_greedy(model, full.x_train, steps=config["pretrain_steps"], seed=config.seed)
         if config["init"] == "pretrained"
         else []
     )
-    fit = measure.fit_run(config, model, split, store, steps=config["steps"], optimizer="momentum", lr=0.05)
+    fit = measure.fit_run(
+        config, model, split, store, steps=config["steps"], optimizer="momentum", lr=0.05
+    )
     fcs = measure.layers(fit.run, "fc")
     return RunResult(
         config,
@@ -102,7 +117,11 @@ def run(config: RunConfig, store: Path | None) -> RunResult:
 
 
 def summarize(results: list[RunResult]) -> pd.DataFrame:
-    return mean_spread(results, ["init", "depth", "n_labelled"], ["val_acc", "val_loss", "train_loss", "log10_ratio_init"])
+    return mean_spread(
+        results,
+        ["init", "depth", "n_labelled"],
+        ["val_acc", "val_loss", "train_loss", "log10_ratio_init"],
+    )
 
 
 def verdict(table: pd.DataFrame, results: list[RunResult]) -> Verdict:
@@ -113,7 +132,11 @@ def verdict(table: pd.DataFrame, results: list[RunResult]) -> Verdict:
         better.append(bool(p["val_acc"] > r["val_acc"]))
         gaps.append(p["val_acc"] - r["val_acc"])
     t = table.set_index("init")
-    checks = [Check("pre-training then fine-tuning beats random init on validation accuracy", tuple(better))]
+    checks = [
+        Check(
+            "pre-training then fine-tuning beats random init on validation accuracy", tuple(better)
+        )
+    ]
     findings = [
         f"Validation accuracy with {int(t['n_labelled'].iloc[0])} labelled images: pre-trained "
         f"{fmt(t.loc['pretrained', 'val_acc'])} ± {fmt(t.loc['pretrained', 'val_acc_sd'])}, random "
@@ -126,11 +149,19 @@ def verdict(table: pd.DataFrame, results: list[RunResult]) -> Verdict:
 
 
 def make_figures(table: pd.DataFrame, results: list[RunResult], folder: Path) -> list[Path]:
-    lines = {r.config["init"]: (r.series["step"], r.series["val_acc"]) for r in results if r.config.seed == 0}
+    lines = {
+        r.config["init"]: (r.series["step"], r.series["val_acc"])
+        for r in results
+        if r.config.seed == 0
+    }
     return [
         figures.line_chart(
-            folder, "finetune_curves", lines, title="Fine-tuning on few labels: validation accuracy",
-            xlabel="step", ylabel="accuracy",
+            folder,
+            "finetune_curves",
+            lines,
+            title="Fine-tuning on few labels: validation accuracy",
+            xlabel="step",
+            ylabel="accuracy",
         )
     ]
 

@@ -73,7 +73,9 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: str) -> t
     try:
         out = model(x)
         loss = float(_loss_fn(task)(out, y))
-        acc = float((out.argmax(dim=1) == y).float().mean()) if task == "classification" else math.nan
+        acc = (
+            float((out.argmax(dim=1) == y).float().mean()) if task == "classification" else math.nan
+        )
     finally:
         model.train(was_training)
     return loss, acc
@@ -139,13 +141,24 @@ def fit(
                 train_loss = float(torch.stack(recent).mean())
                 recent.clear()
                 val_loss, val_acc = evaluate(model, data.x_val, data.y_val, data.task)
-                rows.append({"step": step + 1, "train_loss": train_loss, "val_loss": val_loss,
-                             "val_acc": val_acc})
+                rows.append(
+                    {
+                        "step": step + 1,
+                        "train_loss": train_loss,
+                        "val_loss": val_loss,
+                        "val_acc": val_acc,
+                    }
+                )
                 if stop_on_nonfinite and not math.isfinite(train_loss):
                     diverged = True
                     break
         run = p.run()
     history = pd.DataFrame(rows, columns=["step", "train_loss", "val_loss", "val_acc"])
     final = rows[-1] if rows else {}
-    return FitResult(run, history, {k: float(v) for k, v in final.items()}, diverged,
-                     time.perf_counter() - started)
+    return FitResult(
+        run,
+        history,
+        {k: float(v) for k, v in final.items()},
+        diverged,
+        time.perf_counter() - started,
+    )
