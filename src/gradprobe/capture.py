@@ -365,8 +365,6 @@ class Capture:
                     if len(entries) == 1:
                         self._forward_stats(entries[0][0], entries[0][1], unit)
                     else:
-                        # tanh first: their saturation is counted over a view of the stack
-                        entries.sort(key=lambda e: e[0].gate_from_output != "tanh")
                         self._forward_stats_batch(entries, device, unit)
             except Exception as exc:  # never the user's training: a gap and a warning
                 for slot, *_ in entries:
@@ -380,6 +378,8 @@ class Capture:
         The stack is our own copy, in a buffer kept from step to step (a fresh one page-
         faults on every touch: it was the dearest op here); after the reductions that need
         the values it is overwritten in place (|y|, then sign) for the ones that do not."""
+        # tanh first: their saturation is counted over a view of the stack (a slice)
+        entries = sorted(entries, key=lambda e: e[0].gate_from_output != "tanh")
         slots = [e[0] for e in entries]
         ks = [s.index for s in slots]
         stacked = self._staging(entries)
@@ -397,24 +397,27 @@ class Capture:
             totals = rows.sum(dim=1, dtype=_sum_dtype(rows))
             for i in other:  # reads the values: before they are overwritten below
                 self._gate_from_output(slots[i], entries[i][1], totals[i], norms[i], None)
+        dims = tuple(d + 1 for d in range(stacked.dim() - 1) if d != unit)
         if unit >= 0:
-            dims = tuple(d + 1 for d in range(stacked.dim() - 1) if d != unit)
-            relu_only = len(relu) == len(slots)  # every call's y ≥ 0: the max alone
-            activity = _activity(stacked, dims, relu_only) if dims else stacked.abs()
             for k in ks:
                 self._note_unit_kind(k, unit, stacked.dim() - 1)
-            self.buffer.record_units_many(ks, device, activity.reshape(len(ks), -1))
+            if not measure:  # the values stay: max |y| as a max and a min
+                relu_only = len(relu) == len(slots)  # every call's y ≥ 0: the max alone
+                activity = _activity(stacked, dims, relu_only) if dims else stacked.abs()
+                self.buffer.record_units_many(ks, device, activity.reshape(len(ks), -1))
         if not measure:
             if self._want_nonfinite:
                 self.buffer.record_many("nonfinite", ks, device, n, nonfinite)
             return
         rows.abs_()
+        if unit >= 0:  # over |y|: one reading pass (a max), where y needed two
+            activity = _reduce_units(stacked, dims, torch.amax) if dims else stacked.clone()
+            self.buffer.record_units_many(ks, device, activity.reshape(len(ks), -1))
         if tanh:  # f' = 1 − y² < 1% where |y| > √0.99
             # Compared into a float buffer, then summed: a per-row sum of a bool tensor
             # (to int64) ran ~8× dearer on the bench MLP (1.7 vs 0.2 ms for [24, 32768]).
-            # Only the tanh rows: sorted first (_reduce_held), they are a view.
-            first = tanh[-1] == len(tanh) - 1
-            tanh_rows = rows[: len(tanh)] if first else rows[self._index(tanh, device)]
+            # Only the tanh rows: sorted first, they are a slice.
+            tanh_rows = rows[: len(tanh)]
             over_rows = self._staging_for(tanh_rows, "compare")
             torch.gt(tanh_rows, math.sqrt(1.0 - SAT_THRESHOLD), out=over_rows)
             over = over_rows.sum(dim=1)  # [len(tanh)], in tanh's order

@@ -188,5 +188,7 @@ def nonfinite_flags(norms: Tensor, finite: list[bool] | None) -> Tensor:
     of the screened path where there is one (no device op beyond a small copy), else from
     the norms themselves, on their device (no sync)."""
     if finite is not None:
+        if all(finite):  # the common case: no list to convert
+            return torch.zeros(len(finite), device=norms.device)
         return torch.tensor([0.0 if ok else 1.0 for ok in finite], device=norms.device)
     return ~torch.isfinite(norms)
