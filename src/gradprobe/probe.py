@@ -83,7 +83,7 @@ from .capture import (
 from .errors import GradprobeError
 from .hooks import GradprobeWarning, HookSet, ModuleHook, warn_gap, warn_once
 from .recurrent import carry_slots, record_carry
-from .run import Run, empty_frame, load, normalize_frame
+from .run import Run, empty_frame, load, normalize_frame, text_column
 from .shards import ShardedNorms, sharded_parameters
 from .stats import MODEL_NAME, PRESETS, STATISTICS, finalize, logged_mean
 from .step import AUTO_BURST, AUTO_EVERY, AUTO_FIRST, StepBoundary, _loggable, _scale_marker
@@ -693,35 +693,43 @@ class Probe(Capture, StepBoundary):
         """Finalise partials into long-form rows (host side, NumPy): columns per statistic,
         joined as arrays, one DataFrame at the end (a frame per statistic, then a concat,
         cost ~10× as much: text columns are converted once, not once per statistic)."""
+        # Text as codes into a vocabulary until the frame is made (text_column).
+        names = [s.name for s in self._slots] + list(self._param_names) + [MODEL_NAME]
+        module_codes = np.arange(len(self._slots))
+        param_codes = len(self._slots) + np.arange(len(self._param_names))
+        model_codes = np.array([len(names) - 1])
+        stats: list[str] = []
         parts: list[_Rows] = []
-        module_names = np.array([s.name for s in self._slots], dtype=object)
+
+        def add(codes: np.ndarray, stat: str, values: np.ndarray, present: np.ndarray) -> None:
+            stats.append(stat)
+            parts.append(_long(d.steps, codes, len(stats) - 1, values, present))
+
         module_gap = d.modules["gap"] > 0
         for stat, (values, present) in finalize(d.modules, self.stats, "module").items():
-            parts.append(_long(d.steps, module_names, stat, values, present & ~module_gap))
-        param_names = np.array(self._param_names, dtype=object)
+            add(module_codes, stat, values, present & ~module_gap)
         param_gap = d.params["param_gap"] > 0
         for stat, (values, present) in finalize(d.params, self.stats, "parameter").items():
-            parts.append(_long(d.steps, param_names, stat, values, present & ~param_gap))
-        model_names = np.array([MODEL_NAME], dtype=object)
+            add(param_codes, stat, values, present & ~param_gap)
         for stat, (values, present) in finalize(d.model, self.stats, "model").items():
-            parts.append(_long(d.steps, model_names, stat, values, present))
-        parts += _logged_rows(d.logged)
+            add(model_codes, stat, values, present)
+        for stat, steps, values, present in _logged_rows(d.logged):
+            stats.append(stat)
+            parts.append(_long(steps, model_codes, len(stats) - 1, values, present))
         if d.histograms is not None:
             present = (d.modules["calls"] > 0) & ~module_gap
             for b in range(d.histograms.shape[2]):
-                parts.append(
-                    _long(d.steps, module_names, f"hist_{b:02d}", d.histograms[:, :, b], present)
-                )
+                add(module_codes, f"hist_{b:02d}", d.histograms[:, :, b], present)
         parts = [p for p in parts if len(p[0])]
         if not parts:
             return empty_frame()
-        steps, names, stats, values = (np.concatenate(column) for column in zip(*parts))
+        steps, name_codes, stat_codes, values = (np.concatenate(column) for column in zip(*parts))
         order = np.argsort(steps, kind="stable")
         frame = pd.DataFrame(
             {
                 "step": steps[order],
-                "name": names[order],
-                "stat": stats[order],
+                "name": text_column(names, name_codes[order]),
+                "stat": text_column(stats, stat_codes[order]),
                 "value": values[order],
             }
         )
@@ -931,12 +939,14 @@ def _step_post_hook(ref: weakref.ref[Probe], optimizer: Any, args: Any, kwargs: 
 # ==================================================================== helpers
 
 
-def _logged_rows(logged: Mapping[tuple[int, str], tuple[float, float]]) -> list[_Rows]:
-    """``(model)`` rows of logged values, finalised as their statistic declares."""
+def _logged_rows(
+    logged: Mapping[tuple[int, str], tuple[float, float]],
+) -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
+    """Logged values finalised as their statistic declares (rows of ``(model)``): per
+    name, ``(name, steps, values [steps, 1], present [steps, 1])``."""
     by_name: dict[str, list[tuple[int, float, float]]] = defaultdict(list)
     for (step, name), (total, count) in logged.items():
         by_name[name].append((step, total, count))
-    names = np.array([MODEL_NAME], dtype=object)
     parts = []
     for name, entries in by_name.items():
         steps = np.array([e[0] for e in entries], dtype=np.int64)
@@ -947,22 +957,24 @@ def _logged_rows(logged: Mapping[tuple[int, str], tuple[float, float]]) -> list[
         declared = STATISTICS.get(name)
         fn = declared.logged if declared is not None and declared.logged else logged_mean
         values, present = fn(partials)
-        parts.append(_long(steps, names, name, values, present))
+        parts.append((name, steps, values, present))
     return parts
 
 
-# Long-form rows of one statistic, as columns: step, name, stat, value.
+# Long-form rows of one statistic, as columns: step, name code, stat code, value.
 _Rows = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 
 
 def _long(
-    steps: np.ndarray, names: np.ndarray, stat: str, values: np.ndarray, present: np.ndarray
+    steps: np.ndarray, names: np.ndarray, stat: int, values: np.ndarray, present: np.ndarray
 ) -> _Rows:
+    """The present cells of one statistic's ``[steps, names]`` table as rows: step, name
+    code (``names``: the code of each column), stat code, value."""
     rows, cols = np.nonzero(present)
     return (
         steps[rows].astype(np.int64),
         names[cols],
-        np.full(len(rows), stat, dtype=object),
+        np.full(len(rows), stat, dtype=np.int64),
         values[rows, cols].astype(np.float64),
     )
 
