@@ -10,7 +10,6 @@ mean loss), the global norms before and after clipping. Only rank 0 writes the s
 
 from __future__ import annotations
 
-import socket
 import time
 from pathlib import Path
 
@@ -28,10 +27,11 @@ WORLD = 2
 STEPS = 3
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def rendezvous(out: Path) -> str:
+    """Where one test's ranks meet: a file in the test's own folder. Not a TCP port: a
+    "free" port found by binding port 0 can be taken at once by another test's ranks
+    under xdist, and ranks of two tests then share collectives (a size mismatch)."""
+    return f"file://{Path(out) / 'rendezvous'}"
 
 
 def build() -> nn.Module:
@@ -77,10 +77,10 @@ def train(model: nn.Module, probed: nn.Module, rank: int, world: int, store: Pat
         return probe.frame()
 
 
-def _worker(rank: int, port: int, out: str) -> None:
+def _worker(rank: int, init: str, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD
+        "gloo", init_method=init, rank=rank, world_size=WORLD
     )
     try:
         ddp = nn.parallel.DistributedDataParallel(build())
@@ -93,7 +93,7 @@ def _worker(rank: int, port: int, out: str) -> None:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[pd.DataFrame, Path]:
     out = tmp_path_factory.mktemp("ddp")
-    mp.spawn(_worker, args=(free_port(), str(out)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(rendezvous(out), str(out)), nprocs=WORLD, join=True)
     model = build()
     single = train(model, model, 0, 1, out / "single")
     return single, out
@@ -229,10 +229,10 @@ def train_branches(model, probed, rank: int, world: int) -> pd.DataFrame:
         return probe.frame()
 
 
-def _branch_worker(rank: int, port: int, out: str) -> None:
+def _branch_worker(rank: int, init: str, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD
+        "gloo", init_method=init, rank=rank, world_size=WORLD
     )
     try:
         ddp = nn.parallel.DistributedDataParallel(build_branches(), find_unused_parameters=True)
@@ -245,7 +245,7 @@ def _branch_worker(rank: int, port: int, out: str) -> None:
 @pytest.fixture(scope="module")
 def branch_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[pd.DataFrame, Path]:
     out = tmp_path_factory.mktemp("ddp_branches")
-    ctx = mp.spawn(_branch_worker, args=(free_port(), str(out)), nprocs=WORLD, join=False)
+    ctx = mp.spawn(_branch_worker, args=(rendezvous(out), str(out)), nprocs=WORLD, join=False)
     # A collective of mismatched shape hangs: fail the test instead of the suite.
     deadline = time.monotonic() + 120
     while not ctx.join(timeout=1):  # False while some process still runs

@@ -38,7 +38,7 @@ from torch import nn
 import gradprobe
 from gradprobe import Probe
 from gradprobe.hooks import GradprobeWarning
-from test_ddp import free_port
+from test_ddp import rendezvous
 
 pytestmark = pytest.mark.slow
 
@@ -245,10 +245,10 @@ def shard(case: Case, model: nn.Module) -> nn.Module:
     return model
 
 
-def _worker(rank: int, port: int, out: str) -> None:
+def _worker(rank: int, init: str, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD
+        "gloo", init_method=init, rank=rank, world_size=WORLD
     )
     try:
         for name, case in CASES.items():
@@ -277,7 +277,7 @@ def _worker(rank: int, port: int, out: str) -> None:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("fsdp")
-    ctx = mp.spawn(_worker, args=(free_port(), str(out)), nprocs=WORLD, join=False)
+    ctx = mp.spawn(_worker, args=(rendezvous(out), str(out)), nprocs=WORLD, join=False)
     # A collective of mismatched shape hangs: fail the test instead of the suite.
     deadline = time.monotonic() + 180
     while not ctx.join(timeout=1):  # False while some process still runs
