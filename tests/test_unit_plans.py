@@ -60,6 +60,20 @@ def _reference(steps: list[list[tuple[int, list[float]]]]) -> tuple[np.ndarray, 
     return dead, window
 
 
+def _check(steps: list[list[tuple[int, list[float]]]], batched: bool) -> StepBuffer:
+    """Record ``steps`` in a buffer, close and drain them; its dead units equal numpy's."""
+    buffer = StepBuffer(len(WIDTHS), 0, dead_window=WINDOW)
+    for step, calls in enumerate(steps):
+        _record(buffer, calls, batched)
+        buffer.end_step(step)
+    drained = buffer.drain(final=True)
+    assert drained is not None
+    dead, window = _reference(steps)
+    np.testing.assert_array_equal(drained.modules["dead_units"], dead)
+    np.testing.assert_array_equal(drained.modules["dead_window_units"], window)
+    return buffer
+
+
 call = st.sampled_from(range(len(WIDTHS))).flatmap(
     lambda s: st.tuples(
         st.just(s),
@@ -72,15 +86,7 @@ call = st.sampled_from(range(len(WIDTHS))).flatmap(
 @given(steps=st.lists(st.lists(call, min_size=1, max_size=6), min_size=1, max_size=5))
 def test_dead_units_of_calls_in_any_order_and_number_equal_numpy(steps):
     for batched in (False, True):
-        buffer = StepBuffer(len(WIDTHS), 0, dead_window=WINDOW)
-        for step, calls in enumerate(steps):
-            _record(buffer, calls, batched)
-            buffer.end_step(step)
-        drained = buffer.drain(final=True)
-        assert drained is not None
-        dead, window = _reference(steps)
-        np.testing.assert_array_equal(drained.modules["dead_units"], dead)
-        np.testing.assert_array_equal(drained.modules["dead_window_units"], window)
+        _check(steps, batched)
 
 
 def test_a_repeated_pattern_reuses_its_plan_and_stays_right():
@@ -92,13 +98,5 @@ def test_a_repeated_pattern_reuses_its_plan_and_stays_right():
         [(2, [0.0, 0.0, 0.0, 0.0]), (0, [1.0, 1.0, 1.0]), (0, [0.0, 0.0, 0.0])],
         [(0, [0.0, 1.0, 0.0]), (1, [3.0, 0.0]), (2, [1.0, 1.0, 1.0, 0.0])],
     ]
-    buffer = StepBuffer(len(WIDTHS), 0, dead_window=WINDOW)
-    for step, calls in enumerate(steps):
-        _record(buffer, calls, batched=False)
-        buffer.end_step(step)
-    drained = buffer.drain(final=True)
-    assert drained is not None
-    dead, window = _reference(steps)
-    np.testing.assert_array_equal(drained.modules["dead_units"], dead)
-    np.testing.assert_array_equal(drained.modules["dead_window_units"], window)
+    buffer = _check(steps, batched=False)
     assert len(next(iter(buffer._units.values())).plans) == 2  # in order, and step 2's
