@@ -299,7 +299,18 @@ class StepBuffer:
     def record_params(
         self, device: torch.device, index: list[int], name: str, values: Tensor
     ) -> None:
-        """Per-parameter values (a partial of :data:`PARAM_PARTIALS`) for ``index``."""
+        """Per-parameter values (a partial of :data:`PARAM_PARTIALS`) for ``index``.
+
+        On the CPU they go straight into the step's host arrays: there is no device to
+        wait for (the values are in host memory already), and a host value costs the
+        step's close no conversion or concatenation, and the flush no copy or fold.
+        """
+        if device.type == "cpu":
+            host = values.detach().reshape(-1)
+            if host.dtype not in _NUMPY_VIEWABLE:
+                host = host.to(torch.float64)
+            self.set_param_host(index, name, host.numpy())
+            return
         self._param_values.append((device, index, name, values))
 
     def set_param_host(self, index: list[int], name: str, value: float = 1.0) -> None:
@@ -673,6 +684,10 @@ def _logged_partials(
         numbers = [next(host[v.device]) if isinstance(v, Tensor) else float(v) for v in values]
         out[key] = (float(np.sum(numbers)), float(len(numbers)))
     return out
+
+
+# CPU tensors of these dtypes are read by NumPy in place (``Tensor.numpy()``).
+_NUMPY_VIEWABLE = (torch.float32, torch.float64, torch.bool)
 
 
 def _unit_counts(

@@ -919,8 +919,12 @@ def _post_accumulate_hook(ref: weakref.ref[Probe], param: Tensor) -> None:
         return
     if probe._scaler_ref is not None:
         probe._poll_scaler()
-    probe._guard(probe._note_accumulation, "a gradient-accumulated hook (error signals)")
-    if probe._want_preclip:
+    # It runs for every parameter in every backward, recorded or not (the "auto"
+    # cadence's sentinel): what it has to do is tested here, before any call. Error
+    # signals are kept only at recorded steps, so only they need the passes noted.
+    if probe._recording:
+        probe._guard(probe._note_accumulation, "a gradient-accumulated hook (error signals)")
+    if probe._want_preclip and not probe._backward_pending:
         probe._guard(probe._on_post_accumulate, "a gradient-accumulated hook")
 
 

@@ -172,14 +172,15 @@ class StepBoundary:
             return
         preclip_by_key = {key: value for key, value in preclip.items()}
         for (device, _dtype), idx in self._param_groups(with_grad=True).items():
-            params = local_shards([self._params[i] for i in idx])
-            grads = _grad_values([self._params[i].grad for i in idx])
             # The norms backward left are these very gradients' where nothing touched
-            # them since (no clipping, no scaler): one pass fewer.
+            # them since (no clipping, no scaler): one pass fewer, and no gradient
+            # gathered unless an exact NaN/Inf count asks for them.
             same = preclip_by_key.get((device, tuple(idx)))
+            grads: list[Tensor] | None = None
             if same is not None and self._grads_untouched(idx):
                 grad_norms, finite = same
             else:
+                grads = _grad_values([self._params[i].grad for i in idx])
                 grad_norms, finite = l2_norms(grads, device)
             record(device, idx, "grad_norm", grad_norms)
             # Ranks must keep one cadence (their collectives must match): one rank's
@@ -188,10 +189,13 @@ class StepBoundary:
                 self._burst_until = self.step_index + AUTO_BURST
             # Only what is asked: each is a pass over every parameter.
             if "param_norm" in self.stats and not grads_only:
+                params = local_shards([self._params[i] for i in idx])
                 record(device, idx, "param_norm", self._before_norms(device, idx, params))
                 self.buffer.set_param_host(idx, "has_param_norm")
             if "nonfinite" in self.stats:
-                flags = self._grads_nonfinite(device, grads, grad_norms, finite)
+                if grads is None and self.exact_counts:
+                    grads = _grad_values([self._params[i].grad for i in idx])
+                flags = self._grads_nonfinite(device, grads or [], grad_norms, finite)
                 record(device, idx, "grad_nonfinite", flags)
             self.buffer.set_param_host(idx, "has_grad")
 
