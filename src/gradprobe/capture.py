@@ -471,10 +471,15 @@ class Capture:
         buffer = self._staging_buffers.get(key)
         if buffer is None or buffer.shape[0] < like.shape[0]:
             buffer = torch.empty(tuple(like.shape), dtype=like.dtype, device=like.device)
-            self._staging_buffers[key] = buffer
-            held = sum(b.numel() * b.element_size() for b in self._staging_buffers.values())
-            self._meta["probe"]["staging_bytes"] = held
+            self._keep_staging(key, buffer)
         return buffer[: like.shape[0]]
+
+    def _keep_staging(self, key: tuple[Any, ...], buffer: Tensor) -> None:
+        """Keep ``buffer`` from step to step under ``key``; the run's meta says how many
+        bytes all kept staging buffers hold (``probe.staging_bytes``)."""
+        self._staging_buffers[key] = buffer
+        held = sum(b.numel() * b.element_size() for b in self._staging_buffers.values())
+        self._meta["probe"]["staging_bytes"] = held
 
     def _nonfinite_rows(self, rows: Tensor, norms: Tensor, finite: list[bool] | None) -> Tensor:
         """Per row, as :meth:`_nonfinite`."""
@@ -530,9 +535,8 @@ class Capture:
         key = ("count", yd.device)
         buffer = self._staging_buffers.get(key)
         if buffer is None or buffer.numel() < need:
-            buffer = self._staging_buffers[key] = torch.empty(need, device=yd.device)
-            held = sum(b.numel() * b.element_size() for b in self._staging_buffers.values())
-            self._meta["probe"]["staging_bytes"] = held
+            buffer = torch.empty(need, device=yd.device)
+            self._keep_staging(key, buffer)
         return unit_nonzero_counts(yd, unit, buffer)
 
     def _gate_from_output(
