@@ -26,8 +26,8 @@ class MixedDtypes(nn.Module):
         super().__init__()
         self.a = nn.Linear(6, 8)
         self.b = nn.Linear(8, 8).double()
-        self.c = nn.Linear(8, 8).to(torch.bfloat16)
-        self.d = nn.Linear(8, 3)
+        self.c = nn.Linear(8, 160).to(torch.bfloat16)  # 1280 weights: NaN counts > 256
+        self.d = nn.Linear(160, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.tanh(self.a(x))
@@ -36,9 +36,12 @@ class MixedDtypes(nn.Module):
         return self.d(h.float())
 
 
-def _real_values(model: nn.Module, opt: torch.optim.Optimizer, steps: int, poison: int | None):
-    """Train ``steps`` steps; per step and parameter: ‖grad‖ and whether it is finite
-    (read in the optimizer's pre-hook, as the step sees them) and ‖Δw‖/‖w‖."""
+def _real_values(
+    model: nn.Module, opt: torch.optim.Optimizer, steps: int, poison: int, exact: bool
+):
+    """Train ``steps`` steps; per step and parameter: ‖grad‖, ‖w‖ and its NaN/Inf entries
+    (their number if ``exact``, else whether there is one), read in the optimizer's
+    pre-hook, as the step sees them, and ‖Δw‖/‖w‖."""
     seen: dict[int, dict[str, dict[str, float]]] = {}
     names = {p: n for n, p in model.named_parameters()}
     before: dict[str, torch.Tensor] = {}
@@ -48,11 +51,13 @@ def _real_values(model: nn.Module, opt: torch.optim.Optimizer, steps: int, poiso
         row = seen.setdefault(step[0], {})
         for p, n in names.items():
             g = p.grad.double()
+            bad = int((~torch.isfinite(g)).sum())
             row[n] = {
                 # bfloat16 arithmetic (the snapshot's difference) rounds at 2^-8
                 "rel": 1e-2 if p.dtype == torch.bfloat16 else 1e-5,
                 "grad_norm": float(torch.linalg.vector_norm(g)),
-                "nonfinite": float(not bool(torch.isfinite(g).all())),
+                "param_norm": float(torch.linalg.vector_norm(p.detach().double())),
+                "nonfinite": float(bad if exact else bad > 0),
             }
             before[n] = p.detach().double().clone()
 
@@ -71,8 +76,9 @@ def _real_values(model: nn.Module, opt: torch.optim.Optimizer, steps: int, poiso
         opt.zero_grad()
         loss = nn.functional.cross_entropy(model(x), y)
         loss.backward()
-        if s == poison:
-            model.b.weight.grad[0, 0] = math.nan  # in place, after backward: not pre-clip
+        if s == poison:  # in place, after backward: the norms must be taken again
+            model.b.weight.grad[0, 0] = math.nan
+            model.c.weight.grad.view(-1)[:997] = math.inf  # 997: not a bfloat16 number
         opt.step()
     for h in handles:
         h.remove()
@@ -84,20 +90,23 @@ def _rows(frame, stat):
     return {(int(s), n): float(v) for s, n, v in zip(sub.step, sub.name, sub.value)}
 
 
+@pytest.mark.parametrize("stats", [None, "full"])
 @pytest.mark.parametrize("every", [1, "auto"])
-def test_param_statistics_of_every_dtype_against_the_real_tensors(every):
+def test_param_statistics_of_every_dtype_against_the_real_tensors(every, stats):
     torch.manual_seed(0)
     model = MixedDtypes()
     # the last step's gradient is poisoned: its NaN reaches no later step
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     steps = AUTO_FIRST + 4 if every == "auto" else 4
     poison = steps - 1
-    with Probe(model, opt, every=every) as probe:
-        seen = _real_values(model, opt, steps, poison)
+    exact = stats == "full"
+    with Probe(model, opt, every=every, **({"stats": stats} if stats else {})) as probe:
+        seen = _real_values(model, opt, steps, poison, exact)
         frame = probe.frame()
     grad_norms = _rows(frame, "grad_norm")
     flags = _rows(frame, "nonfinite")
     ratios = _rows(frame, "update_ratio")
+    param_norms = _rows(frame, "param_norm")
     sentinel_steps = [s for s in range(steps) if s >= AUTO_FIRST] if every == "auto" else []
     for s, row in seen.items():
         for name, real in row.items():
@@ -108,12 +117,15 @@ def test_param_statistics_of_every_dtype_against_the_real_tensors(every):
                 assert got == pytest.approx(real["grad_norm"], rel=1e-5), (s, name)
             if (s, name) in flags:
                 assert flags[(s, name)] == real["nonfinite"], (s, name)
+            if s not in sentinel_steps:
+                assert param_norms[(s, name)] == pytest.approx(real["param_norm"], rel=1e-5)
             if s not in sentinel_steps and s != poison:
                 assert ratios[(s, name)] == pytest.approx(real["update_ratio"], rel=real["rel"]), (s, name)
     # the sentinel's rows exist at every step it ran, and only its statistics
     for s in sentinel_steps:
         assert all((s, n) in grad_norms for n in seen[s])
         assert not any(k[0] == s for k in ratios)
-    # the poisoned gradient is flagged at its step, and only that parameter
+    # the poisoned gradients are found at their step, and only they
     assert flags[(poison, "b.weight")] == 1.0
-    assert sum(v for (s, _), v in flags.items() if s == poison) == 1.0
+    assert flags[(poison, "c.weight")] == (997.0 if exact else 1.0)
+    assert sum(v for (s, _), v in flags.items() if s == poison) == (998.0 if exact else 2.0)

@@ -37,6 +37,40 @@ def test_small_outputs_stack_per_shape_and_tanh_rows_compare():
     assert meta["staging_bytes"] == (wide + narrow) * FLOAT32
 
 
+class Repeated(nn.Module):
+    """Its body runs ``self.repeats`` times a forward: more calls of the same shapes."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(width, width), nn.Tanh())
+        self.repeats = 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for _ in range(self.repeats):
+            x = self.body(x)
+        return x
+
+
+def test_a_grown_buffer_replaces_the_old_one_in_the_count():
+    """More calls of a shape in a later step grow its buffers: the meta then counts the
+    grown ones, not the ones they replaced."""
+    batch, width = 4, 8
+    model = Repeated(width)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(batch, width)
+    counted = []
+    with Probe(model, opt, every=1) as probe:
+        for repeats in (2, 2, 5, 3):  # the first step learns which outputs can be held
+            model.repeats = repeats
+            opt.zero_grad()
+            model(x).sum().backward()
+            opt.step()
+            counted.append(probe.meta["probe"].get("staging_bytes", 0))
+    # a stack of 2·repeats rows (Linear and Tanh) and the repeats tanh rows, at most
+    per_call = batch * width * FLOAT32
+    assert counted[1:] == [(4 + 2) * per_call, (10 + 5) * per_call, (10 + 5) * per_call]
+
+
 def test_large_outputs_share_one_count_buffer():
     """Outputs over the held size are reduced in their hook through one float buffer of
     at least a chunk, shared by every such output of the device."""

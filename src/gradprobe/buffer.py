@@ -46,6 +46,7 @@ FIELDS: dict[str, tuple[str, ...]] = {
 }
 MODULE_PARTIALS = [n for n, p in PARTIALS.items() if p.scope == "module"]
 PARAM_PARTIALS = [n for n, p in PARTIALS.items() if p.scope == "parameter"]
+_PARAM_PARTIAL_SET = frozenset(PARAM_PARTIALS)
 
 
 @dataclass
@@ -301,11 +302,13 @@ class StepBuffer:
     ) -> None:
         """Per-parameter values (a partial of :data:`PARAM_PARTIALS`) for ``index``.
 
-        On the CPU they go straight into the step's host arrays: there is no device to
-        wait for (the values are in host memory already), and a host value costs the
-        step's close no conversion or concatenation, and the flush no copy or fold.
+        On the CPU they go straight into the step's host arrays (float64): there is no
+        device to wait for (the values are in host memory already), and a host value
+        costs the step's close no stacking, and the flush no copy or fold.
         """
         if device.type == "cpu":
+            if name not in _PARAM_PARTIAL_SET:  # as the device path's flush would say
+                raise KeyError(f"{name!r} is not a per-parameter partial")
             host = values.detach().reshape(-1)
             if host.dtype not in _NUMPY_VIEWABLE:
                 host = host.to(torch.float64)

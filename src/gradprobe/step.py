@@ -274,8 +274,10 @@ class StepBoundary:
         """Per gradient: its NaN/Inf entries under ``stats="full"``, else a 0/1 flag the
         norms carry at no extra pass."""
         if self.exact_counts:
-            # NaN·0 and Inf·0 are NaN, finite·0 is 0: the ord-0 "norm" counts them.
-            return torch.stack(torch._foreach_norm(torch._foreach_mul(grads, 0.0), 0))
+            # NaN·0 and Inf·0 are NaN, finite·0 is 0: the ord-0 "norm" counts them, in
+            # the accumulation dtype (in a bfloat16 gradient's own, 997 would read 996).
+            zeroed = torch._foreach_mul(grads, 0.0)
+            return torch.stack(torch._foreach_norm(zeroed, 0, dtype=accumulation_dtype(device)))
         return nonfinite_flags(norms, finite)
 
     def _poll_scaler(self) -> None:
