@@ -102,9 +102,11 @@ def l2_norms(tensors: list[Tensor], device: torch.device) -> tuple[Tensor, list[
     else:
         norms = torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32))
     values = norms.tolist()  # deliberate: CPU tensors, the values are already on the host
-    recheck = [i for i, v in enumerate(values) if not SAFE_LOW <= v < math.inf]
-    if not recheck:
+    # The common case, checked in C: the sum is NaN or inf if any norm is (norms are ≥ 0;
+    # a sum that overflows takes the full check), and min() is sound once none is NaN.
+    if sum(values) < math.inf and min(values) >= SAFE_LOW:
         return norms, [True] * len(values)
+    recheck = [i for i, v in enumerate(values) if not SAFE_LOW <= v < math.inf]
     norms = norms.to(torch.float64)
     exact = torch._foreach_norm([tensors[i] for i in recheck], 2, dtype=torch.float64)
     finite = [True] * len(values)

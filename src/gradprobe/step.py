@@ -23,7 +23,7 @@ from .capture import _inside_backward, queue_at_backward_end
 from .errors import GradprobeError
 from .hooks import warn_gap, warn_once
 from .reduce import accumulation_dtype, l2_norms, nonfinite_flags
-from .shards import local_shards
+from .shards import dtensor_type, local_shards
 from .stats import STATISTICS
 
 if TYPE_CHECKING:
@@ -78,6 +78,8 @@ def _grad_values(grads: list[Tensor]) -> list[Tensor]:
     to the gradient's entry, so they must be summed before any norm. A sharded gradient
     (a ``DTensor``) is this rank's shard: its values add up over the shards.
     """
+    if dtensor_type() is None and all(g.layout == torch.strided for g in grads):
+        return grads  # the common case: dense, unsharded (one check each, no new list)
     values = []
     for g in local_shards(grads):
         if g.layout == torch.sparse_coo:
@@ -170,12 +172,11 @@ class StepBoundary:
         self._record_missing_grads()
         if not self._want_params:
             return
-        preclip_by_key = {key: value for key, value in preclip.items()}
         for (device, _dtype), idx in self._param_groups(with_grad=True).items():
             # The norms backward left are these very gradients' where nothing touched
             # them since (no clipping, no scaler): one pass fewer, and no gradient
             # gathered unless an exact NaN/Inf count asks for them.
-            same = preclip_by_key.get((device, tuple(idx)))
+            same = preclip.get((device, tuple(idx)))
             grads: list[Tensor] | None = None
             if same is not None and self._grads_untouched(idx):
                 grad_norms, finite = same
