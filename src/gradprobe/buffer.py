@@ -47,6 +47,8 @@ FIELDS: dict[str, tuple[str, ...]] = {
 MODULE_PARTIALS = [n for n, p in PARTIALS.items() if p.scope == "module"]
 PARAM_PARTIALS = [n for n, p in PARTIALS.items() if p.scope == "parameter"]
 _PARAM_PARTIAL_SET = frozenset(PARAM_PARTIALS)
+# CPU tensors of these dtypes are read by NumPy in place (``Tensor.numpy()``).
+_NUMPY_VIEWABLE = (torch.float32, torch.float64, torch.bool)
 
 
 @dataclass
@@ -687,10 +689,6 @@ def _logged_partials(
         numbers = [next(host[v.device]) if isinstance(v, Tensor) else float(v) for v in values]
         out[key] = (float(np.sum(numbers)), float(len(numbers)))
     return out
-
-
-# CPU tensors of these dtypes are read by NumPy in place (``Tensor.numpy()``).
-_NUMPY_VIEWABLE = (torch.float32, torch.float64, torch.bool)
 
 
 def _unit_counts(

@@ -90,6 +90,14 @@ def _grad_values(grads: list[Tensor]) -> list[Tensor]:
     return values
 
 
+def _nonfinite_counts(device: torch.device, grads: list[Tensor]) -> Tensor:
+    """Per gradient, its NaN/Inf entries (``stats="full"``): NaN·0 and Inf·0 are NaN,
+    finite·0 is 0, so the ord-0 "norm" of ``g·0`` counts them, in the accumulation dtype
+    (in a bfloat16 gradient's own, 997 would read 996)."""
+    zeroed = torch._foreach_mul(grads, 0.0)
+    return torch.stack(torch._foreach_norm(zeroed, 0, dtype=accumulation_dtype(device)))
+
+
 def _loggable(name: str, value: Any, reads_lr: bool) -> Tensor | float:
     """A value for :meth:`Probe.log`: a detached one-element tensor, or a float."""
     if not name.isidentifier() and not name.startswith("lr/"):
@@ -181,7 +189,7 @@ class StepBoundary:
             if same is not None and self._grads_untouched(idx):
                 grad_norms, finite = same
             else:
-                grads = _grad_values([self._params[i].grad for i in idx])
+                grads = self._grads(idx)
                 grad_norms, finite = l2_norms(grads, device)
             record(device, idx, "grad_norm", grad_norms)
             # Ranks must keep one cadence (their collectives must match): one rank's
@@ -194,9 +202,10 @@ class StepBoundary:
                 record(device, idx, "param_norm", self._before_norms(device, idx, params))
                 self.buffer.set_param_host(idx, "has_param_norm")
             if "nonfinite" in self.stats:
-                if grads is None and self.exact_counts:
-                    grads = _grad_values([self._params[i].grad for i in idx])
-                flags = self._grads_nonfinite(device, grads or [], grad_norms, finite)
+                if self.exact_counts:  # stats="full": the gradients themselves, counted
+                    flags = _nonfinite_counts(device, self._grads(idx) if grads is None else grads)
+                else:  # a 0/1 flag the norms carry, at no extra pass
+                    flags = nonfinite_flags(grad_norms, finite)
                 record(device, idx, "grad_nonfinite", flags)
             self.buffer.set_param_host(idx, "has_grad")
 
@@ -245,7 +254,7 @@ class StepBoundary:
         scale = scaler._scale if scaler is not None and scaler.is_enabled() else None
         preclip = {}
         for (device, _dtype), idx in self._param_groups(with_grad=True).items():
-            norms, finite = l2_norms(_grad_values([self._params[i].grad for i in idx]), device)
+            norms, finite = l2_norms(self._grads(idx), device)
             if scale is not None:
                 dtype = accumulation_dtype(device)
                 # The scaled loss made scaled gradients: divide on the device, no sync.
@@ -269,17 +278,9 @@ class StepBoundary:
         alone = not self._distributed and not self._shards
         return alone and before is not None and before == self._versions(idx)
 
-    def _grads_nonfinite(
-        self, device: torch.device, grads: list[Tensor], norms: Tensor, finite: list[bool] | None
-    ) -> Tensor:
-        """Per gradient: its NaN/Inf entries under ``stats="full"``, else a 0/1 flag the
-        norms carry at no extra pass."""
-        if self.exact_counts:
-            # NaN·0 and Inf·0 are NaN, finite·0 is 0: the ord-0 "norm" counts them, in
-            # the accumulation dtype (in a bfloat16 gradient's own, 997 would read 996).
-            zeroed = torch._foreach_mul(grads, 0.0)
-            return torch.stack(torch._foreach_norm(zeroed, 0, dtype=accumulation_dtype(device)))
-        return nonfinite_flags(norms, finite)
+    def _grads(self, idx: list[int]) -> list[Tensor]:
+        """The gradients of parameters ``idx`` as :func:`_grad_values` gives them."""
+        return _grad_values([self._params[i].grad for i in idx])
 
     def _poll_scaler(self) -> None:
         """Close a step the ``GradScaler`` skipped (never raises: see :meth:`_check_scaler`)."""
