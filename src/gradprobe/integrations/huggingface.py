@@ -85,6 +85,7 @@ class GradProbeCallback(TrainerCallback):
         self.probe_options = check_probe_options(probe_options, "GradProbeCallback")
         self._stopper = Stopper(stop_on, self.probe_options.pop("on_finding", None))
         self._latest: dict[str, float] = {}  # key scalars of the last flushed step
+        self._latest_step = self._logged_step = -1
         self.diagnosis: str | None = None  # the story printed at the end of training
         self.probe: Probe | None = None
         self._hooks = HookSet()
@@ -132,6 +133,7 @@ class GradProbeCallback(TrainerCallback):
         scalars = key_scalars(frame)
         if scalars:
             self._latest = scalars[max(scalars)]
+            self._latest_step = max(scalars)
 
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -147,8 +149,10 @@ class GradProbeCallback(TrainerCallback):
         logs: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
-        if not self._latest or logs is None:
+        # Each flushed step once: not again in a later entry (the end-of-training summary).
+        if not self._latest or logs is None or self._latest_step == self._logged_step:
             return
+        self._logged_step = self._latest_step
         logs.update(self._latest)
         # The Trainer appended its entry to the history before calling on_log.
         if state.log_history and isinstance(state.log_history[-1], dict):
