@@ -153,8 +153,12 @@ def headline_html(
         head = f"<h3>{escape(run.name)}</h3>" if len(runs) > 1 else ""
         h = headline(found)
         if h.root is None:
-            text = no_findings_note(found) if not found else "no root cause among the findings"
-            blocks.append(f'{head}<p class="gp-ok">{inline_code(text)}</p>')
+            text = (
+                "No problems found (what was checked: see Findings)."
+                if not found
+                else "No root cause among the findings (see Findings)."
+            )
+            blocks.append(f'{head}<p class="gp-ok">{escape(text)}</p>')
             continue
         parts = [
             head,

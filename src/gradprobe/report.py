@@ -191,7 +191,7 @@ def axes_facts(panels: Sequence[Any]) -> str:
     if images:
         same = _same([tuple(im.get_clim()) for im in images])
         if len(images) == 1:
-            facts.append("colour scale from this run's own smallest to largest value")
+            facts.append("colour scale as its colour bar shows")
         elif same:
             facts.append("one colour scale for all panels")
         else:
