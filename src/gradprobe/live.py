@@ -17,8 +17,9 @@ sync and no work to a step between flushes. What it finds is said at once, as
 Latency: a step's rows reach the host at the flush after it, so a finding at step ``s``
 is said at the latest at the step that fills the buffer (``flush_every`` recorded
 steps: 50 by default; under ``every="auto"`` the unrecorded steps' sentinel rows count
-too). ``flush_every=1`` says it at the step itself, at the cost of one host copy per
-step (a few hundred microseconds on a GPU, more on a large model).
+too). ``flush_every=1`` says it at the step itself, at the cost of a whole flush per
+step: on a GPU a host sync (the device's queue drains) and the rows' finalisation on the
+host. Not measured here on a GPU; on CPU the flush is host work only.
 
 The rules are :mod:`gradprobe.diagnose`'s own thresholds, applied to the steps seen so far:
 
