@@ -187,3 +187,49 @@ def test_heatmap_columns_sit_at_their_steps_and_a_missing_step_is_blank() -> Non
     assert edges[blank[0]] == 5.5 and edges[blank[0] + 1] == 8.5
     assert "not recorded" in fig.axes[0].get_title(loc="left")
     plt.close(fig)
+
+
+@pytest.mark.parametrize(
+    "name", ["gradient_flow", "dead_saturated", "update_ratios", "clipping", "loss"]
+)
+def test_no_legend_covers_a_data_point_or_marker(name: str) -> None:
+    from gradprobe.plots import PLOTS, missing
+    from gradprobe.report import report_figure
+    from test_report_figures import tanh_run
+
+    zero, _ = _zero_below_run()
+    runs = [
+        r
+        for r in (clipped_run(), tanh_run("frozen", 1e9, frozen=True), zero)
+        if missing(PLOTS[name], r) is None
+    ]
+    drawn = report_figure(name, runs)
+    if drawn.figure is None:
+        pytest.skip(drawn.sentence or "nothing drawn")
+    fig = drawn.figure
+    fig.canvas.draw()
+    checked = 0
+    for ax in fig.axes:
+        legend = ax.get_legend()
+        if legend is None:
+            continue
+        box = legend.get_window_extent()
+        # The panel's own lines and those of the axes sharing its x (the loss's rate axis).
+        axes = [a for a in fig.axes if a is ax or a in ax.get_shared_x_axes().get_siblings(ax)]
+        axes += [a for a in fig.axes if a.bbox.bounds == ax.bbox.bounds and a is not ax]
+        for other in set(axes):
+            for line in other.get_lines():
+                if not line.get_visible() or line.get_linestyle() == ":":
+                    continue  # hidden copies, and the dotted reference lines
+                xy = line.get_transform().transform(np.column_stack(line.get_data()).astype(float))
+                xy = xy[np.isfinite(xy).all(axis=1)]
+                inside = (
+                    (xy[:, 0] > box.x0)
+                    & (xy[:, 0] < box.x1)
+                    & (xy[:, 1] > box.y0)
+                    & (xy[:, 1] < box.y1)
+                )
+                assert not inside.any(), (name, line.get_label(), xy[inside][:3])
+                checked += len(xy)
+    assert checked > 0
+    plt.close(fig)

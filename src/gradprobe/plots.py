@@ -449,17 +449,22 @@ def activation_histograms(
         with np.errstate(invalid="ignore", divide="ignore"):
             frac = np.where(totals > 0, one / totals, 0.0)
         bands.append(np.log1p(100.0 * frac)[::-1])  # highest bin on top of its band
-    image = np.vstack(bands) if bands else np.zeros((1, 1))
-    im = ax.imshow(
-        image,
-        aspect="auto",
-        interpolation="nearest",
-        cmap="viridis",
+    image = np.vstack(bands) if bands else np.zeros((1, max(len(steps), 1)))
+    # Columns at their steps, as in the error heatmap; steps not recorded are white.
+    edges, columns = step_columns(steps, run.meta) if len(steps) else (np.array([-0.5, 0.5]), [0])
+    grid = np.full((image.shape[0], len(edges) - 1), np.nan)
+    grid[:, columns] = image
+    im = ax.pcolormesh(
+        edges,
+        np.arange(image.shape[0] + 1) - 0.5,
+        np.ma.masked_invalid(grid),
+        cmap=_pyplot().get_cmap("viridis").with_extremes(bad=(0.0, 0.0, 0.0, 0.0)),
         # A fixed scale, 0 to all entries in one bin: every layer, step and run reads alike.
         vmin=0.0,
         vmax=math.log1p(100.0),
-        extent=(-0.5, len(steps) - 0.5, len(names) * bins - 0.5, -0.5),
+        shading="flat",
     )
+    ax.set_ylim(image.shape[0] - 0.5, -0.5)
     cb = fig.colorbar(im, ax=ax, pad=0.01)
     shares = [0.0, 0.01, 0.1, 1.0]
     cb.set_ticks([math.log1p(100.0 * f) for f in shares])
@@ -475,11 +480,8 @@ def activation_histograms(
         labels.append(f"{name}\n[{lo:g}, {hi:g}]")
     ax.set_yticks(centers)
     ax.set_yticklabels(labels, fontsize=7)
-    ticks = np.unique(
-        np.linspace(0, max(len(steps) - 1, 0), min(len(steps), 8)).round().astype(int)
-    )
-    ax.set_xticks(ticks)
-    ax.set_xticklabels([str(int(steps[i])) for i in ticks] if len(steps) else [], fontsize=7)
+    ax.xaxis.set_major_locator(_integer_steps())
+    ax.tick_params(axis="x", labelsize=7)
     ax.set_xlabel("step")
     _title(ax, run, "activation histograms over time")
     return fig
@@ -811,7 +813,16 @@ def loss(
             right.set_ylim(*lr_limits)
         more, more_labels = right.get_legend_handles_labels()
         handles, labels = handles + more, labels + more_labels
-    # "best" on the right axis: it weighs the loss, the edge markers and the rate alike.
+    if not rate.empty:
+        # The legend goes on the right axis (drawn above both), where matplotlib's "best"
+        # sees only that axis's lines: give it hidden copies of the loss and its markers,
+        # so that it keeps clear of them too (add_artist leaves the axis limits alone).
+        from matplotlib.lines import Line2D
+
+        for line in ax.get_lines():
+            shadow = Line2D(line.get_xdata(), line.get_ydata(), transform=line.get_transform())
+            shadow.set_visible(False)
+            right.add_artist(shadow)
     (right if not rate.empty else ax).legend(handles, labels, loc="best", fontsize=7)
     _title(ax, run, "training loss" + (" and learning rate" if not rate.empty else ""))
     return fig
