@@ -177,3 +177,31 @@ def test_wall_time_anchors_are_real_increasing_clock_reads() -> None:
     assert steps == [0, 4, 9, 14, 19, 22]
     assert before <= times[0] and times[-1] <= after
     assert all(b > a for a, b in itertools.pairwise(times))
+
+
+def test_a_step_the_grad_scaler_skips_is_not_said() -> None:
+    # Inf gradients at step 3 are the GradScaler doing its job: it skips the step and
+    # halves its scale. Nothing to say about that step (the skipped_steps finding, after
+    # training, says whether it happened too often).
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    x, y = torch.randn(16, 4), torch.randint(0, 2, (16,))
+    seen, scales = [], []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GradprobeWarning)
+        probe = Probe(model, opt, scaler=scaler, every=1, flush_every=1, on_finding=seen.append)
+        for step in range(8):
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y)
+            if step == 3:
+                loss = loss * 1e36  # scaled by 2**16: inf in float32
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            scales.append(scaler.get_scale())
+        probe.close()
+    assert scales[3] == scales[2] / 2  # the scaler did skip step 3
+    assert probe.run().model_series("skipped").loc[3] == 1
+    assert seen == []

@@ -8,7 +8,9 @@ already (the flush is where the Probe copies its device buffers, once per
 sync and no work to a step between flushes. What it finds is said at once, as
 
 - one line of :class:`~gradprobe.hooks.GradprobeWarning` (once per kind: a run whose
-  gradients are NaN from step 37 on says so once, not at every step);
+  gradients are NaN from step 37 on says so once, not at every step; under DDP on rank
+  0 only, while ``on_finding`` and ``stop_on`` act on every rank alike, since every
+  rank holds the same combined rows);
 - a call of the Probe's ``on_finding(finding)``, with a :class:`~gradprobe.Finding` whose
   ``evidence["step"]`` is the step it was seen at;
 - with ``stop_on=("nonfinite", ...)``, :class:`~gradprobe.errors.StopTraining` raised
@@ -204,7 +206,7 @@ def _global_norms(model: pd.DataFrame, skipped: set[Any]) -> pd.Series:
 
 def _nonfinite(frame: pd.DataFrame, model: pd.DataFrame, skipped: set[Any]) -> Finding | None:
     """The first step with a NaN/Inf loss, global norm, or flag."""
-    rows = frame[~frame["step"].isin(skipped)]
+    rows = frame[~frame["step"].isin(skipped)] if skipped else frame
     flagged = rows[rows["stat"].isin(_NONFINITE_FLAGS) & (rows["value"] > 0)]
     values = rows[
         (rows["name"] == MODEL_NAME)

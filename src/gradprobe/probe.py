@@ -377,6 +377,7 @@ class Probe(Capture, StepBoundary):
         self._meta["probe"].update(scaler=scaler is not None, compiled=self.compiled, world_size=1)
         # Every rank holds the combined statistics; one writes them.
         rank_zero = not distributed or torch.distributed.get_rank() == 0
+        self._live.warn = rank_zero  # every rank sees the same rows: one says it
         self._store = Store(store, self._meta) if store is not None and rank_zero else None
         if self.compiled:
             warnings.warn(
