@@ -233,3 +233,15 @@ def test_no_legend_covers_a_data_point_or_marker(name: str) -> None:
                 checked += len(xy)
     assert checked > 0
     plt.close(fig)
+
+
+def test_what_fixed_it_reads_accuracy_when_the_findings_tie() -> None:
+    from test_report_figures import tanh_run
+
+    a, b = tanh_run("a", 1e9), tanh_run("b", 1e9)  # the same run twice: the same findings
+    found = [diagnose(a), diagnose(b)]
+    assert [f.kind for f in found[0]] == [f.kind for f in found[1]]
+    extra = {"a": {"validation accuracy": 0.61}, "b": {"validation accuracy": 0.83}}
+    text = what_fixed_it([a, b], found, extra)
+    assert text is not None and text.startswith("`b`") and "0.83" in text
+    assert what_fixed_it([a, b], found) is None  # nothing tells them apart

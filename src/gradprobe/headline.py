@@ -92,16 +92,24 @@ def what_fixed_it(
     extra: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> str | None:
     """Which of several runs fixed the problem, computed from the runs: the one with the
-    fewest findings (critical ones counted first), then the best final accuracy (from
-    ``extra`` or a logged ``accuracy``) or loss. ``None`` for one run, or when no run has
+    fewest findings (critical ones counted first), then the best final accuracy (an
+    ``extra`` column whose name has "accuracy", or a logged ``accuracy``) or loss. ``None`` for one run, or when no run has
     fewer findings than another and none ends better."""
     if len(runs) < 2:
         return None
     rows = []
     for run, found in zip(runs, findings):
         critical = sum(f.severity == "critical" for f in found)
-        acc = (extra or {}).get(run.name, {}).get("accuracy", math.nan)
-        acc = float(acc) if isinstance(acc, (int, float)) else math.nan
+        # An accuracy column of the comparison table ("validation accuracy" in the demo).
+        columns = (extra or {}).get(run.name, {})
+        acc = next(
+            (
+                float(v)
+                for k, v in columns.items()
+                if "accuracy" in str(k).lower() and isinstance(v, (int, float))
+            ),
+            math.nan,
+        )
         if math.isnan(acc):
             acc = _final(run, "accuracy")
         rows.append((run, found, critical, acc, _final(run, "loss")))
