@@ -144,3 +144,43 @@ def test_key_scalars_go_into_the_trainers_logs(tmp_path):
         )
         # The Trainer's own grad_norm is the pre-clip norm clip_grad_norm_ returned.
         assert math.isclose(entry["grad_norm"], pre.loc[step], rel_tol=1e-5)
+
+
+def test_moved_first_the_key_scalars_reach_the_reporting_integration(tmp_path, monkeypatch):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))
+    callback = GradProbeCallback(tmp_path / "run", flush_every=1)
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=32)
+    arguments = TrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=4,
+        report_to=["tensorboard"],
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        seed=0,
+        max_steps=3,
+        logging_strategy="steps",
+        logging_steps=1,
+    )
+    trainer = Trainer(
+        model=GPT2LMHeadModel(config), args=arguments, train_dataset=Tokens(), callbacks=[callback]
+    )
+    # As docs/integrations.md says: the reporting callbacks run first unless this one is.
+    trainer.callback_handler.callbacks.insert(0, trainer.pop_callback(GradProbeCallback))
+    trainer.train()
+    run = gradprobe.load(tmp_path / "run")
+    post = run.table("global_grad_norm")[MODEL_NAME]
+    files = list((tmp_path / "tb").rglob("events.out.tfevents*"))
+    assert files
+    acc = EventAccumulator(str(files[0].parent), size_guidance={"scalars": 0})
+    acc.Reload()
+    tag = next(t for t in acc.Tags()["scalars"] if t.endswith("gradprobe/global_grad_norm"))
+    got = {e.step: e.value for e in acc.Scalars(tag)}
+    assert sorted(got) == [1, 2, 3]
+    for step, value in got.items():  # TensorBoard keeps float32
+        assert math.isclose(value, post.loc[step - 1], rel_tol=1e-6)
