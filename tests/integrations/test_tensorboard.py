@@ -165,6 +165,9 @@ def test_stats_all_writes_every_changing_statistic(tmp_path):
     run = gradprobe.load(tmp_path / "run")
     export(run, tmp_path / "tb", stats="all")
     check(events(tmp_path / "tb"), run, every_stat=True)
+    argv = ["export", "tensorboard", str(tmp_path / "run"), "--logdir", str(tmp_path / "cli")]
+    assert main([*argv, "--all"]) == 0
+    check(events(tmp_path / "cli"), run, every_stat=True)
 
 
 def test_live_writer_says_a_nan_at_its_step(tmp_path):
