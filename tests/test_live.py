@@ -205,3 +205,14 @@ def test_a_step_the_grad_scaler_skips_is_not_said() -> None:
     assert scales[3] == scales[2] / 2  # the scaler did skip step 3
     assert probe.run().model_series("skipped").loc[3] == 1
     assert seen == []
+
+
+def test_wall_time_anchors_stay_few_on_a_long_run(monkeypatch) -> None:
+    import gradprobe.probe as probe_module
+
+    monkeypatch.setattr(probe_module, "_MAX_TIME_ANCHORS", 8)
+    _, probe, _ = train(60, probe_options={"every": 1, "flush_every": 2})
+    anchors = probe.meta["wall_time"]
+    steps = [a[0] for a in anchors]
+    assert len(anchors) <= 9 and steps[0] == 0 and steps[-1] == 59
+    assert steps == sorted(steps) and all(b > a for a, b in itertools.pairwise(steps))

@@ -121,6 +121,8 @@ _CHANNEL_TYPES: tuple[type[nn.Module], ...] = (
 )
 
 DEFAULT_HISTOGRAM_RANGE = (-4.0, 4.0)
+# Wall-clock anchors kept in the meta (see _note_time): thinned past this many.
+_MAX_TIME_ANCHORS = 512
 
 
 def is_compiled(model: nn.Module) -> bool:
@@ -702,6 +704,11 @@ class Probe(Capture, StepBoundary):
         frame = self._to_frame(drained)
         if self._last_close is not None and self._last_close[0] > self._wall_time[-1][0]:
             self._wall_time.append(list(self._last_close))
+            if len(self._wall_time) > _MAX_TIME_ANCHORS:
+                # The meta is rewritten at every flush: keep it small on long runs by
+                # dropping every other anchor between the first and the last.
+                inner = self._wall_time[1:-1][1::2]
+                self._wall_time = [self._wall_time[0], *inner, self._wall_time[-1]]
         if self._store is not None:
             self._store.append(frame)
             self._guard(lambda: self._store.update_meta(**self._progress()), "the store's meta")
