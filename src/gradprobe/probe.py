@@ -976,7 +976,7 @@ def _step_post_hook(ref: weakref.ref[Probe], optimizer: Any, args: Any, kwargs: 
 
 
 def _note_time(probe: Probe) -> None:
-    """The wall-clock time of this step's close (a host clock read, ~0.1 µs, no device
+    """The wall-clock time of this step's close (one host clock read, no device
     work): the first step's and each flush's last step's become the run's time anchors."""
     probe._last_close = [probe.step_index, time.time()]
     if not probe._wall_time:
