@@ -88,6 +88,7 @@ DEFINED_IN = {
     "Findings": "gradprobe.diagnose",
     "diagnose": "gradprobe.diagnose",
     "GradprobeError": "gradprobe.errors",
+    "StopTraining": "gradprobe.errors",
     "Probe": "gradprobe.probe",
     "report": "gradprobe.report",
     "Run": "gradprobe.run",

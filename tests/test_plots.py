@@ -25,6 +25,7 @@ from gradprobe.plots import (
     missing,
     update_ratios,
 )
+from gradprobe.report import _colour_mesh
 
 
 @functools.cache
@@ -91,17 +92,18 @@ def test_gradient_flow_lines_are_the_recorded_error_norms() -> None:
 def test_heatmap_is_log10_of_the_error_table() -> None:
     run = full_run()
     fig = error_heatmap(run)
-    image = fig.axes[0].get_images()[0].get_array()
+    mesh = _colour_mesh(fig.axes[0])
     layers = [f"fc{i}" for i in range(1, 7)] + ["out"]
     expected = np.log10(run.table("error_norm")[layers].to_numpy().T)
-    np.testing.assert_allclose(np.asarray(image), expected)
+    # Every step recorded: one column per step, in order, none blank.
+    np.testing.assert_allclose(np.ma.getdata(mesh.get_array()), expected)
     plt.close(fig)
 
 
 def test_histogram_bands_sum_to_the_recorded_counts() -> None:
     run = full_run()
     fig = activation_histograms(run, layers=["act1"])
-    band = np.asarray(fig.axes[0].get_images()[0].get_array())
+    band = np.ma.getdata(_colour_mesh(fig.axes[0]).get_array())  # every step: no blank column
     bins = run.meta["probe"]["histogram_bins"]
     assert band.shape == (bins, len(run.steps))
     frame = run.frame()

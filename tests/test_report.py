@@ -164,6 +164,8 @@ def test_report_renders_in_headless_chromium(runs, tmp_path: Path) -> None:
     dom = done.stdout
     assert done.returncode == 0, done.stderr[-2000:]
     assert 'data-js-error="' not in dom
+    # The page leads with the headline box, before the findings table.
+    assert 0 <= dom.find('class="gp-headline"') < dom.find("<h2>Findings</h2>")
     images = re.search(r'data-images="(\d+)/(\d+)"', dom)
     assert images is not None, dom[:500]
     assert int(images.group(1)) == n_imgs == int(images.group(2)) > 0

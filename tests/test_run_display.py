@@ -412,7 +412,7 @@ def test_plot_draws_on_a_given_axes() -> None:
     fig, (left, right) = plt.subplots(1, 2)
     run = case("sigmoid30")
     assert run.plot("error_heatmap", ax=right) is fig
-    assert right.get_images() and not left.has_data()
+    assert right.collections and not left.has_data()
     plt.close(fig)
 
 

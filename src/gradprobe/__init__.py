@@ -21,7 +21,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ pr
     from . import theory
     from .activations import ACTIVATIONS, Activation, activation_of
     from .diagnose import Finding, Findings, diagnose
-    from .errors import GradprobeError
+    from .errors import GradprobeError, StopTraining
     from .probe import Probe
     from .report import report
     from .run import Run, load
@@ -37,6 +37,7 @@ _LAZY_NAMES: dict[str, tuple[str, str | None]] = {
     "Findings": ("diagnose", "Findings"),
     "diagnose": ("diagnose", "diagnose"),
     "GradprobeError": ("errors", "GradprobeError"),
+    "StopTraining": ("errors", "StopTraining"),
     "Probe": ("probe", "Probe"),
     "report": ("report", "report"),
     "Run": ("run", "Run"),
@@ -54,6 +55,7 @@ __all__ = [
     "GradprobeError",
     "Probe",
     "Run",
+    "StopTraining",
     "__version__",
     "activation_of",
     "diagnose",

@@ -508,8 +508,14 @@ def export_tensorboard_command(
     logdir: str = typer.Option(
         ..., "--logdir", metavar="DIR", help="TensorBoard log directory to write"
     ),
+    every_stat: bool = typer.Option(
+        False,
+        "--all",
+        help="every statistic, not only the default set (error/gradient norms, update "
+        "ratios, global norms before/after clipping, loss, lr)",
+    ),
 ) -> None:
-    """Scalars (stat/name) and activation histograms as TensorBoard event files."""
+    """Scalars (stat/name), activation histograms and the diagnosis as TensorBoard event files."""
     run_dir = existing_run_dir(run)
     log_dir = output_dir(logdir, "--logdir")
     try:
@@ -523,7 +529,7 @@ def export_tensorboard_command(
 
     recorded = load(run_dir)
     with _removed_on_failure(log_dir):
-        path = export(recorded, log_dir)
+        path = export(recorded, log_dir, stats="all" if every_stat else "default")
     console.print(
         f"wrote {path} (open with: tensorboard --logdir {path})", markup=False, soft_wrap=True
     )

@@ -382,6 +382,13 @@ def inline_code(text: str) -> str:
     return _INLINE_CODE.sub(r"<code>\1</code>", escape(text))
 
 
+def _code_html(code: str) -> str:
+    """A remedy's code: one line inline, several in ``<pre>`` (their line breaks kept)."""
+    if "\n" in code.strip():
+        return f'<pre class="gp-code">{escape(code.strip())}</pre>'
+    return f"<br><code>{escape(code)}</code>"
+
+
 def findings_html(findings: Findings, *, remedies: int = 3) -> str:
     """An HTML table of findings (severity, kind, where, summary, top remedies)."""
     if not findings:
@@ -392,7 +399,7 @@ def findings_html(findings: Findings, *, remedies: int = 3) -> str:
         if len(f.names) > 6:
             where += f" … (+{len(f.names) - 6})"
         fixes = "".join(
-            f"<li><b>{escape(r.name)}</b>: {inline_code(r.why)}<br><code>{escape(r.code)}</code></li>"
+            f"<li><b>{escape(r.name)}</b>: {inline_code(r.why)}{_code_html(r.code)}</li>"
             for r in f.remedies[:remedies]
         )
         rows.append(

@@ -151,8 +151,9 @@ def _title(ax: Axes, run: Run, what: str) -> None:
 def gradient_flow(run: Run, ax: Axes | None = None, steps: Sequence[int] | None = None) -> Figure:
     """Per-layer error signal ‖dL/dz‖ (solid) and weight-gradient norm (dashed) at a few steps.
 
-    Layers with weights, input on the left, log scale. Gaps are zeros (an error signal
-    that underflowed float32) or NaN/Inf.
+    Layers with weights, input on the left, log scale. An error signal of exactly 0 (it
+    underflowed float32, or nothing reaches the layer) is marked ▼ on a floor labelled
+    "0"; gaps are NaN/Inf.
     """
     _require(run, "gradient_flow")
     fig, ax = _axes(ax)
@@ -192,6 +193,7 @@ def gradient_flow(run: Run, ax: Axes | None = None, steps: Sequence[int] | None 
                 alpha=0.8,
             )
     ax.set_yscale("log")
+    zeros = _mark_zero_errors(ax, err, chosen, layers, cmap)
     ax.set_xlabel(_layer_axis_label(_thin_ticks(ax, layers)), fontsize=8)
     ax.set_ylabel("norm (log)")
     ax.grid(True, which="major", alpha=0.3)
@@ -203,9 +205,58 @@ def gradient_flow(run: Run, ax: Axes | None = None, steps: Sequence[int] | None 
         Line2D([], [], color="0.3", ls="--"),
     ]
     labels += ["‖dL/dz‖ error signal", "‖dL/dW‖ weight gradient"]
+    if zeros:
+        handles.append(Line2D([], [], color="0.3", ls="", marker="v", ms=5))
+        labels.append(f"‖dL/dz‖ exactly 0 (on the floor, '0'): {_names_list(zeros)}")
     ax.legend(handles, labels, fontsize=7, loc="best")
     _title(ax, run, "gradient flow (input left)")
     return fig
+
+
+def _mark_zero_errors(
+    ax: Axes, err: pd.DataFrame, steps: Sequence[int], layers: Sequence[str], cmap: Any
+) -> list[str]:
+    """An error signal of exactly 0 has no place on a log axis: mark it ▼ on a floor a
+    decade below the smallest positive value drawn, labelled "0" on the y axis. Returns
+    the layers marked."""
+    rows = [s for s in steps if s in err.index]
+    if not rows or not layers:
+        return []
+    values = err.loc[rows, list(layers)].to_numpy(dtype=float)
+    if not (values == 0).any():
+        return []
+    positive = values[np.isfinite(values) & (values > 0)]
+    lines = [ln.get_ydata() for ln in ax.get_lines()]
+    drawn = (
+        np.concatenate([np.asarray(y, dtype=float).ravel() for y in lines]) if lines else positive
+    )
+    drawn = drawn[np.isfinite(drawn) & (drawn > 0)]
+    lowest = float(drawn.min()) if drawn.size else (float(positive.min()) if positive.size else 1.0)
+    floor = lowest / 10.0
+    marked: list[str] = []
+    for i, step in enumerate(rows):
+        color = cmap(0.1 + 0.75 * list(steps).index(step) / max(len(steps) - 1, 1))
+        zero = np.flatnonzero(values[i] == 0)
+        if zero.size:
+            ax.plot(
+                zero, np.full(zero.size, floor), "v", ms=6, color=color, ls="", gid="zero_error"
+            )
+            marked += [layers[k] for k in zero if layers[k] not in marked]
+    top = ax.get_ylim()[1]
+    ax.set_ylim(floor / 2, max(top, lowest * 10))
+    ax.axhline(floor, color="0.6", lw=0.6, ls=":")
+    ax.annotate(
+        "0",
+        xy=(0, floor),
+        xycoords=ax.get_yaxis_transform(),
+        xytext=(-4, 0),
+        textcoords="offset points",
+        ha="right",
+        va="center",
+        fontsize=8,
+        gid="zero_floor_label",
+    )
+    return marked
 
 
 def error_heatmap(
@@ -228,21 +279,38 @@ def error_heatmap(
         logs = np.log10(_positive(values))
     steps = err.index.to_numpy()
     lo, hi = _finite_range(logs, vmin, vmax)
+    if vmin is None and vmax is None:
+        lo, hi = _min_span(lo, hi)
     plt = _pyplot()
-    cmap = plt.get_cmap("magma").with_extremes(bad="0.75")
-    im = ax.imshow(
-        np.ma.masked_invalid(logs),
-        aspect="auto",
-        interpolation="nearest",
-        cmap=cmap,
-        vmin=lo,
-        vmax=hi,
-        extent=(-0.5, len(steps) - 0.5, len(layers) - 0.5, -0.5),
+    # Masked cells are see-through: steps not recorded show the white background; cells
+    # recorded as 0 or NaN/Inf are drawn grey by a second mesh under the first.
+    cmap = plt.get_cmap("magma").with_extremes(bad=(0.0, 0.0, 0.0, 0.0))
+    edges, columns = step_columns(steps, run.meta)
+    grid = np.full((len(layers), len(edges) - 1), np.nan)
+    grid[:, columns] = logs
+    unloggable = np.zeros(grid.shape)
+    unloggable[:, columns] = ~np.isfinite(logs)
+    rows = np.arange(len(layers) + 1) - 0.5
+    from matplotlib.colors import ListedColormap
+
+    ax.pcolormesh(
+        edges,
+        rows,
+        np.ma.masked_equal(unloggable, 0),
+        cmap=ListedColormap(["0.75"]),
+        shading="flat",
+        gid="unloggable",
     )
+    im = ax.pcolormesh(
+        edges, rows, np.ma.masked_invalid(grid), cmap=cmap, vmin=lo, vmax=hi, shading="flat"
+    )
+    gaps = np.ones(grid.shape[1], dtype=bool)
+    gaps[columns] = False
+    ax.set_facecolor("white")
+    ax.set_ylim(len(layers) - 0.5, -0.5)
     _thin_ticks(ax, layers, axis="y", limit=_MAX_ROW_TICKS)
-    ticks = np.unique(np.linspace(0, len(steps) - 1, min(len(steps), 8)).round().astype(int))
-    ax.set_xticks(ticks)
-    ax.set_xticklabels([str(int(steps[i])) for i in ticks], fontsize=7)
+    ax.xaxis.set_major_locator(_integer_steps())
+    ax.tick_params(axis="x", labelsize=7)
     ax.set_xlabel("step")
     cb = fig.colorbar(im, ax=ax, pad=0.01)
     cb.set_label("log10 ‖dL/dz‖", fontsize=8)
@@ -251,8 +319,85 @@ def error_heatmap(
     what = "error signal per layer and step"
     if blank:
         what += f" (grey: {blank} cells 0 or NaN/Inf)"
+    if gaps.any():
+        what += " (white: not recorded)"
     _title(ax, run, what)
     return fig
+
+
+# A heatmap's colour scale spans at least this many decades: a run whose error signal
+# moves by a few percent is then nearly one colour, not noise stretched from black to white.
+HEATMAP_MIN_DECADES = 2.0
+
+
+def _min_span(lo: float, hi: float) -> tuple[float, float]:
+    if hi - lo >= HEATMAP_MIN_DECADES:
+        return lo, hi
+    mid = (lo + hi) / 2
+    return mid - HEATMAP_MIN_DECADES / 2, mid + HEATMAP_MIN_DECADES / 2
+
+
+def _error_logs(run: Run) -> np.ndarray:
+    err = run.table("error_norm")
+    p = depth_profile(run)
+    layers = list(p.layers) if p is not None else [n for n in run.modules if n in err.columns]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.log10(_positive(err[layers].to_numpy(dtype=float)))
+
+
+def heatmap_scale(runs: Sequence[Run]) -> dict[str, Any]:
+    """One colour scale for every panel of the error heatmap: the runs' smallest to largest
+    log10 error signal, at least :data:`HEATMAP_MIN_DECADES` wide."""
+    finite = [v[np.isfinite(v)] for v in (_error_logs(r) for r in runs)]
+    values = np.concatenate(finite) if finite else np.array([])
+    if not values.size:
+        return {}
+    lo, hi = _min_span(float(values.min()), float(values.max()))
+    return {"vmin": lo, "vmax": hi}
+
+
+def _integer_steps() -> Any:
+    from matplotlib.ticker import MaxNLocator
+
+    return MaxNLocator(nbins=8, integer=True)
+
+
+def step_columns(steps: np.ndarray, meta: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """Column edges on a step axis, and the column of each recorded step.
+
+    A recorded step's column runs to the next recorded step when that is where the
+    cadence (``every``: k, or "auto") puts it, else one cadence wide, and the span up to
+    the next recorded step is a blank column: steps that should have been recorded and
+    were not show as a gap, not as a wider column.
+    """
+    steps = np.asarray(steps, dtype=np.int64)
+    every = (meta.get("probe") or {}).get("every", 1)
+    cadence = (meta.get("probe") or {}).get("cadence") or {}
+
+    def expected(step: int) -> int:
+        if every == "auto":
+            first, k = int(cadence.get("first", 20)), int(cadence.get("every", 50))
+            return 1 if step + 1 < first else (step // k + 1) * k - step
+        try:
+            return max(int(every), 1)
+        except (TypeError, ValueError):
+            return 1
+
+    edges: list[float] = []
+    columns: list[int] = []
+    for i, step in enumerate(steps):
+        width = expected(int(step))
+        nxt = int(steps[i + 1]) if i + 1 < len(steps) else int(step) + width
+        end = min(nxt, int(step) + width)
+        if not edges or edges[-1] != step - 0.5:
+            edges.append(step - 0.5)
+        columns.append(len(edges) - 1)
+        edges.append(end - 0.5)
+        if end < nxt:
+            edges.append(nxt - 0.5)  # a blank column up to the next recorded step
+    if len(steps) and edges[-1] < steps[-1] + 0.5:
+        edges.append(steps[-1] + 0.5)
+    return np.asarray(edges, dtype=float), np.asarray(columns, dtype=np.int64)
 
 
 def _finite_range(logs: np.ndarray, vmin: float | None, vmax: float | None) -> tuple[float, float]:
@@ -304,17 +449,22 @@ def activation_histograms(
         with np.errstate(invalid="ignore", divide="ignore"):
             frac = np.where(totals > 0, one / totals, 0.0)
         bands.append(np.log1p(100.0 * frac)[::-1])  # highest bin on top of its band
-    image = np.vstack(bands) if bands else np.zeros((1, 1))
-    im = ax.imshow(
-        image,
-        aspect="auto",
-        interpolation="nearest",
-        cmap="viridis",
+    image = np.vstack(bands) if bands else np.zeros((1, max(len(steps), 1)))
+    # Columns at their steps, as in the error heatmap; steps not recorded are white.
+    edges, columns = step_columns(steps, run.meta) if len(steps) else (np.array([-0.5, 0.5]), [0])
+    grid = np.full((image.shape[0], len(edges) - 1), np.nan)
+    grid[:, columns] = image
+    im = ax.pcolormesh(
+        edges,
+        np.arange(image.shape[0] + 1) - 0.5,
+        np.ma.masked_invalid(grid),
+        cmap=_pyplot().get_cmap("viridis").with_extremes(bad=(0.0, 0.0, 0.0, 0.0)),
         # A fixed scale, 0 to all entries in one bin: every layer, step and run reads alike.
         vmin=0.0,
         vmax=math.log1p(100.0),
-        extent=(-0.5, len(steps) - 0.5, len(names) * bins - 0.5, -0.5),
+        shading="flat",
     )
+    ax.set_ylim(image.shape[0] - 0.5, -0.5)
     cb = fig.colorbar(im, ax=ax, pad=0.01)
     shares = [0.0, 0.01, 0.1, 1.0]
     cb.set_ticks([math.log1p(100.0 * f) for f in shares])
@@ -330,11 +480,8 @@ def activation_histograms(
         labels.append(f"{name}\n[{lo:g}, {hi:g}]")
     ax.set_yticks(centers)
     ax.set_yticklabels(labels, fontsize=7)
-    ticks = np.unique(
-        np.linspace(0, max(len(steps) - 1, 0), min(len(steps), 8)).round().astype(int)
-    )
-    ax.set_xticks(ticks)
-    ax.set_xticklabels([str(int(steps[i])) for i in ticks] if len(steps) else [], fontsize=7)
+    ax.xaxis.set_major_locator(_integer_steps())
+    ax.tick_params(axis="x", labelsize=7)
     ax.set_xlabel("step")
     _title(ax, run, "activation histograms over time")
     return fig
@@ -367,7 +514,7 @@ def dead_saturated(run: Run, ax: Axes | None = None) -> Figure:
         [Line2D([], [], color="0.3", ls="-"), Line2D([], [], color="0.3", ls="--")],
         ["dead units/channels (0 for the whole batch)", "saturated (f' < 1% of max)"],
         fontsize=7,
-        loc="upper right",
+        loc="best",  # placed by the data: where the fewest lines and markers are
     )
     if names:
         _depth_colorbar(fig, ax, names)
@@ -446,7 +593,8 @@ def update_ratios(run: Run, ax: Axes | None = None) -> Figure:
         handles.append(Line2D([], [], color="0.3", ls="", marker="x", ms=4))
         labels.append(f"NaN/Inf (top edge): {len(bad_names)} weight(s)\n{_names_list(bad_names)}")
     if handles:
-        ax.legend(handles, labels, fontsize=6.5, loc="lower left", bbox_to_anchor=(0.0, 0.05))
+        # Placed by the data (matplotlib's "best" counts the edge markers too).
+        ax.legend(handles, labels, fontsize=6.5, loc="best")
     if weights:
         _depth_colorbar(fig, ax, weights)
     _title(ax, run, "update ratio per weight (dotted: 1e-3 typical, red: unstable)")
@@ -665,7 +813,17 @@ def loss(
             right.set_ylim(*lr_limits)
         more, more_labels = right.get_legend_handles_labels()
         handles, labels = handles + more, labels + more_labels
-    ax.legend(handles, labels, loc="upper right", fontsize=7)
+    if not rate.empty:
+        # The legend goes on the right axis (drawn above both), where matplotlib's "best"
+        # sees only that axis's lines: give it hidden copies of the loss and its markers,
+        # so that it keeps clear of them too (add_artist leaves the axis limits alone).
+        from matplotlib.lines import Line2D
+
+        for line in ax.get_lines():
+            shadow = Line2D(line.get_xdata(), line.get_ydata(), transform=line.get_transform())
+            shadow.set_visible(False)
+            right.add_artist(shadow)
+    (right if not rate.empty else ax).legend(handles, labels, loc="best", fontsize=7)
     _title(ax, run, "training loss" + (" and learning rate" if not rate.empty else ""))
     return fig
 
@@ -717,7 +875,8 @@ PLOTS: dict[str, Plot] = {
             ("error_norm",),
             "record error_norm (stats='cheap' or 'default')",
             "error signal ‖dL/dz‖ (solid) and weight-gradient norm (dashed) of each layer with "
-            "weights, at up to three steps (first, middle, last)",
+            "weights, at up to three steps (first, middle, last); an error signal of exactly 0 "
+            "is marked ▼ on the floor labelled 0",
         ),
         Plot(
             "error_heatmap",
@@ -725,7 +884,10 @@ PLOTS: dict[str, Plot] = {
             error_heatmap,
             ("error_norm",),
             "record error_norm (stats='cheap' or 'default')",
-            "log10 of the error signal of each layer with weights at each step",
+            "log10 of the error signal of each layer with weights at each step; columns sit at "
+            "their steps (blank: steps not recorded), colours span at least "
+            f"{HEATMAP_MIN_DECADES:g} decades so that noise is not stretched over the full scale",
+            shared_options=heatmap_scale,
         ),
         Plot(
             "activation_histograms",

@@ -60,6 +60,7 @@ import datetime as _dt
 import os
 import platform
 import sys
+import time
 import warnings
 import weakref
 from collections import defaultdict
@@ -80,8 +81,10 @@ from .capture import (
     _inside_backward,
     _Slot,
 )
+from .diagnose import Finding
 from .errors import GradprobeError
 from .hooks import GradprobeWarning, HookSet, ModuleHook, warn_gap, warn_once
+from .live import LiveCheck
 from .recurrent import carry_slots, record_carry
 from .run import Run, empty_frame, load, normalize_frame, text_column
 from .shards import ShardedNorms, sharded_parameters
@@ -118,6 +121,8 @@ _CHANNEL_TYPES: tuple[type[nn.Module], ...] = (
 )
 
 DEFAULT_HISTOGRAM_RANGE = (-4.0, 4.0)
+# Wall-clock anchors kept in the meta (see _note_time): thinned past this many.
+_MAX_TIME_ANCHORS = 512
 
 
 def is_compiled(model: nn.Module) -> bool:
@@ -197,6 +202,13 @@ class Probe(Capture, StepBoundary):
             ``torch.distributed`` is initialised with more than one rank. Sharded
             (FSDP2) parameters' norms are combined across their shards at each step
             unless it is ``False``; then they are left out, with one warning.
+        on_finding: called with a :class:`~gradprobe.Finding` when a NaN/Inf, a
+            gradient-norm spike or an explosion is seen (``finding.evidence["step"]``:
+            the step), at the flush that brings that step to the host; each is also one
+            ``GradprobeWarning`` line (once per kind). See :mod:`gradprobe.live`.
+        stop_on: kinds (``"nonfinite"``, ``"grad_norm_spike"``, ``"exploding"``) for
+            which the step boundary that saw one raises
+            :class:`~gradprobe.errors.StopTraining` (once). Nothing is raised unless asked.
 
     Use it as a context manager, or call :meth:`close`: that removes every hook and
     leaves the model exactly as it was. Keep a reference to the Probe while training:
@@ -220,6 +232,8 @@ class Probe(Capture, StepBoundary):
         scaler: torch.amp.GradScaler | None = None,
         process_group: Any = None,
         sync_ranks: bool | None = None,
+        on_finding: Callable[[Finding], Any] | None = None,
+        stop_on: Sequence[str] = (),
     ) -> None:
         _validate(model, optimizer, every, flush_every, dead_window, histogram_bins)
         if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
@@ -246,6 +260,12 @@ class Probe(Capture, StepBoundary):
         self._burst_until = -1
         self._param_hooks_kept = False  # "auto": the gradient hooks stay on at every step
         self.flush_every = flush_every
+        # Findings said while training, from each flush's host rows (gradprobe/live.py).
+        self._live = LiveCheck(on_finding, stop_on)
+        # [step, seconds since the epoch] at the first step's close and at each flush (the
+        # close of the flush's last step): exporters place steps in time by them.
+        self._wall_time: list[list[float]] = []
+        self._last_close: list[float] | None = None
         self.stats = _resolve_stats(stats)
         self.histograms = stats == "full"
         # NaN/Inf: exact counts of entries under "full"; elsewhere a flag that the norms
@@ -359,6 +379,7 @@ class Probe(Capture, StepBoundary):
         self._meta["probe"].update(scaler=scaler is not None, compiled=self.compiled, world_size=1)
         # Every rank holds the combined statistics; one writes them.
         rank_zero = not distributed or torch.distributed.get_rank() == 0
+        self._live.warn = rank_zero  # every rank sees the same rows: one says it
         self._store = Store(store, self._meta) if store is not None and rank_zero else None
         if self.compiled:
             warnings.warn(
@@ -403,6 +424,7 @@ class Probe(Capture, StepBoundary):
             "execution_order": self._order_names(),
             "steps": self.step_index,
             "modules": modules,
+            "wall_time": [list(a) for a in self._wall_time],
         }
 
     @property
@@ -426,9 +448,11 @@ class Probe(Capture, StepBoundary):
         elif self._auto:
             self._guard_params(self._record_sentinel, "probe.step (sentinel)")
         self._stepped_since_update = True
+        _note_time(self)
         self._end_step()
         if self._recording and self._want_update:
             self._guard_params(self._take_snapshot, "probe.step (snapshot)")
+        _raise_if_asked(self)
 
     def frame(self) -> pd.DataFrame:
         """All recorded rows so far (columns step, name, stat, value); flushes the buffer.
@@ -678,11 +702,19 @@ class Probe(Capture, StepBoundary):
         if drained is None:
             return
         frame = self._to_frame(drained)
+        if self._last_close is not None and self._last_close[0] > self._wall_time[-1][0]:
+            self._wall_time.append(list(self._last_close))
+            if len(self._wall_time) > _MAX_TIME_ANCHORS:
+                # The meta is rewritten at every flush: keep it small on long runs by
+                # dropping every other anchor between the first and the last.
+                inner = self._wall_time[1:-1][1::2]
+                self._wall_time = [self._wall_time[0], *inner, self._wall_time[-1]]
         if self._store is not None:
             self._store.append(frame)
             self._guard(lambda: self._store.update_meta(**self._progress()), "the store's meta")
         else:
             self._frames.append(frame)
+        self._guard(partial(self._live, frame), "the live check of a flush")
         for listener in list(self._listeners):
             try:
                 listener(frame)
@@ -937,7 +969,25 @@ def _step_pre_hook(ref: weakref.ref[Probe], optimizer: Any, args: Any, kwargs: A
 def _step_post_hook(ref: weakref.ref[Probe], optimizer: Any, args: Any, kwargs: Any) -> None:
     probe = ref()
     if probe is not None:
+        if not probe._closed:
+            _note_time(probe)
         probe._guard(probe._on_step_post, "the optimizer step (post-hook)")
+        _raise_if_asked(probe)
+
+
+def _note_time(probe: Probe) -> None:
+    """The wall-clock time of this step's close (one host clock read, no device
+    work): the first step's and each flush's last step's become the run's time anchors."""
+    probe._last_close = [probe.step_index, time.time()]
+    if not probe._wall_time:
+        probe._wall_time.append(list(probe._last_close))
+
+
+def _raise_if_asked(probe: Probe) -> None:
+    """``stop_on``: the one place the Probe raises into training, because the user asked."""
+    stop = probe._live.take_stop() if probe._live.stop is not None else None
+    if stop is not None:
+        raise stop
 
 
 # ==================================================================== helpers

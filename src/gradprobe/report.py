@@ -1,6 +1,7 @@
 """report: one self-contained HTML page for one run, or several side by side.
 
-The page has, in this order: the findings of each run (with their numbers and ranked
+The page has, in this order: a headline box (per run: what is wrong, what to do, the
+consequences; with several runs, which one fixed it: :mod:`gradprobe.headline`), the findings of each run (with their numbers and ranked
 remedies), a table of the key numbers of every run, the figures of :mod:`gradprobe.plots`
 (several runs side by side, a panel each; line plots share their y axis so they compare
 at a glance, and each caption says what its panels share, read from the drawn figure),
@@ -26,6 +27,7 @@ from typing import Any
 from ._version import __version__
 from .diagnose import Findings, as_run, diagnose, findings_html, inline_code, key_numbers
 from .errors import GradprobeError
+from .headline import headline_html
 from .run import Run
 
 __all__ = [
@@ -77,6 +79,14 @@ font-size:13px}
 details{margin:4px 0 12px}summary{cursor:pointer;color:#2e5c8a}
 pre{background:#fff;border:1px solid #dde1e6;padding:8px;overflow:auto;font-size:12px;max-height:360px}
 footer{color:#8a94a0;font-size:12px;margin-top:30px}
+.gp-headline{background:#fff;border:2px solid #c0392b;border-radius:6px;padding:6px 16px 10px;margin:8px 0 18px}
+.gp-headline h3{margin:10px 0 4px}.gp-headline p{margin:6px 0}
+.gp-tag{display:inline-block;padding:0 8px;border-radius:10px;font-size:12px;font-weight:600;color:#fff;
+background:#2e86c1}.gp-tag.gp-critical{background:#c0392b}.gp-tag.gp-warning{background:#d68910}
+.gp-headline code,.gp-findings code{font-size:12px;background:#f0f2f5;padding:1px 3px;border-radius:3px}
+pre.gp-code{background:#f6f8fa;margin:4px 0 8px;white-space:pre;max-height:none}
+.gp-ok{background:#e8f6ee;border:1px solid #b7e1c6;padding:6px 10px;border-radius:4px}
+.gp-fixed{background:#e8f6ee;border:1px solid #b7e1c6;padding:6px 10px;border-radius:4px}
 """
 
 
@@ -158,6 +168,15 @@ def _same(values: Sequence[tuple[float, ...]]) -> bool:
     )
 
 
+def _colour_mesh(ax: Any) -> Any:
+    """A panel's colour-mapped image or mesh (a heatmap drawn with ``pcolormesh`` has no
+    image: its columns sit at their steps), the one a colour bar reads."""
+    if ax.get_images():
+        return ax.get_images()[0]
+    meshes = [c for c in ax.collections if c.get_array() is not None and c.get_gid() is None]
+    return meshes[-1] if meshes else None
+
+
 def axes_facts(panels: Sequence[Any]) -> str:
     """What the panels of one figure have in common, read from the drawn axes.
 
@@ -168,11 +187,11 @@ def axes_facts(panels: Sequence[Any]) -> str:
     if not panels:
         return ""
     facts = []
-    images = [ax.get_images()[0] for ax in panels if ax.get_images()]
+    images = [m for m in (_colour_mesh(ax) for ax in panels) if m is not None]
     if images:
         same = _same([tuple(im.get_clim()) for im in images])
         if len(images) == 1:
-            facts.append("colour scale from this run's own smallest to largest value")
+            facts.append("colour scale as its colour bar shows")
         elif same:
             facts.append("one colour scale for all panels")
         else:
@@ -346,6 +365,7 @@ def report(
         f"<title>{escape(heading)}</title><style>{_CSS}</style></head><body><main>",
         f"<h1>{escape(heading)}</h1>",
         f'<p class="sub">{len(runs)} run(s) · generated {escape(_now())} by gradprobe {escape(__version__)}</p>',
+        headline_html(runs, findings, extra),
         "<h2>Findings</h2>",
     ]
     for run, found in zip(runs, findings):

@@ -1,0 +1,249 @@
+"""Live findings: a NaN, a gradient-norm spike or an explosion said while training runs.
+
+:func:`~gradprobe.diagnose` reads a whole run after training. Some problems should not
+wait for it: the step a loss turns NaN, a gradient norm that jumps tenfold, updates as
+large as the weights. :class:`LiveCheck` reads each flush's rows, which are on the host
+already (the flush is where the Probe copies its device buffers, once per
+``flush_every`` recorded steps, and at ``frame()``/``close()``), so it adds no device
+sync and no work to a step between flushes. What it finds is said at once, as
+
+- one line of :class:`~gradprobe.hooks.GradprobeWarning` (once per kind: a run whose
+  gradients are NaN from step 37 on says so once, not at every step; under DDP on rank
+  0 only, while ``on_finding`` and ``stop_on`` act on every rank alike, since every
+  rank holds the same combined rows);
+- a call of the Probe's ``on_finding(finding)``, with a :class:`~gradprobe.Finding` whose
+  ``evidence["step"]`` is the step it was seen at;
+- with ``stop_on=("nonfinite", ...)``, :class:`~gradprobe.errors.StopTraining` raised
+  from the step boundary (``optimizer.step()`` or ``probe.step()``) that flushed it.
+
+Latency: a step's rows reach the host at the flush after it, so a finding at step ``s``
+is said at the latest at the step that fills the buffer (``flush_every`` recorded
+steps: 50 by default; under ``every="auto"`` the unrecorded steps' sentinel rows count
+too). ``flush_every=1`` says it at the step itself, at the cost of a whole flush per
+step: on a GPU a host sync (the device's queue drains) and the rows' finalisation on the
+host. Not measured here on a GPU; on CPU the flush is host work only.
+
+The rules are :mod:`gradprobe.diagnose`'s own thresholds, applied to the steps seen so far:
+
+- ``nonfinite``: the loss, the global gradient norm (before or after clipping), or a
+  NaN/Inf flag of a gradient, an output or an error signal is not finite at a step that
+  a ``GradScaler`` did not skip (a skipped step is the scaler doing its job);
+- ``grad_norm_spike``: the pre-clip global gradient norm ≥ ``GRAD_SPIKE_FACTOR`` (10) ×
+  its median over the ``SPIKE_WINDOW`` (20) recorded steps before it (at least 5 of them);
+  again after ``SPIKE_WINDOW`` steps, not at each step of one episode;
+- ``exploding``: a weight's update as large as the weight (‖Δw‖/‖w‖ ≥
+  ``UPDATE_RATIO_EXPLODING``, 1), or the global gradient norm ≥ ``EXPLODING_GROWTH``
+  (1000) × its median over the first 5 recorded steps.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections import deque
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .diagnose import (
+    EXPLODING_GROWTH,
+    GRAD_SPIKE_FACTOR,
+    SPIKE_WINDOW,
+    UPDATE_RATIO_EXPLODING,
+    Finding,
+)
+from .errors import GradprobeError, StopTraining
+from .hooks import GradprobeWarning
+from .stats import MODEL_NAME
+
+__all__ = ["LIVE_KINDS", "LiveCheck", "StopTraining"]
+
+LIVE_KINDS = ("nonfinite", "grad_norm_spike", "exploding")
+# Steps of the global norm before the first whose median is the growth baseline.
+_BASE_STEPS = 5
+_NONFINITE_FLAGS = ("grad_nonfinite", "nonfinite", "error_nonfinite")
+
+
+def check_stop_on(stop_on: Iterable[str]) -> tuple[str, ...]:
+    """The kinds to stop on, checked against :data:`LIVE_KINDS`."""
+    kinds = (stop_on,) if isinstance(stop_on, str) else tuple(stop_on)
+    unknown = [k for k in kinds if k not in LIVE_KINDS]
+    if unknown:
+        raise GradprobeError(
+            f"stop_on: {unknown} are not findings said while training",
+            f"choose from {list(LIVE_KINDS)}",
+        )
+    return kinds
+
+
+class LiveCheck:
+    """Reads each flushed frame and says what it finds (see the module docstring)."""
+
+    def __init__(
+        self,
+        on_finding: Callable[[Finding], Any] | None = None,
+        stop_on: Iterable[str] = (),
+        warn: bool = True,
+    ) -> None:
+        if on_finding is not None and not callable(on_finding):
+            raise GradprobeError(
+                f"on_finding must be callable, got {type(on_finding).__name__}",
+                "pass a function that takes one Finding",
+            )
+        self.on_finding = on_finding
+        self.stop_on = check_stop_on(stop_on)
+        self.warn = warn
+        self.found: list[Finding] = []
+        self.stop: Finding | None = None  # the first finding of a stop_on kind, until raised
+        self._said: set[str] = set()
+        self._norms: deque[float] = deque(maxlen=SPIKE_WINDOW)
+        self._base: list[float] = []
+        self._last_spike = -(10**9)
+
+    # ------------------------------------------------------------ reading a flush
+    def __call__(self, frame: pd.DataFrame) -> list[Finding]:
+        """Check the rows of one flush; returns (and says) what is new."""
+        if frame.empty:
+            return []
+        new: list[Finding] = []
+        model = frame[frame["name"] == MODEL_NAME]
+        skipped = set(model.loc[(model["stat"] == "skipped") & (model["value"] > 0), "step"])
+        if "nonfinite" not in self._said:
+            f = _nonfinite(frame, model, skipped)
+            if f is not None:
+                new.append(f)
+        norms = _global_norms(model, skipped)
+        for step, value in norms.items():
+            f = self._spike_or_growth(int(step), float(value))
+            if f is not None:
+                new.append(f)
+        if "exploding" not in self._said:
+            f = _huge_updates(frame)
+            if f is not None:
+                new.append(f)
+        new.sort(key=lambda f: f.evidence["step"])
+        for f in new:
+            self._say(f)
+        return new
+
+    def _spike_or_growth(self, step: int, value: float) -> Finding | None:
+        found = None
+        if not math.isfinite(value):
+            return None  # the nonfinite rule says it
+        history = [v for v in self._norms if v > 0]
+        if len(self._base) < _BASE_STEPS:
+            self._base.append(value)
+        elif "exploding" not in self._said:
+            base = float(np.median(self._base))
+            if base > 0 and value >= EXPLODING_GROWTH * base:
+                found = Finding(
+                    "exploding",
+                    "critical",
+                    (MODEL_NAME,),
+                    f"step {step}: the global gradient norm is {value:.3g}, "
+                    f"×{value / base:.3g} its median over the first {_BASE_STEPS} recorded "
+                    f"steps ({base:.3g})",
+                    {"step": step, "grad_norm": value, "base": base, "live": True},
+                )
+        if (
+            found is None
+            and len(history) >= SPIKE_WINDOW // 4
+            and step - self._last_spike >= SPIKE_WINDOW
+        ):
+            median = float(np.median(history))
+            if value >= GRAD_SPIKE_FACTOR * median:
+                self._last_spike = step
+                found = Finding(
+                    "grad_norm_spike",
+                    "warning",
+                    (MODEL_NAME,),
+                    f"step {step}: the global gradient norm jumped to {value:.3g}, "
+                    f"×{value / median:.3g} its median over the {len(history)} recorded "
+                    f"steps before ({median:.3g})",
+                    {"step": step, "grad_norm": value, "median": median, "live": True},
+                )
+        self._norms.append(value)
+        return found
+
+    # ------------------------------------------------------------ saying it
+    def _say(self, finding: Finding) -> None:
+        self.found.append(finding)
+        if self.warn and finding.kind not in self._said:
+            warnings.warn(f"gradprobe: {finding.summary}", GradprobeWarning, stacklevel=2)
+        self._said.add(finding.kind)
+        if finding.kind in self.stop_on and self.stop is None:
+            self.stop = finding
+        if self.on_finding is not None:
+            try:
+                self.on_finding(finding)
+            except Exception as exc:  # the user's callback must not break the flush
+                warnings.warn(
+                    f"gradprobe: on_finding raised {type(exc).__name__}: {exc}",
+                    GradprobeWarning,
+                    stacklevel=2,
+                )
+
+    def take_stop(self) -> StopTraining | None:
+        """The exception to raise for a stop_on finding, once."""
+        if self.stop is None:
+            return None
+        finding, self.stop = self.stop, None
+        self.stop_on = ()  # raised once: the user decides what happens next
+        return StopTraining(finding)
+
+
+def _global_norms(model: pd.DataFrame, skipped: set[Any]) -> pd.Series:
+    """The pre-clip global gradient norm by step (else the post-clip one): clipping hides
+    what the backward produced."""
+    for stat in ("global_grad_norm_preclip", "global_grad_norm"):
+        rows = model[(model["stat"] == stat) & ~model["step"].isin(skipped)]
+        if not rows.empty:
+            return rows.groupby("step")["value"].last().sort_index()
+    return pd.Series(dtype=float)
+
+
+def _nonfinite(frame: pd.DataFrame, model: pd.DataFrame, skipped: set[Any]) -> Finding | None:
+    """The first step with a NaN/Inf loss, global norm, or flag."""
+    rows = frame[~frame["step"].isin(skipped)] if skipped else frame
+    flagged = rows[rows["stat"].isin(_NONFINITE_FLAGS) & (rows["value"] > 0)]
+    values = rows[
+        (rows["name"] == MODEL_NAME)
+        & rows["stat"].isin(["loss", "global_grad_norm", "global_grad_norm_preclip"])
+        & ~np.isfinite(rows["value"].to_numpy())
+    ]
+    bad = pd.concat([flagged, values])
+    if bad.empty:
+        return None
+    step = int(bad["step"].min())
+    at = bad[bad["step"] == step]
+    names = tuple(dict.fromkeys(str(n) for n in at["name"]))
+    what = sorted(set(at["stat"]))
+    shown = ", ".join(f"`{n}`" for n in names[:4]) + (" …" if len(names) > 4 else "")
+    return Finding(
+        "nonfinite",
+        "critical",
+        names,
+        f"step {step}: NaN/Inf in {shown} ({', '.join(what)})",
+        {"step": step, "stats": what, "live": True},
+    )
+
+
+def _huge_updates(frame: pd.DataFrame) -> Finding | None:
+    """The first step where a weight's update is as large as the weight."""
+    rows = frame[(frame["stat"] == "update_ratio") & (frame["value"] >= UPDATE_RATIO_EXPLODING)]
+    rows = rows[np.isfinite(rows["value"].to_numpy()) & ~rows["name"].str.endswith("bias")]
+    if rows.empty:
+        return None
+    step = int(rows["step"].min())
+    at = rows[rows["step"] == step].sort_values("value", ascending=False)
+    top = at.iloc[0]
+    return Finding(
+        "exploding",
+        "critical" if float(top["value"]) >= 10 else "warning",
+        tuple(str(n) for n in at["name"]),
+        f"step {step}: {len(at)} weight(s) took an update at least as large as the weight "
+        f"(‖Δw‖/‖w‖ up to {float(top['value']):.3g} at `{top['name']}`)",
+        {"step": step, "update_ratio": float(top["value"]), "live": True},
+    )
