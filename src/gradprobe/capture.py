@@ -861,9 +861,16 @@ class Capture:
             queue_at_backward_end(partial(_errors_end_hook, self._ref, task, self.step_index))
         return pending
 
-    def _note_accumulation(self) -> None:
-        """A ``.grad`` was accumulated: this backward pass's error signals count."""
-        self._traversals.accumulating.add(torch._C._current_graph_task_id())
+    def _note_accumulation(self, param: Tensor | None = None) -> None:
+        """A ``.grad`` was accumulated: this backward pass's error signals count. At the
+        pass's first accumulation, were the gradients of the passes before discarded
+        (``param``: the one accumulated now; gradprobe/follow.py)?"""
+        task = torch._C._current_graph_task_id()
+        accumulating = self._traversals.accumulating
+        if task not in accumulating:
+            if param is not None and self._grad_marker is not None and not self._searching:
+                self._check_discarded(param)
+            accumulating.add(task)
 
     def _commit_errors(self, task: int, step: int) -> None:
         """A backward pass ended: keep its error signals if it accumulated into ``.grad``."""
