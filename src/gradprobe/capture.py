@@ -249,6 +249,8 @@ class Capture:
     def _on_pre(
         self, k: int, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> None:
+        if self._slot_frozen(k):
+            return  # its parameters are frozen for this pass (gradprobe/follow.py)
         # "The" input: the first floating-point tensor, positional arguments before keywords.
         x = _first_input(args, kwargs)
         slot = self._slots[k]
@@ -278,6 +280,8 @@ class Capture:
                 self.buffer.add_host(k, "sat_count_n", z.numel())
 
     def _on_forward(self, k: int, module: nn.Module, output: Any) -> None:
+        if self._slot_frozen(k):
+            return  # its parameters are frozen for this pass (gradprobe/follow.py)
         y = _first_float_tensor(output)
         if y is None:
             self._unreadable_module(k, "output", output)

@@ -100,8 +100,14 @@ class Follow:
         self._retired_params: set[int] = set()
         self._retired_slots: set[int] = set()
         self._bound_modules = [weakref.ref(m) for m in _slot_modules(model, self._slots)]
-        self._trainable_at_bind = any(p.requires_grad for p in self._params)
         self._param_index = {id(p): i for i, p in enumerate(self._params)}
+        # Which parameters were trainable when bound, and each module's: its own, or those
+        # of the smallest module around it that has some (see _owners_of).
+        self._trainable_at_bind = [p.requires_grad for p in self._params]
+        self._owners = self._owners_of(model)
+        # Modules whose parameters are all frozen now (trainable when bound): not recorded.
+        self._requires_grad_now: tuple[bool, ...] = tuple(self._trainable_at_bind)
+        self._frozen_slots: frozenset[int] = frozenset()
 
     # ================================================================ closures
     def _before_step(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -203,41 +209,69 @@ class Follow:
             if i >= n or entry[0] not in dropped
         ]
 
-    def _owning_slots(self, reset: set[int]) -> list[int]:
-        model = self._model_ref()
-        if model is None:
-            return []
+    def _owners_of(self, model: nn.Module) -> list[frozenset[int]]:
+        """Per slot, the parameters whose gradient its passes make: those under the
+        smallest module around it (itself included) that holds parameters trainable when
+        bound; a module under none of them (a frozen backbone's), all of them."""
         index = self._param_index
+        trainable = self._trainable_at_bind
         under: dict[str, set[int]] = defaultdict(set)
-        for trainable_only in (True, False):
-            for name, p in model.named_parameters():
-                i = index.get(id(p))
-                if i is None or (trainable_only and not p.requires_grad):
-                    continue
-                parts = name.split(".")[:-1]
-                for j in range(len(parts) + 1):
-                    under[".".join(parts[:j])].add(i)
-            if under:
-                break
-        slots = []
-        for slot in self._slots:
-            if slot.index in self._retired_slots:
+        for name, p in model.named_parameters():
+            i = index.get(id(p))
+            if i is None or not trainable[i]:
                 continue
+            parts = name.split(".")[:-1]
+            for j in range(len(parts) + 1):
+                under[".".join(parts[:j])].add(i)
+        everything = frozenset(under.get("", ()))
+        owners = []
+        for slot in self._slots:
             parts = slot.name.split(".") if slot.name else []
+            owned = everything
             for j in range(len(parts), -1, -1):
-                owned = under.get(".".join(parts[:j]))
-                if owned:
-                    if owned & reset:
-                        slots.append(slot.index)
+                found = under.get(".".join(parts[:j]))
+                if found:
+                    owned = frozenset(found)
                     break
-        return slots
+            owners.append(owned)
+        return owners
 
-    def _frozen_now(self) -> bool:
-        """Whether no parameter of the model requires grad now, where some did when it was
-        bound: a pass then reaches none of its gradients (a GAN's D frozen while G trains)."""
-        return self._trainable_at_bind and not any(
-            p.requires_grad for i, p in enumerate(self._params) if i not in self._retired_params
+    def _owning_slots(self, params: set[int]) -> list[int]:
+        """The live slots whose passes make a gradient of one of ``params``."""
+        return [
+            k
+            for k, owned in enumerate(self._owners)
+            if owned & params and k not in self._retired_slots
+        ]
+
+    def _update_frozen(self) -> None:
+        """At a recorded pass's start: the modules all of whose parameters are frozen now,
+        though trainable when bound (a GAN's D while G trains, Lightning's
+        ``toggle_optimizer``): the pass reaches none of the gradients their steps apply,
+        so they are not recorded in it. Host flags; recomputed only when they change."""
+        now = tuple(p.requires_grad for p in self._params)
+        if now == self._requires_grad_now:
+            return
+        self._requires_grad_now = now
+        frozen = {
+            i
+            for i, (bound, live) in enumerate(zip(self._trainable_at_bind, now))
+            if bound and not live
+        }
+        self._frozen_slots = frozenset(
+            k for k, owned in enumerate(self._owners) if owned and owned <= frozen
         )
+
+    def _slot_frozen(self, k: int) -> bool:
+        """Whether module ``k``'s call is one its parameters are frozen for: inside a
+        pass, as judged at the pass's start; a call outside the model's forward (a loop
+        or a LightningModule's ``training_step`` calling submodules), now, from its own
+        parameters (a few flags: the first trainable one ends the look)."""
+        if self._pass_open:
+            return k in self._frozen_slots
+        owned = self._owners[k] if k < len(self._owners) else ()
+        params = self._params
+        return bool(owned) and not any(params[i].requires_grad for i in owned)
 
     # ================================================================ a model that changes
     def _follow_model(self) -> None:
@@ -307,8 +341,13 @@ class Follow:
         self._param_index = {
             id(p): i for i, p in enumerate(self._params) if i not in self._retired_params
         }
-        if not self._trainable_at_bind:
-            self._trainable_at_bind = any(p.requires_grad for p in new_params)
+        fresh = {id(p) for p in new_params}
+        self._trainable_at_bind = [
+            p.requires_grad if id(p) in fresh else bound
+            for p, bound in zip(self._params, self._trainable_at_bind + [False] * len(new_params))
+        ]
+        self._owners = self._owners_of(model)
+        self._requires_grad_now, self._frozen_slots = (), frozenset()
         self.buffer.grow(len(self._slots), len(self._params))
         self._grad_marker = None  # other parameters: nothing of before is comparable
         self._preclip, self._grad_versions, self._snapshot = {}, {}, None

@@ -620,10 +620,8 @@ class Probe(Capture, StepBoundary, Follow):
         self._pass_trained = self._trained_now()
         if self._pass_trained:
             self._trained_step = self.step_index
-            # A model whose parameters are all frozen for this pass (a GAN's D while G
-            # trains): the pass reaches none of the gradients its steps apply.
-            if self._recording and self._frozen_now():
-                self._pass_trained = False
+            if self._recording:  # modules frozen for this pass (a GAN's D while G trains)
+                self._guard(self._update_frozen, "the start of the model's forward (frozen)")
         elif torch.is_grad_enabled():
             self._eval_grad_step = self.step_index
 
