@@ -189,6 +189,11 @@ class Follow:
                 version += 1
             if g is None or ref() is not g or (versions and g._version != version):
                 reset.append(i)
+        if current is not None:
+            # This backward's first accumulation: its end marks again. Until then a later
+            # one (a nested backward of a reentrant checkpoint, after others of the
+            # outer pass have accumulated) would compare against an outdated marker.
+            self._grad_marker = None
         if reset:
             self._drop_discarded(reset)
 
@@ -196,7 +201,7 @@ class Follow:
         """Drop what the passes before the mark recorded for the modules whose parameters
         (their own, or those of the smallest module around them with trainable ones)
         had their gradient discarded."""
-        mark, self._grad_marker = self._grad_mark, None
+        mark, self._grad_marker, self._grad_mark = self._grad_mark, None, None
         slots = self._owning_slots(set(reset))
         if not slots or mark is None:
             return
@@ -354,11 +359,13 @@ class Follow:
         self._describe_new(model, new_modules, names, params, new_params)
         # Hooks: every module hook again (a retired slot's module may still run under
         # another name: a wrapped layer), and gradient hooks on the new parameters.
-        if self._step_hooks_on:
+        was_on = self._step_hooks_on
+        if was_on:
             self._step_hooks.remove()
             self._step_hooks_on = False
-            kept_hooks = self._param_hooks_kept
-            self._attach_step_hooks(new_params if kept_hooks else None)
+        kept = self._param_hooks_kept  # "auto": gradient hooks on at every step
+        if was_on or (kept and new_params):
+            self._attach_step_hooks(new_params if kept else None)
 
     def _describe_new(
         self,
