@@ -4,8 +4,10 @@
 Each drawn :class:`~strategies.PatternSpec` mixes pytree outputs, keyword calls, variable
 batch sizes and sequence lengths, shared inputs and residual adds, retained graphs, a
 gradient penalty, gradient accumulation, activation checkpointing (reentrant or not), a
-BatchNorm kept in eval(), a sparse Embedding, an unused branch, and a save/pickle/deepcopy
-of the model mid-training. The model is trained under the Probe and, from the same
+BatchNorm kept in eval(), a sparse Embedding, an unused branch, a save/pickle/deepcopy
+of the model mid-training, and (issue 21) the step called with a closure that runs the
+backward, the head replaced mid-run (its parameters a new param group), and a second
+optimizer for the head. The model is trained under the Probe and, from the same
 initial state and seeds, without it. Asserted:
 
 1. training is bit-identical (losses, gradients of every step, the final state, and
