@@ -46,10 +46,14 @@ if TYPE_CHECKING:
 __all__ = ["Follow", "model_signature"]
 
 
-def model_signature(model: nn.Module) -> tuple[tuple[int, ...], tuple[int, ...]]:
+def model_signature(
+    model: nn.Module, parameters: bool = True
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Which module and parameter objects the model holds, in order (host ids, no walk of
-    any tensor): equal from step to step unless the model was changed."""
-    return tuple(map(id, model.modules())), tuple(map(id, model.parameters()))
+    any tensor): equal from step to step unless the model was changed. ``parameters``:
+    False under FSDP2, which registers the full or the sharded tensors by turns."""
+    params = tuple(map(id, model.parameters())) if parameters else ()
+    return tuple(map(id, model.modules())), params
 
 
 def _closure_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, Any]:
@@ -88,7 +92,7 @@ def _watched(ref: weakref.ref[Probe], closure: Callable[..., Any]) -> Callable[.
 class Follow:
     def _init_follow(self, model: nn.Module, selection: Any) -> None:
         self._selection = selection
-        self._signature = model_signature(model)
+        self._signature = model_signature(model, not self._shards)
         # The step's reading of the gradients waits for its closure (see _before_step).
         self._step_work_pending = False
         self._searching = 0
@@ -280,11 +284,15 @@ class Follow:
 
     # ================================================================ a model that changes
     def _follow_model(self) -> None:
-        """Once per step: bind what the model holds now if it changed since."""
+        """Once per step (its first pass, or its optimizer step, or ``probe.step()``):
+        bind what the model holds now if it changed since."""
         model = self._model_ref()
         if model is None or self._closed or _inside_backward():
             return
-        signature = model_signature(model)
+        if self._followed_step == self.step_index:
+            return
+        self._followed_step = self.step_index
+        signature = model_signature(model, not self._shards)
         if signature == self._signature:
             return
         self._signature = signature
@@ -292,7 +300,7 @@ class Follow:
             warn_gap(
                 self._failed_where,
                 "model changed (sharded)",
-                "gradprobe: the model's modules or parameters changed, and it holds sharded "
+                "gradprobe: the model's modules changed, and it holds sharded "
                 "(FSDP2) parameters, whose shards the Probe binds once: the changed ones are "
                 "not followed. Make a new Probe after the change",
             )

@@ -520,7 +520,7 @@ class Probe(Capture, StepBoundary, Follow):
         self._pass_open = False
         self._pass_trained = False
         self._trained_step = -1  # the last step with a recorded pass
-        self._followed_step = 0  # the last step whose model was compared (follow.py)
+        self._followed_step = -1  # the last step whose model was compared (follow.py)
         self._eval_grad_step: int | None = None  # a step with eval() passes under grad
         # Calls whose first run could not register error-signal hooks (a reentrant
         # checkpoint runs it under no_grad): their recomputation in backward registers them.
@@ -612,7 +612,6 @@ class Probe(Capture, StepBoundary, Follow):
             self._forward_step = self.step_index  # a forward under grad in this step (log())
         self._check_trained_in_eval()  # before this pass counts
         if self._followed_step != self.step_index:  # once per step: the model as it is
-            self._followed_step = self.step_index
             self._guard(self._follow_model, "the start of the model's forward (following)")
         if self._grad_marker is not None and not self._searching:
             self._guard(self._check_discarded, "the start of the model's forward (gradients)")
