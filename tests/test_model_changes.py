@@ -184,6 +184,13 @@ def test_a_change_reaches_the_store_and_its_meta(tmp_path):
     grads = table[(table.stat == "grad_norm") & (table.name == "head.weight")]
     assert sorted(grads.step) == list(range(STEPS))
     assert run["unhooked"]
+    # What reads a run takes the two heads as one name: a table, the diagnosis, a report.
+    assert list(loaded.table("grad_norm")["head.weight"].index) == list(range(STEPS))
+    gradprobe.diagnose(loaded)
+    import matplotlib.pyplot as plt
+
+    loaded.plot()
+    plt.close("all")
 
 
 def test_a_module_replaced_between_steps_without_an_optimizer():

@@ -21,7 +21,9 @@ What happens, and where it costs::
                                 by the watched ``GradScaler`` (``global_grad_norm_preclip``)
     optimizer step pre-hook     grad and parameter norms, batched with ``torch._foreach_norm``
                                 (after AMP unscale, clipping and the DDP all-reduce);
-                                a copy of the parameters for ``update_ratio``
+                                a copy of the parameters for ``update_ratio``; with a
+                                closure, all of it when the closure's first evaluation
+                                returns (gradprobe/follow.py: what the step applies)
     optimizer step post-hook    update norms; the step's row is closed
 
 All of it stays on the device, in a :class:`~gradprobe.buffer.StepBuffer`; every
