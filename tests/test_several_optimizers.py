@@ -262,3 +262,46 @@ def test_lightning_manual_optimisation_with_two_optimizers(toggle):
         for name, norm in ref["grads"].items():
             assert close(stat_table(frame, "grad_norm", name)[step], norm), (step, name)
     assert hook_count(model) == 0
+
+
+def test_one_model_two_optimizers_the_watched_step_updates_its_own_parameters():
+    """A body and a head with optimizers of their own, the head's stepped after the
+    Probe's: update_ratio is of the parameters the watched step updates (the head's
+    would read 0 across it), gradients and calls of every module as the twin's."""
+
+    def run(probed: bool) -> tuple[nn.Module, list[dict], object]:
+        torch.manual_seed(4)
+        model = nn.Sequential(nn.Linear(5, 12), nn.GELU(), nn.Linear(12, 2)).double()
+        body_opt = torch.optim.SGD(model[0].parameters(), lr=0.1, momentum=0.9)
+        head_opt = torch.optim.Adam(model[2].parameters(), lr=0.01)
+        probe = Probe(model, body_opt, every=1) if probed else None
+        gen = torch.Generator().manual_seed(9)
+        refs = []
+        for _ in range(3):
+            x = torch.randn(6, 5, generator=gen, dtype=torch.float64)
+            body_opt.zero_grad()
+            head_opt.zero_grad()
+            model(x).pow(2).mean().backward()
+            before = {n: p.detach().clone() for n, p in model.named_parameters()}
+            grads = {n: float(p.grad.norm()) for n, p in model.named_parameters()}
+            body_opt.step()
+            after = {n: p.detach().clone() for n, p in model.named_parameters()}
+            head_opt.step()
+            ratio = {n: float((after[n] - b).norm() / b.norm()) for n, b in before.items()}
+            refs.append({"grads": grads, "ratio": ratio})
+        frame = probe.frame() if probe is not None else None
+        if probe is not None:
+            probe.close()
+        return model, refs, frame
+
+    model, _, frame = run(True)
+    twin, refs, _ = run(False)
+    assert states_equal(model, twin)
+    for step, ref in enumerate(refs):
+        for name in ("0.weight", "0.bias"):
+            assert close(stat_table(frame, "update_ratio", name)[step], ref["ratio"][name])
+        for name, norm in ref["grads"].items():
+            assert close(stat_table(frame, "grad_norm", name)[step], norm)
+        assert stat_table(frame, "calls", "2")[step] == 1.0
+    assert not stat_table(frame, "update_ratio", "2.weight")
+    assert hook_count(model) == 0

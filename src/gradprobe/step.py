@@ -334,8 +334,20 @@ class StepBoundary:
     def _take_snapshot(self) -> None:
         """Copy the parameters that will be updated, for ``update_ratio``."""
         snapshot = {}
+        optimizer = self._optimizer_ref() if self._optimizer_ref is not None else None
         with_grad = self._optimizer_ref is not None
+        # The parameters this step updates: those its optimizer holds (another optimizer's,
+        # stepped at another time, would read 0 or another step's update).
+        held = (
+            {id(p) for group in optimizer.param_groups for p in group["params"]}
+            if optimizer is not None
+            else None
+        )
         for key, idx in self._param_groups(with_grad=with_grad).items():
+            if held is not None and not all(id(self._params[i]) in held for i in idx):
+                idx = [i for i in idx if id(self._params[i]) in held]
+                if not idx:
+                    continue
             # Sharded parameters: of this rank's shard, before and after alike.
             params = local_shards([self._params[i].detach() for i in idx])
             copies = self._snapshot_copies(key, idx, params)
