@@ -181,17 +181,18 @@ class Follow:
         if marker is None:
             return
         now = self._param_index.get(id(current)) if current is not None else None
-        # Under data parallelism collectives write gradients without a version bump, and
-        # DDP's buckets with more than one: identity only.
-        versions = not self._distributed
+        # Under data parallelism collectives write gradients without a version bump, DDP's
+        # buckets with more than one, and DDP swaps .grad for views of rebuilt buckets
+        # (after its first iteration): there, only a gradient set to None is discarded.
+        alone = not self._distributed
         reset = []
         for i, (ref, version) in marker.items():
             g = self._params[i].grad
             if i == now:
-                if g is None or torch.is_grad_enabled() or g.layout != torch.strided:
+                if not alone or torch.is_grad_enabled() or g is None or g.layout != torch.strided:
                     continue  # create_graph (or sparse) accumulates out of place: unknown
                 version += 1
-            if g is None or ref() is not g or (versions and g._version != version):
+            if g is None or (alone and (ref() is not g or g._version != version)):
                 reset.append(i)
         if current is not None:
             # This backward's first accumulation: its end marks again. Until then a later
