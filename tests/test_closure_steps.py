@@ -242,3 +242,65 @@ def test_a_closure_with_accumulation_and_clipping_inside(optimizer):
         assert [global_norm(a) for a in opt.applied] == pytest.approx(
             [global_norm(r["grads"]) for r in steps], rel=RTOL
         )
+
+
+# --------------------------------------------------------------------------- odd callers
+class IgnoresClosure(torch.optim.Optimizer):
+    """Takes a closure and calls it only at the steps in ``calls`` (counted from 0)."""
+
+    def __init__(self, params, lr: float, calls: set[int]) -> None:
+        super().__init__(params, {"lr": lr})
+        self.calls, self.count = calls, 0
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        self.count += 1
+        if closure is not None and self.count - 1 in self.calls:
+            with torch.enable_grad():
+                closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.add_(p.grad, alpha=-group["lr"])
+
+
+def odd_loop(probed: bool) -> tuple[nn.Module, list[dict], list[str], Probe | None]:
+    """Step 1's closure raises inside the optimizer's step (the loop catches it, as a
+    retrying trainer would); at the other steps the optimizer never calls the closure."""
+    model = mlp(8)
+    opt = IgnoresClosure(model.parameters(), lr=0.05, calls={1})
+    probe = Probe(model, opt, every=1) if probed else None
+    errors, refs = [], []
+    for step in range(4):
+        x, y = data(30 + step, 8)
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        refs.append({n: float(p.grad.norm()) for n, p in model.named_parameters()})
+
+        def closure() -> torch.Tensor:
+            raise ValueError("the user's own error")
+
+        try:
+            opt.step(closure)
+        except ValueError as exc:
+            errors.append(str(exc))
+    if probe is not None:
+        probe.close()
+    return model, refs, errors, probe
+
+
+def test_a_closure_that_raises_or_is_never_called():
+    model, _, errors, probe = odd_loop(True)
+    twin, refs, twin_errors, _ = odd_loop(False)
+    assert states_equal(model, twin)
+    assert errors == twin_errors == ["the user's own error"]  # the user's, unchanged
+    frame = probe.frame()
+    # Step 1 raised before its update: its pass's gradient was discarded by the next
+    # zero_grad(), and the step it would have closed is closed by the next one.
+    for step, ref in zip((0, 1, 2), (refs[0], refs[2], refs[3])):
+        for name, norm in ref.items():
+            assert close(stat_table(frame, "grad_norm", name)[step], norm), (step, name)
+        assert stat_table(frame, "calls", "0")[step] == 1.0
+    # Given a closure it did not call, the optimizer moved the parameters before they
+    # could be copied: no update_ratio, rather than a wrong one.
+    assert frame[frame.stat == "update_ratio"].empty
