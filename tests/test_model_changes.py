@@ -217,3 +217,32 @@ def test_a_module_replaced_between_steps_without_an_optimizer():
         for name, norm in grads.items():
             assert close(stat_table(frame, "grad_norm", name)[step], norm), (step, name)
     assert set(stat_table(frame, "calls", "head.1")) == {2, 3}
+
+
+def test_a_selection_by_name_follows_the_module_under_that_name():
+    """``modules=[...]``: a replaced module under a selected name is probed; a selected
+    name the model no longer has is simply not there (no error mid-training)."""
+    torch.manual_seed(0)
+    model = Net().double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    probe = Probe(model, opt, every=1, modules=["head", "body.1"])
+    gen = torch.Generator().manual_seed(6)
+    outputs = []
+    for step in range(4):
+        if step == 2:
+            model.head = nn.Linear(16, 3).double()
+            model.body[1] = nn.Identity()  # "body.1" is now an Identity: followed too
+            opt.add_param_group({"params": list(model.head.parameters())})
+        x = torch.randn(4, 6, generator=gen, dtype=torch.float64)
+        opt.zero_grad()
+        out = model(x)
+        outputs.append(float(out.detach().mean()))
+        out.pow(2).mean().backward()
+        opt.step()
+    probe.close()
+    frame = probe.frame()
+    modules = set(frame[frame.stat == "calls"].name)
+    assert modules == {"head", "body.1"}
+    for step, mean in enumerate(outputs):
+        assert close(stat_table(frame, "act_mean", "head")[step], mean)
+    assert [m["type"] for m in probe.meta["modules"]] == ["Tanh", "Linear", "Identity", "Linear"]

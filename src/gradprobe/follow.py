@@ -332,6 +332,8 @@ class Follow:
             new_modules.append((slot, module))
             kept.add(slot.index)
         self._retired_slots |= {s.index for s in self._slots} - kept
+        # A retired module's units are no longer tracked (it never runs again).
+        self.buffer.units_off |= self._retired_slots
         # Parameters, the same way; a retired one's tensor is let go (an empty stand-in).
         live = {
             (name, id(self._params[i])): i
