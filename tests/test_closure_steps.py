@@ -173,6 +173,11 @@ def test_lbfgs_records_the_first_evaluation_at_the_starting_parameters():
         assert close(
             stat_table(frame, "global_grad_norm", MODEL_NAME)[step], global_norm(ref["grads"])
         )
+        # Its pre-clip norm too (the later evaluations' backward passes end later, at
+        # other parameters), and nothing clipped it.
+        pre = stat_table(frame, "global_grad_norm_preclip", MODEL_NAME)[step]
+        assert close(pre, global_norm(ref["grads"]))
+        assert stat_table(frame, "clipped", MODEL_NAME)[step] == 0.0
         # The first evaluation's pass only: one call, its error signal.
         assert stat_table(frame, "calls", "2")[step] == 1.0
         assert close(stat_table(frame, "error_norm", "2")[step] ** 2, ref["err_sq"], 1e-9)
