@@ -939,7 +939,8 @@ def _post_accumulate_hook(ref: weakref.ref[Probe], param: Tensor) -> None:
         probe._poll_scaler()
     # It runs for every parameter in every backward, recorded or not (the "auto"
     # cadence's sentinel): what it has to do is tested here, before any call. Error
-    # signals are kept only at recorded steps, so only they need the passes noted.
+    # signals are kept only at recorded steps, so only they need the passes noted (and
+    # the gradients marked when the pass ends: gradprobe/follow.py, discarded passes).
     if probe._recording:
         note = partial(probe._note_accumulation, param)
         probe._guard(note, "a gradient-accumulated hook (error signals)")

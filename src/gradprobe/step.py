@@ -430,6 +430,7 @@ class StepBoundary:
             # The optimizer never called the closure it was given: the gradients it saw
             # are still there, but the parameters have moved (no update_ratio).
             self._step_work_pending = False
+            self._snapshot = None  # (one left by a step that raised is not this step's)
             self._read_step(snapshot=False)
         if self._recording and self._want_update and self._snapshot is not None:
             self._guard_params(self._record_updates, "optimizer step (update ratio)")
