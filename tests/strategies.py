@@ -325,6 +325,13 @@ class PatternSpec:
     stats: str
     copy_step: int  # the step at which the model is saved, pickled and deep-copied
     copy_after_step: bool  # after optimizer.step() (else between backward and step)
+    # Issue 21: the step's backward runs inside optimizer.step(closure); the head is
+    # replaced by a fresh one (and its parameters added as a group) before this step's
+    # forward (-1: never); the head has an optimizer of its own, stepped after the
+    # Probe's (which watches the first).
+    closure: bool = False
+    replace_step: int = -1
+    two_optimizers: bool = False
 
     def build(self) -> PatternModel:
         return PatternModel(self)
@@ -379,4 +386,7 @@ def pattern_specs(draw: st.DrawFn) -> PatternSpec:
         stats=draw(st.sampled_from(["cheap", "default", "full"])),
         copy_step=draw(st.integers(0, steps - 1)),
         copy_after_step=draw(st.booleans()),
+        closure=draw(st.booleans()),
+        replace_step=draw(st.sampled_from([-1, *range(1, steps)])),
+        two_optimizers=draw(st.booleans()),
     )

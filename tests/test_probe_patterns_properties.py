@@ -4,8 +4,10 @@
 Each drawn :class:`~strategies.PatternSpec` mixes pytree outputs, keyword calls, variable
 batch sizes and sequence lengths, shared inputs and residual adds, retained graphs, a
 gradient penalty, gradient accumulation, activation checkpointing (reentrant or not), a
-BatchNorm kept in eval(), a sparse Embedding, an unused branch, and a save/pickle/deepcopy
-of the model mid-training. The model is trained under the Probe and, from the same
+BatchNorm kept in eval(), a sparse Embedding, an unused branch, a save/pickle/deepcopy
+of the model mid-training, and (issue 21) the step called with a closure that runs the
+backward, the head replaced mid-run (its parameters a new param group), and a second
+optimizer for the head. The model is trained under the Probe and, from the same
 initial state and seeds, without it. Asserted:
 
 1. training is bit-identical (losses, gradients of every step, the final state, and
@@ -39,7 +41,7 @@ from torch import Tensor, nn
 from gradprobe import Probe
 from gradprobe.activations import activation_of
 from gradprobe.hooks import GradprobeWarning, InertHook, ModuleHook
-from strategies import PatternModel, PatternSpec, pattern_specs
+from strategies import PATTERN_CLASSES, PatternModel, PatternSpec, PytreeLayer, pattern_specs
 
 # Every hook table a module has (torch 2.x): forward, backward, state-dict hooks.
 MODULE_HOOK_TABLES = (
@@ -120,11 +122,32 @@ def states_equal(a: nn.Module, b: nn.Module) -> bool:
 
 
 def optimizer_for(spec: PatternSpec, model: nn.Module) -> torch.optim.Optimizer:
+    return optimizers_for(spec, model)[0]
+
+
+def optimizers_for(spec: PatternSpec, model: nn.Module) -> list[torch.optim.Optimizer]:
+    """The spec's optimizer over the model; with ``two_optimizers``, over all but the
+    head, and a second one (SGD) for the head."""
+    head = {id(p) for p in model.head.parameters()}
+    params = [p for p in model.parameters() if not (spec.two_optimizers and id(p) in head)]
     if spec.optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), lr=0.01)
-    return torch.optim.SGD(
-        model.parameters(), lr=0.05, momentum=0.9 if spec.optimizer == "momentum" else 0.0
-    )
+        first: torch.optim.Optimizer = torch.optim.Adam(params, lr=0.01)
+    else:
+        momentum = 0.9 if spec.optimizer == "momentum" else 0.0
+        first = torch.optim.SGD(params, lr=0.05, momentum=momentum)
+    if not spec.two_optimizers:
+        return [first]
+    return [first, torch.optim.SGD(model.head.parameters(), lr=0.02)]
+
+
+def replace_head(spec: PatternSpec, model: PatternModel, optimizer: torch.optim.Optimizer) -> None:
+    """Fine-tuning's head swap, alike in both twins: a fresh head, its parameters a new
+    group of the optimizer that steps the head."""
+    state = torch.get_rng_state()
+    torch.manual_seed(99)
+    model.head = PytreeLayer(spec.width, PATTERN_CLASSES, spec.head_output)
+    torch.set_rng_state(state)
+    optimizer.add_param_group({"params": list(model.head.parameters())})
 
 
 @dataclass
@@ -249,7 +272,8 @@ def train(spec: PatternSpec, probed: bool) -> Trace:
     model = spec.build()
     model.train()
     batches = spec.batches()
-    optimizer = optimizer_for(spec, model)
+    optimizers = optimizers_for(spec, model)
+    optimizer = optimizers[0]  # the Probe's; a second one steps the head after it
     trace = Trace()
     before = hook_census(model, optimizer)
     activity = ActivityWatch(model) if not probed else None
@@ -258,22 +282,35 @@ def train(spec: PatternSpec, probed: bool) -> Trace:
         warnings.simplefilter("always")
         probe = Probe(model, optimizer, every=spec.every, stats=spec.stats) if probed else None
         for step, batch in enumerate(batches):
-            optimizer.zero_grad()
-            losses, head_error = backward_step(model, spec, batch, reference=not probed)
-            trace.losses.append(losses)
-            trace.head_error.append(head_error)
-            if activity is not None:
-                trace.dead.append(activity.dead_fractions())
-            trace.grads.append(
-                {
-                    n: dense(p.grad).clone()
-                    for n, p in model.named_parameters()
-                    if p.grad is not None
-                }
-            )
-            if step == spec.copy_step and not spec.copy_after_step:
-                exercise_copies(model, spec, batch, trace, probed)
-            optimizer.step()
+            if step == spec.replace_step:
+                replace_head(spec, model, optimizers[-1])
+
+            def closure(step: int = step, batch: tuple = batch) -> Tensor:
+                for o in optimizers:
+                    o.zero_grad()
+                losses, head_error = backward_step(model, spec, batch, reference=not probed)
+                trace.losses.append(losses)
+                trace.head_error.append(head_error)
+                if activity is not None:
+                    trace.dead.append(activity.dead_fractions())
+                trace.grads.append(
+                    {
+                        n: dense(p.grad).clone()
+                        for n, p in model.named_parameters()
+                        if p.grad is not None
+                    }
+                )
+                if step == spec.copy_step and not spec.copy_after_step:
+                    exercise_copies(model, spec, batch, trace, probed)
+                return losses.sum()
+
+            if spec.closure:
+                optimizer.step(closure)
+            else:
+                closure()
+                optimizer.step()
+            for other in optimizers[1:]:
+                other.step()
             if step == spec.copy_step and spec.copy_after_step:
                 exercise_copies(model, spec, batch, trace, probed)
         if probe is not None:
@@ -287,8 +324,10 @@ def train(spec: PatternSpec, probed: bool) -> Trace:
     trace.torch_warnings = {
         str(w.message) for w in caught if not issubclass(w.category, GradprobeWarning)
     }
-    # Every hook gone: the tables hold what they held before the Probe was attached.
-    assert hook_census(model, optimizer) == before
+    # Every hook gone: the tables hold what they held before the Probe was attached (a
+    # head put in mid-run held none).
+    after = hook_census(model, optimizer)
+    assert after == {key: before.get(key, 0) for key in after}
     assert gradprobe_hooks(model) == []
     # Saved, pickled and copied after close: no gradprobe object travels with it.
     for way, copied in copies_of(model).items():

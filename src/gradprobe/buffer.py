@@ -47,6 +47,8 @@ FIELDS: dict[str, tuple[str, ...]] = {
 MODULE_PARTIALS = [n for n, p in PARTIALS.items() if p.scope == "module"]
 PARAM_PARTIALS = [n for n, p in PARTIALS.items() if p.scope == "parameter"]
 _PARAM_PARTIAL_SET = frozenset(PARAM_PARTIALS)
+# Counts the host adds up per call (calls, entries): what a dropped pass takes back.
+_ADDITIVE_HOST = [n for n in MODULE_HOST_PARTIALS if PARTIALS[n].combine == "sum"]
 # CPU tensors of these dtypes are read by NumPy in place (``Tensor.numpy()``).
 _NUMPY_VIEWABLE = (torch.float32, torch.float64, torch.bool)
 
@@ -95,6 +97,16 @@ class _StepRecord:
 
     flat: Tensor
     layout: list[tuple[str, np.ndarray, np.ndarray, int]]  # kind, slots, counts, length
+
+
+@dataclass
+class _Mark:
+    """The current step's records at one moment (:meth:`StepBuffer.mark`)."""
+
+    calls: dict[tuple[str, torch.device], int]
+    units: dict[torch.device, int]
+    hists: dict[torch.device, int]
+    host: np.ndarray
 
 
 @dataclass
@@ -409,6 +421,74 @@ class StepBuffer:
         if step is not None:
             self._logged = {k: v for k, v in self._logged.items() if k[0] != step}
             self._complete = {k for k in self._complete if k in self._logged}
+
+    # ------------------------------------------------------------ passes discarded
+    def mark(self) -> _Mark:
+        """Where the current step's records stand now, to drop those before it later
+        (:meth:`drop_before`): list lengths and the host counts, no device op."""
+        return _Mark(
+            {key: len(calls.slots) for key, calls in self._calls.items()},
+            {device: len(calls.slots) for device, calls in self._unit_calls.items()},
+            {device: len(entry[0]) for device, entry in self._hist_calls.items()},
+            self._host.copy(),
+        )
+
+    def drop_before(self, mark: _Mark, slots: np.ndarray) -> None:
+        """Forget the calls of modules ``slots`` recorded before ``mark``: passes whose
+        gradient was discarded before the step (docs/recording.md, "One rule"). A call
+        batched with others keeps its value on the device and leaves the host's fold
+        (its slot becomes -1, which :func:`_combine` skips); counts the host knows are
+        taken back; gap flags stay (a gap only leaves a statistic out)."""
+        drop = np.zeros(self.n_slots, dtype=bool)
+        drop[slots] = True
+        for key, n in mark.calls.items():
+            calls = self._calls.get(key)
+            if calls is not None:
+                calls.slots[:n] = [-1 if s >= 0 and drop[s] else s for s in calls.slots[:n]]
+        for device, n in mark.units.items():
+            calls = self._unit_calls.get(device)
+            if calls is None or not any(drop[s] for s in calls.slots[:n]):
+                continue
+            kept = _UnitCalls()
+            for i, (s, row) in enumerate(zip(calls.slots, calls.rows())):
+                if i >= n or not drop[s]:
+                    kept.slots.append(s)
+                    kept.widths.append(row.numel())
+                    kept.blocks.append(row)
+            self._unit_calls[device] = kept
+        for device, n in mark.hists.items():
+            entry = self._hist_calls.get(device)
+            if entry is not None:
+                keep = [i for i, s in enumerate(entry[0]) if i >= n or not drop[s]]
+                self._hist_calls[device] = (
+                    [entry[0][i] for i in keep],
+                    [entry[1][i] for i in keep],
+                )
+        rows = np.flatnonzero(drop[: mark.host.shape[0]])
+        for name in _ADDITIVE_HOST:
+            col = self._host_col[name]
+            self._host[rows, col] -= mark.host[rows, col]
+
+    def grow(self, n_slots: int, n_params: int) -> None:
+        """Make room for modules and parameters bound after the start (a model that
+        changed, :mod:`gradprobe.follow`). Closed steps must have been drained: their
+        arrays have the old widths."""
+        if self._closed:
+            raise RuntimeError("grow() with closed steps waiting: drain first")
+        extra = n_slots - self.n_slots
+        if extra > 0:
+            self._host = np.vstack([self._host, np.zeros((extra, self._host.shape[1]))])
+            self.steps_seen = np.concatenate([self.steps_seen, np.zeros(extra, dtype=np.int64)])
+            for units in self._units.values():
+                if units.widths is not None:
+                    units.widths = np.concatenate([units.widths, np.zeros(extra, dtype=np.int64)])
+            self.n_slots = n_slots
+        if n_params > self.n_params:
+            pad = n_params - self.n_params
+            self._param_host = {
+                k: np.concatenate([v, np.zeros(pad)]) for k, v in self._param_host.items()
+            }
+            self.n_params = n_params
 
     def _close_all_units(self, called: np.ndarray) -> dict[torch.device, tuple[Tensor, Tensor]]:
         """Dead units of the step and the inactivity runs, per device: ``{device: (dead,
@@ -725,6 +805,10 @@ def _combine(
             np.add.at(hist[row], slots, values.reshape(len(slots), -1))
         return
     fields = dict(zip(FIELDS[kind], values.reshape(len(FIELDS[kind]), -1)))
+    kept = slots >= 0  # -1: a call of a pass whose gradient was discarded (drop_before)
+    if not kept.all():
+        slots, counts = slots[kept], counts[kept]
+        fields = {name: v[kept] for name, v in fields.items()}
 
     def add(partial: str, v: np.ndarray) -> None:
         np.add.at(modules[partial][row], slots, v)

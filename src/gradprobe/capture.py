@@ -249,6 +249,8 @@ class Capture:
     def _on_pre(
         self, k: int, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> None:
+        if self._slot_frozen(k):
+            return  # its parameters are frozen for this pass (gradprobe/follow.py)
         # "The" input: the first floating-point tensor, positional arguments before keywords.
         x = _first_input(args, kwargs)
         slot = self._slots[k]
@@ -278,6 +280,8 @@ class Capture:
                 self.buffer.add_host(k, "sat_count_n", z.numel())
 
     def _on_forward(self, k: int, module: nn.Module, output: Any) -> None:
+        if self._slot_frozen(k):
+            return  # its parameters are frozen for this pass (gradprobe/follow.py)
         y = _first_float_tensor(output)
         if y is None:
             self._unreadable_module(k, "output", output)
@@ -861,9 +865,16 @@ class Capture:
             queue_at_backward_end(partial(_errors_end_hook, self._ref, task, self.step_index))
         return pending
 
-    def _note_accumulation(self) -> None:
-        """A ``.grad`` was accumulated: this backward pass's error signals count."""
-        self._traversals.accumulating.add(torch._C._current_graph_task_id())
+    def _note_accumulation(self, param: Tensor | None = None) -> None:
+        """A ``.grad`` was accumulated: this backward pass's error signals count. At the
+        pass's first accumulation, were the gradients of the passes before discarded
+        (``param``: the one accumulated now; gradprobe/follow.py)?"""
+        task = torch._C._current_graph_task_id()
+        accumulating = self._traversals.accumulating
+        if task not in accumulating:
+            if param is not None and self._grad_marker is not None and not self._searching:
+                self._check_discarded(param)
+            accumulating.add(task)
 
     def _commit_errors(self, task: int, step: int) -> None:
         """A backward pass ended: keep its error signals if it accumulated into ``.grad``."""

@@ -21,7 +21,9 @@ What happens, and where it costs::
                                 by the watched ``GradScaler`` (``global_grad_norm_preclip``)
     optimizer step pre-hook     grad and parameter norms, batched with ``torch._foreach_norm``
                                 (after AMP unscale, clipping and the DDP all-reduce);
-                                a copy of the parameters for ``update_ratio``
+                                a copy of the parameters for ``update_ratio``; with a
+                                closure, all of it when the closure's first evaluation
+                                returns (gradprobe/follow.py: what the step applies)
     optimizer step post-hook    update norms; the step's row is closed
 
 All of it stays on the device, in a :class:`~gradprobe.buffer.StepBuffer`; every
@@ -83,6 +85,7 @@ from .capture import (
 )
 from .diagnose import Finding
 from .errors import GradprobeError
+from .follow import Follow
 from .hooks import GradprobeWarning, HookSet, ModuleHook, warn_gap, warn_once
 from .live import LiveCheck
 from .recurrent import carry_slots, record_carry
@@ -168,7 +171,7 @@ def _layout_of(module: nn.Module) -> str:
     return "inherit"
 
 
-class Probe(Capture, StepBoundary):
+class Probe(Capture, StepBoundary, Follow):
     """Records per-layer gradient, error-signal and activation statistics during training.
 
     Args:
@@ -280,6 +283,8 @@ class Probe(Capture, StepBoundary):
         self._param_names, self._params = _trainable_parameters(inner)
         # FSDP2: sharded parameters, whose norms add up over the ranks at each step.
         self._shards = ShardedNorms(self._params, inner)
+        # What the step applies: closures, discarded gradients, a changed model (follow.py).
+        self._init_follow(inner, modules)
         self.buffer = StepBuffer(
             len(self._slots),
             len(self._params),
@@ -440,6 +445,7 @@ class Probe(Capture, StepBoundary):
             )
         if self._closed:
             return
+        self._guard(self._follow_model, "probe.step (following the model)")
         self._poll_scaler()
         if self._recording:
             self._guard_params(self._record_params, "probe.step")
@@ -540,6 +546,7 @@ class Probe(Capture, StepBoundary):
         self._pass_open = False
         self._pass_trained = False
         self._trained_step = -1  # the last step with a recorded pass
+        self._followed_step = -1  # the last step whose model was compared (follow.py)
         self._eval_grad_step: int | None = None  # a step with eval() passes under grad
         # Calls whose first run could not register error-signal hooks (a reentrant
         # checkpoint runs it under no_grad): their recomputation in backward registers them.
@@ -569,11 +576,13 @@ class Probe(Capture, StepBoundary):
             self._hooks.add(optimizer.register_step_pre_hook(partial(_step_pre_hook, ref)))
             self._hooks.add(optimizer.register_step_post_hook(partial(_step_post_hook, ref)))
 
-    def _attach_step_hooks(self) -> None:
+    def _attach_step_hooks(self, new_params: list[Tensor] | None = None) -> None:
         """The hooks that record a step: on each probed module, and on each parameter's
         gradient accumulation. They are on the model only while a recorded step runs
         (see :meth:`_sync_step_hooks`): a hook that returns at once still costs its call
-        and takes the module off PyTorch's fast path (≈ +10 % on a 12×256 MLP)."""
+        and takes the module off PyTorch's fast path (≈ +10 % on a 12×256 MLP).
+        ``new_params``: parameters bound since (a changed model) whose gradient hooks,
+        kept on at every step, are still to be put on."""
         ref, hook, hooks = self._ref, self._hook_factory, self._step_hooks
         model = self._model_ref()
         if model is None:
@@ -581,19 +590,22 @@ class Probe(Capture, StepBoundary):
         by_name = dict(model.named_modules())
         # Statistics the user did not ask for cost nothing: no module statistic, no hook.
         module_stats = {n for n, st in STATISTICS.items() if st.module is not None}
-        for slot in self._slots if module_stats & set(self.stats) or self.histograms else []:
+        module_hooks = bool(module_stats & set(self.stats)) or self.histograms
+        for slot in self._slots if module_hooks else []:
             module = by_name.get(slot.name)
-            if module is None:
+            if module is None or slot.index in self._retired_slots:
                 continue
             pre_hook = hook(_pre_hook, ref, slot.index, module, hooks)
             forward_hook = hook(_forward_hook, ref, slot.index, module, hooks)
             hooks.add(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
             hooks.add(module.register_forward_hook(forward_hook, with_kwargs=True))
-        # Post-accumulate hooks also tell which backward passes count for error signals.
+        # Post-accumulate hooks also tell which backward passes count for error signals,
+        # and where gradients a pass made were discarded before the step (follow.py).
         # Under every="auto" they stay on at every step: the sentinel's pre-clip norms.
-        if (self._want_preclip or self._want_error) and not self._param_hooks_kept:
+        wanted = self._want_preclip or self._want_error or module_hooks
+        if wanted and (not self._param_hooks_kept or new_params):
             kept = self._auto
-            for p in self._params:
+            for p in new_params if self._param_hooks_kept and new_params else self._params:
                 if p.requires_grad:
                     (self._hooks if kept else hooks).add(
                         p.register_post_accumulate_grad_hook(partial(_post_accumulate_hook, ref))
@@ -625,10 +637,16 @@ class Probe(Capture, StepBoundary):
         if self._forward_step != self.step_index and torch.is_grad_enabled():
             self._forward_step = self.step_index  # a forward under grad in this step (log())
         self._check_trained_in_eval()  # before this pass counts
+        if self._followed_step != self.step_index:  # once per step: the model as it is
+            self._guard(self._follow_model, "the start of the model's forward (following)")
+        if self._grad_marker is not None and not self._searching:
+            self._guard(self._check_discarded, "the start of the model's forward (gradients)")
         self._pass_open = True
         self._pass_trained = self._trained_now()
         if self._pass_trained:
             self._trained_step = self.step_index
+            if self._recording:  # modules frozen for this pass (a GAN's D while G trains)
+                self._guard(self._update_frozen, "the start of the model's forward (frozen)")
         elif torch.is_grad_enabled():
             self._eval_grad_step = self.step_index
 
@@ -665,7 +683,7 @@ class Probe(Capture, StepBoundary):
         again inside backward by activation checkpointing) register only owed hooks."""
         if self._forward_step != self.step_index and torch.is_grad_enabled():
             self._forward_step = self.step_index  # a forward under grad in this step (log())
-        if self._closed or not self._recording:
+        if self._closed or not self._recording or self._searching:
             return _SKIP
         if _inside_backward():
             # The first run of this forward was recorded; this one must not double it.
@@ -794,21 +812,21 @@ class Probe(Capture, StepBoundary):
         rest = [s.name for s in self._slots if s.index not in self._seen_slots]
         return seen + rest
 
+    def _module_info(self, s: _Slot, m: nn.Module) -> dict[str, Any]:
+        info = {
+            "name": s.name,
+            "type": s.type,
+            "activation": s.activation.name if s.activation else recurrent_nonlinearity(m),
+            "parameters": sum(p.numel() for p in m.parameters(recurse=False)),
+            "layout": s.layout,
+        }
+        if self.histograms:
+            info["histogram_range"] = list(s.histogram_range)
+        return info
+
     def _describe(self, model: nn.Module, config: dict[str, Any] | None) -> dict[str, Any]:
         by_name = dict(model.named_modules())
-        modules = []
-        for s in self._slots:
-            m = by_name[s.name]
-            info = {
-                "name": s.name,
-                "type": s.type,
-                "activation": s.activation.name if s.activation else recurrent_nonlinearity(m),
-                "parameters": sum(p.numel() for p in m.parameters(recurse=False)),
-                "layout": s.layout,
-            }
-            if self.histograms:
-                info["histogram_range"] = list(s.histogram_range)
-            modules.append(info)
+        modules = [self._module_info(s, by_name[s.name]) for s in self._slots]
         params = dict(model.named_parameters())
         return {
             "label": self.label,
@@ -953,17 +971,21 @@ def _post_accumulate_hook(ref: weakref.ref[Probe], param: Tensor) -> None:
         probe._poll_scaler()
     # It runs for every parameter in every backward, recorded or not (the "auto"
     # cadence's sentinel): what it has to do is tested here, before any call. Error
-    # signals are kept only at recorded steps, so only they need the passes noted.
+    # signals are kept only at recorded steps, so only they need the passes noted (and
+    # the gradients marked when the pass ends: gradprobe/follow.py, discarded passes).
     if probe._recording:
-        probe._guard(probe._note_accumulation, "a gradient-accumulated hook (error signals)")
-    if probe._want_preclip and not probe._backward_pending:
+        note = partial(probe._note_accumulation, param)
+        probe._guard(note, "a gradient-accumulated hook (error signals)")
+    if (probe._want_preclip or probe._recording) and not probe._backward_pending:
         probe._guard(probe._on_post_accumulate, "a gradient-accumulated hook")
 
 
-def _step_pre_hook(ref: weakref.ref[Probe], optimizer: Any, args: Any, kwargs: Any) -> None:
+def _step_pre_hook(ref: weakref.ref[Probe], optimizer: Any, args: Any, kwargs: Any) -> Any:
     probe = ref()
     if probe is not None:
-        probe._guard(probe._on_step_pre, "the optimizer step (pre-hook)")
+        # None, or (args, kwargs) with the closure watched (gradprobe/follow.py); never raises
+        return probe._before_step(args, kwargs)
+    return None
 
 
 def _step_post_hook(ref: weakref.ref[Probe], optimizer: Any, args: Any, kwargs: Any) -> None:
@@ -1085,6 +1107,15 @@ def _resolve_stats(stats: str | Sequence[str]) -> tuple[str, ...]:
 def _select_modules(
     model: nn.Module, selection: Sequence[str] | ModuleFilter | None
 ) -> list[_Slot]:
+    chosen = _choose_modules(model, selection)
+    return [_make_slot(i, name, module) for i, (name, module) in enumerate(chosen)]
+
+
+def _choose_modules(
+    model: nn.Module, selection: Sequence[str] | ModuleFilter | None, strict: bool = True
+) -> list[tuple[str, nn.Module]]:
+    """The probed modules, in order. ``strict``: a listed name not in the model is an
+    error (at construction; when following a changed model it is just not there)."""
     named = list(model.named_modules())
     if selection is None:
         chosen = [
@@ -1098,23 +1129,22 @@ def _select_modules(
         wanted = list(selection)
         names = {n for n, _ in named}
         missing = [n for n in wanted if n not in names]
-        if missing:
+        if missing and strict:
             raise GradprobeError(
                 f"no modules named {missing} in the model", "see model.named_modules()"
             )
         chosen = [(n, m) for n, m in named if n in set(wanted)]
-    slots = []
-    for i, (name, module) in enumerate(chosen):
-        act = activation_of(module)
-        hist = act.histogram_range if act else DEFAULT_HISTOGRAM_RANGE
-        from_output = act.name if act is not None and _stock_forward(module, act) else None
-        inplace = getattr(module, "inplace", False) is True
-        slots.append(
-            _Slot(
-                i, name, type(module).__name__, act, _layout_of(module), hist, from_output, inplace
-            )
-        )
-    return slots
+    return chosen
+
+
+def _make_slot(i: int, name: str, module: nn.Module) -> _Slot:
+    act = activation_of(module)
+    hist = act.histogram_range if act else DEFAULT_HISTOGRAM_RANGE
+    from_output = act.name if act is not None and _stock_forward(module, act) else None
+    inplace = getattr(module, "inplace", False) is True
+    return _Slot(
+        i, name, type(module).__name__, act, _layout_of(module), hist, from_output, inplace
+    )
 
 
 # Activations whose gate f'(z) is a function of their output y = f(z), so that the gate

@@ -54,7 +54,7 @@ def _backward_end_hook(ref: weakref.ref[Probe], first: bool) -> None:
         return
     probe = ref()
     if probe is not None and not probe._closed:
-        probe._guard_params(probe._record_preclip, "end of backward (pre-clip norms)")
+        probe._after_backward()  # never raises (gradprobe/follow.py)
 
 
 def _accumulated_hook(ref: weakref.ref[Probe], param: Tensor) -> None:
@@ -144,8 +144,9 @@ class StepBoundary:
     # ================================================================ parameter hooks
     def _param_groups(self, with_grad: bool) -> dict[tuple[torch.device, torch.dtype], list[int]]:
         groups: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
+        retired = self._retired_params  # left the model (gradprobe/follow.py)
         for i, p in enumerate(self._params):
-            if with_grad and p.grad is None:
+            if (with_grad and p.grad is None) or i in retired:
                 continue
             groups[(p.device, p.dtype)].append(i)
         return groups
@@ -333,8 +334,20 @@ class StepBoundary:
     def _take_snapshot(self) -> None:
         """Copy the parameters that will be updated, for ``update_ratio``."""
         snapshot = {}
+        optimizer = self._optimizer_ref() if self._optimizer_ref is not None else None
         with_grad = self._optimizer_ref is not None
+        # The parameters this step updates: those its optimizer holds (another optimizer's,
+        # stepped at another time, would read 0 or another step's update).
+        held = (
+            {id(p) for group in optimizer.param_groups for p in group["params"]}
+            if optimizer is not None
+            else None
+        )
         for key, idx in self._param_groups(with_grad=with_grad).items():
+            if held is not None and not all(id(self._params[i]) in held for i in idx):
+                idx = [i for i in idx if id(self._params[i]) in held]
+                if not idx:
+                    continue
             # Sharded parameters: of this rank's shard, before and after alike.
             params = local_shards([self._params[i].detach() for i in idx])
             copies = self._snapshot_copies(key, idx, params)
@@ -390,23 +403,35 @@ class StepBoundary:
             self.buffer.set_param_host(idx, "has_update")
 
     def _on_step_pre(self) -> None:
+        """The optimizer step begins, with no closure: its gradients are there."""
         if self._closed:
             return
+        self._guard(self._follow_model, "the optimizer step (following the model)")
         self._poll_scaler()
+        if (self._recording or self._auto) and "lr" in self.stats:
+            self._guard(self._record_lr, "optimizer step (learning rate)")
+        self._read_step()
+
+    def _read_step(self, snapshot: bool = True) -> None:
+        """The gradients the step applies (before the update): at the step pre-hook, or
+        when the step's closure returned (gradprobe/follow.py). ``snapshot``: also copy
+        the parameters for ``update_ratio`` (not once the update has happened)."""
         if self._recording:
-            if "lr" in self.stats:
-                self._guard(self._record_lr, "optimizer step (learning rate)")
             self._guard_params(self._record_params, "optimizer step (gradients)")
-            if self._want_update:
+            if self._want_update and snapshot:
                 self._guard_params(self._take_snapshot, "optimizer step (snapshot)")
         elif self._auto:
-            if "lr" in self.stats:
-                self._guard(self._record_lr, "optimizer step (learning rate)")
             self._guard_params(self._record_sentinel, "optimizer step (sentinel)")
 
     def _on_step_post(self) -> None:
         if self._closed:
             return
+        if self._step_work_pending:
+            # The optimizer never called the closure it was given: the gradients it saw
+            # are still there, but the parameters have moved (no update_ratio).
+            self._step_work_pending = False
+            self._snapshot = None  # (one left by a step that raised is not this step's)
+            self._read_step(snapshot=False)
         if self._recording and self._want_update and self._snapshot is not None:
             self._guard_params(self._record_updates, "optimizer step (update ratio)")
         self._stepped_since_update = True
@@ -465,6 +490,9 @@ class StepBoundary:
         """Close the step. Never raises: a failure is one warning and a gap (this step's
         rows, or a flush's), and the step count moves on."""
         self._backward_pending = False  # a backward that raised never ran its callback
+        # Passes of this step cannot be discarded by a later zero_grad (gradprobe/follow.py).
+        self._grad_marker, self._grad_mark = None, None
+        self._step_work_pending = False
         if not _inside_backward():
             # Nothing of a backward outlives its step: a backward that raised (an OOM retry)
             # never ran the callback that drops its pending results, and with no probed
