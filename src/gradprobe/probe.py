@@ -74,6 +74,7 @@ from torch import Tensor, nn
 
 from ._version import __version__
 from .activations import Activation, activation_of, recurrent_nonlinearity
+from .architecture import describe_architecture
 from .buffer import Drained, StepBuffer
 from .capture import (
     Capture,
@@ -778,6 +779,13 @@ class Probe(Capture, StepBoundary):
                 info["histogram_range"] = list(s.histogram_range)
             modules.append(info)
         params = dict(model.named_parameters())
+        # What the model is and does (attention, norms and where they sit, residual
+        # additions...), read once here so that a loaded run is diagnosed as a live one.
+        architecture: dict[str, Any] = {}
+        self._guard(
+            lambda: architecture.update(describe_architecture(model)),
+            "reading the model's architecture",
+        )
         return {
             "label": self.label,
             "created": _now(),
@@ -787,6 +795,7 @@ class Probe(Capture, StepBoundary):
                 "summary": _summary(model),
             },
             "modules": modules,
+            "architecture": architecture,
             "parameters": [
                 {"name": n, "shape": list(params[n].shape), "numel": params[n].numel()}
                 for n in self._param_names

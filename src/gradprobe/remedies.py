@@ -153,7 +153,13 @@ REMEDIES: dict[str, Remedy] = {
             # BatchNorm in Transformers trains worse than LayerNorm (batch statistics of
             # padded, variable-length sequences fluctuate: Shen et al. 2020, PowerNorm).
             architectures={"cnn": 0.2, "rnn": None, "transformer": None},
-            present_when=("BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm"),
+            present_when=(
+                "BatchNorm",
+                "BatchNorm1d",
+                "BatchNorm2d",
+                "BatchNorm3d",
+                "SyncBatchNorm",
+            ),
             risk="depends on the batch: small batches give noisy statistics",
         ),
         Remedy(
@@ -473,6 +479,25 @@ def model_profile(meta: Mapping[str, Any]) -> ModelProfile:
         tokens.add("optimizer:unknown")  # remedies that tune Adam are offered, conditionally
     if config.get("clip_norm") is not None or config.get("clip_value") is not None:
         tokens.add("clipping")
+    described = meta.get("architecture")
+    if isinstance(described, Mapping) and described.get("kind"):
+        # What the model is and does, read by the Probe at attach (gradprobe.architecture).
+        arch = str(described["kind"])
+        activations |= {str(a) for a in described.get("activations") or ()}
+        tokens |= activations
+        families = set((described.get("norms") or {}).values())
+        tokens |= {_NORM_TOKEN[f] for f in families if f in _NORM_TOKEN}
+        if described.get("residual") or arch == "transformer":
+            tokens.add("residual")
+        if described.get("attention"):
+            tokens.add("attention")
+        placement = described.get("norm_placement") or (
+            _norm_placement(meta) if arch == "transformer" else None
+        )
+        if arch == "transformer" and placement:
+            tokens.add(str(placement))
+        return ModelProfile(arch, frozenset(activations), frozenset(tokens))
+    # Runs recorded before the Probe described the architecture: read class names.
     if types & _RECURRENT:
         arch = "rnn"
     elif types & _TRANSFORMER or any(_ATTENTION.search(t) for t in types):
@@ -486,6 +511,10 @@ def model_profile(meta: Mapping[str, Any]) -> ModelProfile:
     if arch == "transformer" and (placement := _norm_placement(meta)):
         tokens.add(placement)
     return ModelProfile(arch, frozenset(activations), frozenset(tokens))
+
+
+# The norm families of meta["architecture"]["norms"] as the tokens remedies look for.
+_NORM_TOKEN = {"layer": "LayerNorm", "rms": "RMSNorm", "batch": "BatchNorm", "group": "GroupNorm"}
 
 
 @dataclass(frozen=True)
