@@ -42,6 +42,7 @@ from .errors import GradprobeError
 from .remedies import RankedRemedy, model_profile, rank_remedies
 from .run import Run, load
 from .stats import MODEL_NAME
+from .story import tell
 
 __all__ = [
     "CARRY_GATE_MEAN",
@@ -87,6 +88,7 @@ __all__ = [
     "diagnose",
     "key_numbers",
     "no_findings_note",
+    "run_facts",
 ]
 
 # ---------------------------------------------------------------- thresholds
@@ -219,6 +221,7 @@ KIND_ORDER = (
     "unused_parameters",
     "divergence",
     "grad_norm_spike",
+    "loss_instability",
     "loss_spike",
     "oscillation",
     "plateau",
@@ -246,6 +249,10 @@ class Finding:
     summary: str
     evidence: dict[str, Any] = field(default_factory=dict)
     remedies: tuple[RankedRemedy, ...] = ()
+    # The story (gradprobe.story): the kind of the root finding that explains this one
+    # (None: it is a root), and, for a root, the kinds it explains.
+    cause: str | None = None
+    consequences: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (see :data:`FINDINGS_JSON_SCHEMA`)."""
@@ -256,6 +263,8 @@ class Finding:
             "summary": self.summary,
             "evidence": _jsonable(self.evidence),
             "remedies": [r.to_dict() for r in self.remedies],
+            "cause": self.cause,
+            "consequences": list(self.consequences),
         }
 
 
@@ -430,6 +439,11 @@ FINDINGS_JSON_SCHEMA: dict[str, Any] = {
                     "names": {"type": "array", "items": {"type": "string"}},
                     "summary": {"type": "string", "minLength": 1},
                     "evidence": {"type": "object"},
+                    "cause": {"enum": [*KIND_ORDER, None]},  # a kind, or null for a root
+                    "consequences": {
+                        "type": "array",
+                        "items": {"type": "string", "enum": list(KIND_ORDER)},
+                    },
                     "remedies": {
                         "type": "array",
                         "items": {
@@ -1680,6 +1694,8 @@ def diagnose(run_or_probe: Any) -> Findings:
                 )
             )
     found.sort(key=lambda f: (-_SEVERITY_RANK[f.severity], KIND_ORDER.index(f.kind)))
+    facts = run_facts(run, profile, found)
+    found = tell(found, profile, facts, KIND_ORDER, SEVERITIES)
     checked = Checked(
         steps=len(run.steps),
         modules=len(run.modules),
@@ -1687,6 +1703,29 @@ def diagnose(run_or_probe: Any) -> Findings:
         detectors=tuple(ran),
     )
     return Findings(found, run_name=run.name, skipped=skipped, checked=checked)
+
+
+def run_facts(run: Run, profile: Any, found: Iterable[Finding]) -> dict[str, Any]:
+    """What the run shows that a remedy could contradict (gradprobe.story.contradicted)."""
+    med = _update_medians(run)
+    updates = _table(run, "update_ratio")
+    weights = [w for w in _weights(run) if w in updates.columns]
+    largest = updates[weights].replace([np.inf, -np.inf], np.nan).max().max() if weights else 0.0
+    clipped = run.model_series("clipped")
+    config = run.meta.get("config") or {}
+    kinds = {f.kind for f in found}
+    return {
+        # The typical update, or any that reached the weight's size (one step replaces it).
+        "max_update_ratio": max(
+            float(med.max()) if len(med) else 0.0,
+            float(largest) if np.isfinite(largest) and largest >= UPDATE_RATIO_EXPLODING else 0.0,
+        ),
+        "clipping_acted": bool(len(clipped) and float(clipped.fillna(0).max()) > 0)
+        or config.get("clip_norm") is not None
+        or config.get("clip_value") is not None,
+        "unstable_loss": bool(kinds & {"divergence", "loss_instability", "oscillation"}),
+        "adam": any(profile.has(t) for t in ("optimizer:adam", "optimizer:adamw")),
+    }
 
 
 def key_numbers(run: Run) -> dict[str, float]:
