@@ -39,7 +39,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import GradprobeError
-from .remedies import RankedRemedy, model_profile, rank_remedies
+from .remedies import RankedRemedy, Remedy, model_profile, rank_remedies
 from .run import Run, load
 from .stats import MODEL_NAME
 from .story import tell
@@ -63,6 +63,7 @@ __all__ = [
     "LOSS_WINDOW",
     "MIN_DEPTH_LAYERS",
     "MIN_LOSS_STEPS",
+    "NEGATIVE_PREACT_SIGMAS",
     "NOTEBOOK_CSS",
     "OSCILLATION_AMPLITUDE",
     "OSCILLATION_AUTOCORR",
@@ -396,6 +397,7 @@ def findings_html(findings: Findings, *, remedies: int = 3) -> str:
     if not findings:
         return f'<p class="gp-none">{inline_code(no_findings_note(findings))}</p>'
     rows = []
+    lead = _lead_html(findings)
     for f in findings:
         where = ", ".join(f"<code>{escape(n)}</code>" for n in f.names[:6])
         if len(f.names) > 6:
@@ -404,16 +406,38 @@ def findings_html(findings: Findings, *, remedies: int = 3) -> str:
             f"<li><b>{escape(r.name)}</b>: {inline_code(r.why)}<br><code>{escape(r.code)}</code></li>"
             for r in f.remedies[:remedies]
         )
+        because = f"<br><small>follows from <b>{escape(f.cause)}</b></small>" if f.cause else ""
         rows.append(
             f'<tr class="gp-{escape(f.severity)}"><td><span class="gp-sev">{escape(f.severity)}</span></td>'
-            f"<td><b>{escape(f.kind)}</b></td><td>{where}</td><td>{inline_code(f.summary)}</td>"
+            f"<td><b>{escape(f.kind)}</b>{because}</td><td>{where}</td><td>{inline_code(f.summary)}</td>"
             f"<td><ol>{fixes}</ol></td></tr>"
         )
     return (
-        '<table class="gp-findings"><thead><tr><th>severity</th><th>finding</th><th>where</th>'
+        lead
+        + '<table class="gp-findings"><thead><tr><th>severity</th><th>finding</th><th>where</th>'
         "<th>what was measured</th><th>remedies, best first</th></tr></thead><tbody>"
         + "".join(rows)
         + "</tbody></table>"
+    )
+
+
+def _lead_html(findings: Findings) -> str:
+    """The story's head: the root cause, its one recommended action, its consequences."""
+    root = next((f for f in findings if f.cause is None), None)
+    if root is None:
+        return ""
+    action = ""
+    if root.remedies:
+        r = root.remedies[0]
+        action = (
+            f"<br>Do this first: <b>{escape(r.name)}</b>: {inline_code(r.why)}"
+            f"<pre>{escape(r.code)}</pre>"
+        )
+    under = [f.kind for f in findings if f.cause == root.kind]
+    follows = "<br>It explains: " + ", ".join(f"<b>{escape(k)}</b>" for k in under) if under else ""
+    return (
+        f'<p class="gp-lead">Root cause: <b>{escape(root.kind)}</b> ({escape(root.severity)}): '
+        f"{inline_code(root.summary)}{action}{follows}</p>"
     )
 
 
@@ -1026,6 +1050,13 @@ def _detect_dead(run: Run, kind: str) -> Finding | None:
     worst = max(hit, key=lambda n: current[n])
     word = "channels" if want == "channel" else "units"
     fed_by = {n: _fed_by(run, n) for n in hit}
+    # Only where the layer with weights feeds the activation directly (no norm between):
+    # then its recorded output is the activation's input.
+    order = run.modules
+    direct = {
+        n: f for n, f in fed_by.items() if f and n in order and order[order.index(n) - 1] == f
+    }
+    negative = _negative_inputs(run, direct)
     severity = "critical" if current[worst] >= 0.9 else "warning"
     rule = (
         f"0 at every position of every sample over the last "
@@ -1039,6 +1070,14 @@ def _detect_dead(run: Run, kind: str) -> Finding | None:
         + (f", since step {since[worst]}" if since[worst] is not None else "")
         + (f" (fed by `{fed_by[worst]}`)." if fed_by[worst] else ".")
     )
+    if negative:
+        # What the run measured at the layer feeding them: the evidence, and where to look.
+        layer, (mean, std) = next(iter(negative.items()))
+        summary += (
+            f" Every pre-activation of `{layer}` is negative: mean {mean:.3g}, std {std:.2g} "
+            f"(recorded output of `{layer}`): check its bias and initialisation, or the step "
+            "size that drove it there."
+        )
     return Finding(
         kind,
         severity,
@@ -1050,8 +1089,33 @@ def _detect_dead(run: Run, kind: str) -> Finding | None:
             "fed_by": fed_by,
             "statistic": source,
             "threshold": threshold,
+            "negative_preactivation": {
+                layer: {"mean": mean, "std": std} for layer, (mean, std) in negative.items()
+            },
         },
     )
+
+
+# Every pre-activation negative: the mean lies this many standard deviations below 0
+# (for a Gaussian, 1 entry in 3.5 million above 0 at 5σ): a ReLU after it outputs 0.
+NEGATIVE_PREACT_SIGMAS = 5.0
+
+
+def _negative_inputs(run: Run, fed_by: dict[str, str]) -> dict[str, tuple[float, float]]:
+    """Layers feeding dead units whose recorded outputs (act_mean, act_std; medians over
+    the recent steps) lie wholly below 0: ``{layer: (mean, std)}``, most negative first."""
+    means, stds = _table(run, "act_mean"), _table(run, "act_std")
+    if means.empty or stds.empty:
+        return {}
+    mean_now, std_now = _recent(means).median(), _recent(stds).median()
+    found: dict[str, tuple[float, float]] = {}
+    for layer in dict.fromkeys(fed_by.values()):
+        if layer not in mean_now.index or layer not in std_now.index:
+            continue
+        m, sd = float(mean_now[layer]), float(std_now[layer])
+        if math.isfinite(m) and math.isfinite(sd) and m < 0 and m + NEGATIVE_PREACT_SIGMAS * sd < 0:
+            found[layer] = (m, sd)
+    return dict(sorted(found.items(), key=lambda kv: kv[1][0] / max(kv[1][1], 1e-30)))
 
 
 def _fed_by(run: Run, name: str) -> str | None:
@@ -1682,7 +1746,7 @@ def diagnose(run_or_probe: Any) -> Findings:
             skipped[kind] = f"could not be judged: {type(exc).__name__}: {exc}"
             continue
         if finding is not None:
-            remedies = tuple(rank_remedies(finding.kind, profile))
+            remedies = _evidence_remedies(finding) + tuple(rank_remedies(finding.kind, profile))
             found.append(
                 Finding(
                     finding.kind,
@@ -1703,6 +1767,29 @@ def diagnose(run_or_probe: Any) -> Findings:
         detectors=tuple(ran),
     )
     return Findings(found, run_name=run.name, skipped=skipped, checked=checked)
+
+
+def _evidence_remedies(finding: Finding) -> tuple[RankedRemedy, ...]:
+    """Actions the finding's own numbers point to, ahead of the catalogue's: a layer whose
+    every pre-activation is negative is fixed where it is (its bias, its init, or the step
+    that pushed it there), not by changing the activation after it."""
+    negative = finding.evidence.get("negative_preactivation") or {}
+    out = []
+    for layer, v in negative.items():
+        remedy = Remedy(
+            "fix_preactivation",
+            f"Fix the layer feeding them: `{layer}`",
+            f"every pre-activation of `{layer}` is negative (mean {v['mean']:.3g}, std "
+            f"{v['std']:.2g}), so the ReLU after it outputs 0 and passes no error back: reset "
+            "its bias and re-initialise it, or lower the step size if training drove it there",
+            f"layer = model.get_submodule({layer!r})\n"
+            "if layer.bias is not None:\n"
+            "    nn.init.zeros_(layer.bias)\n"
+            "nn.init.kaiming_normal_(layer.weight, nonlinearity='relu')",
+            treats={finding.kind: 1.0},
+        )
+        out.append(RankedRemedy(remedy, 2.0, "the run's own numbers: its outputs lie below 0"))
+    return tuple(out[:1])
 
 
 def run_facts(run: Run, profile: Any, found: Iterable[Finding]) -> dict[str, Any]:

@@ -32,7 +32,7 @@ from typing import Any
 
 from .remedies import ModelProfile, RankedRemedy
 
-__all__ = ["EXPLAINED_BY", "STEP_SIZE_KINDS", "contradicted", "tell"]
+__all__ = ["EXPLAINED_BY", "STEP_SIZE_KINDS", "contradicted", "story_lines", "tell"]
 
 # The kinds that mean "the steps are too large" when their evidence is the update size.
 STEP_SIZE_KINDS = ("exploding", "unstable_updates")
@@ -88,8 +88,11 @@ EXPLAINED_BY: dict[str, tuple[str, ...]] = {
 }
 
 # Remedies that lower the step size; first for a finding whose evidence is the step size.
-_LOWER_STEP = ("lower_peak_lr", "lr_schedule", "lr_warmup")
-_STEP_BONUS = 0.6
+# Lowering the rate comes first, warmup with it (it keeps the first steps small only):
+# as a lower peak rate for Adam-trained and Transformer models (their schedules have a
+# peak), as a smaller rate or decay otherwise.
+_LOWER_STEP_PEAK = {"lower_peak_lr": 1.0, "lr_schedule": 0.5, "lr_warmup": 0.5}
+_LOWER_STEP_PLAIN = {"lr_schedule": 1.0, "lower_peak_lr": 0.3, "lr_warmup": 0.3}
 # An update of a tenth of the weight or more is no "too small" step (diagnose's
 # UNSTABLE_UPDATE_RATIO): a larger learning rate contradicts it.
 _LARGE_UPDATE = 0.1
@@ -112,10 +115,13 @@ def _start(finding: Any) -> float | None:
 
 
 def _step_size_evidence(finding: Any) -> bool:
-    """The finding's own numbers say the steps are too large (updates ≥ weight or ≥ 10%)."""
+    """The finding's own numbers say the steps are too large (updates ≥ weight or ≥ 10%)
+    while the gradients themselves are not exploding (over depth, at init, over steps):
+    then the learning rate, not the gradient, is what makes the steps too large."""
     if finding.kind == "unstable_updates":
         return True
-    return finding.kind == "exploding" and "updates" in finding.evidence.get("modes", [])
+    modes = set(finding.evidence.get("modes", []))
+    return finding.kind == "exploding" and modes == {"updates"}
 
 
 def _explains(cause: Any, effect: Any) -> bool:
@@ -162,14 +168,16 @@ def contradicted(key: str, finding: Any, facts: Mapping[str, Any]) -> str | None
 
 
 def _rerank(finding: Any, profile: ModelProfile, facts: Mapping[str, Any]) -> tuple[Any, ...]:
+    peak = profile.architecture == "transformer" or bool(facts.get("adam"))
+    bonus = _LOWER_STEP_PEAK if peak else _LOWER_STEP_PLAIN
     ranked: list[RankedRemedy] = []
     for r in finding.remedies:
         if contradicted(r.key, finding, facts) is not None:
             continue
-        if _step_size_evidence(finding) and r.key in _LOWER_STEP:
+        if _step_size_evidence(finding) and r.key in bonus:
             r = dataclasses.replace(
                 r,
-                score=r.score + _STEP_BONUS,
+                score=r.score + bonus[r.key],
                 fit=r.fit + "; the run's updates are too large for its weights",
             )
         ranked.append(r)
@@ -244,3 +252,26 @@ def tell(
         ),
     )
     return head + tail
+
+
+def story_lines(findings: Sequence[Any], *, remedies: int = 3) -> list[str]:
+    """The story as plain text (``gradprobe diagnose``): each root with its one recommended
+    action, other options and the consequences under it."""
+    lines: list[str] = []
+    roots = [f for f in findings if f.cause is None]
+    for i, root in enumerate(roots):
+        head = "Root cause" if i == 0 else "Also found"
+        lines.append(f"{head}: {root.kind} ({root.severity}) — {root.summary}")
+        if root.remedies:
+            first = root.remedies[0]
+            lines.append(f"  Do this first: {first.name} — {first.why}")
+            lines += [f"      {line}" for line in first.code.splitlines()]
+            others = [r.name for r in root.remedies[1:remedies]]
+            if others:
+                lines.append("  Other options: " + "; ".join(others))
+        under = [f for f in findings if f.cause == root.kind]
+        if under:
+            lines.append("  Consequences (they follow from it; fix it first):")
+            lines += [f"    - {f.kind} ({f.severity}): {f.summary}" for f in under]
+        lines.append("")
+    return lines[:-1] if lines else lines
