@@ -371,20 +371,37 @@ REMEDIES: dict[str, Remedy] = {
 # warmup and Adam's β₂ the early and the stale-moment ones.
 _INSTABILITY_TREATS: dict[str, dict[str, float]] = {
     "lr_schedule": {
+        "loss_instability": 1.0,
         "divergence": 1.0,
         "grad_norm_spike": 0.8,
         "loss_spike": 0.8,
         "oscillation": 1.0,
     },
     "lower_peak_lr": {
+        "loss_instability": 0.9,
         "divergence": 0.9,
         "grad_norm_spike": 0.8,
         "loss_spike": 0.7,
         "oscillation": 0.8,
     },
-    "grad_clipping": {"divergence": 0.7, "grad_norm_spike": 1.0, "loss_spike": 0.8},
-    "lr_warmup": {"divergence": 0.7, "grad_norm_spike": 0.7, "loss_spike": 0.6},
-    "adam_beta2_eps": {"grad_norm_spike": 0.6, "loss_spike": 0.6, "divergence": 0.4},
+    "grad_clipping": {
+        "loss_instability": 0.6,
+        "divergence": 0.7,
+        "grad_norm_spike": 1.0,
+        "loss_spike": 0.8,
+    },
+    "lr_warmup": {
+        "loss_instability": 0.5,
+        "divergence": 0.7,
+        "grad_norm_spike": 0.7,
+        "loss_spike": 0.6,
+    },
+    "adam_beta2_eps": {
+        "loss_instability": 0.5,
+        "grad_norm_spike": 0.6,
+        "loss_spike": 0.6,
+        "divergence": 0.4,
+    },
     "batchnorm": {"plateau": 0.4, "grad_norm_spike": 0.3},
     "residual": {"plateau": 0.4},
     "he_init": {"plateau": 0.4},
