@@ -91,3 +91,75 @@ def test_the_probe_stores_it_and_the_profile_reads_it_from_a_loaded_run(tmp_path
     assert profile.architecture == "transformer"
     assert {"residual", "pre_ln", "LayerNorm", "optimizer:adamw"} <= profile.tokens
     assert probe.meta["architecture"] == run.meta["architecture"]
+
+
+def test_lora_branches_are_not_layers_of_the_depth_profile() -> None:
+    """Issue 22 §5: a LoRA adapter (lora_B zero at init) beside GPT-2's frozen layers is a
+    parallel branch; the depth profile follows the trunk the error signal takes."""
+    from gradprobe import diagnose
+    from gradprobe.diagnose import depth_profile
+
+    torch.manual_seed(0)
+    model = A.gpt2(n_layer=3)
+    for block in model.transformer.h:
+        for attr in ("c_attn", "c_proj"):
+            base = getattr(block.attn, attr)
+            n_in, n_out = base.weight.shape  # transformers' Conv1D: weight is [in, out]
+            setattr(block.attn, attr, S.LoRALinear(base, n_in, n_out))
+    for name, p in model.named_parameters():
+        p.requires_grad_("lora_" in name)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    tokens = A.token_sequences(8 * 6, 16)
+    with Probe(model, opt) as probe:
+        for s in range(6):
+            batch = tokens[s * 8 : (s + 1) * 8]
+            out = model(batch, labels=batch)
+            opt.zero_grad()
+            out.loss.backward()
+            opt.step()
+    run = probe.run()
+    branches = run.meta["architecture"]["branches"]
+    assert {
+        f"transformer.h.{i}.attn.{a}.lora_{x}"
+        for i in range(3)
+        for a in ("c_attn", "c_proj")
+        for x in "AB"
+    } == set(branches)
+    profile = depth_profile(run)
+    assert profile is not None and not [n for n in profile.layers if "lora_" in n]
+    # The trunk's layers are there, in forward order: the frozen base layers and the MLPs.
+    assert "transformer.h.0.attn.c_proj.base_layer" in profile.layers
+    assert "transformer.h.2.mlp.c_proj" in profile.layers
+    vanishing = diagnose(run).of("vanishing")
+    assert vanishing is None or not [n for n in vanishing.names if "lora_" in n]
+
+
+def test_a_parametrization_is_no_layer_of_the_depth_profile() -> None:
+    from gradprobe.diagnose import depth_profile
+
+    torch.manual_seed(0)
+    layers = [nn.Linear(8, 8) for _ in range(5)]
+    for lin in layers:
+        parametrize.register_parametrization(lin, "weight", _Scale())
+    model = nn.Sequential(*[m for lin in layers for m in (lin, nn.Tanh())], nn.Linear(8, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with Probe(model, opt) as probe:
+        for _ in range(3):
+            opt.zero_grad()
+            model(torch.randn(16, 8)).pow(2).mean().backward()
+            opt.step()
+    profile = depth_profile(probe.run())
+    assert profile is not None
+    assert not [n for n in profile.layers if "parametrizations" in n]
+    assert list(profile.layers) == ["0", "2", "4", "6", "8", "10"]
+
+
+class _Scale(nn.Module):
+    """A parametrization with a parameter of its own: W ↦ s·W (weight-norm-like)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.s = nn.Parameter(torch.ones(()))
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return self.s * w

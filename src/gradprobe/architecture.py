@@ -37,6 +37,10 @@ run's meta, so a loaded run is diagnosed as a live one):
 ``parametrizations``
     modules that compute a weight (``torch.nn.utils.parametrize``): their output is a
     parameter, not a signal, so they are no layer of the depth profile.
+``branches``
+    modules on a parallel branch whose output is added to another module's output in the
+    same ``forward`` (``base(x) + lora_B(lora_A(x))``: the side with fewer parameters), not
+    on the path the error signal takes through the depth of the model.
 
 Whatever cannot be read (a ``forward`` without source) is left out.
 """
@@ -289,6 +293,78 @@ def _residual_facts(module: nn.Module, norms: set[str]) -> tuple[bool, str | Non
     return residual, placement
 
 
+def _parallel_branches(module: nn.Module) -> list[str]:
+    """Children on a parallel branch: the smaller side of a sum of two values computed by
+    disjoint children (``base(x) + B(A(x))``: a LoRA adapter, an added router or side
+    path). A residual sum is not one: ``x + f(LN(x))`` computes its second side from the
+    first. Children called through an alias count (``lora_A = self.lora_A[name]``).
+    """
+    fn = _source_tree(module)
+    if fn is None:
+        return []
+    children = dict(module.named_children())
+    if len(children) < 2:
+        return []
+    alias: dict[str, str] = {}  # local name -> child it refers to
+    kids: dict[str, set[str]] = {}  # local name -> children whose calls computed it
+
+    def child_of(f: ast.AST) -> str | None:
+        while isinstance(f, ast.Subscript):
+            f = f.value
+        if (
+            isinstance(f, ast.Attribute)
+            and isinstance(f.value, ast.Name)
+            and f.value.id == "self"
+            and f.attr in children
+        ):
+            return f.attr
+        if isinstance(f, ast.Name):
+            return alias.get(f.id)
+        return None
+
+    def computed_by(expr: ast.AST) -> set[str]:
+        out: set[str] = set()
+        for sub in ast.walk(expr):
+            if isinstance(sub, ast.Call) and (c := child_of(sub.func)):
+                out.add(c)
+            elif isinstance(sub, ast.Name) and sub.id in kids:
+                out |= kids[sub.id]
+        return out
+
+    smaller: set[str] = set()
+
+    def check(a: ast.AST, b: ast.AST) -> None:
+        ka, kb = computed_by(a), computed_by(b)
+        # Token + position embeddings are both the model's input, not a branch.
+        embeds = any(isinstance(children[c], (nn.Embedding, nn.EmbeddingBag)) for c in ka | kb)
+        if ka and kb and not ka & kb and not embeds:
+            size = {
+                side: sum(p.numel() for c in cs for p in children[c].parameters())
+                for side, cs in (("a", ka), ("b", kb))
+            }
+            smaller.update(ka if size["a"] < size["b"] else kb)
+
+    for stmt in _statements(fn.body):
+        for node in _expressions(stmt):
+            if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
+                check(node.left, node.right)
+        if isinstance(stmt, ast.AugAssign) and isinstance(stmt.op, ast.Add):
+            check(stmt.target, stmt.value)
+        if isinstance(stmt, (ast.Assign, ast.AugAssign, ast.AnnAssign)) and stmt.value is not None:
+            targets = stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target]
+            names = [n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)]
+            ref = child_of(stmt.value) if not isinstance(stmt.value, ast.Call) else None
+            made = computed_by(stmt.value)
+            for name in names:
+                if ref is not None:
+                    alias[name] = ref
+                elif isinstance(stmt, ast.AugAssign):
+                    kids[name] = kids.get(name, set()) | made
+                else:
+                    kids[name] = made
+    return sorted(smaller)
+
+
 def _function_name(fn: Any) -> str | None:
     if isinstance(fn, nn.Module):
         return type(fn).__name__.lower()
@@ -313,6 +389,7 @@ def describe_architecture(model: nn.Module) -> dict[str, Any]:
         "configured": {},
         "activations": [],
         "parametrizations": [],
+        "branches": [],
     }
     _describe(model, out)
     return out
@@ -370,6 +447,8 @@ def _describe(model: nn.Module, out: dict[str, Any]) -> None:
             for c, _ in m.named_children()
             if out["norms"].get(f"{name}.{c}" if name else c) in ("layer", "rms")
         }
+        prefix = f"{name}." if name else ""
+        out["branches"] += [prefix + c for c in _parallel_branches(m)]
         residual, placement = _residual_facts(m, local_norms)
         if residual:
             out["residual"].append(name)

@@ -13,7 +13,9 @@ Vanishing and exploding are judged on ``error_norm``, the back-propagated signal
 zero biases a 50-layer tanh net loses ~12 decades of error signal while its weight
 gradients stay flat across layers. To compare like with like, the *depth profile*
 takes the error signal at the output of each **layer with weights** (Linear, Conv,
-recurrent, embedding; normalisation layers left out), in forward execution order:
+recurrent, embedding; normalisation layers left out) on the path the error signal takes
+(parallel branches such as LoRA adapters, and parametrizations, listed in the run's meta
+``architecture``, left out), in forward execution order:
 that is dL/dz, the pre-activation error each weight gradient is built from
 (dL/dW = dL/dz · xᵀ). Per layer, the median over the recorded steps of log10
 ‖dL/dz‖ is used (robust to a single odd batch), and a least-squares line over depth
@@ -577,6 +579,18 @@ def _is_weight_layer(info: dict[str, Any]) -> bool:
 
 
 # ---------------------------------------------------------------- depth profile
+def _off_signal_path(run: Run) -> tuple[str, ...]:
+    """Modules not on the path the error signal takes through depth (meta["architecture"]):
+    parallel branches added to another module's output (adapters such as LoRA's A and B),
+    and parametrizations (their output is a weight, not a signal)."""
+    arch = run.meta.get("architecture") or {}
+    return tuple(str(n) for key in ("branches", "parametrizations") for n in arch.get(key) or ())
+
+
+def _under(name: str, prefixes: tuple[str, ...]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
 @dataclass(frozen=True)
 class DepthProfile:
     """The error signal over depth: layers with weights, input first.
@@ -616,7 +630,8 @@ def depth_profile(run: Run, first_steps: int | None = None) -> DepthProfile | No
         return None
     # The probed root ("", a model with parameters of its own such as a ViT's class token)
     # is the whole network, not a layer at some depth.
-    modules = [n for n in run.modules if n and n in table.columns]
+    off_path = _off_signal_path(run)
+    modules = [n for n in run.modules if n and n in table.columns and not _under(n, off_path)]
     layers = [n for n in modules if _is_weight_layer(run.module_info(n))]
     if len(layers) < 2:  # no layers with weights (all functional?): every module, as recorded
         layers = modules
