@@ -62,7 +62,7 @@ import platform
 import sys
 import warnings
 import weakref
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable, Mapping, Sequence
 from functools import cache, partial
 from typing import Any
@@ -87,7 +87,15 @@ from .recurrent import carry_slots, record_carry
 from .run import Run, empty_frame, load, normalize_frame, text_column
 from .shards import ShardedNorms, sharded_parameters
 from .stats import MODEL_NAME, PRESETS, STATISTICS, finalize, logged_mean
-from .step import AUTO_BURST, AUTO_EVERY, AUTO_FIRST, StepBoundary, _loggable, _scale_marker
+from .step import (
+    AUTO_BURST,
+    AUTO_EVERY,
+    AUTO_FIRST,
+    SPIKE_BURST_WINDOW,
+    StepBoundary,
+    _loggable,
+    _scale_marker,
+)
 from .store import Store
 from .traversals import Traversals
 
@@ -245,6 +253,10 @@ class Probe(Capture, StepBoundary):
         # step (a burst after non-finite gradients) every step is recorded.
         self._auto = every == "auto"
         self._burst_until = -1
+        # ... or after a gradient-norm spike (step.py, SPIKE_BURST_*): recent global norms
+        # on the host, and the device copies of the latest not read yet.
+        self._norm_history: deque[float] = deque(maxlen=SPIKE_BURST_WINDOW)
+        self._pending_norms: deque[list[tuple[Tensor, Any]]] = deque()
         self._param_hooks_kept = False  # "auto": the gradient hooks stay on at every step
         self.flush_every = flush_every
         self.stats = _resolve_stats(stats)
