@@ -92,6 +92,8 @@ REMEDIES: dict[str, Remedy] = {
             "ReLU would have killed",
             "act = nn.LeakyReLU(0.01)  # or nn.PReLU(), nn.ELU(); in place of nn.ReLU()",
             treats={"dead_units": 1.0, "dead_channels": 1.0, "vanishing": 0.5, "saturation": 0.6},
+            # Transformers' MLPs use GELU/SiLU, which do not die; their problems are elsewhere.
+            architectures={"transformer": None},
             suits_activations=("relu",),
             present_when=("leaky_relu", "prelu", "elu"),
             risk="one more hyper-parameter (the slope)",
@@ -202,7 +204,6 @@ REMEDIES: dict[str, Remedy] = {
                 "exploding": 1.0,
                 "nonfinite": 0.9,
                 "unstable_updates": 0.7,
-                "vanishing": 0.1,
                 "skipped_steps": 0.6,
             },
             architectures={"rnn": 1.0},

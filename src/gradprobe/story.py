@@ -124,13 +124,22 @@ def _step_size_evidence(finding: Any) -> bool:
     return finding.kind == "exploding" and modes == {"updates"}
 
 
+def _kills_units(finding: Any) -> bool:
+    """Steps too large, or a net that explodes at init (its first huge updates push units
+    out of their working range, as the init mode of ``exploding`` says)."""
+    modes = set(finding.evidence.get("modes", []))
+    return _step_size_evidence(finding) or (
+        finding.kind == "exploding" and bool(modes & {"init", "updates"})
+    )
+
+
 def _explains(cause: Any, effect: Any) -> bool:
     if cause.kind not in EXPLAINED_BY.get(effect.kind, ()):
         return False
     # Only steps that are too large explain units killed by them; a layer dead before
     # the first large step (a bias of -10) is its own cause.
     killed = effect.kind in ("saturation", "dead_units", "dead_channels")
-    if cause.kind in STEP_SIZE_KINDS and killed and not _step_size_evidence(cause):
+    if cause.kind in STEP_SIZE_KINDS and killed and not _kills_units(cause):
         return False
     if effect.kind == "vanishing":
         # Dead units cut the error signal below them: only if they sit where it vanishes.
