@@ -341,3 +341,37 @@ def test_real_architectures_healthy_get_no_warning(name: str) -> None:
     found = diagnose(run)
     assert [(f.kind, f.severity) for f in found if f.severity != "info"] == []
     assert FLOW.isdisjoint(found.kinds)
+
+
+# ------------------------------------------------------------------ where the story is shown
+def test_cli_and_notebook_lead_with_the_root_cause_and_one_action(tmp_path, capsys) -> None:
+    from gradprobe import load
+    from gradprobe.cli import main
+
+    torch.manual_seed(0)
+    model = S.TinyGPT(depth=2)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    data = A.token_sequences(32 * 30, 17, seed=1)
+    with Probe(model, opt, store=tmp_path / "gpt") as probe:
+        for s in range(30):
+            x = data[s * 32 : (s + 1) * 32]
+            loss = nn.functional.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            probe.log(loss=loss)
+    found = diagnose(load(tmp_path / "gpt"))
+    first = found[0]
+    assert first.cause is None and first.remedies
+    assert main(["diagnose", str(tmp_path / "gpt")]) == 0
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.strip()]
+    assert lines[0].startswith(f"Root cause: {first.kind}")
+    assert f"Do this first: {first.remedies[0].name}" in out
+    for f in found[1:]:
+        if f.cause == first.kind:
+            assert f"- {f.kind} (" in out.split("Consequences")[1]
+    html = found._repr_html_()
+    assert html.index("Root cause") < html.index("<table")
+    assert f"<b>{first.kind}</b>" in html and "<pre>" in html  # the first action's code
+    assert html.count("<tr") == len(found) + 1

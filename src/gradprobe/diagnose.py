@@ -408,12 +408,14 @@ def inline_code(text: str) -> str:
     return _INLINE_CODE.sub(r"<code>\1</code>", escape(text))
 
 
-def findings_html(findings: Findings, *, remedies: int = 3) -> str:
-    """An HTML table of findings (severity, kind, where, summary, top remedies)."""
+def findings_html(findings: Findings, *, remedies: int = 3, lead: bool = True) -> str:
+    """An HTML table of findings (severity, kind, where, summary, top remedies), each
+    consequence marked with the finding it follows from; ``lead``: above it, the story's
+    head (the root cause, its one recommended action with its code, what it explains)."""
     if not findings:
         return f'<p class="gp-none">{inline_code(no_findings_note(findings))}</p>'
     rows = []
-    lead = _lead_html(findings)
+    head = _lead_html(findings) if lead else ""
     for f in findings:
         where = ", ".join(f"<code>{escape(n)}</code>" for n in f.names[:6])
         if len(f.names) > 6:
@@ -429,7 +431,7 @@ def findings_html(findings: Findings, *, remedies: int = 3) -> str:
             f"<td><ol>{fixes}</ol></td></tr>"
         )
     return (
-        lead
+        head
         + '<table class="gp-findings"><thead><tr><th>severity</th><th>finding</th><th>where</th>'
         "<th>what was measured</th><th>remedies, best first</th></tr></thead><tbody>"
         + "".join(rows)
