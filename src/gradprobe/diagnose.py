@@ -130,7 +130,7 @@ UPDATE_RATIO_EXPLODING = 1.0
 # Updates of ≥ 10% of a weight per step are far above the ~1e-3 that trains stably
 # (Karpathy's rule of thumb): the learning rate is too high for that layer.
 UNSTABLE_UPDATE_RATIO = 0.1
-# A layer is saturated when ≥ 25% of its entries have f'(z) < 1% of max f' (stats.SAT_THRESHOLD):
+# A layer is saturated when ≥ 25% of its entries have |f'(z)| < 1% of max |f'| (stats.SAT_THRESHOLD):
 # a quarter of its error signal is cut a hundredfold or more.
 SATURATION_FRAC = 0.25
 # Dead units: ≥ 50% of a layer's features output 0 for every sample over the dead
@@ -995,7 +995,7 @@ def detect_saturation(run: Run) -> Finding | None:
     severity = "critical" if current[worst] >= 0.75 else "warning"
     summary = (
         f"{len(hit)} activation layer(s) are saturated: {_names(hit)}; in `{worst}` "
-        f"{current[worst]:.0%} of the entries have f'(z) below 1% of its maximum "
+        f"{current[worst]:.0%} of the entries have |f'(z)| below 1% of its maximum "
         f"(threshold {SATURATION_FRAC:.0%})"
         + (f", since step {since[worst]}." if since[worst] is not None else ".")
     )
@@ -1741,7 +1741,7 @@ DETECTORS: dict[str, Detector] = {
             "saturation",
             detect_saturation,
             ("sat_frac",),
-            "activation layers with many entries where f'(z) < 1% of its maximum",
+            "activation layers with many entries where |f'(z)| < 1% of its maximum",
         ),
         Detector(
             "dead_units",
