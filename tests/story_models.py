@@ -87,3 +87,34 @@ def copy_task(n: int, length: int = 16, vocab: int = 32, seed: int = 0) -> torch
     g = torch.Generator().manual_seed(seed)
     half = torch.randint(0, vocab, (n, length // 2), generator=g)
     return torch.cat([half, half], dim=1)
+
+
+class PeftStyleLoRA(nn.Module):
+    """peft's layout and forward (lora.Linear): adapters in ModuleDicts by name, looked up
+    into local variables, the result accumulated in a loop over the active adapters."""
+
+    def __init__(self, base: nn.Module, in_features: int, out_features: int, r: int = 4):
+        super().__init__()
+        self.base_layer = base
+        self.lora_A = nn.ModuleDict({"default": nn.Linear(in_features, r, bias=False)})
+        self.lora_B = nn.ModuleDict({"default": nn.Linear(r, out_features, bias=False)})
+        self.lora_dropout = nn.ModuleDict({"default": nn.Identity()})
+        self.scaling = {"default": 2.0}
+        self.active_adapters = ["default"]
+        nn.init.zeros_(self.lora_B["default"].weight)
+        for p in self.base_layer.parameters():
+            p.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        lora_A_keys = self.lora_A.keys()
+        for active_adapter in self.active_adapters:
+            if active_adapter not in lora_A_keys:
+                continue
+            lora_A = self.lora_A[active_adapter]
+            lora_B = self.lora_B[active_adapter]
+            dropout = self.lora_dropout[active_adapter]
+            scaling = self.scaling[active_adapter]
+            x = x.to(lora_A.weight.dtype)
+            result = result + lora_B(lora_A(dropout(x))) * scaling
+        return result
