@@ -203,8 +203,8 @@ def tell(
 ) -> list[Any]:
     """Findings linked as cause and effect, roots first; contradicted remedies dropped.
 
-    ``order`` (kinds) and ``severities`` (lowest first) break ties: among roots, the one
-    that explains most findings leads, then the most severe, then ``order``.
+    ``order`` (kinds) and ``severities`` (lowest first) break ties: among roots, the most
+    severe leads, then the one that explains most findings, then ``order``.
     """
     items = [dataclasses.replace(f, remedies=_rerank(f, profile, facts)) for f in findings]
     by_kind = {f.kind: f for f in items}
@@ -237,8 +237,8 @@ def tell(
 
     def rank(f: Any) -> tuple[float, ...]:
         return (
-            -float(len(consequences[f.kind])),
             -float(severities.index(f.severity)),
+            -float(len(consequences[f.kind])),
             float(order.index(f.kind)) if f.kind in order else math.inf,
         )
 
