@@ -158,14 +158,31 @@ def _norm_family(module: nn.Module) -> str | None:
     return None
 
 
-def _source_tree(module: nn.Module) -> ast.FunctionDef | None:
+def _source_tree(module: nn.Module, memo: dict[Any, Any]) -> ast.FunctionDef | None:
+    """The forward's syntax tree; ``memo`` keeps it for the other instances of the class
+    within one description (a model repeats a few classes many times: GPT-2's blocks)."""
+    fn = _forward(module)
+    key = ("tree", fn)
+    if key not in memo:
+        memo[key] = _parsed(fn)
+    return memo[key]  # type: ignore[no-any-return]
+
+
+def _parsed(fn: Any) -> ast.FunctionDef | None:
     try:
-        source = textwrap.dedent(inspect.getsource(_forward(module)))
+        source = textwrap.dedent(inspect.getsource(fn))
         tree = ast.parse(source)
     except (OSError, TypeError, SyntaxError, IndentationError):
         return None
-    fn = tree.body[0] if tree.body else None
-    return fn if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)) else None  # type: ignore[return-value]
+    node = tree.body[0] if tree.body else None
+    return node if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) else None  # type: ignore[return-value]
+
+
+def _forward_facts(fn: Any, memo: dict[Any, Any]) -> tuple[set[str], bool]:
+    key = ("facts", fn)
+    if key not in memo:
+        memo[key] = _code_facts(fn.__code__, getattr(fn, "__globals__", None))
+    return memo[key]  # type: ignore[no-any-return]
 
 
 def _self_calls(node: ast.AST, children: set[str]) -> list[str]:
@@ -211,7 +228,9 @@ def _expressions(stmt: ast.stmt) -> list[ast.AST]:
     return out
 
 
-def _residual_facts(module: nn.Module, norms: set[str]) -> tuple[bool, str | None]:
+def _residual_facts(
+    module: nn.Module, norms: set[str], memo: dict[Any, Any]
+) -> tuple[bool, str | None]:
     """Whether ``forward`` adds its input to what children computed, and where a norm sits.
 
     Dataflow by names, statement by statement in source order: the arguments and plain
@@ -221,7 +240,7 @@ def _residual_facts(module: nn.Module, norms: set[str]) -> tuple[bool, str | Non
     residual addition; a normalised computed side is pre-LN (``x + f(LN(x))``), a norm
     applied to the sum is post-LN (``LN(x + f(x))``).
     """
-    fn = _source_tree(module)
+    fn = _source_tree(module, memo)
     if fn is None or len(fn.args.args) < 2:
         return False, None
     children = {n for n, _ in module.named_children()}
@@ -293,13 +312,13 @@ def _residual_facts(module: nn.Module, norms: set[str]) -> tuple[bool, str | Non
     return residual, placement
 
 
-def _parallel_branches(module: nn.Module) -> list[str]:
+def _parallel_branches(module: nn.Module, memo: dict[Any, Any]) -> list[str]:
     """Children on a parallel branch: the smaller side of a sum of two values computed by
     disjoint children (``base(x) + B(A(x))``: a LoRA adapter, an added router or side
     path). A residual sum is not one: ``x + f(LN(x))`` computes its second side from the
     first. Children called through an alias count (``lora_A = self.lora_A[name]``).
     """
-    fn = _source_tree(module)
+    fn = _source_tree(module, memo)
     if fn is None:
         return []
     children = dict(module.named_children())
@@ -396,6 +415,7 @@ def describe_architecture(model: nn.Module) -> dict[str, Any]:
 
 
 def _describe(model: nn.Module, out: dict[str, Any]) -> None:
+    memo: dict[Any, Any] = {}  # per forward function, for this description only
     modules = list(model.named_modules())
     activations: set[str] = set()
     placements: set[str] = set()
@@ -427,8 +447,7 @@ def _describe(model: nn.Module, out: dict[str, Any]) -> None:
         code = _forward_code(m)
         if code is None or type(m).__module__.startswith("torch.nn"):
             continue
-        namespace = getattr(_forward(m), "__globals__", None)
-        names, matmul = _code_facts(code, namespace)
+        names, matmul = _forward_facts(_forward(m), memo)
         if any(a in names for a in ATTENTION_CALLS) or (
             "softmax" in names and (matmul or _MATMUL_NAMES & names)
         ):
@@ -448,8 +467,8 @@ def _describe(model: nn.Module, out: dict[str, Any]) -> None:
             if out["norms"].get(f"{name}.{c}" if name else c) in ("layer", "rms")
         }
         prefix = f"{name}." if name else ""
-        out["branches"] += [prefix + c for c in _parallel_branches(m)]
-        residual, placement = _residual_facts(m, local_norms)
+        out["branches"] += [prefix + c for c in _parallel_branches(m, memo)]
+        residual, placement = _residual_facts(m, local_norms, memo)
         if residual:
             out["residual"].append(name)
             if placement and local_norms:
