@@ -375,3 +375,16 @@ def test_cli_and_notebook_lead_with_the_root_cause_and_one_action(tmp_path, caps
     assert html.index("Root cause") < html.index("<table")
     assert f"<b>{first.kind}</b>" in html and "<pre>" in html  # the first action's code
     assert html.count("<tr") == len(found) + 1
+
+
+def test_clipping_a_trainer_was_configured_with_is_not_proposed_again() -> None:
+    """A run whose trainer clips (the callbacks store its configuration in the meta) is not
+    told to add clipping, even where clipping never had to cut a step."""
+    from _diagnose_cases import case
+
+    base = case("rnn_large")  # plain SGD RNN: clipping is its first remedy
+    assert diagnose(base).of("exploding").remedies[0].key == "grad_clipping"
+    for key in ("gradient_clip_val", "max_grad_norm"):
+        run = Run({**base.meta, "trainer": {key: 1.0}}, base.frame())
+        keys = {r.key for f in diagnose(run) for r in f.remedies}
+        assert "grad_clipping" not in keys, key

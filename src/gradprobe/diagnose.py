@@ -1936,6 +1936,13 @@ def run_facts(run: Run, profile: Any, found: Iterable[Finding]) -> dict[str, Any
     largest = updates[weights].replace([np.inf, -np.inf], np.nan).max().max() if weights else 0.0
     clipped = run.model_series("clipped")
     config = run.meta.get("config") or {}
+    # What a trainer was configured to do (the Lightning/HF callbacks store it): its
+    # clipping is in place whether or not it cut this run's steps.
+    trainer = run.meta.get("trainer") or {}
+    clip_keys = ("gradient_clip_val", "max_grad_norm", "clip_norm", "clip_value")
+    trainer_clips = any(
+        isinstance(trainer.get(k), (int, float)) and trainer[k] > 0 for k in clip_keys
+    )
     kinds = {f.kind for f in found}
     return {
         # The typical update, or any that reached the weight's size (one step replaces it).
@@ -1945,7 +1952,8 @@ def run_facts(run: Run, profile: Any, found: Iterable[Finding]) -> dict[str, Any
         ),
         "clipping_acted": bool(len(clipped) and float(clipped.fillna(0).max()) > 0)
         or config.get("clip_norm") is not None
-        or config.get("clip_value") is not None,
+        or config.get("clip_value") is not None
+        or trainer_clips,
         "unstable_loss": bool(kinds & {"divergence", "loss_instability", "oscillation"}),
         "adam": any(profile.has(t) for t in ("optimizer:adam", "optimizer:adamw")),
     }
