@@ -307,10 +307,16 @@ def test_findings_show_as_an_html_table() -> None:
     assert "no problems found" in Findings([])._repr_html_()
 
 
-def test_findings_are_ordered_by_severity() -> None:
+def test_findings_are_ordered_roots_first_then_by_severity() -> None:
+    # Issue 22: root causes first (most severe first), each consequence after its root.
     found = diagnose(case("sigmoid30"))
-    ranks = [("info", "warning", "critical").index(f.severity) for f in found]
+    roots = [f for f in found if f.cause is None]
+    assert found[: len(roots)] == roots and roots
+    ranks = [("info", "warning", "critical").index(f.severity) for f in roots]
     assert ranks == sorted(ranks, reverse=True)
+    kinds = [f.kind for f in found]
+    for f in found[len(roots) :]:
+        assert kinds.index(f.cause) < kinds.index(f.kind)
 
 
 def test_docs_list_every_detector_and_threshold() -> None:
