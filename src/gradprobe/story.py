@@ -250,6 +250,10 @@ def tell(
         )
         for f in items
     ]
+    if linked and all(f.cause is not None for f in linked):
+        # Only a cycle in EXPLAINED_BY could leave no root: then no finding explains
+        # another, and each stands alone (the graph has none; this keeps it true).
+        linked = [dataclasses.replace(f, cause=None, consequences=()) for f in linked]
     head = sorted((f for f in linked if f.cause is None), key=rank)
     place = {f.kind: i for i, f in enumerate(head)}
     tail = sorted(
