@@ -115,7 +115,11 @@ def test_rnn_with_large_recurrent_weight_explodes() -> None:
         float(upd[["rnn.weight_ih_l0", "rnn.weight_hh_l0"]].max().max())
     )
     assert e.evidence["update_ratio_max"] >= 1
-    assert [r.key for r in e.remedies[:2]] == ["grad_clipping", "lstm_gru"]
+    # SGD: clipping bounds the step; with updates as large as the weights (issue 22 §1) a
+    # smaller rate is offered next to an LSTM/GRU.
+    keys = [r.key for r in e.remedies]
+    assert keys[0] == "grad_clipping"
+    assert {"lstm_gru", "lr_schedule"} <= set(keys[:3])
 
 
 def test_relu_bias_minus_10_has_dead_units_not_vanishing() -> None:
@@ -129,7 +133,16 @@ def test_relu_bias_minus_10_has_dead_units_not_vanishing() -> None:
     # Behind a dead layer every input is 0 and every bias −10: those layers are all dead.
     assert [d.evidence["dead_frac"][n] for n in ("act2", "act3", "act4")] == [1.0, 1.0, 1.0]
     assert found.of("vanishing") is None  # the signal is blocked, not shrinking by a factor
-    assert d.remedies[0].key == "leaky_relu"
+    # Issue 22 §3: the run's own evidence first. Behind a dead layer a Linear's input is 0,
+    # so its output is its bias, −10 as built: the finding says so and fixes that layer.
+    first = d.remedies[0]
+    assert first.key == "fix_preactivation"
+    layer, numbers = next(iter(d.evidence["negative_preactivation"].items()))
+    assert layer in {"fc2", "fc3", "fc4"} and f"`{layer}`" in first.name
+    assert numbers["mean"] == pytest.approx(-10.0, abs=1e-4)  # float32 mean of 32·32 −10s
+    assert "every pre-activation of" in d.summary.lower()
+    compile(first.code, "<remedy>", "exec")
+    assert "leaky_relu" in [r.key for r in d.remedies[1:]]
 
 
 def test_cnn_dead_channel_names_its_layer() -> None:
@@ -294,10 +307,16 @@ def test_findings_show_as_an_html_table() -> None:
     assert "no problems found" in Findings([])._repr_html_()
 
 
-def test_findings_are_ordered_by_severity() -> None:
+def test_findings_are_ordered_roots_first_then_by_severity() -> None:
+    # Issue 22: root causes first (most severe first), each consequence after its root.
     found = diagnose(case("sigmoid30"))
-    ranks = [("info", "warning", "critical").index(f.severity) for f in found]
+    roots = [f for f in found if f.cause is None]
+    assert found[: len(roots)] == roots and roots
+    ranks = [("info", "warning", "critical").index(f.severity) for f in roots]
     assert ranks == sorted(ranks, reverse=True)
+    kinds = [f.kind for f in found]
+    for f in found[len(roots) :]:
+        assert kinds.index(f.cause) < kinds.index(f.kind)
 
 
 def test_docs_list_every_detector_and_threshold() -> None:

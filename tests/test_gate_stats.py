@@ -22,7 +22,9 @@ class DoubledReLU(nn.ReLU):
 def _by_hand(act_module: nn.Module, z: torch.Tensor) -> tuple[float, float | None]:
     act = activation_of(act_module)
     gate = act.gate(z.double(), act.params(act_module))
-    sat = (gate < SAT_THRESHOLD * act.max_derivative).double().mean() if act.saturates else None
+    # Saturation is |f'(z)| small (issue 22 §4): GELU's and SiLU's negative dip is not.
+    small = gate.abs() < SAT_THRESHOLD * act.max_derivative
+    sat = small.double().mean() if act.saturates else None
     return float(gate.mean()), (float(sat) if sat is not None else None)
 
 

@@ -85,9 +85,10 @@ def test_story_is_the_text_of_the_headline() -> None:
     text = story(findings)
     root = headline(findings).root
     assert root is not None
-    assert f"What is wrong ({root.severity}, {root.kind}): {root.summary}" in text
+    assert f"Root cause: {root.kind} ({root.severity}) — {root.summary}" in text
+    assert f"Do this first: {root.remedies[0].name}" in text
     for line in root.remedies[0].code.splitlines():
-        assert f"    {line}" in text
+        assert f"      {line}" in text
 
 
 def test_multi_line_remedy_code_is_in_pre_one_line_code_inline() -> None:

@@ -63,6 +63,9 @@ class Activation:
     # A range that holds almost all outputs of a healthy layer: histogram bins go here.
     histogram_range: tuple[float, float] = (-4.0, 4.0)
     used_in: str = ""
+    # f' takes negative values (GELU and SiLU dip below 0 for z below about -0.75):
+    # saturation is judged on |f'(z)|, so the dip is not read as "saturated".
+    signed_derivative: bool = False
 
     def gate(self, z: Tensor, params: Params | None = None) -> Tensor:
         """f'(z) with this activation's parameters (defaults unless given)."""
@@ -287,6 +290,7 @@ ACTIVATIONS: dict[str, Activation] = {
         module_types=(nn.SiLU,),
         histogram_range=(-1.0, 6.0),
         used_in="deep CNNs, NLP (Swish)",
+        signed_derivative=True,
     ),
     "gelu": Activation(
         "gelu",
@@ -300,6 +304,7 @@ ACTIVATIONS: dict[str, Activation] = {
         default_params={"approximate": "none"},
         histogram_range=(-1.0, 6.0),
         used_in="Transformers (BERT, GPT)",
+        signed_derivative=True,
     ),
     "softplus": Activation(
         "softplus",

@@ -270,7 +270,9 @@ class Capture:
                 z = x.detach()
                 gate = act.gate(z, act.params(module))
                 if act.saturates:
-                    saturated = torch.count_nonzero(gate < SAT_THRESHOLD * act.max_derivative)
+                    # |f'|: below 0 (GELU's, SiLU's dip) is not "saturated" (issue 22 §4).
+                    small = gate.abs() if act.signed_derivative else gate
+                    saturated = torch.count_nonzero(small < SAT_THRESHOLD * act.max_derivative)
                 else:
                     saturated = self._zero(z.device)
                 total = gate.sum(dtype=_sum_dtype(gate))

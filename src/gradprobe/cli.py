@@ -396,12 +396,23 @@ def diagnose_command(
         # The note says what was checked (and skipped), so it replaces the lines below.
         console.print(f"{findings.run_name}: {no_findings_note(findings)}", markup=False)
         return
+    from .story import story_lines
+
+    # The story first: the root cause, the one action to take, what follows from it.
+    for line in story_lines(findings):
+        console.print(line, markup=False, soft_wrap=True)
+    console.print("")
     table = Table(
-        "severity", "finding", "what was measured", "remedies, best first", show_lines=True
+        "severity",
+        "finding",
+        "explained by",
+        "what was measured",
+        "remedies, best first",
+        show_lines=True,
     )
     for f in findings:
         fixes = "\n".join(f"{i}. {r.name}" for i, r in enumerate(f.remedies[:3], start=1))
-        table.add_row(f.severity, f.kind, f.summary, fixes)
+        table.add_row(f.severity, f.kind, f.cause or "(root)", f.summary, fixes)
     console.print(table)
     for kind, why in findings.skipped.items():
         console.print(f"skipped {kind}: {why}", markup=False)

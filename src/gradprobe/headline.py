@@ -21,6 +21,7 @@ from typing import Any
 
 from .diagnose import Finding, Findings, inline_code, no_findings_note
 from .run import Run
+from .story import story_lines
 
 __all__ = ["Headline", "headline", "headline_html", "story", "what_fixed_it"]
 
@@ -52,24 +53,15 @@ def headline(findings: Sequence[Finding]) -> Headline:
 
 
 def story(findings: Findings) -> str:
-    """The diagnosis as plain text, root cause first (see the module docstring)."""
+    """The diagnosis as plain text, root cause first: a title line, then the same lines
+    ``gradprobe diagnose`` prints (:func:`gradprobe.story.story_lines`), so the CLI, the
+    callbacks and the TensorBoard text tell one story in one wording."""
     name = getattr(findings, "run_name", "") or "the run"
     if not findings:
         return f"gradprobe: {name}: {no_findings_note(findings)}"
-    h = headline(findings)
-    lines = [f"gradprobe diagnosis of {name}: {len(findings)} finding(s)"]
-    if h.root is not None:
-        lines.append(f"What is wrong ({h.root.severity}, {h.root.kind}): {h.root.summary}")
-        if h.action is not None:
-            lines.append(f"What to do: {h.action.name}: {h.action.why}")
-            lines += [f"    {line}" for line in str(h.action.code).splitlines()]
-        if h.consequences:
-            lines.append("Consequences:")
-            lines += [f"  - {f.kind} ({f.severity}): {f.summary}" for f in h.consequences]
-    if h.others:
-        lines.append("Other findings:")
-        lines += [f"  - {f.kind} ({f.severity}): {f.summary}" for f in h.others]
-    return "\n".join(lines)
+    return "\n".join(
+        [f"gradprobe diagnosis of {name}: {len(findings)} finding(s)", *story_lines(findings)]
+    )
 
 
 # ---------------------------------------------------------------- several runs

@@ -65,7 +65,7 @@ import sys
 import time
 import warnings
 import weakref
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable, Mapping, Sequence
 from functools import cache, partial
 from typing import Any
@@ -77,6 +77,7 @@ from torch import Tensor, nn
 
 from ._version import __version__
 from .activations import Activation, activation_of, recurrent_nonlinearity
+from .architecture import describe_architecture
 from .buffer import Drained, StepBuffer
 from .capture import (
     Capture,
@@ -92,7 +93,15 @@ from .recurrent import carry_slots, record_carry
 from .run import Run, empty_frame, load, normalize_frame, text_column
 from .shards import ShardedNorms, sharded_parameters
 from .stats import MODEL_NAME, PRESETS, STATISTICS, finalize, logged_mean
-from .step import AUTO_BURST, AUTO_EVERY, AUTO_FIRST, StepBoundary, _loggable, _scale_marker
+from .step import (
+    AUTO_BURST,
+    AUTO_EVERY,
+    AUTO_FIRST,
+    SPIKE_BURST_WINDOW,
+    StepBoundary,
+    _loggable,
+    _scale_marker,
+)
 from .store import Store
 from .traversals import Traversals
 
@@ -261,6 +270,10 @@ class Probe(Capture, StepBoundary, Follow):
         # step (a burst after non-finite gradients) every step is recorded.
         self._auto = every == "auto"
         self._burst_until = -1
+        # ... or after a gradient-norm spike (step.py, SPIKE_BURST_*): recent global norms
+        # on the host, and the device copies of the latest not read yet.
+        self._norm_history: deque[float] = deque(maxlen=SPIKE_BURST_WINDOW)
+        self._pending_norms: deque[list[tuple[Tensor, Any]]] = deque()
         self._param_hooks_kept = False  # "auto": the gradient hooks stay on at every step
         self.flush_every = flush_every
         # Findings said while training, from each flush's host rows (gradprobe/live.py).
@@ -828,6 +841,13 @@ class Probe(Capture, StepBoundary, Follow):
         by_name = dict(model.named_modules())
         modules = [self._module_info(s, by_name[s.name]) for s in self._slots]
         params = dict(model.named_parameters())
+        # What the model is and does (attention, norms and where they sit, residual
+        # additions...), read once here so that a loaded run is diagnosed as a live one.
+        architecture: dict[str, Any] = {}
+        self._guard(
+            lambda: architecture.update(describe_architecture(model)),
+            "reading the model's architecture",
+        )
         return {
             "label": self.label,
             "created": _now(),
@@ -837,6 +857,7 @@ class Probe(Capture, StepBoundary, Follow):
                 "summary": _summary(model),
             },
             "modules": modules,
+            "architecture": architecture,
             "parameters": [
                 {"name": n, "shape": list(params[n].shape), "numel": params[n].numel()}
                 for n in self._param_names

@@ -74,7 +74,7 @@ REMEDIES: dict[str, Remedy] = {
             "ReLU activation (with He init)",
             "its derivative is 1 for z > 0, so the error signal is not multiplied by "
             "σ' ≤ 0.25 at every layer and does not saturate for positive inputs",
-            "nn.ReLU() in place of nn.Sigmoid()/nn.Tanh(); "
+            "act = nn.ReLU()  # in place of nn.Sigmoid() / nn.Tanh()\n"
             "nn.init.kaiming_normal_(layer.weight, nonlinearity='relu')",
             treats={"vanishing": 1.0, "saturation": 1.0, "stalled": 0.5},
             # Transformers use GELU/SiLU MLPs behind LayerNorm; their gradient problems
@@ -90,8 +90,10 @@ REMEDIES: dict[str, Remedy] = {
             "Leaky ReLU, PReLU or ELU",
             "a non-zero slope for z < 0 keeps a gradient flowing through units that a "
             "ReLU would have killed",
-            "nn.LeakyReLU(0.01) / nn.PReLU() / nn.ELU() in place of nn.ReLU()",
+            "act = nn.LeakyReLU(0.01)  # or nn.PReLU(), nn.ELU(); in place of nn.ReLU()",
             treats={"dead_units": 1.0, "dead_channels": 1.0, "vanishing": 0.5, "saturation": 0.6},
+            # Transformers' MLPs use GELU/SiLU, which do not die; their problems are elsewhere.
+            architectures={"transformer": None},
             suits_activations=("relu",),
             present_when=("leaky_relu", "prelu", "elu"),
             risk="one more hyper-parameter (the slope)",
@@ -101,7 +103,7 @@ REMEDIES: dict[str, Remedy] = {
             "SiLU/Swish or GELU",
             "smooth activations with a non-zero gradient almost everywhere, used in "
             "modern CNNs (SiLU) and Transformers (GELU)",
-            "nn.SiLU() or nn.GELU() in place of the hidden activation",
+            "act = nn.SiLU()  # or nn.GELU(); in place of the hidden activation",
             treats={"vanishing": 0.4, "saturation": 0.5, "dead_units": 0.6, "dead_channels": 0.6},
             architectures={"transformer": 0.3, "cnn": 0.2},
             present_when=("silu", "gelu"),
@@ -112,7 +114,7 @@ REMEDIES: dict[str, Remedy] = {
             "Softmax output layer",
             "turns the last layer's scores into class probabilities; it belongs on the "
             "output of a multi-class classifier only and fixes no hidden-layer problem",
-            "nn.CrossEntropyLoss() on raw logits (it applies log-softmax itself)",
+            "loss_fn = nn.CrossEntropyLoss()  # on raw logits: it applies log-softmax itself",
             treats={},
         ),
         Remedy(
@@ -153,7 +155,13 @@ REMEDIES: dict[str, Remedy] = {
             # BatchNorm in Transformers trains worse than LayerNorm (batch statistics of
             # padded, variable-length sequences fluctuate: Shen et al. 2020, PowerNorm).
             architectures={"cnn": 0.2, "rnn": None, "transformer": None},
-            present_when=("BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm"),
+            present_when=(
+                "BatchNorm",
+                "BatchNorm1d",
+                "BatchNorm2d",
+                "BatchNorm3d",
+                "SyncBatchNorm",
+            ),
             risk="depends on the batch: small batches give noisy statistics",
         ),
         Remedy(
@@ -196,7 +204,6 @@ REMEDIES: dict[str, Remedy] = {
                 "exploding": 1.0,
                 "nonfinite": 0.9,
                 "unstable_updates": 0.7,
-                "vanishing": 0.1,
                 "skipped_steps": 0.6,
             },
             architectures={"rnn": 1.0},
@@ -339,9 +346,11 @@ REMEDIES: dict[str, Remedy] = {
             "Unsupervised pre-training, then fine-tuning",
             "greedy layer-wise pre-training (e.g. autoencoders) gives a deep network a "
             "starting point where early layers already carry useful features",
-            "train each layer as an autoencoder on the previous layer's outputs, then fine-tune all",
+            "# train each layer as an autoencoder on the previous layer's outputs, then fine-tune all",
             treats={"vanishing": 0.3, "stalled": 0.3},
-            architectures={"rnn": None, "transformer": None},
+            # A 2006 remedy for deep sigmoid MLPs; convolutional and attention models of
+            # today are not pre-trained layer-wise.
+            architectures={"rnn": None, "transformer": None, "cnn": None},
         ),
         Remedy(
             "raise_lr",
@@ -363,20 +372,37 @@ REMEDIES: dict[str, Remedy] = {
 # warmup and Adam's β₂ the early and the stale-moment ones.
 _INSTABILITY_TREATS: dict[str, dict[str, float]] = {
     "lr_schedule": {
+        "loss_instability": 1.0,
         "divergence": 1.0,
         "grad_norm_spike": 0.8,
         "loss_spike": 0.8,
         "oscillation": 1.0,
     },
     "lower_peak_lr": {
+        "loss_instability": 0.9,
         "divergence": 0.9,
         "grad_norm_spike": 0.8,
         "loss_spike": 0.7,
         "oscillation": 0.8,
     },
-    "grad_clipping": {"divergence": 0.7, "grad_norm_spike": 1.0, "loss_spike": 0.8},
-    "lr_warmup": {"divergence": 0.7, "grad_norm_spike": 0.7, "loss_spike": 0.6},
-    "adam_beta2_eps": {"grad_norm_spike": 0.6, "loss_spike": 0.6, "divergence": 0.4},
+    "grad_clipping": {
+        "loss_instability": 0.6,
+        "divergence": 0.7,
+        "grad_norm_spike": 1.0,
+        "loss_spike": 0.8,
+    },
+    "lr_warmup": {
+        "loss_instability": 0.5,
+        "divergence": 0.7,
+        "grad_norm_spike": 0.7,
+        "loss_spike": 0.6,
+    },
+    "adam_beta2_eps": {
+        "loss_instability": 0.5,
+        "grad_norm_spike": 0.6,
+        "loss_spike": 0.6,
+        "divergence": 0.4,
+    },
     "batchnorm": {"plateau": 0.4, "grad_norm_spike": 0.3},
     "residual": {"plateau": 0.4},
     "he_init": {"plateau": 0.4},
@@ -395,6 +421,7 @@ class ModelProfile:
     architecture: str  # "mlp", "cnn", "rnn" or "transformer"
     activations: frozenset[str]
     tokens: frozenset[str]  # module classes, activations, "init:…", "optimizer:…", "clipping"
+    optimizer: str = ""  # the class the run stepped ("AdamW"), "" when unknown
 
     def has(self, token: str) -> bool:
         return token in self.tokens
@@ -473,6 +500,25 @@ def model_profile(meta: Mapping[str, Any]) -> ModelProfile:
         tokens.add("optimizer:unknown")  # remedies that tune Adam are offered, conditionally
     if config.get("clip_norm") is not None or config.get("clip_value") is not None:
         tokens.add("clipping")
+    described = meta.get("architecture")
+    if isinstance(described, Mapping) and described.get("kind"):
+        # What the model is and does, read by the Probe at attach (gradprobe.architecture).
+        arch = str(described["kind"])
+        activations |= {str(a) for a in described.get("activations") or ()}
+        tokens |= activations
+        families = set((described.get("norms") or {}).values())
+        tokens |= {_NORM_TOKEN[f] for f in families if f in _NORM_TOKEN}
+        if described.get("residual") or arch == "transformer":
+            tokens.add("residual")
+        if described.get("attention"):
+            tokens.add("attention")
+        placement = described.get("norm_placement") or (
+            _norm_placement(meta) if arch == "transformer" else None
+        )
+        if arch == "transformer" and placement:
+            tokens.add(str(placement))
+        return ModelProfile(arch, frozenset(activations), frozenset(tokens), _optimizer_class(meta))
+    # Runs recorded before the Probe described the architecture: read class names.
     if types & _RECURRENT:
         arch = "rnn"
     elif types & _TRANSFORMER or any(_ATTENTION.search(t) for t in types):
@@ -485,7 +531,48 @@ def model_profile(meta: Mapping[str, Any]) -> ModelProfile:
         tokens.add("residual")  # every Transformer block adds its attention and MLP to x
     if arch == "transformer" and (placement := _norm_placement(meta)):
         tokens.add(placement)
-    return ModelProfile(arch, frozenset(activations), frozenset(tokens))
+    return ModelProfile(arch, frozenset(activations), frozenset(tokens), _optimizer_class(meta))
+
+
+def _optimizer_class(meta: Mapping[str, Any]) -> str:
+    optimizer = meta.get("optimizer")
+    name = optimizer.get("class") if isinstance(optimizer, Mapping) else None
+    return str(name) if isinstance(name, str) else ""
+
+
+# torch.optim's classes (a user's own optimizer class cannot be written as torch.optim.X).
+_TORCH_OPTIMIZERS = frozenset(
+    [
+        "SGD",
+        "Adam",
+        "AdamW",
+        "NAdam",
+        "RAdam",
+        "Adamax",
+        "Adagrad",
+        "Adadelta",
+        "RMSprop",
+        "Rprop",
+        "ASGD",
+        "Adafactor",
+    ]
+)
+_OPTIMIZER_IN_CODE = re.compile(r"torch\.optim\.(SGD|AdamW|Adam)\(")
+
+
+def _fit_code(remedy: Remedy, profile: ModelProfile) -> Remedy:
+    """The remedy's code for the model at hand: the run's optimizer (AdamW, not SGD, for an
+    AdamW run), BatchNorm2d after a convolution."""
+    code = remedy.code
+    if profile.optimizer in _TORCH_OPTIMIZERS and remedy.key != "adam":
+        code = _OPTIMIZER_IN_CODE.sub(f"torch.optim.{profile.optimizer}(", code)
+    if remedy.key == "batchnorm" and profile.architecture == "cnn":
+        code = "nn.Sequential(nn.Conv2d(c_in, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), act)"
+    return remedy if code == remedy.code else dataclasses.replace(remedy, code=code)
+
+
+# The norm families of meta["architecture"]["norms"] as the tokens remedies look for.
+_NORM_TOKEN = {"layer": "LayerNorm", "rms": "RMSNorm", "batch": "BatchNorm", "group": "GroupNorm"}
 
 
 @dataclass(frozen=True)
@@ -548,7 +635,7 @@ def rank_remedies(kind: str, profile: ModelProfile, limit: int | None = None) ->
             reasons.append(f"the model uses {', '.join(suited)}")
         if score <= 0:  # the architecture penalty outweighs what it treats
             continue
-        ranked.append(RankedRemedy(remedy, score, "; ".join(reasons)))
+        ranked.append(RankedRemedy(_fit_code(remedy, profile), score, "; ".join(reasons)))
     # sorted() is stable: equal scores keep catalogue order.
     ranked.sort(key=lambda r: -r.score)
     return ranked[:limit] if limit is not None else ranked

@@ -371,7 +371,7 @@ def report(
     for run, found in zip(runs, findings):
         if len(runs) > 1:
             parts.append(f"<h3>{escape(run.name)}</h3>")
-        parts.append(findings_html(found))
+        parts.append(findings_html(found, lead=False))
     parts += [
         "<h2>Key numbers</h2>",
         _table_html(comparison_table(runs, findings, extra)),

@@ -119,7 +119,7 @@ PARTIALS: dict[str, Partial] = {
             "NaN/Inf flags (full: entries) of the output",
         ),
         Partial("gate_sum", "module", "sum", "device", "sum of f'(z) over the activation input"),
-        Partial("sat_count", "module", "sum", "device", "entries with f'(z) < 1% of max f'"),
+        Partial("sat_count", "module", "sum", "device", "entries with |f'(z)| < 1% of max |f'|"),
         Partial("err_sumsq", "module", "sum", "device", "‖dL/d(output)‖² summed over passes", 2),
         Partial("err_nonfinite", "module", "sum", "device", "NaN/Inf flags (full: entries), dL/dy"),
         Partial("in_err_sumsq", "module", "sum", "device", "‖dL/d(input)‖² summed over passes", 2),
@@ -349,7 +349,7 @@ STATISTICS: dict[str, Statistic] = {
         ),
         Statistic(
             "sat_frac",
-            "saturating activations: fraction of entries with f'(z) < 1% of max f'",
+            "saturating activations: fraction of entries with |f'(z)| < 1% of max |f'|",
             module=lambda p: (_ratio(p["sat_count"], p["sat_count_n"]), p["sat_count_n"] > 0),
         ),
         Statistic(

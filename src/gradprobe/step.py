@@ -29,7 +29,15 @@ from .stats import STATISTICS
 if TYPE_CHECKING:
     from .probe import Probe
 
-__all__ = ["AUTO_BURST", "AUTO_EVERY", "AUTO_FIRST", "StepBoundary"]
+__all__ = [
+    "AUTO_BURST",
+    "AUTO_EVERY",
+    "AUTO_FIRST",
+    "SPIKE_BURST_FACTOR",
+    "SPIKE_BURST_MIN",
+    "SPIKE_BURST_WINDOW",
+    "StepBoundary",
+]
 
 # The "auto" cadence, Probe(every="auto"): all of the first AUTO_FIRST steps (where a bad
 # initialisation shows), then every AUTO_EVERY-th; the gradients' norms at every step (one
@@ -38,6 +46,16 @@ __all__ = ["AUTO_BURST", "AUTO_EVERY", "AUTO_FIRST", "StepBoundary"]
 AUTO_FIRST = 20
 AUTO_EVERY = 50
 AUTO_BURST = 20
+# ... and after a gradient-norm spike: the step's global norm (before clipping where it was
+# measured) ≥ SPIKE_BURST_FACTOR × the median of the SPIKE_BURST_WINDOW steps before it
+# (at least SPIKE_BURST_MIN of them), diagnose's grad_norm_spike rule. Read without a host
+# sync: on the CPU the norms are host values already; on a GPU the step's total is copied
+# to pinned host memory without waiting and read at a later step, once its event has
+# completed (Event.query() never blocks), so the burst starts a step or so late there.
+SPIKE_BURST_FACTOR = 10.0
+SPIKE_BURST_WINDOW = 20
+SPIKE_BURST_MIN = 5
+_PENDING_NORMS = 64  # copies in flight at most (they complete within a step or two)
 
 
 def _backward_end_hook(ref: weakref.ref[Probe], first: bool) -> None:
@@ -181,6 +199,7 @@ class StepBoundary:
         self._record_missing_grads()
         if not self._want_params:
             return
+        totals: list[Tensor] = []  # the step's Σ‖g‖² per group, for the spike burst
         for (device, _dtype), idx in self._param_groups(with_grad=True).items():
             # The norms backward left are these very gradients' where nothing touched
             # them since (no clipping, no scaler): one pass fewer, and no gradient
@@ -193,6 +212,9 @@ class StepBoundary:
                 grads = self._grads(idx)
                 grad_norms, finite = l2_norms(grads, device)
             record(device, idx, "grad_norm", grad_norms)
+            if self._auto and not self._distributed:
+                pre = same[0] if same is not None else grad_norms
+                totals.append(pre.to(accumulation_dtype(device)).square().sum())
             # Ranks must keep one cadence (their collectives must match): one rank's
             # shards may be finite where another's are not, so no burst under them.
             if grads_only and finite is not None and not all(finite) and not self._distributed:
@@ -209,6 +231,35 @@ class StepBoundary:
                     flags = nonfinite_flags(grad_norms, finite)
                 record(device, idx, "grad_nonfinite", flags)
             self.buffer.set_param_host(idx, "has_grad")
+        if totals:
+            self._watch_spike(totals)
+
+    def _watch_spike(self, totals: list[Tensor]) -> None:
+        """Queue the step's global gradient norm (``totals``: Σ‖g‖² per group) for the
+        spike test, and run it on every queued step whose values have reached the host."""
+        entry = []
+        for t in totals:
+            if t.device.type == "cpu":
+                entry.append((t, None))
+            else:  # no sync: a pinned copy the host reads once the event says it landed
+                host = torch.empty((), dtype=t.dtype, pin_memory=True)
+                host.copy_(t, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(torch.cuda.current_stream(t.device))
+                entry.append((host, event))
+        if len(self._pending_norms) < _PENDING_NORMS:
+            self._pending_norms.append(entry)
+        while self._pending_norms and all(
+            e is None or e.query() for _, e in self._pending_norms[0]
+        ):
+            total = float(sum(float(h) for h, _ in self._pending_norms.popleft())) ** 0.5
+            history = self._norm_history
+            if len(history) >= SPIKE_BURST_MIN:
+                median = float(np.median(history))
+                if median > 0 and total >= SPIKE_BURST_FACTOR * median:
+                    self._burst_until = max(self._burst_until, self.step_index + AUTO_BURST)
+            if np.isfinite(total):
+                history.append(total)
 
     def _end_sharded_step(self) -> None:
         """Sharded parameters' norms of the step: their shards' squares summed across the
