@@ -56,7 +56,7 @@ def residual_growth(alpha: float, depth: int, gain: float = 1.0) -> float:
         )
     g = _positive(gain, "branch gain", "1.0", zero_ok=True)
     try:
-        return math.exp(depth * math.log1p(alpha * alpha * g))
+        return (1.0 + alpha * alpha * g) ** depth
     except OverflowError:
         return math.inf
 
