@@ -299,7 +299,9 @@ def theory_command(
 @app.command("explain", cls=_Command)
 def explain_command(
     topic: str = typer.Argument(
-        ..., metavar="TOPIC", help="backprop | standardize | channels | activations"
+        ...,
+        metavar="TOPIC",
+        help="backprop | standardize | channels | activations | residual | isometry",
     ),
     plot: str | None = typer.Option(
         None, "--plot", metavar="FILE", help="activations: PNG of f and f'"
@@ -314,6 +316,8 @@ def explain_command(
     standardize: standardising inputs (docs/concepts.md §5).
     channels: tensor shapes and channels (docs/concepts.md §6).
     activations: the activation cheat-sheet (docs/concepts.md §7).
+    residual: a residual net's signal for α = 1 and 1/√L, by hand, against theory.
+    isometry: deep Jacobians, Gaussian vs orthogonal weights, against theory.
     """
     plot_path = output_file(plot, "--plot", example="plot.png") if plot is not None else None
     out_dir = output_dir(out, "--out") if out is not None else None
