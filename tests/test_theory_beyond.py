@@ -169,6 +169,30 @@ def test_jacobian_spread_against_the_exact_jacobian(act, bias_var, init):
     assert abs(float(sp.mean()) - predicted) <= tol, (float(sp.mean()), predicted, tol)
 
 
+@pytest.mark.parametrize("init", ["gaussian", "orthogonal"])
+def test_jacobian_spread_off_the_fixed_point(init):
+    # inputs far from q* (q = 1.5 against tanh's q* ≈ 0.1): each layer adds its own term
+    depth, n, seeds, bias_var, q0 = 6, 400, 4, 1e-3, 1.5
+    wv = theory.critical_weight_var("tanh", bias_var)
+    spreads = []
+    for s in range(seeds):
+        g = torch.Generator().manual_seed(10 + s)
+        f = _net("tanh", wv, bias_var, depth, n, init, g)
+        x = torch.randn(n, generator=g, dtype=torch.float64) * math.sqrt(q0)
+        ev = torch.linalg.svdvals(torch.func.jacrev(f)(x)) ** 2
+        spreads.append(float(ev.var(unbiased=False) / ev.mean() ** 2))
+    sp = torch.tensor(spreads)
+    predicted = theory.jacobian_spread("tanh", wv, bias_var, depth=depth, init=init, q_start=q0)
+    at_q_star = theory.jacobian_spread("tanh", wv, bias_var, depth=depth, init=init)
+    tol = SE * float(sp.std()) / math.sqrt(seeds) + predicted * depth / n  # as above
+    assert abs(float(sp.mean()) - predicted) <= tol, (float(sp.mean()), predicted, tol)
+    assert predicted > at_q_star  # larger q: φ' varies more, the spectrum spreads more
+    q_star = theory.fixed_point("tanh", wv, bias_var)
+    assert theory.jacobian_spread(
+        "tanh", wv, bias_var, depth=depth, init=init, q_start=q_star
+    ) == pytest.approx(at_q_star, rel=1e-9)
+
+
 def test_isometry_the_published_contrast():
     # ReLU cannot be isometric (spread ≥ depth for any weights); tanh with orthogonal
     # weights near q* → 0 can (spread → 0), with Gaussian weights it cannot (≥ depth).
@@ -180,7 +204,12 @@ def test_isometry_the_published_contrast():
     with pytest.raises(GradprobeError, match="weight distribution"):
         theory.jacobian_spread("tanh", 1.0, depth=3, init="uniform")
     with pytest.raises(GradprobeError, match="fixed point"):
-        theory.jacobian_spread("relu", 3.0, depth=3)
+        theory.jacobian_spread("softplus", 3.0, depth=3)  # q* = ∞, not homogeneous
+    # ReLU's spread does not depend on σ_w² (D's law is the same at every q): a measured
+    # σ_w² a hair above 2, where q* is infinite, has the same spread
+    assert theory.jacobian_spread("relu", 2.01, depth=3) == theory.jacobian_spread(
+        "relu", 2.0, depth=3
+    )
 
 
 def test_hutchinson_moments_match_the_exact_jacobian():

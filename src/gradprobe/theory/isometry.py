@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -34,6 +34,7 @@ from .meanfield import (
     Params,
     _check_depth,
     _check_variances,
+    _moments,
     _nodes,
     _resolve,
     fixed_point,
@@ -48,21 +49,31 @@ _S1 = {"gaussian": -1.0, "orthogonal": 0.0}
 def spectrum_moments(
     activation: ActivationLike, weight_var: float, bias_var: float = 0.0, *, params: Params = None
 ) -> tuple[float, float, float]:
-    """(q*, μ₁, μ₂) with μ_k = E[φ'(√q* z)^(2k)]; at q* = 0 the limit q → 0⁺."""
+    """(q*, μ₁, μ₂) with μ_k = E[φ'(√q* z)^(2k)]; at q* = 0 the limit q → 0⁺. For a
+    positively homogeneous φ (ReLU) μ_k does not depend on q, so an infinite q* (σ_w² a
+    hair above critical, as measured from real weights) still has its moments."""
     act = _resolve(activation)
     _check_variances(weight_var, bias_var)
     q = fixed_point(act, weight_var, bias_var, params=params)
+    if not math.isfinite(q) and _moments_at(act, 1.0, params) == _moments_at(act, 100.0, params):
+        # a positively homogeneous φ (ReLU): D's law, hence the spread, is the same at every q
+        return q, *_moments_at(act, 1.0, params)
     if not math.isfinite(q):
         raise GradprobeError(
             f"{act.name} at σ_w² = {weight_var:g}, σ_b² = {bias_var:g} has no finite fixed point q*"
             " (the signal grows without bound), so the Jacobian's spectrum has no limit",
             "pick σ_w² at or below the critical value",
         )
+    return q, *_moments_at(act, q, params)
+
+
+def _moments_at(act: Any, q: float, params: Params) -> tuple[float, float]:
+    """(μ₁, μ₂) at the pre-activation second moment q."""
     scale = math.sqrt(max(q, 1e-280))
     z, w = _nodes(torch.zeros(1).numpy(), scale, act.kinks)
     d2 = act.gate(torch.from_numpy(scale * z[0]), params).to(torch.float64) ** 2
     wt = torch.from_numpy(w[0])
-    return q, float((wt * d2).sum()), float((wt * d2 * d2).sum())
+    return float((wt * d2).sum()), float((wt * d2 * d2).sum())
 
 
 def jacobian_spread(
@@ -72,21 +83,41 @@ def jacobian_spread(
     *,
     depth: int,
     init: Literal["gaussian", "orthogonal"] = "gaussian",
+    q_start: float | None = None,
     params: Params = None,
 ) -> float:
     """var/mean² of the eigenvalues of JJᵀ over ``depth`` layers: L·(μ₂/μ₁² − 1 − s₁).
 
     s₁ = −1 for Gaussian weights (``init="gaussian"``), 0 for orthogonal ones.
+
+    With ``q_start`` the pre-activations start at that second moment instead of q* and
+    follow the length map; each layer then adds its own μ₂(q_l)/μ₁(q_l)² − 1 − s₁. (The
+    relative variances of free factors add: for free X, Y, φ((XY)²)/φ(XY)² − 1 =
+    (φ(X²)/φ(X)² − 1) + (φ(Y²)/φ(Y)² − 1); so the sum is exact in the wide limit, and at
+    q_start = q* it is the formula above.)
     """
     if init not in _S1:
         raise GradprobeError(
             f"unknown weight distribution {init!r}", "use 'gaussian' or 'orthogonal'"
         )
     _check_depth(depth)
-    _q, mu1, mu2 = spectrum_moments(activation, weight_var, bias_var, params=params)
-    if mu1 <= 0:
-        raise GradprobeError("φ'(h) is 0 almost everywhere at q*: the Jacobian is 0")
-    return depth * (mu2 / (mu1 * mu1) - 1.0 - _S1[init])
+    if q_start is None:
+        _q, mu1, mu2 = spectrum_moments(activation, weight_var, bias_var, params=params)
+        if mu1 <= 0:
+            raise GradprobeError("φ'(h) is 0 almost everywhere at q*: the Jacobian is 0")
+        return depth * (mu2 / (mu1 * mu1) - 1.0 - _S1[init])
+    act = _resolve(activation)
+    _check_variances(weight_var, bias_var)
+    if not (isinstance(q_start, (int, float)) and math.isfinite(q_start) and q_start >= 0):
+        raise GradprobeError(f"q_start must be a non-negative number, got {q_start!r}")
+    total, q = 0.0, float(q_start)
+    for _ in range(depth):
+        mu1, mu2 = _moments_at(act, q, params)
+        if mu1 <= 0:
+            raise GradprobeError(f"φ'(h) is 0 almost everywhere at q = {q:g}: the Jacobian is 0")
+        total += mu2 / (mu1 * mu1) - 1.0 - _S1[init]
+        q = weight_var * _moments(act, q, params)[0] + bias_var
+    return total
 
 
 @dataclass(frozen=True)
