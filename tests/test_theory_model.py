@@ -201,3 +201,44 @@ def test_compare_says_why_not():
     assert "no theory prediction" in theory.compare(run).reason
     seq = nn.Sequential(OrderedDict(fc=nn.Linear(4, 4), act=nn.Tanh(), out=nn.Linear(4, 1)))
     assert theory.describe(seq)["covered"]
+
+
+def test_diagnose_puts_the_theory_beside_the_measured_vanishing():
+    from gradprobe import diagnose
+
+    torch.manual_seed(0)
+    model = models.mlp(64, 10, depth=12, width=128, activation="sigmoid")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(64, 64), torch.randint(0, 10, (64,))
+    with Probe(model, opt) as probe:
+        for _ in range(3):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        run = probe.run()
+    (vanishing,) = [f for f in diagnose(run) if f.kind == "vanishing"]
+    c = theory.compare(run)
+    assert vanishing.evidence["theory"] == {
+        "predicted_per_layer": c.predicted_per_layer,
+        "measured_per_layer": c.measured_per_layer,
+        "step": 0,
+    }
+    assert c.line in vanishing.summary
+    # sigmoid at PyTorch's default init: far inside the vanishing phase, both ways
+    assert c.predicted_per_layer < 0.3 and c.measured_per_layer < 0.3
+    assert abs(math.log10(c.predicted_per_layer / c.measured_per_layer)) <= 12 / 128
+
+
+def test_the_report_shows_the_theory_line(tmp_path):
+    from gradprobe import report
+
+    torch.manual_seed(0)
+    model = models.mlp(16, 4, depth=4, width=32, activation="tanh")
+    with Probe(model, store=tmp_path / "run") as probe:
+        model(torch.randn(8, 16)).sum().backward()
+        probe.step()
+    run = __import__("gradprobe").load(tmp_path / "run")
+    out = report(run, tmp_path / "report.html")
+    html = __import__("pathlib").Path(out).read_text()
+    assert theory.compare(run).line in html
+    assert "theory at init" in html
