@@ -242,3 +242,37 @@ def test_the_report_shows_the_theory_line(tmp_path):
     html = __import__("pathlib").Path(out).read_text()
     assert theory.compare(run).line in html
     assert "theory at init" in html
+
+
+def test_the_probe_stores_a_description_without_warning_or_changing_training():
+    import warnings
+
+    def train(probe_it: bool) -> list[torch.Tensor]:  # under a Probe: its parameters after
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 2))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        x = torch.randn(4, 8)
+        ctx = Probe(model, opt) if probe_it else __import__("contextlib").nullcontext()
+        with ctx as probe:
+            for _ in range(2):
+                opt.zero_grad()
+                model(x).pow(2).sum().backward()
+                opt.step()
+            if probe_it:
+                assert probe.meta["theory"]["covered"]
+        return [p.detach().clone() for p in model.parameters()]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        probed = train(True)
+    twin = train(False)  # the un-probed twin
+    assert all(torch.equal(a, b) for a, b in zip(probed, twin, strict=True))
+    # weights that cannot be described: a reason in the meta, no warning, no error
+    bad = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 1))
+    with torch.no_grad():
+        bad[0].weight[0, 0] = float("inf")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with Probe(bad) as probe:
+            spec = probe.meta["theory"]
+    assert not spec["covered"] and "not finite" in spec["reason"]

@@ -63,22 +63,34 @@ class _Outside(Exception):
 # ---------------------------------------------------------------- reading layers
 
 
+def _mean_square(t: torch.Tensor) -> float:
+    """E[t²] by a reduction (no float64 copy of a large weight on the user's device)."""
+    acc = torch.float64 if t.dtype == torch.float64 else torch.float32
+    norm = float(torch.linalg.vector_norm(t.detach(), dtype=acc))
+    return norm * norm / max(t.numel(), 1)
+
+
 def _linear_op(name: str, m: nn.Linear) -> dict[str, Any]:
-    w = m.weight.detach().to(torch.float64)
-    fan_out, fan_in = w.shape
-    weight_var = fan_in * float(w.pow(2).mean())
-    bias_var = 0.0 if m.bias is None else float(m.bias.detach().to(torch.float64).pow(2).mean())
+    fan_out, fan_in = m.weight.shape
+    weight_var = fan_in * _mean_square(m.weight)
+    bias_var = 0.0 if m.bias is None else _mean_square(m.bias)
+    if not (math.isfinite(weight_var) and math.isfinite(bias_var)):
+        raise _Outside(f"{name}: its weights or biases are not finite")
     if weight_var == 0.0:
         raise _Outside(f"{name}: its weights are all zero (no signal passes at init)")
+    w = m.weight.detach()[:_ORTHO_ROWS].double() if fan_out <= fan_in else None
+    if w is None:
+        w = m.weight.detach()[:, :_ORTHO_ROWS].double().T
     orthogonal: bool | None = None
-    k = min(fan_in, fan_out, _ORTHO_ROWS)
+    k = w.shape[0]
     if k > 1:
         # The first k rows (columns of a tall W) of an orthogonal W are orthonormal times c;
         # a Gaussian W's are off by ~c/√fan. k ≤ 64 keeps the check at k²·fan flops.
-        v = w[:k] if fan_out <= fan_in else w[:, :k].T
-        g = v @ v.T
+        g = w @ w.T
         c = float(torch.diagonal(g).mean())
-        orthogonal = bool((g - c * torch.eye(k, dtype=g.dtype)).abs().max() <= _ORTHO_RTOL * c)
+        orthogonal = bool(
+            (g - c * torch.eye(k, dtype=g.dtype, device=g.device)).abs().max() <= _ORTHO_RTOL * c
+        )
     return {
         "op": "linear",
         "name": name,
