@@ -4,7 +4,8 @@ Plain: ``depth`` × (Linear → ReLU), He init. Residual: an input projection an
 pre-activation blocks x + α·Linear(ReLU(x)), He init, with the branch scaled by
 α = 1/√depth (``residual``) or not at all (``residual_unscaled``, α = 1), no normalisation.
 At init the signal's growth over the blocks, E‖x_L‖²/‖x_0‖² forward and ‖δ_0‖²/‖δ_L‖²
-backward, is measured on a training batch beside the prediction (1 + α²)^L (the branch
+backward, is measured on a training batch, averaged over 16 fresh nets of the run's
+architecture, beside the prediction (1 + α²)^L (the branch
 gain is 1: Hanin & Rolnick 2018; Marion et al. 2025): α = 1 blows the signal up by 2^L,
 α = 1/√L keeps it below e. Same optimiser and budget; the measure is the training loss and
 error on the whole training set (He et al.'s "degradation problem" is about training
@@ -57,43 +58,66 @@ GROWTH_KEYS = (
     "growth_predicted",
     "growth_forward",
     "growth_backward",
-    "growth_forward_noise",
-    "growth_backward_noise",
+    "growth_forward_se",
+    "growth_backward_se",
 )
-# "Agrees with the prediction": measured growth within this many standard deviations of
-# (1 + α²)^L, the standard deviation of one net's log-growth estimated from its own blocks
-# (the L per-block factors fluctuate independently: sd = √L · sd of one block's log10).
-GROWTH_SDS = 3.0
+# The growth at init is the mean over this many independently initialised nets of the
+# run's architecture (the theory predicts the mean; one net's log-growth spreads by ~0.5
+# decades at α = 1, depth 32, width 64).
+GROWTH_NETS = 16
+# "Agrees with the prediction": log10 of the mean within 3 standard errors of (1 + α²)^L,
+# plus 5 % of the predicted decades and 0.05 for the backward pass, whose top error
+# dL/dx_L (cross-entropy through the head) is not independent of the blocks' weights as
+# the theory assumes (with an independent top error it agrees within the standard error:
+# tests/test_theory_beyond.py).
+GROWTH_SES = 3.0
+GROWTH_SLACK = (0.05, 0.05)
 
 
 def block_growth(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
-    """log10 of ‖x_L‖²/‖x_0‖² (``growth_forward``) and ‖δ_0‖²/‖δ_L‖² (``growth_backward``)
-    over the residual blocks at ``x`` (the whole batch; δ = dL/dx for the cross-entropy
-    loss), by autograd, and the standard deviation of each (``*_noise``) from the spread of the
-    blocks' own factors."""
-    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    """‖x_L‖²/‖x_0‖² (``growth_forward``) and ‖δ_0‖²/‖δ_L‖² (``growth_backward``) over
+    the residual blocks at ``x`` (the whole batch; δ = dL/dx for the cross-entropy loss),
+    by autograd."""
+    seen: dict[str, torch.Tensor] = {}
 
     def keep(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
         args[0].retain_grad()
         out.retain_grad()
-        seen.append((args[0], out))
+        seen["in"], seen["out"] = args[0], out
 
-    handles = [b.register_forward_hook(keep) for b in model.blocks]
+    handle = model.blocks.register_forward_hook(keep)
     try:
         nn.functional.cross_entropy(model(x), y).backward()
-        fwd = [float(o.detach().pow(2).sum() / i.detach().pow(2).sum()) for i, o in seen]
-        bwd = [float(i.grad.pow(2).sum() / o.grad.pow(2).sum()) for i, o in seen]
+        x0, xl = seen["in"], seen["out"]
+        fwd = float(xl.detach().pow(2).sum() / x0.detach().pow(2).sum())
+        bwd = float(x0.grad.pow(2).sum() / xl.grad.pow(2).sum())
     finally:
-        for h in handles:
-            h.remove()
+        handle.remove()
         model.zero_grad(set_to_none=True)
+    return {"growth_forward": fwd, "growth_backward": bwd}
+
+
+def growth_over_nets(
+    alpha: float, depth: int, x: torch.Tensor, y: torch.Tensor, seed: int, nets: int = GROWTH_NETS
+) -> dict[str, float]:
+    """log10 of the mean growth over ``nets`` fresh nets (forward and backward) and its
+    standard error in log10 (delta method: SE(mean)/(mean·ln 10)). The global RNG is
+    restored after, so the run's own training is unchanged."""
+    ratios: dict[str, list[float]] = {"growth_forward": [], "growth_backward": []}
+    with torch.random.fork_rng(devices=[]):
+        for i in range(nets):
+            torch.manual_seed(10_000 * (seed + 1) + i)
+            model = models.residual_mlp(
+                x.shape[1], 10, depth=depth, activation="relu", init="he", scale=alpha
+            )
+            for k, v in block_growth(model, x, y).items():
+                ratios[k].append(v)
     out = {}
-    for name, ratios in (("growth_forward", fwd), ("growth_backward", bwd)):
-        logs = np.log10(np.asarray(ratios))
-        out[name] = float(logs.sum())
-        out[f"{name}_noise"] = (
-            float(logs.std(ddof=1) * math.sqrt(len(logs))) if len(logs) > 1 else 0.0
-        )
+    for k, r in ratios.items():
+        a = np.asarray(r)
+        mean = float(a.mean())
+        out[k] = measure.log10(mean)
+        out[f"{k}_se"] = float(a.std(ddof=1) / math.sqrt(a.size) / (mean * math.log(10)))
     return out
 
 
@@ -110,7 +134,9 @@ def run(config: RunConfig, store: Path | None) -> RunResult:
         )
     growth = dict.fromkeys(GROWTH_KEYS, math.nan)
     if arch != "plain":
-        growth.update(block_growth(model, split.x_train[:256], split.y_train[:256]))
+        growth.update(
+            growth_over_nets(alpha, depth, split.x_train[:256], split.y_train[:256], config.seed)
+        )
         growth["growth_predicted"] = math.log10(theory.residual_growth(alpha, depth))
     fit = measure.fit_run(
         config,
@@ -143,10 +169,18 @@ def summarize(results: list[RunResult]) -> pd.DataFrame:
             "growth_predicted",
             "growth_forward",
             "growth_backward",
-            "growth_forward_noise",
-            "growth_backward_noise",
+            "growth_forward_se",
+            "growth_backward_se",
         ],
     )
+
+
+def growth_agrees(m: dict[str, float], key: str) -> bool:
+    """Measured log10 mean growth within the tolerance of the prediction (see GROWTH_SES)."""
+    slack = GROWTH_SLACK[0] * abs(m["growth_predicted"]) + GROWTH_SLACK[1]
+    if key == "growth_forward":
+        slack = 0.01  # the forward pass has no loss in it: the standard error alone, and rounding
+    return abs(m[key] - m["growth_predicted"]) <= GROWTH_SES * m[f"{key}_se"] + slack
 
 
 def _finite_or_inf(v: float) -> float:
@@ -166,7 +200,7 @@ def verdict(table: pd.DataFrame, results: list[RunResult]) -> Verdict:
         }
         growth_ok.append(
             all(
-                abs(m[k] - m["growth_predicted"]) <= GROWTH_SDS * m[f"{k}_noise"] + 0.05
+                growth_agrees(m, k)
                 for m in g.values()
                 for k in ("growth_forward", "growth_backward")
             )
@@ -209,8 +243,9 @@ def verdict(table: pd.DataFrame, results: list[RunResult]) -> Verdict:
         ),
         Check(
             "at init the residual nets' measured signal growth over the blocks, forward and "
-            f"backward, is within {GROWTH_SDS:g} standard deviations (estimated from the net's own "
-            "blocks) of the predicted (1 + α²)^L at every depth",
+            f"backward (mean of {GROWTH_NETS} nets), is within {GROWTH_SES:g} standard errors of "
+            "the predicted (1 + α²)^L at every depth (backward: plus 5% + 0.05 decades, the loss "
+            "coupling the top error to the blocks)",
             tuple(growth_ok),
         ),
         Check(
