@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from gradprobe import Probe, theory
+from gradprobe.errors import GradprobeError
 from gradprobe.lab import models
 from reference import capture_outputs, error_norms
 
@@ -148,6 +149,15 @@ def test_outside_the_theory_predicts_nothing_and_says_why(model, x, reason):
     assert not p.covered and p.layers == ()
     assert p.reason and __import__("re").search(reason, p.reason), p.reason
     assert "outside" in p.line()
+
+
+def test_shared_layers_and_bad_inputs():
+    lin = nn.Linear(8, 8)
+    shared = nn.Sequential(lin, nn.Tanh(), lin)
+    p = theory.predict(shared, torch.randn(2, 8))
+    assert not p.covered and "more than once" in p.reason
+    with pytest.raises(GradprobeError, match="forward failed"):
+        theory.predict(nn.Sequential(nn.Linear(8, 8)), torch.randn(2, 5))
 
 
 def test_predict_leaves_the_model_and_the_rng_alone():

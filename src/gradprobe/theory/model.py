@@ -262,8 +262,11 @@ def _interpret(call: _Call) -> list[dict[str, Any]]:
 
 
 def _check_ops(ops: list[dict[str, Any]]) -> None:
-    if not any(op["op"] == "linear" for op in _flat(ops)):
+    names = [op["name"] for op in _flat(ops) if op["op"] == "linear"]
+    if not names:
         raise _Outside("the model has no Linear layer")
+    if len(set(names)) < len(names):
+        raise _Outside("a Linear layer is called more than once (shared weights): not covered")
 
 
 def _flat(ops: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
@@ -440,8 +443,16 @@ def predict(model: nn.Module, example_input: torch.Tensor | None = None) -> Pred
                         f"{name or 'the model'} ({type(m).__name__}) keeps buffers "
                         "(normalisation statistics): not covered"
                     )
-            with torch.no_grad(), torch.random.fork_rng(devices=[]), _traced(model) as roots:
-                model(example_input)
+            try:
+                dev = example_input.device
+                cuda = [dev.index if dev.index is not None else 0] if dev.type == "cuda" else []
+                with torch.no_grad(), torch.random.fork_rng(devices=cuda), _traced(model) as roots:
+                    model(example_input)
+            except Exception as exc:
+                raise GradprobeError(
+                    f"the model's forward failed on example_input ({type(exc).__name__}: {exc})",
+                    "pass an input the model takes, e.g. one batch of training data",
+                ) from exc
             if len(roots) != 1:
                 raise _Outside("the model's forward did not run as one call")
             with torch.no_grad():
