@@ -93,7 +93,10 @@ def test_theory_table_and_plot(capsys, tmp_path):
         (["theory", "width", "--depth", "4"], "needs --width"),
         (["theory", "width", "--width", "0", "--depth", "4"], "--width"),
         (["theory", "isometry", "--depth", "4"], "needs --activation"),
-        (["theory", "isometry", "-a", "relu", "--weight-var", "3", "--depth", "4"], "fixed point"),
+        (
+            ["theory", "isometry", "-a", "softplus", "--weight-var", "3", "--depth", "4"],
+            "fixed point",
+        ),
         (["theory", "isometry", "-a", "tanh", "--depth", "4", "--init", "unif"], "unif"),
         (["theory", "gated"], "needs --forget-bias"),
         (["theory", "gated", "--forget-bias", "inf"], "--forget-bias"),
