@@ -71,6 +71,9 @@ def _mean_square(t: torch.Tensor) -> float:
 
 
 def _linear_op(name: str, m: nn.Linear) -> dict[str, Any]:
+    if type(m.weight).__name__ == "DTensor" or m.weight.is_meta:
+        # reading a shard's statistics would take a collective: not done at construction
+        raise _Outside(f"{name}: its weights are sharded or not materialised (not read)")
     fan_out, fan_in = m.weight.shape
     weight_var = fan_in * _mean_square(m.weight)
     bias_var = 0.0 if m.bias is None else _mean_square(m.bias)
