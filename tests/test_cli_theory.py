@@ -85,6 +85,21 @@ def test_theory_table_and_plot(capsys, tmp_path):
         (["theory", "-a", "tanh", "--weight-var", "1", "--bias-var", "-0.5"], "bias variance"),
         (["theory", "-a", "tanh", "--weight-var", "1", "--depth", "0"], "depth"),
         (["theory", "-a", "tanh"], "--weight-var"),
+        (["theory", "--weight-var", "1"], "--activation"),
+        (["theory", "bogus"], "unknown theory topic 'bogus'"),
+        (["theory", "residual"], "needs --depth"),
+        (["theory", "residual", "--depth", "4", "--alpha", "nan"], "--alpha"),
+        (["theory", "residual", "--depth", "4", "--plot", "x.png"], "has no plot"),
+        (["theory", "width", "--depth", "4"], "needs --width"),
+        (["theory", "width", "--width", "0", "--depth", "4"], "--width"),
+        (["theory", "isometry", "--depth", "4"], "needs --activation"),
+        (
+            ["theory", "isometry", "-a", "softplus", "--weight-var", "3", "--depth", "4"],
+            "fixed point",
+        ),
+        (["theory", "isometry", "-a", "tanh", "--depth", "4", "--init", "unif"], "unif"),
+        (["theory", "gated"], "needs --forget-bias"),
+        (["theory", "gated", "--forget-bias", "inf"], "--forget-bias"),
         (["explain", "nope"], "unknown topic"),
         (["explain", "backprop", "--plot", "x.png"], "has no figure"),
     ],
@@ -132,3 +147,43 @@ def test_installed_command_reports_bad_input_without_traceback():
     assert proc.stderr.strip().count("\n") == 0
     assert proc.stderr.startswith("error: unknown activation 'nope'")
     assert "Traceback" not in proc.stderr and proc.stdout == ""
+
+
+def test_theory_topics_json_are_the_library_numbers(capsys):
+    from gradprobe import theory
+
+    code, out, err = run(capsys, "theory", "residual", "--depth", "16", "--json")
+    assert code == 0, err
+    rows = json.loads(out)["rows"]
+    assert [r["alpha"] for r in rows] == [1.0, 0.25]
+    assert rows[0]["growth"] == 2.0**16 == theory.residual_growth(1.0, 16)
+    assert rows[1]["growth"] == theory.residual_growth(0.25, 16)
+    code, out, _ = run(
+        capsys, "theory", "residual", "--depth", "9", "--alpha", "0.5", "--gain", "2", "--json"
+    )
+    assert json.loads(out)["rows"] == [
+        {"alpha": 0.5, "growth": theory.residual_growth(0.5, 9, 2.0), "per_block": math.sqrt(1.5)}
+    ]
+    code, out, _ = run(capsys, "theory", "width", "--width", "64", "--depth", "20", "--json")
+    assert json.loads(out)["second_moment"] == theory.width_spread(64, 20)
+    code, out, _ = run(
+        capsys, "theory", "isometry", "-a", "tanh", "--bias-var", "0.001", "--depth", "32", "--json"
+    )
+    d = json.loads(out)
+    wv = theory.critical_weight_var("tanh", 0.001)  # the default σ_w²: criticality
+    assert d["weight_var"] == wv and d["chi1"] == pytest.approx(1.0, abs=1e-9)
+    assert d["spread"] == {
+        i: theory.jacobian_spread("tanh", wv, 0.001, depth=32, init=i)
+        for i in ("gaussian", "orthogonal")
+    }
+    code, out, _ = run(capsys, "theory", "gated", "--forget-bias", "1", "--json")
+    d = json.loads(out)
+    assert d["memory"] == theory.gated_memory(1.0) == 1 + math.e
+    assert d["memory_efold"] == pytest.approx(-1 / math.log(1 / (1 + math.exp(-1.0))), rel=1e-12)
+    for topic in (
+        ["residual", "--depth", "4"],
+        ["width", "--width", "8", "--depth", "3"],
+        ["gated", "--forget-bias", "0"],
+    ):
+        code, out, _ = run(capsys, "theory", *topic)
+        assert code == 0 and "┃" in out

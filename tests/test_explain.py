@@ -161,3 +161,48 @@ def test_every_topic_renders(topic):
     for item in explain.render(topic, explain.compute(topic)):
         console.print(item)
     assert console.export_text().strip()
+
+
+# ---------------------------------------------------------------- residual and isometry
+
+
+def test_explain_residual_against_autograd_and_theory():
+    from gradprobe import theory
+
+    r = explain.compute("residual")
+    assert r.max_abs_diff <= 1e-12  # the hand-written backward pass is autograd's (float64)
+    for alpha in (1.0, 1 / math.sqrt(r.depth)):
+        assert r.predicted[alpha] == [theory.residual_growth(alpha, k) for k in range(r.depth + 1)]
+        # the measured mean over nets at the ends, within 4 standard errors of that mean
+        for measured, per_net, predicted in (
+            (r.forward[alpha][-1], r.per_net_forward[alpha], r.predicted[alpha][-1]),
+            (r.backward[alpha][0], r.per_net_backward[alpha], r.predicted[alpha][-1]),
+        ):
+            assert measured == pytest.approx(statistics.fmean(per_net), rel=1e-12)
+            se = statistics.stdev(per_net) / math.sqrt(len(per_net))
+            assert abs(measured - predicted) <= 4 * se
+    # the published contrast: α = 1 grows 2^L, α = 1/√L stays below e
+    assert r.predicted[1.0][-1] == 2.0**r.depth
+    assert r.forward[1 / math.sqrt(r.depth)][-1] < math.e < r.forward[1.0][-1] / 10
+
+
+def test_explain_isometry_against_autograd_and_theory():
+    from gradprobe import theory
+
+    cases = explain.compute("isometry")
+    assert {(c.activation, c.init) for c in cases} == {
+        (a, i) for a in ("tanh", "relu") for i in ("gaussian", "orthogonal")
+    }
+    by = {(c.activation, c.init): c for c in cases}
+    for c in cases:
+        assert c.max_abs_diff <= 1e-12  # the hand product ∏ W·diag(φ') is autograd's Jacobian
+        assert c.predicted == theory.jacobian_spread(
+            c.activation, c.weight_var, c.bias_var, depth=12, init=c.init
+        )
+        # the wide-limit formula within its finite-width error: relative order depth/width
+        # (12/128 ≈ 9 %) per seed, plus a single net's fluctuation, ~ the same order here
+        assert abs(c.exact - c.predicted) <= 2 * 12 / 128 * c.predicted + 0.1
+    # the published contrast, measured: orthogonal tanh is near-isometric, ReLU is not
+    assert by["tanh", "orthogonal"].exact < 1.0 < 10.0 < by["relu", "orthogonal"].exact
+    assert by["tanh", "orthogonal"].exact < by["tanh", "gaussian"].exact / 10
+    assert by["relu", "gaussian"].sv_min == 0.0 or by["relu", "gaussian"].sv_min < 1e-6

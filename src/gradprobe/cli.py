@@ -194,32 +194,86 @@ def _root() -> None:
 
 @app.command("theory", cls=_Command)
 def theory_command(
-    activation: str = typer.Option(
-        ..., "--activation", "-a", metavar="NAME", help="a registered activation"
+    topic: str | None = typer.Argument(
+        None, metavar="[TOPIC]", help="meanfield (default) | residual | width | isometry | gated"
     ),
-    weight_var: str = typer.Option(
-        ..., "--weight-var", metavar="FLOAT", help="σ_w² = fan_in·Var(W), ≥ 0"
+    activation: str | None = typer.Option(
+        None, "--activation", "-a", metavar="NAME", help="a registered activation"
+    ),
+    weight_var: str | None = typer.Option(
+        None, "--weight-var", metavar="FLOAT", help="σ_w² = fan_in·Var(W), ≥ 0"
     ),
     bias_var: str = typer.Option("0", "--bias-var", metavar="FLOAT", help="σ_b² = Var(b), ≥ 0"),
     depth: str | None = typer.Option(
-        None, "--depth", metavar="N", help="hidden layers: predict first/last"
+        None, "--depth", metavar="N", help="hidden layers (residual: blocks)"
+    ),
+    alpha: str | None = typer.Option(
+        None, "--alpha", metavar="FLOAT", help="residual: branch scale α (default: 1 and 1/√L)"
+    ),
+    gain: str | None = typer.Option(
+        None, "--gain", metavar="FLOAT", help="residual: branch gain g (default 1)"
+    ),
+    width: str | None = typer.Option(None, "--width", metavar="N", help="width: layer width n"),
+    init: str | None = typer.Option(
+        None, "--init", metavar="KIND", help="isometry: gaussian | orthogonal (default both)"
+    ),
+    forget_bias: str | None = typer.Option(
+        None, "--forget-bias", metavar="FLOAT", help="gated: forget-gate bias b_f"
     ),
     as_json: bool = typer.Option(False, "--json", help="JSON; non-finite values as null"),
     plot: str | None = typer.Option(
         None, "--plot", metavar="FILE", help="PNG: predicted error norm per layer"
     ),
 ) -> None:
-    """Mean-field predictions (q*, χ₁, depth scale, critical σ_w²) for an activation and init."""
-    sigma_w2 = finite_float(
-        weight_var, "--weight-var", what="the weight variance σ_w²", minimum=0.0, example="2"
-    )
+    """Theory at init: mean-field numbers for an activation and init (q*, χ₁, depth scale,
+    critical σ_w²), or a TOPIC: residual (1 + α²g)^L, width (1 + 5/n)^L, isometry (the
+    Jacobian's spread), gated (memory of a forget-gate bias)."""
+    import json
+
+    topics = ("meanfield", "residual", "width", "isometry", "gated")
+    if topic is not None and topic not in topics:
+        raise GradprobeError(f"unknown theory topic {topic!r}", f"use one of: {', '.join(topics)}")
     sigma_b2 = finite_float(
         bias_var, "--bias-var", what="the bias variance σ_b²", minimum=0.0, example="0"
     )
     n_layers = positive_int(depth, "--depth", example=20) if depth is not None else None
-    plot_path = output_file(plot, "--plot", example="plot.png") if plot is not None else None
+    if topic not in (None, "meanfield"):
+        if plot is not None:
+            raise GradprobeError(
+                f"`theory {topic}` has no plot", "--plot is for the mean-field form"
+            )
 
-    import json
+        from .theory.topics import compute_topic, render_topic
+
+        numbers = compute_topic(
+            topic,
+            activation=activation,
+            weight_var=None
+            if weight_var is None
+            else finite_float(weight_var, "--weight-var", what="σ_w²", minimum=0.0, example="1"),
+            bias_var=sigma_b2,
+            depth=n_layers,
+            alpha=None if alpha is None else finite_float(alpha, "--alpha", example="0.25"),
+            gain=None if gain is None else finite_float(gain, "--gain", minimum=0.0, example="1"),
+            width=None if width is None else positive_int(width, "--width", example=64),
+            init=init,
+            forget_bias=None
+            if forget_bias is None
+            else finite_float(forget_bias, "--forget-bias", example="1.0"),
+        )
+        if as_json:
+            typer.echo(json.dumps(numbers))
+        else:
+            console.print(render_topic(numbers))
+        return
+    if activation is None:
+        raise GradprobeError("missing option '--activation'", "e.g. --activation tanh")
+    if weight_var is None:
+        raise GradprobeError("missing option '--weight-var'", "e.g. --weight-var 2")
+    sigma_w2 = finite_float(
+        weight_var, "--weight-var", what="the weight variance σ_w²", minimum=0.0, example="2"
+    )
+    plot_path = output_file(plot, "--plot", example="plot.png") if plot is not None else None
 
     from . import theory
 
@@ -245,7 +299,9 @@ def theory_command(
 @app.command("explain", cls=_Command)
 def explain_command(
     topic: str = typer.Argument(
-        ..., metavar="TOPIC", help="backprop | standardize | channels | activations"
+        ...,
+        metavar="TOPIC",
+        help="backprop | standardize | channels | activations | residual | isometry",
     ),
     plot: str | None = typer.Option(
         None, "--plot", metavar="FILE", help="activations: PNG of f and f'"
@@ -260,6 +316,8 @@ def explain_command(
     standardize: standardising inputs (docs/concepts.md §5).
     channels: tensor shapes and channels (docs/concepts.md §6).
     activations: the activation cheat-sheet (docs/concepts.md §7).
+    residual: a residual net's signal for α = 1 and 1/√L, by hand, against theory.
+    isometry: deep Jacobians, Gaussian vs orthogonal weights, against theory.
     """
     plot_path = output_file(plot, "--plot", example="plot.png") if plot is not None else None
     out_dir = output_dir(out, "--out") if out is not None else None

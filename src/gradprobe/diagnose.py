@@ -739,6 +739,8 @@ def detect_vanishing(run: Run) -> Finding | None:
                 f"{_g(t['seq_len'])}: across one, it is multiplied by "
                 f"≈1e{t['log10_carried']:.0f}."
             )
+    if "depth" in evidence["modes"]:
+        _theory_beside(run, sentences, evidence)
     if not sentences:
         return None
     return Finding(
@@ -748,6 +750,26 @@ def detect_vanishing(run: Run) -> Finding | None:
         " ".join(sentences),
         evidence,
     )
+
+
+def _theory_beside(run: Run, sentences: list[str], evidence: dict[str, Any]) -> None:
+    """The theory's prediction for this model at init beside the first recorded step
+    (``theory.compare``: "theory: ×0.57 per layer; measured at step 0: ×0.571"), where the
+    run holds one; evidence["theory"] gets the numbers. Never fails the diagnosis."""
+    try:
+        from .theory.model import compare
+
+        c = compare(run)
+    except Exception:  # an unreadable prediction is no reason to lose the finding
+        return
+    if not c.covered or not c.line:
+        return
+    evidence["theory"] = {
+        "predicted_per_layer": c.predicted_per_layer,
+        "measured_per_layer": c.measured_per_layer,
+        "step": c.step,
+    }
+    sentences.append(f"At initialisation, {c.line} (mean-field theory, this model's weights).")
 
 
 def _vanishing_through_time(run: Run) -> dict[str, dict[str, Any]]:
@@ -903,6 +925,8 @@ def detect_exploding(run: Run) -> Finding | None:
                 f"(‖Δw‖/‖w‖ up to {_g(float(huge.iloc[0]))} at `{huge.index[0]}`, first at step "
                 f"{first_step})."
             )
+    if sentences:
+        _theory_beside(run, sentences, evidence)
     if not sentences:
         return None
     return Finding(

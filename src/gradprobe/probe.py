@@ -395,6 +395,8 @@ class Probe(Capture, StepBoundary, Follow):
         if optimizer is not None:
             self._meta["optimizer"] = _optimizer_meta(optimizer)
         self._meta["probe"].update(scaler=scaler is not None, compiled=self.compiled, world_size=1)
+        # The structure and init statistics the theory predicts from (theory.compare).
+        self._guard(lambda: self._meta.update(theory=_theory_of(inner)), "the theory's description")
         # Every rank holds the combined statistics; one writes them.
         rank_zero = not distributed or torch.distributed.get_rank() == 0
         self._live.warn = rank_zero  # every rank sees the same rows: one says it
@@ -1205,3 +1207,9 @@ def _summary(model: nn.Module, limit: int = 4000) -> str:
 
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _theory_of(model: nn.Module) -> dict[str, Any]:
+    from .theory.model import describe  # on first use: recording needs no theory
+
+    return describe(model)

@@ -293,6 +293,7 @@ def _meta_html(run: Run) -> str:
             f"last step {int(run.steps.max()) if len(run.steps) else '–'})",
         ),
         ("statistics", ", ".join(probe.get("stats", []))),
+        ("theory at init", _theory_line(run)),
         ("created", str(meta.get("created", "?"))),
         ("versions", ", ".join(f"{k} {v}" for k, v in (meta.get("versions") or {}).items())),
     ]
@@ -304,6 +305,18 @@ def _meta_html(run: Run) -> str:
         f"<details><summary>configuration</summary><pre>{escape(config)}</pre></details>"
         f"<details><summary>model</summary><pre>{escape(summary)}</pre></details>"
     )
+
+
+def _theory_line(run: Run) -> str:
+    """The theory's per-layer prediction beside the first recorded step (theory.compare),
+    or why there is none."""
+    try:
+        from .theory.model import compare
+
+        c = compare(run)
+    except Exception as exc:  # the report is written whatever the theory makes of the run
+        return f"not available ({type(exc).__name__})"
+    return c.line if c.covered and c.line else f"no prediction: {c.reason or 'one layer'}"
 
 
 def report(

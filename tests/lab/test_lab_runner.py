@@ -18,6 +18,7 @@ def test_registry_is_complete_and_plain():
         "depth",
         "activations",
         "init",
+        "isometry",
         "normalization",
         "residual",
         "recurrent",

@@ -16,6 +16,7 @@ from . import clipping as _clipping
 from . import depth as _depth
 from . import dying_relu as _dying_relu
 from . import init as _init
+from . import isometry as _isometry
 from . import normalization as _normalization
 from . import optimizers as _optimizers
 from . import pretraining as _pretraining
@@ -31,6 +32,7 @@ EXPERIMENTS: dict[str, Experiment] = {
         _depth.EXPERIMENT,
         _activations.EXPERIMENT,
         _init.EXPERIMENT,
+        _isometry.EXPERIMENT,
         _normalization.EXPERIMENT,
         _residual.EXPERIMENT,
         _recurrent.EXPERIMENT,

@@ -12,6 +12,11 @@ notebooks can check them; :func:`render` turns one into rich renderables for the
   convolution on digits images, per-channel statistics and a dead channel.
 * :func:`activations` — docs/concepts.md §7: the cheat-sheet, with each registered
   activation's maximum derivative, saturated and dead ranges found numerically.
+* ``residual`` (:mod:`.residual`) — a residual ReLU net's signal forward and back for
+  α = 1 and 1/√L, the backward pass by hand against autograd, beside (1 + α²)^l.
+* ``isometry`` (:mod:`.isometry`) — deep tanh and ReLU Jacobians at criticality, Gaussian
+  vs orthogonal weights, multiplied out by hand against autograd, their spectrum's
+  spread beside Pennington et al.'s prediction.
 """
 
 from __future__ import annotations
@@ -25,8 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .activations import ACTIVATIONS, Activation
-from .errors import GradprobeError
+from ..activations import ACTIVATIONS, Activation
+from ..errors import GradprobeError
 
 __all__ = [
     "TOPICS",
@@ -458,7 +463,7 @@ def activations(zmax: float = 12.0, step: float = 1e-3) -> list[ActivationFacts]
 
 def plot_activations(path: str | Path, zmax: float = 6.0) -> Path:
     """PNG of every registered activation f (solid) and its derivative f' (dashed)."""
-    from .plots import _pyplot  # Agg unless a backend was chosen (a notebook keeps its own)
+    from ..plots import _pyplot  # Agg unless a backend was chosen (a notebook keeps its own)
 
     plt = _pyplot()
 
@@ -509,11 +514,26 @@ def write_figure(
 
 # ---------------------------------------------------------------- dispatch and rendering
 
+
+def _residual() -> Any:
+    from .residual import residual
+
+    return residual()
+
+
+def _isometry() -> Any:
+    from .isometry import isometry
+
+    return isometry()
+
+
 TOPICS: dict[str, Callable[[], Any]] = {
     "backprop": backprop,
     "standardize": standardize,
     "channels": channels,
     "activations": activations,
+    "residual": _residual,
+    "isometry": _isometry,
 }
 
 
@@ -549,6 +569,14 @@ def render(topic: str, result: Any) -> list[Any]:
     from rich.table import Table
     from rich.text import Text
 
+    if topic == "residual":
+        from .residual import render_residual
+
+        return render_residual(result)
+    if topic == "isometry":
+        from .isometry import render_isometry
+
+        return render_isometry(result)
     if topic == "backprop":
         r: BackpropExample = result
         t = Table(
