@@ -64,7 +64,7 @@ import warnings
 import weakref
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
-from functools import cache, partial
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -81,14 +81,14 @@ from .capture import (
     _Slot,
 )
 from .errors import GradprobeError
-from .hooks import GradprobeWarning, HookSet, ModuleHook, warn_gap, warn_once
+from .hooks import GradprobeWarning, HookSet, Site, warn_gap, warn_once
 from .recurrent import carry_slots, record_carry
 from .run import Run, empty_frame, load, normalize_frame, text_column
 from .shards import ShardedNorms, sharded_parameters
 from .stats import MODEL_NAME, PRESETS, STATISTICS, finalize, logged_mean
 from .step import AUTO_BURST, AUTO_EVERY, AUTO_FIRST, StepBoundary, _loggable, _scale_marker
 from .store import Store
-from .traversals import Traversals
+from .traversals import GAP_BOTH_SIDES, GAP_INPUT_SIDE, Traversals
 
 __all__ = ["Probe", "unwrap_model"]
 
@@ -361,16 +361,7 @@ class Probe(Capture, StepBoundary):
         rank_zero = not distributed or torch.distributed.get_rank() == 0
         self._store = Store(store, self._meta) if store is not None and rank_zero else None
         if self.compiled:
-            warnings.warn(
-                "gradprobe: the model is compiled (torch.compile). Every statistic is recorded, "
-                "but the module hooks run outside the compiled graphs, so the graph breaks at "
-                "each probed module and fusion across modules is lost. To keep the graph whole, "
-                "probe parameters only (modules=[]: grad/param norms, update ratios, global and "
-                "pre-clip norms need no module hooks), probe a few modules (modules=[...]), or "
-                "take the full per-layer statistics on a short uncompiled run.",
-                GradprobeWarning,
-                stacklevel=2,
-            )
+            self._warn_compiled()
 
         self._hooks = HookSet()
         # Module and gradient hooks, on the model only for recorded steps.
@@ -510,7 +501,6 @@ class Probe(Capture, StepBoundary):
 
     # ================================================================ registration
     def _register(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
-        ref = self._ref
         # Is the current pass of the probed model trained? Decided once per pass by the
         # hooks on the model itself (see _call_mode and docs/recording.md).
         self._pass_open = False
@@ -521,36 +511,26 @@ class Probe(Capture, StepBoundary):
         # checkpoint runs it under no_grad): their recomputation in backward registers them.
         self._owed_error_hooks: dict[int, int] = defaultdict(int)
         self._unreadable: set[str] = set()
-        # Under torch.compile the hooks must run eagerly: traced, their appends to Python
-        # lists would guard on list lengths and recompile every call.
-        hook = _eager_hooks() if self.compiled else ModuleHook
-        hooks = self._hooks
-        # ModuleHook, not a closure: it pickles and deep-copies as an inert no-op, so the
-        # model can be saved or copied while probed (see gradprobe.hooks).
-        hooks.add(
-            model.register_forward_pre_hook(
-                hook(_pass_start_hook, ref, -1, model, hooks), prepend=True, with_kwargs=True
-            )
-        )
-        self._hook_factory = hook
+        ref, hooks = self._ref, self._hooks
+        # Every hook is an Entry (gradprobe.hooks): a failure is a warning and a gap, and
+        # dynamo never traces it, whenever the model is compiled. Module hooks are
+        # ModuleHooks: they pickle and deep-copy as inert no-ops, so the model can be
+        # saved or copied while probed.
+        hooks.on_module_pre(model, _pass_start_hook, ref, _PASS_START_SITE, -1, prepend=True)
         self._attach_step_hooks()
         # Registered last, so that it closes the pass after the model's own forward hook;
         # always called, so that a forward that raises closes it too.
-        hooks.add(
-            model.register_forward_hook(
-                hook(_pass_end_hook, ref, -1, model, hooks), with_kwargs=True, always_call=True
-            )
-        )
+        hooks.on_module(model, _pass_end_hook, ref, _PASS_END_SITE, -1, always_call=True)
         if optimizer is not None:
-            self._hooks.add(optimizer.register_step_pre_hook(partial(_step_pre_hook, ref)))
-            self._hooks.add(optimizer.register_step_post_hook(partial(_step_post_hook, ref)))
+            hooks.on_step(optimizer, _step_pre_hook, ref, _STEP_PRE_SITE)
+            hooks.on_step(optimizer, _step_post_hook, ref, _STEP_POST_SITE, post=True)
 
     def _attach_step_hooks(self) -> None:
         """The hooks that record a step: on each probed module, and on each parameter's
         gradient accumulation. They are on the model only while a recorded step runs
         (see :meth:`_sync_step_hooks`): a hook that returns at once still costs its call
         and takes the module off PyTorch's fast path (≈ +10 % on a 12×256 MLP)."""
-        ref, hook, hooks = self._ref, self._hook_factory, self._step_hooks
+        ref, hooks = self._ref, self._step_hooks
         model = self._model_ref()
         if model is None:
             return
@@ -561,18 +541,16 @@ class Probe(Capture, StepBoundary):
             module = by_name.get(slot.name)
             if module is None:
                 continue
-            pre_hook = hook(_pre_hook, ref, slot.index, module, hooks)
-            forward_hook = hook(_forward_hook, ref, slot.index, module, hooks)
-            hooks.add(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
-            hooks.add(module.register_forward_hook(forward_hook, with_kwargs=True))
+            hooks.on_module_pre(module, _pre_hook, ref, _PRE_SITE, slot.index)
+            hooks.on_module(module, _forward_hook, ref, _FORWARD_SITE, slot.index)
         # Post-accumulate hooks also tell which backward passes count for error signals.
         # Under every="auto" they stay on at every step: the sentinel's pre-clip norms.
         if (self._want_preclip or self._want_error) and not self._param_hooks_kept:
             kept = self._auto
             for p in self._params:
                 if p.requires_grad:
-                    (self._hooks if kept else hooks).add(
-                        p.register_post_accumulate_grad_hook(partial(_post_accumulate_hook, ref))
+                    (self._hooks if kept else hooks).on_accumulated(
+                        p, _post_accumulate_hook, ref, _ACCUMULATED_SITE
                     )
             self._param_hooks_kept = kept
         self._step_hooks_on = True
@@ -756,6 +734,47 @@ class Probe(Capture, StepBoundary):
         warn_once(self._failed_where, f"{where} of module {self._slots[k].name!r}", exc)
         self.buffer.set_host(k, "gap", 1)
 
+    def _entry_failed(self, site: Site, key: int, exc: BaseException) -> None:
+        """An entry point failed (gradprobe.hooks.Entry): one warning naming the site, and
+        a gap in what the site feeds, for this step."""
+        one = site.gap in ("module", "errors", "input_errors") and 0 <= key < len(self._slots)
+        where = f"{site.where} of module {self._slots[key].name!r}" if one else site.where
+        warn_once(self._failed_where, where, exc)
+        step, slots = self.step_index, range(len(self._slots))
+        if site.gap == "module":
+            self.buffer.set_host(key, "gap", 1)
+        elif site.gap == "modules":
+            for k in slots:
+                self.buffer.set_host(k, "gap", 1)
+        elif site.gap in ("errors", "input_errors", "all_errors"):
+            level = GAP_INPUT_SIDE if site.gap == "input_errors" else GAP_BOTH_SIDES
+            for k in [key] if site.gap != "all_errors" else slots:
+                self.buffer.set_host(k, "err_gap", self._traversals.gap(k, level, step))
+        elif site.gap == "params":
+            self.buffer.set_param_host(list(range(len(self._params))), "param_gap")
+
+    def _entry_traced(self, site: Site) -> None:
+        """Dynamo traced an entry point (it ran outside the graph all the same): the model
+        is compiled, whenever that happened. Say so once, and keep the hooks on from now:
+        each change of them would recompile the model (see _sync_step_hooks)."""
+        if not self.compiled:
+            self.compiled = True
+            self._meta["probe"]["compiled"] = True
+            self._warn_compiled()
+
+    def _warn_compiled(self) -> None:
+        warnings.warn(
+            "gradprobe: the model is compiled (torch.compile). Every statistic is recorded, "
+            "but the module hooks run outside the compiled graphs, so the graph breaks at "
+            "each probed module and fusion across modules is lost (and fullgraph=True cannot "
+            "hold). To keep the graph whole, probe parameters only (modules=[]: grad/param "
+            "norms, update ratios, global and pre-clip norms need no module hooks), probe a "
+            "few modules (modules=[...]), or take the full per-layer statistics on a short "
+            "uncompiled run.",
+            GradprobeWarning,
+            stacklevel=3,
+        )
+
     # ================================================================ description
     def _order_names(self) -> list[str]:
         seen = [self._slots[k].name for k in self._execution_order]
@@ -832,8 +851,8 @@ def _optimizer_meta(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
 
 
 # ==================================================================== hook functions
-# Module-level functions. The module hooks are called through a ModuleHook (gradprobe.hooks),
-# which holds a weak reference to the Probe and a slot index, never a module or a tensor.
+# Module-level functions, each called through an Entry (gradprobe.hooks), which holds a weak
+# reference to the Probe and a slot index, never a module or a tensor, and guards the call.
 # What a module hook does with a call (Probe._call_mode).
 _SKIP, _RECORD, _RECOMPUTE = 0, 1, 2
 
@@ -843,101 +862,74 @@ def _remove_all(*hooksets: HookSet) -> None:
         hooks.remove()
 
 
-def _pre_hook(
-    ref: weakref.ref[Probe], k: int, module: nn.Module, args: tuple[Any, ...], kwargs: Any
-) -> None:
-    probe = ref()
-    if probe is None:
-        return
+# The entry points of this module (gradprobe.hooks.Entry is the guard around each): what
+# a failure is called, and what it leaves out of the step.
+_PRE_SITE = Site("forward pre-hook", "module")
+_FORWARD_SITE = Site("forward hook", "module")
+# The pass decides what every module records: a failure leaves every module out.
+_PASS_START_SITE = Site("the start of the model's forward", "modules")
+_PASS_END_SITE = Site("the end of the model's forward", "modules")
+# Pre-clip norms and which passes' error signals count (both feed the step's rows).
+_ACCUMULATED_SITE = Site("a gradient-accumulated hook", "params")
+_STEP_PRE_SITE = Site("the optimizer step (pre-hook)", "params")
+_STEP_POST_SITE = Site("the optimizer step (post-hook)", "params")
+
+
+def _pre_hook(probe: Probe, k: int, module: nn.Module, args: tuple[Any, ...], kwargs: Any) -> None:
     if probe._scaler_ref is not None:
         probe._poll_scaler()  # the first forward of an iteration closes a skipped step
-    try:
-        mode = probe._call_mode()
-        if mode == _RECORD:
-            probe._on_pre(k, module, args, kwargs)
-        elif mode == _RECOMPUTE:
-            probe._on_recomputed_pre(k, args, kwargs)
-    except Exception as exc:
-        probe._module_failed(k, "forward pre-hook", exc)
+    mode = probe._call_mode()
+    if mode == _RECORD:
+        probe._on_pre(k, module, args, kwargs)
+    elif mode == _RECOMPUTE:
+        probe._on_recomputed_pre(k, args, kwargs)
 
 
 def _forward_hook(
-    ref: weakref.ref[Probe], k: int, module: nn.Module, args: Any, kwargs: Any, output: Any
+    probe: Probe, k: int, module: nn.Module, args: Any, kwargs: Any, output: Any
 ) -> None:
-    probe = ref()
-    if probe is None:
-        return
-    try:
-        mode = probe._call_mode()
-        if mode == _RECORD:
-            probe._on_forward(k, module, output)
-            if k in probe._carry_slots:
-                name = probe._slots[k].name
-                record_carry(probe.buffer, k, name, module, args, kwargs, output, probe._unreadable)
-        elif mode == _RECOMPUTE:
-            probe._on_recomputed(k, output)
-    except Exception as exc:
-        probe._module_failed(k, "forward hook", exc)
+    mode = probe._call_mode()
+    if mode == _RECORD:
+        probe._on_forward(k, module, output)
+        if k in probe._carry_slots:
+            name = probe._slots[k].name
+            record_carry(probe.buffer, k, name, module, args, kwargs, output, probe._unreadable)
+    elif mode == _RECOMPUTE:
+        probe._on_recomputed(k, output)
 
 
-def _pass_start_hook(
-    ref: weakref.ref[Probe], key: int, module: nn.Module, args: Any, kwargs: Any
-) -> None:
-    probe = ref()
-    if probe is not None and not probe._closed:
+def _pass_start_hook(probe: Probe, key: int, module: nn.Module, args: Any, kwargs: Any) -> None:
+    if not probe._closed:
         if probe._scaler_ref is not None:
             probe._poll_scaler()  # the first forward of an iteration closes a skipped step
-        probe._guard(probe._on_pass_start, "the start of the model's forward")
+        probe._on_pass_start()
 
 
 def _pass_end_hook(
-    ref: weakref.ref[Probe], key: int, module: nn.Module, args: Any, kwargs: Any, output: Any
+    probe: Probe, key: int, module: nn.Module, args: Any, kwargs: Any, output: Any
 ) -> None:
-    probe = ref()
-    if probe is not None and not probe._closed:
-        probe._guard(probe._on_pass_end, "the end of the model's forward")
+    if not probe._closed:
+        probe._on_pass_end()
 
 
-# The same module hooks, never traced by dynamo (used when the model is compiled).
-# Made on first use, not at import: torch.compiler.disable imports torch._dynamo (about
-# 2 s), which `from gradprobe import Probe` must not cost a process that compiles nothing.
-@cache
-def _eager_hooks() -> type[ModuleHook]:
-    class EagerModuleHook(ModuleHook):
-        """A ModuleHook whose call dynamo never traces (it would pass the Probe's weak
-        reference on as the Probe itself)."""
-
-        __slots__ = ()
-        __call__ = torch.compiler.disable(ModuleHook.__call__)
-
-    return EagerModuleHook
-
-
-def _post_accumulate_hook(ref: weakref.ref[Probe], param: Tensor) -> None:
-    probe = ref()
-    if probe is None:
-        return
+def _post_accumulate_hook(probe: Probe, param: Tensor) -> None:
     if probe._scaler_ref is not None:
         probe._poll_scaler()
     # It runs for every parameter in every backward, recorded or not (the "auto"
     # cadence's sentinel): what it has to do is tested here, before any call. Error
     # signals are kept only at recorded steps, so only they need the passes noted.
     if probe._recording:
-        probe._guard(probe._note_accumulation, "a gradient-accumulated hook (error signals)")
+        probe._note_accumulation()
     if probe._want_preclip and not probe._backward_pending:
-        probe._guard(probe._on_post_accumulate, "a gradient-accumulated hook")
+        probe._on_post_accumulate()
 
 
-def _step_pre_hook(ref: weakref.ref[Probe], optimizer: Any, args: Any, kwargs: Any) -> None:
-    probe = ref()
-    if probe is not None:
-        probe._guard(probe._on_step_pre, "the optimizer step (pre-hook)")
+def _step_pre_hook(probe: Probe, optimizer: Any, args: Any, kwargs: Any) -> None:
+    probe._on_step_pre()
 
 
-def _step_post_hook(ref: weakref.ref[Probe], optimizer: Any, args: Any, kwargs: Any) -> None:
-    probe = ref()
-    if probe is not None:
-        probe._guard(probe._on_step_post, "the optimizer step (post-hook)")
+def _step_post_hook(probe: Probe, optimizer: Any, args: Any, kwargs: Any) -> None:
+    probe._on_step_post()
 
 
 # ==================================================================== helpers
