@@ -244,6 +244,8 @@ class Capture:
             if slot.activation is not None and self._want_gate:
                 self._unreadable_module(k, "input", args)  # the gate needs it
             return
+        if x.numel() == 0:
+            return  # a call on nothing (an expert given no tokens): no entry to gate
         if self._want_units:
             self._note_input_layout(slot, x)
         if self._want_input_error and x.requires_grad:
@@ -278,6 +280,11 @@ class Capture:
             self._execution_order.append(k)
         n = y.numel()
         self.buffer.add_host(k, "calls")
+        if n == 0:
+            # A call on nothing (an expert given no tokens, an empty batch): counted, and
+            # contributes no entry, no unit, no error signal: the step's means, fractions
+            # and norms are over the entries that exist (docs/recording.md).
+            return
         self.buffer.add_host(k, "count", n)
         # Detached: no graph is recorded, so no no_grad() context (it costs per call).
         yd = y.detach()

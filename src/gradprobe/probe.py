@@ -621,6 +621,10 @@ class Probe(Capture, StepBoundary):
             self._forward_step = self.step_index  # a forward under grad in this step (log())
         if self._closed or not self._recording:
             return _SKIP
+        transform = torch._C._functorch.peek_interpreter_stack()
+        if transform is not None:
+            self._skip_transform(transform)
+            return _SKIP
         if _inside_backward():
             # The first run of this forward was recorded; this one must not double it.
             return _RECOMPUTE if self._trained_now() else _SKIP
@@ -628,6 +632,21 @@ class Probe(Capture, StepBoundary):
             return _RECORD if self._pass_trained else _SKIP
         # A submodule called outside the model's forward: the same rule, judged now.
         return _RECORD if self._trained_now() else _SKIP
+
+    def _skip_transform(self, transform: Any) -> None:
+        """A call inside a ``torch.func`` transform is left out, with one warning per kind
+        of transform (docs/recording.md, "Transforms")."""
+        kind = str(transform.key()).rpartition(".")[2]
+        name = _TRANSFORMS.get(kind, kind)
+        warn_gap(
+            self._unreadable,
+            f"transform {kind}",
+            f"gradprobe: modules called inside {name} are not recorded: their tensors are the "
+            "transform's wrappers (per-sample slices of a batch under vmap, a level of "
+            "differentiation under grad), which statistics of the step would mix up or carry "
+            "out of the transform. Passes outside it are recorded as usual, and so are the "
+            "parameters' statistics at the optimizer step",
+        )
 
     def _unreadable_module(self, k: int, side: str, value: Any) -> None:
         """One warning per module whose output (or input) holds no floating-point tensor."""
@@ -853,6 +872,14 @@ def _optimizer_meta(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
 # ==================================================================== hook functions
 # Module-level functions, each called through an Entry (gradprobe.hooks), which holds a weak
 # reference to the Probe and a slot index, never a module or a tensor, and guards the call.
+# The torch.func transforms a call can run inside (functorch's TransformType), as users
+# write them.
+_TRANSFORMS = {
+    "Vmap": "torch.func.vmap",
+    "Grad": "torch.func.grad (or vjp, jacrev)",
+    "Jvp": "torch.func.jvp (or jacfwd)",
+    "Functionalize": "torch.func.functionalize",
+}
 # What a module hook does with a call (Probe._call_mode).
 _SKIP, _RECORD, _RECOMPUTE = 0, 1, 2
 
