@@ -75,8 +75,9 @@ class GradprobeWarning(UserWarning):
 #   "all_errors"    every module's error signals
 #   "modules"       every module's statistics
 #   "params"        the parameters' statistics and the global norms
+#   "step"          as "params", and the step closes all the same (the step's close failed)
 #   "none"          nothing recorded depends on it (the owner's own bookkeeping)
-Gap = Literal["module", "errors", "input_errors", "all_errors", "modules", "params", "none"]
+Gap = Literal["module", "errors", "input_errors", "all_errors", "modules", "params", "step", "none"]
 
 
 @dataclass(frozen=True)

@@ -316,6 +316,7 @@ class Probe(Capture, StepBoundary):
         # ‖w‖ just taken for param_norm: the update_ratio snapshot reuses them.
         self._param_norms_now: dict[tuple[torch.device, tuple[int, ...]], Tensor] = {}
         self._backward_pending = False
+        self._closing_step = -1  # the step an optimizer step post-hook is closing
         self._scaler_ref = weakref.ref(scaler) if scaler is not None else None
         self._scale_marker = _scale_marker(scaler)
         self._stepped_since_update = False
@@ -769,8 +770,10 @@ class Probe(Capture, StepBoundary):
             level = GAP_INPUT_SIDE if site.gap == "input_errors" else GAP_BOTH_SIDES
             for k in [key] if site.gap != "all_errors" else slots:
                 self.buffer.set_host(k, "err_gap", self._traversals.gap(k, level, step))
-        elif site.gap == "params":
+        elif site.gap in ("params", "step"):
             self.buffer.set_param_host(list(range(len(self._params))), "param_gap")
+        if site.gap == "step" and self._closing_step == step and not self._closed:
+            self._end_step()  # never raises; the step count moves on, as the optimizer's did
 
     def _entry_traced(self, site: Site) -> None:
         """Dynamo traced an entry point (it ran outside the graph all the same): the model
@@ -899,7 +902,7 @@ _PASS_END_SITE = Site("the end of the model's forward", "modules")
 # Pre-clip norms and which passes' error signals count (both feed the step's rows).
 _ACCUMULATED_SITE = Site("a gradient-accumulated hook", "params")
 _STEP_PRE_SITE = Site("the optimizer step (pre-hook)", "params")
-_STEP_POST_SITE = Site("the optimizer step (post-hook)", "params")
+_STEP_POST_SITE = Site("the optimizer step (post-hook)", "step")
 
 
 def _pre_hook(probe: Probe, k: int, module: nn.Module, args: tuple[Any, ...], kwargs: Any) -> None:
@@ -956,6 +959,7 @@ def _step_pre_hook(probe: Probe, optimizer: Any, args: Any, kwargs: Any) -> None
 
 
 def _step_post_hook(probe: Probe, optimizer: Any, args: Any, kwargs: Any) -> None:
+    probe._closing_step = probe.step_index  # should the close fail: which step to close
     probe._on_step_post()
 
 
