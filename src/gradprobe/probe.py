@@ -783,6 +783,10 @@ class Probe(Capture, StepBoundary):
             self.compiled = True
             self._meta["probe"]["compiled"] = True
             self._warn_compiled()
+            # Traced at a step the cadence does not record (the model's own hooks are
+            # always on): put the module hooks on now, while dynamo has yet to trace the
+            # modules (it resumes after this graph break and reads their hook tables).
+            self._sync_step_hooks()
 
     def _warn_compiled(self) -> None:
         warnings.warn(
