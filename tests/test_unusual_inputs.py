@@ -1,0 +1,297 @@
+"""Valid but unusual inputs reach the hooks: zero-size calls, empty micro-batches, torch.func.
+
+A call on nothing (an expert routed no tokens, an empty micro-batch) is counted in
+``calls`` and contributes no entry: the step's means, fractions and norms are those of the
+entries that exist, and its other calls keep theirs. A call inside a ``torch.func``
+transform is left out with one warning naming the transform; the passes outside it are
+recorded as usual. Each case trains under the Probe and, un-probed, a twin: parameters end
+bit-identical, no hook is left after ``close()``, and the statistics match what the test
+computes itself from the twin's tensors (its own forward hooks, ``autograd.grad``, float64).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from collections import defaultdict
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, jacrev, vmap
+
+from gradprobe import Probe
+from gradprobe.hooks import GradprobeWarning
+from reference import hook_counts
+
+
+class TopOneMoE(nn.Module):
+    """Every expert is called on the tokens routed to it: some on none in a micro-batch."""
+
+    def __init__(self, width: int = 6, experts: int = 4) -> None:
+        super().__init__()
+        self.router = nn.Linear(width, experts)
+        self.experts = nn.ModuleList(
+            nn.Sequential(nn.Linear(width, 8), nn.ReLU(), nn.Linear(8, width))
+            for _ in range(experts)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        choice = self.router(x).argmax(-1)
+        out = torch.zeros_like(x)
+        for i, expert in enumerate(self.experts):
+            idx = (choice == i).nonzero().squeeze(-1)
+            out = out.index_add(0, idx, expert(x[idx]))
+        return out
+
+
+def _moe() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 6), TopOneMoE(), nn.Linear(6, 2))
+
+
+def _cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1),
+        nn.Tanh(),
+        nn.Conv2d(4, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 5 * 5, 3),
+    )
+
+
+def _moe_batches(step: int) -> list[Tensor]:
+    # Micro-batches of 3 tokens over 4 experts: most steps leave some expert without any.
+    g = torch.Generator().manual_seed(step)
+    return [torch.randn(3, 5, generator=g) for _ in range(2)]
+
+
+def _cnn_batches(step: int) -> list[Tensor]:
+    # The last micro-batch is empty, as a loader's last batch after filtering can be.
+    g = torch.Generator().manual_seed(step)
+    return [torch.randn(4, 2, 5, 5, generator=g), torch.randn(0, 2, 5, 5, generator=g)]
+
+
+class Recorder:
+    """The test's own record of every trained call of the leaf modules: outputs as float64
+    and ‖dL/d(output)‖² by autograd.grad, per step; calls inside a transform skipped."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.names = [n for n, m in model.named_modules() if not list(m.children())]
+        self.outputs: dict[str, list[Tensor]] = defaultdict(list)
+        self.calls: dict[str, int] = defaultdict(int)
+        self.err_sq: dict[str, float] = defaultdict(float)
+        self.empty: dict[str, int] = defaultdict(int)
+        self.mixed = 0  # (step, module)s with an empty call beside one with entries
+        self._live: list[tuple[str, Tensor]] = []
+        modules = dict(model.named_modules())
+        self.handles = [modules[n].register_forward_hook(self._hook(n)) for n in self.names]
+
+    def _hook(self, name: str):
+        def keep(module, args, out):
+            if torch._C._functorch.peek_interpreter_stack() is not None:
+                return
+            self.calls[name] += 1
+            self.empty[name] += out.numel() == 0
+            if out.numel():
+                self.outputs[name].append(out.detach().double())
+            if out.requires_grad:
+                self._live.append((name, out))
+
+        return keep
+
+    def backward(self, loss: Tensor) -> None:
+        live, self._live = self._live, []
+        tensors = [t for _, t in live]
+        grads = torch.autograd.grad(loss, tensors, retain_graph=True, allow_unused=True)
+        for (name, t), g in zip(live, grads):
+            if t.numel() and g is not None:  # (None: no gradient reached it, as argmax's)
+                self.err_sq[name] += float(g.double().pow(2).sum())
+        loss.backward()
+
+    def step_stats(self) -> dict[tuple[str, str], float | None]:
+        """The step's statistics; ``None`` where the Probe must have no row."""
+        ref: dict[tuple[str, str], float | None] = {}
+        for name in self.names:
+            outs = self.outputs.get(name, [])
+            self.mixed += bool(outs) and self.empty[name] > 0
+            flat = torch.cat([o.reshape(-1) for o in outs]) if outs else None
+            ref[(name, "calls")] = float(self.calls[name]) if self.calls[name] else None
+            ref[(name, "act_mean")] = float(flat.mean()) if flat is not None else None
+            ref[(name, "act_std")] = float(flat.std(unbiased=False)) if flat is not None else None
+            ref[(name, "zero_frac")] = float((flat == 0).double().mean()) if outs else None
+            reached = name in self.err_sq
+            ref[(name, "error_norm")] = math.sqrt(self.err_sq[name]) if reached else None
+            if outs and outs[0].dim() == 2:  # features: dead if 0 in every row of every call
+                alive = torch.stack([(o != 0).any(dim=0) for o in outs]).any(dim=0)
+                ref[(name, "dead_frac")] = float((~alive).double().mean())
+        self.outputs.clear()
+        self.empty.clear()
+        self.calls.clear()
+        self.err_sq.clear()
+        return ref
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _train(model: nn.Module, batches, steps: int, loss_of, record: bool):
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    recorder = Recorder(model) if record else None
+    per_step: list = []
+    for step in range(steps):
+        opt.zero_grad()
+        for x in batches(step):
+            loss = loss_of(model(x))
+            if recorder is not None:
+                recorder.backward(loss)
+            else:
+                loss.backward()
+        opt.step()
+        if recorder is not None:
+            per_step.append(recorder.step_stats())
+    if recorder is not None:
+        recorder.remove()
+        return per_step, recorder.mixed
+    return per_step, 0
+
+
+def _summed(out: Tensor) -> Tensor:
+    # A sum, not a mean: an empty micro-batch adds 0 (its mean would be NaN).
+    return (out**2).sum()
+
+
+@pytest.mark.parametrize(
+    "build,batches", [(_moe, _moe_batches), (_cnn, _cnn_batches)], ids=["moe", "empty_batch"]
+)
+def test_zero_size_calls_count_and_contribute_nothing(build, batches):
+    steps = 4
+    model = build()
+    twin, reference_model = copy.deepcopy(model), copy.deepcopy(model)
+    reference, mixed = _train(reference_model, batches, steps, _summed, record=True)
+    before = hook_counts(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt_model = model
+        probe = Probe(opt_model, None, every=1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for step in range(steps):
+            opt.zero_grad()
+            for x in batches(step):
+                _summed(model(x)).backward()
+            opt.step()
+            probe.step()
+        frame = probe.frame()
+        probe.close()
+    _train(twin, batches, steps, _summed, record=False)
+    assert [w for w in caught if issubclass(w.category, GradprobeWarning)] == []
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        assert torch.equal(p, q), name
+    assert hook_counts(model) == before
+    rows = {(r.step, r.name, r.stat): r.value for r in frame.itertuples()}
+    empty_calls = 0  # (step, module)s whose calls were all empty
+    for step, ref in enumerate(reference):
+        for (name, stat), expected in ref.items():
+            got = rows.get((step, name, stat))
+            if expected is None:
+                assert got is None, (step, name, stat, got)
+                empty_calls += stat == "act_mean"
+                continue
+            # float32 sums against float64 sums of the same entries: ~1e-7 relative per
+            # op over tens of ops; 1e-5 holds under any vector width.
+            assert got == pytest.approx(expected, rel=1e-5, abs=1e-7), (step, name, stat)
+    # The case is what it claims: an empty call beside one with entries, and (the MoE) an
+    # expert with only empty calls in some step.
+    assert mixed > 0
+    assert empty_calls > 0 or build is not _moe
+
+
+def _ce(out: Tensor, y: Tensor) -> Tensor:
+    return nn.functional.cross_entropy(out, y)
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+
+
+def _per_sample_grads_then_a_plain_pass(model: nn.Module, x: Tensor, y: Tensor) -> Tensor | None:
+    """DP-SGD style: per-sample gradients by vmap(grad(functional_call)), clipped and
+    summed into .grad by hand; then a plain pass on the same batch adds its gradient."""
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def one(p, xi, yi):
+        return _ce(functional_call(model, p, (xi[None],)), yi[None])
+
+    per_sample = vmap(grad(one), in_dims=(None, 0, 0))(params, x, y)
+    for name, p in model.named_parameters():
+        g = per_sample[name]
+        scale = (1.0 / g.flatten(1).norm(dim=1).clamp(min=1.0)).view(-1, *[1] * (g.dim() - 1))
+        p.grad = (g * scale).sum(0)
+    return _ce(model(x), y)
+
+
+def _jacobian_penalty(model: nn.Module, x: Tensor, y: Tensor) -> Tensor | None:
+    """A loss with an input-Jacobian penalty: jacrev runs the model inside a transform."""
+    jac = jacrev(lambda inp: model(inp))(x[:1])
+    return _ce(model(x), y) + 0.01 * jac.pow(2).sum()
+
+
+@pytest.mark.parametrize(
+    "loss_of,transform",
+    [
+        (_per_sample_grads_then_a_plain_pass, "torch.func.grad"),
+        (_jacobian_penalty, "jacrev"),
+    ],
+    ids=["per_sample_grads", "jacobian_penalty"],
+)
+def test_calls_inside_a_transform_are_left_out_with_a_warning(loss_of, transform):
+    steps = 3
+    model = _mlp()
+    twin, reference_model = copy.deepcopy(model), copy.deepcopy(model)
+    g = torch.Generator().manual_seed(3)
+    data = [(torch.randn(6, 5, generator=g), torch.randint(0, 3, (6,), generator=g))] * steps
+
+    def train(m: nn.Module, recorder: Recorder | None, probe_it: bool):
+        opt = torch.optim.SGD(m.parameters(), lr=0.1)
+        probe = Probe(m, opt, every=1) if probe_it else None
+        refs, grads = [], []
+        for x, y in data:
+            opt.zero_grad()
+            loss = loss_of(m, x, y)
+            (recorder.backward if recorder is not None else torch.Tensor.backward)(loss)
+            grads.append({n: float(p.grad.double().norm()) for n, p in m.named_parameters()})
+            opt.step()
+            if recorder is not None:
+                refs.append(recorder.step_stats())
+        frame = probe.frame() if probe is not None else None
+        if probe is not None:
+            probe.close()
+        return refs, grads, frame
+
+    recorder = Recorder(reference_model)
+    reference, grads, _ = train(reference_model, recorder, False)
+    recorder.remove()
+    before = hook_counts(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, _, frame = train(model, None, True)
+    train(twin, None, False)
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        assert torch.equal(p, q), name
+    assert hook_counts(model) == before
+    ours = [str(w.message) for w in caught if issubclass(w.category, GradprobeWarning)]
+    assert len(ours) == 1 and transform in ours[0], ours
+    rows = {(r.step, r.name, r.stat): r.value for r in frame.itertuples()}
+    for step, ref in enumerate(reference):
+        # The plain pass alone: one call per module, its statistics as the twin's.
+        for (name, stat), expected in ref.items():
+            got = rows.get((step, name, stat))
+            # float32 against float64 of the same tensors: 1e-5 relative on any CPU.
+            assert got == pytest.approx(expected, rel=1e-5, abs=1e-7), (step, name, stat)
+        for name, expected in grads[step].items():  # .grad as the step applied it
+            assert rows[(step, name, "grad_norm")] == pytest.approx(expected, rel=1e-5)
