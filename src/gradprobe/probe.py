@@ -538,7 +538,10 @@ class Probe(Capture, StepBoundary):
         by_name = dict(model.named_modules())
         # Statistics the user did not ask for cost nothing: no module statistic, no hook.
         module_stats = {n for n, st in STATISTICS.items() if st.module is not None}
-        for slot in self._slots if module_stats & set(self.stats) or self.histograms else []:
+        slots = self._slots if module_stats & set(self.stats) or self.histograms else []
+        if self.compiled:
+            slots = self._compiled_slots(slots)
+        for slot in slots:
             module = by_name.get(slot.name)
             if module is None:
                 continue
@@ -555,6 +558,27 @@ class Probe(Capture, StepBoundary):
                     )
             self._param_hooks_kept = kept
         self._step_hooks_on = True
+
+    def _compiled_slots(self, slots: list[_Slot]) -> list[_Slot]:
+        """The modules hooked while the model is compiled: not those that work in place.
+        A graph break beside an in-place op (each hook is one) makes a graph that mutates
+        its input, which aot_autograd cannot always differentiate (an in-place SiLU's
+        backward then raises in the user's backward, with any graph break there): their
+        statistics are left out, with one warning."""
+        inplace = [s.name for s in slots if s.inplace]
+        if inplace:
+            # Their pre-hook no longer reduces the held outputs before they are written
+            # over: every module's outputs are reduced in its hook from now on.
+            self._unbatched.update(s.index for s in self._slots)
+            warn_gap(
+                self._unreadable,
+                "compiled in place",
+                f"gradprobe: the model is compiled, and modules {inplace} work in place: a "
+                "hook breaks the graph beside an in-place op, which compiled autograd cannot "
+                "always differentiate, so these modules are not hooked and their statistics "
+                "are not recorded while the model is compiled (use inplace=False to have them)",
+            )
+        return [s for s in slots if not s.inplace]
 
     def _sync_step_hooks(self) -> None:
         """Put the step hooks on for a recorded step, take them off for the others. Not
@@ -783,9 +807,13 @@ class Probe(Capture, StepBoundary):
             self.compiled = True
             self._meta["probe"]["compiled"] = True
             self._warn_compiled()
-            # Traced at a step the cadence does not record (the model's own hooks are
-            # always on): put the module hooks on now, while dynamo has yet to trace the
-            # modules (it resumes after this graph break and reads their hook tables).
+            # Put the module hooks on now (traced at a step the cadence does not record,
+            # they are off), those of in-place modules off (see _compiled_slots), while
+            # dynamo has yet to trace the modules: it resumes after this graph break and
+            # reads their hook tables then.
+            if self._step_hooks_on and not _inside_backward():
+                self._step_hooks.remove()
+                self._step_hooks_on = False
             self._sync_step_hooks()
 
     def _warn_compiled(self) -> None:
