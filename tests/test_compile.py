@@ -1,7 +1,9 @@
 """torch.compile: the Probe records every statistic of a compiled model, says once what it costs.
 
-The module hooks run outside the compiled graphs (``torch.compiler.disable``): traced,
-their appends to Python lists would guard on list lengths and recompile every call.
+The model may be compiled before the Probe is built or at any time after. Every hook runs
+outside the compiled graphs (``gradprobe.hooks.Entry`` leaves the graph when dynamo traces
+it): traced, a hook would pass the Probe's weak reference on as the Probe itself, and its
+appends to Python lists would guard on list lengths and recompile every call.
 The fast test uses dynamo with the ``aot_eager`` backend (no C++ build); the slow one
 compiles with inductor.
 """

@@ -51,7 +51,10 @@ Where users train (see ``docs/integrations.md``):
 - *FSDP2* (``fully_shard``): as DDP for module statistics; parameter statistics are of
   the full tensors, their shards' squared norms summed in one collective per step
   (:mod:`gradprobe.shards`).
-- *torch.compile*: module hooks run outside the compiled graphs (one warning says so).
+- *torch.compile*, before or after the Probe is built: every hook runs outside the
+  compiled graphs (gradprobe.hooks.Entry; one warning says so).
+- *A failure of the Probe's own work* anywhere is one warning naming the site and a gap
+  in what it feeds, never the user's exception (gradprobe.hooks.Entry, the one guard).
 """
 
 from __future__ import annotations
