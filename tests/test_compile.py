@@ -199,3 +199,48 @@ def test_a_model_compiled_at_any_time_is_recorded_right(way, every):
             # ~1e-7 rounding each; aot_eager runs the same kernels: 1e-5 on any CPU.
             got = rows.get((step, name, stat))
             assert got == pytest.approx(expected, rel=1e-5, abs=1e-7), (way, step, name, stat)
+
+
+def test_parameters_only_compile_whole_with_fullgraph():
+    """modules=[] (the warning's advice) leaves no hook that must break the graph: the model
+    compiles with fullgraph=True, after attach, and the parameter rows and the logged loss
+    are those of plain autograd at their own steps."""
+    torch._dynamo.reset()
+    reference = _reference_stats(_sequential())
+    losses = []
+
+    def train(probed: bool):
+        model = _sequential()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        probe = Probe(model, opt, every=1, modules=[]) if probed else None
+        run = model
+        for step in range(STEPS):
+            if step == 1:
+                run = torch.compile(model, backend="aot_eager", fullgraph=True)
+            x, y = _data(step)
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(run(x), y)
+            loss.backward()
+            if probe is not None:
+                probe.log(loss=loss)  # between backward and step: this step's
+                losses.append(float(loss))
+            opt.step()
+        frame = probe.frame() if probe is not None else None
+        if probe is not None:
+            probe.close()
+        return model, frame
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        probed, frame = train(True)
+    torch._dynamo.reset()
+    twin, _ = train(False)
+    for (name, p), q in zip(probed.named_parameters(), twin.parameters()):
+        assert torch.equal(p, q), name
+    assert [w for w in caught if issubclass(w.category, GradprobeWarning)] == []
+    rows = {(r.step, r.name, r.stat): r.value for r in frame.itertuples()}
+    for step, ref in enumerate(reference):
+        for (name, stat), expected in ref.items():
+            if stat == "grad_norm":  # float32 norms against float64: 1e-5 on any CPU
+                assert rows[(step, name, stat)] == pytest.approx(expected, rel=1e-5)
+        assert rows[(step, "(model)", "loss")] == pytest.approx(losses[step], rel=1e-6)

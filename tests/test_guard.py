@@ -209,9 +209,14 @@ def test_a_failing_entry_point_is_a_warning_and_a_gap(case, compiled, monkeypatc
     rows = {(r.step, r.name, r.stat): r.value for r in frame.itertuples()}
     checked = 0
     for step, ref in enumerate(reference):
+        # Traced, the end of the model's forward does nothing (hooks.Site "skip"), but
+        # dynamo runs a frame that has no graph left eagerly, hook included: either way.
+        either = compiled and step >= 1 and case == "pass end"
         for (name, stat), expected in ref.items():
             got = rows.get((step, name, stat))
-            if absent(name, stat):
+            if either and got is None:
+                continue
+            if absent(name, stat) and not either:
                 assert got is None, (step, name, stat, got)
             else:
                 # float32 forward/backward against float64 sums of the same float32

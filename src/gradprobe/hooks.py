@@ -82,10 +82,14 @@ Gap = Literal["module", "errors", "input_errors", "all_errors", "modules", "para
 
 @dataclass(frozen=True)
 class Site:
-    """A kind of entry point: what the warning calls it, and what its failure leaves out."""
+    """A kind of entry point: what the warning calls it, what its failure leaves out, and
+    what it does when dynamo traces it: run eagerly outside the graph (``"escape"``, a
+    graph break), or nothing (``"skip"``: work that the other entry points make up for,
+    so that a model probed with ``modules=[]`` compiles with ``fullgraph=True``)."""
 
     where: str
     gap: Gap
+    when_traced: Literal["escape", "skip"] = "escape"
 
 
 class Entry:
@@ -118,6 +122,8 @@ class Entry:
         # Nothing here may be traced but this test: dynamo reconstructs a weak reference
         # as its referent at a graph break (the Probe called as if it were the reference).
         if torch.compiler.is_compiling():
+            if self._site.when_traced == "skip":
+                return None
             return _untraced(self, args)
         return self._enter(args, False)
 

@@ -520,8 +520,9 @@ class Probe(Capture, StepBoundary):
         # dynamo never traces it, whenever the model is compiled. Module hooks are
         # ModuleHooks: they pickle and deep-copy as inert no-ops, so the model can be
         # saved or copied while probed.
-        hooks.on_module_pre(model, _pass_start_hook, ref, _PASS_START_SITE, -1, prepend=True)
         self._attach_step_hooks()
+        site = _PASS_START_SITE if self._module_hooks_wanted() else _PASS_START_UNHOOKED_SITE
+        hooks.on_module_pre(model, _pass_start_hook, ref, site, -1, prepend=True)
         # Registered last, so that it closes the pass after the model's own forward hook;
         # always called, so that a forward that raises closes it too.
         hooks.on_module(model, _pass_end_hook, ref, _PASS_END_SITE, -1, always_call=True)
@@ -539,9 +540,7 @@ class Probe(Capture, StepBoundary):
         if model is None:
             return
         by_name = dict(model.named_modules())
-        # Statistics the user did not ask for cost nothing: no module statistic, no hook.
-        module_stats = {n for n, st in STATISTICS.items() if st.module is not None}
-        slots = self._slots if module_stats & set(self.stats) or self.histograms else []
+        slots = self._slots if self._module_hooks_wanted() else []
         if self.compiled:
             slots = self._compiled_slots(slots)
         for slot in slots:
@@ -561,6 +560,11 @@ class Probe(Capture, StepBoundary):
                     )
             self._param_hooks_kept = kept
         self._step_hooks_on = True
+
+    def _module_hooks_wanted(self) -> bool:
+        """Statistics the user did not ask for cost nothing: no module statistic, no hook."""
+        module_stats = {n for n, st in STATISTICS.items() if st.module is not None}
+        return bool(self._slots) and bool(module_stats & set(self.stats) or self.histograms)
 
     def _compiled_slots(self, slots: list[_Slot]) -> list[_Slot]:
         """The modules hooked while the model is compiled: not those that work in place.
@@ -931,9 +935,17 @@ def _remove_all(*hooksets: HookSet) -> None:
 # a failure is called, and what it leaves out of the step.
 _PRE_SITE = Site("forward pre-hook", "module")
 _FORWARD_SITE = Site("forward hook", "module")
-# The pass decides what every module records: a failure leaves every module out.
+# The pass decides what every module records: a failure leaves every module out. Traced
+# (a compiled model) the end does nothing: held outputs are reduced when backward begins or
+# the step closes. The start runs outside the graph where there are module hooks (they
+# break the graph anyway): it tells the Probe the model is compiled before dynamo reads
+# the modules' hook tables, which it reads once (hooks put on later would be ignored).
+# Without module hooks (modules=[]) it does nothing either: each module hook would judge
+# its call by the same rule (_call_mode), and the post-accumulate hooks say that a trained
+# pass ran (log()), so such a model compiles whole, fullgraph=True included.
 _PASS_START_SITE = Site("the start of the model's forward", "modules")
-_PASS_END_SITE = Site("the end of the model's forward", "modules")
+_PASS_START_UNHOOKED_SITE = Site("the start of the model's forward", "modules", "skip")
+_PASS_END_SITE = Site("the end of the model's forward", "modules", "skip")
 # Pre-clip norms and which passes' error signals count (both feed the step's rows).
 _ACCUMULATED_SITE = Site("a gradient-accumulated hook", "params")
 _STEP_PRE_SITE = Site("the optimizer step (pre-hook)", "params")
@@ -980,6 +992,7 @@ def _pass_end_hook(
 def _post_accumulate_hook(probe: Probe, param: Tensor) -> None:
     if probe._scaler_ref is not None:
         probe._poll_scaler()
+    probe._forward_step = probe.step_index  # a trained pass ran in this step (log())
     # It runs for every parameter in every backward, recorded or not (the "auto"
     # cadence's sentinel): what it has to do is tested here, before any call. Error
     # signals are kept only at recorded steps, so only they need the passes noted.
