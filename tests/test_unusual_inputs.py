@@ -12,8 +12,10 @@ computes itself from the twin's tensors (its own forward hooks, ``autograd.grad`
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from torch import Tensor, nn
@@ -240,3 +242,79 @@ def test_calls_inside_a_transform_are_left_out_with_a_warning(loss_of, transform
             assert got == pytest.approx(expected, rel=1e-5, abs=1e-7), (step, name, stat)
         for name, expected in grads[step].items():  # .grad as the step applied it
             assert rows[(step, name, "grad_norm")] == pytest.approx(expected, rel=1e-5)
+
+
+class PromptTuned(nn.Module):
+    """Prompt tuning with a number of virtual tokens that may be 0: a parameter with no
+    entries, concatenated before the sequence (an empty concat)."""
+
+    def __init__(self, virtual_tokens: int) -> None:
+        super().__init__()
+        self.prompt = nn.Parameter(torch.randn(virtual_tokens, 4))
+        self.proj = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        prompt = self.prompt.expand(x.shape[0], -1, -1)
+        h = torch.tanh(self.proj(torch.cat([prompt, x], dim=1)))
+        return self.head(h.mean(dim=1))
+
+
+@pytest.mark.parametrize("optimizer", [torch.optim.SGD, torch.optim.Adam])
+def test_a_parameter_with_no_entries_has_norms_and_no_update_ratio(optimizer):
+    torch.manual_seed(0)
+    model = PromptTuned(virtual_tokens=0)
+    twin = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(5)
+    data = [(torch.randn(3, 5, 4, generator=g), torch.randint(0, 2, (3,), generator=g))] * 3
+
+    def train(m: nn.Module, probed: bool):
+        opt = optimizer(m.parameters(), lr=0.1)
+        probe = Probe(m, opt, every=1) if probed else None
+        expected = []
+        for x, y in data:
+            opt.zero_grad()
+            _ce(m(x), y).backward()
+            before = {n: p.detach().double().clone() for n, p in m.named_parameters()}
+            grads = {n: p.grad.double().numpy() for n, p in m.named_parameters()}
+            opt.step()
+            expected.append(
+                {
+                    n: (
+                        float(np.linalg.norm(grads[n])),
+                        float(np.linalg.norm(before[n].numpy())),
+                        float(np.linalg.norm((p.detach().double() - before[n]).numpy()))
+                        / float(np.linalg.norm(before[n].numpy())),
+                    )
+                    for n, p in m.named_parameters()
+                    if p.numel()
+                }
+                | {"prompt": (0.0, 0.0, None)}
+            )
+        frame = probe.frame() if probe is not None else None
+        if probe is not None:
+            probe.close()
+        return expected, frame
+
+    before_hooks = hook_counts(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        expected, frame = train(model, True)
+    train(twin, False)
+    assert [w for w in caught if issubclass(w.category, GradprobeWarning)] == []
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        assert torch.equal(p, q), name
+    assert hook_counts(model) == before_hooks
+    rows = {(r.step, r.name, r.stat): r.value for r in frame.itertuples()}
+    for step, params in enumerate(expected):
+        for name, (grad_norm, param_norm, ratio) in params.items():
+            # float32 norms against NumPy float64 of the same entries: 1e-5 on any CPU.
+            assert rows[(step, name, "grad_norm")] == pytest.approx(grad_norm, rel=1e-5)
+            assert rows[(step, name, "param_norm")] == pytest.approx(param_norm, rel=1e-5)
+            if ratio is None:  # 0/0: no ratio, not a NaN
+                assert (step, name, "update_ratio") not in rows
+            else:
+                # Δw in float32 cancels: its relative error is ~2⁻²⁴·‖w‖/‖Δw‖, ≲ 1e-5
+                # for the ratios ≳ 0.01 of lr=0.1 here; 1e-4 leaves a factor of ten.
+                assert rows[(step, name, "update_ratio")] == pytest.approx(ratio, rel=1e-4)
+        assert not math.isnan(rows[(step, "(model)", "global_grad_norm")])

@@ -381,7 +381,9 @@ class StepBoundary:
                 update_norms.to(dtype),
                 before_norms.to(dtype),
             )
-            self.buffer.set_param_host(idx, "has_update")
+            # A parameter with no entries has no ratio (0/0): its other rows stay.
+            measured = [i for i in idx if self._params[i].numel()]
+            self.buffer.set_param_host(measured, "has_update")
 
     def _on_step_pre(self) -> None:
         if self._closed:
