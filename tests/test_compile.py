@@ -244,3 +244,47 @@ def test_parameters_only_compile_whole_with_fullgraph():
             if stat == "grad_norm":  # float32 norms against float64: 1e-5 on any CPU
                 assert rows[(step, name, stat)] == pytest.approx(expected, rel=1e-5)
         assert rows[(step, "(model)", "loss")] == pytest.approx(losses[step], rel=1e-6)
+
+
+def test_compiled_autograd_leaves_the_error_signals_out_with_a_warning():
+    """Compiled autograd runs the backward as a compiled graph: the Probe's backward hooks do
+    not see it whole, so the error statistics are absent (one warning), the rest right."""
+    torch._dynamo.reset()
+    reference = _reference_stats(_sequential())
+
+    def train(probed: bool):
+        model = _sequential()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        probe = Probe(model, opt, every=1) if probed else None
+        run = torch.compile(model, backend="aot_eager")
+
+        @torch.compile(backend="aot_eager")
+        def forward_backward(x, y):
+            nn.functional.cross_entropy(run(x), y).backward()
+
+        with torch._dynamo.config.patch(compiled_autograd=True):
+            for step in range(STEPS):
+                opt.zero_grad()
+                forward_backward(*_data(step))
+                opt.step()
+        frame = probe.frame() if probe is not None else None
+        if probe is not None:
+            probe.close()
+        return model, frame
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        probed, frame = train(True)
+    torch._dynamo.reset()
+    twin, _ = train(False)
+    for (name, p), q in zip(probed.named_parameters(), twin.parameters()):
+        assert torch.equal(p, q), name
+    ours = [str(w.message) for w in caught if issubclass(w.category, GradprobeWarning)]
+    assert sum("compiled autograd" in m for m in ours) == 1, ours
+    assert frame[frame.stat.isin(["error_norm", "error_gain"])].empty
+    rows = {(r.step, r.name, r.stat): r.value for r in frame.itertuples()}
+    for step, ref in enumerate(reference):
+        for (name, stat), expected in ref.items():
+            if stat != "error_norm":  # float32 against float64: 1e-5 on any CPU
+                got = rows.get((step, name, stat))
+                assert got == pytest.approx(expected, rel=1e-5, abs=1e-7), (step, name, stat)

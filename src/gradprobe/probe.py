@@ -823,6 +823,22 @@ class Probe(Capture, StepBoundary):
                 self._step_hooks_on = False
             self._sync_step_hooks()
 
+    def _without_backward_hooks(self, why: str) -> None:
+        """The backward passes of this step ran where the Probe's backward hooks are not
+        seen whole: every module's error statistics are left out of it, with one warning."""
+        warn_gap(
+            self._unreadable,
+            why,
+            f"gradprobe: {why} runs backward passes as compiled graphs, whose gradient "
+            "accumulation and end the Probe does not see: error_norm, error_gain and "
+            "global_grad_norm_preclip are not recorded while it is on (the other statistics "
+            "are)",
+        )
+        for k in range(len(self._slots)):
+            self.buffer.set_host(
+                k, "err_gap", self._traversals.gap(k, GAP_BOTH_SIDES, self.step_index)
+            )
+
     def _warn_compiled(self) -> None:
         warnings.warn(
             "gradprobe: the model is compiled (torch.compile). Every statistic is recorded, "
@@ -1003,7 +1019,16 @@ def _post_accumulate_hook(probe: Probe, param: Tensor) -> None:
 
 
 def _step_pre_hook(probe: Probe, optimizer: Any, args: Any, kwargs: Any) -> None:
+    if _compiled_autograd():
+        probe._without_backward_hooks("compiled autograd (torch._dynamo.config.compiled_autograd)")
     probe._on_step_pre()
+
+
+def _compiled_autograd() -> bool:
+    """Whether dynamo compiles backward passes (its hooks then run inside a compiled graph
+    whose gradient accumulation and end the Probe does not see)."""
+    dynamo = sys.modules.get("torch._dynamo")
+    return dynamo is not None and getattr(dynamo.config, "compiled_autograd", False) is True
 
 
 def _step_post_hook(probe: Probe, optimizer: Any, args: Any, kwargs: Any) -> None:
