@@ -121,7 +121,7 @@ class Entry:
     def __call__(self, *args: Any) -> None:
         # Nothing here may be traced but this test: dynamo reconstructs a weak reference
         # as its referent at a graph break (the Probe called as if it were the reference).
-        if torch.compiler.is_compiling():
+        if _is_compiling():
             if self._site.when_traced == "skip":
                 return None
             return _untraced(self, args)
@@ -156,6 +156,11 @@ class InertEntry:
 
     def __reduce__(self) -> tuple[type[InertEntry], tuple[()]]:
         return (InertEntry, ())
+
+
+# torch.compiler.is_compiling, which dynamo folds to True while it traces (looked up once:
+# this test runs at every hook call).
+_is_compiling = torch.compiler.is_compiling
 
 
 def _enter_untraced(entry: Entry, args: tuple[Any, ...]) -> None:
