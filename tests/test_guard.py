@@ -2,8 +2,9 @@
 
 Every callable the Probe hands to PyTorch is a ``gradprobe.hooks.Entry``, made where it is
 registered (checked on the source below). A failure is injected into the work behind each
-kind of entry point (the method its hook calls, monkeypatched to raise), eagerly and with
-the model compiled after the Probe was attached (dynamo traces the hooks): training stays
+kind of entry point (the method its hook calls, monkeypatched to raise), eagerly, with
+the model compiled after the Probe was attached, and with the whole training step
+compiled (dynamo traces the module and the optimizer's hooks): training stays
 bit-identical to an un-probed twin, one warning names the site, the statistics that site
 feeds are absent at every step, and every other statistic matches plain autograd on the
 twin (outputs kept by forward hooks of the test's own, ``.grad`` read directly).
@@ -92,16 +93,22 @@ def _reference(model: nn.Module) -> list[dict[tuple[str, str], float]]:
     return steps
 
 
-def _train(model: nn.Module, probed: bool, compiled: bool):
+def _train(model: nn.Module, probed: bool, mode: str):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     probe = Probe(model, opt, every=1) if probed else None
-    run = model
-    for i, (x, y) in enumerate(_batches()):
-        if compiled and i == 1:  # compiled after attach, mid-run, as users do
-            run = torch.compile(model, backend="aot_eager")
+
+    def step(run: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
         opt.zero_grad()
         nn.functional.cross_entropy(run(x), y).backward()
         opt.step()
+
+    run, train_step = model, step
+    for i, (x, y) in enumerate(_batches()):
+        if mode == "compiled_after_attach" and i == 1:  # mid-run, as users do
+            run = torch.compile(model, backend="aot_eager")
+        if mode == "training_step_compiled" and i == 1:  # the optimizer's hooks traced too
+            train_step = torch.compile(step, backend="aot_eager")
+        train_step(run, x, y)
     frame = probe.frame() if probe is not None else None
     if probe is not None:
         probe.close()
@@ -183,9 +190,10 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled_after_attach"])
+@pytest.mark.parametrize("mode", ["eager", "compiled_after_attach", "training_step_compiled"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_a_failing_entry_point_is_a_warning_and_a_gap(case, compiled, monkeypatch):
+def test_a_failing_entry_point_is_a_warning_and_a_gap(case, mode, monkeypatch):
+    compiled = mode != "eager"
     method, when, words, absent = CASES[case]
     torch._dynamo.reset() if compiled else None
     model = _model()
@@ -195,8 +203,8 @@ def test_a_failing_entry_point_is_a_warning_and_a_gap(case, compiled, monkeypatc
     monkeypatch.setattr(ProbeClass, method, _raise_when(method, when))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        frame = _train(model, probed=True, compiled=compiled)
-    _train(twin, probed=False, compiled=compiled)
+        frame = _train(model, probed=True, mode=mode)
+    _train(twin, probed=False, mode=mode)
     # Training is the twin's, bit for bit; the Probe left no hook behind.
     for (name, p), q in zip(model.named_parameters(), twin.parameters()):
         assert torch.equal(p, q), name
