@@ -18,9 +18,10 @@ module calls a ``register_*hook`` or ``queue_callback``). An Entry is the one gu
   (``torch.compiler.is_compiling()``, a flag dynamo folds to ``True`` while it traces):
   traced, it leaves the graph (``torch._compile._disable_dynamo``, the lazy form of
   ``torch.compiler.disable``: a graph break) and runs eagerly, as it does when
-  called from eager code. The owner is told (:meth:`Entry` ``traced``), once, that its
-  hooks are now traced (the Probe then keeps them on at every step: each change of
-  hooks would recompile).
+  called from eager code, and tells the owner (``owner._entry_traced(site)``) that the
+  model is compiled (the Probe then keeps its hooks on at every step: dynamo reads a
+  module's hook tables when it traces it, and ignores hooks put on later). A
+  :class:`Site` may instead do nothing when traced (``when_traced="skip"``).
 
 The callables stored in a module's hook tables are :class:`ModuleHook` objects, because
 those tables travel with the module: ``torch.save(model)``, ``pickle`` and
@@ -174,7 +175,7 @@ try:
     from torch._compile import _disable_dynamo
 
     _untraced = _disable_dynamo(_enter_untraced)
-except ImportError:  # pragma: no cover - another torch: the public form, imported now
+except ImportError:  # pragma: no cover - another torch: the public form, made when traced
 
     def _untraced(entry: Entry, args: tuple[Any, ...]) -> None:
         return torch.compiler.disable(_enter_untraced)(entry, args)
