@@ -1,7 +1,9 @@
 """torch.compile: the Probe records every statistic of a compiled model, says once what it costs.
 
-The module hooks run outside the compiled graphs (``torch.compiler.disable``): traced,
-their appends to Python lists would guard on list lengths and recompile every call.
+The model may be compiled before the Probe is built or at any time after. Every hook runs
+outside the compiled graphs (``gradprobe.hooks.Entry`` leaves the graph when dynamo traces
+it): traced, a hook would pass the Probe's weak reference on as the Probe itself, and its
+appends to Python lists would guard on list lengths and recompile every call.
 The fast test uses dynamo with the ``aot_eager`` backend (no C++ build); the slow one
 compiles with inductor.
 """
@@ -16,6 +18,7 @@ from torch import nn
 
 from gradprobe import Probe
 from gradprobe.hooks import GradprobeWarning
+from reference import capture_outputs, error_norms, hook_counts, param_grad_norms
 
 
 def train(compiled: bool, backend: str = "aot_eager"):
@@ -73,3 +76,215 @@ def test_compiled_model_does_not_recompile_per_call():
 @pytest.mark.slow
 def test_inductor_compiled_model_gives_the_eager_statistics():
     _check_equal(rel=1e-4, backend="inductor")
+
+
+# ---------------------------------------------------------------- compiled at any time
+# Whether a model is compiled is not known when the Probe is built: the user compiles it
+# mid-run, in place, a submodule only, or the whole training step. Each way below trains
+# under the Probe and, un-probed, the same way: the parameters end bit-identical, no hook
+# is left after close(), one warning says the model is compiled, and the statistics are
+# those plain autograd gives on an eager, un-probed copy.
+MODULES = ["0", "1", "2", "3", "4"]
+STEPS = 5
+
+
+def _sequential() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 10), nn.ReLU(), nn.Linear(10, 3)
+    )
+
+
+def _data(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(step)
+    return torch.randn(8, 6, generator=g), torch.randint(0, 3, (8,), generator=g)
+
+
+def _reference_stats(model: nn.Module) -> list[dict[tuple[str, str], float]]:
+    """Per step, by autograd on an eager copy: act_mean (float64), ‖dL/d(output)‖ of each
+    module, each parameter's ‖grad‖ read from .grad."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    steps = []
+    for step in range(STEPS):
+        x, y = _data(step)
+        opt.zero_grad()
+        loss, outs, _ = capture_outputs(
+            model, MODULES, lambda x=x, y=y: nn.functional.cross_entropy(model(x), y)
+        )
+        errors = error_norms(loss, outs)
+        loss.backward()
+        ref = {(n, "act_mean"): float(outs[n][0].detach().double().mean()) for n in MODULES}
+        ref.update({(n, "error_norm"): errors[n] for n in MODULES})
+        ref.update({(n, "grad_norm"): v for n, v in param_grad_norms(model).items()})
+        steps.append(ref)
+        opt.step()
+    return steps
+
+
+def _compile_model_mid_run(model, opt, step, run):
+    """The issue's case: `model = torch.compile(model)` after three eager steps."""
+    return torch.compile(model, backend="aot_eager") if step == 3 else run
+
+
+def _compile_in_place(model, opt, step, run):
+    if step == 2:
+        model.compile(backend="aot_eager")  # nn.Module.compile: the same object, compiled
+    return run
+
+
+def _compile_a_submodule(model, opt, step, run):
+    if step == 1:
+        model[2].compile(backend="aot_eager")
+    return run
+
+
+def _loop(model, opt, run, x, y):
+    opt.zero_grad()
+    nn.functional.cross_entropy(run(x), y).backward()
+    opt.step()
+
+
+WAYS = {
+    "compiled_mid_run": _compile_model_mid_run,
+    "compiled_in_place": _compile_in_place,
+    "submodule_compiled": _compile_a_submodule,
+}
+
+
+def _train_way(way: str, probed: bool, every: int = 1):
+    model = _sequential()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = hook_counts(model)
+    probe = Probe(model, opt, every=every) if probed else None
+    run = model
+    train_step = None
+    for step in range(STEPS):
+        x, y = _data(step)
+        if way == "training_step_compiled":
+            # The whole step compiled from the start, the optimizer's hooks traced too.
+            if train_step is None:
+                train_step = torch.compile(_loop, backend="aot_eager")
+            train_step(model, opt, model, x, y)
+            continue
+        run = WAYS[way](model, opt, step, run)
+        _loop(model, opt, run, x, y)
+    frame = None
+    if probe is not None:
+        frame = probe.frame()
+        probe.close()
+        assert hook_counts(model) == before
+    return model, frame
+
+
+@pytest.mark.parametrize("every", [1, 2])
+@pytest.mark.parametrize("way", [*WAYS, "training_step_compiled"])
+def test_a_model_compiled_at_any_time_is_recorded_right(way, every):
+    torch._dynamo.reset()
+    reference = _reference_stats(_sequential())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        probed, frame = _train_way(way, probed=True, every=every)
+    torch._dynamo.reset()
+    twin, _ = _train_way(way, probed=False)
+    for (name, p), q in zip(probed.named_parameters(), twin.parameters()):
+        assert torch.equal(p, q), name  # training is the un-probed twin's, bit for bit
+    ours = [str(w.message) for w in caught if issubclass(w.category, GradprobeWarning)]
+    assert len(ours) == 1 and "is compiled" in ours[0], ours
+    rows = {(r.step, r.name, r.stat): r.value for r in frame.itertuples()}
+    for step, ref in enumerate(reference):
+        if step % every:
+            continue
+        for (name, stat), expected in ref.items():
+            # float32 against float64 sums of the same float32 tensors, a few dozen ops of
+            # ~1e-7 rounding each; aot_eager runs the same kernels: 1e-5 on any CPU.
+            got = rows.get((step, name, stat))
+            assert got == pytest.approx(expected, rel=1e-5, abs=1e-7), (way, step, name, stat)
+
+
+def test_parameters_only_compile_whole_with_fullgraph():
+    """modules=[] (the warning's advice) leaves no hook that must break the graph: the model
+    compiles with fullgraph=True, after attach, and the parameter rows and the logged loss
+    are those of plain autograd at their own steps."""
+    torch._dynamo.reset()
+    reference = _reference_stats(_sequential())
+    losses = []
+
+    def train(probed: bool):
+        model = _sequential()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        probe = Probe(model, opt, every=1, modules=[]) if probed else None
+        run = model
+        for step in range(STEPS):
+            if step == 1:
+                run = torch.compile(model, backend="aot_eager", fullgraph=True)
+            x, y = _data(step)
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(run(x), y)
+            loss.backward()
+            if probe is not None:
+                probe.log(loss=loss)  # between backward and step: this step's
+                losses.append(float(loss))
+            opt.step()
+        frame = probe.frame() if probe is not None else None
+        if probe is not None:
+            probe.close()
+        return model, frame
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        probed, frame = train(True)
+    torch._dynamo.reset()
+    twin, _ = train(False)
+    for (name, p), q in zip(probed.named_parameters(), twin.parameters()):
+        assert torch.equal(p, q), name
+    assert [w for w in caught if issubclass(w.category, GradprobeWarning)] == []
+    rows = {(r.step, r.name, r.stat): r.value for r in frame.itertuples()}
+    for step, ref in enumerate(reference):
+        for (name, stat), expected in ref.items():
+            if stat == "grad_norm":  # float32 norms against float64: 1e-5 on any CPU
+                assert rows[(step, name, stat)] == pytest.approx(expected, rel=1e-5)
+        assert rows[(step, "(model)", "loss")] == pytest.approx(losses[step], rel=1e-6)
+
+
+def test_compiled_autograd_leaves_the_error_signals_out_with_a_warning():
+    """Compiled autograd runs the backward as a compiled graph: the Probe's backward hooks do
+    not see it whole, so the error statistics are absent (one warning), the rest right."""
+    torch._dynamo.reset()
+    reference = _reference_stats(_sequential())
+
+    def train(probed: bool):
+        model = _sequential()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        probe = Probe(model, opt, every=1) if probed else None
+        run = torch.compile(model, backend="aot_eager")
+
+        @torch.compile(backend="aot_eager")
+        def forward_backward(x, y):
+            nn.functional.cross_entropy(run(x), y).backward()
+
+        with torch._dynamo.config.patch(compiled_autograd=True):
+            for step in range(STEPS):
+                opt.zero_grad()
+                forward_backward(*_data(step))
+                opt.step()
+        frame = probe.frame() if probe is not None else None
+        if probe is not None:
+            probe.close()
+        return model, frame
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        probed, frame = train(True)
+    torch._dynamo.reset()
+    twin, _ = train(False)
+    for (name, p), q in zip(probed.named_parameters(), twin.parameters()):
+        assert torch.equal(p, q), name
+    ours = [str(w.message) for w in caught if issubclass(w.category, GradprobeWarning)]
+    assert sum("compiled autograd" in m for m in ours) == 1, ours
+    assert frame[frame.stat.isin(["error_norm", "error_gain"])].empty
+    rows = {(r.step, r.name, r.stat): r.value for r in frame.itertuples()}
+    for step, ref in enumerate(reference):
+        for (name, stat), expected in ref.items():
+            if stat != "error_norm":  # float32 against float64: 1e-5 on any CPU
+                got = rows.get((step, name, stat))
+                assert got == pytest.approx(expected, rel=1e-5, abs=1e-7), (step, name, stat)

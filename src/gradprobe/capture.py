@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import weakref
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -27,7 +25,7 @@ from torch import Tensor, nn
 from torch.utils import _pytree
 
 from .activations import Activation
-from .hooks import warn_gap
+from .hooks import Site, at_backward_end, on_node, on_node_pre, on_tensor, warn_gap
 from .reduce import (
     _COUNT_CHUNK,
     accumulation_dtype,
@@ -151,26 +149,21 @@ def _inside_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
-def queue_at_backward_end(callback: Callable[[], None]) -> None:
-    """Run ``callback`` when the current backward pass has finished (all of it)."""
-    torch.autograd.Variable._execution_engine.queue_callback(callback)
+# The entry points of the error signals (gradprobe.hooks.Entry guards each): a failure
+# leaves the module's error statistics out of the step (all of them, or error_gain only).
+_OUTPUT_ERROR_SITE = Site("backward (output) hook", "errors")
+_INPUT_ERROR_SITE = Site("backward (input) hook", "input_errors")
+_ERRORS_END_SITE = Site("the end of backward (errors)", "all_errors")
 
 
-def _error_grad_hook(ref: weakref.ref[Probe], k: int, token: int, kind: str, grad: Tensor) -> None:
+def _error_grad_hook(probe: Probe, k: int, token: int, kind: str, grad: Tensor) -> None:
     """A tensor hook: dL/d(output) (``kind`` "err"), or dL/d(input) of a module whose
     input passes through it unchanged ("in_err")."""
-    probe = ref()
-    if probe is None:
-        return
-    try:
-        probe._on_error_grad(k, grad, kind, token)
-    except Exception as exc:
-        side = "output" if kind == "err" else "input"
-        probe._module_failed(k, f"backward ({side}) hook", exc)
+    probe._on_error_grad(k, grad, kind, token)
 
 
 def _error_prehook(
-    ref: weakref.ref[Probe],
+    probe: Probe,
     k: int,
     token: int,
     kind: str,
@@ -182,11 +175,11 @@ def _error_prehook(
     runs). Registered on the node, not the tensor: half the cost per call (bench/)."""
     grad = grad_outputs[output_nr]
     if grad is not None:  # the node also runs for its other outputs' gradients
-        _error_grad_hook(ref, k, token, kind, grad)
+        probe._on_error_grad(k, grad, kind, token)
 
 
 def _input_share_hook(
-    ref: weakref.ref[Probe],
+    probe: Probe,
     k: int,
     token: int,
     indices: tuple[int, ...],
@@ -198,19 +191,12 @@ def _input_share_hook(
     """On an autograd node of module ``k`` that reads its input: ``grad_inputs[i]`` for
     ``i`` in ``indices`` is the gradient this node sends to that input. ``producer``: the
     token of the probed call whose output that input is, or -1 (Capture._on_input_share)."""
-    probe = ref()
-    if probe is None:
-        return
-    try:
-        probe._on_input_share(k, token, indices, nodes, grad_inputs, producer)
-    except Exception as exc:
-        probe._module_failed(k, "backward (input) hook", exc)
+    probe._on_input_share(k, token, indices, nodes, grad_inputs, producer)
 
 
-def _errors_end_hook(ref: weakref.ref[Probe], task: int, step: int) -> None:
-    probe = ref()
-    if probe is not None and not probe._closed:
-        probe._guard(partial(probe._commit_errors, task, step), "the end of backward (errors)")
+def _errors_end_hook(probe: Probe, task: int, step: int) -> None:
+    if not probe._closed:
+        probe._commit_errors(task, step)
 
 
 @dataclass
@@ -260,6 +246,8 @@ class Capture:
             if slot.activation is not None and self._want_gate:
                 self._unreadable_module(k, "input", args)  # the gate needs it
             return
+        if x.numel() == 0:
+            return  # a call on nothing (an expert given no tokens): no entry to gate
         if self._want_units:
             self._note_input_layout(slot, x)
         if self._want_input_error and x.requires_grad:
@@ -298,6 +286,11 @@ class Capture:
             self._execution_order.append(k)
         n = y.numel()
         self.buffer.add_host(k, "calls")
+        if n == 0:
+            # A call on nothing (an expert given no tokens, an empty batch): counted, and
+            # contributes no entry, no unit, no error signal: the step's means, fractions
+            # and norms are over the entries that exist (docs/recording.md).
+            return
         self.buffer.add_host(k, "count", n)
         # Detached: no graph is recorded, so no no_grad() context (it costs per call).
         yd = y.detach()
@@ -698,10 +691,12 @@ class Capture:
         edge = self._traversals.input_edges.pop(k, None)
         fn = y.grad_fn
         if fn is None:  # a leaf (a module that returns a parameter): a tensor hook
-            y.register_hook(partial(_error_grad_hook, self._ref, k, token, "err"))
+            on_tensor(y, _error_grad_hook, self._ref, _OUTPUT_ERROR_SITE, k, k, token, "err")
             return
         output_nr = y.output_nr
-        fn.register_prehook(partial(_error_prehook, self._ref, k, token, "err", output_nr))
+        on_node_pre(
+            fn, _error_prehook, self._ref, _OUTPUT_ERROR_SITE, k, k, token, "err", output_nr
+        )
         sequence_nr = fn._sequence_nr()
         output_edges = self._traversals.output_edges
         output_edges[(sequence_nr, output_nr)] = token
@@ -709,7 +704,9 @@ class Capture:
             return
         if edge.leaf_id is None and (sequence_nr, output_nr) == (edge.sequence_nr, edge.output_nr):
             # The input passed through (an identity): the same signal.
-            fn.register_prehook(partial(_error_prehook, self._ref, k, token, "in_err", output_nr))
+            on_node_pre(
+                fn, _error_prehook, self._ref, _INPUT_ERROR_SITE, k, k, token, "in_err", output_nr
+            )
             return
         readers = consumer_edges(fn, edge)
         if readers is None:
@@ -727,8 +724,13 @@ class Capture:
         if len(readers) == 1 and edge.leaf_id is None:
             producer = output_edges.get((edge.sequence_nr, edge.output_nr), -1)
         for node, indices in readers:
-            node.register_hook(
-                partial(_input_share_hook, self._ref, k, token, indices, len(readers), producer)
+            on_node(
+                node,
+                _input_share_hook,
+                self._ref,
+                _INPUT_ERROR_SITE,
+                k,
+                *(k, token, indices, len(readers), producer),
             )
 
     def _on_error_grad(self, k: int, grad: Tensor, kind: str, token: int) -> None:
@@ -864,7 +866,9 @@ class Capture:
         if new and (self._held or self._watched):
             self._reduce_held()  # backward began: the forward's held outputs are complete
         if new:
-            queue_at_backward_end(partial(_errors_end_hook, self._ref, task, self.step_index))
+            at_backward_end(
+                _errors_end_hook, self._ref, _ERRORS_END_SITE, -1, task, self.step_index
+            )
         return pending
 
     def _note_accumulation(self, param: Tensor | None = None) -> None:

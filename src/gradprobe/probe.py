@@ -53,7 +53,10 @@ Where users train (see ``docs/integrations.md``):
 - *FSDP2* (``fully_shard``): as DDP for module statistics; parameter statistics are of
   the full tensors, their shards' squared norms summed in one collective per step
   (:mod:`gradprobe.shards`).
-- *torch.compile*: module hooks run outside the compiled graphs (one warning says so).
+- *torch.compile*, before or after the Probe is built: every hook runs outside the
+  compiled graphs (gradprobe.hooks.Entry; one warning says so).
+- *A failure of the Probe's own work* anywhere is one warning naming the site and a gap
+  in what it feeds, never the user's exception (gradprobe.hooks.Entry, the one guard).
 """
 
 from __future__ import annotations
@@ -67,7 +70,7 @@ import warnings
 import weakref
 from collections import defaultdict, deque
 from collections.abc import Callable, Mapping, Sequence
-from functools import cache, partial
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -87,7 +90,7 @@ from .capture import (
 from .diagnose import Finding
 from .errors import GradprobeError
 from .follow import Follow
-from .hooks import GradprobeWarning, HookSet, ModuleHook, warn_gap, warn_once
+from .hooks import GradprobeWarning, HookSet, Site, warn_gap, warn_once
 from .live import LiveCheck
 from .recurrent import carry_slots, record_carry
 from .run import Run, empty_frame, load, normalize_frame, text_column
@@ -103,7 +106,7 @@ from .step import (
     _scale_marker,
 )
 from .store import Store
-from .traversals import Traversals
+from .traversals import GAP_BOTH_SIDES, GAP_INPUT_SIDE, Traversals
 
 __all__ = ["Probe", "unwrap_model"]
 
@@ -354,6 +357,7 @@ class Probe(Capture, StepBoundary, Follow):
         # ‖w‖ just taken for param_norm: the update_ratio snapshot reuses them.
         self._param_norms_now: dict[tuple[torch.device, tuple[int, ...]], Tensor] = {}
         self._backward_pending = False
+        self._closing_step = -1  # the step an optimizer step post-hook is closing
         self._scaler_ref = weakref.ref(scaler) if scaler is not None else None
         self._scale_marker = _scale_marker(scaler)
         self._stepped_since_update = False
@@ -402,16 +406,7 @@ class Probe(Capture, StepBoundary, Follow):
         self._live.warn = rank_zero  # every rank sees the same rows: one says it
         self._store = Store(store, self._meta) if store is not None and rank_zero else None
         if self.compiled:
-            warnings.warn(
-                "gradprobe: the model is compiled (torch.compile). Every statistic is recorded, "
-                "but the module hooks run outside the compiled graphs, so the graph breaks at "
-                "each probed module and fusion across modules is lost. To keep the graph whole, "
-                "probe parameters only (modules=[]: grad/param norms, update ratios, global and "
-                "pre-clip norms need no module hooks), probe a few modules (modules=[...]), or "
-                "take the full per-layer statistics on a short uncompiled run.",
-                GradprobeWarning,
-                stacklevel=2,
-            )
+            self._warn_compiled()
 
         self._hooks = HookSet()
         # Module and gradient hooks, on the model only for recorded steps.
@@ -555,7 +550,6 @@ class Probe(Capture, StepBoundary, Follow):
 
     # ================================================================ registration
     def _register(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
-        ref = self._ref
         # Is the current pass of the probed model trained? Decided once per pass by the
         # hooks on the model itself (see _call_mode and docs/recording.md).
         self._pass_open = False
@@ -567,29 +561,20 @@ class Probe(Capture, StepBoundary, Follow):
         # checkpoint runs it under no_grad): their recomputation in backward registers them.
         self._owed_error_hooks: dict[int, int] = defaultdict(int)
         self._unreadable: set[str] = set()
-        # Under torch.compile the hooks must run eagerly: traced, their appends to Python
-        # lists would guard on list lengths and recompile every call.
-        hook = _eager_hooks() if self.compiled else ModuleHook
-        hooks = self._hooks
-        # ModuleHook, not a closure: it pickles and deep-copies as an inert no-op, so the
-        # model can be saved or copied while probed (see gradprobe.hooks).
-        hooks.add(
-            model.register_forward_pre_hook(
-                hook(_pass_start_hook, ref, -1, model, hooks), prepend=True, with_kwargs=True
-            )
-        )
-        self._hook_factory = hook
+        ref, hooks = self._ref, self._hooks
+        # Every hook is an Entry (gradprobe.hooks): a failure is a warning and a gap, and
+        # dynamo never traces it, whenever the model is compiled. Module hooks are
+        # ModuleHooks: they pickle and deep-copy as inert no-ops, so the model can be
+        # saved or copied while probed.
         self._attach_step_hooks()
+        site = _PASS_START_SITE if self._module_hooks_wanted() else _PASS_START_UNHOOKED_SITE
+        hooks.on_module_pre(model, _pass_start_hook, ref, site, -1, prepend=True)
         # Registered last, so that it closes the pass after the model's own forward hook;
         # always called, so that a forward that raises closes it too.
-        hooks.add(
-            model.register_forward_hook(
-                hook(_pass_end_hook, ref, -1, model, hooks), with_kwargs=True, always_call=True
-            )
-        )
+        hooks.on_module(model, _pass_end_hook, ref, _PASS_END_SITE, -1, always_call=True)
         if optimizer is not None:
-            self._hooks.add(optimizer.register_step_pre_hook(partial(_step_pre_hook, ref)))
-            self._hooks.add(optimizer.register_step_post_hook(partial(_step_post_hook, ref)))
+            hooks.on_step(optimizer, _step_pre_hook, ref, _STEP_PRE_SITE)
+            hooks.on_step(optimizer, _step_post_hook, ref, _STEP_POST_SITE, post=True)
 
     def _attach_step_hooks(self, new_params: list[Tensor] | None = None) -> None:
         """The hooks that record a step: on each probed module, and on each parameter's
@@ -598,22 +583,21 @@ class Probe(Capture, StepBoundary, Follow):
         and takes the module off PyTorch's fast path (≈ +10 % on a 12×256 MLP).
         ``new_params``: parameters bound since (a changed model) whose gradient hooks,
         kept on at every step, are still to be put on."""
-        ref, hook, hooks = self._ref, self._hook_factory, self._step_hooks
+        ref, hooks = self._ref, self._step_hooks
         model = self._model_ref()
         if model is None:
             return
         by_name = dict(model.named_modules())
-        # Statistics the user did not ask for cost nothing: no module statistic, no hook.
-        module_stats = {n for n, st in STATISTICS.items() if st.module is not None}
-        module_hooks = bool(module_stats & set(self.stats)) or self.histograms
-        for slot in self._slots if module_hooks else []:
+        module_hooks = self._module_hooks_wanted()
+        slots = self._slots if module_hooks else []
+        if self.compiled:
+            slots = self._compiled_slots(slots)
+        for slot in slots:
             module = by_name.get(slot.name)
             if module is None or slot.index in self._retired_slots:
                 continue
-            pre_hook = hook(_pre_hook, ref, slot.index, module, hooks)
-            forward_hook = hook(_forward_hook, ref, slot.index, module, hooks)
-            hooks.add(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
-            hooks.add(module.register_forward_hook(forward_hook, with_kwargs=True))
+            hooks.on_module_pre(module, _pre_hook, ref, _PRE_SITE, slot.index)
+            hooks.on_module(module, _forward_hook, ref, _FORWARD_SITE, slot.index)
         # Post-accumulate hooks also tell which backward passes count for error signals,
         # and where gradients a pass made were discarded before the step (follow.py).
         # Under every="auto" they stay on at every step: the sentinel's pre-clip norms.
@@ -622,11 +606,37 @@ class Probe(Capture, StepBoundary, Follow):
             kept = self._auto
             for p in new_params if self._param_hooks_kept and new_params else self._params:
                 if p.requires_grad:
-                    (self._hooks if kept else hooks).add(
-                        p.register_post_accumulate_grad_hook(partial(_post_accumulate_hook, ref))
+                    (self._hooks if kept else hooks).on_accumulated(
+                        p, _post_accumulate_hook, ref, _ACCUMULATED_SITE
                     )
             self._param_hooks_kept = kept
         self._step_hooks_on = True
+
+    def _module_hooks_wanted(self) -> bool:
+        """Statistics the user did not ask for cost nothing: no module statistic, no hook."""
+        module_stats = {n for n, st in STATISTICS.items() if st.module is not None}
+        return bool(self._slots) and bool(module_stats & set(self.stats) or self.histograms)
+
+    def _compiled_slots(self, slots: list[_Slot]) -> list[_Slot]:
+        """The modules hooked while the model is compiled: not those that work in place.
+        A graph break beside an in-place op (each hook is one) makes a graph that mutates
+        its input, which aot_autograd cannot always differentiate (an in-place SiLU's
+        backward then raises in the user's backward, with any graph break there): their
+        statistics are left out, with one warning."""
+        inplace = [s.name for s in slots if s.inplace]
+        if inplace:
+            # Their pre-hook no longer reduces the held outputs before they are written
+            # over: every module's outputs are reduced in its hook from now on.
+            self._unbatched.update(s.index for s in self._slots)
+            warn_gap(
+                self._unreadable,
+                "compiled in place",
+                f"gradprobe: the model is compiled, and modules {inplace} work in place: a "
+                "hook breaks the graph beside an in-place op, which compiled autograd cannot "
+                "always differentiate, so these modules are not hooked and their statistics "
+                "are not recorded while the model is compiled (use inplace=False to have them)",
+            )
+        return [s for s in slots if not s.inplace]
 
     def _sync_step_hooks(self) -> None:
         """Put the step hooks on for a recorded step, take them off for the others. Not
@@ -700,6 +710,10 @@ class Probe(Capture, StepBoundary, Follow):
             self._forward_step = self.step_index  # a forward under grad in this step (log())
         if self._closed or not self._recording or self._searching:
             return _SKIP
+        transform = torch._C._functorch.peek_interpreter_stack()
+        if transform is not None:
+            self._skip_transform(transform)
+            return _SKIP
         if _inside_backward():
             # The first run of this forward was recorded; this one must not double it.
             return _RECOMPUTE if self._trained_now() else _SKIP
@@ -707,6 +721,21 @@ class Probe(Capture, StepBoundary, Follow):
             return _RECORD if self._pass_trained else _SKIP
         # A submodule called outside the model's forward: the same rule, judged now.
         return _RECORD if self._trained_now() else _SKIP
+
+    def _skip_transform(self, transform: Any) -> None:
+        """A call inside a ``torch.func`` transform is left out, with one warning per kind
+        of transform (docs/recording.md, "Transforms")."""
+        kind = str(transform.key()).rpartition(".")[2]
+        name = _TRANSFORMS.get(kind, kind)
+        warn_gap(
+            self._unreadable,
+            f"transform {kind}",
+            f"gradprobe: modules called inside {name} are not recorded: their tensors are the "
+            "transform's wrappers (per-sample slices of a batch under vmap, a level of "
+            "differentiation under grad), which statistics of the step would mix up or carry "
+            "out of the transform. Passes outside it are recorded as usual, and so are the "
+            "parameters' statistics at the optimizer step",
+        )
 
     def _unreadable_module(self, k: int, side: str, value: Any) -> None:
         """One warning per module whose output (or input) holds no floating-point tensor."""
@@ -821,6 +850,73 @@ class Probe(Capture, StepBoundary, Follow):
         warn_once(self._failed_where, f"{where} of module {self._slots[k].name!r}", exc)
         self.buffer.set_host(k, "gap", 1)
 
+    def _entry_failed(self, site: Site, key: int, exc: BaseException) -> None:
+        """An entry point failed (gradprobe.hooks.Entry): one warning naming the site, and
+        a gap in what the site feeds, for this step."""
+        one = site.gap in ("module", "errors", "input_errors") and 0 <= key < len(self._slots)
+        where = f"{site.where} of module {self._slots[key].name!r}" if one else site.where
+        warn_once(self._failed_where, where, exc)
+        step, slots = self.step_index, range(len(self._slots))
+        if site.gap == "module":
+            self.buffer.set_host(key, "gap", 1)
+        elif site.gap == "modules":
+            for k in slots:
+                self.buffer.set_host(k, "gap", 1)
+        elif site.gap in ("errors", "input_errors", "all_errors"):
+            level = GAP_INPUT_SIDE if site.gap == "input_errors" else GAP_BOTH_SIDES
+            for k in [key] if site.gap != "all_errors" else slots:
+                self.buffer.set_host(k, "err_gap", self._traversals.gap(k, level, step))
+        elif site.gap in ("params", "step"):
+            self.buffer.set_param_host(list(range(len(self._params))), "param_gap")
+        if site.gap == "step" and self._closing_step == step and not self._closed:
+            self._end_step()  # never raises; the step count moves on, as the optimizer's did
+
+    def _entry_traced(self, site: Site) -> None:
+        """Dynamo traced an entry point (it ran outside the graph all the same): the model
+        is compiled, whenever that happened. Say so once, and keep the hooks on from now:
+        each change of them would recompile the model (see _sync_step_hooks)."""
+        if not self.compiled:
+            self.compiled = True
+            self._meta["probe"]["compiled"] = True
+            self._warn_compiled()
+            # Put the module hooks on now (traced at a step the cadence does not record,
+            # they are off), those of in-place modules off (see _compiled_slots), while
+            # dynamo has yet to trace the modules: it resumes after this graph break and
+            # reads their hook tables then.
+            if self._step_hooks_on and not _inside_backward():
+                self._step_hooks.remove()
+                self._step_hooks_on = False
+            self._sync_step_hooks()
+
+    def _without_backward_hooks(self, why: str) -> None:
+        """The backward passes of this step ran where the Probe's backward hooks are not
+        seen whole: every module's error statistics are left out of it, with one warning."""
+        warn_gap(
+            self._unreadable,
+            why,
+            f"gradprobe: {why} runs backward passes as compiled graphs, whose gradient "
+            "accumulation and end the Probe does not see: error_norm, error_gain and "
+            "global_grad_norm_preclip are not recorded while it is on (the other statistics "
+            "are)",
+        )
+        for k in range(len(self._slots)):
+            self.buffer.set_host(
+                k, "err_gap", self._traversals.gap(k, GAP_BOTH_SIDES, self.step_index)
+            )
+
+    def _warn_compiled(self) -> None:
+        warnings.warn(
+            "gradprobe: the model is compiled (torch.compile). Every statistic is recorded, "
+            "but the module hooks run outside the compiled graphs, so the graph breaks at "
+            "each probed module and fusion across modules is lost (and fullgraph=True cannot "
+            "hold). To keep the graph whole, probe parameters only (modules=[]: grad/param "
+            "norms, update ratios, global and pre-clip norms need no module hooks), probe a "
+            "few modules (modules=[...]), or take the full per-layer statistics on a short "
+            "uncompiled run.",
+            GradprobeWarning,
+            stacklevel=3,
+        )
+
     # ================================================================ description
     def _order_names(self) -> list[str]:
         seen = [self._slots[k].name for k in self._execution_order]
@@ -905,8 +1001,16 @@ def _optimizer_meta(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
 
 
 # ==================================================================== hook functions
-# Module-level functions. The module hooks are called through a ModuleHook (gradprobe.hooks),
-# which holds a weak reference to the Probe and a slot index, never a module or a tensor.
+# Module-level functions, each called through an Entry (gradprobe.hooks), which holds a weak
+# reference to the Probe and a slot index, never a module or a tensor, and guards the call.
+# The torch.func transforms a call can run inside (functorch's TransformType), as users
+# write them.
+_TRANSFORMS = {
+    "Vmap": "torch.func.vmap",
+    "Grad": "torch.func.grad (or vjp, jacrev)",
+    "Jvp": "torch.func.jvp (or jacfwd)",
+    "Functionalize": "torch.func.functionalize",
+}
 # What a module hook does with a call (Probe._call_mode).
 _SKIP, _RECORD, _RECOMPUTE = 0, 1, 2
 
@@ -916,108 +1020,99 @@ def _remove_all(*hooksets: HookSet) -> None:
         hooks.remove()
 
 
-def _pre_hook(
-    ref: weakref.ref[Probe], k: int, module: nn.Module, args: tuple[Any, ...], kwargs: Any
-) -> None:
-    probe = ref()
-    if probe is None:
-        return
+# The entry points of this module (gradprobe.hooks.Entry is the guard around each): what
+# a failure is called, and what it leaves out of the step.
+_PRE_SITE = Site("forward pre-hook", "module")
+_FORWARD_SITE = Site("forward hook", "module")
+# The pass decides what every module records: a failure leaves every module out. Traced
+# (a compiled model) the end does nothing: held outputs are reduced when backward begins or
+# the step closes. The start runs outside the graph where there are module hooks (they
+# break the graph anyway): it tells the Probe the model is compiled before dynamo reads
+# the modules' hook tables, which it reads once (hooks put on later would be ignored).
+# Without module hooks (modules=[]) it does nothing either: each module hook would judge
+# its call by the same rule (_call_mode), and the post-accumulate hooks say that a trained
+# pass ran (log()), so such a model compiles whole, fullgraph=True included.
+_PASS_START_SITE = Site("the start of the model's forward", "modules")
+_PASS_START_UNHOOKED_SITE = Site("the start of the model's forward", "modules", "skip")
+_PASS_END_SITE = Site("the end of the model's forward", "modules", "skip")
+# Pre-clip norms and which passes' error signals count (both feed the step's rows).
+_ACCUMULATED_SITE = Site("a gradient-accumulated hook", "params")
+_STEP_PRE_SITE = Site("the optimizer step (pre-hook)", "params", passes_result=True)
+_STEP_POST_SITE = Site("the optimizer step (post-hook)", "step")
+
+
+def _pre_hook(probe: Probe, k: int, module: nn.Module, args: tuple[Any, ...], kwargs: Any) -> None:
     if probe._scaler_ref is not None:
         probe._poll_scaler()  # the first forward of an iteration closes a skipped step
-    try:
-        mode = probe._call_mode()
-        if mode == _RECORD:
-            probe._on_pre(k, module, args, kwargs)
-        elif mode == _RECOMPUTE:
-            probe._on_recomputed_pre(k, args, kwargs)
-    except Exception as exc:
-        probe._module_failed(k, "forward pre-hook", exc)
+    mode = probe._call_mode()
+    if mode == _RECORD:
+        probe._on_pre(k, module, args, kwargs)
+    elif mode == _RECOMPUTE:
+        probe._on_recomputed_pre(k, args, kwargs)
 
 
 def _forward_hook(
-    ref: weakref.ref[Probe], k: int, module: nn.Module, args: Any, kwargs: Any, output: Any
+    probe: Probe, k: int, module: nn.Module, args: Any, kwargs: Any, output: Any
 ) -> None:
-    probe = ref()
-    if probe is None:
-        return
-    try:
-        mode = probe._call_mode()
-        if mode == _RECORD:
-            probe._on_forward(k, module, output)
-            if k in probe._carry_slots:
-                name = probe._slots[k].name
-                record_carry(probe.buffer, k, name, module, args, kwargs, output, probe._unreadable)
-        elif mode == _RECOMPUTE:
-            probe._on_recomputed(k, output)
-    except Exception as exc:
-        probe._module_failed(k, "forward hook", exc)
+    mode = probe._call_mode()
+    if mode == _RECORD:
+        probe._on_forward(k, module, output)
+        if k in probe._carry_slots:
+            name = probe._slots[k].name
+            record_carry(probe.buffer, k, name, module, args, kwargs, output, probe._unreadable)
+    elif mode == _RECOMPUTE:
+        probe._on_recomputed(k, output)
 
 
-def _pass_start_hook(
-    ref: weakref.ref[Probe], key: int, module: nn.Module, args: Any, kwargs: Any
-) -> None:
-    probe = ref()
-    if probe is not None and not probe._closed:
+def _pass_start_hook(probe: Probe, key: int, module: nn.Module, args: Any, kwargs: Any) -> None:
+    if not probe._closed:
         if probe._scaler_ref is not None:
             probe._poll_scaler()  # the first forward of an iteration closes a skipped step
-        probe._guard(probe._on_pass_start, "the start of the model's forward")
+        probe._on_pass_start()
 
 
 def _pass_end_hook(
-    ref: weakref.ref[Probe], key: int, module: nn.Module, args: Any, kwargs: Any, output: Any
+    probe: Probe, key: int, module: nn.Module, args: Any, kwargs: Any, output: Any
 ) -> None:
-    probe = ref()
-    if probe is not None and not probe._closed:
-        probe._guard(probe._on_pass_end, "the end of the model's forward")
+    if not probe._closed:
+        probe._on_pass_end()
 
 
-# The same module hooks, never traced by dynamo (used when the model is compiled).
-# Made on first use, not at import: torch.compiler.disable imports torch._dynamo (about
-# 2 s), which `from gradprobe import Probe` must not cost a process that compiles nothing.
-@cache
-def _eager_hooks() -> type[ModuleHook]:
-    class EagerModuleHook(ModuleHook):
-        """A ModuleHook whose call dynamo never traces (it would pass the Probe's weak
-        reference on as the Probe itself)."""
-
-        __slots__ = ()
-        __call__ = torch.compiler.disable(ModuleHook.__call__)
-
-    return EagerModuleHook
-
-
-def _post_accumulate_hook(ref: weakref.ref[Probe], param: Tensor) -> None:
-    probe = ref()
-    if probe is None:
-        return
+def _post_accumulate_hook(probe: Probe, param: Tensor) -> None:
     if probe._scaler_ref is not None:
         probe._poll_scaler()
+    probe._forward_step = probe.step_index  # a trained pass ran in this step (log())
     # It runs for every parameter in every backward, recorded or not (the "auto"
     # cadence's sentinel): what it has to do is tested here, before any call. Error
     # signals are kept only at recorded steps, so only they need the passes noted (and
     # the gradients marked when the pass ends: gradprobe/follow.py, discarded passes).
     if probe._recording:
-        note = partial(probe._note_accumulation, param)
-        probe._guard(note, "a gradient-accumulated hook (error signals)")
+        probe._note_accumulation(param)
     if (probe._want_preclip or probe._recording) and not probe._backward_pending:
-        probe._guard(probe._on_post_accumulate, "a gradient-accumulated hook")
+        probe._on_post_accumulate()
 
 
-def _step_pre_hook(ref: weakref.ref[Probe], optimizer: Any, args: Any, kwargs: Any) -> Any:
-    probe = ref()
-    if probe is not None:
-        # None, or (args, kwargs) with the closure watched (gradprobe/follow.py); never raises
-        return probe._before_step(args, kwargs)
-    return None
+def _step_pre_hook(probe: Probe, optimizer: Any, args: Any, kwargs: Any) -> Any:
+    if _compiled_autograd():
+        probe._without_backward_hooks("compiled autograd (torch._dynamo.config.compiled_autograd)")
+    # None, or (args, kwargs) with the closure watched (gradprobe/follow.py): the one entry
+    # point whose result PyTorch uses (its Site passes it on; a failure passes None).
+    return probe._before_step(args, kwargs)
 
 
-def _step_post_hook(ref: weakref.ref[Probe], optimizer: Any, args: Any, kwargs: Any) -> None:
-    probe = ref()
-    if probe is not None:
-        if not probe._closed:
-            _note_time(probe)
-        probe._guard(probe._on_step_post, "the optimizer step (post-hook)")
-        _raise_if_asked(probe)
+def _compiled_autograd() -> bool:
+    """Whether dynamo compiles backward passes (its hooks then run inside a compiled graph
+    whose gradient accumulation and end the Probe does not see)."""
+    dynamo = sys.modules.get("torch._dynamo")
+    return dynamo is not None and getattr(dynamo.config, "compiled_autograd", False) is True
+
+
+def _step_post_hook(probe: Probe, optimizer: Any, args: Any, kwargs: Any) -> None:
+    probe._closing_step = probe.step_index  # should the close fail: which step to close
+    if not probe._closed:
+        _note_time(probe)
+    probe._on_step_post()
+    _raise_if_asked(probe)
 
 
 def _note_time(probe: Probe) -> None:
@@ -1029,7 +1124,8 @@ def _note_time(probe: Probe) -> None:
 
 
 def _raise_if_asked(probe: Probe) -> None:
-    """``stop_on``: the one place the Probe raises into training, because the user asked."""
+    """``stop_on``: the one place the Probe raises into training, because the user asked
+    (gradprobe.hooks.Entry lets :class:`~gradprobe.StopTraining` through, nothing else)."""
     stop = probe._live.take_stop() if probe._live.stop is not None else None
     if stop is not None:
         raise stop

@@ -9,7 +9,6 @@ step's results. What the module hooks capture is in :mod:`gradprobe.capture`.
 
 from __future__ import annotations
 
-import weakref
 from collections import defaultdict
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -19,9 +18,9 @@ import torch
 from torch import Tensor
 
 from .buffer import Ranks
-from .capture import _inside_backward, queue_at_backward_end
+from .capture import _inside_backward
 from .errors import GradprobeError
-from .hooks import warn_gap, warn_once
+from .hooks import Site, at_backward_end, warn_gap
 from .reduce import accumulation_dtype, l2_norms, nonfinite_flags
 from .shards import dtensor_type, local_shards
 from .stats import STATISTICS
@@ -58,28 +57,25 @@ SPIKE_BURST_MIN = 5
 _PENDING_NORMS = 64  # copies in flight at most (they complete within a step or two)
 
 
-def _backward_end_hook(ref: weakref.ref[Probe], first: bool) -> None:
+# The entry points of this module (gradprobe.hooks.Entry guards each).
+_PRECLIP_SITE = Site("the end of backward (pre-clip norms)", "params")
+_FULL_PARAM_SITE = Site("a gradient-accumulated hook (error signals)", "all_errors")
+
+
+def _backward_end_hook(probe: Probe, first: bool) -> None:
     if first:
         # Queue once more, behind every callback queued during the backward pass: DDP's
         # reducer queues the one that writes the all-reduced buckets into .grad, and the
         # pre-clip norm must be of those synchronised gradients.
-        try:
-            queue_at_backward_end(partial(_backward_end_hook, ref, False))
-        except Exception as exc:  # never into the user's backward
-            probe = ref()
-            if probe is not None:
-                warn_once(probe._failed_where, "the end of backward", exc)
+        at_backward_end(_backward_end_hook, probe._ref, _PRECLIP_SITE, -1, False)
         return
-    probe = ref()
-    if probe is not None and not probe._closed:
-        probe._after_backward()  # never raises (gradprobe/follow.py)
+    if not probe._closed:
+        probe._after_backward()  # pre-clip norms and the gradients' marker (gradprobe/follow.py)
 
 
-def _accumulated_hook(ref: weakref.ref[Probe], param: Tensor) -> None:
+def _accumulated_hook(probe: Probe, param: Tensor) -> None:
     """A backward pass accumulated into one of FSDP2's full parameters."""
-    probe = ref()
-    if probe is not None:
-        probe._guard(probe._note_accumulation, "a gradient-accumulated hook (error signals)")
+    probe._note_accumulation()
 
 
 def _scale_marker(scaler: torch.amp.GradScaler | None) -> tuple[int, int] | None:
@@ -283,16 +279,14 @@ class StepBoundary:
         which backward passes count for error signals (the sharded ones' hooks fire only
         where FSDP2 reduce-scatters)."""
         for full in self._shards.new_unsharded():
-            self._hooks.add(
-                full.register_post_accumulate_grad_hook(partial(_accumulated_hook, self._ref))
-            )
+            self._hooks.on_accumulated(full, _accumulated_hook, self._ref, _FULL_PARAM_SITE)
 
     def _on_post_accumulate(self) -> None:
         """A parameter's ``.grad`` was accumulated: measure once, when this backward ends."""
         if self._closed or not (self._recording or self._auto) or self._backward_pending:
             return
         self._backward_pending = True
-        queue_at_backward_end(partial(_backward_end_hook, self._ref, True))
+        at_backward_end(_backward_end_hook, self._ref, _PRECLIP_SITE, -1, True)
 
     @torch.no_grad()
     def _record_preclip(self) -> None:
@@ -451,7 +445,9 @@ class StepBoundary:
                 update_norms.to(dtype),
                 before_norms.to(dtype),
             )
-            self.buffer.set_param_host(idx, "has_update")
+            # A parameter with no entries has no ratio (0/0): its other rows stay.
+            measured = [i for i in idx if self._params[i].numel()]
+            self.buffer.set_param_host(measured, "has_update")
 
     def _on_step_pre(self) -> None:
         """The optimizer step begins, with no closure: its gradients are there."""

@@ -44,7 +44,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from ..diagnose import diagnose
 from ..headline import story
-from ..hooks import HookSet, ModuleHook, warn_once
+from ..hooks import HookSet, Site, warn_once
 from ..probe import Probe
 from ..run import Run
 from ._options import Stopper, check_probe_options, key_scalars, note_trainer
@@ -126,8 +126,7 @@ class GradProbeCallback(TrainerCallback):
             # step (every micro-batch, and every rank when tokens are averaged across them).
             ranks = args.world_size if getattr(args, "average_tokens_across_devices", False) else 1
             self._loss_scale = float(args.gradient_accumulation_steps * ranks)
-            hook = ModuleHook(_read_loss, weakref.ref(self), 0, model, self._hooks)
-            self._hooks.add(model.register_forward_hook(hook, with_kwargs=True))
+            self._hooks.on_module(model, _read_loss, weakref.ref(self), _LOSS_SITE, 0)
 
     def _keep_latest(self, frame: Any) -> None:
         scalars = key_scalars(frame)
@@ -191,6 +190,14 @@ class GradProbeCallback(TrainerCallback):
             loss = loss * self._loss_scale  # a device op, no sync
         probe.log(loss=loss)
 
+    def _entry_failed(self, site: Site, key: int, exc: BaseException) -> None:
+        """Reading the loss failed (gradprobe.hooks.Entry): one warning, never the Trainer's
+        error; that step has no loss row."""
+        warn_once(self._failed, site.where, exc)
+
+    def _entry_traced(self, site: Site) -> None:
+        """A compiled model traced the loss hook: it ran outside the graph, nothing to do."""
+
     def run(self) -> Run:
         """What the Probe recorded (after training, or so far)."""
         if self.probe is None:
@@ -198,21 +205,18 @@ class GradProbeCallback(TrainerCallback):
         return self.probe.run()
 
 
+_LOSS_SITE = Site("the Hugging Face callback (reading the loss)", "none")
+
+
 def _read_loss(
-    ref: weakref.ref[GradProbeCallback],
+    callback: GradProbeCallback,
     key: int,
     module: torch.nn.Module,
     args: Any,
     kwargs: Any,
     output: Any,
 ) -> None:
-    callback = ref()
-    if callback is None:
-        return
-    try:
-        callback._log_loss(module, kwargs, output)
-    except Exception as exc:  # never into the Trainer's loop
-        warn_once(callback._failed, "the Hugging Face callback (reading the loss)", exc)
+    callback._log_loss(module, kwargs, output)
 
 
 # The TrainingArguments that decide what happens to gradients and steps.
