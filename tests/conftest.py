@@ -16,3 +16,17 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 @pytest.fixture(params=PROBLEMS, ids=lambda p: p.name)
 def problem(request: pytest.FixtureRequest) -> Problem:
     return request.param
+
+
+# Files whose float results another CPU rounds otherwise (collectives' equalities, the
+# theory's float32 checks): scripts/test.sh reruns every `numerics` test under other
+# kernels. Marked here by file, beside the tests marked in place (the demo's).
+NUMERICS_FILES = frozenset(
+    {"test_ddp.py", "test_fsdp.py", "test_theory.py", "test_theory_fixed_points.py"}
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.name in NUMERICS_FILES:
+            item.add_marker(pytest.mark.numerics)

@@ -14,10 +14,16 @@ from gradprobe import diagnose, load
 from gradprobe.cli import main
 from gradprobe.demo import BUILDERS, DemoConfig
 from gradprobe.remedies import model_profile, rank_remedies
-from test_demo_robustness import SAME_SEED_SPREAD, readme_demo_rows
+from test_demo_robustness import (
+    BASELINE_FINDINGS,
+    COLUMNS,
+    assert_in_readme_ranges,
+    readme_demo_rows,
+)
 
 
 @pytest.mark.slow
+@pytest.mark.numerics
 def test_demo_finds_vanishing_and_a_remedy_that_helps(tmp_path: Path, capsys) -> None:
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out)]) == 0
@@ -31,20 +37,19 @@ def test_demo_finds_vanishing_and_a_remedy_that_helps(tmp_path: Path, capsys) ->
     for row in rows:
         assert row["model"] in page
 
-    # README's demo table is what the demo prints, row by row and column by column as
-    # the CLI formats them: accuracy within the spread README states (the robustness
-    # test checks that spread), the other columns to the digits printed.
+    # README's demo table has the rows the demo prints, in its order, and every number
+    # of this machine's run lies in the range README states for any machine (the
+    # robustness test measures those ranges' hold under perturbations); the baseline's
+    # findings are README's, no remedy is found vanishing.
     stated = readme_demo_rows()
     assert list(stated) == [row["model"] for row in rows]
-    for row in rows:
-        acc, final_loss, ratio, dead, findings = stated[row["model"]]
-        assert abs(float(acc) - float(row["val_acc"])) <= SAME_SEED_SPREAD, row["model"]
-        assert math.isclose(
-            float(final_loss), float(row["final_train_loss"]), rel_tol=0.5, abs_tol=0.05
-        ), row["model"]
-        assert math.isclose(float(ratio), float(row["error_ratio_first_last"]), rel_tol=0.3)
-        assert abs(float(dead) - float(row["max_dead_frac"])) <= 0.1, row["model"]
-        assert findings == row["findings"]
+    columns = ("val_acc", "final_train_loss", "error_ratio_first_last", "max_dead_frac")
+    assert_in_readme_ranges(
+        {row["model"]: {c: float(row[k]) for c, k in zip(COLUMNS, columns)} for row in rows},
+        "gradprobe demo",
+    )
+    assert rows[0]["findings"] == BASELINE_FINDINGS == stated[rows[0]["model"]][-1]
+    assert not any("vanishing" in row["findings"] for row in rows[1:])
 
     # Every run recorded its loss at every recorded step (fit logs it), the table's final
     # train loss is the mean of the last five, and the report draws the curves. The
@@ -131,3 +136,28 @@ def test_fit_logs_each_steps_loss_as_an_unprobed_twin_computes_it() -> None:
     losses = sparse.run.model_series("loss")
     assert list(losses.index) == [0, 3, 6, 9]
     assert losses.to_numpy() == pytest.approx(expected[::3], rel=1e-5)
+
+
+def test_the_demos_warm_up_then_cosine_schedule() -> None:
+    """schedule="warmup_cosine": the rate each step used, as fit logs it, against the
+    formula written out (linear to the full rate over the first 10% of the steps, then a
+    half cosine to 0)."""
+    from gradprobe.lab.data import digits
+    from gradprobe.lab.training import fit
+
+    cfg = DemoConfig(depth=3, width=16, steps=40, every=1)
+    assert DemoConfig().schedule == "warmup_cosine"
+    torch.manual_seed(0)
+    result = fit(
+        BUILDERS["relu"][1](cfg),
+        digits(seed=0),
+        steps=cfg.steps,
+        lr=cfg.lr,
+        schedule="warmup_cosine",
+        probe={"stats": "cheap", "every": 1},
+    )
+    warm, rest = 4, 36
+    expected = [cfg.lr * (s + 1) / warm for s in range(warm)] + [
+        cfg.lr * 0.5 * (1 + math.cos(math.pi * s / rest)) for s in range(rest)
+    ]
+    assert result.run.model_series("lr").to_numpy() == pytest.approx(expected, rel=1e-12)

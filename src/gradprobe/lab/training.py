@@ -51,6 +51,9 @@ def make_optimizer(
     raise GradprobeError(f"unknown optimizer {name!r}", "use 'sgd', 'momentum', 'adam' or 'adamw'")
 
 
+WARMUP_FRACTION = 0.1  # of the steps, for schedule="warmup_cosine"
+
+
 def _scheduler(name: str | None, optimizer: torch.optim.Optimizer, steps: int) -> Any:
     if name in (None, "none"):
         return None
@@ -58,7 +61,22 @@ def _scheduler(name: str | None, optimizer: torch.optim.Optimizer, steps: int) -
         return torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(steps // 3, 1), gamma=0.1)
     if name == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(steps, 1))
-    raise GradprobeError(f"unknown schedule {name!r}", "use None, 'step' or 'cosine'")
+    if name == "warmup_cosine":
+        # Linear warm-up from 0 over the first WARMUP_FRACTION of the steps, then the
+        # cosine decay to 0: the first steps of a deep net at the full rate are the
+        # turbulent ones (a spike there can kill units for the rest of the run).
+        warm = max(int(steps * WARMUP_FRACTION), 1)
+        rest = max(steps - warm, 1)
+
+        def factor(step: int) -> float:
+            if step < warm:
+                return (step + 1) / warm
+            return 0.5 * (1 + math.cos(math.pi * min(step - warm, rest) / rest))
+
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    raise GradprobeError(
+        f"unknown schedule {name!r}", "use None, 'step', 'cosine' or 'warmup_cosine'"
+    )
 
 
 def _loss_fn(task: str) -> Any:
