@@ -71,8 +71,10 @@ class Regressor(pl.LightningModule):
         return ReadingSGD(self.parameters(), lr=0.01, names=names_of(self))
 
 
-def lightning_fit(callbacks: list) -> Regressor:
+def lightning_fit(callbacks: list, compiled: bool = False) -> Regressor:
     model = Regressor()
+    if compiled:  # a compiled network inside the LightningModule, as users write it
+        model.net = torch.compile(model.net, backend="aot_eager")
     x, y = data(1, 64)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
     trainer = pl.Trainer(
@@ -92,12 +94,13 @@ def lightning_fit(callbacks: list) -> Regressor:
     return model
 
 
-def test_lightning_accumulation_and_clipping_record_what_the_step_applies():
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_lightning_accumulation_and_clipping_record_what_the_step_applies(compiled):
     from gradprobe.integrations.lightning import GradProbeCallback
 
     callback = GradProbeCallback(every=1)
-    model = lightning_fit([callback])
-    twin = lightning_fit([])
+    model = lightning_fit([callback], compiled)
+    twin = lightning_fit([], compiled)
     assert states_equal(model, twin)
     optimizer = model.trainer.optimizers[0]
     assert optimizer.applied == twin.trainer.optimizers[0].applied and len(optimizer.applied) == 4
@@ -114,7 +117,9 @@ def test_lightning_accumulation_and_clipping_record_what_the_step_applies():
         assert close(pre, model.preclip[step])
         assert stat_table(frame, "clipped", MODEL_NAME)[step] == 1.0
         # Both micro-batches of the step: two calls of each module.
-        assert stat_table(frame, "calls", "net.0")[step] == 2.0
+        # (a compiled submodule's modules are named as model.named_modules() names them)
+        first = "net._orig_mod.0" if compiled else "net.0"
+        assert stat_table(frame, "calls", first)[step] == 2.0
     assert hook_count(model, optimizer) == 0
 
 
