@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from ._mpl import pyplot
 from .diagnose import (
     DEAD_UNIT_FRAC,
     SATURATION_FRAC,
@@ -62,19 +63,7 @@ _MAX_ROW_TICKS = 32  # layer names on a heatmap's 4-inch y axis
 _MAX_HIST_LAYERS = 8
 
 
-def _pyplot() -> Any:
-    import sys
-
-    import matplotlib
-
-    # Agg only where nothing chose a backend: a Jupyter kernel sets MPLBACKEND to its
-    # inline backend, and forcing Agg there would make every figure print as text.
-    chosen = getattr(matplotlib.rcParams, "_get_backend_or_none", lambda: None)()
-    if "matplotlib.pyplot" not in sys.modules and chosen is None:
-        matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+_pyplot = pyplot  # the old private name, still used below
 
 
 def _axes(ax: Axes | None, size: tuple[float, float] = (7.0, 4.0)) -> tuple[Figure, Axes]:

@@ -24,6 +24,7 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
+from ._mpl import pyplot
 from ._version import __version__
 from .diagnose import Findings, as_run, diagnose, findings_html, inline_code, key_numbers
 from .errors import GradprobeError
@@ -230,7 +231,7 @@ def report_figure(name: str, runs: Sequence[Run]) -> ReportFigure:
     sentence = spec.nothing_to_show(drawable) if spec.nothing_to_show else None
     if sentence is not None:
         return ReportFigure(name, spec.title, None, "", notes, sentence)
-    plt = plots._pyplot()
+    plt = pyplot()
     n = len(drawable)
     ncols = min(n, 2)
     nrows = math.ceil(n / ncols)
