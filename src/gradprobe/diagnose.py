@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -40,6 +39,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ._views import view
 from .errors import GradprobeError
 from .remedies import RankedRemedy, Remedy, model_profile, rank_remedies
 from .run import Run, load
@@ -70,7 +70,6 @@ __all__ = [
     "MIN_DEPTH_LAYERS",
     "MIN_LOSS_STEPS",
     "NEGATIVE_PREACT_SIGMAS",
-    "NOTEBOOK_CSS",
     "OSCILLATION_AMPLITUDE",
     "OSCILLATION_AUTOCORR",
     "PLATEAU_DECREASE",
@@ -338,9 +337,7 @@ class Findings(list):  # list[Finding]; a plain list subclass so it prints and c
         """The findings in a notebook: a table with their numbers and remedies; never raises
         (Jupyter would print a traceback): on failure, the plain repr and the reason."""
         try:
-            count = f"{len(self)} finding{'s' if len(self) != 1 else ''}"
-            head = f"<p><b>{escape(self.run_name)}</b>: {count}</p>" if self.run_name else ""
-            return f'{NOTEBOOK_CSS}<div class="gp-run">{head}{findings_html(self)}</div>'
+            return view("findings_html")(self)  # gradprobe.html: data does not import views
         except Exception as exc:  # a display must never raise into Jupyter
             return (
                 f"<pre>{escape(list.__repr__(self))}</pre><p>gradprobe could not show these "
@@ -381,89 +378,6 @@ def no_findings_note(findings: Findings) -> str:
             + ")"
         )
     return note
-
-
-_INLINE_CODE = re.compile(r"`([^`\n]+)`")
-
-# The look of findings and runs in a notebook (Findings/Run._repr_html_): every selector
-# under .gp-run, so it styles gradprobe's output and nothing else on the page.
-NOTEBOOK_CSS = """<style>
-.gp-run table.gp-findings,.gp-run table.gp-table{border-collapse:collapse;font-size:12px;margin:4px 0}
-.gp-run th,.gp-run td{border:1px solid #dde1e6;padding:3px 6px;text-align:left;vertical-align:top}
-.gp-run td.gp-num{text-align:right;font-variant-numeric:tabular-nums}
-.gp-run .gp-findings ol{margin:0;padding-left:16px}
-.gp-run .gp-sev{padding:0 6px;border-radius:8px;font-weight:600;color:#fff;background:#2e86c1}
-.gp-run .gp-critical .gp-sev{background:#c0392b}.gp-run .gp-warning .gp-sev{background:#d68910}
-.gp-run .gp-note,.gp-run .gp-none{color:#5a6572;font-size:12px}
-.gp-run h4{margin:10px 0 4px}
-</style>"""
-
-
-def inline_code(text: str) -> str:
-    """``text`` as HTML: escaped first, then each Markdown backtick span as ``<code>``.
-
-    Only backtick spans are rendered (finding summaries quote names as `fc1`); any other
-    markup in the text stays text.
-    """
-    return _INLINE_CODE.sub(r"<code>\1</code>", escape(text))
-
-
-def _code_html(code: str) -> str:
-    """A remedy's code: one line inline, several in ``<pre>`` (their line breaks kept)."""
-    if "\n" in code.strip():
-        return f'<pre class="gp-code">{escape(code.strip())}</pre>'
-    return f"<br><code>{escape(code)}</code>"
-
-
-def findings_html(findings: Findings, *, remedies: int = 3, lead: bool = True) -> str:
-    """An HTML table of findings (severity, kind, where, summary, top remedies), each
-    consequence marked with the finding it follows from; ``lead``: above it, the story's
-    head (the root cause, its one recommended action with its code, what it explains)."""
-    if not findings:
-        return f'<p class="gp-none">{inline_code(no_findings_note(findings))}</p>'
-    rows = []
-    head = _lead_html(findings) if lead else ""
-    for f in findings:
-        where = ", ".join(f"<code>{escape(n)}</code>" for n in f.names[:6])
-        if len(f.names) > 6:
-            where += f" … (+{len(f.names) - 6})"
-        fixes = "".join(
-            f"<li><b>{escape(r.name)}</b>: {inline_code(r.why)}{_code_html(r.code)}</li>"
-            for r in f.remedies[:remedies]
-        )
-        because = f"<br><small>follows from <b>{escape(f.cause)}</b></small>" if f.cause else ""
-        rows.append(
-            f'<tr class="gp-{escape(f.severity)}"><td><span class="gp-sev">{escape(f.severity)}</span></td>'
-            f"<td><b>{escape(f.kind)}</b>{because}</td><td>{where}</td><td>{inline_code(f.summary)}</td>"
-            f"<td><ol>{fixes}</ol></td></tr>"
-        )
-    return (
-        head
-        + '<table class="gp-findings"><thead><tr><th>severity</th><th>finding</th><th>where</th>'
-        "<th>what was measured</th><th>remedies, best first</th></tr></thead><tbody>"
-        + "".join(rows)
-        + "</tbody></table>"
-    )
-
-
-def _lead_html(findings: Findings) -> str:
-    """The story's head: the root cause, its one recommended action, its consequences."""
-    root = next((f for f in findings if f.cause is None), None)
-    if root is None:
-        return ""
-    action = ""
-    if root.remedies:
-        r = root.remedies[0]
-        action = (
-            f"<br>Do this first: <b>{escape(r.name)}</b>: {inline_code(r.why)}"
-            f"<pre>{escape(r.code)}</pre>"
-        )
-    under = [f.kind for f in findings if f.cause == root.kind]
-    follows = "<br>It explains: " + ", ".join(f"<b>{escape(k)}</b>" for k in under) if under else ""
-    return (
-        f'<p class="gp-lead">Root cause: <b>{escape(root.kind)}</b> ({escape(root.severity)}): '
-        f"{inline_code(root.summary)}{action}{follows}</p>"
-    )
 
 
 # ---------------------------------------------------------------- JSON schema
@@ -2008,3 +1922,16 @@ def key_numbers(run: Run) -> dict[str, float]:
     med = _update_medians(run)
     out["median_update_ratio"] = float(med.median()) if len(med) else math.nan
     return out
+
+
+# The notebook and report HTML moved to gradprobe.html (a view; analysis does not import
+# views). Their old names here still work, resolved on first use for code written before.
+_MOVED_TO_HTML = ("NOTEBOOK_CSS", "findings_html", "inline_code")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MOVED_TO_HTML:
+        from . import html
+
+        return getattr(html, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
