@@ -29,10 +29,10 @@ from .diagnose import (
     DEAD_UNIT_FRAC,
     SATURATION_FRAC,
     UNSTABLE_UPDATE_RATIO,
-    _candidates,
-    _is_weight_layer,
-    _weights,
     depth_profile,
+    is_weight_layer,
+    unit_candidates,
+    weight_names,
 )
 from .errors import GradprobeError
 from .run import Run
@@ -483,7 +483,7 @@ def dead_saturated(run: Run, ax: Axes | None = None) -> Figure:
     dead = run.table("dead_frac") if "dead_frac" in run.stats else pd.DataFrame()
     sat = run.table("sat_frac") if "sat_frac" in run.stats else pd.DataFrame()
     names = [n for n in run.modules if n in dead.columns or n in sat.columns]
-    names = _candidates(run, names) if dead.shape[1] else names
+    names = unit_candidates(run, names) if dead.shape[1] else names
     names = [n for n in names if run.module_info(n).get("activation")] or names
     colors = _depth_colors(len(names))
     for color, name in zip(colors, names):
@@ -527,7 +527,7 @@ def update_ratios(run: Run, ax: Axes | None = None) -> Figure:
     _require(run, "update_ratios")
     fig, ax = _axes(ax)
     table = run.table("update_ratio")
-    weights = [w for w in _weights(run) if w in table.columns] or list(table.columns)
+    weights = [w for w in weight_names(run) if w in table.columns] or list(table.columns)
     colors = _depth_colors(len(weights))
     edge = ax.get_xaxis_transform()  # x in steps, y in axes fractions: 0 bottom, 1 top
     zero_names, bad_names = [], []
@@ -944,8 +944,8 @@ def missing(plot: str | Plot, run: Run) -> str | None:
         return f"{spec.title}: not drawn, the run's meta has no histogram ranges; {spec.hint}"
     if (
         spec.name == "update_ratios"
-        and not any(_is_weight_layer(run.module_info(n)) for n in run.modules)
-        and not _weights(run)
+        and not any(is_weight_layer(run.module_info(n)) for n in run.modules)
+        and not weight_names(run)
     ):
         return f"{spec.title}: not drawn, the run has no weights"
     return None
