@@ -15,34 +15,27 @@ from typing import Any
 __all__ = ["THRESHOLDS", "Count", "Threshold", "table"]
 
 
-class Threshold(float):
-    """A threshold: a float, with ``why`` it has that value and its ``name`` in the table."""
+class _Reasoned:
+    """A number that carries why it has its value (``why``) and its ``name`` in the table."""
 
     why: str
     name: str = ""
 
-    def __new__(cls, value: float, why: str) -> Threshold:
-        self = super().__new__(cls, value)
+    def __new__(cls, value: Any, why: str) -> Any:
+        self = super().__new__(cls, value)  # type: ignore[call-arg]  # float's or int's
         self.why = why
         return self
 
     def __getnewargs__(self) -> tuple[Any, ...]:  # pickle and copy: the value and the reason
-        return (float(self), self.why)
+        return (self.real, self.why)  # type: ignore[attr-defined]
 
 
-class Count(int):
+class Threshold(_Reasoned, float):
+    """A threshold: a float (compares and computes as one), with ``why`` and ``name``."""
+
+
+class Count(_Reasoned, int):
     """A threshold that counts (steps, layers, a window): an int, with ``why`` and ``name``."""
-
-    why: str
-    name: str = ""
-
-    def __new__(cls, value: int, why: str) -> Count:
-        self = super().__new__(cls, value)
-        self.why = why
-        return self
-
-    def __getnewargs__(self) -> tuple[Any, ...]:  # type: ignore[override]
-        return (int(self), self.why)
 
 
 # ---------------------------------------------------------------- depth and time
