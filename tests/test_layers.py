@@ -80,7 +80,6 @@ BIG_MODULES = {
     "probe": "1,215 lines: the Probe facade and its mixins (issue 24, stage 5)",
     "capture": "943: forward and error capture, one call and a stack (stages 4-5)",
     "buffer": "833: calls, units, drain, ranks in one class (stage 6)",
-    "plots": "1,004: seven figures and their helpers; one module per figure family",
     "explain": "711: the worked examples of docs/concepts.md",
     "cli": "634: every command's options and output",
     "theory.meanfield": "633: mean-field maths for every activation",
