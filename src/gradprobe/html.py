@@ -170,6 +170,7 @@ def run_html(run: Run) -> str:
 
 
 def run_head(run: Run) -> str:
+    """The run's name, where it is, and how many steps, modules and parameters it holds."""
     steps = run.steps
     span = f" ({steps[0]}–{steps[-1]})" if len(steps) > 1 else ""
     where = f" <code>{escape(str(run.path))}</code>" if run.path else ""
@@ -181,10 +182,12 @@ def run_head(run: Run) -> str:
 
 
 def run_findings(run: Run) -> str:
+    """The run's findings as a table (its diagnosis, made now)."""
     return findings_html(diagnose(run))
 
 
 def run_key_numbers(run: Run) -> str:
+    """The key numbers of the run (gradprobe.diagnose.key_numbers), one row."""
     numbers = key_numbers(run)
     head = "".join(f"<th>{escape(KEY_COLUMNS.get(k, k))}</th>" for k in numbers)
     cells = "".join(f'<td class="gp-num">{_number(v)}</td>' for v in numbers.values())
@@ -192,6 +195,7 @@ def run_key_numbers(run: Run) -> str:
 
 
 def run_gradient_flow(run: Run) -> str:
+    """The gradient-flow figure as a small inline PNG, or one line saying why there is none."""
     note = missing("gradient_flow", run)
     if note is not None:
         return f'<p class="gp-note">{escape(note)}</p>'
