@@ -322,15 +322,22 @@ def test_findings_are_ordered_roots_first_then_by_severity() -> None:
 def test_docs_list_every_detector_and_threshold() -> None:
     import sys
 
-    mod = sys.modules["gradprobe.diagnose"]
+    from gradprobe.diagnose.thresholds import THRESHOLDS
+
     text = (ROOT / "docs" / "findings.md").read_text(encoding="utf-8")
     for kind in DETECTORS:
         assert f"`{kind}`" in text, kind
-    for name in re.findall(r"^([A-Z][A-Z_]+) = ", Path(mod.__file__).read_text(), re.M):
-        value = getattr(mod, name)
-        if isinstance(value, (int, float)) and not name.startswith("_"):
-            assert f"`{name}`" in text, name
-            assert f"{value:g}" in text, (name, value)
+    # every threshold, from the one table (gradprobe.diagnose.thresholds), as the module
+    # constants it also defines
+    mod = sys.modules["gradprobe.diagnose.thresholds"]
+    names = re.findall(
+        r"^([A-Z][A-Z0-9_]+) = (?:Threshold|Count)\(", Path(mod.__file__).read_text(), re.M
+    )
+    assert names and names == list(THRESHOLDS)
+    for name, value in THRESHOLDS.items():
+        assert f"`{name}`" in text, name
+        assert f"{value:g}" in text, (name, value)
+        assert value.why and value.name == name, name
 
 
 def test_thresholds_are_consistent() -> None:

@@ -28,7 +28,7 @@ import torch
 from matplotlib.figure import Figure
 from torch import nn
 
-import gradprobe.run as run_module
+import gradprobe.html as html_module
 from _diagnose_cases import case, linear_modules, profile_rows, synthetic_run
 from gradprobe import GradprobeError, Probe, diagnose
 from gradprobe.diagnose import Findings, key_numbers
@@ -264,8 +264,8 @@ def test_run_html_is_bounded_for_a_big_run(layers: int, steps: int) -> None:
     assert len(html) < 150_000
     page = parse(html)
     rows = layer_table(page)
-    assert len(rows) == min(layers, run_module._HTML_MAX_ROWS)
-    if layers > run_module._HTML_MAX_ROWS:
+    assert len(rows) == min(layers, html_module._HTML_MAX_ROWS)
+    if layers > html_module._HTML_MAX_ROWS:
         assert f"the first {len(rows)} of {layers} modules" in text_of(html)
     width, height, _ = png_size(page.images[0])
     assert (width, height) == (480, 240)
@@ -279,8 +279,8 @@ def test_run_html_has_no_histogram_columns() -> None:
     html = run._repr_html_()
     assert "hist_" not in html
     assert set(next(iter(layer_table(parse(html)).values()))) <= {
-        *run_module._HTML_MODULE_STATS,
-        *(f"weight {s}" for s in run_module._HTML_WEIGHT_STATS),
+        *html_module._HTML_MODULE_STATS,
+        *(f"weight {s}" for s in html_module._HTML_WEIGHT_STATS),
     }
 
 
@@ -299,17 +299,17 @@ def test_a_run_without_error_norm_says_why_there_is_no_figure() -> None:
     assert "not drawn, the run has no error_norm" in html
 
 
-@pytest.mark.parametrize("part", ["_html_findings", "_html_gradient_flow", "_html_key_numbers"])
+@pytest.mark.parametrize("part", ["run_findings", "run_gradient_flow", "run_key_numbers"])
 def test_one_failing_part_leaves_the_others(part: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    def boom(self: Run) -> str:
+    def boom(run: Run) -> str:
         raise RuntimeError("boom\nsecond line")
 
-    monkeypatch.setattr(Run, part, boom)
+    monkeypatch.setattr(html_module, part, boom)  # the run's view (gradprobe.html)
     html = case("sigmoid30")._repr_html_()
     assert "not shown: RuntimeError: boom" in html and "second line" not in html
     shown = text_of(html)
-    assert ("vanishing" in shown) == (part != "_html_findings")
-    assert bool(parse(html).images) == (part != "_html_gradient_flow")
+    assert ("vanishing" in shown) == (part != "run_findings")
+    assert bool(parse(html).images) == (part != "run_gradient_flow")
 
 
 def test_a_meta_without_module_names_falls_back_to_text() -> None:
@@ -334,18 +334,18 @@ def test_a_damaged_meta_still_displays_what_it_can(meta: dict[str, object]) -> N
 
 @pytest.mark.parametrize("what", ["head", "css"])
 def test_whole_html_failure_falls_back_to_text(what: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    def boom(self: Run) -> str:
+    def boom(run: Run) -> str:
         raise KeyError("meta")
 
     if what == "head":
-        monkeypatch.setattr(Run, "_html_head", boom)
-    else:
-        monkeypatch.delattr(sys.modules["gradprobe.diagnose"], "NOTEBOOK_CSS")
+        monkeypatch.setattr(html_module, "run_head", boom)
+    else:  # the run's view (gradprobe.html) fails before its first part
+        monkeypatch.delattr(html_module, "NOTEBOOK_CSS")
     run = case("sigmoid30")
     html = run._repr_html_()
     assert html.startswith("<pre>") and "Run(&#x27;run&#x27;" in html
     assert "could not show this run as HTML" in html
-    assert ("KeyError" if what == "head" else "ImportError") in html
+    assert ("KeyError" if what == "head" else "NameError") in html
 
 
 def test_findings_html_failure_falls_back_to_text(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -354,7 +354,7 @@ def test_findings_html_failure_falls_back_to_text(monkeypatch: pytest.MonkeyPatc
     def boom(findings: Findings, **_: object) -> str:
         raise ValueError("bad finding")
 
-    monkeypatch.setattr(sys.modules["gradprobe.diagnose"], "findings_html", boom)
+    monkeypatch.setattr(html_module, "findings_html", boom)
     html = found._repr_html_()
     assert html.startswith("<pre>") and "Finding(kind=&#x27;vanishing&#x27;" in html
     assert "could not show these findings as HTML (ValueError: bad finding)" in html

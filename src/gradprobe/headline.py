@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from html import escape
 from typing import Any
 
-from .diagnose import Finding, Findings, inline_code, no_findings_note
+from .diagnose import Finding, Findings, no_findings_note
+from .html import inline_code
 from .run import Run
 from .story import story_lines
 

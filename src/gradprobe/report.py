@@ -24,10 +24,12 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
+from ._mpl import pyplot
 from ._version import __version__
-from .diagnose import Findings, as_run, diagnose, findings_html, inline_code, key_numbers
+from .diagnose import Findings, as_run, diagnose, key_numbers
 from .errors import GradprobeError
 from .headline import headline_html
+from .html import KEY_COLUMNS, findings_html, inline_code  # re-exported: their old home
 from .run import Run
 
 __all__ = [
@@ -39,16 +41,6 @@ __all__ = [
     "report",
     "report_figure",
 ]
-
-# The comparison table's columns: key_numbers() name → header.
-KEY_COLUMNS: dict[str, str] = {
-    "steps": "recorded steps",
-    "first_last_error_ratio": "error ratio first/last layer",
-    "error_factor_per_layer": "error factor per layer",
-    "max_dead_frac": "max dead fraction",
-    "max_sat_frac": "max saturated fraction",
-    "median_update_ratio": "median update ratio",
-}
 
 # Plots whose panels share a y axis (by construction: sharey=True). Not the images: their
 # y axes are layers, which differ between models.
@@ -230,7 +222,7 @@ def report_figure(name: str, runs: Sequence[Run]) -> ReportFigure:
     sentence = spec.nothing_to_show(drawable) if spec.nothing_to_show else None
     if sentence is not None:
         return ReportFigure(name, spec.title, None, "", notes, sentence)
-    plt = plots._pyplot()
+    plt = pyplot()
     n = len(drawable)
     ncols = min(n, 2)
     nrows = math.ceil(n / ncols)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 import pandas as pd
 
+from ._views import reason, view
 from .errors import GradprobeError
 from .store import FORMAT, PART_GLOB
 
@@ -35,16 +36,6 @@ __all__ = [
 ]
 
 COLUMNS = ["step", "name", "stat", "value"]
-
-# What a notebook shows of a run (Run._repr_html_): bounded whatever the run's size.
-_HTML_MAX_ROWS = 30  # layers in the per-layer table; a note says how many more there are
-_HTML_FIGURE_SIZE = (6.0, 3.0)  # inches
-_HTML_FIGURE_DPI = 80  # 480 × 240 px: a PNG of some tens of kB
-# Per-module columns, in this order, where recorded (not the histogram bins), then those
-# of the module's weight.
-_HTML_MODULE_STATS = ("error_norm", "error_gain", "act_mean", "act_std", "sat_frac", "dead_frac")
-_HTML_WEIGHT_STATS = ("grad_norm", "update_ratio")
-_HTML_STATS = _HTML_MODULE_STATS + _HTML_WEIGHT_STATS
 
 
 def normalize_frame(frame: pd.DataFrame) -> pd.DataFrame:
@@ -221,9 +212,8 @@ class Run:
         An unknown name, or a statistic the run did not record, raises
         :class:`GradprobeError`.
         """
-        from .plots import draw  # matplotlib on first use only, never at import
-
-        return draw(name, self, ax=ax, size=size, **options)
+        # gradprobe.plots.draw, found by name: matplotlib on first use only, never at import
+        return view("plot")(name, self, ax=ax, size=size, **options)
 
     def _repr_html_(self) -> str:
         """The run in a notebook: findings, key numbers, a gradient-flow figure, a layer table.
@@ -232,130 +222,12 @@ class Run:
         bounded in size whatever the run's. Each part that cannot be drawn is replaced by
         one line saying why; should anything else fail, a plain-text repr and the reason.
         Jupyter prints a traceback instead of the output when this raises: it never does.
+        Drawn by :func:`gradprobe.html.run_html`, found by name (a run does not import views).
         """
         try:
-            from .diagnose import NOTEBOOK_CSS
-
-            parts = [NOTEBOOK_CSS, '<div class="gp-run">', self._html_head()]
-            if self.empty:
-                parts.append('<p class="gp-note">nothing recorded yet</p>')
-            else:
-                for title, section in (
-                    ("Findings", self._html_findings),
-                    ("Key numbers", self._html_key_numbers),
-                    ("Gradient flow", self._html_gradient_flow),
-                    (None, self._html_layers),
-                ):
-                    if title:
-                        parts.append(f"<h4>{title}</h4>")
-                    parts.append(_html_section(section, title or "per-layer table"))
-            parts.append("</div>")
-            return "".join(parts)
+            return view("run_html")(self)
         except Exception as exc:  # a display must never raise into Jupyter
             return _html_fallback(self, exc)
-
-    def _html_head(self) -> str:
-        from html import escape
-
-        steps = self.steps
-        span = f" ({steps[0]}–{steps[-1]})" if len(steps) > 1 else ""
-        where = f" <code>{escape(str(self.path))}</code>" if self.path else ""
-        return (
-            f"<p><b>{escape(self.name)}</b>{where}: {len(steps)} recorded "
-            f"step{'s' if len(steps) != 1 else ''}{span}, {len(self.modules)} modules, "
-            f"{len(self.parameters)} parameters</p>"
-        )
-
-    def _html_findings(self) -> str:
-        from .diagnose import diagnose, findings_html
-
-        return findings_html(diagnose(self))
-
-    def _html_key_numbers(self) -> str:
-        from html import escape
-
-        from .diagnose import key_numbers
-        from .report import KEY_COLUMNS
-
-        numbers = key_numbers(self)
-        head = "".join(f"<th>{escape(KEY_COLUMNS.get(k, k))}</th>" for k in numbers)
-        cells = "".join(f'<td class="gp-num">{_number(v)}</td>' for v in numbers.values())
-        return f'<table class="gp-table"><tr>{head}</tr><tr>{cells}</tr></table>'
-
-    def _html_gradient_flow(self) -> str:
-        import base64
-        import io
-        import warnings
-        from html import escape
-
-        from .plots import draw, missing
-
-        note = missing("gradient_flow", self)
-        if note is not None:
-            return f'<p class="gp-note">{escape(note)}</p>'
-        fig = draw("gradient_flow", self, size=_HTML_FIGURE_SIZE)
-        buf = io.BytesIO()
-        with warnings.catch_warnings():
-            # Long layer names can crowd this small figure; the figure is still drawn,
-            # and a warning under every displayed run would be noise.
-            warnings.filterwarnings("ignore", "constrained_layout not applied", UserWarning)
-            fig.savefig(buf, format="png", dpi=_HTML_FIGURE_DPI)
-        png = base64.b64encode(buf.getvalue()).decode("ascii")
-        return f'<img alt="gradient flow of {escape(self.name)}" src="data:image/png;base64,{png}">'
-
-    def _html_layers(self) -> str:
-        """Each probed module at the last step: its statistics and its weight's, one row."""
-        f = self._frame
-        last = int(f["step"].max())
-        at = f[(f["step"] == last) & f["stat"].isin(_HTML_STATS)]
-        wide = at.pivot_table(index="name", columns="stat", values="value", aggfunc="last")
-        modules = [n for n in self.modules if n in wide.index]
-        shown = modules[:_HTML_MAX_ROWS]
-        table = pd.DataFrame(index=pd.Index(shown, name="module"))
-        for stat in _HTML_MODULE_STATS:
-            if stat in wide.columns:
-                table[stat] = wide[stat].reindex(shown).to_numpy()
-        for stat in _HTML_WEIGHT_STATS:  # a module's weight, on the module's row
-            if stat in wide.columns:
-                weights = [f"{n}.weight" if n else "weight" for n in shown]
-                table[f"weight {stat}"] = wide[stat].reindex(weights).to_numpy()
-        note = (
-            f'<p class="gp-note">the first {len(shown)} of {len(modules)} modules; '
-            "<code>run.table(stat)</code> has them all</p>"
-            if len(modules) > len(shown)
-            else ""
-        )
-        html = table.reset_index().to_html(
-            index=False, float_format=lambda v: f"{v:.3g}", na_rep="", classes="gp-table", border=0
-        )
-        return (
-            f"<details><summary>Each module at the last recorded step ({last})</summary>"
-            f"{html}{note}</details>"
-        )
-
-
-def _number(value: float) -> str:
-    """A number for a table cell: 3 significant digits, whole counts whole, NaN as a dash."""
-    if not np.isfinite(value):
-        return "–" if np.isnan(value) else str(value)
-    if value == int(value) and abs(value) < 1e6:
-        return str(int(value))
-    return f"{value:.3g}"
-
-
-def _html_section(section: Any, what: str) -> str:
-    """One part of a run's HTML, or one line saying why it could not be made."""
-    from html import escape
-
-    try:
-        return section()
-    except Exception as exc:  # one part failing must not hide the others
-        return f'<p class="gp-note">{escape(what)} not shown: {escape(_reason(exc))}</p>'
-
-
-def _reason(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _html_fallback(run: Run, exc: BaseException) -> str:
@@ -368,7 +240,7 @@ def _html_fallback(run: Run, exc: BaseException) -> str:
         text = object.__repr__(run)
     return (
         f"<pre>{escape(text)}</pre>"
-        f"<p>gradprobe could not show this run as HTML ({escape(_reason(exc))})</p>"
+        f"<p>gradprobe could not show this run as HTML ({escape(reason(exc))})</p>"
     )
 
 

@@ -463,7 +463,8 @@ def activations(zmax: float = 12.0, step: float = 1e-3) -> list[ActivationFacts]
 
 def plot_activations(path: str | Path, zmax: float = 6.0) -> Path:
     """PNG of every registered activation f (solid) and its derivative f' (dashed)."""
-    from ..plots import _pyplot  # Agg unless a backend was chosen (a notebook keeps its own)
+    # Agg unless a backend was chosen (a notebook keeps its own)
+    from .._mpl import pyplot as _pyplot
 
     plt = _pyplot()
 

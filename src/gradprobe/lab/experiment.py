@@ -30,6 +30,7 @@ __all__ = [
     "MODES",
     "Check",
     "Experiment",
+    "ExperimentResult",
     "RunConfig",
     "RunResult",
     "Verdict",
@@ -299,3 +300,33 @@ def row_of(table: pd.DataFrame, **params: Any) -> pd.Series:
     if len(hits) != 1:
         raise GradprobeError(f"expected one table row with {params}, found {len(hits)}")
     return hits.iloc[0]
+
+
+@dataclass
+class ExperimentResult:
+    """An experiment's outcome: its table, verdict, runs, figures and wall time."""
+
+    experiment: Experiment
+    mode: str
+    table: pd.DataFrame
+    verdict: Verdict
+    results: list[RunResult]
+    figures: list[Path] = field(default_factory=list)
+    seconds: float = 0.0
+    folder: Path | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        e = self.experiment
+        return {
+            "name": e.name,
+            "title": e.title,
+            "question": e.question,
+            "citation": e.citation,
+            "source": e.source,
+            "mode": self.mode,
+            "seconds": round(self.seconds, 2),
+            "verdict": self.verdict.as_dict(),
+            "table": json.loads(self.table.to_json(orient="records")),
+            "runs": [r.as_dict() for r in self.results],
+            "figures": [p.name for p in self.figures],
+        }

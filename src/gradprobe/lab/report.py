@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from .._version import __version__
 
 if TYPE_CHECKING:
-    from .runner import ExperimentResult
+    from .experiment import ExperimentResult
 
 __all__ = ["render_lab_report", "write_lab_report"]
 

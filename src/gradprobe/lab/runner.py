@@ -19,14 +19,17 @@ import os
 import time
 from collections.abc import Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor, as_completed
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-
 from ..errors import GradprobeError
-from .experiment import Experiment, RunConfig, RunResult, Verdict, seeds_for
+from .experiment import (  # ExperimentResult: re-exported, its old home
+    Experiment,
+    ExperimentResult,
+    RunConfig,
+    RunResult,
+    seeds_for,
+)
 
 __all__ = [
     "ExperimentResult",
@@ -37,36 +40,6 @@ __all__ = [
     "run_experiments",
     "run_grid",
 ]
-
-
-@dataclass
-class ExperimentResult:
-    """An experiment's outcome: its table, verdict, runs, figures and wall time."""
-
-    experiment: Experiment
-    mode: str
-    table: pd.DataFrame
-    verdict: Verdict
-    results: list[RunResult]
-    figures: list[Path] = field(default_factory=list)
-    seconds: float = 0.0
-    folder: Path | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        e = self.experiment
-        return {
-            "name": e.name,
-            "title": e.title,
-            "question": e.question,
-            "citation": e.citation,
-            "source": e.source,
-            "mode": self.mode,
-            "seconds": round(self.seconds, 2),
-            "verdict": self.verdict.as_dict(),
-            "table": json.loads(self.table.to_json(orient="records")),
-            "runs": [r.as_dict() for r in self.results],
-            "figures": [p.name for p in self.figures],
-        }
 
 
 def default_workers() -> int:

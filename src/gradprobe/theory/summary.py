@@ -158,7 +158,8 @@ def plot_error_profiles(
         f"{label} (σ_w²={v:.3g})": predict_error_profile(act, v, bias_var, depth)
         for label, v in inits.items()
     }
-    from ..plots import _pyplot  # Agg unless a backend was chosen (a notebook keeps its own)
+    # Agg unless a backend was chosen (a notebook keeps its own)
+    from .._mpl import pyplot as _pyplot
 
     plt = _pyplot()
 
