@@ -84,26 +84,50 @@ def _series_run(loss=None, grad_norm=None):
 
 
 # ---------------------------------------------------------------- the deep ReLU run
+def _spikes_by_hand(norm) -> list[int]:
+    """The steps whose norm is at least GRAD_SPIKE_FACTOR x the median of the (up to) 20
+    finite norms before it, with at least 5 of them: the rule of docs/findings.md, in numpy."""
+    values, steps = norm.to_numpy(dtype=float), list(norm.index)
+    found = []
+    for i, step in enumerate(steps):
+        before = values[max(0, i - 20) : i]
+        before = before[np.isfinite(before)]
+        if len(before) >= 5 and values[i] >= GRAD_SPIKE_FACTOR * np.median(before):
+            found.append(step)
+    return found
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", [0, 1])
-@pytest.mark.parametrize("threads", [1, 2])
-def test_deep_relu_at_too_high_a_rate_reports_gradient_spikes(seed: int, threads: int) -> None:
-    run, _ = _deep_relu(lr=0.3, seed=seed, threads=threads)
-    found = diagnose(run)
-    spike = found.of("grad_norm_spike")
-    assert spike is not None, found.kinds
-    # The steps and sizes, against the recorded norms computed independently here.
-    norm = run.model_series("global_grad_norm_preclip")
-    for step, ratio in zip(spike.evidence["steps"], spike.evidence["ratio"]):
-        before = norm[norm.index < step].iloc[-20:]
-        assert ratio == pytest.approx(norm[step] / np.median(before))
-        assert ratio >= GRAD_SPIKE_FACTOR
-    worst = spike.evidence["worst_step"]
-    assert f"at step {worst}" in spike.summary and str(worst) in spike.summary
-    # Ranked remedies: for a plain MLP, clipping and a smaller or decaying step first.
-    assert [r.key for r in spike.remedies[:2]] == ["grad_clipping", "lr_schedule"]
-    # It never learned: the loss is still where it started.
-    assert "plateau" in found.kinds or "divergence" in found.kinds
+@pytest.mark.numerics  # rerun under other CPU kernels by scripts/test.sh
+def test_deep_relu_at_too_high_a_rate_reports_gradient_spikes() -> None:
+    # A 20-layer ReLU net at lr 0.3 is chaotic: whether a given seed spikes, and where,
+    # depends on the rounding of every kernel (another CPU, another thread count). So each
+    # run's finding is checked against the rule applied by hand to its own recorded norms,
+    # and the claim "this setting spikes" is made of the four runs together.
+    spiking = 0
+    for seed in (0, 1):
+        for threads in (1, 2):
+            run, _ = _deep_relu(lr=0.3, seed=seed, threads=threads)
+            found = diagnose(run)
+            spike = found.of("grad_norm_spike")
+            norm = run.model_series("global_grad_norm_preclip")
+            expected = _spikes_by_hand(norm)
+            assert (spike is not None) == bool(expected), (seed, threads, expected, found.kinds)
+            # It never learned: the loss is still where it started.
+            assert "plateau" in found.kinds or "divergence" in found.kinds
+            if spike is None:
+                continue
+            spiking += 1
+            assert set(spike.evidence["steps"]) <= set(expected)
+            for step, ratio in zip(spike.evidence["steps"], spike.evidence["ratio"]):
+                before = norm[norm.index < step].iloc[-20:]
+                assert ratio == pytest.approx(norm[step] / np.median(before))
+                assert ratio >= GRAD_SPIKE_FACTOR
+            worst = spike.evidence["worst_step"]
+            assert f"at step {worst}" in spike.summary and str(worst) in spike.summary
+            # Ranked remedies: for a plain MLP, clipping and a smaller or decaying step first.
+            assert [r.key for r in spike.remedies[:2]] == ["grad_clipping", "lr_schedule"]
+    assert spiking >= 1  # (4 of 4 on AVX-512 kernels, 2 of 4 on scalar ones)
 
 
 def test_deep_relu_at_a_stable_rate_reports_no_instability() -> None:
