@@ -144,6 +144,18 @@ def _loop(model, opt, run, x, y):
     opt.step()
 
 
+def _closure_loop(model, opt, run, x, y):
+    """The step through a closure, as Lightning and LBFGS users write it."""
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(run(x), y)
+        loss.backward()
+        return loss
+
+    return opt.step(closure)
+
+
 WAYS = {
     "compiled_mid_run": _compile_model_mid_run,
     "compiled_in_place": _compile_in_place,
@@ -160,10 +172,12 @@ def _train_way(way: str, probed: bool, every: int = 1):
     train_step = None
     for step in range(STEPS):
         x, y = _data(step)
-        if way == "training_step_compiled":
-            # The whole step compiled from the start, the optimizer's hooks traced too.
+        if way in ("training_step_compiled", "closure_step_compiled"):
+            # The whole step compiled from the start, the optimizer's hooks traced too (and
+            # the closure the Probe hands the optimizer, with its backward inside).
             if train_step is None:
-                train_step = torch.compile(_loop, backend="aot_eager")
+                loop = _loop if way == "training_step_compiled" else _closure_loop
+                train_step = torch.compile(loop, backend="aot_eager")
             train_step(model, opt, model, x, y)
             continue
         run = WAYS[way](model, opt, step, run)
@@ -177,7 +191,7 @@ def _train_way(way: str, probed: bool, every: int = 1):
 
 
 @pytest.mark.parametrize("every", [1, 2])
-@pytest.mark.parametrize("way", [*WAYS, "training_step_compiled"])
+@pytest.mark.parametrize("way", [*WAYS, "training_step_compiled", "closure_step_compiled"])
 def test_a_model_compiled_at_any_time_is_recorded_right(way, every):
     torch._dynamo.reset()
     reference = _reference_stats(_sequential())

@@ -28,7 +28,6 @@ from __future__ import annotations
 import weakref
 from collections import defaultdict
 from collections.abc import Callable
-from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -36,10 +35,9 @@ import torch
 from torch import Tensor, nn
 
 from .capture import _inside_backward
-from .hooks import warn_gap
+from .hooks import Entry, Site, warn_gap
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
 
     from .probe import Probe
 
@@ -69,21 +67,44 @@ def _closure_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, Any
     return 0, None
 
 
+# The closure's entry points into the Probe. Like every other, each goes through the one
+# guard (gradprobe.hooks.Entry): a failure is a warning and a gap, and a training step
+# compiled whole (its closure traced by dynamo) runs them eagerly outside the graph.
+_CLOSURE_SITE = Site("the optimizer step's closure (reading the step)", "params")
+_SEARCH_SITE = Site("the optimizer step's closure (its later evaluations)", "none")
+
+
+def _read_after_closure(probe: Probe) -> None:
+    if not probe._closed:
+        probe._closure_returned()
+
+
+def _search_begins(probe: Probe) -> None:
+    probe._searching += 1
+
+
+def _search_ends(probe: Probe) -> None:
+    probe._searching = max(0, probe._searching - 1)
+
+
 def _watched(ref: weakref.ref[Probe], closure: Callable[..., Any]) -> Callable[..., Any]:
     """The user's closure, and the Probe's reading of the gradients when it returns."""
     evaluations = [0]
+    returned = Entry(_read_after_closure, ref, _CLOSURE_SITE)
+    begins = Entry(_search_begins, ref, _SEARCH_SITE)
+    ends = Entry(_search_ends, ref, _SEARCH_SITE)
 
     def closure_watched(*args: Any, **kwargs: Any) -> Any:
-        probe = ref()
         first = evaluations[0] == 0
         evaluations[0] += 1
-        if probe is None or probe._closed:
-            return closure(*args, **kwargs)
         if not first:  # the optimizer's own search at other parameters: not recorded
-            with probe._searching_now():
+            begins()
+            try:
                 return closure(*args, **kwargs)
+            finally:
+                ends()
         result = closure(*args, **kwargs)  # the user's: its errors are the user's
-        probe._closure_returned()
+        returned()
         return result
 
     return closure_watched
@@ -140,14 +161,6 @@ class Follow:
         if self._step_work_pending:
             self._step_work_pending = False
             self._read_step()  # never raises: each part is guarded
-
-    @contextmanager
-    def _searching_now(self) -> Iterator[None]:
-        self._searching += 1
-        try:
-            yield
-        finally:
-            self._searching -= 1
 
     # ================================================================ discarded gradients
     def _after_backward(self) -> None:

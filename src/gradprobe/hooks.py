@@ -133,6 +133,11 @@ class Entry:
             if self._site.when_traced == "skip":
                 return None
             return _untraced(self, args)
+        if _dynamo_callback() is not None:
+            # Eager code run by a compiled function around a graph break (the closure of a
+            # training step compiled whole): dynamo would compile each frame the Probe's work
+            # opens. Run it with dynamo off, as a traced entry does.
+            return _untraced(self, args)
         return self._enter(args, False)
 
     def _enter(self, args: tuple[Any, ...], traced: bool) -> Any:
@@ -172,6 +177,9 @@ class InertEntry:
 # torch.compiler.is_compiling, which dynamo folds to True while it traces (looked up once:
 # this test runs at every hook call).
 _is_compiling = torch.compiler.is_compiling
+# The frame callback dynamo has set (None in plain eager code and under its disable()): a
+# C function of torch's, so asking costs no import of dynamo (~15 ns).
+_dynamo_callback = torch._C._dynamo.eval_frame.get_eval_frame_callback
 
 
 def _enter_untraced(entry: Entry, args: tuple[Any, ...]) -> Any:
