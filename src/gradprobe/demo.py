@@ -176,7 +176,9 @@ def choose_remedies(findings: Findings, limit: int) -> tuple[str, list[RankedRem
             "the baseline showed no problem, so there is nothing to remedy",
             "use a deeper or more saturating model (DemoConfig(depth=..., activation=...))",
         )
-    target = findings.of("vanishing") or findings[0]
+    # The story's root cause (diagnose puts roots first): what the run's other findings
+    # follow from, and what a change of the model must fix.
+    target = next((f for f in findings if f.cause is None), findings[0])
     chosen = [r for r in target.remedies if r.key in BUILDERS][:limit]
     return target.kind, chosen
 

@@ -15,42 +15,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from html import escape
 from typing import Any
 
-from .diagnose import Finding, Findings, no_findings_note
+from .diagnose import Findings, no_findings_note
 from .html import inline_code
 from .run import Run
-from .story import story_lines
+from .story import Headline, headline, story_lines
 
 __all__ = ["Headline", "headline", "headline_html", "story", "what_fixed_it"]
-
-
-def _cause(finding: Finding) -> str | None:
-    # ``cause`` comes with the cause-and-effect diagnosis; a Finding without it is a root.
-    return getattr(finding, "cause", None)
-
-
-@dataclass
-class Headline:
-    """The root finding, its first remedy, its consequences, and the other findings."""
-
-    root: Finding | None
-    action: Any = None  # a RankedRemedy
-    consequences: list[Finding] = field(default_factory=list)
-    others: list[Finding] = field(default_factory=list)
-
-
-def headline(findings: Sequence[Finding]) -> Headline:
-    """Read the headline off ``findings`` (in :func:`~gradprobe.diagnose`'s order)."""
-    root = next((f for f in findings if _cause(f) is None), None)
-    if root is None:
-        return Headline(None, others=list(findings))
-    consequences = [f for f in findings if f is not root and _cause(f) == root.kind]
-    others = [f for f in findings if f is not root and f not in consequences]
-    action = root.remedies[0] if root.remedies else None
-    return Headline(root, action, consequences, others)
 
 
 def story(findings: Findings) -> str:

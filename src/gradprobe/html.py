@@ -22,6 +22,7 @@ from ._views import reason
 from .diagnose import Findings, diagnose, key_numbers, no_findings_note
 from .plots import draw, missing  # matplotlib itself on first use (gradprobe._mpl)
 from .run import Run
+from .story import headline
 
 __all__ = [
     "KEY_COLUMNS",
@@ -108,17 +109,18 @@ def findings_html(findings: Findings, *, remedies: int = 3, lead: bool = True) -
 
 def _lead_html(findings: Findings) -> str:
     """The story's head: the root cause, its one recommended action, its consequences."""
-    root = next((f for f in findings if f.cause is None), None)
+    head = headline(findings)
+    root = head.root
     if root is None:
         return ""
     action = ""
-    if root.remedies:
-        r = root.remedies[0]
+    if head.action is not None:
+        r = head.action
         action = (
             f"<br>Do this first: <b>{escape(r.name)}</b>: {inline_code(r.why)}"
             f"<pre>{escape(r.code)}</pre>"
         )
-    under = [f.kind for f in findings if f.cause == root.kind]
+    under = [f.kind for f in head.consequences]
     follows = "<br>It explains: " + ", ".join(f"<b>{escape(k)}</b>" for k in under) if under else ""
     return (
         f'<p class="gp-lead">Root cause: <b>{escape(root.kind)}</b> ({escape(root.severity)}): '

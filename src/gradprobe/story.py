@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from .remedies import ModelProfile, RankedRemedy
@@ -288,3 +289,26 @@ def story_lines(findings: Sequence[Any], *, remedies: int = 3) -> list[str]:
             lines += [f"    - {f.kind} ({f.severity}): {f.summary}" for f in under]
         lines.append("")
     return lines[:-1] if lines else lines
+
+
+@dataclass
+class Headline:
+    """The story's head: the root finding, its one recommended action (its first remedy),
+    the findings that follow from it, and the others."""
+
+    root: Any = None  # a Finding
+    action: Any = None  # a RankedRemedy
+    consequences: list[Any] = field(default_factory=list)
+    others: list[Any] = field(default_factory=list)
+
+
+def headline(findings: Sequence[Any]) -> Headline:
+    """Read the head off ``findings`` in :func:`~gradprobe.diagnose`'s order (roots first):
+    the one place the root, its action and its consequences are picked (the CLI, the
+    notebook, the report's box, the callbacks and the demo all read it here)."""
+    root = next((f for f in findings if f.cause is None), None)
+    if root is None:
+        return Headline(None, others=list(findings))
+    consequences = [f for f in findings if f is not root and f.cause == root.kind]
+    others = [f for f in findings if f is not root and f not in consequences]
+    return Headline(root, root.remedies[0] if root.remedies else None, consequences, others)
