@@ -9,6 +9,7 @@ statistic, so no statistic measures more, or less, than before.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from torch import nn
 
@@ -105,3 +106,89 @@ def test_presets_hold_known_statistics() -> None:
     for name, stats in PRESETS.items():
         assert set(stats) <= set(STATISTICS), name
     assert set(_OLD_STATISTICS) <= set(PRESETS["default"])
+
+
+def test_plan_has_one_flag_per_measure() -> None:
+    from dataclasses import fields
+
+    from gradprobe.stats import MEASURES, Plan
+
+    assert [f.name for f in fields(Plan)] == list(MEASURES)
+    every = Plan.of(STATISTICS)
+    assert all(getattr(every, name) for name in MEASURES)  # each measure serves a statistic
+    assert not any(getattr(Plan.of(["calls", "loss"]), name) for name in MEASURES)
+
+
+def test_needs_name_measures_whose_partials_the_reducers_fill() -> None:
+    from gradprobe.buffer import FIELDS
+    from gradprobe.stats import FOLDS, MEASURES, PARTIALS
+
+    for stat in STATISTICS.values():
+        assert set(stat.needs) <= set(MEASURES), stat.name
+    for measure in MEASURES.values():
+        for partial in measure.partials:
+            assert PARTIALS[partial].where == "device", (measure.name, partial)
+        if measure.kind is not None:
+            # A per-call measure fills exactly the partials its kind's fold writes.
+            folded = {partial for partial, _, _ in FOLDS[measure.kind]}
+            assert folded == set(measure.partials), measure.name
+    for kind, folds in FOLDS.items():
+        assert FIELDS[kind] == tuple(field for _, field, _ in folds)
+        for partial, _, how in folds:
+            assert partial in PARTIALS, (kind, partial)
+            # Calls in one step fold as micro-batches and ranks combine: by max or by sum.
+            expected = "max" if how == "max" else "sum"
+            assert PARTIALS[partial].combine == expected, (kind, partial)
+    # Every partial the device accumulates (logged values aside) comes from a measure.
+    produced = {p for m in MEASURES.values() for p in m.partials}
+    device = {n for n, p in PARTIALS.items() if p.where == "device" and not n.startswith("log_")}
+    assert device == produced
+
+
+class _Reads(dict):
+    """Partials of ones, remembering which a finaliser read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.read: set[str] = set()
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        self.read.add(key)
+        return np.ones((2, 3))
+
+
+def test_finalisers_read_only_what_their_needs_measure() -> None:
+    """A statistic reads device partials only of the measures it needs (else the
+    derived plan would leave one unmeasured), and host counts as it likes."""
+    from gradprobe.stats import MEASURES, PARTIALS
+
+    for stat in STATISTICS.values():
+        allowed = {p for m in stat.needs for p in MEASURES[m].partials}
+        for scope in ("module", "parameter", "model"):
+            fn = stat.finalizer(scope)
+            if fn is None:
+                continue
+            reads = _Reads()
+            values, present = fn(reads)
+            assert np.shape(values) == np.shape(present) == (2, 3), stat.name
+            device = {r for r in reads.read if PARTIALS[r].where in ("device", "params")}
+            # model partials derived from parameter ones ("params") need the params measure
+            if any(PARTIALS[r].where == "params" for r in device):
+                assert "params" in stat.needs or "preclip" in stat.needs, stat.name
+                device = {r for r in device if PARTIALS[r].where == "device"}
+            assert device <= allowed, (stat.name, scope, device - allowed)
+
+
+def test_every_partial_combines_and_sharded_norms_are_declared() -> None:
+    from gradprobe import shards
+    from gradprobe.stats import PARTIALS
+
+    for p in PARTIALS.values():
+        assert p.combine in ("sum", "max", "same"), p.name
+        assert p.shard is None or p.scope == "parameter", p.name
+    # Every parameter quantity the step measures on the device combines over shards.
+    measured = {n for n, p in PARTIALS.items() if p.scope == "parameter" and p.where == "device"}
+    assert measured - {"update_ratio"} == set(shards._SQUARED + shards._COUNTED) - {
+        "update",
+        "before",
+    }
