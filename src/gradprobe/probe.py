@@ -371,6 +371,7 @@ class Probe(Capture, StepBoundary, Follow):
         plan = Plan.of(self.stats)
         self._want_output = plan.output
         self._want_nonfinite = plan.nonfinite
+        self._want_absmax = plan.absmax
         self._want_units = plan.units
         self._want_gate = plan.gate
         self._want_error = plan.error

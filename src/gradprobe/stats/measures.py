@@ -44,6 +44,13 @@ MEASURES: dict[str, Measure] = {
             ("out_nonfinite",),
         ),
         Measure(
+            "absmax",
+            "output",
+            "the largest finite |y| of the output",
+            "absmax",
+            ("out_absmax",),
+        ),
+        Measure(
             "units",
             "output",
             "units all zero in the step",
@@ -109,6 +116,7 @@ FOLDS: dict[str, tuple[tuple[str, str, str], ...]] = {
         ("out_nonfinite", "nonfinite", "sum"),
     ),
     "nonfinite": (("out_nonfinite", "nonfinite", "sum"),),
+    "absmax": (("out_absmax", "absmax", "max"),),
     "gate": (("gate_sum", "sum", "sum"), ("sat_count", "saturated", "sum")),
     "err": (("err_sumsq", "norm", "sumsq"), ("err_nonfinite", "nonfinite", "sum")),
     "in_err": (("in_err_sumsq", "norm", "sumsq"),),

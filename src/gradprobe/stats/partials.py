@@ -84,6 +84,13 @@ PARTIALS: dict[str, Partial] = {
             "device",
             "NaN/Inf flags (full: entries) of the output",
         ),
+        Partial(
+            "out_absmax",
+            "module",
+            "max",
+            "device",
+            "largest |output| entry among the finite ones (0 if none is)",
+        ),
         Partial("gate_sum", "module", "sum", "device", "sum of f'(z) over the activation input"),
         Partial("sat_count", "module", "sum", "device", "entries with |f'(z)| < 1% of max |f'|"),
         Partial("err_sumsq", "module", "sum", "device", "‖dL/d(output)‖² summed over passes", 2),
