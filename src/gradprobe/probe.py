@@ -62,6 +62,7 @@ Where users train (see ``docs/integrations.md``):
 from __future__ import annotations
 
 import datetime as _dt
+import importlib
 import os
 import platform
 import sys
@@ -87,11 +88,10 @@ from .capture import (
     _inside_backward,
     _Slot,
 )
-from .diagnose import Finding
 from .errors import GradprobeError
+from .finding import Finding
 from .follow import Follow
 from .hooks import GradprobeWarning, HookSet, Site, warn_gap, warn_once
-from .live import LiveCheck
 from .recurrent import carry_slots, record_carry
 from .run import Run, empty_frame, load, normalize_frame, text_column
 from .shards import ShardedNorms, sharded_parameters
@@ -280,7 +280,7 @@ class Probe(Capture, StepBoundary, Follow):
         self._param_hooks_kept = False  # "auto": the gradient hooks stay on at every step
         self.flush_every = flush_every
         # Findings said while training, from each flush's host rows (gradprobe/live.py).
-        self._live = LiveCheck(on_finding, stop_on)
+        self._live = _live_check(on_finding, stop_on)
         # [step, seconds since the epoch] at the first step's close and at each flush (the
         # close of the flush's last step): exporters place steps in time by them.
         self._wall_time: list[list[float]] = []
@@ -1200,6 +1200,17 @@ def _positive(name: str, value: Any) -> None:
         raise GradprobeError(
             f"{name} must be a positive integer{extra}, got {value!r}", f"e.g. {name}=1"
         )
+
+
+# The live check (findings said while training) is analysis, a layer above the recording
+# engine: found by name when a Probe is made, as views are (gradprobe/_views.py), so that
+# nothing here imports upward. tests/test_layers.py checks that the entry exists there.
+LIVE_CHECK = ("gradprobe.live", "LiveCheck")
+
+
+def _live_check(on_finding: Callable[[Finding], Any] | None, stop_on: Sequence[str]) -> Any:
+    module, name = LIVE_CHECK
+    return getattr(importlib.import_module(module), name)(on_finding, stop_on)
 
 
 def _resolve_stats(stats: str | Sequence[str]) -> tuple[str, ...]:
