@@ -281,9 +281,10 @@ PRESETS: dict[str, tuple[str, ...]] = {
         "loss",
         "lr",
     ),
-    # act_absmax is not: it costs three more passes over each output (|y| masked to the
-    # finite entries, written, then its max read) beside the ~10 of the default forward
-    # statistics (stack, norm, sum, |y|, units, sign, count), about a third more.
+    # act_absmax is not: beside the ~10 passes over each output of the default forward
+    # statistics (stack, norm, sum, |y|, units, sign, count: reads and writes), it costs
+    # three more on a GPU (|y| masked to its finite entries, written, its max read), about
+    # a third more, and one more on a CPU where the norms already said all was finite.
     "default": tuple(s for s in STATISTICS if s != "act_absmax"),
     "full": tuple(STATISTICS),
 }
