@@ -192,3 +192,29 @@ def test_every_partial_combines_and_sharded_norms_are_declared() -> None:
         "update",
         "before",
     }
+
+
+def test_presets_derived_from_the_entries_equal_the_hand_written_lists() -> None:
+    """Each statistic says the first preset that records it; the presets, in the
+    catalogue's order, are the lists written by hand before (act_absmax added to full)."""
+    cheap = (
+        "grad_norm",
+        "grad_missing",
+        "param_norm",
+        "update_ratio",
+        "nonfinite",
+        "error_norm",
+        "error_gain",
+        "error_nonfinite",
+        "calls",
+        "global_grad_norm",
+        "global_grad_norm_preclip",
+        "clipped",
+        "skipped",
+        "loss",
+        "lr",
+    )
+    assert PRESETS["cheap"] == cheap
+    assert PRESETS["default"] == tuple(s for s in STATISTICS if s != "act_absmax")
+    assert PRESETS["full"] == tuple(STATISTICS)
+    assert set(_OLD_STATISTICS) == set(PRESETS["default"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
@@ -62,6 +63,9 @@ class Statistic:
     model: Finalize | None = None
     logged: Finalize | None = None
     needs: tuple[str, ...] = ()  # the MEASURES it is made from
+    # The first preset that records it (each preset holds the ones before: cheap, then
+    # default, then full).
+    preset: Literal["cheap", "default", "full"] = "default"
 
     def finalizer(self, scope: str) -> Finalize | None:
         return {
@@ -80,24 +84,28 @@ STATISTICS: dict[str, Statistic] = {
             "L2 norm of .grad at the step (after accumulation)",
             parameter=lambda p: (p["grad_norm"], p["has_grad"] > 0),
             needs=("params",),
+            preset="cheap",
         ),
         Statistic(
             "grad_missing",
             "1 at a step where the optimizer held the parameter for training (requires_grad) "
             "but it received no gradient (.grad was None): a row only where it is 1",
             parameter=lambda p: (p["grad_missing"], p["grad_missing"] > 0),
+            preset="cheap",
         ),
         Statistic(
             "param_norm",
             "L2 norm of the parameter, before the optimizer step",
             parameter=lambda p: (p["param_norm"], p["has_param_norm"] > 0),
             needs=("params",),
+            preset="cheap",
         ),
         Statistic(
             "update_ratio",
             "‖w_after − w_before‖ / ‖w_before‖ across the optimizer step",
             parameter=lambda p: (p["update_ratio"], p["has_update"] > 0),
             needs=("params", "update"),
+            preset="cheap",
         ),
         Statistic(
             "nonfinite",
@@ -107,12 +115,14 @@ STATISTICS: dict[str, Statistic] = {
             parameter=lambda p: (p["grad_nonfinite"], p["has_grad"] > 0),
             module=lambda p: (p["out_nonfinite"], p["count"] > 0),
             needs=("params", "nonfinite"),
+            preset="cheap",
         ),
         Statistic(
             "error_norm",
             "L2 norm of dL/d(output): the back-propagated error signal",
             module=lambda p: (np.sqrt(p["err_sumsq"]), (p["err_calls"] > 0) & (p["err_gap"] < 2)),
             needs=("error",),
+            preset="cheap",
         ),
         Statistic(
             "error_gain",
@@ -125,6 +135,7 @@ STATISTICS: dict[str, Statistic] = {
                 & (p["err_gap"] == 0),
             ),
             needs=("error", "input_error"),
+            preset="cheap",
         ),
         Statistic(
             "act_mean",
@@ -145,6 +156,7 @@ STATISTICS: dict[str, Statistic] = {
             "are counted by nonfinite; 0 if no entry is finite. Not in the default preset",
             module=lambda p: (p["out_absmax"], p["count"] > 0),
             needs=("absmax",),
+            preset="full",
         ),
         Statistic(
             "zero_frac",
@@ -211,17 +223,20 @@ STATISTICS: dict[str, Statistic] = {
             "entries with stats='full'",
             module=lambda p: (p["err_nonfinite"], p["err_calls"] > 0),
             needs=("error",),
+            preset="cheap",
         ),
         Statistic(
             "calls",
             "forward calls of the module in the step (a shared block or an RNN cell > 1)",
             module=lambda p: (p["calls"], p["calls"] > 0),
+            preset="cheap",
         ),
         Statistic(
             "global_grad_norm",
             "(model) global L2 norm of the gradients the optimizer saw: after clipping",
             model=lambda p: (np.sqrt(p["grad_sumsq"]), (p["any_grad"] > 0) & (p["skipped"] == 0)),
             needs=("params",),
+            preset="cheap",
         ),
         Statistic(
             "global_grad_norm_preclip",
@@ -231,17 +246,20 @@ STATISTICS: dict[str, Statistic] = {
                 (p["any_preclip"] > 0) & (p["skipped"] == 0),
             ),
             needs=("preclip",),
+            preset="cheap",
         ),
         Statistic(
             "clipped",
             "(model) 1 if clipping shortened the gradient at this step, else 0",
             model=_clipped,
             needs=("params", "preclip"),
+            preset="cheap",
         ),
         Statistic(
             "skipped",
             "(model) 1 if the GradScaler skipped the step (inf/NaN gradients), else 0",
             model=lambda p: (p["skipped"], p["scaler"] > 0),
+            preset="cheap",
         ),
         Statistic(
             "loss",
@@ -250,6 +268,7 @@ STATISTICS: dict[str, Statistic] = {
             "micro-batches (log each micro-batch's own loss, not divided by the accumulation "
             "steps), then over the ranks that logged it",
             logged=logged_mean,
+            preset="cheap",
         ),
         Statistic(
             "lr",
@@ -257,36 +276,25 @@ STATISTICS: dict[str, Statistic] = {
             "with groups at different rates the largest, and each group's as `lr/<i>` (i: "
             "its index in optimizer.param_groups)",
             logged=logged_mean,
+            preset="cheap",
         ),
     ]
 }
 
-# Which statistics a Probe records, as plain lists (Cockpit's presets). "full" adds
-# activation histograms (stats `hist_00` ... with the bin edges in the run's meta).
+# Which statistics a Probe records, as plain lists (Cockpit's presets), from each entry's
+# ``preset``. "full" adds activation histograms (stats `hist_00` ... with the bin edges in
+# the run's meta). act_absmax is in "full" only: beside the ~10 passes over each output of
+# the default forward statistics (stack, norm, sum, |y|, units, sign, count: reads and
+# writes), it costs three more on a GPU (|y| masked to its finite entries, written, its max
+# read), about a third more, and one more on a CPU where the norms said all was finite.
+_PRESET_ORDER = ("cheap", "default", "full")
 PRESETS: dict[str, tuple[str, ...]] = {
-    "cheap": (
-        "grad_norm",
-        "grad_missing",
-        "param_norm",
-        "update_ratio",
-        "nonfinite",
-        "error_norm",
-        "error_gain",
-        "error_nonfinite",
-        "calls",
-        "global_grad_norm",
-        "global_grad_norm_preclip",
-        "clipped",
-        "skipped",
-        "loss",
-        "lr",
-    ),
-    # act_absmax is not: beside the ~10 passes over each output of the default forward
-    # statistics (stack, norm, sum, |y|, units, sign, count: reads and writes), it costs
-    # three more on a GPU (|y| masked to its finite entries, written, its max read), about
-    # a third more, and one more on a CPU where the norms already said all was finite.
-    "default": tuple(s for s in STATISTICS if s != "act_absmax"),
-    "full": tuple(STATISTICS),
+    preset: tuple(
+        name
+        for name, stat in STATISTICS.items()
+        if _PRESET_ORDER.index(stat.preset) <= _PRESET_ORDER.index(preset)
+    )
+    for preset in _PRESET_ORDER
 }
 
 
