@@ -51,7 +51,7 @@ def _old_flags(stats: tuple[str, ...]) -> dict[str, bool]:
 
 
 # Statistics that existed when the flags were hand-written: a statistic added later
-# declares its needs itself (test_new_statistics_declare_needs).
+# declares its needs itself (test_finalisers_read_only_what_their_needs_measure checks them).
 _OLD_STATISTICS = [
     "grad_norm",
     "grad_missing",
