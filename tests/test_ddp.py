@@ -135,6 +135,7 @@ def test_ddp_statistics_equal_one_process_on_the_global_batch(runs, single64):
         "error_gain",
         "act_mean",
         "act_std",
+        "act_absmax",  # the max over ranks: the single process's max on the global batch
         "zero_frac",
         "dead_frac",
         "dead_window_frac",

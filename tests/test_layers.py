@@ -22,7 +22,7 @@ PACKAGE = "gradprobe"
 # a module and, for a package, everything under it ("" is the package's lazy __init__).
 LAYERS: dict[str, tuple[str, ...]] = {
     # L0 base: no knowledge of runs or statistics; pyplot and views found by name.
-    "base": ("errors", "_version", "_views", "_mpl", "activations", "architecture"),
+    "base": ("errors", "_version", "_views", "_mpl", "activations", "architecture", "finding"),
     # L1 numbers: statistics as data, and the theory (maths from an activation and an init).
     "numbers": ("stats", "theory"),
     # L2 runs: the record format on disk and the Run read back from it (data only).
@@ -50,11 +50,6 @@ LAYERS: dict[str, tuple[str, ...]] = {
 
 # (importer, imported): upward imports that remain, each with why it is still there.
 UPWARD_EXCEPTIONS: dict[tuple[str, str], str] = {
-    # The Probe's findings during training (on_finding, stop_on) are analysis run while
-    # recording; the recording engine is being rebuilt in another change (issue 24, stages
-    # 4-6), which can pass them in as a callback instead.
-    ("probe", "diagnose"): "Probe's on_finding type and live checks",
-    ("probe", "live"): "Probe runs the live checks at each flush",
     **dict.fromkeys(
         # Old import paths kept for code written before the HTML moved to gradprobe.html:
         # resolved by the package's __getattr__ when an old name is asked for, never by
@@ -265,6 +260,23 @@ def test_the_views_table_names_views_that_exist() -> None:
             if isinstance(n, ast.FunctionDef)
         }
         assert function in defined, f"{module}.{function}"
+
+
+def test_the_live_check_is_found_by_name_in_the_analysis_layer() -> None:
+    """The Probe runs the live check (analysis) while recording without importing it: it
+    names it (probe.LIVE_CHECK), read here from the source, and that name must exist."""
+    tree = ast.parse(MODULES["probe"].read_text(encoding="utf-8"))
+    (entry,) = (
+        ast.literal_eval(node.value)
+        for node in tree.body
+        if isinstance(node, ast.Assign)
+        and any(getattr(t, "id", "") == "LIVE_CHECK" for t in node.targets)
+    )
+    module, cls = entry
+    name = module.removeprefix(PACKAGE + ".")
+    assert layer_of(name) == list(LAYERS).index("analysis"), module
+    body = ast.parse(MODULES[name].read_text(encoding="utf-8")).body
+    assert cls in {n.name for n in body if isinstance(n, ast.ClassDef)}, f"{module}.{cls}"
 
 
 def _lines(node: ast.AST) -> int:

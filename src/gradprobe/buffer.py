@@ -31,18 +31,15 @@ import torch
 from torch import Tensor
 
 from .reduce import accumulation_dtype
-from .stats import MODEL_HOST_PARTIALS, MODULE_HOST_PARTIALS, PARTIALS, Combine, model_partials
+from .stats import FOLDS, PARTIALS, model_partials
+from .stats.partials import MODEL_HOST_PARTIALS, MODULE_HOST_PARTIALS, Combine
 
 __all__ = ["FIELDS", "Drained", "Ranks", "StepBuffer", "accumulation_dtype"]
 
-# What a hook records per call, by kind: the fields of its 0-d results, in order.
+# What a hook records per call, by kind: the fields of its 0-d results, in order, as the
+# catalogue's folds name them (stats.FOLDS: a new field is one line there).
 FIELDS: dict[str, tuple[str, ...]] = {
-    "out": ("sum", "norm", "nonzero", "nonfinite"),  # forward output
-    "nonfinite": ("nonfinite",),  # forward output, NaN/Inf count only
-    "gate": ("sum", "saturated"),  # activation gate f'(z)
-    "err": ("norm", "nonfinite"),  # dL/d(output)
-    "in_err": ("norm",),  # dL/d(input)
-    "carry": ("sum", "log_sum"),  # carry gates of a gated recurrent module (f or z)
+    kind: tuple(field for _, field, _ in folds) for kind, folds in FOLDS.items()
 }
 MODULE_PARTIALS = [n for n, p in PARTIALS.items() if p.scope == "module"]
 PARAM_PARTIALS = [n for n, p in PARTIALS.items() if p.scope == "parameter"]
@@ -810,24 +807,14 @@ def _combine(
         slots, counts = slots[kept], counts[kept]
         fields = {name: v[kept] for name, v in fields.items()}
 
-    def add(partial: str, v: np.ndarray) -> None:
-        np.add.at(modules[partial][row], slots, v)
-
-    if kind == "out":
-        add("out_sum", fields["sum"])
-        add("out_sumsq", fields["norm"] ** 2)
-        add("out_zeros", counts - fields["nonzero"])
-        add("out_nonfinite", fields["nonfinite"])
-    elif kind == "nonfinite":
-        add("out_nonfinite", fields["nonfinite"])
-    elif kind == "gate":
-        add("gate_sum", fields["sum"])
-        add("sat_count", fields["saturated"])
-    elif kind == "err":
-        add("err_sumsq", fields["norm"] ** 2)
-        add("err_nonfinite", fields["nonfinite"])
-    elif kind == "in_err":
-        add("in_err_sumsq", fields["norm"] ** 2)
-    elif kind == "carry":
-        add("carry_gate_sum", fields["sum"])
-        add("carry_log_sum", fields["log_sum"])
+    # As the catalogue declares (stats.FOLDS); np.*.at: a module called twice adds up.
+    for partial, name, how in FOLDS[kind]:
+        v = fields[name]
+        if how == "sumsq":
+            v = v**2
+        elif how == "uncounted":
+            v = counts - v
+        if how == "max":
+            np.maximum.at(modules[partial][row], slots, v)
+        else:
+            np.add.at(modules[partial][row], slots, v)

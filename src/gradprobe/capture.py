@@ -407,8 +407,16 @@ class Capture:
         if not measure:
             if self._want_nonfinite:
                 self.buffer.record_many("nonfinite", ks, device, n, nonfinite)
+            if self._want_absmax:
+                self.buffer.record_many("absmax", ks, device, n, _finite_absmax(rows.abs(), 1))
             return
         rows.abs_()
+        if self._want_absmax:  # from the |y| made anyway; sign_ below still needs its NaN
+            if finite is not None and all(finite):  # known on the host (CPU): no NaN/Inf
+                absmax = rows.amax(dim=1)  # one read, no mask
+            else:
+                absmax = _finite_absmax(rows, 1, copy=True)
+            self.buffer.record_many("absmax", ks, device, n, absmax)
         if unit >= 0:  # over |y|: one reading pass (a max), where y needed two
             activity = _reduce_units(stacked, dims, torch.amax) if dims else stacked.clone()
             self.buffer.record_units_many(ks, device, activity.reshape(len(ks), -1))
@@ -490,6 +498,8 @@ class Capture:
         """Output, non-finite, gate (from the output) and unit statistics of one call."""
         k, n, device = slot.index, yd.numel(), yd.device
         with torch.no_grad():
+            if self._want_absmax:
+                self.buffer.record("absmax", k, device, n, _finite_absmax(yd.abs(), None))
             gate = self._want_gate and slot.gate_from_output is not None
             if self._want_output or gate:
                 # sum and norm are each a single cheap kernel (var_mean is several times
@@ -945,3 +955,15 @@ class Capture:
         """Leave module ``k``'s error statistics out of this step, with one warning."""
         self.buffer.set_host(k, "err_gap", self._traversals.gap(k, level, self.step_index))
         self._traversals.warn_once(cause, message)
+
+
+def _finite_absmax(magnitudes: Tensor, dim: int | None, copy: bool = False) -> Tensor:
+    """The largest finite entry of ``magnitudes`` (|y|, ≥ 0 or NaN/Inf), over ``dim`` (a
+    row per call) or all of it; 0 where none is finite. NaN and Inf are left out (they are
+    ``nonfinite``'s to count): masked to 0, in place unless ``copy`` (the caller's |y| is
+    read again). The max of a float is exact in its own dtype: no wider accumulation."""
+    if copy:
+        finite = torch.where(magnitudes < math.inf, magnitudes, 0)
+    else:
+        finite = magnitudes.nan_to_num_(nan=0.0, posinf=0.0)
+    return finite.amax() if dim is None else finite.amax(dim=dim)

@@ -62,6 +62,7 @@ Where users train (see ``docs/integrations.md``):
 from __future__ import annotations
 
 import datetime as _dt
+import importlib
 import os
 import platform
 import sys
@@ -87,15 +88,14 @@ from .capture import (
     _inside_backward,
     _Slot,
 )
-from .diagnose import Finding
 from .errors import GradprobeError
+from .finding import Finding
 from .follow import Follow
 from .hooks import GradprobeWarning, HookSet, Site, warn_gap, warn_once
-from .live import LiveCheck
 from .recurrent import carry_slots, record_carry
 from .run import Run, empty_frame, load, normalize_frame, text_column
 from .shards import ShardedNorms, sharded_parameters
-from .stats import MODEL_NAME, PRESETS, STATISTICS, finalize, logged_mean
+from .stats import MODEL_NAME, PRESETS, STATISTICS, Plan, finalize, logged_mean
 from .step import (
     AUTO_BURST,
     AUTO_EVERY,
@@ -280,7 +280,7 @@ class Probe(Capture, StepBoundary, Follow):
         self._param_hooks_kept = False  # "auto": the gradient hooks stay on at every step
         self.flush_every = flush_every
         # Findings said while training, from each flush's host rows (gradprobe/live.py).
-        self._live = LiveCheck(on_finding, stop_on)
+        self._live = _live_check(on_finding, stop_on)
         # [step, seconds since the epoch] at the first step's close and at each flush (the
         # close of the flush's last step): exporters place steps in time by them.
         self._wall_time: list[list[float]] = []
@@ -366,32 +366,23 @@ class Probe(Capture, StepBoundary, Follow):
         # The last step in which a probed module ran under grad (which step log() is for).
         self._forward_step = -1
 
-        want = set(self.stats)
-        self._want_output = bool(want & {"act_mean", "act_std", "zero_frac"})
-        self._want_nonfinite = "nonfinite" in want
-        self._want_units = bool(want & {"dead_frac", "dead_window_frac"})
-        self._want_gate = bool(want & {"gate_mean", "sat_frac"})
-        self._want_error = bool(want & {"error_norm", "error_gain", "error_nonfinite"})
-        self._want_input_error = "error_gain" in want
-        self._want_params = bool(
-            want
-            & {
-                "grad_norm",
-                "param_norm",
-                "update_ratio",
-                "nonfinite",
-                "global_grad_norm",
-                "clipped",
-            }
-        )
-        self._want_update = "update_ratio" in want
-        self._want_forward = (
-            self._want_output or self._want_nonfinite or self._want_units or self._want_gate
-        )
-        self._want_preclip = bool(want & {"global_grad_norm_preclip", "clipped"})
+        # What the hooks measure, derived from the statistics' needs (stats.MEASURES):
+        # plain bools, read on the hot path.
+        plan = Plan.of(self.stats)
+        self._want_output = plan.output
+        self._want_nonfinite = plan.nonfinite
+        self._want_absmax = plan.absmax
+        self._want_units = plan.units
+        self._want_gate = plan.gate
+        self._want_error = plan.error
+        self._want_input_error = plan.input_error
+        self._want_params = plan.params
+        self._want_update = plan.update
+        self._want_forward = plan.forward
+        self._want_preclip = plan.preclip
         # Gated recurrent modules whose carry gates are measured (gradprobe.recurrent).
         self._carry_slots = frozenset()
-        if want & {"carry_gate_mean", "memory_steps", "seq_len"}:
+        if plan.carry:
             by_name = dict(inner.named_modules())
             self._carry_slots = carry_slots([(s.index, by_name[s.name]) for s in self._slots])
 
@@ -1209,6 +1200,17 @@ def _positive(name: str, value: Any) -> None:
         raise GradprobeError(
             f"{name} must be a positive integer{extra}, got {value!r}", f"e.g. {name}=1"
         )
+
+
+# The live check (findings said while training) is analysis, a layer above the recording
+# engine: found by name when a Probe is made, as views are (gradprobe/_views.py), so that
+# nothing here imports upward. tests/test_layers.py checks that the entry exists there.
+LIVE_CHECK = ("gradprobe.live", "LiveCheck")
+
+
+def _live_check(on_finding: Callable[[Finding], Any] | None, stop_on: Sequence[str]) -> Any:
+    module, name = LIVE_CHECK
+    return getattr(importlib.import_module(module), name)(on_finding, stop_on)
 
 
 def _resolve_stats(stats: str | Sequence[str]) -> tuple[str, ...]:

@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from .stats import PARTIALS
+
 if TYPE_CHECKING:
     from .buffer import StepBuffer
 
@@ -37,9 +39,10 @@ __all__ = ["ShardedNorms", "dtensor_type", "local_shards", "sharded_parameters"]
 
 # What the step measures of a parameter, and how its shards' values combine: the squares
 # of norms add up over shards (the root comes after the sum), counts add up as they are.
-# ``update`` and ``before`` are the two norms of ``update_ratio``.
-_SQUARED = ("grad_norm", "param_norm", "preclip_norm", "update", "before")
-_COUNTED = ("grad_nonfinite",)
+# As the catalogue declares (stats.Partial.shard); ``update`` and ``before`` are the two
+# norms of ``update_ratio``, a ratio that does not combine itself.
+_SQUARED = (*(n for n, p in PARTIALS.items() if p.shard == "sumsq"), "update", "before")
+_COUNTED = tuple(n for n, p in PARTIALS.items() if p.shard == "count")
 QUANTITIES = _SQUARED + _COUNTED
 
 

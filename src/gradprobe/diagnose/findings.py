@@ -5,16 +5,13 @@
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from html import escape
 from typing import Any
 
-import numpy as np
-
 from .._views import view
-from ..remedies import RankedRemedy
+from ..finding import Finding
 
 SEVERITIES = ("info", "warning", "critical")
 _SEVERITY_RANK = {s: i for i, s in enumerate(SEVERITIES)}
@@ -41,33 +38,8 @@ KIND_ORDER = (
 
 
 # ---------------------------------------------------------------- findings
-@dataclass(frozen=True)
-class Finding:
-    """One diagnosed problem: what (``kind``), how bad, where (``names``), the numbers, the fixes."""
-
-    kind: str
-    severity: str
-    names: tuple[str, ...]
-    summary: str
-    evidence: dict[str, Any] = field(default_factory=dict)
-    remedies: tuple[RankedRemedy, ...] = ()
-    # The story (gradprobe.story): the kind of the root finding that explains this one
-    # (None: it is a root), and, for a root, the kinds it explains.
-    cause: str | None = None
-    consequences: tuple[str, ...] = ()
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict (see :data:`FINDINGS_JSON_SCHEMA`)."""
-        return {
-            "kind": self.kind,
-            "severity": self.severity,
-            "names": list(self.names),
-            "summary": self.summary,
-            "evidence": _jsonable(self.evidence),
-            "remedies": [r.to_dict() for r in self.remedies],
-            "cause": self.cause,
-            "consequences": list(self.consequences),
-        }
+# Finding itself is in the base layer (gradprobe/finding.py): the Probe hands findings to
+# on_finding while recording, below this layer. It is re-exported here, as before.
 
 
 @dataclass(frozen=True)
@@ -214,20 +186,3 @@ FINDINGS_JSON_SCHEMA: dict[str, Any] = {
         },
     },
 }
-
-
-# ---------------------------------------------------------------- helpers
-def _jsonable(value: Any) -> Any:
-    """Plain JSON types; non-finite floats become None (JSON has no NaN/Inf)."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        v = float(value)
-        return v if math.isfinite(v) else None
-    return value if value is None or isinstance(value, str) else str(value)

@@ -1,0 +1,127 @@
+"""Measures: what the hooks take at each site of a step, and how it folds into partials."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class Measure:
+    """Something the hooks measure for a statistic, at one site of the step.
+
+    ``site`` is where: a module's ``output`` (forward), its ``error`` signal dL/d(output)
+    and ``input`` share dL/d(input) (backward), an activation's ``gate`` f'(z), the carry
+    gates of a gated recurrent module (``carry``), each ``parameter`` at the step, its
+    ``update`` across the optimizer step, or the whole ``step`` (backward's gradient
+    norms before clipping). ``kind`` is the :data:`gradprobe.buffer.FIELDS` entry its
+    site reducer records per call (``None``: measured at the step, not per call), and
+    ``partials`` what it is folded into (:data:`FOLDS` says how).
+    """
+
+    name: str
+    site: Literal["output", "error", "input", "gate", "carry", "parameter", "update", "step"]
+    doc: str
+    kind: str | None = None
+    partials: tuple[str, ...] = ()
+
+
+MEASURES: dict[str, Measure] = {
+    m.name: m
+    for m in [
+        Measure(
+            "output",
+            "output",
+            "sum, squared norm, non-zero count and NaN/Inf of the output",
+            "out",
+            ("out_sum", "out_sumsq", "out_zeros", "out_nonfinite"),
+        ),
+        Measure(
+            "nonfinite",
+            "output",
+            "NaN/Inf of the output (alone where its moments are not wanted)",
+            "nonfinite",
+            ("out_nonfinite",),
+        ),
+        Measure(
+            "absmax",
+            "output",
+            "the largest finite |y| of the output",
+            "absmax",
+            ("out_absmax",),
+        ),
+        Measure(
+            "units",
+            "output",
+            "units all zero in the step",
+            None,
+            ("dead_units", "dead_window_units"),
+        ),
+        Measure(
+            "gate",
+            "gate",
+            "f'(z) summed, and its saturated entries",
+            "gate",
+            ("gate_sum", "sat_count"),
+        ),
+        Measure(
+            "error",
+            "error",
+            "‖dL/d(output)‖² and its NaN/Inf",
+            "err",
+            ("err_sumsq", "err_nonfinite"),
+        ),
+        Measure(
+            "input_error",
+            "input",
+            "‖dL/d(input)‖², the module's own share",
+            "in_err",
+            ("in_err_sumsq",),
+        ),
+        Measure(
+            "carry",
+            "carry",
+            "carry gates f (or z) summed, and log f",
+            "carry",
+            ("carry_gate_sum", "carry_log_sum"),
+        ),
+        Measure(
+            "params",
+            "parameter",
+            "‖grad‖, ‖w‖ and NaN/Inf of grad at the step",
+            None,
+            ("grad_norm", "param_norm", "grad_nonfinite"),
+        ),
+        Measure("update", "update", "‖w_after − w_before‖ / ‖w_before‖", None, ("update_ratio",)),
+        Measure(
+            "preclip",
+            "step",
+            "‖grad‖ as backward left it, before clipping",
+            None,
+            ("preclip_norm",),
+        ),
+    ]
+}
+
+# How a site's per-call fields fold into partials: (partial, field, how), where ``how`` is
+# ``sum`` (add the field), ``sumsq`` (add its square: norms, whose squares add up),
+# ``uncounted`` (add the entries the field does not count: zeros from non-zeros) or
+# ``max`` (keep the largest). Repeated calls of a module in one step fold this way; the
+# partial's own ``combine`` then says how micro-batches and ranks combine.
+FOLDS: dict[str, tuple[tuple[str, str, str], ...]] = {
+    "out": (
+        ("out_sum", "sum", "sum"),
+        ("out_sumsq", "norm", "sumsq"),
+        ("out_zeros", "nonzero", "uncounted"),
+        ("out_nonfinite", "nonfinite", "sum"),
+    ),
+    "nonfinite": (("out_nonfinite", "nonfinite", "sum"),),
+    "absmax": (("out_absmax", "absmax", "max"),),
+    "gate": (("gate_sum", "sum", "sum"), ("sat_count", "saturated", "sum")),
+    "err": (("err_sumsq", "norm", "sumsq"), ("err_nonfinite", "nonfinite", "sum")),
+    "in_err": (("in_err_sumsq", "norm", "sumsq"),),
+    "carry": (("carry_gate_sum", "sum", "sum"), ("carry_log_sum", "log_sum", "sum")),
+}
+
+# Measures a forward hook reads the output for.
+FORWARD_MEASURES = frozenset(n for n, m in MEASURES.items() if m.site in ("output", "gate"))
