@@ -67,7 +67,7 @@ from .instability import (
     detect_oscillation,
     detect_plateau,
 )
-from .selectors import is_weight_layer, unit_candidates, weight_names
+from .selectors import is_weight_layer, norm_modules, unit_candidates, weight_names
 from .thresholds import (
     CARRY_GATE_MEAN,
     CARRY_MEMORY_STEPS,
@@ -192,6 +192,7 @@ __all__ = [
     "is_weight_layer",
     "key_numbers",
     "no_findings_note",
+    "norm_modules",
     "run_facts",
     "unit_candidates",
     "weight_names",

@@ -15,7 +15,16 @@ import numpy as np
 
 from ..run import Run
 from .findings import Finding
-from .selectors import _g, _off_signal_path, _recent, _since, _table, _under, is_weight_layer
+from .selectors import (
+    _g,
+    _off_signal_path,
+    _recent,
+    _since,
+    _table,
+    _under,
+    is_weight_layer,
+    norm_modules,
+)
 from .thresholds import (
     CARRY_CRITICAL_LOG10,
     CARRY_GATE_MEAN,
@@ -71,7 +80,8 @@ def depth_profile(run: Run, first_steps: int | None = None) -> DepthProfile | No
     # is the whole network, not a layer at some depth.
     off_path = _off_signal_path(run)
     modules = [n for n in run.modules if n and n in table.columns and not _under(n, off_path)]
-    layers = [n for n in modules if is_weight_layer(run.module_info(n))]
+    norms = norm_modules(run)
+    layers = [n for n in modules if is_weight_layer(run.module_info(n), norms)]
     if len(layers) < 2:  # no layers with weights (all functional?): every module, as recorded
         layers = modules
     if len(layers) < 2:

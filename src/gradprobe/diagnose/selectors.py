@@ -9,7 +9,7 @@ number or a list of names into a finding's sentence.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from typing import Any
 
 import numpy as np
@@ -78,8 +78,20 @@ def _since(series: pd.Series, threshold: float, strict: bool = False) -> int | N
     return int(values.index[start])
 
 
-def is_weight_layer(info: dict[str, Any]) -> bool:
+def norm_modules(run: Run) -> frozenset[str]:
+    """The modules that normalise, as the Probe read them from what each module does
+    (meta["architecture"]["norms"]: an RMSNorm of a model's own code, whatever its name)."""
+    architecture = run.meta.get("architecture") or {}
+    return frozenset((architecture.get("norms") or {}).keys())
+
+
+def is_weight_layer(info: dict[str, Any], norms: Collection[str] = ()) -> bool:
+    """A layer of the depth profile: a module with parameters that does not normalise
+    (``norms``: :func:`norm_modules`; the class name is the fallback for runs recorded
+    before the architecture was)."""
     t = str(info.get("type", ""))
+    if info.get("name") in norms:
+        return False
     return int(info.get("parameters", 0) or 0) > 0 and not any(t.startswith(n) for n in _NORM_TYPES)
 
 
@@ -128,7 +140,8 @@ def _unit_kind(run: Run, name: str) -> str:
         t = str(info.get("type", ""))
         if t.startswith("Conv"):
             return "channel"
-        if t == "Flatten" or (info.get("layout") == "last" and not t.startswith(_NORM_TYPES)):
+        normalises = t.startswith(_NORM_TYPES) or order[j] in norm_modules(run)
+        if t == "Flatten" or (info.get("layout") == "last" and not normalises):
             return "unit"
     return "unit"
 

@@ -14,6 +14,7 @@ from .selectors import (
     _table,
     _unit_kind,
     is_weight_layer,
+    norm_modules,
     unit_candidates,
 )
 from .thresholds import (
@@ -142,8 +143,9 @@ def _fed_by(run: Run, name: str) -> str | None:
     order = run.modules
     if name not in order:
         return None
+    norms = norm_modules(run)
     for j in range(order.index(name) - 1, -1, -1):
-        if is_weight_layer(run.module_info(order[j])):
+        if is_weight_layer(run.module_info(order[j]), norms):
             return order[j]
     return None
 

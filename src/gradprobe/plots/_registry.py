@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..diagnose import is_weight_layer, weight_names
+from ..diagnose import is_weight_layer, norm_modules, weight_names
 from ..errors import GradprobeError
 from ..run import Run
 
@@ -63,7 +63,7 @@ def missing(plot: str | Plot, run: Run) -> str | None:
         return f"{spec.title}: not drawn, the run's meta has no histogram ranges; {spec.hint}"
     if (
         spec.name == "update_ratios"
-        and not any(is_weight_layer(run.module_info(n)) for n in run.modules)
+        and not any(is_weight_layer(run.module_info(n), norm_modules(run)) for n in run.modules)
         and not weight_names(run)
     ):
         return f"{spec.title}: not drawn, the run has no weights"

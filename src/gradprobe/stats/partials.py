@@ -8,8 +8,8 @@ from typing import Literal
 
 import numpy as np
 
-# A unit is *saturated* where its gate f'(z) is below this fraction of the activation's
-# largest derivative: at 1% the error signal through it is cut a hundredfold.
+# A unit is *saturated* where its gate's magnitude |f'(z)| is below this fraction of the
+# activation's largest |f'|: at 1% the error signal through it is cut a hundredfold.
 SAT_THRESHOLD = 0.01
 
 # A step is *clipped* where the gradient the optimizer saw is shorter than the one
