@@ -247,7 +247,7 @@ class Capture:
         slot = self._slots[k]
         if slot.inplace and (self._held or self._watched):
             self._reduce_held()  # it will write over its input, which may be held
-        self._open_call(k)
+            self._open_call(k)  # anew: the batch just reduced holds no record of this call
         if x is None:
             if slot.activation is not None and self._want_gate:
                 self._unreadable_module(k, "input", args)  # the gate needs it

@@ -1043,6 +1043,7 @@ def _pre_hook(probe: Probe, k: int, module: nn.Module, args: tuple[Any, ...], kw
         probe._poll_scaler()  # the first forward of an iteration closes a skipped step
     mode = probe._call_mode()
     if mode == _RECORD:
+        probe._open_call(k)  # what this call records can be taken back (_drop_failed_call)
         probe._on_pre(k, module, args, kwargs)
     elif mode == _RECOMPUTE:
         probe._on_recomputed_pre(k, args, kwargs)
