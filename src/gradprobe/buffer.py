@@ -466,6 +466,53 @@ class StepBuffer:
             col = self._host_col[name]
             self._host[rows, col] -= mark.host[rows, col]
 
+    # ------------------------------------------------------------ a call that failed
+    def call_mark(self, slot: int) -> tuple[Any, ...]:
+        """Where the current step's records stand as a call of ``slot`` begins, to take
+        that call back if the Probe's work on it fails (:meth:`drop_call`): the lengths of
+        the few lists a call appends to, in their dicts' order (a tuple of ints, no dict
+        copied), and the slot's host counts; no device op."""
+        return (
+            tuple([len(c.slots) for c in self._calls.values()]),
+            tuple([len(c.slots) for c in self._unit_calls.values()]),
+            tuple([len(e[0]) for e in self._hist_calls.values()]),
+            self._host[slot].copy(),
+        )
+
+    def drop_call(self, mark: tuple[Any, ...], slot: int) -> None:
+        """Take back what ``slot`` recorded since ``mark`` (:meth:`call_mark`): one call's
+        records, whose work failed part-way. Records of other slots made meanwhile (a
+        module's submodules run inside its call) stay. A batched record leaves the host's
+        fold as in :meth:`drop_before` (slot -1); additive host counts return to the mark;
+        flags stay."""
+        calls_n, units_n, hists_n, host = mark
+        for i, calls in enumerate(self._calls.values()):
+            slots = calls.slots
+            for j in range(calls_n[i] if i < len(calls_n) else 0, len(slots)):
+                if slots[j] == slot:
+                    slots[j] = -1
+        for i, (device, calls) in enumerate(list(self._unit_calls.items())):
+            start = units_n[i] if i < len(units_n) else 0
+            if slot not in calls.slots[start:]:
+                continue
+            kept = _UnitCalls()
+            for j, (s, row) in enumerate(zip(calls.slots, calls.rows())):
+                if j < start or s != slot:
+                    kept.slots.append(s)
+                    kept.widths.append(row.numel())
+                    kept.blocks.append(row)
+            self._unit_calls[device] = kept
+        for i, (device, entry) in enumerate(list(self._hist_calls.items())):
+            start = hists_n[i] if i < len(hists_n) else 0
+            keep = [j for j, s in enumerate(entry[0]) if j < start or s != slot]
+            if len(keep) < len(entry[0]):
+                self._hist_calls[device] = (
+                    [entry[0][j] for j in keep],
+                    [entry[1][j] for j in keep],
+                )
+        cols = [self._host_col[name] for name in _ADDITIVE_HOST]
+        self._host[slot, cols] = host[cols]
+
     def grow(self, n_slots: int, n_params: int) -> None:
         """Make room for modules and parameters bound after the start (a model that
         changed, :mod:`gradprobe.follow`). Closed steps must have been drained: their

@@ -51,6 +51,11 @@ _PREFERRED_KEYS = ("logits", "last_hidden_state")
 _SKIPPED_KEYS = frozenset({"loss"})
 
 
+# A call's state (Capture._open_call): its pre-hook failed; or its records can no longer
+# be taken back alone (Capture._reduce_held).
+_SKIPPED: Any = ("skipped",)
+_UNDOABLE: Any = (-1,)
+
 _MAX_NESTING = 32  # deeper than any real output; guards against self-referencing objects
 
 
@@ -242,6 +247,7 @@ class Capture:
         slot = self._slots[k]
         if slot.inplace and (self._held or self._watched):
             self._reduce_held()  # it will write over its input, which may be held
+            self._open_call(k)  # anew: the batch just reduced holds no record of this call
         if x is None:
             if slot.activation is not None and self._want_gate:
                 self._unreadable_module(k, "input", args)  # the gate needs it
@@ -301,7 +307,71 @@ class Capture:
             counts = torch.histc(yd.float().clamp(lo, hi), self.buffer.histogram_bins, lo, hi)
             self.buffer.record_histogram(k, y.device, counts)
         if self._want_error and y.requires_grad:
+            self._errors_hooked = k  # from here a failure cannot take the error back
             self._hook_errors(k, y)
+
+    # ------------------------------------------------------------ a call that failed
+    # A failure in the Probe's work on one call of a module takes back that call's records
+    # and keeps the module's other calls of the step (docs/recording.md, "Compiled models,
+    # failures and unusual inputs"). A call's state: where the step's records stood when
+    # its work began (its pre-hook's, else its forward hook's), kept until its forward
+    # hook has finished; _SKIPPED once its pre-hook failed (its forward hook does nothing).
+    def _open_call(self, k: int) -> None:
+        """A recorded call of module ``k`` begins: note where the records stand (a few
+        list lengths and the module's host counts: O(1), no device op)."""
+        self._call_marks[k] = (
+            self.step_index,
+            self.buffer.call_mark(k),
+            len(self._held),
+            self._held_epoch,
+            len(self._watched),
+            len(self._deferred_units),
+        )
+
+    def _begin_forward(self, k: int) -> bool:
+        """The forward hook of a recorded call: False if its pre-hook failed (the call is
+        left out); else it keeps the pre-hook's mark, or notes one now."""
+        self._errors_hooked = -1
+        state = self._call_marks.get(k)
+        if state is _SKIPPED:
+            del self._call_marks[k]
+            return False
+        if state is None or (state is not _UNDOABLE and state[0] != self.step_index):
+            self._open_call(k)
+        return True
+
+    def _end_forward(self, k: int) -> None:
+        self._call_marks.pop(k, None)  # the call is complete: nothing to take back
+
+    def _drop_failed_call(self, k: int, pre: bool) -> bool:
+        """The Probe's work on the current call of module ``k`` failed: take back what the
+        call recorded, True if that was possible (else the caller gaps the module for the
+        step). ``pre``: it failed in the pre-hook, so the call's forward hook skips it. A
+        call whose error-signal hooks were already put on leaves the module's error
+        statistics out of the step (err_gap): its signal cannot be told from the others'."""
+        state = self._call_marks.pop(k, None)
+        if pre:
+            self._call_marks[k] = _SKIPPED
+        if self._errors_hooked == k:
+            self._errors_hooked = -1
+            self.buffer.set_host(
+                k, "err_gap", self._traversals.gap(k, GAP_BOTH_SIDES, self.step_index)
+            )
+        if state is None or state is _SKIPPED or state[0] != self.step_index:
+            return False
+        _step, mark, held_n, epoch, watched_n, deferred_n = state
+        self.buffer.drop_call(mark, k)
+        if epoch != self._held_epoch:  # reduced since: what is held now came after the mark
+            held_n = watched_n = 0
+        dropped = [e for e in self._held[held_n:] if e[0].index == k]
+        if dropped:
+            self._held[held_n:] = [e for e in self._held[held_n:] if e[0].index != k]
+            self._held_numel -= sum(e[1].numel() for e in dropped)
+        self._watched[watched_n:] = [e for e in self._watched[watched_n:] if e[0] != k]
+        self._deferred_units[deferred_n:] = [
+            e for e in self._deferred_units[deferred_n:] if e[0] != k
+        ]
+        return True
 
     # Outputs of at most this many entries wait for the end of the forward, and are
     # reduced there, shape by shape, a few ops for all of them (bench/: on a 12×256 MLP
@@ -345,6 +415,14 @@ class Capture:
         after its hook (``out += identity`` after a BatchNorm, in a parent's forward) is not
         what the module made. Should that still happen to a held one (control flow), its
         call is a gap, and the module is reduced in its hook from then on."""
+        self._held_epoch += 1
+        if self._call_marks:
+            # A module whose call is open (between its pre-hook and the end of its forward
+            # hook: a submodule in place, 64 MiB held) gets records of earlier calls now,
+            # after its mark: a failure of that call can no longer take back its own only.
+            for slot, *_ in self._held:
+                if self._call_marks.get(slot.index, _SKIPPED) is not _SKIPPED:
+                    self._call_marks[slot.index] = _UNDOABLE
         watched, self._watched = self._watched, []
         for k, yd, version in watched:
             (self._batch_safe if yd._version == version else self._unbatched).add(k)

@@ -72,7 +72,8 @@ class GradprobeWarning(UserWarning):
 
 
 # What an entry point's failure leaves out of the step (the owner marks it):
-#   "module"        the module's statistics (key: its slot)
+#   "module"        the module's call: its records are taken back, its other calls stay;
+#                   the module's statistics where that cannot be (key: its slot)
 #   "errors"        the module's error signals, error_norm and error_gain (key: its slot)
 #   "input_errors"  the module's error_gain (key: its slot)
 #   "all_errors"    every module's error signals

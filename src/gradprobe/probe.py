@@ -323,6 +323,10 @@ class Probe(Capture, StepBoundary, Follow):
         # whose outputs were written in place after their hook: reduced in the hook.
         self._held: list[tuple[_Slot, Tensor, int, int]] = []
         self._held_numel = 0
+        self._held_epoch = 0  # how many times held outputs were reduced (_drop_failed_call)
+        # Each module's open call: where the step's records stood as it began (capture.py).
+        self._call_marks: dict[int, Any] = {}
+        self._errors_hooked = -1  # the module whose call has put its error hooks on
         self._unbatched: set[int] = set()
         self._batch_safe: set[int] = set()
         self._staging_buffers: dict[tuple[Any, ...], Tensor] = {}
@@ -849,7 +853,9 @@ class Probe(Capture, StepBoundary, Follow):
         warn_once(self._failed_where, where, exc)
         step, slots = self.step_index, range(len(self._slots))
         if site.gap == "module":
-            self.buffer.set_host(key, "gap", 1)
+            # One call failed: it is taken back, the module's other calls stay.
+            if not self._drop_failed_call(key, site is _PRE_SITE):
+                self.buffer.set_host(key, "gap", 1)
         elif site.gap == "modules":
             for k in slots:
                 self.buffer.set_host(k, "gap", 1)
@@ -1037,6 +1043,7 @@ def _pre_hook(probe: Probe, k: int, module: nn.Module, args: tuple[Any, ...], kw
         probe._poll_scaler()  # the first forward of an iteration closes a skipped step
     mode = probe._call_mode()
     if mode == _RECORD:
+        probe._open_call(k)  # what this call records can be taken back (_drop_failed_call)
         probe._on_pre(k, module, args, kwargs)
     elif mode == _RECOMPUTE:
         probe._on_recomputed_pre(k, args, kwargs)
@@ -1047,10 +1054,13 @@ def _forward_hook(
 ) -> None:
     mode = probe._call_mode()
     if mode == _RECORD:
+        if not probe._begin_forward(k):
+            return  # its pre-hook failed: the call is left out (Capture._drop_failed_call)
         probe._on_forward(k, module, output)
         if k in probe._carry_slots:
             name = probe._slots[k].name
             record_carry(probe.buffer, k, name, module, args, kwargs, output, probe._unreadable)
+        probe._end_forward(k)
     elif mode == _RECOMPUTE:
         probe._on_recomputed(k, output)
 
