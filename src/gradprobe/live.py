@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -49,13 +48,13 @@ import pandas as pd
 
 from .diagnose import (
     EXPLODING_GROWTH,
-    GRAD_SPIKE_FACTOR,
     SPIKE_WINDOW,
     UPDATE_RATIO_EXPLODING,
     Finding,
 )
 from .errors import GradprobeError, StopTraining
 from .hooks import GradprobeWarning
+from .spikes import SpikeWatch
 from .stats import MODEL_NAME
 
 __all__ = ["LIVE_KINDS", "LiveCheck", "StopTraining"]
@@ -98,9 +97,45 @@ class LiveCheck:
         self.found: list[Finding] = []
         self.stop: Finding | None = None  # the first finding of a stop_on kind, until raised
         self._said: set[str] = set()
-        self._norms: deque[float] = deque(maxlen=SPIKE_WINDOW)
+        self._spikes = SpikeWatch()
         self._base: list[float] = []
+        # Steps whose global norm and loss the Probe reads at the step (at_step): the
+        # flush's check leaves those to it, and keeps the per-layer rules.
+        self._at_step: set[int] = set()
         self._last_spike = -(10**9)
+
+    # ------------------------------------------------------------ reading a step
+    def expect(self, step: int) -> None:
+        """The Probe will call :meth:`at_step` for ``step`` (at once on the CPU, within a
+        step or two on a GPU): the flush's check leaves its step-level rules to it."""
+        self._at_step.add(step)
+
+    def at_step(self, step: int, grad_norm: float, loss: float | None = None) -> list[Finding]:
+        """The step-level rules on one step's host values: ``grad_norm`` (the global
+        gradient norm, pre-clip where measured) and the ``loss`` logged for it (a sum of
+        its values: non-finite if any is; None if none was logged yet)."""
+        new: list[Finding] = []
+        bad = [
+            n
+            for n, v in (("loss", loss), ("global_grad_norm", grad_norm))
+            if v is not None and not math.isfinite(v)
+        ]
+        if bad and "nonfinite" not in self._said:
+            new.append(
+                Finding(
+                    "nonfinite",
+                    "critical",
+                    (MODEL_NAME,),
+                    f"step {step}: NaN/Inf in `{MODEL_NAME}` ({', '.join(sorted(bad))})",
+                    {"step": step, "stats": sorted(bad), "live": True},
+                )
+            )
+        f = self._spike_or_growth(step, grad_norm)
+        if f is not None:
+            new.append(f)
+        for f in new:
+            self._say(f)
+        return new
 
     # ------------------------------------------------------------ reading a flush
     def __call__(self, frame: pd.DataFrame) -> list[Finding]:
@@ -110,11 +145,16 @@ class LiveCheck:
         new: list[Finding] = []
         model = frame[frame["name"] == MODEL_NAME]
         skipped = set(model.loc[(model["stat"] == "skipped") & (model["value"] > 0), "step"])
+        seen = self._at_step
+        if seen:  # said at the step: their global norm, loss and gradients' flags
+            last = int(frame["step"].max())
+            self._at_step = {s for s in seen if s > last}
         if "nonfinite" not in self._said:
-            f = _nonfinite(frame, model, skipped)
+            f = _nonfinite(frame, model, skipped, seen)
             if f is not None:
                 new.append(f)
         norms = _global_norms(model, skipped)
+        norms = norms[~norms.index.isin(seen)] if seen else norms
         for step, value in norms.items():
             f = self._spike_or_growth(int(step), float(value))
             if f is not None:
@@ -130,9 +170,9 @@ class LiveCheck:
 
     def _spike_or_growth(self, step: int, value: float) -> Finding | None:
         found = None
+        median = self._spikes.push(value)  # gradprobe/spikes.py: diagnose's rule
         if not math.isfinite(value):
             return None  # the nonfinite rule says it
-        history = [v for v in self._norms if v > 0]
         if len(self._base) < _BASE_STEPS:
             self._base.append(value)
         elif "exploding" not in self._said:
@@ -147,24 +187,18 @@ class LiveCheck:
                     f"steps ({base:.3g})",
                     {"step": step, "grad_norm": value, "base": base, "live": True},
                 )
-        if (
-            found is None
-            and len(history) >= SPIKE_WINDOW // 4
-            and step - self._last_spike >= SPIKE_WINDOW
-        ):
-            median = float(np.median(history))
-            if value >= GRAD_SPIKE_FACTOR * median:
-                self._last_spike = step
-                found = Finding(
-                    "grad_norm_spike",
-                    "warning",
-                    (MODEL_NAME,),
-                    f"step {step}: the global gradient norm jumped to {value:.3g}, "
-                    f"×{value / median:.3g} its median over the {len(history)} recorded "
-                    f"steps before ({median:.3g})",
-                    {"step": step, "grad_norm": value, "median": median, "live": True},
-                )
-        self._norms.append(value)
+        # Said again after SPIKE_WINDOW steps, not at each step of one episode.
+        if found is None and median is not None and step - self._last_spike >= SPIKE_WINDOW:
+            self._last_spike = step
+            found = Finding(
+                "grad_norm_spike",
+                "warning",
+                (MODEL_NAME,),
+                f"step {step}: the global gradient norm jumped to {value:.3g}, "
+                f"×{value / median:.3g} the median of the {SPIKE_WINDOW} recorded steps "
+                f"before ({median:.3g})",
+                {"step": step, "grad_norm": value, "median": median, "live": True},
+            )
         return found
 
     # ------------------------------------------------------------ saying it
@@ -204,9 +238,18 @@ def _global_norms(model: pd.DataFrame, skipped: set[Any]) -> pd.Series:
     return pd.Series(dtype=float)
 
 
-def _nonfinite(frame: pd.DataFrame, model: pd.DataFrame, skipped: set[Any]) -> Finding | None:
-    """The first step with a NaN/Inf loss, global norm, or flag."""
+def _nonfinite(
+    frame: pd.DataFrame, model: pd.DataFrame, skipped: set[Any], seen: set[int] = frozenset()
+) -> Finding | None:
+    """The first step with a NaN/Inf loss, global norm, or flag (``seen``: steps whose
+    loss, global norm and gradients were checked at the step; their outputs' and error
+    signals' flags are checked here)."""
     rows = frame[~frame["step"].isin(skipped)] if skipped else frame
+    if seen:
+        at_step = rows["step"].isin(seen) & (
+            (rows["name"] == MODEL_NAME) | (rows["stat"] == "grad_nonfinite")
+        )
+        rows = rows[~at_step]
     flagged = rows[rows["stat"].isin(_NONFINITE_FLAGS) & (rows["value"] > 0)]
     values = rows[
         (rows["name"] == MODEL_NAME)
