@@ -2,10 +2,22 @@
 
 :func:`~gradprobe.diagnose` reads a whole run after training. Some problems should not
 wait for it: the step a loss turns NaN, a gradient norm that jumps tenfold, updates as
-large as the weights. :class:`LiveCheck` reads each flush's rows, which are on the host
-already (the flush is where the Probe copies its device buffers, once per
-``flush_every`` recorded steps, and at ``frame()``/``close()``), so it adds no device
-sync and no work to a step between flushes. What it finds is said at once, as
+large as the weights. :class:`LiveCheck` checks them in two places, neither adding a
+device sync:
+
+- at the step (:meth:`LiveCheck.at_step`): the step-level rules on the step's global
+  gradient norm and logged loss, which the Probe reads on the host through the path of
+  the "auto" cadence's spike burst (``step.py``): host values on the CPU, so a NaN or a
+  spike at step ``s`` is said inside step ``s``'s ``optimizer.step()``; on a GPU a pinned
+  copy read once its CUDA event has completed, a step or so later, at the latest at the
+  next flush. Not under torch.distributed or with a ``GradScaler`` (the flush knows the
+  combined rows and the skipped steps): there the flush says them;
+- at each flush (``__call__``), on the rows the flush has copied to the host (once per
+  ``flush_every`` recorded steps, and at ``frame()``/``close()``): the per-layer rules
+  (NaN/Inf flags of outputs and error signals, updates as large as the weights), and the
+  step-level rules of the steps not read at the step. A finding is said once.
+
+What it finds is said at once, as
 
 - one line of :class:`~gradprobe.hooks.GradprobeWarning` (once per kind: a run whose
   gradients are NaN from step 37 on says so once, not at every step; under DDP on rank
@@ -14,23 +26,17 @@ sync and no work to a step between flushes. What it finds is said at once, as
 - a call of the Probe's ``on_finding(finding)``, with a :class:`~gradprobe.Finding` whose
   ``evidence["step"]`` is the step it was seen at;
 - with ``stop_on=("nonfinite", ...)``, :class:`~gradprobe.errors.StopTraining` raised
-  from the step boundary (``optimizer.step()`` or ``probe.step()``) that flushed it.
-
-Latency: a step's rows reach the host at the flush after it, so a finding at step ``s``
-is said at the latest at the step that fills the buffer (``flush_every`` recorded
-steps: 50 by default; under ``every="auto"`` the unrecorded steps' sentinel rows count
-too). ``flush_every=1`` says it at the step itself, at the cost of a whole flush per
-step: on a GPU a host sync (the device's queue drains) and the rows' finalisation on the
-host. Not measured here on a GPU; on CPU the flush is host work only.
+  from the step boundary (``optimizer.step()`` or ``probe.step()``) that said it.
 
 The rules are :mod:`gradprobe.diagnose`'s own thresholds, applied to the steps seen so far:
 
 - ``nonfinite``: the loss, the global gradient norm (before or after clipping), or a
   NaN/Inf flag of a gradient, an output or an error signal is not finite at a step that
   a ``GradScaler`` did not skip (a skipped step is the scaler doing its job);
-- ``grad_norm_spike``: the pre-clip global gradient norm ≥ ``GRAD_SPIKE_FACTOR`` (10) ×
-  its median over the ``SPIKE_WINDOW`` (20) recorded steps before it (at least 5 of them);
-  again after ``SPIKE_WINDOW`` steps, not at each step of one episode;
+- ``grad_norm_spike``: the pre-clip global gradient norm spikes by
+  :mod:`gradprobe.spikes`' rule (≥ 10× the median of the finite values among the 20
+  recorded steps before it, at least 5 of them), diagnose's; said again after
+  ``SPIKE_WINDOW`` steps, not at each step of one episode;
 - ``exploding``: a weight's update as large as the weight (‖Δw‖/‖w‖ ≥
   ``UPDATE_RATIO_EXPLODING``, 1), or the global gradient norm ≥ ``EXPLODING_GROWTH``
   (1000) × its median over the first 5 recorded steps.
