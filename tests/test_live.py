@@ -348,3 +348,25 @@ def test_wall_time_anchors_stay_few_on_a_long_run(monkeypatch) -> None:
     steps = [a[0] for a in anchors]
     assert len(anchors) <= 9 and steps[0] == 0 and steps[-1] == 59
     assert steps == sorted(steps) and all(b > a for a, b in itertools.pairwise(steps))
+
+
+def test_a_step_the_flush_said_first_is_not_said_again_at_the_step() -> None:
+    # On a GPU a step's copy may land after the flush that carried its rows: the flush
+    # says it, and the late read at the step says nothing more (and the reverse on CPU).
+    import pandas as pd
+
+    rows = [(s, MODEL_NAME, "global_grad_norm_preclip", 1.0 + 0.01 * s) for s in range(8)]
+    rows.append((8, MODEL_NAME, "global_grad_norm_preclip", math.nan))
+    frame = pd.DataFrame(rows, columns=["step", "name", "stat", "value"])
+    live = LiveCheck(warn=False)
+    for s in range(6):  # steps 0-5 read at the step, 6-8 not yet (copies in flight)
+        live.at_step(s, 1.0 + 0.01 * s)
+    said = live(frame)
+    assert [(f.kind, f.evidence["step"]) for f in said] == [("nonfinite", 8)]
+    for s in (6, 7, 8):  # the late reads
+        assert live.at_step(s, 1.0 + 0.01 * s if s < 8 else math.nan) == []
+    assert [f.kind for f in live.found] == ["nonfinite"]
+    # the spike window holds steps 0-8 once each, in order (step 8's NaN last)
+    window = list(live._spikes.window)
+    assert len(window) == 9 and math.isnan(window[-1])
+    assert window[:8] == [1.0 + 0.01 * s for s in range(8)]

@@ -47,6 +47,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Iterable
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 import numpy as np
@@ -105,21 +106,22 @@ class LiveCheck:
         self._said: set[str] = set()
         self._spikes = SpikeWatch()
         self._base: list[float] = []
-        # Steps whose global norm and loss the Probe reads at the step (at_step): the
-        # flush's check leaves those to it, and keeps the per-layer rules.
+        # Steps whose global norm and loss were read at the step (at_step): the flush's
+        # check leaves those to it, and keeps the per-layer rules; and the last step a
+        # flush checked (at_step leaves a step the flush has said).
         self._at_step: set[int] = set()
+        self._flushed_upto = -1
         self._last_spike = -(10**9)
 
     # ------------------------------------------------------------ reading a step
-    def expect(self, step: int) -> None:
-        """The Probe will call :meth:`at_step` for ``step`` (at once on the CPU, within a
-        step or two on a GPU): the flush's check leaves its step-level rules to it."""
-        self._at_step.add(step)
-
     def at_step(self, step: int, grad_norm: float, loss: float | None = None) -> list[Finding]:
         """The step-level rules on one step's host values: ``grad_norm`` (the global
         gradient norm, pre-clip where measured) and the ``loss`` logged for it (a sum of
-        its values: non-finite if any is; None if none was logged yet)."""
+        its values: non-finite if any is; None if none was logged yet). A step a flush
+        has checked already (on a GPU, one whose copy had not landed by then) is left."""
+        if step <= self._flushed_upto:
+            return []
+        self._at_step.add(step)
         new: list[Finding] = []
         bad = [
             n
@@ -151,10 +153,10 @@ class LiveCheck:
         new: list[Finding] = []
         model = frame[frame["name"] == MODEL_NAME]
         skipped = set(model.loc[(model["stat"] == "skipped") & (model["value"] > 0), "step"])
-        seen = self._at_step
-        if seen:  # said at the step: their global norm, loss and gradients' flags
-            last = int(frame["step"].max())
-            self._at_step = {s for s in seen if s > last}
+        seen = self._at_step  # said at the step: their global norm, loss and gradients' flags
+        last = int(frame["step"].max())
+        self._flushed_upto = max(self._flushed_upto, last)
+        self._at_step = {s for s in seen if s > last}
         if "nonfinite" not in self._said:
             f = _nonfinite(frame, model, skipped, seen)
             if f is not None:
@@ -245,7 +247,10 @@ def _global_norms(model: pd.DataFrame, skipped: set[Any]) -> pd.Series:
 
 
 def _nonfinite(
-    frame: pd.DataFrame, model: pd.DataFrame, skipped: set[Any], seen: set[int] = frozenset()
+    frame: pd.DataFrame,
+    model: pd.DataFrame,
+    skipped: set[Any],
+    seen: AbstractSet[int] = frozenset(),
 ) -> Finding | None:
     """The first step with a NaN/Inf loss, global norm, or flag (``seen``: steps whose
     loss, global norm and gradients were checked at the step; their outputs' and error

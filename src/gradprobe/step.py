@@ -239,13 +239,10 @@ class StepBoundary:
         # The loss logged so far for this step (one logged after optimizer.step() is read
         # by the flush's check instead); kept as logged: a tensor, or a float.
         losses = list(self.buffer._logged.get((self.step_index, "loss"), ()))
-        live = self._scaler_ref is None  # with a scaler, only the flush knows skipped steps
         put = to_host_later
         entry = (self.step_index, [put(t) for t in totals], [put(v) for v in losses])
         if len(self._pending_norms) < _PENDING_NORMS:
             self._pending_norms.append(entry)
-            if live:
-                self._live.expect(self.step_index)
         self._read_norms()
 
     def _read_norms(self) -> None:
@@ -256,7 +253,7 @@ class StepBoundary:
             total = float(sum(float(h) for h, _ in totals)) ** 0.5
             if self._spikes.push(total) is not None and self._auto:
                 self._burst_until = max(self._burst_until, self.step_index + AUTO_BURST)
-            if self._scaler_ref is None:
+            if self._scaler_ref is None:  # with a scaler, only the flush knows skipped steps
                 loss = float(sum(float(h) for h, _ in losses)) if losses else None
                 self._guard(partial(self._live.at_step, step, total, loss), "the live check")
 
