@@ -370,3 +370,31 @@ def test_a_step_the_flush_said_first_is_not_said_again_at_the_step() -> None:
     window = list(live._spikes.window)
     assert len(window) == 9 and math.isnan(window[-1])
     assert window[:8] == [1.0 + 0.01 * s for s in range(8)]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_on_a_gpu_a_nan_is_said_within_a_few_steps_once_without_a_flush() -> None:
+    # The step's norm and loss reach the host by a pinned copy read once its event has
+    # completed: said a step or so after the NaN, well before the flush (step 49), once.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 64), nn.Tanh(), nn.Linear(64, 3)).cuda()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    x = torch.randn(64, 8, device="cuda")
+    y = x[:, :3].argmax(1)
+    at, said = {"step": None}, []
+    probe = Probe(model, opt, on_finding=lambda f: said.append((f, at["step"])))
+    for step in range(40):
+        at["step"] = step
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        if step == 10:
+            loss = loss * float("nan")
+        loss.backward()
+        probe.log(loss=loss)
+        opt.step()
+    torch.cuda.synchronize()
+    probe.close()
+    nonfinite = [(f, s) for f, s in said if f.kind == "nonfinite"]
+    assert len(nonfinite) == 1
+    finding, when = nonfinite[0]
+    assert finding.evidence["step"] == 10 and 10 <= when < 40
