@@ -19,6 +19,7 @@ from gradprobe.diagnose import (
     KIND_ORDER,
     LOSS_NOT_LOGGED,
 )
+from gradprobe.diagnose.instability import detect_grad_norm_spike
 from gradprobe.lab.models import mlp
 from gradprobe.stats import MODEL_NAME
 
@@ -335,3 +336,29 @@ def test_a_detector_that_fails_is_a_skipped_check_not_a_crash(monkeypatch) -> No
     monkeypatch.setattr(diagnose_module, "DETECTORS", detectors)
     found = diagnose(_series_run(loss=np.linspace(2.0, 1.0, 40)))
     assert found.skipped["plateau"] == "could not be judged: ValueError: boom"
+
+
+def test_the_parameter_that_jumped_first_is_named_by_the_spike_rule() -> None:
+    # Two parameters; "a.weight" jumps ×40 at step 30 (with a NaN and zeros in its
+    # window), "b.weight" stays: the global spike at 30 names "a.weight" at step 30 with
+    # the ratio of the rule by hand (its value over the median of the finite values
+    # among the 20 steps before).
+    rng = np.random.default_rng(3)
+    a = list(rng.uniform(1.0, 1.5, 40))
+    b = list(rng.uniform(1.0, 1.5, 40))
+    a[15], a[16], a[20] = 0.0, 0.0, float("nan")
+    a[30] = 40.0
+    rows = []
+    for s in range(40):
+        rows += [(s, "a.weight", "grad_norm", a[s]), (s, "b.weight", "grad_norm", b[s])]
+        total = a[s] ** 2 + b[s] ** 2 if np.isfinite(a[s]) else float("inf")
+        rows.append((s, MODEL_NAME, "global_grad_norm_preclip", float(np.sqrt(total))))
+    params = [{"name": "a.weight", "module": "fc0"}, {"name": "b.weight", "module": "fc0"}]
+    found = detect_grad_norm_spike(synthetic_run(rows, [{"name": "fc0"}], params))
+    assert found is not None and found.evidence["steps"] == [30]
+    before = [v for v in a[10:30] if np.isfinite(v)]
+    assert list(found.evidence["first_jumped"]) == ["a.weight"]
+    jumped = found.evidence["first_jumped"]["a.weight"]
+    assert jumped["step"] == 30
+    # the same division of the same median (a mean of two middle values: 1-2 roundings)
+    assert jumped["ratio"] == pytest.approx(40.0 / np.median(before), rel=1e-12)

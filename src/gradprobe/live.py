@@ -2,10 +2,22 @@
 
 :func:`~gradprobe.diagnose` reads a whole run after training. Some problems should not
 wait for it: the step a loss turns NaN, a gradient norm that jumps tenfold, updates as
-large as the weights. :class:`LiveCheck` reads each flush's rows, which are on the host
-already (the flush is where the Probe copies its device buffers, once per
-``flush_every`` recorded steps, and at ``frame()``/``close()``), so it adds no device
-sync and no work to a step between flushes. What it finds is said at once, as
+large as the weights. :class:`LiveCheck` checks them in two places, neither adding a
+device sync:
+
+- at the step (:meth:`LiveCheck.at_step`): the step-level rules on the step's global
+  gradient norm and logged loss, which the Probe reads on the host through the path of
+  the "auto" cadence's spike burst (``step.py``): host values on the CPU, so a NaN or a
+  spike at step ``s`` is said inside step ``s``'s ``optimizer.step()``; on a GPU a pinned
+  copy read once its CUDA event has completed, a step or so later, at the latest at the
+  next flush. Not under torch.distributed or with a ``GradScaler`` (the flush knows the
+  combined rows and the skipped steps): there the flush says them;
+- at each flush (``__call__``), on the rows the flush has copied to the host (once per
+  ``flush_every`` recorded steps, and at ``frame()``/``close()``): the per-layer rules
+  (NaN/Inf flags of outputs and error signals, updates as large as the weights), and the
+  step-level rules of the steps not read at the step. A finding is said once.
+
+What it finds is said at once, as
 
 - one line of :class:`~gradprobe.hooks.GradprobeWarning` (once per kind: a run whose
   gradients are NaN from step 37 on says so once, not at every step; under DDP on rank
@@ -14,23 +26,17 @@ sync and no work to a step between flushes. What it finds is said at once, as
 - a call of the Probe's ``on_finding(finding)``, with a :class:`~gradprobe.Finding` whose
   ``evidence["step"]`` is the step it was seen at;
 - with ``stop_on=("nonfinite", ...)``, :class:`~gradprobe.errors.StopTraining` raised
-  from the step boundary (``optimizer.step()`` or ``probe.step()``) that flushed it.
-
-Latency: a step's rows reach the host at the flush after it, so a finding at step ``s``
-is said at the latest at the step that fills the buffer (``flush_every`` recorded
-steps: 50 by default; under ``every="auto"`` the unrecorded steps' sentinel rows count
-too). ``flush_every=1`` says it at the step itself, at the cost of a whole flush per
-step: on a GPU a host sync (the device's queue drains) and the rows' finalisation on the
-host. Not measured here on a GPU; on CPU the flush is host work only.
+  from the step boundary (``optimizer.step()`` or ``probe.step()``) that said it.
 
 The rules are :mod:`gradprobe.diagnose`'s own thresholds, applied to the steps seen so far:
 
 - ``nonfinite``: the loss, the global gradient norm (before or after clipping), or a
   NaN/Inf flag of a gradient, an output or an error signal is not finite at a step that
   a ``GradScaler`` did not skip (a skipped step is the scaler doing its job);
-- ``grad_norm_spike``: the pre-clip global gradient norm ≥ ``GRAD_SPIKE_FACTOR`` (10) ×
-  its median over the ``SPIKE_WINDOW`` (20) recorded steps before it (at least 5 of them);
-  again after ``SPIKE_WINDOW`` steps, not at each step of one episode;
+- ``grad_norm_spike``: the pre-clip global gradient norm spikes by
+  :mod:`gradprobe.spikes`' rule (≥ 10× the median of the finite values among the 20
+  recorded steps before it, at least 5 of them), diagnose's; said again after
+  ``SPIKE_WINDOW`` steps, not at each step of one episode;
 - ``exploding``: a weight's update as large as the weight (‖Δw‖/‖w‖ ≥
   ``UPDATE_RATIO_EXPLODING``, 1), or the global gradient norm ≥ ``EXPLODING_GROWTH``
   (1000) × its median over the first 5 recorded steps.
@@ -40,8 +46,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections import deque
 from collections.abc import Callable, Iterable
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 import numpy as np
@@ -49,13 +55,13 @@ import pandas as pd
 
 from .diagnose import (
     EXPLODING_GROWTH,
-    GRAD_SPIKE_FACTOR,
     SPIKE_WINDOW,
     UPDATE_RATIO_EXPLODING,
     Finding,
 )
 from .errors import GradprobeError, StopTraining
 from .hooks import GradprobeWarning
+from .spikes import SpikeWatch
 from .stats import MODEL_NAME
 
 __all__ = ["LIVE_KINDS", "LiveCheck", "StopTraining"]
@@ -98,9 +104,46 @@ class LiveCheck:
         self.found: list[Finding] = []
         self.stop: Finding | None = None  # the first finding of a stop_on kind, until raised
         self._said: set[str] = set()
-        self._norms: deque[float] = deque(maxlen=SPIKE_WINDOW)
+        self._spikes = SpikeWatch()
         self._base: list[float] = []
+        # Steps whose global norm and loss were read at the step (at_step): the flush's
+        # check leaves those to it, and keeps the per-layer rules; and the last step a
+        # flush checked (at_step leaves a step the flush has said).
+        self._at_step: set[int] = set()
+        self._flushed_upto = -1
         self._last_spike = -(10**9)
+
+    # ------------------------------------------------------------ reading a step
+    def at_step(self, step: int, grad_norm: float, loss: float | None = None) -> list[Finding]:
+        """The step-level rules on one step's host values: ``grad_norm`` (the global
+        gradient norm, pre-clip where measured) and the ``loss`` logged for it (a sum of
+        its values: non-finite if any is; None if none was logged yet). A step a flush
+        has checked already (on a GPU, one whose copy had not landed by then) is left."""
+        if step <= self._flushed_upto:
+            return []
+        self._at_step.add(step)
+        new: list[Finding] = []
+        bad = [
+            n
+            for n, v in (("loss", loss), ("global_grad_norm", grad_norm))
+            if v is not None and not math.isfinite(v)
+        ]
+        if bad and "nonfinite" not in self._said:
+            new.append(
+                Finding(
+                    "nonfinite",
+                    "critical",
+                    (MODEL_NAME,),
+                    f"step {step}: NaN/Inf in `{MODEL_NAME}` ({', '.join(sorted(bad))})",
+                    {"step": step, "stats": sorted(bad), "live": True},
+                )
+            )
+        f = self._spike_or_growth(step, grad_norm)
+        if f is not None:
+            new.append(f)
+        for f in new:
+            self._say(f)
+        return new
 
     # ------------------------------------------------------------ reading a flush
     def __call__(self, frame: pd.DataFrame) -> list[Finding]:
@@ -110,11 +153,16 @@ class LiveCheck:
         new: list[Finding] = []
         model = frame[frame["name"] == MODEL_NAME]
         skipped = set(model.loc[(model["stat"] == "skipped") & (model["value"] > 0), "step"])
+        seen = self._at_step  # said at the step: their global norm, loss and gradients' flags
+        last = int(frame["step"].max())
+        self._flushed_upto = max(self._flushed_upto, last)
+        self._at_step = {s for s in seen if s > last}
         if "nonfinite" not in self._said:
-            f = _nonfinite(frame, model, skipped)
+            f = _nonfinite(frame, model, skipped, seen)
             if f is not None:
                 new.append(f)
         norms = _global_norms(model, skipped)
+        norms = norms[~norms.index.isin(seen)] if seen else norms
         for step, value in norms.items():
             f = self._spike_or_growth(int(step), float(value))
             if f is not None:
@@ -130,9 +178,9 @@ class LiveCheck:
 
     def _spike_or_growth(self, step: int, value: float) -> Finding | None:
         found = None
+        median = self._spikes.push(value)  # gradprobe/spikes.py: diagnose's rule
         if not math.isfinite(value):
             return None  # the nonfinite rule says it
-        history = [v for v in self._norms if v > 0]
         if len(self._base) < _BASE_STEPS:
             self._base.append(value)
         elif "exploding" not in self._said:
@@ -147,24 +195,18 @@ class LiveCheck:
                     f"steps ({base:.3g})",
                     {"step": step, "grad_norm": value, "base": base, "live": True},
                 )
-        if (
-            found is None
-            and len(history) >= SPIKE_WINDOW // 4
-            and step - self._last_spike >= SPIKE_WINDOW
-        ):
-            median = float(np.median(history))
-            if value >= GRAD_SPIKE_FACTOR * median:
-                self._last_spike = step
-                found = Finding(
-                    "grad_norm_spike",
-                    "warning",
-                    (MODEL_NAME,),
-                    f"step {step}: the global gradient norm jumped to {value:.3g}, "
-                    f"×{value / median:.3g} its median over the {len(history)} recorded "
-                    f"steps before ({median:.3g})",
-                    {"step": step, "grad_norm": value, "median": median, "live": True},
-                )
-        self._norms.append(value)
+        # Said again after SPIKE_WINDOW steps, not at each step of one episode.
+        if found is None and median is not None and step - self._last_spike >= SPIKE_WINDOW:
+            self._last_spike = step
+            found = Finding(
+                "grad_norm_spike",
+                "warning",
+                (MODEL_NAME,),
+                f"step {step}: the global gradient norm jumped to {value:.3g}, "
+                f"×{value / median:.3g} the median of the {SPIKE_WINDOW} recorded steps "
+                f"before ({median:.3g})",
+                {"step": step, "grad_norm": value, "median": median, "live": True},
+            )
         return found
 
     # ------------------------------------------------------------ saying it
@@ -204,9 +246,21 @@ def _global_norms(model: pd.DataFrame, skipped: set[Any]) -> pd.Series:
     return pd.Series(dtype=float)
 
 
-def _nonfinite(frame: pd.DataFrame, model: pd.DataFrame, skipped: set[Any]) -> Finding | None:
-    """The first step with a NaN/Inf loss, global norm, or flag."""
+def _nonfinite(
+    frame: pd.DataFrame,
+    model: pd.DataFrame,
+    skipped: set[Any],
+    seen: AbstractSet[int] = frozenset(),
+) -> Finding | None:
+    """The first step with a NaN/Inf loss, global norm, or flag (``seen``: steps whose
+    loss, global norm and gradients were checked at the step; their outputs' and error
+    signals' flags are checked here)."""
     rows = frame[~frame["step"].isin(skipped)] if skipped else frame
+    if seen:
+        at_step = rows["step"].isin(seen) & (
+            (rows["name"] == MODEL_NAME) | (rows["stat"] == "grad_nonfinite")
+        )
+        rows = rows[~at_step]
     flagged = rows[rows["stat"].isin(_NONFINITE_FLAGS) & (rows["value"] > 0)]
     values = rows[
         (rows["name"] == MODEL_NAME)

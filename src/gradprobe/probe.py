@@ -95,12 +95,12 @@ from .hooks import GradprobeWarning, HookSet, Site, warn_gap, warn_once
 from .recurrent import carry_slots, record_carry
 from .run import Run, empty_frame, load, normalize_frame, text_column
 from .shards import ShardedNorms, sharded_parameters
+from .spikes import SpikeWatch
 from .stats import MODEL_NAME, PRESETS, STATISTICS, Plan, finalize, logged_mean
 from .step import (
     AUTO_BURST,
     AUTO_EVERY,
     AUTO_FIRST,
-    SPIKE_BURST_WINDOW,
     StepBoundary,
     _loggable,
     _scale_marker,
@@ -273,10 +273,10 @@ class Probe(Capture, StepBoundary, Follow):
         # step (a burst after non-finite gradients) every step is recorded.
         self._auto = every == "auto"
         self._burst_until = -1
-        # ... or after a gradient-norm spike (step.py, SPIKE_BURST_*): recent global norms
+        # ... or after a gradient-norm spike (step.py, gradprobe/spikes.py): recent global norms
         # on the host, and the device copies of the latest not read yet.
-        self._norm_history: deque[float] = deque(maxlen=SPIKE_BURST_WINDOW)
-        self._pending_norms: deque[list[tuple[Tensor, Any]]] = deque()
+        self._spikes = SpikeWatch()
+        self._pending_norms: deque[tuple[int, list[Any], list[Any]]] = deque()
         self._param_hooks_kept = False  # "auto": the gradient hooks stay on at every step
         self.flush_every = flush_every
         # Findings said while training, from each flush's host rows (gradprobe/live.py).

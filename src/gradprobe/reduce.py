@@ -27,6 +27,7 @@ GPU), and the non-finite flag is a device tensor.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -40,6 +41,7 @@ __all__ = [
     "nonzero_count",
     "row_norms",
     "screened",
+    "to_host_later",
     "unit_nonzero_counts",
 ]
 
@@ -194,3 +196,15 @@ def nonfinite_flags(norms: Tensor, finite: list[bool] | None) -> Tensor:
             return torch.zeros(len(finite), device=norms.device)
         return torch.tensor([0.0 if ok else 1.0 for ok in finite], device=norms.device)
     return ~torch.isfinite(norms)
+
+
+def to_host_later(value: Tensor | float) -> tuple[Tensor | float, Any]:
+    """A value to read on the host later without a sync: itself on the CPU; on a GPU a
+    pinned copy made without waiting, and the event that says when it has landed."""
+    if not isinstance(value, Tensor) or value.device.type == "cpu":
+        return value, None
+    host = torch.empty((), dtype=value.dtype, pin_memory=True)
+    host.copy_(value, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(value.device))
+    return host, event

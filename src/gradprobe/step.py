@@ -21,8 +21,9 @@ from .buffer import Ranks
 from .capture import _inside_backward
 from .errors import GradprobeError
 from .hooks import Site, at_backward_end, warn_gap
-from .reduce import accumulation_dtype, l2_norms, nonfinite_flags
+from .reduce import accumulation_dtype, l2_norms, nonfinite_flags, to_host_later
 from .shards import dtensor_type, local_shards
+from .spikes import GRAD_SPIKE_FACTOR, SPIKE_MIN, SPIKE_WINDOW
 from .stats import STATISTICS
 
 if TYPE_CHECKING:
@@ -46,14 +47,15 @@ AUTO_FIRST = 20
 AUTO_EVERY = 50
 AUTO_BURST = 20
 # ... and after a gradient-norm spike: the step's global norm (before clipping where it was
-# measured) ≥ SPIKE_BURST_FACTOR × the median of the SPIKE_BURST_WINDOW steps before it
-# (at least SPIKE_BURST_MIN of them), diagnose's grad_norm_spike rule. Read without a host
-# sync: on the CPU the norms are host values already; on a GPU the step's total is copied
-# to pinned host memory without waiting and read at a later step, once its event has
-# completed (Event.query() never blocks), so the burst starts a step or so late there.
-SPIKE_BURST_FACTOR = 10.0
-SPIKE_BURST_WINDOW = 20
-SPIKE_BURST_MIN = 5
+# measured) spikes by gradprobe/spikes.py's rule, diagnose's grad_norm_spike rule (the
+# SPIKE_BURST_* names are its values). Read without a host sync: on the CPU the norms are
+# host values already; on a GPU the step's total is copied to pinned host memory without
+# waiting and read at a later step, once its event has completed (Event.query() never
+# blocks), so the burst starts a step or so late there. The same values feed the live
+# check's step-level rules (gradprobe/live.py: LiveCheck.at_step).
+SPIKE_BURST_FACTOR = GRAD_SPIKE_FACTOR
+SPIKE_BURST_WINDOW = SPIKE_WINDOW
+SPIKE_BURST_MIN = SPIKE_MIN
 _PENDING_NORMS = 64  # copies in flight at most (they complete within a step or two)
 
 
@@ -208,7 +210,7 @@ class StepBoundary:
                 grads = self._grads(idx)
                 grad_norms, finite = l2_norms(grads, device)
             record(device, idx, "grad_norm", grad_norms)
-            if self._auto and not self._distributed:
+            if not self._distributed:  # the burst ("auto") and the live check
                 pre = same[0] if same is not None else grad_norms
                 totals.append(pre.to(accumulation_dtype(device)).square().sum())
             # Ranks must keep one cadence (their collectives must match): one rank's
@@ -231,31 +233,29 @@ class StepBoundary:
             self._watch_spike(totals)
 
     def _watch_spike(self, totals: list[Tensor]) -> None:
-        """Queue the step's global gradient norm (``totals``: Σ‖g‖² per group) for the
-        spike test, and run it on every queued step whose values have reached the host."""
-        entry = []
-        for t in totals:
-            if t.device.type == "cpu":
-                entry.append((t, None))
-            else:  # no sync: a pinned copy the host reads once the event says it landed
-                host = torch.empty((), dtype=t.dtype, pin_memory=True)
-                host.copy_(t, non_blocking=True)
-                event = torch.cuda.Event()
-                event.record(torch.cuda.current_stream(t.device))
-                entry.append((host, event))
+        """Queue the step's global gradient norm (``totals``: Σ‖g‖² per group) and its
+        logged loss for the spike burst and the live check's step-level rules, and read
+        every queued step whose values have reached the host."""
+        # The loss logged so far for this step (one logged after optimizer.step() is read
+        # by the flush's check instead); kept as logged: a tensor, or a float.
+        losses = list(self.buffer._logged.get((self.step_index, "loss"), ()))
+        put = to_host_later
+        entry = (self.step_index, [put(t) for t in totals], [put(v) for v in losses])
         if len(self._pending_norms) < _PENDING_NORMS:
             self._pending_norms.append(entry)
-        while self._pending_norms and all(
-            e is None or e.query() for _, e in self._pending_norms[0]
-        ):
-            total = float(sum(float(h) for h, _ in self._pending_norms.popleft())) ** 0.5
-            history = self._norm_history
-            if len(history) >= SPIKE_BURST_MIN:
-                median = float(np.median(history))
-                if median > 0 and total >= SPIKE_BURST_FACTOR * median:
-                    self._burst_until = max(self._burst_until, self.step_index + AUTO_BURST)
-            if np.isfinite(total):
-                history.append(total)
+        self._read_norms()
+
+    def _read_norms(self) -> None:
+        """Run the spike burst and the live check on each queued step that is on the host."""
+        pending = self._pending_norms
+        while pending and all(e is None or e.query() for _, e in pending[0][1] + pending[0][2]):
+            step, totals, losses = pending.popleft()
+            total = float(sum(float(h) for h, _ in totals)) ** 0.5
+            if self._spikes.push(total) is not None and self._auto:
+                self._burst_until = max(self._burst_until, self.step_index + AUTO_BURST)
+            if self._scaler_ref is None:  # with a scaler, only the flush knows skipped steps
+                loss = float(sum(float(h) for h, _ in losses)) if losses else None
+                self._guard(partial(self._live.at_step, step, total, loss), "the live check")
 
     def _end_sharded_step(self) -> None:
         """Sharded parameters' norms of the step: their shards' squares summed across the
@@ -577,6 +577,8 @@ class StepBoundary:
             self._warn_unit_problems()
         if len(self.buffer) >= self.flush_every:
             self._flush()
+            if self._pending_norms:  # the flush waited for the device: their copies landed
+                self._read_norms()
 
     def _warn_unit_problems(self) -> None:
         problems, self.buffer.unit_problems = self.buffer.unit_problems, []

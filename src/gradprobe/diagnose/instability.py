@@ -104,12 +104,7 @@ def _first_jumped(run: Run, spike: int) -> list[tuple[str, int, float]]:
     if grads.empty or spike not in grads.index:
         return []
     window = grads.loc[:spike].iloc[-SPIKE_WINDOW:]
-    median = (
-        grads.where(np.isfinite(grads))
-        .rolling(SPIKE_WINDOW, min_periods=max(3, SPIKE_WINDOW // 4))
-        .median()
-        .shift(1)
-    )
+    median = grads.apply(_running_median)  # each parameter's own, by the one spike rule
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = (grads / median).loc[window.index]
     ratio = ratio.where(median.loc[window.index] > 0)

@@ -16,7 +16,8 @@ import numpy as np
 import pandas as pd
 
 from ..run import Run
-from .thresholds import LOSS_WINDOW, SPIKE_WINDOW
+from ..spikes import running_median
+from .thresholds import LOSS_WINDOW
 
 _NORM_TYPES = (
     "BatchNorm",
@@ -187,8 +188,7 @@ def _update_medians(run: Run) -> pd.Series:
 # ---------------------------------------------------------------- unstable training
 def _running_median(series: pd.Series) -> pd.Series:
     """The median of the SPIKE_WINDOW values before each one (NaN where too few)."""
-    finite = series.where(np.isfinite(series))
-    return finite.rolling(SPIKE_WINDOW, min_periods=max(3, SPIKE_WINDOW // 4)).median().shift(1)
+    return pd.Series(running_median(series.to_numpy(dtype=float)), index=series.index)
 
 
 def _steps_text(steps: list[int], limit: int = 5) -> str:

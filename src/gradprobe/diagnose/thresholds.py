@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .. import spikes
+
 __all__ = ["THRESHOLDS", "Count", "Threshold", "table"]
 
 
@@ -203,12 +205,12 @@ UNUSED_FRAC = Threshold(
 # ---------------------------------------------------------------- unstable training
 # Read from the logged loss and the global gradient norm over steps.
 SPIKE_WINDOW = Count(
-    20,
+    spikes.SPIKE_WINDOW,  # the rule itself: gradprobe/spikes.py
     "Running medians are taken over the SPIKE_WINDOW recorded steps before each one (at least "
     "a quarter of it must be there): long enough that one odd batch does not move them.",
 )
 GRAD_SPIKE_FACTOR = Threshold(
-    10.0,
+    spikes.GRAD_SPIKE_FACTOR,
     "A gradient-norm spike: the pre-clip global norm ≥ 10× its running median. Minibatch noise "
     "moves it by 2–5× in healthy runs (a 20-layer He-init ReLU MLP at a stable rate: ≤ 5×); a "
     "deep ReLU net at too high a rate jumps 10–100×.",
