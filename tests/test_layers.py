@@ -70,21 +70,23 @@ CYCLE_EXCEPTIONS: list[set[str]] = [
 # Size rule of thumb: a module over ~600 lines or a class over ~300 holds several ideas.
 MAX_MODULE_LINES = 600
 MAX_CLASS_LINES = 300
-# What is over it today, to split (sizes at the time of writing, for scale).
+# What is over it today, to split: each with its size now as a ceiling. The list can only
+# shrink and the ceilings only fall (lower one when a split lands): a file over the rule
+# must not grow while it waits for its split.
 BIG_MODULES = {
-    "probe": "1,215 lines: the Probe facade and its mixins (issue 24, stage 5)",
-    "capture": "943: forward and error capture, one call and a stack (stages 4-5)",
-    "buffer": "833: calls, units, drain, ranks in one class (stage 6)",
-    "explain": "711: the worked examples of docs/concepts.md",
-    "cli": "634: every command's options and output",
-    "theory.meanfield": "633: mean-field maths for every activation",
+    "probe": (1325, "the Probe facade and its mixins (issue 24, stage 5)"),
+    "capture": (1047, "forward and error capture, one call and a stack (stages 4-5)"),
+    "buffer": (867, "calls, units, drain, ranks in one class (stage 6)"),
+    "explain": (712, "the worked examples of docs/concepts.md"),
+    "cli": (634, "every command's options and output"),
+    "theory.meanfield": (633, "mean-field maths for every activation"),
 }
 BIG_CLASSES = {
-    "probe.Probe": "the facade over the mixins (stage 5)",
-    "capture.Capture": "forward and error capture (stage 5)",
-    "step.StepBoundary": "the step clock, cadence, scaler and drain (stage 5)",
-    "buffer.StepBuffer": "four jobs in one class (stage 6)",
-    "follow.Follow": "311: following a model that changes (recording engine, stage 5)",
+    "probe.Probe": (790, "the facade over the mixins (stage 5)"),
+    "capture.Capture": (821, "forward and error capture (stage 5)"),
+    "step.StepBoundary": (450, "the step clock, cadence, scaler and drain (stage 5)"),
+    "buffer.StepBuffer": (597, "four jobs in one class (stage 6)"),
+    "follow.Follow": (303, "following a model that changes (recording engine, stage 5)"),
 }
 
 
@@ -287,11 +289,13 @@ def _lines(node: ast.AST) -> int:
 def test_modules_and_classes_stay_small(name: str) -> None:
     path = MODULES[name]
     lines = len(path.read_text(encoding="utf-8").splitlines())
-    if name not in BIG_MODULES:
-        assert lines <= MAX_MODULE_LINES, f"{name}: {lines} lines: split it by idea"
+    ceiling = BIG_MODULES.get(name, (MAX_MODULE_LINES, ""))[0]
+    assert lines <= ceiling, f"{name}: {lines} lines (at most {ceiling}): split it by idea"
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.ClassDef) and f"{name}.{node.name}" not in BIG_CLASSES:
-            assert _lines(node) <= MAX_CLASS_LINES, f"{name}.{node.name}: {_lines(node)} lines"
+        if isinstance(node, ast.ClassDef):
+            qualified = f"{name}.{node.name}"
+            ceiling = BIG_CLASSES.get(qualified, (MAX_CLASS_LINES, ""))[0]
+            assert _lines(node) <= ceiling, f"{qualified}: {_lines(node)} lines (at most {ceiling})"
 
 
 def test_every_size_exception_is_still_big() -> None:
