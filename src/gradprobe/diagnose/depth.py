@@ -64,6 +64,18 @@ class DepthProfile:
     def last(self) -> str:
         return self.layers[-1]
 
+    def evidence(self) -> dict[str, object]:
+        """The profile's numbers as a finding's evidence (vanishing and exploding alike)."""
+        return {
+            "factor_per_layer": self.factor,
+            "first_last_ratio": self.ratio,
+            "first": self.first,
+            "last": self.last,
+            "r2": self.r2,
+            "layers": list(self.layers),
+            "error_norm": list(self.error),
+        }
+
 
 def depth_profile(run: Run, first_steps: int | None = None) -> DepthProfile | None:
     """The error signal at each layer with weights, and its fitted per-layer factor.
@@ -145,13 +157,7 @@ def detect_vanishing(run: Run) -> Finding | None:
         critical |= p.ratio <= VANISHING_CRITICAL_RATIO
         evidence["modes"].append("depth")
         evidence.update(
-            factor_per_layer=p.factor,
-            first_last_ratio=p.ratio,
-            first=p.first,
-            last=p.last,
-            r2=p.r2,
-            layers=list(p.layers),
-            error_norm=list(p.error),
+            p.evidence(),
             steps=p.steps,
             threshold_ratio=VANISHING_RATIO,
             threshold_factor=VANISHING_FACTOR,

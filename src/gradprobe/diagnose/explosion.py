@@ -44,15 +44,7 @@ def detect_exploding(run: Run) -> Finding | None:
         names += grown
         critical |= p.ratio >= EXPLODING_CRITICAL_RATIO
         evidence["modes"].append("depth")
-        evidence.update(
-            factor_per_layer=p.factor,
-            first_last_ratio=p.ratio,
-            first=p.first,
-            last=p.last,
-            r2=p.r2,
-            layers=list(p.layers),
-            error_norm=list(p.error),
-        )
+        evidence.update(p.evidence())
         sentences.append(
             f"The error signal grows ×{_g(p.factor)} per layer toward the input (fitted over "
             f"{p.fitted_layers} layers with weights); layer `{p.first}` receives {_g(p.ratio)}× "
@@ -73,16 +65,7 @@ def detect_exploding(run: Run) -> Finding | None:
             names += [n for n, e in zip(p0.layers, p0.error) if e >= EXPLODING_RATIO * last]
             critical |= p0.ratio >= EXPLODING_CRITICAL_RATIO
             evidence["modes"].append("init")
-            evidence.update(
-                factor_per_layer=p0.factor,
-                first_last_ratio=p0.ratio,
-                first=p0.first,
-                last=p0.last,
-                r2=p0.r2,
-                layers=list(p0.layers),
-                error_norm=list(p0.error),
-                init_step=int(run.steps[0]),
-            )
+            evidence.update(p0.evidence(), init_step=int(run.steps[0]))
             sentences.append(
                 f"At the first recorded step (step {int(run.steps[0])}) the error signal grows "
                 f"×{_g(p0.factor)} per layer toward the input (fitted over {p0.fitted_layers} "
