@@ -84,9 +84,9 @@ BIG_MODULES = {
 BIG_CLASSES = {
     "probe.Probe": (790, "the facade over the mixins (stage 5)"),
     "capture.Capture": (821, "forward and error capture (stage 5)"),
-    "step.StepBoundary": (450, "the step clock, cadence, scaler and drain (stage 5)"),
+    "step.StepBoundary": (453, "the step clock, cadence, scaler and drain (stage 5)"),
     "buffer.StepBuffer": (597, "four jobs in one class (stage 6)"),
-    "follow.Follow": (303, "following a model that changes (recording engine, stage 5)"),
+    "follow.Follow": (329, "following a model that changes (recording engine, stage 5)"),
 }
 
 

@@ -23,6 +23,7 @@ from torch import nn
 
 import gradprobe
 from gradprobe import Probe
+from gradprobe.hooks import GradprobeWarning
 from gradprobe.stats import MODEL_NAME
 from step_twins import error_norm_sq, hook_count, states_equal
 from step_twins import table as stat_table
@@ -246,3 +247,52 @@ def test_a_selection_by_name_follows_the_module_under_that_name():
     for step, mean in enumerate(outputs):
         assert close(stat_table(frame, "act_mean", "head")[step], mean)
     assert [m["type"] for m in probe.meta["modules"]] == ["Tanh", "Linear", "Identity", "Linear"]
+
+
+@pytest.mark.parametrize("every", [1, "auto"])
+def test_a_change_that_cannot_be_followed_leaves_everything_after_it_out(monkeypatch, every):
+    """Binding the changed model fails part-way (a failure injected after the buffer grew):
+    the Probe's bindings cannot be trusted any more, so it records nothing from that step
+    on — one warning says so — while the steps before stay, and training is untouched."""
+    from gradprobe.follow import Follow
+
+    real = Follow._rebind
+
+    def failing(self, model):
+        real(self, model)  # the buffer, slots and hooks changed ...
+        raise RuntimeError("injected after binding")  # ... and then it failed
+
+    def train(probed: bool):
+        torch.manual_seed(0)
+        model = Net()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        probe = Probe(model, opt, every=every) if probed else None
+        g = torch.Generator().manual_seed(2)
+        for step in range(STEPS):
+            if step == CHANGE_AT:
+                torch.manual_seed(9)
+                model.head = nn.Linear(16, 3)
+                opt.add_param_group({"params": list(model.head.parameters())})
+            x, y = torch.randn(8, 6, generator=g), torch.randint(0, 3, (8,), generator=g)
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        frame = probe.frame() if probe is not None else None
+        if probe is not None:
+            probe.close()
+            assert hook_count(model, opt) == 0
+        return model, frame
+
+    monkeypatch.setattr(Follow, "_rebind", failing)
+    with pytest.warns(GradprobeWarning) as caught:
+        model, frame = train(True)
+    twin, _ = train(False)
+    assert states_equal(model, twin)
+    said = [str(w.message) for w in caught]
+    assert any("injected after binding" in m for m in said)
+    assert sum("records nothing from this step on" in m for m in said) == 1
+    # Absent, never wrong: only the optimizer's learning rate, read from it, goes on.
+    assert set(frame[frame.step >= CHANGE_AT].stat) <= {"lr"}
+    before = frame[frame.step < CHANGE_AT]
+    assert set(before.step) == set(range(CHANGE_AT))
+    assert (before[before.stat == "grad_norm"].value > 0).all()

@@ -133,6 +133,9 @@ class Follow:
         # Modules whose parameters are all frozen now (trainable when bound): not recorded.
         self._requires_grad_now: tuple[bool, ...] = tuple(self._trainable_at_bind)
         self._frozen_slots: frozenset[int] = frozenset()
+        # A change of the model that could not be followed (binding it failed part-way):
+        # nothing bound can be trusted from then on, so nothing more is recorded.
+        self._unfollowed = False
 
     # ================================================================ closures
     def _before_step(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -145,7 +148,7 @@ class Follow:
         if closure is None or self._closed or not (self._recording or self._auto):
             self._guard(self._on_step_pre, "the optimizer step (pre-hook)")
             return None
-        self._guard(self._follow_model, "the optimizer step (following the model)")
+        self._follow_or_stop("the optimizer step (following the model)")
         self._poll_scaler()
         if "lr" in self.stats and (self._recording or self._auto):
             self._guard(self._record_lr, "optimizer step (learning rate)")
@@ -167,7 +170,7 @@ class Follow:
         """A backward pass that accumulated into the model's parameters ended (after DDP's
         own callbacks): the pre-clip norms, and where the gradients and records stand."""
         self._backward_pending = False
-        if self._closed or self._searching:
+        if self._closed or self._searching or self._unfollowed:
             return
         if self._want_preclip:
             self._guard_params(self._record_preclip, "the end of backward (pre-clip norms)")
@@ -297,6 +300,29 @@ class Follow:
         return bool(owned) and not any(params[i].requires_grad for i in owned)
 
     # ================================================================ a model that changes
+    def _follow_or_stop(self, where: str) -> None:
+        """Follow the model (:meth:`_follow_model`); should that fail, the Probe's slots,
+        parameters, buffer and hooks may be half bound to the new model: this step's
+        statistics become gaps and nothing more is recorded (absent, never wrong), with
+        one warning that says so."""
+        if self._unfollowed or self._guard(self._follow_model, where):
+            return
+        self._unfollowed = True
+        self._recording = False
+        warn_gap(
+            self._failed_where,
+            "model not followed",
+            "gradprobe: the model changed and the Probe failed to follow the change (the "
+            "warning before says where): it records nothing from this step on. Training is "
+            "not affected; make a new Probe to go on recording",
+        )
+        self._guard(self._mark_everything_a_gap, f"{where} (marking the gap)")
+
+    def _mark_everything_a_gap(self) -> None:
+        for k in range(self.buffer.n_slots):
+            self.buffer.set_host(k, "gap", 1)
+        self.buffer.set_param_host(list(range(self.buffer.n_params)), "param_gap")
+
     def _follow_model(self) -> None:
         """Once per step (its first pass, or its optimizer step, or ``probe.step()``):
         bind what the model holds now if it changed since."""

@@ -450,7 +450,7 @@ class Probe(Capture, StepBoundary, Follow):
             )
         if self._closed:
             return
-        self._guard(self._follow_model, "probe.step (following the model)")
+        self._follow_or_stop("probe.step (following the model)")
         self._poll_scaler()
         if self._recording:
             self._guard_params(self._record_params, "probe.step")
@@ -658,7 +658,7 @@ class Probe(Capture, StepBoundary, Follow):
             self._forward_step = self.step_index  # a forward under grad in this step (log())
         self._check_trained_in_eval()  # before this pass counts
         if self._followed_step != self.step_index:  # once per step: the model as it is
-            self._guard(self._follow_model, "the start of the model's forward (following)")
+            self._follow_or_stop("the start of the model's forward (following)")
         if self._grad_marker is not None and not self._searching:
             self._guard(self._check_discarded, "the start of the model's forward (gradients)")
         self._pass_open = True

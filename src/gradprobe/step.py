@@ -144,6 +144,8 @@ def _loggable(name: str, value: Any, reads_lr: bool) -> Tensor | float:
 class StepBoundary:
     def _records(self, step: int) -> bool:
         """Whether the cadence records ``step`` in full (module hooks on)."""
+        if self._unfollowed:
+            return False
         if self._auto:
             return step < AUTO_FIRST or step % AUTO_EVERY == 0 or step <= self._burst_until
         return step % self.every == 0
@@ -155,7 +157,8 @@ class StepBoundary:
         gradients start a burst of recorded steps. Elsewhere that would need a host read,
         so the rows show the step but no burst follows; nor under torch.distributed
         (ranks keep one cadence). See docs/recording.md, "Cadence"."""
-        self._record_params(grads_only=True)
+        if not self._unfollowed:
+            self._record_params(grads_only=True)
 
     # ================================================================ parameter hooks
     def _param_groups(self, with_grad: bool) -> dict[tuple[torch.device, torch.dtype], list[int]]:
@@ -453,7 +456,7 @@ class StepBoundary:
         """The optimizer step begins, with no closure: its gradients are there."""
         if self._closed:
             return
-        self._guard(self._follow_model, "the optimizer step (following the model)")
+        self._follow_or_stop("the optimizer step (following the model)")
         self._poll_scaler()
         if (self._recording or self._auto) and "lr" in self.stats:
             self._guard(self._record_lr, "optimizer step (learning rate)")
