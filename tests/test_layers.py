@@ -22,7 +22,16 @@ PACKAGE = "gradprobe"
 # a module and, for a package, everything under it ("" is the package's lazy __init__).
 LAYERS: dict[str, tuple[str, ...]] = {
     # L0 base: no knowledge of runs or statistics; pyplot and views found by name.
-    "base": ("errors", "_version", "_views", "_mpl", "activations", "architecture", "finding"),
+    "base": (
+        "errors",
+        "_version",
+        "_views",
+        "_mpl",
+        "kinds",
+        "activations",
+        "architecture",
+        "finding",
+    ),
     # L1 numbers: statistics as data, and the theory (maths from an activation and an init).
     "numbers": ("stats", "theory", "spikes"),
     # L2 runs: the record format on disk and the Run read back from it (data only).
