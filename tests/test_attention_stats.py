@@ -305,3 +305,24 @@ def test_summarise_pools_calls_as_one_step() -> None:
     other = attention_stats(torch.randn(1, 2, 3, 4).double(), torch.randn(1, 2, 3, 4).double())
     mixed = summarise([calls[0], other])
     assert "attn_head_entropy" not in mixed and torch.isfinite(mixed["attn_entropy"])
+
+
+def test_measured_a_slice_of_sequences_at_a_time(monkeypatch) -> None:
+    # A bound on the logits alive at once: the slices pool to the same statistics.
+    from gradprobe import attention
+
+    g = torch.Generator().manual_seed(6)
+    q = torch.randn(5, 2, 6, 4, generator=g, dtype=torch.float64)
+    k = torch.randn(5, 2, 7, 4, generator=g, dtype=torch.float64)
+    mask = torch.rand(5, 1, 6, 7, generator=g) > 0.3
+    whole = attention_stats(q, k, attn_mask=mask, rows=None, batch=None)
+    monkeypatch.setattr(attention, "_LOGITS", 2 * 6 * 7 * 2)  # two sequences per slice
+    sliced = attention_stats(q, k, attn_mask=mask, rows=None, batch=None)
+    for a, b in zip(
+        (whole.logit_max, whole.entropy_sum, whole.weight, whole.entropy_min),
+        (sliced.logit_max, sliced.entropy_sum, sliced.weight, sliced.entropy_min),
+        strict=True,
+    ):
+        torch.testing.assert_close(a, b, rtol=0, atol=TOL)
+    mean = exact(q.numpy(), k.numpy(), mask=mask.numpy())[1]
+    np.testing.assert_allclose(sliced.entropy_mean.numpy(), mean, atol=TOL)

@@ -426,3 +426,38 @@ def test_compiled_model_runs_unchanged_and_is_a_gap() -> None:
         out = compiled(x)  # dynamo traces through the mode, which measures nothing then
     torch.testing.assert_close(out, plain, rtol=0, atol=0)
     assert seen == []
+
+
+def test_under_autocast_the_measurement_stays_float32() -> None:
+    # The user's autocast must not make the measurement's matmul half precision again.
+    model, x = nano(), torch.randn(2, 12, 16, generator=torch.Generator().manual_seed(4))
+    watch, seen = watched(model, ["0.attn"], rows=None, batch=None)
+    qk = []
+    model[0].attn.c_attn.register_forward_hook(lambda m, a, o: qk.append(o.detach()))
+    with torch.autocast("cpu", dtype=torch.bfloat16), watch:
+        model(x)
+    ((_, call),) = seen
+    assert qk[0].dtype == torch.bfloat16 and call.entropy_mean.dtype == torch.float32
+    q, k, _ = (z.view(2, 12, 4, 4).transpose(1, 2) for z in qk[0].split(16, dim=2))
+    top, ent, _ = reference(q.double().numpy(), k.double().numpy(), causal=True)
+    # float32 arithmetic on the bf16 values: ~1e-6 relative; a bf16 matmul would be ~1e-2
+    np.testing.assert_allclose(call.logit_max.numpy(), top.max(axis=(0, 2)), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        call.entropy_mean.numpy(), ent.mean(axis=(0, 2)), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_a_tensor_subclass_is_not_measured() -> None:
+    # (a DTensor's matmul would run collectives): one warning, no record, the call unchanged
+    class Marked(torch.Tensor):
+        pass
+
+    seen = []
+    q = torch.randn(1, 2, 4, 8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with AttentionWatch(lambda: "attn", lambda n, c: seen.append(c)):
+            out = F.scaled_dot_product_attention(q.as_subclass(Marked), q, q)
+    assert seen == []
+    assert torch.equal(out.as_subclass(torch.Tensor), F.scaled_dot_product_attention(q, q, q))
+    assert sum(issubclass(w.category, GradprobeWarning) for w in caught) == 1

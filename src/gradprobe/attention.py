@@ -39,6 +39,7 @@ inputs are computed in float32, float64 in float64.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 from collections.abc import Callable, Sequence
@@ -56,12 +57,14 @@ __all__ = [
     "AttentionWatch",
     "attention_stats",
     "fast_path_at_risk",
+    "no_autocast",
     "strata",
     "summarise",
 ]
 
 ROWS = 32  # query rows per head and sequence
 BATCH = 8  # sequences per call
+_LOGITS = 1 << 22  # logits measured at once (16 MiB in float32)
 
 # F.scaled_dot_product_attention is this builtin (docstring added in place).
 _SDPA = torch._C._nn.scaled_dot_product_attention
@@ -148,7 +151,7 @@ def attention_stats(
             raise ValueError(f"query {tuple(q.shape)} and key {tuple(k.shape)} do not pair")
         q = q if q.dim() > 2 else q.unsqueeze(0)  # [L, E]: one head
         k = k if k.dim() > 2 else k.unsqueeze(0)
-        heads, length, width = q.shape[-3:]
+        heads, length = q.shape[-3], q.shape[-2]
         kv_heads, keys = k.shape[-3], k.shape[-2]
         if kv_heads != heads and kv_heads != 1 and not (enable_gqa and heads % kv_heads == 0):
             raise ValueError(f"{heads} query heads and {kv_heads} key heads")
@@ -166,48 +169,103 @@ def attention_stats(
 
         b_rep, b_w = strata(n_seq, batch, dev)
         r_rep, r_w = strata(length, rows, dev)
-        nb, nr = b_rep.numel(), r_rep.numel()
-        d = len(lead)
-        idx = [i.view(nb, 1, 1) for i in _unravel(b_rep, lead)]
-        head_i = torch.arange(heads, device=dev).view(1, heads, 1)
-        row_i = r_rep.view(1, 1, nr)
-
-        # The sampled query rows [nb, H, nr, E] and the keys [nb, Hk, S, E]: advanced
-        # indexing of broadcast views copies only what is selected.
-        qs = _left_pad(q, d + 3).expand(*lead, heads, length, width)
-        qs = qs[(*idx, head_i, row_i)].to(dtype)
-        ks = _left_pad(k, d + 3).expand(*lead, kv_heads, keys, width)
-        ks = ks[tuple(i.view(nb) for i in idx)].to(dtype)
-        group = heads // kv_heads
-        logits = torch.matmul(
-            qs.reshape(nb, kv_heads, group, nr, width), ks.unsqueeze(2).transpose(-1, -2)
-        ).reshape(nb, heads, nr, keys)
-        logits = logits * (1.0 / math.sqrt(width) if scale is None else scale)
-
-        valid = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=dev)
-        if is_causal:  # top-left: row i sees keys 0..i
-            valid = (r_rep.view(nr, 1) >= torch.arange(keys, device=dev).view(1, keys))[None, None]
-        if mask is not None:
-            ms = _left_pad(mask, d + 3).expand(*lead, heads, length, keys)
-            ms = ms[(*idx, head_i, row_i)]
-            if ms.dtype == torch.bool:
-                valid = valid & ms
-            else:
-                valid = valid & ~_mask_out(ms)
-                logits = logits + ms.to(dtype)
-        valid = valid.expand(nb, heads, nr, keys)
-
-        row_ok = valid.any(-1)  # fully masked rows are left out
-        safe = torch.where(valid, logits, -torch.inf).where(row_ok.unsqueeze(-1), 0.0)
-        logp = torch.log_softmax(safe, dim=-1)
-        entropy = -torch.where(valid, logp.exp() * logp, 0.0).sum(-1)  # [nb, H, nr]
-        w = (b_w.view(nb, 1, 1) * r_w.view(1, 1, nr)).to(dtype) * row_ok
+        # A slice of the sampled sequences at a time: at most _LOGITS logits (and as many
+        # mask entries and temporaries) alive at once, whatever H·rows·S is.
+        per = max(1, _LOGITS // (heads * r_rep.numel() * keys))
+        with no_autocast(dev):
+            parts = [
+                _measure(
+                    q,
+                    k,
+                    mask,
+                    lead,
+                    b_rep[i : i + per],
+                    b_w[i : i + per],
+                    r_rep,
+                    r_w,
+                    is_causal=is_causal,
+                    scale=scale,
+                    dtype=dtype,
+                )
+                for i in range(0, b_rep.numel(), per)
+            ]
+        if len(parts) == 1:
+            return parts[0]
         return AttentionCall(
-            logit_max=torch.where(valid, logits, -torch.inf).amax(dim=(0, 2, 3)),
-            entropy_sum=(w * entropy).sum(dim=(0, 2)),
-            weight=w.sum(dim=(0, 2)),
-            entropy_min=torch.where(row_ok, entropy, torch.inf).amin(dim=(0, 2)),
+            logit_max=torch.stack([p.logit_max for p in parts]).amax(0),
+            entropy_sum=torch.stack([p.entropy_sum for p in parts]).sum(0),
+            weight=torch.stack([p.weight for p in parts]).sum(0),
+            entropy_min=torch.stack([p.entropy_min for p in parts]).amin(0),
         )
+
+
+def no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast off for the measurement: under the user's autocast a matmul would run in
+    half precision again."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _measure(
+    q: Tensor,
+    k: Tensor,
+    mask: Tensor | None,
+    lead: tuple[int, ...],
+    b_rep: Tensor,
+    b_w: Tensor,
+    r_rep: Tensor,
+    r_w: Tensor,
+    *,
+    is_causal: bool,
+    scale: float | None,
+    dtype: torch.dtype,
+) -> AttentionCall:
+    """The statistics of the sampled rows ``r_rep`` of the sampled sequences ``b_rep``."""
+    heads, length, width = q.shape[-3:]
+    kv_heads, keys = k.shape[-3], k.shape[-2]
+    dev, d = q.device, len(lead)
+    nb, nr = b_rep.numel(), r_rep.numel()
+    idx = [i.view(nb, 1, 1) for i in _unravel(b_rep, lead)]
+    head_i = torch.arange(heads, device=dev).view(1, heads, 1)
+    row_i = r_rep.view(1, 1, nr)
+
+    # The sampled query rows [nb, H, nr, E] and the keys [nb, Hk, S, E]: advanced
+    # indexing of broadcast views copies only what is selected.
+    qs = _left_pad(q, d + 3).expand(*lead, heads, length, width)
+    qs = qs[(*idx, head_i, row_i)].to(dtype)
+    ks = _left_pad(k, d + 3).expand(*lead, kv_heads, keys, width)
+    ks = ks[tuple(i.view(nb) for i in idx)].to(dtype)
+    group = heads // kv_heads
+    logits = torch.matmul(
+        qs.reshape(nb, kv_heads, group, nr, width), ks.unsqueeze(2).transpose(-1, -2)
+    ).reshape(nb, heads, nr, keys)
+    logits = logits * (1.0 / math.sqrt(width) if scale is None else scale)
+
+    valid = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=dev)
+    if is_causal:  # top-left: row i sees keys 0..i
+        valid = (r_rep.view(nr, 1) >= torch.arange(keys, device=dev).view(1, keys))[None, None]
+    if mask is not None:
+        ms = _left_pad(mask, d + 3).expand(*lead, heads, length, keys)
+        ms = ms[(*idx, head_i, row_i)]
+        if ms.dtype == torch.bool:
+            valid = valid & ms
+        else:
+            valid = valid & ~_mask_out(ms)
+            logits = logits + ms.to(dtype)
+    valid = valid.expand(nb, heads, nr, keys)
+
+    row_ok = valid.any(-1)  # fully masked rows are left out
+    safe = torch.where(valid, logits, -torch.inf).where(row_ok.unsqueeze(-1), 0.0)
+    logp = torch.log_softmax(safe, dim=-1)
+    entropy = -torch.where(valid, logp.exp() * logp, 0.0).sum(-1)  # [nb, H, nr]
+    w = (b_w.view(nb, 1, 1) * r_w.view(1, 1, nr)).to(dtype) * row_ok
+    return AttentionCall(
+        logit_max=torch.where(valid, logits, -torch.inf).amax(dim=(0, 2, 3)),
+        entropy_sum=(w * entropy).sum(dim=(0, 2)),
+        weight=w.sum(dim=(0, 2)),
+        entropy_min=torch.where(row_ok, entropy, torch.inf).amin(dim=(0, 2)),
+    )
 
 
 def summarise(calls: Sequence[AttentionCall]) -> dict[str, Tensor]:
@@ -321,6 +379,7 @@ def _mha_call(args: tuple, kwargs: dict, rows: int | None, batch: int | None) ->
     return attention_stats(q, k, attn_mask=mask, is_causal=is_causal, rows=rows, batch=batch)
 
 
+_PLAIN = (Tensor, nn.Parameter)
 _FAST_PATH_TYPES = (nn.MultiheadAttention, nn.TransformerEncoderLayer)
 
 
@@ -379,6 +438,10 @@ class AttentionWatch(TorchFunctionMode):
             name = self._current()
             if name is None:
                 return
+            tensors = [a for a in (*args[:2], *kwargs.values()) if isinstance(a, Tensor)]
+            if any(type(a) not in _PLAIN or a.is_nested for a in tensors):
+                # a DTensor would run collectives, a nested tensor has no [L, E] rows
+                raise TypeError("a tensor subclass or nested tensor is not measured")
             read = _sdpa_call if func is _SDPA else _mha_call
             call = read(args, kwargs, self._rows, self._batch)
             self._sink(name, call)

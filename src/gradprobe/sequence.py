@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .attention import strata
+from .attention import no_autocast, strata
 
 __all__ = [
     "POSITIONS",
@@ -76,7 +76,8 @@ def token_cosine(
         norm = torch.linalg.vector_norm(s, dim=-1, keepdim=True)
         nonzero = norm > 0
         unit = s / norm.where(nonzero, 1.0)
-        gram = unit @ unit.transpose(-1, -2)  # [sequences, P, P]
+        with no_autocast(y.device):  # the user's autocast would make it half again
+            gram = unit @ unit.transpose(-1, -2)  # [sequences, P, P]
         n = idx.numel()
         distinct = ~torch.eye(n, dtype=torch.bool, device=y.device)
         pair = nonzero & nonzero.transpose(-1, -2) & distinct
