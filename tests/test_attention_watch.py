@@ -461,3 +461,16 @@ def test_a_tensor_subclass_is_not_measured() -> None:
     assert seen == []
     assert torch.equal(out.as_subclass(torch.Tensor), F.scaled_dot_product_attention(q, q, q))
     assert sum(issubclass(w.category, GradprobeWarning) for w in caught) == 1
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing_counts_each_call_once(reentrant: bool) -> None:
+    # The recomputation runs in backward, outside the watch (entered around the forward).
+    from torch.utils.checkpoint import checkpoint
+
+    model, x = nano(), torch.randn(2, 6, 16, requires_grad=True)
+    watch, seen = watched(model, ["0.attn", "1.attn"])
+    with watch:
+        out = checkpoint(model, x, use_reentrant=reentrant)
+    out.sum().backward()
+    assert [n for n, _ in seen] == ["0.attn", "1.attn"]
