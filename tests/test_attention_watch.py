@@ -474,3 +474,36 @@ def test_activation_checkpointing_counts_each_call_once(reentrant: bool) -> None
         out = checkpoint(model, x, use_reentrant=reentrant)
     out.sum().backward()
     assert [n for n, _ in seen] == ["0.attn", "1.attn"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_half_attention_measured_without_host_syncs() -> None:
+    from gradprobe.attention import attention_stats
+    from gradprobe.sequence import error_time, logit_stats, time_sq_norms, token_cosine
+
+    model = nano().cuda().to(torch.bfloat16)
+    x = torch.randn(4, 64, 16, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    watch, seen = watched(model, ["0.attn", "1.attn"])
+    qk = []
+    model[0].attn.c_attn.register_forward_hook(lambda m, a, o: qk.append(o.detach()))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any host wait raises
+    try:
+        with watch:
+            out = model(x)
+        out.float().square().sum().backward()
+        stats = summarise([c for n, c in seen if n == "0.attn"])
+        token_cosine(out)
+        logit_stats(out)
+        error_time(time_sq_norms(x.grad))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert [n for n, _ in seen] == ["0.attn", "1.attn"]
+    q, k, _ = (z.view(4, 64, 4, 4).transpose(1, 2) for z in qk[0].split(16, dim=2))
+    cpu = attention_stats(q.cpu(), k.cpu(), is_causal=True)  # the same sample, on the CPU
+    torch.testing.assert_close(
+        stats["attn_head_entropy"].cpu(), cpu.entropy_mean, rtol=1e-4, atol=1e-4
+    )
+    torch.testing.assert_close(
+        stats["attn_head_logit_max"].cpu(), cpu.logit_max, rtol=1e-4, atol=1e-4
+    )

@@ -278,7 +278,8 @@ def summarise(calls: Sequence[AttentionCall]) -> dict[str, Tensor]:
     was measured (a gap, not a value)."""
     if not calls:
         return {}
-    nan = torch.tensor(torch.nan, device=calls[0].weight.device)
+    # made on the device (a host tensor copied there would make the host wait)
+    nan = torch.full((), torch.nan, device=calls[0].weight.device)
     top = torch.stack([c.logit_max.amax() for c in calls]).amax()
     weight = torch.stack([c.weight.sum() for c in calls]).sum()
     total = torch.stack([c.entropy_sum.sum() for c in calls]).sum()

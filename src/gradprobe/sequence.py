@@ -102,13 +102,14 @@ def logit_stats(
         top = (
             x.amax().to(dtype)
             if x.numel()
-            else torch.tensor(torch.nan, dtype=dtype, device=x.device)
+            else torch.full((), torch.nan, dtype=dtype, device=x.device)
         )
         per = max(1, chunk // max(classes, 1))
         total = torch.zeros((), dtype=dtype, device=x.device)
         for start in range(0, rows, per):  # host ints from the shape: no sync
             total = total + torch.logsumexp(x[start : start + per].to(dtype), dim=-1).sum()
-        return top, total, torch.tensor(rows if classes else 0, device=x.device)
+        # made on the device: a host tensor copied there would make the host wait
+        return top, total, torch.full((), rows if classes else 0, device=x.device)
 
 
 def time_sq_norms(grad: Tensor, *, time_dim: int = 1) -> Tensor:
