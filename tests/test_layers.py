@@ -48,6 +48,8 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "follow",
         "recurrent",
         "traversals",
+        "attention",
+        "sequence",
     ),
     # L4 analysis: findings from a run, remedies, the story; live checks during training.
     "analysis": ("remedies", "story", "diagnose", "live"),
