@@ -190,7 +190,7 @@ def reduce_outputs(
 
     Three phases, in order: what reads y (norms, sums, sigmoid gates, unit activity where
     |y| is not made), what reads |y| (absmax, tanh gates, unit activity), what reads
-    sign |y| (the non-zero count of an owned stack).
+    |y| ≠ 0 (the non-zero count of an owned stack).
     """
     k = stack.shape[0]
     if stack.dim() == 1:
@@ -268,14 +268,14 @@ def reduce_outputs(
                 s.absmax = torch.where(mags < math.inf, mags, 0).amax(dim=dims)
             else:
                 s.absmax = mags.nan_to_num_(nan=0.0, posinf=0.0).amax(dim=dims)
-    # -- what reads sign |y|
+    # -- what reads |y| ≠ 0
     if need_nonzero and not counts:
         if owned:
-            # A per-row count_nonzero branches per entry (~8× a sum here); sign(|y|) is
-            # 0 or 1 and its float sum exact (rows ≤ 2²⁴ entries); NaN stays NaN:
-            # counted through bool where a NaN may be there.
-            mags.sign_()
-            s.nonzero = mags.sum(dim=dims) if s.all_finite() else mags.bool().sum(dim=dims)
+            # A per-row count_nonzero branches per entry (~8× a sum here): |y| ≠ 0 written
+            # over |y| as 1 or 0 (NaN ≠ 0: counted; sign() would give it 0), and its float
+            # sum, exact (rows ≤ 2²⁴ entries; half precision summed in float32).
+            torch.ne(mags, 0, out=mags)
+            s.nonzero = mags.sum(dim=dims, dtype=sum_dtype(mags))
         else:
             s.nonzero = nonzero_count(stack, dims)
     if relu:  # f' = 1 where y > 0, else 0: the non-zero count; never saturates
