@@ -133,9 +133,10 @@ def _reduce(stack, kinds, gates, unit, exact, owned):
     )
     per_call = []
     for i in range(stack.shape[0]):
-        fields = {kind: [f[i] for f in fs] for kind, fs in out.fields.items()}
+        # [k] each (0-d for a stack of one)
+        fields = {kind: [f.reshape(-1)[i] for f in fs] for kind, fs in out.fields.items()}
         gate = {
-            name: (s[rows.index(i)], sat[rows.index(i)])
+            name: (s.reshape(-1)[rows.index(i)], sat.reshape(-1)[rows.index(i)])
             for name, rows, s, sat in out.gates
             if i in rows
         }
@@ -204,7 +205,14 @@ def test_a_large_call_counts_its_units_in_one_pass(dtype):
     counts = np.count_nonzero(ref, axis=(0, 2))
     assert out.units[0].tolist() == counts.astype(float).tolist()
     _check_call(
-        {k: [f[0] for f in v] for k, v in out.fields.items()}, {}, None, ref, None, -1, False, dtype
+        {k: [f.reshape(-1)[0] for f in v] for k, v in out.fields.items()},
+        {},
+        None,
+        ref,
+        None,
+        -1,
+        False,
+        dtype,
     )
 
 
@@ -272,8 +280,9 @@ def test_error_norms_of_one_signal_a_list_and_a_stack_agree_with_numpy(
         (norm, flag), _ = reduce_errors("err", s, exact, _constant)
         check(float(norm), ref)
         assert int(flag) == (b if exact else int(b > 0))
-    for norms in (l2_norms(signals, torch.device("cpu"))[0], stack_norms(torch.stack(signals))[0]):
-        for got, ref in zip(norms.tolist(), refs):
+    stacked = stack_norms(torch.stack(signals))[0]  # [k], 0-d for a stack of one
+    for norms in (l2_norms(signals, torch.device("cpu"))[0], stacked):
+        for got, ref in zip(norms.reshape(-1).tolist(), refs):
             check(got, ref)
     (norms, flags), _ = reduce_errors("err", signals, exact, _constant)
     assert [int(f) for f in flags] == [b if exact else int(b > 0) for b in bad]

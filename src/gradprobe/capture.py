@@ -422,7 +422,7 @@ class Capture:
 
         The stack is our own copy, in a buffer kept from step to step (a fresh one page-
         faults on every touch: it was the dearest op here); the site reducer overwrites it
-        in place (|y|, then sign) once the reductions that need the values are done."""
+        in place (|y|, then |y| ≠ 0) once the reductions that need the values are done."""
         # tanh first: their saturation is counted over a view of the stack (a slice)
         entries = sorted(entries, key=lambda e: e[0].gate_from_output != "tanh")
         self._reduce_outputs([e[0] for e in entries], self._staging(entries), unit, True)
@@ -437,7 +437,7 @@ class Capture:
         if self._want_gate and any(gates):
             kinds.append("gate")
         ks = [s.index for s in slots]
-        device, n = stack.device, stack[0].numel()
+        device, n = stack.device, stack.numel() // len(slots)
         reduced = reduce_outputs(
             stack,
             kinds,

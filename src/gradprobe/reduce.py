@@ -40,6 +40,7 @@ __all__ = [
     "l2_norms",
     "nonfinite_flags",
     "nonzero_count",
+    "per_call",
     "screened",
     "stack_norms",
     "to_host_later",
@@ -64,17 +65,28 @@ def screened(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type == "cpu" and dtype in _FLOAT32_INPUTS
 
 
+def per_call(op: Callable[..., Tensor], stack: Tensor, **kwargs: Any) -> Tensor:
+    """``op`` (a reduction: ``sum``, ``amax``, a norm, a count) over each call of ``stack``
+    ``[k, ...]``: ``[k]``, or 0-d for a stack of one (reduced whole: a reduction over
+    given dimensions launches 1-4 µs dearer on a small tensor; the buffer takes either)."""
+    k = stack.shape[0]
+    if k == 1:
+        return op(stack, **kwargs)
+    if stack.is_contiguous():
+        return op(stack.view(k, -1), dim=1, **kwargs)
+    return op(stack, dim=tuple(range(1, stack.dim())), **kwargs)
+
+
 def _float32_norms(stack: Tensor) -> Tensor:
     """Per call of ``stack`` ``[k, ...]``, its float32 norm: large calls as a norm per row
     (their first dimension) then over the rows (half the time, partial sums stay short)."""
     k = stack.shape[0]
-    dims = tuple(range(1, stack.dim()))
     if stack.numel() >= _ROWWISE_FROM * k and stack.dim() >= 3 and stack.is_contiguous():
         rows = torch.linalg.vector_norm(
             stack.view(k, stack.shape[1], -1), dim=2, dtype=torch.float32
         )
         return torch.linalg.vector_norm(rows, dim=1)
-    return torch.linalg.vector_norm(stack, dim=dims, dtype=torch.float32)
+    return per_call(torch.linalg.vector_norm, stack, dtype=torch.float32)
 
 
 def _in_range(value: float) -> bool:
@@ -89,9 +101,14 @@ def _exact(t: Tensor) -> tuple[Tensor, bool]:
 
 
 def _screen(norms: Tensor, tensor: Callable[[int], Tensor]) -> tuple[Tensor, list[bool]]:
-    """Float32 norms ``[n]`` through the screen: those out of its range measured again
-    in float64 (``tensor(i)``: the i-th tensor), with a host flag per norm."""
+    """Float32 norms ``[n]`` (0-d: one) through the screen: those out of its range
+    measured again in float64 (``tensor(i)``: the i-th tensor), with a host flag each."""
     values = norms.tolist()  # deliberate: CPU tensors, the values are already on the host
+    if isinstance(values, float):  # one norm, 0-d
+        if _in_range(values):
+            return norms, [True]
+        exact, finite = _exact(tensor(0))
+        return exact, [finite]
     # The common case, checked in C: the sum is NaN or inf if any norm is (norms are ≥ 0;
     # a sum that overflows takes the full check), and min() is sound once none is NaN.
     if sum(values) < math.inf and min(values, default=SAFE_LOW) >= SAFE_LOW:
@@ -145,20 +162,19 @@ def l2_norms(tensors: list[Tensor], device: torch.device) -> tuple[Tensor, list[
 
 def stack_norms(stack: Tensor) -> tuple[Tensor, list[bool] | None]:
     """The L2 norm of each call of ``stack`` (``[k, ...]``, calls of one shape stacked;
-    one call is a stack of one), screened as :func:`l2_norm`: ``(norms [k], finite per
-    call or None)``."""
+    one call is a stack of one), screened as :func:`l2_norm`: ``(norms [k] (0-d for a
+    stack of one, see :func:`per_call`), finite per call or None)``."""
     if stack.dim() == 1:
         stack = stack.unsqueeze(1)  # calls of 0-d tensors (a reduction over no dim is over all)
     if not screened(stack.device, stack.dtype):
-        dims = tuple(range(1, stack.dim()))
         acc = accumulation_dtype(stack.device)
-        return torch.linalg.vector_norm(stack, dim=dims, dtype=acc), None
+        return per_call(torch.linalg.vector_norm, stack, dtype=acc), None
     return _screen(_float32_norms(stack), stack.__getitem__)
 
 
-def nonzero_count(t: Tensor, dims: tuple[int, ...] | None = None) -> Tensor:
+def nonzero_count(t: Tensor, dim: int | tuple[int, ...] | None = None) -> Tensor:
     """Entries of ``t`` that are not 0 (NaN counts as non-zero), as a 0-d integer tensor
-    (or one per index of the dimensions not in ``dims``).
+    (over ``dim`` where it is given).
 
     ``count_nonzero`` on a float tensor branches per entry: on a ReLU output, zeros at
     random places, it ran ~8× slower than on one without zeros (12.8 vs 1.6 ms on a
@@ -166,8 +182,8 @@ def nonzero_count(t: Tensor, dims: tuple[int, ...] | None = None) -> Tensor:
     either. Small tensors skip the copy: there the extra op costs more than it saves.
     """
     if t.numel() >= _ROWWISE_FROM and t.device.type == "cpu":
-        return torch.count_nonzero(t.bool(), dim=dims)
-    return torch.count_nonzero(t, dim=dims)
+        return torch.count_nonzero(t.bool(), dim=dim)
+    return torch.count_nonzero(t, dim=dim)
 
 
 # Entries the float buffer of unit_nonzero_counts holds at most (1 MiB of float32): it

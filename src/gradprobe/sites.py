@@ -3,7 +3,8 @@ and for a stack of calls.
 
 A site reducer takes calls of one shape, dtype and device as a stack ``[k, ...]`` (one
 call is a stack of one: ``y.unsqueeze(0)``) and the kinds the plan records there, and
-returns each kind's fields, one ``[k]`` tensor a field, named and ordered as the
+returns each kind's fields, one ``[k]`` tensor a field (0-d for a stack of one: the
+buffer records either, and a whole-tensor reduction launches cheaper), named and ordered as the
 catalogue's folds name them (:data:`gradprobe.stats.FOLDS`, :data:`gradprobe.buffer.FIELDS`).
 Which field is computed how is one table per site (:data:`OUTPUT_FIELDS`,
 :data:`ERROR_FIELDS`): a new output statistic is its catalogue entry plus, if it needs a
@@ -29,6 +30,7 @@ from .reduce import (
     l2_norms,
     nonfinite_flags,
     nonzero_count,
+    per_call,
     stack_norms,
     unit_nonzero_counts,
 )
@@ -106,28 +108,37 @@ def activity(y: Tensor, dims: tuple[int, ...], nonnegative: bool = False) -> Ten
     )
 
 
+def _count_nonfinite(t: Tensor, dim: int | None = None) -> Tensor:
+    """NaN/Inf entries: t − t is NaN exactly where t is NaN or ±Inf."""
+    return torch.count_nonzero(t - t, dim=dim)
+
+
 def nonfinite(
     t: Tensor,
     norms: Tensor,
     finite: bool | list[bool] | None,
     exact: bool,
     constant: Constant,
-    dims: tuple[int, ...] | None = None,
+    per_row: bool = False,
 ) -> Tensor:
-    """NaN/Inf entries of ``t`` (over ``dims``, a row per call; None: all of it): their
+    """NaN/Inf entries of ``t`` (``per_row``: of each call of a stack): their
     exact number under ``stats="full"``, else a flag (0 or 1) that the norm already
     carries, at no extra pass (gradprobe/reduce.py)."""
     if exact:
-        return torch.count_nonzero(t - t, dim=dims)  # NaN exactly where t is NaN or ±Inf
-    if isinstance(finite, bool):
-        return constant(t.device, 0 if finite else 1)
+        return per_call(_count_nonfinite, t) if per_row else _count_nonfinite(t)
+    if finite is None:
+        return ~torch.isfinite(norms)
+    if isinstance(finite, bool) or norms.dim() == 0:  # one: a kept constant, no new tensor
+        one = finite if isinstance(finite, bool) else finite[0]
+        return constant(t.device, 0 if one else 1)
     return nonfinite_flags(norms, finite)
 
 
 # ------------------------------------------------------------------ the output site
 @dataclass
 class Outputs:
-    """What :func:`reduce_outputs` returns: per kind its fields (``[k]`` each), the gates
+    """What :func:`reduce_outputs` returns: per kind its fields (``[k]`` each, 0-d for
+    one call), the gates
     read from the output (gate name, the rows it covers, sum of f' and saturated
     entries per row), and the per-unit activity ``[k, units]`` (> 0 iff the unit is not
     all-zero), or None."""
@@ -142,7 +153,6 @@ class _Stack:
 
     def __init__(self, stack: Tensor) -> None:
         self.y = stack
-        self.dims = tuple(range(1, stack.dim()))
         self.norms: Tensor
         self.finite: list[bool] | None = None
         self.total: Tensor
@@ -156,7 +166,10 @@ class _Stack:
 
 
 def _rows(t: Tensor, rows: list[int], index: Callable[[list[int], torch.device], Tensor]) -> Tensor:
-    """The calls ``rows`` of a stack: a slice where they follow each other."""
+    """The calls ``rows`` of a stack (a 0-d field: the one call's): a slice where they
+    follow each other."""
+    if t.dim() == 0:
+        return t
     if rows == list(range(rows[0], rows[0] + len(rows))):
         return t[rows[0] : rows[0] + len(rows)]
     return t.index_select(0, index(rows, t.device))
@@ -197,7 +210,7 @@ def reduce_outputs(
         stack = stack.unsqueeze(1)  # calls of 0-d outputs
     s = _Stack(stack)
     n = math.prod(stack.shape[1:])
-    device, dims = stack.device, s.dims
+    device = stack.device
     gate = "gate" in kinds
     wanted = {f for kind in kinds if kind != "gate" for f in FOLDS_OF[kind]}
     relu = [i for i, g in enumerate(gates) if g == "relu"] if gate else []
@@ -205,7 +218,8 @@ def reduce_outputs(
     sigmoid = [i for i, g in enumerate(gates) if g == "sigmoid"] if gate else []
     need_norm = bool(wanted & {"norm", "nonfinite"} or tanh or sigmoid)
     need_nonzero = "nonzero" in wanted or bool(relu)
-    udims = tuple(d for d in dims if d != unit + 1)
+    # The dimensions of a call that are not its units (0: its batch).
+    udims = tuple(d for d in range(stack.dim() - 1) if d != unit)
     # A large CPU output alone: its non-zero count and unit activity in one pass.
     counts = (
         unit >= 0
@@ -222,25 +236,28 @@ def reduce_outputs(
     if need_norm:
         s.norms, s.finite = stack_norms(stack)
     if "nonfinite" in wanted:
-        s.nonfinite = nonfinite(stack, s.norms, s.finite, exact, constant, dims)
+        s.nonfinite = nonfinite(stack, s.norms, s.finite, exact, constant, per_row=True)
     if "sum" in wanted or sigmoid:
-        s.total = stack.sum(dim=dims, dtype=sum_dtype(stack))
+        s.total = per_call(torch.sum, stack, dtype=sum_dtype(stack))
     if sigmoid:  # f' = y(1 − y): its sum from y's sum and norm; saturated where |y − ½| is large
         y = _rows(stack, sigmoid, index)
-        at = index(sigmoid, device)
-        gate_sum = s.total.index_select(0, at) - _squares(s.norms.index_select(0, at))
-        saturated = torch.count_nonzero((y - 0.5).abs() > _SIGMOID_BOUND, dim=dims)
+        gate_sum = _rows(s.total, sigmoid, index) - _squares(_rows(s.norms, sigmoid, index))
+        saturated = per_call(torch.count_nonzero, (y - 0.5).abs() > _SIGMOID_BOUND)
         out.gates.append(("sigmoid", sigmoid, gate_sum, saturated))
     if counts:
         assert counts_buffer is not None
         scratch = counts_buffer(math.prod(stack.shape[unit + 1 :]))
         per_unit = unit_nonzero_counts(stack, unit + 1, scratch)
         out.units = per_unit.reshape(1, -1)  # a unit is active iff its count is > 0
-        s.nonzero = per_unit.sum().reshape(1)
+        s.nonzero = per_unit.sum()
     elif unit >= 0 and not (owned and magnitudes):
         # Every call a stock ReLU's: y ≥ 0 (or NaN), the max alone.
         nonnegative = bool(gates) and all(g == "relu" for g in gates)
-        out.units = activity(stack, udims, nonnegative).reshape(k, -1)
+        if k == 1:  # a call alone: as it is (a channels tensor reduces in two stages)
+            out.units = activity(stack[0], udims, nonnegative).reshape(1, -1)
+        else:
+            stacked = tuple(d + 1 for d in udims)
+            out.units = activity(stack, stacked, nonnegative).reshape(k, -1)
     # -- what reads |y|: in place on an owned stack (its values are not read again)
     if magnitudes:
         mags = stack.abs_() if owned else stack.abs()
@@ -251,23 +268,24 @@ def reduce_outputs(
                 # tensor (to int64) ran ~8× dearer on the bench MLP (1.7 vs 0.2 ms).
                 over = compare(y)
                 torch.gt(y, _TANH_BOUND, out=over)
-                saturated = over.sum(dim=dims)
+                saturated = per_call(torch.sum, over)
             else:
-                saturated = torch.count_nonzero(y > _TANH_BOUND, dim=dims)
-            gate_sum = n - _squares(s.norms.index_select(0, index(tanh, device)))
+                saturated = per_call(torch.count_nonzero, y > _TANH_BOUND)
+            gate_sum = n - _squares(_rows(s.norms, tanh, index))
             out.gates.insert(0, ("tanh", tanh, gate_sum, saturated))
         if unit >= 0 and owned:  # over |y|: one reading pass (a max), where y needed two
-            per_unit = _reduce_units(mags, udims, torch.amax) if udims else mags.clone()
+            stacked = tuple(d + 1 for d in udims)
+            per_unit = _reduce_units(mags, stacked, torch.amax) if udims else mags.clone()
             out.units = per_unit.reshape(k, -1)
         if "absmax" in wanted:
             # The largest finite |y|: NaN/Inf are nonfinite's to count. Exact in its
             # dtype (a max). Masked in place where |y| is not read again.
             if s.all_finite():
-                s.absmax = mags.amax(dim=dims)  # one read, no mask
+                s.absmax = per_call(torch.amax, mags)  # one read, no mask
             elif owned and need_nonzero:  # its sign is still read, NaN included
-                s.absmax = torch.where(mags < math.inf, mags, 0).amax(dim=dims)
+                s.absmax = per_call(torch.amax, torch.where(mags < math.inf, mags, 0))
             else:
-                s.absmax = mags.nan_to_num_(nan=0.0, posinf=0.0).amax(dim=dims)
+                s.absmax = per_call(torch.amax, mags.nan_to_num_(nan=0.0, posinf=0.0))
     # -- what reads |y| ≠ 0
     if need_nonzero and not counts:
         if owned:
@@ -275,12 +293,13 @@ def reduce_outputs(
             # over |y| as 1 or 0 (NaN ≠ 0: counted; sign() would give it 0), and its float
             # sum, exact (rows ≤ 2²⁴ entries; half precision summed in float32).
             torch.ne(mags, 0, out=mags)
-            s.nonzero = mags.sum(dim=dims, dtype=sum_dtype(mags))
+            s.nonzero = per_call(torch.sum, mags, dtype=sum_dtype(mags))
         else:
-            s.nonzero = nonzero_count(stack, dims)
+            s.nonzero = per_call(nonzero_count, stack)
     if relu:  # f' = 1 where y > 0, else 0: the non-zero count; never saturates
         gate_sum = _rows(s.nonzero, relu, index)
-        out.gates.insert(0, ("relu", relu, gate_sum, constant(device, 0).expand(len(relu))))
+        zeros = constant(device, 0)
+        out.gates.insert(0, ("relu", relu, gate_sum, zeros if k == 1 else zeros.expand(len(relu))))
     out.fields = {
         kind: tuple(OUTPUT_FIELDS[f](s) for f in FOLDS_OF[kind]) for kind in kinds if kind != "gate"
     }
