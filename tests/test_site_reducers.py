@@ -6,6 +6,7 @@ reducer produces are exactly those the catalogue's measures declare for its site
 from __future__ import annotations
 
 import math
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import gradprobe.reduce as reduce
 from gradprobe.buffer import FIELDS
 from gradprobe.reduce import _COUNT_CHUNK, l2_norm, l2_norms, stack_norms
 from gradprobe.sites import (
@@ -157,11 +159,23 @@ shapes = st.lists(st.integers(1, 5), min_size=0, max_size=3).map(tuple)
     kinds=st.sets(st.sampled_from(OUTPUT_KINDS)),
     exact=st.booleans(),
     unit_choice=st.integers(-1, 2),
+    screen=st.booleans(),
     data=st.data(),
 )
 def test_one_call_and_a_stack_agree_with_numpy(
-    seed, k, shape, dtype, kinds, exact, unit_choice, data
+    seed, k, shape, dtype, kinds, exact, unit_choice, screen, data
 ):
+    """``screen`` False: the path a GPU takes, on the CPU (no float32 screen, no host
+    read: float64 norms, NaN/Inf flags and absmax masks from device tensors)."""
+    with mock.patch.object(reduce, "screened", reduce.screened if screen else _never):
+        _one_call_and_a_stack(seed, k, shape, dtype, kinds, exact, unit_choice, data)
+
+
+def _never(device: torch.device, dtype: torch.dtype) -> bool:
+    return False
+
+
+def _one_call_and_a_stack(seed, k, shape, dtype, kinds, exact, unit_choice, data):
     kinds = [kind for kind in OUTPUT_KINDS if kind in kinds]
     if "out" in kinds and "nonfinite" in kinds:
         kinds.remove("nonfinite")  # the Probe asks for one of the two (out carries it)
@@ -180,7 +194,8 @@ def test_one_call_and_a_stack_agree_with_numpy(
         gate = gates[i] if "gate" in kinds else None
         alone = _reduce(calls[i].unsqueeze(0), kinds, [gates[i]], unit, exact, owned=False)[0]
         for got, gate_got, units in (alone, batch[j]):
-            _check_call(got, gate_got, units, y, gate, unit, exact, dtype)
+            with np.errstate(invalid="ignore"):  # inf − inf: NaN in the reference, as in torch
+                _check_call(got, gate_got, units, y, gate, unit, exact, dtype)
         # One call: the user's tensor, only read.
         assert np.array_equal(calls[i].double().numpy(), y, equal_nan=True)
 
