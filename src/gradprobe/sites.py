@@ -4,8 +4,9 @@ and for a stack of calls.
 A site reducer takes calls of one shape, dtype and device as a stack ``[k, ...]`` (one
 call is a stack of one: ``y.unsqueeze(0)``) and the kinds the plan records there, and
 returns each kind's fields, one ``[k]`` tensor a field (0-d for a stack of one: the
-buffer records either, and a whole-tensor reduction launches cheaper), named and ordered as the
-catalogue's folds name them (:data:`gradprobe.stats.FOLDS`, :data:`gradprobe.buffer.FIELDS`).
+buffer records either, and a whole-tensor reduction launches cheaper), named and
+ordered as the catalogue's folds name them (:data:`gradprobe.stats.FOLDS`,
+:data:`gradprobe.buffer.FIELDS`; :func:`site_fields`).
 Which field is computed how is one table per site (:data:`OUTPUT_FIELDS`,
 :data:`ERROR_FIELDS`): a new output statistic is its catalogue entry plus, if it needs a
 new field, one line there (``absmax`` is the example).
@@ -195,7 +196,7 @@ def reduce_outputs(
     their per-unit activity.
 
     ``owned``: the stack is the caller's own copy, overwritten here once its values are
-    read (|y| in place, then its sign) to save a copy; else it is the user's tensor and
+    read (|y| in place, then |y| ≠ 0) to save a copy; else it is the user's tensor and
     only read. ``compare``: a kept float buffer like the rows it is given (tanh's
     comparison), ``counts_buffer(n)`` a kept float buffer of at least ``n`` entries (the
     one-pass unit counts of a large CPU output, one call); without them, fresh tensors.
@@ -317,6 +318,8 @@ _COUNTED_FROM = 1 << 16
 
 # ------------------------------------------------------------------ the error signals
 class _Signals:
+    """The error signals being reduced: their norms (screened), and their NaN/Inf."""
+
     def __init__(self, signals: Tensor | list[Tensor], exact: bool, constant: Constant) -> None:
         if isinstance(signals, Tensor):
             self.norms, finite = l2_norm(signals)
