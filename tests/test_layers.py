@@ -40,6 +40,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "recording": (
         "hooks",
         "reduce",
+        "sites",
         "buffer",
         "shards",
         "capture",
@@ -86,13 +87,13 @@ MAX_CLASS_LINES = 300
 # must not grow while it waits for its split.
 BIG_MODULES = {
     "probe": (1325, "the Probe facade and its mixins (issue 24, stage 5)"),
-    "capture": (1047, "forward and error capture, one call and a stack (stages 4-5)"),
+    "capture": (883, "forward and error capture, one call and a stack (stages 4-5)"),
     "cli": (634, "every command's options and output"),
     "theory.meanfield": (633, "mean-field maths for every activation"),
 }
 BIG_CLASSES = {
     "probe.Probe": (790, "the facade over the mixins (stage 5)"),
-    "capture.Capture": (821, "forward and error capture (stage 5)"),
+    "capture.Capture": (701, "forward and error capture (stage 5)"),
     "step.StepBoundary": (453, "the step clock, cadence, scaler and drain (stage 5)"),
     "follow.Follow": (329, "following a model that changes (recording engine, stage 5)"),
 }
