@@ -6,9 +6,10 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from gradprobe.lab import EXPERIMENTS
-from gradprobe.lab.attention import ARMS, TRAINS_FRACTION, VOCAB
+from gradprobe.lab.attention import ARMS, SEPARATE_FACTOR, TRAINS_FRACTION, VOCAB
 from gradprobe.lab.experiment import RunConfig, row_of
 from gradprobe.lab.transformer import CausalTransformer, max_attention_logit, recurrence_split
 
@@ -31,10 +32,16 @@ def test_verdict_agrees_with_its_own_numbers(lab_tiny) -> None:
         < row_of(o.table, arm="plain", lr=lr)["max_attn_logit"]
         for lr in lrs
     )
+    top = lrs[-1]
+    separate = (
+        row_of(o.table, arm="z_loss", lr=top)["max_attn_logit"]
+        >= SEPARATE_FACTOR * row_of(o.table, arm="qk_norm", lr=top)["max_attn_logit"]
+    )
     assert o.verdict.checks[0].held == (wider,)
     assert o.verdict.checks[1].held == (bounded,)
-    # What Wortsman et al. report, at this scale: both hold.
-    assert wider and bounded and o.verdict.agrees_with_source
+    assert o.verdict.checks[3].held == (separate,)
+    # What Wortsman et al. report, at this scale: each holds.
+    assert wider and bounded and separate and o.verdict.agrees_with_source
     # The plain model's logits grow with the rate: the highest rate's is decades above the lowest's.
     plain = [row_of(o.table, arm="plain", lr=lr)["max_attn_logit"] for lr in lrs]
     assert plain[-1] > 100 * plain[0]
@@ -96,3 +103,32 @@ def test_task_targets_follow_the_recurrence() -> None:
     x, y = d.x_train, d.y_train
     assert torch.equal(x[:, 1:], y[:, :-1])
     assert torch.equal(y[:, 1:], (x[:, 1:] + x[:, :-1]) % VOCAB)
+
+
+def test_fit_with_a_z_loss_steps_on_the_penalised_loss() -> None:
+    """One SGD step of fit(z_loss=c) against the same step by hand: the gradient of
+    cross-entropy + c·mean(logsumexp(logits over classes)²), on the batch fit draws."""
+    from gradprobe.lab.training import fit
+
+    data = recurrence_split(16, 4, 8, VOCAB, seed=2)
+    torch.manual_seed(0)
+    model = CausalTransformer(VOCAB, 8, dim=16, depth=1, heads=2)
+    twin = CausalTransformer(VOCAB, 8, dim=16, depth=1, heads=2)
+    twin.load_state_dict(model.state_dict())
+    fit(model, data, steps=1, batch_size=8, optimizer="sgd", lr=0.5, seed=3, z_loss=0.1)
+    idx = torch.randint(0, 16, (8,), generator=torch.Generator().manual_seed(3))
+    out = twin(data.x_train[idx])
+    z = torch.logsumexp(out, dim=1)
+    loss = F.cross_entropy(out, data.y_train[idx]) + 0.1 * z.square().mean()
+    grads = torch.autograd.grad(loss, list(twin.parameters()))
+    with torch.no_grad():
+        for p, g in zip(twin.parameters(), grads):
+            p -= 0.5 * g
+    # Same float32 operations in the same order: equal to rounding (a few ulps of O(1)).
+    for (name, a), b in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    # and the z term moved them: without it the step differs
+    torch.manual_seed(0)
+    plain = CausalTransformer(VOCAB, 8, dim=16, depth=1, heads=2)
+    fit(plain, data, steps=1, batch_size=8, optimizer="sgd", lr=0.5, seed=3)
+    assert not torch.allclose(plain.head.bias, model.head.bias, rtol=0, atol=1e-6)

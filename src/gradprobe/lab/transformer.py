@@ -11,6 +11,7 @@ so the lab's one training loop (:func:`gradprobe.lab.training.fit`) trains it un
 :func:`max_attention_logit` measures the largest attention logit q·k·scale (after the
 causal mask) of every attention module on a batch, by recomputing the logits from the
 module's own input in float64: the quantity the Probe records as ``attn_logit_max``.
+:func:`mean_log_partition` is log Z of the output logits (the Probe's ``logit_z``).
 :func:`recurrence_split` is the generated task: x[t] = (x[t−1] + x[t−2]) mod vocab.
 """
 
@@ -24,7 +25,13 @@ from torch import Tensor, nn
 
 from .data import Split
 
-__all__ = ["Attention", "CausalTransformer", "max_attention_logit", "recurrence_split"]
+__all__ = [
+    "Attention",
+    "CausalTransformer",
+    "max_attention_logit",
+    "mean_log_partition",
+    "recurrence_split",
+]
 
 
 class Attention(nn.Module):
@@ -135,6 +142,19 @@ def max_attention_logit(model: nn.Module, idx: Tensor) -> dict[str, float]:
         future = torch.ones(t, t, dtype=torch.bool, device=logits.device).triu(1)
         out[name] = float(logits.masked_fill(future, -math.inf).max())
     return out
+
+
+@torch.no_grad()
+def mean_log_partition(model: nn.Module, idx: Tensor) -> float:
+    """log Z = logsumexp of the output logits over the vocabulary, averaged over every
+    position of ``idx`` (eval mode, float64): the Probe's ``logit_z``, computed by hand."""
+    was = model.training
+    model.eval()
+    try:
+        logits = model(idx).double()  # [B, V, T]
+    finally:
+        model.train(was)
+    return float(torch.logsumexp(logits, dim=1).mean())
 
 
 def recurrence_split(n_train: int, n_val: int, length: int, vocab: int, *, seed: int = 0) -> Split:
