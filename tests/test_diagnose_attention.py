@@ -148,6 +148,21 @@ def test_tokens_made_one_vector_with_depth_are_rank_collapse() -> None:
     assert f"{recent[-1]:.3f}" in f.summary and f"{recent[0]:.3f}" in f.summary
     assert f.severity == "critical"  # cosine ≥ 0.99 at the deepest block
     assert f.remedies[0].key in ("pre_layernorm", "branch_scaling")
+    loss = run.model_series("loss")
+    level = float(loss.iloc[len(loss) // 2 :].median()) / float(loss.iloc[:5].median())
+    assert f.evidence["loss_level"] == pytest.approx(level, rel=1e-9) and level >= 0.5
+
+
+def test_blocks_are_read_deepest_last_whatever_their_names_sort_to() -> None:
+    """Twelve blocks whose names are not in the run's module list: blocks.10 and blocks.11
+    are the deepest, not between blocks.1 and blocks.2 as text sorts them."""
+    from _diagnose_cases import synthetic_run
+
+    cosines = [0.1 + 0.08 * i for i in range(12)]  # rising with depth to 0.98
+    rows = [(s, f"blocks.{i}", "token_cosine", c) for s in range(4) for i, c in enumerate(cosines)]
+    f = diagnose(synthetic_run(rows, [{"name": "head"}])).of("rank_collapse")
+    assert f is not None and f.evidence["blocks"][-1] == "blocks.11"
+    assert f.names == ("blocks.11",) and f.severity == "info"  # no loss logged
 
 
 def test_token_cosine_by_hand_is_the_mean_over_pairs() -> None:

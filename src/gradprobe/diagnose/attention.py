@@ -36,6 +36,7 @@ from .thresholds import (
     LOSS_WINDOW,
     RANK_COLLAPSE_COSINE,
     RANK_COLLAPSE_CRITICAL,
+    RANK_LOSS_LEVEL,
 )
 
 __all__ = [
@@ -87,6 +88,42 @@ def _finite(table: pd.DataFrame) -> pd.DataFrame:
     """Non-finite values as missing: a logit that overflowed says it grew, which the finite
     steps before it say too; nonfinite is its own finding."""
     return table.replace([np.inf, -np.inf], np.nan)
+
+
+def _in_model_order(run: Run, names: list[str]) -> list[str]:
+    """Forward order where the run knows it; otherwise by name with numbers read as
+    numbers (``blocks.10`` after ``blocks.9``), so that the deepest block comes last."""
+    rank = {n: i for i, n in enumerate(run.modules)}
+
+    def key(name: str) -> tuple[Any, ...]:
+        parts = tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in name.split("."))
+        return (rank.get(name, len(rank)), parts)
+
+    return sorted(names, key=key)
+
+
+def _loss_level(run: Run) -> float | None:
+    """The logged loss's median over the last half of the steps, over its start (the median
+    of its first LOSS_WINDOW values); None where it was not logged (or starts at ≤ 0)."""
+    loss = _loss(run)
+    loss = loss[np.isfinite(loss)]
+    if len(loss) <= LOSS_WINDOW:
+        return None
+    start = float(loss.iloc[:LOSS_WINDOW].median())
+    return float(_recent(loss.to_frame()).median().iloc[0]) / start if start > 0 else None
+
+
+def _loss_sentence(learned: float | None) -> str:
+    if learned is None:
+        return " The loss was not logged, so whether training suffers is not known."
+    return f" Meanwhile the loss stays at {learned:.0%} of its start."
+
+
+def _severity(learned: float | None, critical: bool) -> str:
+    """``info`` where no loss says whether training suffers, else warning or critical."""
+    if learned is None:
+        return "info"
+    return "critical" if critical else "warning"
 
 
 def detect_attention_logit_growth(run: Run) -> Finding | None:
@@ -171,12 +208,7 @@ def detect_attention_entropy_collapse(run: Run) -> Finding | None:
             collapsed[name]["lowest_head"] = float(low_now[name])
     if not collapsed:
         return None
-    loss = _loss(run)
-    loss = loss[np.isfinite(loss)]
-    learned = None  # the loss's last-half median over its start, where it was logged
-    if len(loss) > LOSS_WINDOW:
-        start = float(loss.iloc[:LOSS_WINDOW].median())
-        learned = float(_recent(loss.to_frame()).median().iloc[0]) / start if start > 0 else None
+    learned = _loss_level(run)
     if learned is not None and learned < ENTROPY_LOSS_LEVEL:
         return None  # one-hot heads in a model that learns: what it attends to, not a collapse
     order = sorted(collapsed, key=lambda n: collapsed[n]["recent"])
@@ -193,12 +225,8 @@ def detect_attention_entropy_collapse(run: Run) -> Finding | None:
         f"{_g(ENTROPY_COLLAPSE_NATS)} nats after falling to ≤ {ENTROPY_FALL:.0%} of their "
         f"start: {_names(order)}."
     )
-    if learned is None:
-        summary += " The loss was not logged, so whether training suffers is not known."
-        severity = "info"
-    else:
-        summary += f" Meanwhile the loss stays at {learned:.0%} of its start."
-        severity = "critical" if worst["recent"] <= ENTROPY_CRITICAL_NATS else "warning"
+    summary += _loss_sentence(learned)
+    severity = _severity(learned, worst["recent"] <= ENTROPY_CRITICAL_NATS)
     steps = [c["first_step"] for c in collapsed.values() if c["first_step"] is not None]
     return Finding(
         "attention_entropy_collapse",
@@ -222,7 +250,7 @@ def detect_rank_collapse(run: Run) -> Finding | None:
     table = _finite(_table(run, "token_cosine"))
     if table.empty:
         return None
-    blocks = [n for n in table.columns if table[n].notna().any()]
+    blocks = _in_model_order(run, [n for n in table.columns if table[n].notna().any()])
     if not blocks:
         return None
     init = table[blocks].apply(lambda c: c.dropna().iloc[0])
@@ -238,6 +266,9 @@ def detect_rank_collapse(run: Run) -> Finding | None:
         found[when] = deepest
     if not found:
         return None
+    learned = _loss_level(run)
+    if learned is not None and learned < RANK_LOSS_LEVEL:
+        return None  # similar token directions in a model that learns: anisotropy, not collapse
     when = "recent" if "recent" in found else "init"
     level = now if when == "recent" else init
     collapsed = [n for n in blocks if level[n] >= RANK_COLLAPSE_COSINE]
@@ -255,9 +286,10 @@ def detect_rank_collapse(run: Run) -> Finding | None:
     )
     if "init" in found and "recent" not in found:
         summary += f" Training lowered it to {now[blocks[-1]]:.3f}."
+    summary += _loss_sentence(learned)
     return Finding(
         "rank_collapse",
-        "critical" if level[blocks[-1]] >= RANK_COLLAPSE_CRITICAL else "warning",
+        _severity(learned, level[blocks[-1]] >= RANK_COLLAPSE_CRITICAL),
         tuple(collapsed),
         summary,
         {
@@ -266,7 +298,9 @@ def detect_rank_collapse(run: Run) -> Finding | None:
             "token_cosine_init": [float(init[n]) for n in blocks],
             "token_cosine_recent": [float(now[n]) for n in blocks],
             "step": int(table.index[0]) if when == "init" else None,
+            "loss_level": learned,
             "threshold_cosine": RANK_COLLAPSE_COSINE,
+            "threshold_loss_level": RANK_LOSS_LEVEL,
         },
     )
 

@@ -356,6 +356,14 @@ RANK_COLLAPSE_COSINE = Threshold(
     "direction with depth, which makes the query and key gradients vanish (Dong et al. "
     "2021; Noci et al. 2022). Token vectors of a pre-LN model keep cosines well below it.",
 )
+RANK_LOSS_LEVEL = Threshold(
+    0.5,
+    "... while the logged loss (median of the last half) stays at 50% or more of its start, "
+    "as for entropy collapse: trained language models' token vectors are anisotropic (GPT-2's "
+    "last layers have mean cosines near 0.99 between any two tokens, Ethayarajh 2019) and "
+    "learn well; tokens that are one vector in a model that does not learn are the collapse "
+    "of Dong et al. 2021. Without a logged loss the finding is only `info`.",
+)
 RANK_COLLAPSE_CRITICAL = Threshold(
     0.99,
     "Rank collapse is critical at a mean token cosine of 0.99: the tokens differ in 1% of "
