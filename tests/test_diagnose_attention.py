@@ -256,3 +256,29 @@ def test_attention_checks_are_no_gap_for_a_model_without_attention() -> None:
     for kind in NEW_ALL:
         assert kind in findings.skipped or kind in findings.checked.detectors
     assert all(DETECTORS[k].applies is not None for k in NEW_ALL)
+
+
+def test_odd_values_are_judged_without_failing() -> None:
+    """One recorded step, NaN and Inf values, a module with nothing but NaN: every new check
+    runs (none is skipped as 'could not be judged') and none finds anything."""
+    from _diagnose_cases import synthetic_run
+
+    nan, inf = float("nan"), float("inf")
+    rows = [
+        (0, "a.attn", "attn_logit_max", inf),
+        (0, "a.attn", "attn_entropy", nan),
+        (0, "a.attn", "attn_entropy_min", 0.0),
+        (0, "b.attn", "attn_logit_max", 3.0),
+        (0, "b.attn", "attn_entropy", 1.2),
+        (0, "a", "token_cosine", nan),
+        (0, "b", "token_cosine", 0.2),
+        (0, "head", "logit_z", inf),
+        (0, "head", "logit_max", nan),
+        (0, "rnn", "error_time_first", 0.0),
+        (0, "rnn", "error_time_last", 0.0),
+        (0, "rnn", "error_time_slope", nan),
+    ]
+    findings = diagnose(synthetic_run(rows, [{"name": n} for n in ("a", "b", "head", "rnn")]))
+    assert not [k for k, why in findings.skipped.items() if "could not be judged" in why]
+    assert set(findings.checked.detectors) >= NEW_ALL
+    assert not (NEW_ALL | {"vanishing"}) & set(findings.kinds)
