@@ -282,3 +282,16 @@ def test_odd_values_are_judged_without_failing() -> None:
     assert not [k for k, why in findings.skipped.items() if "could not be judged" in why]
     assert set(findings.checked.detectors) >= NEW_ALL
     assert not (NEW_ALL | {"vanishing"}) & set(findings.kinds)
+
+
+def test_qk_layernorm_is_not_proposed_to_a_model_that_has_it() -> None:
+    from gradprobe.remedies import model_profile, rank_remedies
+
+    with_qk, _ = C.transformer_case("qk_norm_lr_high")
+    without, _ = C.transformer_case("plain_lr_ok")
+    names = {m["name"] for m in with_qk.meta["modules"]}
+    assert {"blocks.0.attn.q_norm", "blocks.0.attn.k_norm"} <= names  # what the Probe saw
+    keys = [r.key for r in rank_remedies("attention_logit_growth", model_profile(with_qk.meta))]
+    assert "qk_layernorm" not in keys and keys[0] == "lower_peak_lr"
+    keys = [r.key for r in rank_remedies("attention_logit_growth", model_profile(without.meta))]
+    assert keys[0] == "qk_layernorm"
