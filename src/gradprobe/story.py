@@ -41,16 +41,57 @@ STEP_SIZE_KINDS = ("exploding", "unstable_updates")
 # consequence kind -> the kinds that explain it, most direct first. Read: "a plateau is
 # explained by vanishing, or by dead units, ..., or by steps too large".
 EXPLAINED_BY: dict[str, tuple[str, ...]] = {
-    "nonfinite": ("exploding", "unstable_updates", "grad_norm_spike"),
-    "grad_norm_spike": ("exploding", "unstable_updates"),
-    "loss_spike": ("grad_norm_spike", "exploding", "unstable_updates", "nonfinite"),
-    "loss_instability": ("grad_norm_spike", "exploding", "unstable_updates"),
+    # Inside the Transformer (Wortsman et al. 2023): the attention and output logits grow
+    # at too high a rate, so steps as large as the weights explain them; a one-hot
+    # softmax is where a head's entropy goes, and logits that large spike the gradient
+    # and the loss, and make NaN/Inf.
+    "attention_logit_growth": ("exploding", "unstable_updates"),
+    "output_logit_divergence": ("exploding", "unstable_updates"),
+    "attention_entropy_collapse": ("attention_logit_growth", "exploding", "unstable_updates"),
+    # Rows that are one-hot on the same key give every token the same vector.
+    "rank_collapse": (
+        "attention_logit_growth",
+        "attention_entropy_collapse",
+        "exploding",
+        "unstable_updates",
+    ),
+    "nonfinite": (
+        "exploding",
+        "unstable_updates",
+        "grad_norm_spike",
+        "attention_logit_growth",
+        "output_logit_divergence",
+    ),
+    "grad_norm_spike": (
+        "exploding",
+        "unstable_updates",
+        "attention_logit_growth",
+        "output_logit_divergence",
+    ),
+    "loss_spike": (
+        "grad_norm_spike",
+        "exploding",
+        "unstable_updates",
+        "nonfinite",
+        "attention_logit_growth",
+        "output_logit_divergence",
+    ),
+    "loss_instability": (
+        "grad_norm_spike",
+        "exploding",
+        "unstable_updates",
+        "attention_logit_growth",
+        "attention_entropy_collapse",
+        "output_logit_divergence",
+    ),
     "divergence": (
         "nonfinite",
         "grad_norm_spike",
         "exploding",
         "unstable_updates",
         "skipped_steps",
+        "attention_logit_growth",
+        "output_logit_divergence",
     ),
     "oscillation": ("exploding", "unstable_updates"),
     "clipped": ("exploding", "grad_norm_spike"),
@@ -61,6 +102,7 @@ EXPLAINED_BY: dict[str, tuple[str, ...]] = {
     "dead_channels": ("exploding", "unstable_updates"),
     # Dead units pass no error signal back: the layers below them receive none.
     "vanishing": ("dead_channels", "dead_units"),
+    # Tokens that are one vector leave the queries' and keys' gradients nothing to act on.
     "stalled": (
         "vanishing",
         "dead_channels",
@@ -69,6 +111,7 @@ EXPLAINED_BY: dict[str, tuple[str, ...]] = {
         "unused_parameters",
         "exploding",
         "unstable_updates",
+        "rank_collapse",
     ),
     "plateau": (
         "vanishing",
@@ -85,6 +128,10 @@ EXPLAINED_BY: dict[str, tuple[str, ...]] = {
         "stalled",
         "skipped_steps",
         "unused_parameters",
+        "attention_logit_growth",
+        "attention_entropy_collapse",
+        "output_logit_divergence",
+        "rank_collapse",
     ),
 }
 

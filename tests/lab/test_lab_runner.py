@@ -27,6 +27,7 @@ def test_registry_is_complete_and_plain():
         "pretraining",
         "dying_relu",
         "channels",
+        "attention",
     ]
     for name, e in EXPERIMENTS.items():
         assert e.name == name and e.question.endswith("?") and e.citation and e.source

@@ -28,7 +28,9 @@ The package
 -----------
 ``findings`` (the model: Finding, Findings, their order, the JSON schema), ``thresholds``,
 ``selectors`` (what detectors and plots read from a run), one module per family of
-detectors (``depth``, ``explosion``, ``units``, ``updates``, ``instability``), ``facts``
+detectors (``depth``, ``explosion``, ``units``, ``updates``, ``instability``, ``attention``;
+``sequence`` is the error signal over a recurrent output's positions, a mode of
+``vanishing``), ``facts``
 (key numbers, facts for the story), and here the registry: :data:`DETECTORS` and
 :func:`diagnose`. Every name of the former module ``gradprobe.diagnose`` is importable
 from here.
@@ -45,6 +47,13 @@ from ..errors import GradprobeError
 from ..remedies import model_profile, rank_remedies
 from ..run import Run, load
 from ..story import tell
+from .attention import (
+    detect_attention_entropy_collapse,
+    detect_attention_logit_growth,
+    detect_output_logit_divergence,
+    detect_rank_collapse,
+    has_attention,
+)
 from .depth import DepthProfile, depth_profile, detect_vanishing
 from .explosion import detect_exploding, detect_nonfinite
 from .facts import _evidence_remedies, key_numbers, run_facts
@@ -68,6 +77,7 @@ from .instability import (
     detect_plateau,
 )
 from .selectors import is_weight_layer, norm_modules, unit_candidates, weight_names
+from .sequence import TIME_ERROR_STATS
 from .thresholds import (
     CARRY_GATE_MEAN,
     CARRY_MEMORY_STEPS,
@@ -171,6 +181,8 @@ __all__ = [
     "Threshold",
     "as_run",
     "depth_profile",
+    "detect_attention_entropy_collapse",
+    "detect_attention_logit_growth",
     "detect_clipped",
     "detect_dead_channels",
     "detect_dead_units",
@@ -181,7 +193,9 @@ __all__ = [
     "detect_loss_spike",
     "detect_nonfinite",
     "detect_oscillation",
+    "detect_output_logit_divergence",
     "detect_plateau",
+    "detect_rank_collapse",
     "detect_saturation",
     "detect_skipped_steps",
     "detect_stalled",
@@ -210,6 +224,9 @@ class Detector:
     # Why it was skipped when none of ``requires`` is in the run, for values the Probe
     # cannot measure itself (the loss): they are logged, not recorded by a preset.
     unrecorded: str = ""
+    # Whether the model has what the check reads (attention, for the attention checks):
+    # where it does not, a missing statistic is nothing to measure, not a gap to report.
+    applies: Callable[[Run], bool] | None = None
 
 
 DETECTORS: dict[str, Detector] = {
@@ -231,9 +248,10 @@ DETECTORS: dict[str, Detector] = {
         Detector(
             "vanishing",
             detect_vanishing,
-            ("error_norm", "memory_steps"),
-            "error signal shrinking by a steady factor per layer toward the input, or cut "
-            "at every step back through time by an LSTM's/GRU's carry gates",
+            ("error_norm", "memory_steps", *TIME_ERROR_STATS),
+            "error signal shrinking by a steady factor per layer toward the input, cut "
+            "at every step back through time by an LSTM's/GRU's carry gates, or falling "
+            "over a recurrent output's positions going back",
         ),
         Detector(
             "saturation",
@@ -282,6 +300,34 @@ DETECTORS: dict[str, Detector] = {
             detect_unused_parameters,
             ("grad_missing",),
             "parameters the optimizer trains that receive no gradient",
+        ),
+        Detector(
+            "attention_logit_growth",
+            detect_attention_logit_growth,
+            ("attn_logit_max",),
+            "the largest attention logit grows over steps until the softmax is one-hot",
+            applies=has_attention,
+        ),
+        Detector(
+            "output_logit_divergence",
+            detect_output_logit_divergence,
+            ("logit_z", "logit_max"),
+            "the output logits drift: log Z far from its start, or the largest logit grown tenfold",
+            applies=has_attention,
+        ),
+        Detector(
+            "attention_entropy_collapse",
+            detect_attention_entropy_collapse,
+            ("attn_entropy",),
+            "attention entropy, averaged over a module's heads, falling towards 0 in training",
+            applies=has_attention,
+        ),
+        Detector(
+            "rank_collapse",
+            detect_rank_collapse,
+            ("token_cosine",),
+            "token vectors of the deepest blocks pointing the same way (cosine near 1)",
+            applies=has_attention,
         ),
         Detector(
             "divergence",
@@ -361,6 +407,8 @@ def diagnose(run_or_probe: Any) -> Findings:
     ran: list[str] = []  # for the "no problems found" note: what was actually checked
     for kind, det in DETECTORS.items():
         if not stats & set(det.requires):
+            if det.applies is not None and not det.applies(run):
+                continue  # the model has nothing this check reads: no gap
             if det.unrecorded:
                 skipped[kind] = det.unrecorded
                 continue

@@ -25,11 +25,13 @@ from .selectors import (
     is_weight_layer,
     norm_modules,
 )
+from .sequence import vanishing_time_error
 from .thresholds import (
     CARRY_CRITICAL_LOG10,
     CARRY_GATE_MEAN,
     CARRY_MEMORY_STEPS,
     MIN_DEPTH_LAYERS,
+    TIME_ERROR_DECAY,
     VANISHING_CRITICAL_RATIO,
     VANISHING_FACTOR,
     VANISHING_RATIO,
@@ -139,8 +141,9 @@ def depth_profile(run: Run, first_steps: int | None = None) -> DepthProfile | No
 
 # ---------------------------------------------------------------- detectors
 def detect_vanishing(run: Run) -> Finding | None:
-    """The error signal shrinks by a steady factor per layer toward the input (depth), or
-    a gated recurrent module's carry gates cut it at every step back (through time)."""
+    """The error signal shrinks by a steady factor per layer toward the input (depth), a
+    gated recurrent module's carry gates cut it at every step back (time), or a recurrent
+    output's error signal itself falls over its positions going back (time_error)."""
     names: list[str] = []
     sentences: list[str] = []
     evidence: dict[str, Any] = {"modes": []}
@@ -184,6 +187,25 @@ def detect_vanishing(run: Run) -> Finding | None:
                 f"(it falls by e each {_g(t['memory_steps'])} steps), on sequences of "
                 f"{_g(t['seq_len'])}: across one, it is multiplied by "
                 f"≈1e{t['log10_carried']:.0f}."
+            )
+    time_error = vanishing_time_error(run)
+    if time_error:
+        evidence["modes"].append("time_error")
+        evidence["time_error"] = time_error
+        evidence.update(threshold_time_ratio=VANISHING_RATIO, threshold_decay=TIME_ERROR_DECAY)
+        for name, t in time_error.items():
+            names += [name] if name not in names else []
+            critical |= t["first_last_ratio"] <= VANISHING_CRITICAL_RATIO
+            per_step = (
+                f", ≈{t['decades_per_step']:.2g} decade(s) lost per step back"
+                if math.isfinite(t["decades_per_step"])
+                else ""
+            )
+            sentences.append(
+                f"Through time in `{name}`: the error signal ‖dL/dy[:, t]‖ averages "
+                f"{_g(t['error_first'])} over the first quarter of the sequence against "
+                f"{_g(t['error_last'])} over the last (×{_g(t['first_last_ratio'])}"
+                f"{per_step}): the first positions hardly learn from the loss."
             )
     if "depth" in evidence["modes"]:
         _theory_beside(run, sentences, evidence)

@@ -28,6 +28,11 @@ KIND_ORDER = (
     "skipped_steps",
     "clipped",
     "unused_parameters",
+    # Inside the Transformer: causes of the unstable training below them.
+    "attention_logit_growth",
+    "output_logit_divergence",
+    "attention_entropy_collapse",
+    "rank_collapse",
     "divergence",
     "grad_norm_spike",
     "loss_instability",

@@ -294,6 +294,114 @@ INSTABILITY_CRITICAL_SETBACKS = Count(
     "Loss instability is critical at twice the setbacks that make the finding.",
 )
 
+# ---------------------------------------------------------------- inside the Transformer
+# Read from the attention statistics (attn_logit_max, attn_entropy, attn_entropy_min), the
+# token geometry of a block's output (token_cosine) and the model's output logits
+# (logit_max, logit_z), per module over steps.
+ATTN_LOGIT_LARGE = Threshold(
+    100.0,
+    "Attention-logit growth: the largest attention logit q·k/√d of a module reaches 100 "
+    "(median of the last half of the steps) ... A softmax row whose largest logit stands "
+    "e^17 above the others is one-hot in float32; healthy small models stay at 5–30 (lab "
+    "`attention`: 26 at the best rate, 6–15 with QK-layernorm), and Wortsman et al. 2023 "
+    "measure ~1e2 for stable runs, 1e3–1e4 for the ones that diverge.",
+)
+ATTN_LOGIT_GROWTH = Threshold(
+    10.0,
+    "... having grown at least tenfold over its level in the first quarter of the run "
+    "(q·k/√d starts at a few units at any usual init): the logits grew in training, "
+    "not by design (an attention sink built into the model).",
+)
+ATTN_LOGIT_CRITICAL = Threshold(
+    1e3,
+    "Attention-logit growth is critical at a largest logit of 1000: bfloat16 spaces numbers "
+    "near 1000 by 8, so differences between keys are rounded away before the softmax, "
+    "and the softmax is one-hot in any precision (lab `attention`: the plain model reaches "
+    "6e3 at the rate where its loss goes back to a uniform guess).",
+)
+ENTROPY_COLLAPSE_NATS = Threshold(
+    0.1,
+    "Attention entropy collapse: a module's attention entropy, averaged over its heads and "
+    "query rows (attn_entropy), falls to 0.1 nats or less (median of the last half of the "
+    "steps): on average ≥ 98% of each row's weight on one key. The threshold is absolute "
+    "because the number of keys is not recorded with the statistic (under a causal mask "
+    "each query row has its own, from 1 to the context), so log(keys) cannot scale it; "
+    "0.1 nats is one-hot at any key count (uniform attention over only 2 keys is 0.69).",
+)
+ENTROPY_FALL = Threshold(
+    0.25,
+    "... and that mean is at most a quarter of its level in the first quarter of the run: "
+    "it collapsed during training (Zhai et al. 2023), it was not low from the start (a "
+    "sequence of one token has entropy 0 at every step).",
+)
+ENTROPY_LOSS_LEVEL = Threshold(
+    0.5,
+    "... while the logged loss (median of the last half) stays at 50% or more of its start "
+    "(median of its first LOSS_WINDOW): heads that became one-hot while the model learned "
+    "have found what to attend to (a previous-token or copy head: the lab's recurrence "
+    "x[t] = x[t−1] + x[t−2] is solved by one-hot heads at 0.07 nats); the collapse of Zhai "
+    "et al. 2023 comes with training that stalls or diverges. Without a logged loss the "
+    "finding is only `info`.",
+)
+ENTROPY_CRITICAL_NATS = Threshold(
+    0.01,
+    "Entropy collapse is critical at 0.01 nats: ≥ 99.9% of every row's weight on one key, "
+    "so the other keys' values and their gradients are cut a thousandfold.",
+)
+RANK_COLLAPSE_COSINE = Threshold(
+    0.95,
+    "Rank collapse: the mean cosine similarity between the token vectors of a block's "
+    "output (token_cosine) reaches 0.95 at depth, at the first recorded step or as the "
+    "median of the last half, while the first block's is lower: the tokens converge to one "
+    "direction with depth, which makes the query and key gradients vanish (Dong et al. "
+    "2021; Noci et al. 2022). Token vectors of a pre-LN model keep cosines well below it.",
+)
+RANK_LOSS_LEVEL = Threshold(
+    0.5,
+    "... while the logged loss (median of the last half) stays at 50% or more of its start, "
+    "as for entropy collapse: trained language models' token vectors are anisotropic (GPT-2's "
+    "last layers have mean cosines near 0.99 between any two tokens, Ethayarajh 2019) and "
+    "learn well; tokens that are one vector in a model that does not learn are the collapse "
+    "of Dong et al. 2021. Without a logged loss the finding is only `info`.",
+)
+RANK_COLLAPSE_CRITICAL = Threshold(
+    0.99,
+    "Rank collapse is critical at a mean token cosine of 0.99: the tokens differ in 1% of "
+    "their direction, and attention over them averages to one vector.",
+)
+LOGIT_Z_DRIFT = Threshold(
+    20.0,
+    "Output-logit divergence: the log-partition log Z = logsumexp of the output logits "
+    "(logit_z, mean over positions) moves 20 nats or more from its level in the first "
+    "quarter of the run (it starts near ln(classes) and a confident prediction moves it by "
+    "the winning logit, ~10): the logits drift together, which the softmax ignores and "
+    "float precision does not (Wortsman et al. 2023; the z-loss of Chowdhery et al. 2022) ...",
+)
+LOGIT_MAX_LARGE = Threshold(
+    100.0,
+    "... or the largest output logit (logit_max) reaches 100 (median of the last half) ...",
+)
+LOGIT_MAX_GROWTH = Threshold(
+    10.0,
+    "... having grown tenfold over its level in the first quarter of the run: the output "
+    "layer's weights grow without bound.",
+)
+LOGIT_CRITICAL = Threshold(
+    1e3,
+    "Output-logit divergence is critical when log Z has moved 1000 nats or the largest "
+    "logit reached 1000 (bfloat16 spaces numbers near 1000 by 8: the logits' differences "
+    "are lost).",
+)
+TIME_ERROR_DECAY = Threshold(
+    0.1,
+    "Vanishing through time, from the error signal of a recurrent output over its positions "
+    "(error_time_first, error_time_last, error_time_slope): the fitted slope of "
+    "log10 ‖dL/dy[:, t]‖ loses 0.1 decade or more per step back (a decade every 10 steps: "
+    "a dependency 20 steps back receives 1/100 of the error), or the mean over the first "
+    "quarter of the positions is below VANISHING_RATIO of the mean over the last quarter "
+    "(two decades lost, as over depth). `critical` at VANISHING_CRITICAL_RATIO.",
+)
+
 # The one table: every threshold above, in the order written, each knowing its name.
 THRESHOLDS: dict[str, Threshold | Count] = {
     name: value for name, value in globals().items() if isinstance(value, (Threshold, Count))

@@ -11,6 +11,7 @@ of docs/concepts.md. :mod:`.runner` trains a grid in a process pool and writes i
 from __future__ import annotations
 
 from . import activations as _activations
+from . import attention as _attention
 from . import channels as _channels
 from . import clipping as _clipping
 from . import depth as _depth
@@ -41,5 +42,6 @@ EXPERIMENTS: dict[str, Experiment] = {
         _pretraining.EXPERIMENT,
         _dying_relu.EXPERIMENT,
         _channels.EXPERIMENT,
+        _attention.EXPERIMENT,
     )
 }

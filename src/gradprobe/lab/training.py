@@ -117,6 +117,7 @@ def fit(
     config: dict[str, Any] | None = None,
     probe: dict[str, Any] | None = None,
     stop_on_nonfinite: bool = True,
+    z_loss: float = 0.0,
 ) -> FitResult:
     """Train ``model`` on ``data`` for ``steps`` mini-batch steps under a :class:`Probe`.
 
@@ -125,6 +126,11 @@ def fit(
     ``eval_every`` steps and at the end. A loss that turns NaN/Inf stops the run early
     (``diverged=True``) unless ``stop_on_nonfinite`` is False; the Probe keeps the steps
     up to and including the first non-finite one.
+
+    ``z_loss`` > 0 adds ``z_loss``·mean((log Z)²) to the loss that is back-propagated, log Z
+    the logsumexp of the model's output over its class dimension (dim 1, as
+    ``cross_entropy`` reads it): the auxiliary loss of Chowdhery et al. 2022 (PaLM). The
+    loss logged and reported stays the task's own, so runs with and without it compare.
     """
     started = time.perf_counter()
     loss_fn = _loss_fn(data.task)
@@ -140,8 +146,12 @@ def fit(
         for step in range(steps):
             idx = torch.randint(0, n, (min(batch_size, n),), generator=g)
             opt.zero_grad(set_to_none=True)
-            loss = loss_fn(model(data.x_train[idx]), data.y_train[idx])
-            loss.backward()
+            out = model(data.x_train[idx])
+            loss = loss_fn(out, data.y_train[idx])
+            if z_loss > 0:
+                (loss + z_loss * torch.logsumexp(out, dim=1).square().mean()).backward()
+            else:
+                loss.backward()
             # The tensor, not a float: the Probe keeps it on the device until its flush,
             # so every run records its loss curve without a host sync per step.
             p.log(loss=loss)

@@ -217,9 +217,13 @@ REMEDIES: dict[str, Remedy] = {
                 "nonfinite": 0.6,
                 "skipped_steps": 0.5,
                 "vanishing": 0.3,
+                "attention_logit_growth": 0.5,
+                "attention_entropy_collapse": 0.5,
+                "output_logit_divergence": 0.4,
             },
             architectures={"transformer": 0.5},
-            cite="Vaswani et al. 2017; Goyal et al. 2017; Xiong et al. 2020; Liu et al. 2020 (RAdam)",
+            cite="Vaswani et al. 2017; Goyal et al. 2017; Xiong et al. 2020; Liu et al. 2020 (RAdam); "
+            "Wortsman et al. 2023; Zhai et al. 2023",
         ),
         Remedy(
             "lower_peak_lr",
@@ -235,6 +239,12 @@ REMEDIES: dict[str, Remedy] = {
                 "nonfinite": 0.7,
                 "skipped_steps": 0.6,
                 "clipped": 0.8,
+                # Attention and output logits grow faster the larger the rate (Wortsman et
+                # al. 2023, Fig. 1): a lower peak rate is the other cure beside the
+                # structural ones (QK-layernorm, z-loss), which come first.
+                "attention_logit_growth": 0.8,
+                "output_logit_divergence": 0.6,
+                "attention_entropy_collapse": 0.6,
             },
             architectures={"transformer": 0.4},
             cite="Wortsman et al. 2023 (small-scale proxies for Transformer instabilities)",
@@ -247,10 +257,18 @@ REMEDIES: dict[str, Remedy] = {
             "at every block, which makes the lower layers' gradients small, the top "
             "layers' large, and warmup necessary",
             "nn.TransformerEncoderLayer(d, heads, norm_first=True)  # and a final LayerNorm",
-            treats={"vanishing": 0.8, "exploding": 0.7, "unstable_updates": 0.6, "nonfinite": 0.4},
+            treats={
+                "vanishing": 0.8,
+                "exploding": 0.7,
+                "unstable_updates": 0.6,
+                "nonfinite": 0.4,
+                # Post-LN rescales the stream at every block, so the residual path cannot
+                # keep tokens apart; pre-LN keeps an identity path (Noci et al. 2022).
+                "rank_collapse": 0.8,
+            },
             architectures={"transformer": 0.5, "mlp": None, "cnn": None, "rnn": None},
             present_when=("pre_ln",),
-            cite="Xiong et al. 2020; Nguyen & Salazar 2019; Liu et al. 2020 (Admin)",
+            cite="Xiong et al. 2020; Nguyen & Salazar 2019; Liu et al. 2020 (Admin); Noci et al. 2022",
         ),
         Remedy(
             "branch_scaling",
@@ -261,12 +279,19 @@ REMEDIES: dict[str, Remedy] = {
             "makes every block the identity at init",
             "nn.init.zeros_(block.conv2.weight)  # Fixup: also scale conv1 by blocks ** -0.5; "
             "with BN: nn.init.zeros_(block.bn2.weight)",
-            treats={"exploding": 1.0, "nonfinite": 0.5, "unstable_updates": 0.3},
+            treats={
+                "exploding": 1.0,
+                "nonfinite": 0.5,
+                "unstable_updates": 0.3,
+                # Branches scaled by 1/√depth keep the identity path dominant, so the tokens
+                # do not converge to one vector with depth (Noci et al. 2022).
+                "rank_collapse": 1.0,
+            },
             # In a Transformer the step size and the norms' placement come first.
             architectures={"cnn": 0.3, "mlp": 0.1, "transformer": -0.2, "rnn": None},
             requires=("residual",),
             cite="Zhang et al. 2019 (Fixup); De & Smith 2020 (SkipInit); Goyal et al. 2017; "
-            "Radford et al. 2019 (GPT-2's 1/√N)",
+            "Radford et al. 2019 (GPT-2's 1/√N); Noci et al. 2022 (rank collapse)",
         ),
         Remedy(
             "forget_bias",
@@ -292,6 +317,78 @@ REMEDIES: dict[str, Remedy] = {
             architectures={"rnn": 0.3, "mlp": None, "cnn": None, "transformer": None},
             risk="dependencies longer than the window are no longer learned",
             cite="Williams & Peng 1990; Sutskever 2013",
+        ),
+        Remedy(
+            "chrono_init",
+            "Chrono initialisation of the LSTM gates",
+            "the forget gate's bias sets how many steps the cell keeps its state (about "
+            "1/(1 − σ(b_f))); drawing b_f = log U(1, T_max − 1), and the input gate's bias "
+            "as −b_f, spreads the units' memories over 1 … T_max steps, so the error is "
+            "carried back over the longest dependency the task has",
+            "T_max = 100  # the longest dependency to learn, in steps\n"
+            "b_f = torch.log(torch.empty(hidden).uniform_(1, T_max - 1))\n"
+            "for n, p in lstm.named_parameters():\n"
+            "    if n.startswith('bias_ih'):\n"
+            "        p.data[hidden:2 * hidden] = b_f  # gates: input, forget, cell, output\n"
+            "        p.data[:hidden] = -b_f\n"
+            "    elif n.startswith('bias_hh'):\n"
+            "        p.data[: 2 * hidden] = 0.0",
+            treats={"vanishing": 0.9, "stalled": 0.3},
+            architectures={"rnn": 0.5, "mlp": None, "cnn": None, "transformer": None},
+            requires=("LSTM", "LSTMCell"),
+            risk="T_max must be known (or guessed) from the task",
+            cite="Tallec & Ollivier 2018 (chrono initialisation); Gers et al. 2000; "
+            "Jozefowicz et al. 2015",
+        ),
+        Remedy(
+            "qk_layernorm",
+            "QK-layernorm (a LayerNorm on the queries and keys)",
+            "an attention logit is q·k/√d, and at a high learning rate the weights behind q "
+            "and k grow until the logits reach hundreds and the softmax is one-hot; "
+            "normalising each head's q and k before the product bounds every logit by the "
+            "norms' learned scales, and the model trains over a wider range of rates",
+            "self.q_norm = nn.LayerNorm(head_dim)  # in the attention module's __init__\n"
+            "self.k_norm = nn.LayerNorm(head_dim)\n"
+            "# in forward, after splitting heads ([batch, heads, time, head_dim]):\n"
+            "# q, k = self.q_norm(q), self.k_norm(k)\n"
+            "# y = F.scaled_dot_product_attention(q, k, v, is_causal=True)",
+            treats={
+                "attention_logit_growth": 1.0,
+                "attention_entropy_collapse": 0.8,
+                "divergence": 0.4,
+                "loss_spike": 0.3,
+            },
+            architectures={"transformer": 0.3, "mlp": None, "cnn": None, "rnn": None},
+            present_when=("qk_norm",),
+            cite="Dehghani et al. 2023 (ViT-22B); Wortsman et al. 2023; lab `attention`",
+        ),
+        Remedy(
+            "z_loss",
+            "z-loss on the output logits",
+            "the softmax does not change when every logit moves by the same amount, so "
+            "nothing stops the output logits drifting until log Z = logsumexp(logits) is "
+            "far from 0 and the logits lose float precision; a small penalty 1e-4·(log Z)² "
+            "holds log Z near 0 without changing what the model predicts",
+            "logits = model(x)\n"
+            "z = torch.logsumexp(logits, dim=-1)\n"
+            "loss = F.cross_entropy(logits.flatten(0, -2), y.flatten()) + 1e-4 * (z**2).mean()",
+            treats={"output_logit_divergence": 1.0, "divergence": 0.3, "nonfinite": 0.3},
+            architectures={"transformer": 0.3},
+            cite="Chowdhery et al. 2022 (PaLM); Wortsman et al. 2023",
+        ),
+        Remedy(
+            "sigma_reparam",
+            "σReparam (spectrally reparametrised attention weights)",
+            "attention entropy collapses when the spectral norm of the query/key weights "
+            "grows (the logits' spread is bounded by it); Ŵ = γ/σ(W)·W with σ(W) the "
+            "largest singular value (power iteration) and γ a learned scalar keeps that "
+            "norm where γ puts it, so no head is pushed to one-hot",
+            "qkv = nn.utils.parametrizations.spectral_norm(attn.qkv)  # W / σ(W)\n"
+            "gamma = nn.Parameter(torch.ones(()))  # learned: Ŵ = γ/σ(W)·W\n"
+            "# in forward: y = gamma * F.linear(x, qkv.weight) + qkv.bias",
+            treats={"attention_entropy_collapse": 1.0, "attention_logit_growth": 0.7},
+            architectures={"transformer": 0.3, "mlp": None, "cnn": None, "rnn": None},
+            cite="Zhai et al. 2023 (σReparam, attention entropy collapse)",
         ),
         Remedy(
             "adam_beta2_eps",

@@ -36,6 +36,9 @@ _RESIDUAL_BLOCKS = {"ResidualBlock", "BasicBlock", "Bottleneck", "PreActBlock"}
 # Activation modules the Probe does not know by type (they are not subclasses of
 # torch's), recognised by class name: transformers' NewGELUActivation, SiLUActivation...
 _ACTIVATION_NAMES = (("gelu", re.compile(r"GELU")), ("silu", re.compile(r"SiLU|Swish")))
+# Norms on the queries and keys (QK-layernorm), by the names models give them: q_norm and
+# k_norm (OLMo 2, Qwen3, timm's ViTs), q_layernorm, query_norm, key_norm, q_ln.
+_QK_NORM_NAME = re.compile(r"(^|\.)(q|k|query|key)_?(norm|layernorm|ln)$", re.IGNORECASE)
 
 
 def _norm_placement(meta: Mapping[str, Any]) -> str | None:
@@ -83,6 +86,8 @@ def model_profile(meta: Mapping[str, Any]) -> ModelProfile:
     activations |= {a for a, pattern in _ACTIVATION_NAMES if any(pattern.search(t) for t in types)}
     config = meta.get("config") or {}
     tokens = set(types) | activations
+    if any(_QK_NORM_NAME.search(str(m.get("name", ""))) for m in modules):
+        tokens.add("qk_norm")
     if isinstance(config.get("init"), str):
         tokens.add(f"init:{config['init'].lower()}")
     # The optimizer the Probe saw step (meta["optimizer"]["class"]) wins over what the
