@@ -27,6 +27,9 @@ import gradprobe
 from gradprobe import Probe
 from gradprobe.hooks import GradprobeWarning
 from gradprobe.probe import Probe as ProbeClass
+from gradprobe.recording.optstep import OptimizerStep
+from gradprobe.recording.params import ParamStats
+from gradprobe.recording.passes import Passes
 from reference import capture_outputs, error_norms, hook_counts, param_grad_norms
 
 SRC = pathlib.Path(gradprobe.__file__).parent
@@ -119,8 +122,22 @@ def _train(model: nn.Module, probed: bool, mode: str):
     return frame
 
 
+# The component whose method each entry point's hook calls (the Probe's own otherwise).
+OWNERS = {
+    "on_pass_start": Passes,
+    "on_pass_end": Passes,
+    "_record_preclip": ParamStats,
+    "_on_step_pre": OptimizerStep,
+    "_on_step_post": OptimizerStep,
+}
+
+
+def _owner(method: str) -> type:
+    return OWNERS.get(method, ProbeClass)
+
+
 def _raise_when(method: str, when=lambda *a: True):
-    original = getattr(ProbeClass, method)
+    original = getattr(_owner(method), method)
 
     def failing(self, *args, **kwargs):
         if when(*args):
@@ -148,13 +165,13 @@ CASES = {
         lambda n, s: n == "2",
     ),
     "pass start": (
-        "_on_pass_start",
+        "on_pass_start",
         lambda *a: True,
         "the start of the model's forward",
         lambda n, s: n in MODULES,
     ),
     "pass end": (
-        "_on_pass_end",
+        "on_pass_end",
         lambda *a: True,
         "the end of the model's forward",
         lambda n, s: n in MODULES,
@@ -204,7 +221,7 @@ def test_a_failing_entry_point_is_a_warning_and_a_gap(case, mode, monkeypatch):
     twin, reference_model = copy.deepcopy(model), copy.deepcopy(model)
     reference = _reference(reference_model)
     before = hook_counts(model)
-    monkeypatch.setattr(ProbeClass, method, _raise_when(method, when))
+    monkeypatch.setattr(_owner(method), method, _raise_when(method, when))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         frame = _train(model, probed=True, mode=mode)
