@@ -22,7 +22,16 @@ PACKAGE = "gradprobe"
 # a module and, for a package, everything under it ("" is the package's lazy __init__).
 LAYERS: dict[str, tuple[str, ...]] = {
     # L0 base: no knowledge of runs or statistics; pyplot and views found by name.
-    "base": ("errors", "_version", "_views", "_mpl", "activations", "architecture", "finding"),
+    "base": (
+        "errors",
+        "_version",
+        "_views",
+        "_mpl",
+        "kinds",
+        "activations",
+        "architecture",
+        "finding",
+    ),
     # L1 numbers: statistics as data, and the theory (maths from an activation and an init).
     "numbers": ("stats", "theory", "spikes"),
     # L2 runs: the record format on disk and the Run read back from it (data only).
@@ -75,15 +84,12 @@ MAX_CLASS_LINES = 300
 BIG_MODULES = {
     "probe": (655, "the Probe facade and the Capture mixin's context (issue 24, stage 5)"),
     "capture": (1047, "forward and error capture, one call and a stack (stages 4-5)"),
-    "buffer": (867, "calls, units, drain, ranks in one class (stage 6)"),
-    "explain": (712, "the worked examples of docs/concepts.md"),
     "cli": (634, "every command's options and output"),
     "theory.meanfield": (633, "mean-field maths for every activation"),
 }
 BIG_CLASSES = {
     "probe.Probe": (465, "the facade, and the Capture mixin's state until it is a component"),
     "capture.Capture": (821, "forward and error capture (stage 5)"),
-    "buffer.StepBuffer": (597, "four jobs in one class (stage 6)"),
 }
 
 

@@ -36,6 +36,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .kinds import module_kind, types_applying
+
 __all__ = ["ACTIVATIONS", "Activation", "activation_of", "get_activation"]
 
 Params = Mapping[str, Any]
@@ -199,7 +201,7 @@ ACTIVATIONS: dict[str, Activation] = {
         0.25,
         saturates=True,
         can_die=False,
-        module_types=(nn.Sigmoid,),
+        module_types=types_applying("sigmoid"),
         histogram_range=(0.0, 1.0),
         used_in="binary output",
     ),
@@ -210,7 +212,7 @@ ACTIVATIONS: dict[str, Activation] = {
         1.0,
         saturates=True,
         can_die=False,
-        module_types=(nn.Tanh,),
+        module_types=types_applying("tanh"),
         histogram_range=(-1.0, 1.0),
         used_in="RNNs",
     ),
@@ -221,7 +223,7 @@ ACTIVATIONS: dict[str, Activation] = {
         1.0,
         saturates=False,
         can_die=True,
-        module_types=(nn.ReLU,),
+        module_types=types_applying("relu"),
         kinks=(0.0,),
         histogram_range=(0.0, 6.0),
         used_in="hidden layers",
@@ -233,7 +235,7 @@ ACTIVATIONS: dict[str, Activation] = {
         1.0,
         saturates=False,
         can_die=False,
-        module_types=(nn.LeakyReLU,),
+        module_types=types_applying("leaky_relu"),
         params=lambda m: {"negative_slope": m.negative_slope},
         default_params={"negative_slope": 0.01},
         kinks=(0.0,),
@@ -247,7 +249,7 @@ ACTIVATIONS: dict[str, Activation] = {
         1.0,
         saturates=False,
         can_die=False,
-        module_types=(nn.PReLU,),
+        module_types=types_applying("prelu"),
         params=_prelu_params,
         default_params={"negative_slope": 0.25},
         kinks=(0.0,),
@@ -261,7 +263,7 @@ ACTIVATIONS: dict[str, Activation] = {
         1.0,
         saturates=True,
         can_die=False,
-        module_types=(nn.ELU,),
+        module_types=types_applying("elu"),
         params=lambda m: {"alpha": m.alpha},
         default_params={"alpha": 1.0},
         kinks=(0.0,),
@@ -275,7 +277,7 @@ ACTIVATIONS: dict[str, Activation] = {
         _SELU_SCALE * _SELU_ALPHA,
         saturates=True,
         can_die=False,
-        module_types=(nn.SELU,),
+        module_types=types_applying("selu"),
         kinks=(0.0,),
         histogram_range=(-2.0, 6.0),
         used_in="self-normalising MLPs",
@@ -287,7 +289,7 @@ ACTIVATIONS: dict[str, Activation] = {
         _SILU_MAX_DERIVATIVE,
         saturates=True,
         can_die=False,
-        module_types=(nn.SiLU,),
+        module_types=types_applying("silu"),
         histogram_range=(-1.0, 6.0),
         used_in="deep CNNs, NLP (Swish)",
         signed_derivative=True,
@@ -299,7 +301,7 @@ ACTIVATIONS: dict[str, Activation] = {
         _GELU_MAX_DERIVATIVE,
         saturates=True,
         can_die=False,
-        module_types=(nn.GELU,),
+        module_types=types_applying("gelu"),
         params=lambda m: {"approximate": m.approximate},
         default_params={"approximate": "none"},
         histogram_range=(-1.0, 6.0),
@@ -313,7 +315,7 @@ ACTIVATIONS: dict[str, Activation] = {
         1.0,
         saturates=True,
         can_die=False,
-        module_types=(nn.Softplus,),
+        module_types=types_applying("softplus"),
         params=lambda m: {"beta": m.beta, "threshold": m.threshold},
         default_params={"beta": 1.0, "threshold": 20.0},
         histogram_range=(0.0, 6.0),
@@ -326,7 +328,7 @@ ACTIVATIONS: dict[str, Activation] = {
         1.0,
         saturates=True,
         can_die=False,
-        module_types=(nn.Hardtanh,),
+        module_types=types_applying("hardtanh"),
         params=lambda m: {"min_val": m.min_val, "max_val": m.max_val},
         default_params={"min_val": -1.0, "max_val": 1.0},
         kinks=(-1.0, 1.0),
@@ -340,7 +342,7 @@ ACTIVATIONS: dict[str, Activation] = {
         1.0,
         saturates=True,
         can_die=False,
-        module_types=(nn.Softsign,),
+        module_types=types_applying("softsign"),
         kinks=(0.0,),
         histogram_range=(-1.0, 1.0),
         used_in="cheap tanh",
@@ -371,19 +373,19 @@ def activation_of(module: nn.Module) -> Activation | None:
     """The registry entry for an activation module, or ``None``.
 
     The most specific type wins (``nn.ReLU6`` is a ``nn.Hardtanh``), so subclasses of
-    the activation modules are recognised too.
+    the activation modules are recognised too (:func:`gradprobe.kinds.module_kind`).
     """
-    for cls in type(module).__mro__:
-        for act in ACTIVATIONS.values():
-            if cls in act.module_types:
-                return act
-    return None
+    name = module_kind(module).activation
+    return ACTIVATIONS[name] if name is not None else None
 
 
 def recurrent_nonlinearity(module: nn.Module) -> str | None:
     """The declared non-linearity of a fused recurrent layer (not hookable): metadata only."""
-    if isinstance(module, nn.RNN):
+    kind = module_kind(module)
+    if kind.cell:
+        return None
+    if kind.recurrent == "rnn":
         return str(module.nonlinearity)
-    if isinstance(module, (nn.LSTM, nn.GRU)):
+    if kind.recurrent in ("lstm", "gru"):
         return "sigmoid gates, tanh cell"
     return None

@@ -18,8 +18,9 @@ run's meta, so a loaded run is diagnosed as a live one):
     modules by what they are (``nn.Embedding``/``EmbeddingBag``; ``nn.ConvNd``, not
     transformers' ``Conv1D``, a linear layer; ``nn.RNNBase`` and the cells).
 ``norms``
-    ``{name: family}`` with family ``batch``, ``layer``, ``rms``, ``group``, ``instance``:
-    torch's classes by type, other libraries' by what they hold (a ``weight`` and an
+    ``{name: family}`` with family ``batch``, ``layer``, ``rms``, ``group``, ``instance``,
+    ``local`` (``LocalResponseNorm``): torch's classes by type (:mod:`gradprobe.kinds`),
+    other libraries' by what they hold (a ``weight`` and an
     ``eps``/``variance_epsilon`` and a ``forward`` computing a mean/variance).
 ``residual``
     modules whose ``forward`` adds its input (or an alias of it: ``identity = x``) to what
@@ -57,6 +58,8 @@ from typing import Any
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .kinds import module_kind
+
 __all__ = ["ATTENTION_CALLS", "describe_architecture"]
 
 # Names in a forward's code that mean attention is computed there.
@@ -75,16 +78,6 @@ _ACTIVATION_CALLS = {
     "softplus": "softplus",
     "mish": "mish",
 }
-_NORM_FAMILIES: tuple[tuple[type[nn.Module], str], ...] = (
-    (nn.modules.batchnorm._BatchNorm, "batch"),
-    (nn.LayerNorm, "layer"),
-    (nn.GroupNorm, "group"),
-    (nn.modules.instancenorm._InstanceNorm, "instance"),
-)
-if hasattr(nn, "RMSNorm"):  # torch ≥ 2.4
-    _NORM_FAMILIES += ((nn.RMSNorm, "rms"),)
-_RECURRENT = (nn.RNNBase, nn.RNNCellBase)
-_CONV = (nn.modules.conv._ConvNd,)
 
 
 def _forward(module: nn.Module) -> Any:
@@ -137,9 +130,9 @@ def _code_facts(
 
 
 def _norm_family(module: nn.Module) -> str | None:
-    for cls, family in _NORM_FAMILIES:
-        if isinstance(module, cls):
-            return family
+    family = module_kind(module).norm
+    if family is not None:
+        return family
     # Other libraries' norms (LlamaRMSNorm, T5LayerNorm): a scale vector, an epsilon, and a
     # forward that takes a mean or variance and a reciprocal square root.
     weight = getattr(module, "weight", None)
@@ -355,7 +348,7 @@ def _parallel_branches(module: nn.Module, memo: dict[Any, Any]) -> list[str]:
     def check(a: ast.AST, b: ast.AST) -> None:
         ka, kb = computed_by(a), computed_by(b)
         # Token + position embeddings are both the model's input, not a branch.
-        embeds = any(isinstance(children[c], (nn.Embedding, nn.EmbeddingBag)) for c in ka | kb)
+        embeds = any(module_kind(children[c]).embedding for c in ka | kb)
         if ka and kb and not ka & kb and not embeds:
             size = {
                 side: sum(p.numel() for c in cs for p in children[c].parameters())
@@ -420,11 +413,12 @@ def _describe(model: nn.Module, out: dict[str, Any]) -> None:
     activations: set[str] = set()
     placements: set[str] = set()
     for name, m in modules:
-        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
+        kind = module_kind(m)
+        if kind.embedding:
             out["embeddings"].append(name)
-        if isinstance(m, _CONV):
+        if kind.conv:
             out["convolutions"].append(name)
-        if isinstance(m, _RECURRENT):
+        if kind.recurrent:
             out["recurrent"].append(name)
         family = _norm_family(m)
         if family:
@@ -434,14 +428,14 @@ def _describe(model: nn.Module, out: dict[str, Any]) -> None:
             out["parametrizations"] += [
                 f"{prefix}.{sub}" for sub, _ in m.parametrizations.named_modules() if sub
             ]
-        if isinstance(m, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
+        if kind.transformer_layer:
             act = _function_name(getattr(m, "activation", None))
             norm_first = bool(getattr(m, "norm_first", False))
             out["configured"][name] = {"activation": act, "norm_first": norm_first}
             if act:
                 activations.add(act)
             placements.add("pre_ln" if norm_first else "post_ln")
-        if isinstance(m, nn.MultiheadAttention):
+        if kind.attention:
             out["attention"].append(name)
             continue
         code = _forward_code(m)

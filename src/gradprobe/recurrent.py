@@ -36,10 +36,13 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
+from .kinds import KINDS, module_kind
+
 __all__ = ["CARRY_TYPES", "CarryCall", "CarryGap", "carry_gates", "carry_slots", "record_carry"]
 
-# The modules whose carried state is gated (nn.RNN's is not: its error goes through Wᵀ·tanh').
-CARRY_TYPES: tuple[type[nn.Module], ...] = (nn.LSTM, nn.GRU, nn.LSTMCell, nn.GRUCell)
+# The modules whose carried state is gated (nn.RNN's is not: its error goes through Wᵀ·tanh'):
+# those of the kinds table marked carry_gated (kept as a name for code that imported it).
+CARRY_TYPES: tuple[type[nn.Module], ...] = tuple(t for t, k in KINDS if k.carry_gated)
 
 
 class CarryGap(Exception):
@@ -63,7 +66,7 @@ class CarryCall:
 
 def carry_slots(modules: Sequence[tuple[int, nn.Module]]) -> frozenset[int]:
     """The slot indices of the gated recurrent modules among ``(slot, module)`` pairs."""
-    return frozenset(k for k, m in modules if isinstance(m, CARRY_TYPES))
+    return frozenset(k for k, m in modules if module_kind(m).carry_gated)
 
 
 def _gate_rows(module: nn.Module) -> slice:
@@ -95,7 +98,7 @@ def _argument(args: tuple[Any, ...], kwargs: dict[str, Any], index: int, name: s
 def _cell_gates(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> CarryCall:
     x = _argument(args, kwargs, 0, "input")
     hx = _argument(args, kwargs, 1, "hx")
-    lstm = isinstance(module, nn.LSTMCell)
+    lstm = module_kind(module).recurrent == "lstm"
     if hx is None:
         h = x.new_zeros((*x.shape[:-1], module.hidden_size))
         carried: Tensor | None = None
@@ -121,7 +124,7 @@ def _fused_gates(
             "gates of packed calls are not measured. Pad the batch (pad_packed_sequence) "
             "to have them",
         )
-    lstm = isinstance(module, nn.LSTM)
+    lstm = module_kind(module).recurrent == "lstm"
     layers, directions = module.num_layers, 2 if module.bidirectional else 1
     hidden = module.hidden_size
     h_out = getattr(module, "proj_size", 0) or hidden
@@ -188,7 +191,7 @@ def _replay_layer(
     own = {f"_l{layer}", f"_l{layer}_reverse"}
     weights = [w for n, w in zip(names, module._flat_weights) if n[n.rindex("_l") :] in own]
     states = slice(layer * directions, (layer + 1) * directions)
-    if isinstance(module, nn.LSTM):
+    if module_kind(module).recurrent == "lstm":
         assert c0 is not None
         kernel, hx = torch._VF.lstm, (h0[states], c0[states])  # type: ignore[attr-defined]
     else:
@@ -211,7 +214,7 @@ def carry_gates(
     :class:`CarryGap` where the call cannot be measured.
     """
     with torch.no_grad():
-        if isinstance(module, (nn.LSTMCell, nn.GRUCell)):
+        if module_kind(module).cell:
             call = _cell_gates(module, args, kwargs)
         else:
             call = _fused_gates(module, args, kwargs, output)

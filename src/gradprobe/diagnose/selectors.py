@@ -15,19 +15,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ..kinds import kind_of_type_name
 from ..run import Run
 from ..spikes import running_median
 from .thresholds import LOSS_WINDOW
-
-_NORM_TYPES = (
-    "BatchNorm",
-    "SyncBatchNorm",
-    "LayerNorm",
-    "GroupNorm",
-    "InstanceNorm",
-    "RMSNorm",
-    "LocalResponseNorm",
-)
 
 
 def _g(value: float) -> str:
@@ -93,7 +84,7 @@ def is_weight_layer(info: dict[str, Any], norms: Collection[str] = ()) -> bool:
     t = str(info.get("type", ""))
     if info.get("name") in norms:
         return False
-    return int(info.get("parameters", 0) or 0) > 0 and not any(t.startswith(n) for n in _NORM_TYPES)
+    return int(info.get("parameters", 0) or 0) > 0 and kind_of_type_name(t).norm is None
 
 
 # ---------------------------------------------------------------- depth profile
@@ -139,9 +130,10 @@ def _unit_kind(run: Run, name: str) -> str:
     for j in range(i, -1, -1):
         info = run.module_info(order[j])
         t = str(info.get("type", ""))
-        if t.startswith("Conv"):
+        kind = kind_of_type_name(t)
+        if kind.conv:
             return "channel"
-        normalises = t.startswith(_NORM_TYPES) or order[j] in norm_modules(run)
+        normalises = kind.norm is not None or order[j] in norm_modules(run)
         if t == "Flatten" or (info.get("layout") == "last" and not normalises):
             return "unit"
     return "unit"

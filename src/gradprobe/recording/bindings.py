@@ -9,9 +9,10 @@ from collections.abc import Callable, Sequence
 
 from torch import nn
 
-from ..activations import Activation, activation_of
+from ..activations import activation_of
 from ..capture import _Slot
 from ..errors import GradprobeError
+from ..kinds import gate_from_output, module_kind
 from ..shards import sharded_parameters
 
 __all__ = [
@@ -25,46 +26,7 @@ __all__ = [
 
 ModuleFilter = Callable[[str, nn.Module], bool]
 
-# Modules whose outputs keep features in the last dimension ([N, ..., F]) ...
-_LAST_DIM_TYPES: tuple[type[nn.Module], ...] = (
-    nn.Linear,
-    nn.Bilinear,
-    nn.LayerNorm,
-    nn.Embedding,
-    nn.RNNBase,
-    nn.MultiheadAttention,
-    nn.TransformerEncoderLayer,
-    nn.TransformerDecoderLayer,
-) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
-# ... and those that keep channels in dimension 1 ([N, C, ...]).
-_CHANNEL_TYPES: tuple[type[nn.Module], ...] = (
-    nn.modules.conv._ConvNd,
-    nn.modules.batchnorm._BatchNorm,
-    nn.modules.instancenorm._InstanceNorm,
-    nn.GroupNorm,
-    nn.modules.pooling._MaxPoolNd,
-    nn.modules.pooling._AvgPoolNd,
-    nn.modules.pooling._AdaptiveAvgPoolNd,
-    nn.modules.pooling._AdaptiveMaxPoolNd,
-)
-
 DEFAULT_HISTOGRAM_RANGE = (-4.0, 4.0)
-
-# Activations whose gate f'(z) is a function of their output y = f(z), so that the gate
-# statistics come from the output statistics (no second pass over z, no f recomputed):
-# ReLU: f' = [y > 0]; tanh: f' = 1 − y²; sigmoid: f' = y(1 − y).
-_GATE_FROM_OUTPUT = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
-
-
-def _layout_of(module: nn.Module) -> str:
-    if isinstance(module, _LAST_DIM_TYPES):
-        return "last"
-    cls = type(module)
-    if cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers"):
-        return "last"  # Hugging Face's GPT-2 linear layer: [N, T, F], despite its name
-    if isinstance(module, _CHANNEL_TYPES):
-        return "channel"
-    return "inherit"
 
 
 def select_modules(model: nn.Module, selection: Sequence[str] | ModuleFilter | None) -> list[_Slot]:
@@ -99,19 +61,15 @@ def choose_modules(
 
 
 def make_slot(i: int, name: str, module: nn.Module) -> _Slot:
+    """What the hooks need to know of module ``module``, from the one table of module
+    kinds (gradprobe.kinds): where its output keeps its units ("inherit": element-wise, it
+    keeps the layout it receives), and whether its gate is read from its output."""
     act = activation_of(module)
     hist = act.histogram_range if act else DEFAULT_HISTOGRAM_RANGE
-    from_output = act.name if act is not None and _stock_forward(module, act) else None
+    from_output = gate_from_output(module) if act is not None else None
     inplace = getattr(module, "inplace", False) is True
-    return _Slot(
-        i, name, type(module).__name__, act, _layout_of(module), hist, from_output, inplace
-    )
-
-
-def _stock_forward(module: nn.Module, act: Activation) -> bool:
-    """Whether the module computes exactly its activation (a subclass may do more)."""
-    base = _GATE_FROM_OUTPUT.get(act.name)
-    return base is not None and type(module).forward is base.forward
+    layout = module_kind(module).layout or "inherit"
+    return _Slot(i, name, type(module).__name__, act, layout, hist, from_output, inplace)
 
 
 def trainable_parameters(model: nn.Module) -> tuple[list[str], list[nn.Parameter]]:

@@ -12,8 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-# The norm families of meta["architecture"]["norms"] as the tokens remedies look for.
-_NORM_TOKEN = {"layer": "LayerNorm", "rms": "RMSNorm", "batch": "BatchNorm", "group": "GroupNorm"}
+from ..kinds import NORM_FAMILIES, kind_of_type_name
 
 
 @dataclass(frozen=True)
@@ -29,14 +28,11 @@ class ModelProfile:
         return token in self.tokens
 
 
-_RECURRENT = {"RNN", "LSTM", "GRU", "RNNCell", "LSTMCell", "GRUCell"}
-_TRANSFORMER = {"MultiheadAttention", "TransformerEncoderLayer", "TransformerDecoderLayer"}
 # Attention modules by class name: nn.MultiheadAttention, and the classes of other
 # libraries (transformers' GPT2Attention, BertSelfAttention, LlamaAttention, ...).
 _ATTENTION = re.compile(r"Attention")
 _ATTENTION_NAME = re.compile(r"attn|attention", re.IGNORECASE)
 _RESIDUAL_BLOCKS = {"ResidualBlock", "BasicBlock", "Bottleneck", "PreActBlock"}
-_NORMS = ("LayerNorm", "RMSNorm", "BatchNorm", "GroupNorm", "SyncBatchNorm")
 # Activation modules the Probe does not know by type (they are not subclasses of
 # torch's), recognised by class name: transformers' NewGELUActivation, SiLUActivation...
 _ACTIVATION_NAMES = (("gelu", re.compile(r"GELU")), ("silu", re.compile(r"SiLU|Swish")))
@@ -67,8 +63,8 @@ def _norm_placement(meta: Mapping[str, Any]) -> str | None:
         inside = [n for n in order if n.startswith(block + ".")]
         if inside:
             first = types.get(inside[0], "")
-            # "in", not startswith: other libraries prefix their norms (LlamaRMSNorm).
-            placements.add("pre_ln" if any(n in first for n in _NORMS) else "post_ln")
+            # By name (other libraries prefix their norms: LlamaRMSNorm is one).
+            placements.add("pre_ln" if kind_of_type_name(first).norm else "post_ln")
     if not placements:
         return None
     return "post_ln" if "post_ln" in placements else "pre_ln"
@@ -109,7 +105,8 @@ def model_profile(meta: Mapping[str, Any]) -> ModelProfile:
         activations |= {str(a) for a in described.get("activations") or ()}
         tokens |= activations
         families = set((described.get("norms") or {}).values())
-        tokens |= {_NORM_TOKEN[f] for f in families if f in _NORM_TOKEN}
+        # The norm families as the class names remedies look for ("LayerNorm").
+        tokens |= {NORM_FAMILIES[f] for f in families if f in NORM_FAMILIES}
         if described.get("residual") or arch == "transformer":
             tokens.add("residual")
         if described.get("attention"):
@@ -121,12 +118,15 @@ def model_profile(meta: Mapping[str, Any]) -> ModelProfile:
             tokens.add(str(placement))
         return ModelProfile(arch, frozenset(activations), frozenset(tokens), _optimizer_class(meta))
     # Runs recorded before the Probe described the architecture: read class names.
-    if types & _RECURRENT:
+    kinds = [kind_of_type_name(t) for t in types]
+    if any(k.recurrent for k in kinds):
         arch = "rnn"
-    elif types & _TRANSFORMER or any(_ATTENTION.search(t) for t in types):
+    elif any(k.attention or k.transformer_layer for k in kinds) or any(
+        _ATTENTION.search(t) for t in types
+    ):
         arch = "transformer"
-    elif any(t.startswith("Conv") and t != "Conv1D" for t in types):
-        arch = "cnn"  # transformers' Conv1D is GPT-2's linear layer, not a convolution
+    elif any(k.conv for k in kinds):
+        arch = "cnn"  # not transformers' Conv1D: GPT-2's linear layer (gradprobe.kinds)
     else:
         arch = "mlp"
     if arch == "transformer" or types & _RESIDUAL_BLOCKS or any("Residual" in t for t in types):
