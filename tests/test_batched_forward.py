@@ -192,3 +192,36 @@ def test_an_error_signal_written_over_in_backward_is_never_a_wrong_number():
     assert len(got) >= 3  # at most the one call that taught the Probe is left out
     for step, value in got.items():
         assert value == pytest.approx(expected, rel=1e-5), step
+
+
+def test_a_batched_output_with_nan_counts_its_nan_entries_as_non_zero(monkeypatch):
+    """zero_frac and the ReLU's gate_mean of held outputs holding NaN in some rows: a NaN
+    entry is not 0 (as the one-call path counts it); against the twin's outputs."""
+    batched: list[int] = []
+    original = Probe._forward_stats_batch
+
+    def spy(self, entries, device, unit):
+        batched.append(len(entries))
+        return original(self, entries, device, unit)
+
+    monkeypatch.setattr(Probe, "_forward_stats_batch", spy)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 10), nn.ReLU(), nn.Linear(10, 10), nn.ReLU(), nn.Linear(10, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # NaN gradients: weights kept
+    x = torch.randn(8, 6)
+    x[2, 0] = float("nan")  # one sample's row of every output is NaN
+    with Probe(model, opt, every=1) as probe:
+        for _ in range(3):
+            expected = _reference_outputs(model, x)
+            opt.zero_grad()
+            model(x).sum().backward()
+            opt.step()
+        frame = probe.frame()
+    assert batched and max(batched) >= 2
+    rows = frame[frame.step == 2]
+    for name, y in expected.items():
+        got = rows[rows.name == name].set_index("stat").value
+        assert got["zero_frac"] == pytest.approx(float((y == 0).double().mean())), name
+    for name in ("1", "3"):  # ReLU: f' = 1 where y ≠ 0 (a NaN's f' is not 0 either)
+        got = rows[rows.name == name].set_index("stat").value
+        assert got["gate_mean"] == pytest.approx(float((expected[name] != 0).double().mean())), name

@@ -274,7 +274,7 @@ def fail_on(calls_to_fail: set[int]) -> Callable:
 PLACES = [
     (gradprobe.buffer.StepBuffer, "end_step", {1}, {1}),
     (gradprobe.buffer.StepBuffer, "_close_all_units", {1}, {1}),
-    (gradprobe.buffer.StepBuffer, "record_units", {3}, None),
+    (gradprobe.buffer.StepBuffer, "record_units_many", {3}, None),  # one call or a stack
     (gradprobe.buffer.StepBuffer, "record_params", {0}, None),
     (gradprobe.buffer.StepBuffer, "drain", {0}, None),  # the steps wait for the next flush
     (ParamStats, "_record_params", {1}, None),

@@ -5,8 +5,10 @@ it reads): what a module's forward pre-hook and forward hook take from a call (t
 activation gate, the output's statistics, per-unit activity), how small outputs wait for
 the end of the forward and are reduced together (:meth:`Capture._hold`,
 :meth:`Capture._reduce_held`), and the error signals dL/d(output) and the module's own
-share of dL/d(input), measured when their backward pass ends. The reductions themselves
-are in :mod:`gradprobe.reduce`; where a step begins and ends is in :mod:`gradprobe.step`.
+share of dL/d(input), measured when their backward pass ends. What is measured of them is
+in the site reducers of :mod:`gradprobe.sites` (one path for one call and a stack of
+calls), the norms in :mod:`gradprobe.reduce`; where a step begins and ends is in
+:mod:`gradprobe.step`.
 The hook functions here are module-level and hold a weak reference to the Probe and a
 slot index, never a module or a tensor.
 """
@@ -14,9 +16,8 @@ slot index, never a module or a tensor.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -24,18 +25,11 @@ import torch
 from torch import Tensor, nn
 from torch.utils import _pytree
 
+from . import sites
 from .activations import Activation
 from .hooks import Site, at_backward_end, on_node, on_node_pre, on_tensor, warn_gap
-from .reduce import (
-    _COUNT_CHUNK,
-    accumulation_dtype,
-    l2_norm,
-    l2_norms,
-    nonfinite_flags,
-    nonzero_count,
-    row_norms,
-    unit_nonzero_counts,
-)
+from .reduce import _COUNT_CHUNK
+from .sites import nonfinite, reduce_errors, reduce_outputs, sum_dtype
 from .stats import SAT_THRESHOLD
 from .traversals import GAP_BOTH_SIDES, GAP_INPUT_SIDE, consumer_edges, input_edge
 
@@ -69,35 +63,9 @@ class _Slot:
     activation: Activation | None
     layout: str  # "last", "channel" or "inherit" (element-wise: like the tensor it received)
     histogram_range: tuple[float, float]
-    # The activation's gate read from its output (see _gate_from_output), or None: from z.
+    # The activation's gate read from its output (gradprobe/sites.py), or None: from z.
     gate_from_output: str | None = None
     inplace: bool = False  # an in-place module writes over its input
-
-
-def _sum_dtype(t: Tensor) -> torch.dtype | None:
-    """float32 for half-precision tensors (AMP): a bfloat16 sum keeps about 3 digits."""
-    return torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else None
-
-
-def _activity(y: Tensor, dims: tuple[int, ...], nonnegative: bool = False) -> Tensor:
-    """max |y| over ``dims``: > 0 iff the unit is non-zero somewhere (a NaN max is not 0:
-    a unit holding a NaN is alive, as its non-zero count says in unit_nonzero_counts).
-    A max and a min are two reading passes; ``abs()`` first would write a copy (~2× dearer
-    on a conv output). ``nonnegative``: y ≥ 0 (a ReLU's output), the max alone."""
-    if nonnegative:
-        return _reduce_units(y, dims, torch.amax)
-    return torch.maximum(
-        _reduce_units(y, dims, torch.amax), _reduce_units(y, dims, torch.amin).neg()
-    )
-
-
-def _reduce_units(y: Tensor, dims: tuple[int, ...], op: Callable[..., Tensor]) -> Tensor:
-    """``op`` over ``dims`` of a channels tensor [N, C, ...] (dims 0, 2, ...) in two stages
-    where it is contiguous: first each (sample, channel)'s own contiguous entries, then
-    the samples; ~20 % cheaper than one reduction that strides over the batch (bench/)."""
-    if dims == (0, *range(2, y.dim())) and y.dim() >= 3 and y.is_contiguous():
-        return op(op(y.view(y.shape[0], y.shape[1], -1), dim=2), dim=0)
-    return op(y, dim=dims)
 
 
 def _first_float_tensor(value: Any, depth: int = 0) -> Tensor | None:
@@ -269,7 +237,7 @@ class Capture:
                     saturated = torch.count_nonzero(small < SAT_THRESHOLD * act.max_derivative)
                 else:
                     saturated = self._zero(z.device)
-                total = gate.sum(dtype=_sum_dtype(gate))
+                total = gate.sum(dtype=sum_dtype(gate))
                 self.buffer.record("gate", k, z.device, z.numel(), total, saturated)
             self.buffer.add_host(k, "gate_count", z.numel())
             if act.saturates:
@@ -453,83 +421,47 @@ class Capture:
         """The statistics of :meth:`_forward_stats` for calls of one shape, stacked.
 
         The stack is our own copy, in a buffer kept from step to step (a fresh one page-
-        faults on every touch: it was the dearest op here); after the reductions that need
-        the values it is overwritten in place (|y|, then sign) for the ones that do not."""
+        faults on every touch: it was the dearest op here); the site reducer overwrites it
+        in place (|y|, then |y| ≠ 0) once the reductions that need the values are done."""
         # tanh first: their saturation is counted over a view of the stack (a slice)
         entries = sorted(entries, key=lambda e: e[0].gate_from_output != "tanh")
-        slots = [e[0] for e in entries]
+        self._reduce_outputs([e[0] for e in entries], self._staging(entries), unit, True)
+
+    def _reduce_outputs(self, slots: list[_Slot], stack: Tensor, unit: int, owned: bool) -> None:
+        """Record what the plan wants of the calls of ``slots``, stacked in ``stack``
+        (``owned``: our copy, which the reducer may overwrite; else the user's output)."""
+        kinds = ["out"] if self._want_output else ["nonfinite"] if self._want_nonfinite else []
+        if self._want_absmax:
+            kinds.append("absmax")
+        gates = [s.gate_from_output for s in slots]
+        if self._want_gate and any(gates):
+            kinds.append("gate")
         ks = [s.index for s in slots]
-        stacked = self._staging(entries)
-        rows = stacked.view(len(entries), -1)
-        n = rows.shape[1]
-        want_gate = self._want_gate
-        relu = [i for i, s in enumerate(slots) if want_gate and s.gate_from_output == "relu"]
-        tanh = [i for i, s in enumerate(slots) if want_gate and s.gate_from_output == "tanh"]
-        other = [i for i, s in enumerate(slots) if want_gate and s.gate_from_output == "sigmoid"]
-        measure = self._want_output or relu or tanh or other
-        if measure or self._want_nonfinite:
-            norms, finite = row_norms(rows)
-            nonfinite = self._nonfinite_rows(rows, norms, finite)
-        if measure:
-            totals = rows.sum(dim=1, dtype=_sum_dtype(rows))
-            for i in other:  # reads the values: before they are overwritten below
-                self._gate_from_output(slots[i], entries[i][1], totals[i], norms[i], None)
-        dims = tuple(d + 1 for d in range(stacked.dim() - 1) if d != unit)
-        if unit >= 0:
+        device, n = stack.device, stack.numel() // len(slots)
+        reduced = reduce_outputs(
+            stack,
+            kinds,
+            constant=self._constant,
+            index=self._index,
+            gates=gates,
+            unit=unit,
+            exact=self.exact_counts,
+            owned=owned,
+            compare=(lambda like: self._staging_for(like, "compare")) if owned else None,
+            counts_buffer=None if owned else self._count_buffer,
+        )
+        for kind, fields in reduced.fields.items():
+            self.buffer.record_many(kind, ks, device, n, *fields)
+        for name, rows, gate_sum, saturated in reduced.gates:
+            self.buffer.record_many("gate", [ks[i] for i in rows], device, n, gate_sum, saturated)
+            for i in rows:
+                self.buffer.add_host(ks[i], "gate_count", n)
+                if name != "relu":  # a ReLU never saturates
+                    self.buffer.add_host(ks[i], "sat_count_n", n)
+        if reduced.units is not None:
             for k in ks:
-                self._note_unit_kind(k, unit, stacked.dim() - 1)
-            if not measure:  # the values stay: max |y| as a max and a min
-                relu_only = len(relu) == len(slots)  # every call's y ≥ 0: the max alone
-                activity = _activity(stacked, dims, relu_only) if dims else stacked.abs()
-                self.buffer.record_units_many(ks, device, activity.reshape(len(ks), -1))
-        if not measure:
-            if self._want_nonfinite:
-                self.buffer.record_many("nonfinite", ks, device, n, nonfinite)
-            if self._want_absmax:
-                self.buffer.record_many("absmax", ks, device, n, _finite_absmax(rows.abs(), 1))
-            return
-        rows.abs_()
-        if self._want_absmax:  # from the |y| made anyway; sign_ below still needs its NaN
-            if finite is not None and all(finite):  # known on the host (CPU): no NaN/Inf
-                absmax = rows.amax(dim=1)  # one read, no mask
-            else:
-                absmax = _finite_absmax(rows, 1, copy=True)
-            self.buffer.record_many("absmax", ks, device, n, absmax)
-        if unit >= 0:  # over |y|: one reading pass (a max), where y needed two
-            activity = _reduce_units(stacked, dims, torch.amax) if dims else stacked.clone()
-            self.buffer.record_units_many(ks, device, activity.reshape(len(ks), -1))
-        if tanh:  # f' = 1 − y² < 1% where |y| > √0.99
-            # Compared into a float buffer, then summed: a per-row sum of a bool tensor
-            # (to int64) ran ~8× dearer on the bench MLP (1.7 vs 0.2 ms for [24, 32768]).
-            # Only the tanh rows: sorted first, they are a slice.
-            tanh_rows = rows[: len(tanh)]
-            over_rows = self._staging_for(tanh_rows, "compare")
-            torch.gt(tanh_rows, math.sqrt(1.0 - SAT_THRESHOLD), out=over_rows)
-            over = over_rows.sum(dim=1)  # [len(tanh)], in tanh's order
-        # Per-row count_nonzero branches per entry (~8× a sum here); sign(|y|) is 0 or 1
-        # and its float sum exact (rows ≤ 2²⁴ entries); NaN stays NaN: counted by bool.
-        rows.sign_()
-        finite_rows = finite is not None and all(finite)
-        nonzero = rows.sum(dim=1) if finite_rows else rows.bool().sum(dim=1)
-        if self._want_output:
-            self.buffer.record_many("out", ks, device, n, totals, norms, nonzero, nonfinite)
-        elif self._want_nonfinite:
-            self.buffer.record_many("nonfinite", ks, device, n, nonfinite)
-        if relu:  # f' = 1 where y > 0: the non-zero count; never saturates
-            index = self._index(relu, device)
-            zeros = self._zero(device).expand(len(relu))
-            self.buffer.record_many(
-                "gate", [ks[i] for i in relu], device, n, nonzero.index_select(0, index), zeros
-            )
-            for i in relu:
-                self.buffer.add_host(ks[i], "gate_count", n)
-        if tanh:
-            index = self._index(tanh, device)
-            sumsq = norms.index_select(0, index).to(accumulation_dtype(device)) ** 2
-            self.buffer.record_many("gate", [ks[i] for i in tanh], device, n, n - sumsq, over)
-            for i in tanh:
-                self.buffer.add_host(ks[i], "gate_count", n)
-                self.buffer.add_host(ks[i], "sat_count_n", n)
+                self._note_unit_kind(k, unit, stack.dim() - 1)
+            self.buffer.record_units_many(ks, device, reduced.units)
 
     def _index(self, rows: list[int], device: torch.device) -> Tensor:
         """An index tensor, made once per pattern (no host-to-device copy per step)."""
@@ -566,90 +498,24 @@ class Capture:
         held = sum(b.numel() * b.element_size() for b in self._staging_buffers.values())
         self._meta["probe"]["staging_bytes"] = held
 
-    def _nonfinite_rows(self, rows: Tensor, norms: Tensor, finite: list[bool] | None) -> Tensor:
-        """Per row, as :meth:`_nonfinite`."""
-        if self.exact_counts:
-            return torch.count_nonzero(rows - rows, dim=1)
-        return nonfinite_flags(norms, finite)
-
     def _forward_stats(self, slot: _Slot, yd: Tensor, unit: int | None) -> None:
-        """Output, non-finite, gate (from the output) and unit statistics of one call."""
-        k, n, device = slot.index, yd.numel(), yd.device
+        """Output, non-finite, gate (from the output) and unit statistics of one call: a
+        stack of one, reduced as the batches are (:meth:`_reduce_outputs`)."""
         with torch.no_grad():
-            if self._want_absmax:
-                self.buffer.record("absmax", k, device, n, _finite_absmax(yd.abs(), None))
-            gate = self._want_gate and slot.gate_from_output is not None
-            if self._want_output or gate:
-                # sum and norm are each a single cheap kernel (var_mean is several times
-                # dearer); the norm carries the NaN/Inf flag (gradprobe/reduce.py).
-                norm, finite = l2_norm(yd)
-                total = yd.sum(dtype=_sum_dtype(yd))
-                counts = self._unit_counts(yd, unit)
-                nonzero = counts.sum() if counts is not None else nonzero_count(yd)
-                if self._want_output:
-                    nonfinite = self._nonfinite(yd, norm, finite)
-                    self.buffer.record("out", k, device, n, total, norm, nonzero, nonfinite)
-                elif self._want_nonfinite:
-                    self.buffer.record("nonfinite", k, device, n, self._nonfinite(yd, norm, finite))
-                if gate:
-                    self._gate_from_output(slot, yd, total, norm, nonzero)
-            elif self._want_nonfinite:
-                norm, finite = l2_norm(yd)
-                self.buffer.record("nonfinite", k, device, n, self._nonfinite(yd, norm, finite))
-                counts = None
-            else:
-                counts = None
-            if counts is not None:  # a unit is active iff its count of non-zeros is > 0
-                assert unit is not None
-                self._note_unit_kind(k, unit, yd.dim())
-                self.buffer.record_units(k, device, counts)
-            elif unit != -1:
+            self._reduce_outputs([slot], yd.unsqueeze(0), -1 if unit is None else unit, False)
+            if unit is None:
                 self._record_units(slot, yd, unit)
 
-    def _unit_counts(self, yd: Tensor, unit: int | None) -> Tensor | None:
-        """Non-zero entries per unit of a large CPU output: the non-zero count and the
-        units' activity in one pass (gradprobe/reduce.py), or None where that does not
-        apply (then a count, and a max and a min per unit)."""
-        if (
-            unit is None
-            or unit < 0
-            or yd.numel() < self._HELD_NUMEL
-            or yd.device.type != "cpu"
-            or not yd.is_contiguous()
-        ):
-            return None
-        need = max(_COUNT_CHUNK, math.prod(yd.shape[unit:]))
-        key = ("count", yd.device)
+    def _count_buffer(self, per_row: int) -> Tensor:
+        """The kept float buffer of the one-pass unit counts (gradprobe/reduce.py), of at
+        least a chunk and one sample's slice, shared by every large CPU output."""
+        need = max(_COUNT_CHUNK, per_row)
+        key = ("count", torch.device("cpu"))
         buffer = self._staging_buffers.get(key)
         if buffer is None or buffer.numel() < need:
-            buffer = torch.empty(need, device=yd.device)
+            buffer = torch.empty(need)
             self._keep_staging(key, buffer)
-        return unit_nonzero_counts(yd, unit, buffer)
-
-    def _gate_from_output(
-        self, slot: _Slot, y: Tensor, total: Tensor, norm: Tensor, nonzero: Tensor | None
-    ) -> None:
-        """Gate statistics of a stock ReLU, tanh or sigmoid from its output y = f(z): the
-        sum of f'(z) from the output's own sum, norm and non-zero count; the saturated
-        entries (f' < 1% of its maximum) in one comparison. z itself may be gone (an
-        in-place module writes y over it)."""
-        k, n, device = slot.index, y.numel(), y.device
-        name = slot.gate_from_output
-        if name == "relu":  # f' = 1 where y > 0, else 0; never saturates
-            assert nonzero is not None
-            self.buffer.record("gate", k, device, n, nonzero, self._zero(device))
-        else:
-            sumsq = norm.to(accumulation_dtype(device)) ** 2
-            if name == "tanh":  # f' = 1 − y²: saturated where y² > 1 − 0.01
-                gate_sum = n - sumsq
-                saturated = torch.count_nonzero(y.abs() > math.sqrt(1.0 - SAT_THRESHOLD))
-            else:  # sigmoid, f' = y(1 − y) ≤ 1/4: saturated where |y − ½| > √(¼ − 0.01·¼)
-                gate_sum = total - sumsq
-                bound = math.sqrt(0.25 - SAT_THRESHOLD * 0.25)
-                saturated = torch.count_nonzero((y - 0.5).abs() > bound)
-            self.buffer.record("gate", k, device, n, gate_sum, saturated)
-            self.buffer.add_host(k, "sat_count_n", n)
-        self.buffer.add_host(k, "gate_count", n)
+        return buffer
 
     def _zero(self, device: torch.device) -> Tensor:
         return self._constant(device, 0)
@@ -661,29 +527,12 @@ class Capture:
             constant = self._zeros[(device, value)] = torch.full((), float(value), device=device)
         return constant
 
-    def _nonfinite(self, t: Tensor, norm: Tensor, finite: bool | None) -> Tensor:
-        """NaN/Inf entries of ``t``: their exact number under ``stats="full"``, else a flag
-        (0 or 1) that the norm already carries, at no extra pass (gradprobe/reduce.py)."""
-        if self.exact_counts:
-            return torch.count_nonzero(t - t)  # t − t is NaN exactly where t is NaN or ±Inf
-        if finite is not None:
-            return self._constant(t.device, 0 if finite else 1)
-        return ~torch.isfinite(norm)
-
     def _record_units(self, slot: _Slot, y: Tensor, unit: int | None) -> None:
-        """Per-unit activity of one call: max |y| per unit, > 0 iff the unit fired somewhere
-        (cheaper than counting). ``unit``: from :meth:`_unit_dim`, in call order."""
-        k = slot.index
-        if unit is None:
-            # An element-wise module on a tensor no module has shown the layout of yet (the
-            # model's input, first step): reduce the batch dimension now, the rest when the
-            # step closes, by when the module that reads this tensor has said.
-            self._deferred_units.append((k, tuple(y.shape), _activity(y, (0,))))
-            return
-        self._note_unit_kind(k, unit, y.dim())
-        dims = tuple(d for d in range(y.dim()) if d != unit)
-        nonnegative = slot.gate_from_output == "relu"  # a stock ReLU's y ≥ 0 (or NaN)
-        self.buffer.record_units(k, y.device, _activity(y, dims, nonnegative).reshape(-1))
+        """Units of a call whose layout is not known yet (``unit`` None): an element-wise
+        module on a tensor no module has shown the layout of (the model's input, first
+        step). The batch dimension is reduced now, the rest when the step closes, by when
+        the module that reads this tensor has said (the others: the site reducer)."""
+        self._deferred_units.append((slot.index, tuple(y.shape), sites.activity(y, (0,))))
 
     def _note_unit_kind(self, k: int, unit: int, dims: int) -> None:
         if k not in self._unit_kinds:  # host-only, once per module
@@ -844,7 +693,7 @@ class Capture:
         values = pending.records[index][-1]
         if values:  # measured in its hook: the flag comes with the norm
             norm = values[0]
-            flag = self._nonfinite(grad, norm, finite)
+            flag = nonfinite(grad, norm, finite, self.exact_counts, self._constant)
             pending.records.append((*record, (norm, flag)))
         else:  # waits for the pass's end: so does this one
             pending.aliases[len(pending.records)] = index
@@ -876,11 +725,9 @@ class Capture:
             if source is not None:
                 pending.shared[producer] = (source, source._version, index, None)
             return
-        # Screened float32, or float64: 1e-20 signals of vanishing nets must not
-        # underflow (gradprobe/reduce.py). On the input side the norm itself carries
-        # NaN/Inf (a NaN/Inf error_gain where dL/d(output) is finite). ``g`` is detached.
-        norm, finite = l2_norm(g)
-        values = (norm, self._nonfinite(g, norm, finite)) if kind == "err" else (norm,)
+        # On the input side the norm itself carries NaN/Inf (a NaN/Inf error_gain where
+        # dL/d(output) is finite). ``g`` is detached.
+        values, finite = reduce_errors(kind, g, self.exact_counts, self._constant)
         pending.records.append((*record, values))
         if source is not None and not self.exact_counts:
             pending.shared[producer] = (source, source._version, index, finite)
@@ -904,10 +751,11 @@ class Capture:
                 self._errors_batch_safe.discard((kind, k))
                 continue
             groups[(g.device, g.dtype)].append(i)
-        for (device, _dtype), indices in groups.items():
+        for indices in groups.values():
             with torch.no_grad():
-                norms, finite = l2_norms([pending.deferred[i][0] for i in indices], device)
-                flags = nonfinite_flags(norms, finite)  # deferral is off under "full"
+                signals = [pending.deferred[i][0] for i in indices]
+                # "err" fields: the flags serve dL/d(output); deferral is off under "full"
+                (norms, flags), _ = reduce_errors("err", signals, False, self._constant)
             # Not split into 0-d tensors: each record points into the batch's vectors,
             # and _commit_errors takes them out with one index per statistic.
             batch = _Batch(norms, flags)
@@ -1033,15 +881,3 @@ class Capture:
         """Leave module ``k``'s error statistics out of this step, with one warning."""
         self.buffer.set_host(k, "err_gap", self._traversals.gap(k, level, self.step_index))
         self._traversals.warn_once(cause, message)
-
-
-def _finite_absmax(magnitudes: Tensor, dim: int | None, copy: bool = False) -> Tensor:
-    """The largest finite entry of ``magnitudes`` (|y|, ≥ 0 or NaN/Inf), over ``dim`` (a
-    row per call) or all of it; 0 where none is finite. NaN and Inf are left out (they are
-    ``nonfinite``'s to count): masked to 0, in place unless ``copy`` (the caller's |y| is
-    read again). The max of a float is exact in its own dtype: no wider accumulation."""
-    if copy:
-        finite = torch.where(magnitudes < math.inf, magnitudes, 0)
-    else:
-        finite = magnitudes.nan_to_num_(nan=0.0, posinf=0.0)
-    return finite.amax() if dim is None else finite.amax(dim=dim)

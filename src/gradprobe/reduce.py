@@ -27,6 +27,7 @@ GPU), and the non-finite flag is a device tensor.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -39,8 +40,9 @@ __all__ = [
     "l2_norms",
     "nonfinite_flags",
     "nonzero_count",
-    "row_norms",
+    "per_call",
     "screened",
+    "stack_norms",
     "to_host_later",
     "unit_nonzero_counts",
 ]
@@ -63,13 +65,64 @@ def screened(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type == "cpu" and dtype in _FLOAT32_INPUTS
 
 
-def _float32_norm(t: Tensor) -> Tensor:
-    if t.numel() >= _ROWWISE_FROM and t.dim() >= 2 and t.is_contiguous():
-        rows = torch.linalg.vector_norm(t.view(t.shape[0], -1), dim=1, dtype=torch.float32)
-        return torch.linalg.vector_norm(rows)
-    return torch.linalg.vector_norm(t, dtype=torch.float32)
+def per_call(op: Callable[..., Tensor], stack: Tensor, **kwargs: Any) -> Tensor:
+    """``op`` (a reduction: ``sum``, ``amax``, a norm, a count) over each call of ``stack``
+    ``[k, ...]``: ``[k]``, or 0-d for a stack of one (reduced whole: a reduction over
+    given dimensions launches 1-4 µs dearer on a small tensor; the buffer takes either)."""
+    k = stack.shape[0]
+    if k == 1:
+        return op(stack, **kwargs)
+    if stack.is_contiguous():
+        return op(stack.view(k, -1), dim=1, **kwargs)
+    return op(stack, dim=tuple(range(1, stack.dim())), **kwargs)
 
 
+def _float32_norms(stack: Tensor) -> Tensor:
+    """Per call of ``stack`` ``[k, ...]``, its float32 norm: large calls as a norm per row
+    (their first dimension) then over the rows (half the time, partial sums stay short)."""
+    k = stack.shape[0]
+    if stack.numel() >= _ROWWISE_FROM * k and stack.dim() >= 3 and stack.is_contiguous():
+        rows = torch.linalg.vector_norm(
+            stack.view(k, stack.shape[1], -1), dim=2, dtype=torch.float32
+        )
+        return torch.linalg.vector_norm(rows, dim=1)
+    return per_call(torch.linalg.vector_norm, stack, dtype=torch.float32)
+
+
+def _in_range(value: float) -> bool:
+    """The screen: a float32 norm kept as it is (see the module's docstring)."""
+    return SAFE_LOW <= value < math.inf
+
+
+def _exact(t: Tensor) -> tuple[Tensor, bool]:
+    """The float64 norm of a tensor the screen sent back, and whether it is finite."""
+    exact = torch.linalg.vector_norm(t, dtype=torch.float64)
+    return exact, math.isfinite(exact.item())  # CPU: no device to wait for
+
+
+def _screen(norms: Tensor, tensor: Callable[[int], Tensor]) -> tuple[Tensor, list[bool]]:
+    """Float32 norms ``[n]`` (0-d: one) through the screen: those out of its range
+    measured again in float64 (``tensor(i)``: the i-th tensor), with a host flag each."""
+    values = norms.tolist()  # deliberate: CPU tensors, the values are already on the host
+    if isinstance(values, float):  # one norm, 0-d
+        if _in_range(values):
+            return norms, [True]
+        exact, finite = _exact(tensor(0))
+        return exact, [finite]
+    # The common case, checked in C: the sum is NaN or inf if any norm is (norms are ≥ 0;
+    # a sum that overflows takes the full check), and min() is sound once none is NaN.
+    if sum(values) < math.inf and min(values, default=SAFE_LOW) >= SAFE_LOW:
+        return norms, [True] * len(values)
+    norms = norms.to(torch.float64)
+    finite = [True] * len(values)
+    for i, value in enumerate(values):
+        if not _in_range(value):
+            norms[i], finite[i] = _exact(tensor(i))
+    return norms, finite
+
+
+# One family, one screen: a tensor (l2_norm), a list of tensors (l2_norms), a stack of
+# calls of one shape (stack_norms).
 def l2_norm(t: Tensor) -> tuple[Tensor, bool | None]:
     """``‖t‖`` as a 0-d tensor, and whether it is finite where that is known on the host.
 
@@ -79,12 +132,13 @@ def l2_norm(t: Tensor) -> tuple[Tensor, bool | None]:
     """
     if not screened(t.device, t.dtype):
         return torch.linalg.vector_norm(t, dtype=accumulation_dtype(t.device)), None
-    norm = _float32_norm(t)
-    value = norm.item()  # deliberate: a CPU tensor, the value is already on the host
-    if SAFE_LOW <= value < math.inf:
+    if t.numel() >= _ROWWISE_FROM and t.dim() >= 2 and t.is_contiguous():
+        norm = _float32_norms(t.unsqueeze(0))[0]
+    else:
+        norm = torch.linalg.vector_norm(t, dtype=torch.float32)
+    if _in_range(norm.item()):  # deliberate: a CPU tensor, the value is already on the host
         return norm, True
-    exact = torch.linalg.vector_norm(t, dtype=torch.float64)
-    return exact, math.isfinite(exact.item())  # CPU again: no device to wait for
+    return _exact(t)
 
 
 def l2_norms(tensors: list[Tensor], device: torch.device) -> tuple[Tensor, list[bool] | None]:
@@ -103,23 +157,24 @@ def l2_norms(tensors: list[Tensor], device: torch.device) -> tuple[Tensor, list[
         norms = torch.stack(torch._foreach_norm(tensors))
     else:
         norms = torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32))
-    values = norms.tolist()  # deliberate: CPU tensors, the values are already on the host
-    # The common case, checked in C: the sum is NaN or inf if any norm is (norms are ≥ 0;
-    # a sum that overflows takes the full check), and min() is sound once none is NaN.
-    if sum(values) < math.inf and min(values) >= SAFE_LOW:
-        return norms, [True] * len(values)
-    recheck = [i for i, v in enumerate(values) if not SAFE_LOW <= v < math.inf]
-    norms = norms.to(torch.float64)
-    exact = torch._foreach_norm([tensors[i] for i in recheck], 2, dtype=torch.float64)
-    finite = [True] * len(values)
-    for i, value in zip(recheck, exact):
-        norms[i] = value
-        finite[i] = math.isfinite(value.item())  # CPU: no device to wait for
-    return norms, finite
+    return _screen(norms, tensors.__getitem__)
 
 
-def nonzero_count(t: Tensor) -> Tensor:
-    """Entries of ``t`` that are not 0 (NaN counts as non-zero), as a 0-d integer tensor.
+def stack_norms(stack: Tensor) -> tuple[Tensor, list[bool] | None]:
+    """The L2 norm of each call of ``stack`` (``[k, ...]``, calls of one shape stacked;
+    one call is a stack of one), screened as :func:`l2_norm`: ``(norms [k] (0-d for a
+    stack of one, see :func:`per_call`), finite per call or None)``."""
+    if stack.dim() == 1:
+        stack = stack.unsqueeze(1)  # calls of 0-d tensors (a reduction over no dim is over all)
+    if not screened(stack.device, stack.dtype):
+        acc = accumulation_dtype(stack.device)
+        return per_call(torch.linalg.vector_norm, stack, dtype=acc), None
+    return _screen(_float32_norms(stack), stack.__getitem__)
+
+
+def nonzero_count(t: Tensor, dim: int | tuple[int, ...] | None = None) -> Tensor:
+    """Entries of ``t`` that are not 0 (NaN counts as non-zero), as a 0-d integer tensor
+    (over ``dim`` where it is given).
 
     ``count_nonzero`` on a float tensor branches per entry: on a ReLU output, zeros at
     random places, it ran ~8× slower than on one without zeros (12.8 vs 1.6 ms on a
@@ -127,8 +182,8 @@ def nonzero_count(t: Tensor) -> Tensor:
     either. Small tensors skip the copy: there the extra op costs more than it saves.
     """
     if t.numel() >= _ROWWISE_FROM and t.device.type == "cpu":
-        return torch.count_nonzero(t.bool())
-    return torch.count_nonzero(t)
+        return torch.count_nonzero(t.bool(), dim=dim)
+    return torch.count_nonzero(t, dim=dim)
 
 
 # Entries the float buffer of unit_nonzero_counts holds at most (1 MiB of float32): it
@@ -166,25 +221,6 @@ def unit_nonzero_counts(y: Tensor, unit: int, buffer: Tensor) -> Tensor:
     # Partial sums are ≤ one sample's entries per unit: exact in float32; across the
     # samples in float64 (a unit may have more than 2^24 entries in all).
     return torch.cat(parts).sum(dim=0, dtype=torch.float64)
-
-
-def row_norms(rows: Tensor) -> tuple[Tensor, list[bool] | None]:
-    """The L2 norm of each row of ``rows`` (``[calls, entries]``, calls of one shape
-    stacked), screened as :func:`l2_norm`: ``(norms [calls], finite per row or None)``."""
-    if not screened(rows.device, rows.dtype):
-        return torch.linalg.vector_norm(rows, dim=1, dtype=accumulation_dtype(rows.device)), None
-    norms = torch.linalg.vector_norm(rows, dim=1, dtype=torch.float32)
-    values = norms.tolist()  # deliberate: a CPU tensor, the values are already on the host
-    recheck = [i for i, v in enumerate(values) if not SAFE_LOW <= v < math.inf]
-    if not recheck:
-        return norms, [True] * len(values)
-    norms = norms.to(torch.float64)
-    finite = [True] * len(values)
-    for i in recheck:
-        exact = torch.linalg.vector_norm(rows[i], dtype=torch.float64)
-        norms[i] = exact
-        finite[i] = math.isfinite(exact.item())  # CPU: no device to wait for
-    return norms, finite
 
 
 def nonfinite_flags(norms: Tensor, finite: list[bool] | None) -> Tensor:

@@ -15,7 +15,8 @@ class Measure:
     gates of a gated recurrent module (``carry``), each ``parameter`` at the step, its
     ``update`` across the optimizer step, or the whole ``step`` (backward's gradient
     norms before clipping). ``kind`` is the :data:`gradprobe.buffer.FIELDS` entry its
-    site reducer records per call (``None``: measured at the step, not per call), and
+    site reducer (:mod:`gradprobe.sites`) records per call, its fields named by
+    :data:`FOLDS` (``None``: measured at the step, not per call), and
     ``partials`` what it is folded into (:data:`FOLDS` says how).
     """
 

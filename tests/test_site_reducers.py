@@ -1,0 +1,303 @@
+"""The site reducers (gradprobe/sites.py): one call (a stack of one, the user's tensor,
+only read) and a stack of k calls (the Probe's own copy, overwritten) give each call's
+fields as numpy computes them in float64, for every dtype a hook sees; and the fields a
+reducer produces are exactly those the catalogue's measures declare for its site."""
+
+from __future__ import annotations
+
+import math
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import gradprobe.reduce as reduce
+from gradprobe.buffer import FIELDS
+from gradprobe.reduce import _COUNT_CHUNK, l2_norm, l2_norms, stack_norms
+from gradprobe.sites import (
+    ERROR_FIELDS,
+    OUTPUT_FIELDS,
+    reduce_errors,
+    reduce_outputs,
+    site_fields,
+)
+from gradprobe.stats import MEASURES, SAT_THRESHOLD
+
+OUTPUT_KINDS = ["out", "nonfinite", "absmax", "gate"]
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+TANH_BOUND = math.sqrt(1 - SAT_THRESHOLD)
+SIGMOID_BOUND = math.sqrt(0.25 - SAT_THRESHOLD * 0.25)
+# Values this close to a saturation boundary are moved away from it: the comparison is
+# made in the tensor's dtype (the bound and y − ½ rounded there, up to 0.4 % in bfloat16),
+# numpy's in float64; 0.02 is several bfloat16 ulps near 1.
+MARGIN = 0.02
+BOUNDARIES = [TANH_BOUND, -TANH_BOUND, 0.5 - SIGMOID_BOUND, 0.5 + SIGMOID_BOUND]
+
+
+def _constant(device: torch.device, value: int) -> torch.Tensor:
+    return torch.full((), float(value), device=device)
+
+
+def _index(rows: list[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor(rows, device=device)
+
+
+def _calls(seed: int, k: int, shape: tuple[int, ...], dtype: torch.dtype) -> list[torch.Tensor]:
+    """k calls of one shape: ordinary, sigmoid-like and tanh-like values, zeros (dead
+    units), large ones, and in some calls a NaN or ±Inf."""
+    rng = np.random.default_rng(seed)
+    calls = []
+    for i in range(k):
+        kind = rng.integers(4)
+        if kind == 0:
+            y = rng.normal(size=shape) * 10.0 ** rng.integers(-3, 4)
+        elif kind == 1:
+            y = rng.uniform(0, 1, size=shape)
+        else:
+            y = np.tanh(rng.normal(size=shape) * 3)
+        y = np.array(y * (rng.uniform(size=shape) > 0.3), dtype=np.float64)  # random zeros
+        if len(shape) >= 2 and shape[-1] > 1:
+            y[..., 0] = 0.0  # a dead unit (features last)
+        for b in BOUNDARIES:
+            near = np.abs(y - b) < MARGIN
+            y[near] = b + np.where(y[near] >= b, MARGIN, -MARGIN)
+        if rng.uniform() < 0.3 and y.size:
+            y.flat[rng.integers(y.size)] = [np.nan, np.inf, -np.inf][i % 3]
+        calls.append(torch.tensor(y, dtype=torch.float64).to(dtype))
+    return calls
+
+
+def _close(got: torch.Tensor, want: float, bound: float) -> bool:
+    g = float(got)
+    if math.isnan(want) or math.isinf(want):
+        return (math.isnan(g) and math.isnan(want)) or g == want
+    return abs(g - want) <= bound
+
+
+def _check_call(
+    got: dict, gates: dict, units: torch.Tensor | None, y: np.ndarray, gate, unit, exact, dtype
+):
+    """One call's fields against numpy in float64 (``y``: the call's values, exactly)."""
+    n = y.size
+    finite = np.isfinite(y)
+    eps = np.finfo(np.float64 if dtype == torch.float64 else np.float32).eps
+    # A float sum or sum of squares of n terms is within n·eps·Σ|terms| (any order of
+    # summation), +1 for the cast of the result; a norm (the square root) within half
+    # that relatively; 4 spare for the screen's recheck and the gates' subtraction.
+    total, sumsq = y.sum(), (y * y).sum()
+    abs_total = np.abs(y).sum() if finite.all() else 0.0
+    sum_bound = (n + 4) * eps * abs_total
+    sq_bound = 2 * (n + 4) * eps * sumsq if finite.all() else 0.0
+    norm = math.sqrt(sumsq)
+    nonzero = int(np.count_nonzero(y))  # NaN is not 0
+    bad = int((~finite).sum())
+    if "out" in got:
+        s, nm, nz, nf = got["out"]
+        assert _close(s, total, sum_bound)
+        assert _close(nm, norm, (n + 4) * eps * norm)
+        assert int(nz) == nonzero
+        assert int(nf) == (bad if exact else int(bad > 0))
+    if "nonfinite" in got:
+        assert int(got["nonfinite"][0]) == (bad if exact else int(bad > 0))
+    if "absmax" in got:
+        assert float(got["absmax"][0]) == (np.abs(y[finite]).max() if finite.any() else 0.0)
+    if gate is not None:
+        gate_sum, saturated = gates[gate]
+        if gate == "relu":
+            assert float(gate_sum) == nonzero and float(saturated) == 0
+        elif gate == "tanh":
+            assert _close(gate_sum, n - sumsq, sq_bound)
+            assert int(saturated) == int((np.abs(y) > TANH_BOUND).sum())
+        else:
+            assert _close(gate_sum, total - sumsq, sum_bound + sq_bound)
+            assert int(saturated) == int((np.abs(y - 0.5) > SIGMOID_BOUND).sum())
+    if unit >= 0:
+        # A unit is alive iff an entry of it is not 0 (NaN included): activity ≠ 0.
+        alive = np.moveaxis(y != 0, unit, 0).reshape(y.shape[unit], -1).any(axis=1)
+        assert (units.double() != 0).tolist() == alive.tolist()
+
+
+def _reduce(stack, kinds, gates, unit, exact, owned):
+    out = reduce_outputs(
+        stack,
+        kinds,
+        constant=_constant,
+        index=_index,
+        gates=gates,
+        unit=unit,
+        exact=exact,
+        owned=owned,
+        compare=(lambda like: torch.empty(like.shape, dtype=like.dtype)) if owned else None,
+        counts_buffer=(lambda need: torch.empty(max(need, _COUNT_CHUNK))) if not owned else None,
+    )
+    per_call = []
+    for i in range(stack.shape[0]):
+        # [k] each (0-d for a stack of one)
+        fields = {kind: [f.reshape(-1)[i] for f in fs] for kind, fs in out.fields.items()}
+        gate = {
+            name: (s.reshape(-1)[rows.index(i)], sat.reshape(-1)[rows.index(i)])
+            for name, rows, s, sat in out.gates
+            if i in rows
+        }
+        units = out.units[i] if out.units is not None else None
+        per_call.append((fields, gate, units))
+    return per_call
+
+
+shapes = st.lists(st.integers(1, 5), min_size=0, max_size=3).map(tuple)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.integers(0, 2**31),
+    k=st.integers(1, 4),
+    shape=shapes,
+    dtype=st.sampled_from(DTYPES),
+    kinds=st.sets(st.sampled_from(OUTPUT_KINDS)),
+    exact=st.booleans(),
+    unit_choice=st.integers(-1, 2),
+    screen=st.booleans(),
+    data=st.data(),
+)
+def test_one_call_and_a_stack_agree_with_numpy(
+    seed, k, shape, dtype, kinds, exact, unit_choice, screen, data
+):
+    """``screen`` False: the path a GPU takes, on the CPU (no float32 screen, no host
+    read: float64 norms, NaN/Inf flags and absmax masks from device tensors)."""
+    with mock.patch.object(reduce, "screened", reduce.screened if screen else _never):
+        _one_call_and_a_stack(seed, k, shape, dtype, kinds, exact, unit_choice, data)
+
+
+def _never(device: torch.device, dtype: torch.dtype) -> bool:
+    return False
+
+
+def _one_call_and_a_stack(seed, k, shape, dtype, kinds, exact, unit_choice, data):
+    kinds = [kind for kind in OUTPUT_KINDS if kind in kinds]
+    if "out" in kinds and "nonfinite" in kinds:
+        kinds.remove("nonfinite")  # the Probe asks for one of the two (out carries it)
+    unit = min(unit_choice, len(shape) - 1)
+    gates = data.draw(
+        st.lists(st.sampled_from([None, "relu", "tanh", "sigmoid"]), min_size=k, max_size=k)
+    )
+    gates = [g if g != "relu" else "relu" for g in gates]
+    calls = _calls(seed, k, shape, dtype)
+    calls = [c.clamp(min=0) if g == "relu" else c for c, g in zip(calls, gates)]  # y = ReLU(z) ≥ 0
+    order = sorted(range(k), key=lambda i: gates[i] != "tanh")  # as the Probe stacks them
+    stacked = torch.stack([calls[i] for i in order])
+    batch = _reduce(stacked, kinds, [gates[i] for i in order], unit, exact, owned=True)
+    for j, i in enumerate(order):
+        y = calls[i].double().numpy()
+        gate = gates[i] if "gate" in kinds else None
+        alone = _reduce(calls[i].unsqueeze(0), kinds, [gates[i]], unit, exact, owned=False)[0]
+        for got, gate_got, units in (alone, batch[j]):
+            with np.errstate(invalid="ignore"):  # inf − inf: NaN in the reference, as in torch
+                _check_call(got, gate_got, units, y, gate, unit, exact, dtype)
+        # One call: the user's tensor, only read.
+        assert np.array_equal(calls[i].double().numpy(), y, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_large_call_counts_its_units_in_one_pass(dtype):
+    """A call over 2¹⁶ entries on a CPU: its non-zero count and unit activity from the
+    one-pass counts, its norm row by row; against numpy, and the counts exact."""
+    calls = _calls(3, 1, (40, 32, 60), dtype)  # 76800 entries, channels at dim 1
+    y = calls[0]
+    y[:, 5] = 0.0  # a dead channel
+    out = reduce_outputs(
+        y.unsqueeze(0),
+        ["out", "absmax"],
+        constant=_constant,
+        index=_index,
+        gates=[None],
+        unit=1,
+        counts_buffer=lambda need: torch.empty(max(need, _COUNT_CHUNK)),
+    )
+    ref = y.double().numpy()
+    counts = np.count_nonzero(ref, axis=(0, 2))
+    assert out.units[0].tolist() == counts.astype(float).tolist()
+    _check_call(
+        {k: [f.reshape(-1)[0] for f in v] for k, v in out.fields.items()},
+        {},
+        None,
+        ref,
+        None,
+        -1,
+        False,
+        dtype,
+    )
+
+
+def test_the_reducers_produce_exactly_the_catalogue_fields():
+    """Every kind a measure records at the output site (its fold's fields, in order), and
+    no other; the gate read from the output gives the gate measure's two fields; the
+    error signals' reducer the error and input measures' fields."""
+    output = site_fields("output")
+    assert set(output) == {m.kind for m in MEASURES.values() if m.site == "output" and m.kind}
+    assert set(OUTPUT_FIELDS) == {f for fields in output.values() for f in fields}
+    assert all(FIELDS[kind] == fields for kind, fields in output.items())
+    out = reduce_outputs(
+        torch.randn(3, 4, 5),
+        [*output, "gate"],
+        constant=_constant,
+        index=_index,
+        gates=["relu", "tanh", "sigmoid"],
+    )
+    assert {kind: len(v) for kind, v in out.fields.items()} == {
+        k: len(f) for k, f in output.items()
+    }
+    assert all(v.shape == (3,) for fields in out.fields.values() for v in fields)
+    assert site_fields("gate") == {"gate": FIELDS["gate"]} and len(FIELDS["gate"]) == 2
+    assert sorted(r for _, rows, *values in out.gates for r in rows) == [0, 1, 2]
+    assert all(len(values) == 2 for _, _, *values in out.gates)
+    errors = site_fields("error", "input")
+    assert set(ERROR_FIELDS) == {f for fields in errors.values() for f in fields}
+    for kind, fields in errors.items():
+        assert FIELDS[kind] == fields
+        one, _ = reduce_errors(kind, torch.randn(4, 3), False, _constant)
+        many, _ = reduce_errors(kind, [torch.randn(4, 3), torch.randn(2)], False, _constant)
+        assert len(one) == len(many) == len(fields)
+        assert all(v.dim() == 0 for v in one) and all(v.shape == (2,) for v in many)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    seed=st.integers(0, 2**31),
+    scale=st.sampled_from([1e-25, 1e-20, 1e-12, 1.0, 1e18, 1e25]),
+    k=st.integers(1, 4),
+    shape=st.lists(st.integers(1, 6), min_size=1, max_size=3).map(tuple),
+    poison=st.sampled_from([None, math.nan, math.inf]),
+    exact=st.booleans(),
+)
+def test_error_norms_of_one_signal_a_list_and_a_stack_agree_with_numpy(
+    seed, scale, k, shape, poison, exact
+):
+    """The norm family (one tensor, a list, a stack) and the error reducer: float64
+    numpy norms from underflow to overflow (the screen measures those again in float64),
+    and NaN/Inf flagged (counted under exact)."""
+    g = torch.Generator().manual_seed(seed)
+    signals = [torch.randn(shape, generator=g) * scale for _ in range(k)]
+    if poison is not None:
+        signals[-1].view(-1)[0] = poison
+    refs = [math.sqrt(float((s.double().numpy() ** 2).sum())) for s in signals]
+    bad = [int((~np.isfinite(s.numpy())).sum()) for s in signals]
+    n = signals[0].numel()
+    eps = np.finfo(np.float32).eps
+
+    def check(norm: float, ref: float) -> None:  # float32 sum of n squares, then sqrt
+        assert _close(torch.tensor(norm), ref, (n + 4) * eps * ref)
+
+    for s, ref, b in zip(signals, refs, bad):
+        check(float(l2_norm(s)[0]), ref)
+        (norm, flag), _ = reduce_errors("err", s, exact, _constant)
+        check(float(norm), ref)
+        assert int(flag) == (b if exact else int(b > 0))
+    stacked = stack_norms(torch.stack(signals))[0]  # [k], 0-d for a stack of one
+    for norms in (l2_norms(signals, torch.device("cpu"))[0], stacked):
+        for got, ref in zip(norms.reshape(-1).tolist(), refs):
+            check(got, ref)
+    (norms, flags), _ = reduce_errors("err", signals, exact, _constant)
+    assert [int(f) for f in flags] == [b if exact else int(b > 0) for b in bad]
