@@ -27,6 +27,8 @@ import gradprobe
 from gradprobe import Probe
 from gradprobe.hooks import GradprobeWarning
 from gradprobe.probe import Probe as ProbeClass
+from gradprobe.recording.errors import ErrorCapture
+from gradprobe.recording.forward import ForwardCapture
 from gradprobe.recording.optstep import OptimizerStep
 from gradprobe.recording.params import ParamStats
 from gradprobe.recording.passes import Passes
@@ -124,6 +126,12 @@ def _train(model: nn.Module, probed: bool, mode: str):
 
 # The component whose method each entry point's hook calls (the Probe's own otherwise).
 OWNERS = {
+    "on_pre": ForwardCapture,
+    "on_forward": ForwardCapture,
+    "on_error_grad": ErrorCapture,
+    "on_input_share": ErrorCapture,
+    "commit_errors": ErrorCapture,
+    "note_accumulation": ErrorCapture,
     "on_pass_start": Passes,
     "on_pass_end": Passes,
     "_record_preclip": ParamStats,
@@ -153,13 +161,13 @@ def _raise_when(method: str, when=lambda *a: True):
 PARAMS = lambda n, s: "." in n or n == "(model)"  # noqa: E731
 CASES = {
     "forward pre-hook": (
-        "_on_pre",
+        "on_pre",
         lambda k, *a: k == TARGET,
         "forward pre-hook of module '2'",
         lambda n, s: n == "2",
     ),
     "forward hook": (
-        "_on_forward",
+        "on_forward",
         lambda k, *a: k == TARGET,
         "forward hook of module '2'",
         lambda n, s: n == "2",
@@ -177,25 +185,25 @@ CASES = {
         lambda n, s: n in MODULES,
     ),
     "output error": (
-        "_on_error_grad",
+        "on_error_grad",
         lambda k, g, kind, *a: k == TARGET and kind == "err",
         "backward (output) hook of module '2'",
         lambda n, s: n == "2" and s in ERROR_STATS,
     ),
     "input share": (
-        "_on_input_share",
+        "on_input_share",
         lambda k, *a: k == TARGET,
         "backward (input) hook of module '2'",
         lambda n, s: n == "2" and s == "error_gain",
     ),
     "backward end (errors)": (
-        "_commit_errors",
+        "commit_errors",
         lambda *a: True,
         "the end of backward (errors)",
         lambda n, s: s in ERROR_STATS,
     ),
     "gradient accumulated": (
-        "_note_accumulation",
+        "note_accumulation",
         lambda *a: True,
         "a gradient-accumulated hook",
         lambda n, s: PARAMS(n, s) or s in ERROR_STATS,

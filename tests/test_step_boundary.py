@@ -23,6 +23,7 @@ from gradprobe import Probe
 from gradprobe.hooks import GradprobeWarning
 from gradprobe.recording.params import ParamStats
 from gradprobe.recording.rows import Rows
+from gradprobe.recording.units import Units
 from gradprobe.recording.updates import UpdateSnapshot
 from reference import capture_outputs
 
@@ -282,7 +283,7 @@ PLACES = [
     (UpdateSnapshot, "record", {1}, None),
     (ParamStats, "_record_preclip", {1}, None),
     (Rows, "_to_frame", {0}, {0, 1}),
-    (Probe, "_record_deferred_units", {2}, {2}),
+    (Units, "record_deferred", {2}, {2}),
     (gradprobe.store.Store, "append", {0}, {0, 1}),
     (gradprobe.store.Store, "update_meta", {0, 1, 2}, set()),
     (gradprobe.store.Store, "close", {0}, set()),
@@ -385,7 +386,7 @@ def test_no_state_outlives_its_step() -> None:
                         model[3](h).sum().backward()
                 loss.backward()
                 opt.step()
-            traversals = probe._traversals
+            traversals = probe._errors._traversals
             assert len(traversals.accumulating) == 0, modules
             assert len(traversals.pending) == 0, modules
-            assert sum(probe._owed_error_hooks.values()) == 0, modules
+            assert sum(probe._errors._owed.values()) == 0, modules

@@ -1,10 +1,11 @@
 """Probe: attach to any ``nn.Module``, record per-layer statistics of real training.
 
-The Probe is the public API and the lifecycle (hooks put on and taken off, flushes, the
-store, the frame); its work is in three modules named after it: what the hooks capture
-(:mod:`gradprobe.capture`), how a tensor becomes a few numbers (:mod:`gradprobe.reduce`),
-and where a step begins and ends (:mod:`gradprobe.step`). :mod:`gradprobe.stats` is still
-the one place a statistic is declared.
+The Probe is a facade: the public API and the lifecycle (hooks put on and taken off,
+flushes, the store, the frame). Its work is done by the components of
+:mod:`gradprobe.recording`, each owning its state, over one shared context and a few
+events (the map is in that package's docstring); what is measured of a tensor is in the
+site reducers (:mod:`gradprobe.sites`, :mod:`gradprobe.reduce`), and
+:mod:`gradprobe.stats` is the one place a statistic is declared.
 
 What happens, and where it costs::
 
@@ -23,7 +24,7 @@ What happens, and where it costs::
                                 (after AMP unscale, clipping and the DDP all-reduce);
                                 a copy of the parameters for ``update_ratio``; with a
                                 closure, all of it when the closure's first evaluation
-                                returns (gradprobe/follow.py: what the step applies)
+                                returns (gradprobe/recording/optstep.py)
     optimizer step post-hook    update norms; the step's row is closed
 
 All of it stays on the device, in a :class:`~gradprobe.buffer.StepBuffer`; every
@@ -31,8 +32,8 @@ All of it stays on the device, in a :class:`~gradprobe.buffer.StepBuffer`; every
 to the host once, finalised into long-form rows and appended to the store. On steps
 that ``every`` skips, no module or gradient hook is on the model.
 
-The Probe holds names and slot indices, not modules: hooks reach it through a weak
-reference, and a ``weakref.finalize`` removes them if the Probe is dropped unclosed.
+The Probe holds names and slot indices, not modules: hooks reach its components through
+a weak reference, and a ``weakref.finalize`` removes them if the Probe is dropped unclosed.
 
 Where users train (see ``docs/integrations.md``):
 
@@ -65,7 +66,6 @@ import importlib
 import os
 import sys
 import weakref
-from collections import defaultdict
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -74,32 +74,35 @@ import torch
 from torch import Tensor, nn
 
 from .buffer import StepBuffer
-from .capture import Capture, _first_float_tensor, _inside_backward
 from .errors import GradprobeError
 from .finding import Finding
 from .recording.bindings import ModuleFilter, select_modules, trainable_parameters
 from .recording.clock import AUTO_BURST, AUTO_EVERY, AUTO_FIRST, StepClock, auto_cadence
 from .recording.context import Context
+from .recording.errors import ErrorCapture
 from .recording.follow import Follow
+from .recording.forward import ForwardCapture
 from .recording.hookup import Hookup, warn_compiled
+from .recording.kept import Kept
 from .recording.meta import Progress, describe, now, optimizer_meta, theory_of
 from .recording.optstep import OptimizerStep
 from .recording.params import ParamStats
 from .recording.passes import Passes
 from .recording.rows import Rows
 from .recording.scaler import ScalerWatch
+from .recording.tensors import first_float_tensor
+from .recording.units import Units
 from .recording.updates import UpdateSnapshot
 from .run import Run
 from .shards import ShardedNorms
 from .stats import PRESETS, STATISTICS, Plan
 from .step import _loggable
 from .store import Store
-from .traversals import Traversals
 
 __all__ = ["LIVE_CHECK", "Probe", "is_compiled", "unwrap_model"]
 
 # Kept importable here (docs/recording.md names it).
-_first_float_tensor = _first_float_tensor
+_first_float_tensor = first_float_tensor
 _AUTO = (AUTO_FIRST, AUTO_EVERY, AUTO_BURST)
 
 
@@ -131,7 +134,7 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return model
 
 
-class Probe(Capture):
+class Probe:
     """Records per-layer gradient, error-signal and activation statistics during training.
 
     Args:
@@ -252,9 +255,12 @@ class Probe(Capture):
             dead_window=dead_window,
             histogram_bins=histogram_bins if self.histograms else 0,
         )
-        self._init_capture(ctx)
         # The components, each owning its state (gradprobe/recording/__init__.py).
         self._follow = Follow(ctx, inner, modules)
+        self._kept = Kept(ctx)
+        self._units = Units(ctx)
+        self._errors = ErrorCapture(ctx, self._kept)
+        self._capture = ForwardCapture(ctx, self._kept, self._units, self._errors, self._follow)
         self._rows = Rows(ctx)
         self._clock = StepClock(ctx, self._rows.flush)
         self._updates = UpdateSnapshot(ctx)
@@ -270,19 +276,18 @@ class Probe(Capture):
             note_time=ctx.progress.note_time,
         )
         self._passes = Passes(ctx, self._follow)
-        capture = weakref.proxy(self)
         self._hookup = Hookup(
             ctx,
             inner,
             passes=self._passes,
-            capture=capture,
-            errors=capture,
+            capture=self._capture,
+            errors=self._errors,
             params=self._params_stats,
             scaler=self._scaler,
             step=self._step,
             clock=self._clock,
         )
-        self._meta = ctx.meta = describe(ctx, inner, self._settings(), label, config)
+        ctx.meta = describe(ctx, inner, self._settings(), label, config)
         if optimizer is not None:
             ctx.meta["optimizer"] = optimizer_meta(optimizer)
         ctx.meta["probe"].update(scaler=scaler is not None, compiled=ctx.compiled, world_size=1)
@@ -415,7 +420,8 @@ class Probe(Capture):
         ctx.params = []
         self._updates.close()
         self._params_stats.close()
-        self._close_capture()
+        self._kept.close()
+        self._units.close()
 
     # ================================================================ for the integrations
     def _add_meta(self, **entries: Any) -> None:
@@ -428,174 +434,6 @@ class Probe(Capture):
     def _live(self) -> Any:
         """The live check: the findings said while training (gradprobe/live.py)."""
         return self._ctx.live
-
-    # ================================================================ the entry points' owner
-    # (Capture's own hooks: until it is a component of its own, the Probe routes them.)
-    def _entry_failed(self, site: Any, key: int, exc: BaseException) -> None:
-        self._hookup._entry_failed(site, key, exc)
-
-    def _entry_traced(self, site: Any) -> None:
-        self._hookup._entry_traced(site)
-
-    # ================================================================ capture's context
-    # What the Capture mixin reads of the Probe, until it is a component over the context.
-    @property
-    def _slots(self) -> list[Any]:
-        return self._ctx.slots
-
-    @property
-    def _params(self) -> list[Any]:
-        return self._ctx.params
-
-    @property
-    def _recording(self) -> bool:
-        return self._ctx.recording
-
-    @property
-    def _closed(self) -> bool:
-        return self._ctx.closed
-
-    @property
-    def _searching(self) -> int:
-        return self._ctx.searching
-
-    @property
-    def _failed_where(self) -> set[str]:
-        return self._ctx.failed_where
-
-    # The follow component decides (its marker): every first accumulation is reported.
-    _grad_marker = True
-
-    def _check_discarded(self, param: Tensor | None = None) -> None:
-        self._ctx.emit("backward_accumulating", param)
-
-    def _slot_frozen(self, k: int) -> bool:
-        return self._follow.slot_frozen(k)
-
-    def _module_failed(self, k: int, where: str, exc: BaseException) -> None:
-        self._ctx.module_failed(k, where, exc)
-
-    def _init_capture(self, ctx: Context) -> None:
-        plan = ctx.plan
-        self._want_output = plan.output
-        self._want_nonfinite = plan.nonfinite
-        self._want_absmax = plan.absmax
-        self._want_units = plan.units
-        self._want_gate = plan.gate
-        self._want_error = plan.error
-        self._want_input_error = plan.input_error
-        self._want_forward = plan.forward
-        self._unit_kinds = ctx.progress.unit_kinds
-        self._execution_order = ctx.progress.execution_order
-        self._seen_slots = ctx.progress.seen_slots
-        self._layout_by_shape: dict[tuple[int, ...], str] = {}
-        # (dims, layout, units) seen on a typed module's input or output, the layout each
-        # element-wise module took, and unit activity waiting for the step's end to say it.
-        self._layout_signatures: set[tuple[int, str, int]] = set()
-        self._slot_layout: dict[int, str] = {}
-        self._deferred_units: list[tuple[int, tuple[int, ...], Tensor]] = []
-        self._deferred_mark = 0
-        # Small outputs waiting for the end of the forward (see _hold), and the modules
-        # whose outputs were written in place after their hook: reduced in the hook.
-        self._held: list[tuple[Any, Tensor, int, int]] = []
-        self._held_numel = 0
-        self._held_epoch = 0  # how many times held outputs were reduced (_drop_failed_call)
-        # Each module's open call: where the step's records stood as it began (capture.py).
-        self._call_marks: dict[int, Any] = {}
-        self._errors_hooked = -1  # the module whose call has put its error hooks on
-        self._unbatched: set[int] = set()
-        self._batch_safe: set[int] = set()
-        self._staging_buffers: dict[tuple[Any, ...], Tensor] = {}
-        self._index_tensors: dict[tuple[Any, ...], Tensor] = {}
-        # Error signals (kind, slot) seen to stay as they came until the backward ended
-        # (their norms are then batched at its end), and those seen changed (never).
-        self._errors_batch_safe: set[tuple[str, int]] = set()
-        self._errors_unbatched: set[tuple[str, int]] = set()
-        self._deferred_numel = 0
-        self._watched: list[tuple[int, Tensor, int]] = []
-        # Shapes two typed modules read in different layouts ([B, T, W] features and, with
-        # T == W, [B, W, T] channels after a transpose): their shape says nothing.
-        self._ambiguous_shapes: set[tuple[int, ...]] = set()
-        self._zeros: dict[tuple[torch.device, int], Tensor] = {}
-        # Error signals wait for their backward pass to end: only .backward() counts.
-        self._traversals = Traversals()
-        # Calls whose first run could not register error-signal hooks (a reentrant
-        # checkpoint runs it under no_grad): their recomputation in backward registers them.
-        self._owed_error_hooks: dict[int, int] = defaultdict(int)
-        self._unreadable = ctx.unreadable
-        # One weak reference for the error hooks: they must not keep the Probe alive.
-        self._ref = weakref.ref(self)
-        ctx.on("forward_ended", self._on_forward_ended)
-        ctx.on("step_closing", self._on_step_closing)
-        ctx.on("step_discarded", self._on_step_discarded)
-        ctx.on("step_closed", self._on_step_closed)
-        ctx.on("gradients_marked", self._on_gradients_marked)
-        ctx.on("gradients_discarded", self._on_gradients_discarded)
-
-    def _close_capture(self) -> None:
-        self._staging_buffers = {}
-        self._deferred_units = []
-
-    def _on_forward_ended(self) -> None:
-        if self._held or self._watched:
-            self._reduce_held()
-
-    def _on_step_closing(self) -> None:
-        if self._held or self._watched:
-            self._reduce_held()
-        self._record_deferred_units()
-
-    def _on_step_discarded(self, step: int, skipped: bool) -> None:
-        self._held, self._held_numel, self._watched = [], 0, []
-        if not skipped:
-            self._deferred_units = []
-
-    def _on_step_closed(self, step: int) -> None:
-        if not _inside_backward():
-            # Nothing of a backward outlives its step: a backward that raised (an OOM retry)
-            # never ran the callback that drops its pending results, and with no probed
-            # module hooked no pass ever trims the set of passes that accumulated.
-            self._owed_error_hooks.clear()
-            self._deferred_numel = 0
-            self._traversals.pending.clear()
-            self._traversals.output_edges.clear()
-            self._traversals.accumulating.clear()
-
-    def _on_gradients_marked(self) -> None:
-        self._deferred_mark = len(self._deferred_units)
-
-    def _on_gradients_discarded(self, dropped: set[int]) -> None:
-        n = self._deferred_mark
-        self._deferred_units = [
-            entry
-            for i, entry in enumerate(self._deferred_units)
-            if i >= n or entry[0] not in dropped
-        ]
-
-    def leave_out(self, ks: Any, level: float) -> None:
-        """Leave the error statistics of modules ``ks`` out of this step."""
-        step = self._ctx.step_index
-        for k in ks:
-            self.buffer.set_host(k, "err_gap", self._traversals.gap(k, level, step))
-
-    def reduce_in_hooks(self) -> None:
-        """Reduce every module's outputs in its hook from now on (no batching)."""
-        self._unbatched.update(s.index for s in self._ctx.slots)
-
-    def _unreadable_module(self, k: int, side: str, value: Any) -> None:
-        """One warning per module whose output (or input) holds no floating-point tensor."""
-        from .hooks import warn_gap
-
-        slot = self._ctx.slots[k]
-        warn_gap(
-            self._ctx.unreadable,
-            f"{side} {k}",
-            f"gradprobe: module {slot.name!r} ({slot.type}) has no floating-point tensor "
-            f"in its {side} (a {type(value).__name__}): its {side} statistics are not "
-            "recorded. gradprobe reads the first floating-point tensor of a module's "
-            f"{side}, through tuples, lists, dicts, dataclasses and pytrees "
-            "(docs/recording.md)",
-        )
 
 
 # ==================================================================== helpers

@@ -6,11 +6,11 @@ Used when a Probe is made and when it follows a model that changed (gradprobe/fo
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from torch import nn
 
-from ..activations import activation_of
-from ..capture import _Slot
+from ..activations import Activation, activation_of
 from ..errors import GradprobeError
 from ..kinds import gate_from_output, module_kind
 from ..shards import sharded_parameters
@@ -18,6 +18,7 @@ from ..shards import sharded_parameters
 __all__ = [
     "DEFAULT_HISTOGRAM_RANGE",
     "ModuleFilter",
+    "Slot",
     "choose_modules",
     "make_slot",
     "select_modules",
@@ -29,7 +30,22 @@ ModuleFilter = Callable[[str, nn.Module], bool]
 DEFAULT_HISTOGRAM_RANGE = (-4.0, 4.0)
 
 
-def select_modules(model: nn.Module, selection: Sequence[str] | ModuleFilter | None) -> list[_Slot]:
+@dataclass(frozen=True)
+class Slot:
+    """A probed module, by name: what the hooks need to know about it."""
+
+    index: int
+    name: str
+    type: str
+    activation: Activation | None
+    layout: str  # "last", "channel" or "inherit" (element-wise: like the tensor it received)
+    histogram_range: tuple[float, float]
+    # The activation's gate read from its output (gradprobe/sites.py), or None: from z.
+    gate_from_output: str | None = None
+    inplace: bool = False  # an in-place module writes over its input
+
+
+def select_modules(model: nn.Module, selection: Sequence[str] | ModuleFilter | None) -> list[Slot]:
     chosen = choose_modules(model, selection)
     return [make_slot(i, name, module) for i, (name, module) in enumerate(chosen)]
 
@@ -60,7 +76,7 @@ def choose_modules(
     return chosen
 
 
-def make_slot(i: int, name: str, module: nn.Module) -> _Slot:
+def make_slot(i: int, name: str, module: nn.Module) -> Slot:
     """What the hooks need to know of module ``module``, from the one table of module
     kinds (gradprobe.kinds): where its output keeps its units ("inherit": element-wise, it
     keeps the layout it receives), and whether its gate is read from its output."""
@@ -69,7 +85,7 @@ def make_slot(i: int, name: str, module: nn.Module) -> _Slot:
     from_output = gate_from_output(module) if act is not None else None
     inplace = getattr(module, "inplace", False) is True
     layout = module_kind(module).layout or "inherit"
-    return _Slot(i, name, type(module).__name__, act, layout, hist, from_output, inplace)
+    return Slot(i, name, type(module).__name__, act, layout, hist, from_output, inplace)
 
 
 def trainable_parameters(model: nn.Module) -> tuple[list[str], list[nn.Parameter]]:

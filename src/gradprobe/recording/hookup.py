@@ -59,10 +59,10 @@ def _pre_hook(owner: Hookup, k: int, module: nn.Module, args: Any, kwargs: Any) 
     mode = owner.passes.call_mode()
     if mode == RECORD:
         capture = owner.capture
-        capture._open_call(k)  # what this call records can be taken back (_drop_failed_call)
-        capture._on_pre(k, module, args, kwargs)
+        capture.open_call(k)  # what this call records can be taken back (drop_failed_call)
+        capture.on_pre(k, module, args, kwargs)
     elif mode == RECOMPUTE:
-        owner.capture._on_recomputed_pre(k, args, kwargs)
+        owner.errors.on_recomputed_pre(k, args, kwargs)
 
 
 def _forward_hook(
@@ -71,16 +71,16 @@ def _forward_hook(
     mode = owner.passes.call_mode()
     if mode == RECORD:
         capture = owner.capture
-        if not capture._begin_forward(k):
-            return  # its pre-hook failed: the call is left out (Capture._drop_failed_call)
-        capture._on_forward(k, module, output)
+        if not capture.begin_forward(k):
+            return  # its pre-hook failed: the call is left out (drop_failed_call)
+        capture.on_forward(k, module, output)
         if k in owner.carry_slots:
             ctx = owner.ctx
             name = ctx.slots[k].name
             record_carry(ctx.buffer, k, name, module, args, kwargs, output, ctx.unreadable)
-        capture._end_forward(k)
+        capture.end_forward(k)
     elif mode == RECOMPUTE:
-        owner.capture._on_recomputed(k, output)
+        owner.errors.on_recomputed(k, output)
 
 
 def _pass_start_hook(owner: Hookup, key: int, module: nn.Module, args: Any, kwargs: Any) -> None:
@@ -112,7 +112,7 @@ def _post_accumulate_hook(owner: Hookup, param: Tensor) -> None:
     # signals are kept only at recorded steps, so only they need the passes noted (and
     # the gradients marked when the pass ends: follow.py, discarded passes).
     if ctx.recording:
-        owner.errors._note_accumulation(param)
+        owner.errors.note_accumulation(param)
     params = owner.params
     if (ctx.plan.preclip or ctx.recording) and not params.backward_pending:
         params.on_post_accumulate()
@@ -120,7 +120,7 @@ def _post_accumulate_hook(owner: Hookup, param: Tensor) -> None:
 
 def _accumulated_hook(owner: Hookup, param: Tensor) -> None:
     """A backward pass accumulated into one of FSDP2's full parameters."""
-    owner.errors._note_accumulation()
+    owner.errors.note_accumulation()
 
 
 def _remove_all(*hooksets: HookSet) -> None:
@@ -292,7 +292,7 @@ class Hookup:
         step = ctx.step_index
         if site.gap == "module":
             # One call failed: it is taken back, the module's other calls stay.
-            if not self.capture._drop_failed_call(key, site is PRE_SITE):
+            if not self.capture.drop_failed_call(key, site is PRE_SITE):
                 buffer.set_host(key, "gap", 1)
         elif site.gap == "modules":
             for k in range(len(slots)):
