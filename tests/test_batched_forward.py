@@ -1,4 +1,4 @@
-"""Small outputs are reduced in batches at the end of the forward (Probe._reduce_held):
+"""Small outputs are reduced in batches at the end of the forward (ForwardCapture._reduce_held):
 every statistic still equals its computation on an un-probed twin, also where an output
 is written in place after its module's hook, by an in-place module or by the parent's
 forward (``out += identity``), and where modules of one shape differ in units."""
@@ -10,6 +10,8 @@ import torch
 from torch import nn
 
 from gradprobe import Probe
+from gradprobe.recording.errors import Deferred
+from gradprobe.recording.forward import ForwardCapture
 from reference import leaf_error_norms
 
 
@@ -55,13 +57,13 @@ def _reference_outputs(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Ten
 @pytest.mark.parametrize("inplace_relu", [False, True])
 def test_batched_statistics_equal_the_twin_on_every_step(inplace_relu, monkeypatch):
     batched: list[int] = []
-    original = Probe._forward_stats_batch
+    original = ForwardCapture._forward_stats_batch
 
     def spy(self, entries, device, unit):
         batched.append(len(entries))
         return original(self, entries, device, unit)
 
-    monkeypatch.setattr(Probe, "_forward_stats_batch", spy)
+    monkeypatch.setattr(ForwardCapture, "_forward_stats_batch", spy)
     model = _model(inplace_relu)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     xs = [torch.randn(8, 12, generator=torch.Generator().manual_seed(i)) for i in range(4)]
@@ -126,14 +128,14 @@ def test_an_output_written_in_place_after_a_held_hook_is_a_gap_then_reduced_in_i
 
 def test_batched_error_norms_equal_autograd_on_every_step(monkeypatch):
     deferred: list[int] = []
-    original = Probe._resolve_deferred
+    original = Deferred.resolve
 
     def spy(self, pending):
         # Deferred norms, and signals that are a deferred one (a reader's whole share).
         deferred.append(len(pending.deferred) + len(pending.aliases))
         return original(self, pending)
 
-    monkeypatch.setattr(Probe, "_resolve_deferred", spy)
+    monkeypatch.setattr(Deferred, "resolve", spy)
     torch.manual_seed(0)
     model = nn.Sequential(*[m for _ in range(4) for m in (nn.Linear(16, 16), nn.Tanh())], nn.Linear(16, 1))
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
@@ -198,13 +200,13 @@ def test_a_batched_output_with_nan_counts_its_nan_entries_as_non_zero(monkeypatc
     """zero_frac and the ReLU's gate_mean of held outputs holding NaN in some rows: a NaN
     entry is not 0 (as the one-call path counts it); against the twin's outputs."""
     batched: list[int] = []
-    original = Probe._forward_stats_batch
+    original = ForwardCapture._forward_stats_batch
 
     def spy(self, entries, device, unit):
         batched.append(len(entries))
         return original(self, entries, device, unit)
 
-    monkeypatch.setattr(Probe, "_forward_stats_batch", spy)
+    monkeypatch.setattr(ForwardCapture, "_forward_stats_batch", spy)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 10), nn.ReLU(), nn.Linear(10, 10), nn.ReLU(), nn.Linear(10, 1))
     opt = torch.optim.SGD(model.parameters(), lr=0.0)  # NaN gradients: weights kept

@@ -25,8 +25,10 @@ import torch
 from torch import Tensor, nn
 
 from gradprobe import Probe
-from gradprobe.capture import Capture
 from gradprobe.hooks import GradprobeWarning
+from gradprobe.recording import kept
+from gradprobe.recording.errors import ErrorCapture
+from gradprobe.recording.forward import ForwardCapture
 from reference import hook_counts
 
 STEPS = 4
@@ -167,15 +169,19 @@ def _expected(calls: list[dict], gelu: bool) -> dict[str, float | None]:
     return ref
 
 
+# The component each capture method belongs to (the forward capture's, unless listed).
+OWNERS = {"hook": ErrorCapture}
+
+
 def _fail_on(method: str, target: str, nth: int, when: str, state: dict):
-    """Capture.<method>, made to raise on the ``nth`` call (from 0) of module ``target``
+    """<component>.<method>, made to raise on the ``nth`` call (from 0) of module ``target``
     at FAIL_STEP: before its own work (``when="before"``) or after it (``"after"``)."""
-    original = getattr(Capture, method)
+    original = getattr(OWNERS.get(method, ForwardCapture), method)
 
     def patched(self, k_or_slot, *args, **kwargs):
         k = k_or_slot if isinstance(k_or_slot, int) else k_or_slot.index
         hit = False
-        if self.step_index == FAIL_STEP and self._slots[k].name == target:
+        if self.ctx.step_index == FAIL_STEP and self.ctx.slots[k].name == target:
             hit = state["n"] == nth
             state["n"] += 1
         if hit and when == "before":
@@ -209,7 +215,8 @@ def _run(build, kind: str, monkeypatch, method: str, target: str, nth: int, when
     recorder.remove()
 
     state = {"n": 0}
-    monkeypatch.setattr(Capture, method, _fail_on(method, target, nth, when, state))
+    owner = OWNERS.get(method, ForwardCapture)
+    monkeypatch.setattr(owner, method, _fail_on(method, target, nth, when, state))
     before = hook_counts(model)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -269,12 +276,12 @@ def _check(
 
 CASES = [
     # (model, kind, target module, which call fails, method, before/after its work)
-    (_shared, "shared", "block", 1, "_on_forward", "before"),
+    (_shared, "shared", "block", 1, "on_forward", "before"),
     (_shared, "shared", "block", 2, "_hold", "after"),  # held for the pass-end batch
     (_shared, "shared", "block", 0, "_hold", "after"),
-    (_cell, "cell", "cell", 2, "_on_forward", "before"),
+    (_cell, "cell", "cell", 2, "on_forward", "before"),
     (_cell, "cell", "cell", 1, "_hold", "after"),
-    (_moe, "moe", "experts.0", 1, "_on_forward", "before"),
+    (_moe, "moe", "experts.0", 1, "on_forward", "before"),
     (_moe, "moe", "experts.1", 0, "_hold", "after"),
 ]
 
@@ -302,14 +309,14 @@ def test_a_failed_call_with_a_large_output(monkeypatch):
 def test_a_failed_pre_hook_leaves_the_call_out(when, monkeypatch):
     # The GELU's gate is measured in its pre-hook: the pre-hook fails before or after
     # recording it; the call's forward statistics and its gate are left out together.
-    per_step, rows = _run(_shared, "shared", monkeypatch, "_on_pre", "act", 1, when)
+    per_step, rows = _run(_shared, "shared", monkeypatch, "on_pre", "act", 1, when)
     assert rows.get((FAIL_STEP, "act", "gate_mean")) is not None
     _check(per_step, rows, "act", 1)
 
 
 def test_a_failure_after_the_error_hooks_leaves_the_errors_out(monkeypatch):
     # Its error hooks are on (and will fire): error_norm cannot be of the other calls alone.
-    per_step, rows = _run(_shared, "shared", monkeypatch, "_hook_errors", "block", 1, "after")
+    per_step, rows = _run(_shared, "shared", monkeypatch, "hook", "block", 1, "after")
     _check(per_step, rows, "block", 1, errors_left_out=True)
 
 
@@ -317,7 +324,7 @@ def test_a_call_that_cannot_be_taken_back_alone_is_a_module_gap(monkeypatch):
     # Held outputs reduced as each is held (the 64 MiB bound, made tiny): the failing
     # call's records are in a batch with its earlier calls'. Taking back "the call" would
     # be a guess: the module has no statistics at that step, and no number is wrong.
-    monkeypatch.setattr(Probe, "_HELD_NUMEL_TOTAL", 20)
+    monkeypatch.setattr(kept, "HELD_NUMEL_TOTAL", 20)
     per_step, rows = _run(_shared, "shared", monkeypatch, "_hold", "block", 1, "after")
     assert not [key for key in rows if key[:2] == (FAIL_STEP, "block")]
     _check(per_step, rows, "block", 1, whole=True)

@@ -27,6 +27,11 @@ import gradprobe
 from gradprobe import Probe
 from gradprobe.hooks import GradprobeWarning
 from gradprobe.probe import Probe as ProbeClass
+from gradprobe.recording.errors import ErrorCapture
+from gradprobe.recording.forward import ForwardCapture
+from gradprobe.recording.optstep import OptimizerStep
+from gradprobe.recording.params import ParamStats
+from gradprobe.recording.passes import Passes
 from reference import capture_outputs, error_norms, hook_counts, param_grad_norms
 
 SRC = pathlib.Path(gradprobe.__file__).parent
@@ -119,8 +124,28 @@ def _train(model: nn.Module, probed: bool, mode: str):
     return frame
 
 
+# The component whose method each entry point's hook calls (the Probe's own otherwise).
+OWNERS = {
+    "on_pre": ForwardCapture,
+    "on_forward": ForwardCapture,
+    "on_error_grad": ErrorCapture,
+    "on_input_share": ErrorCapture,
+    "commit_errors": ErrorCapture,
+    "note_accumulation": ErrorCapture,
+    "on_pass_start": Passes,
+    "on_pass_end": Passes,
+    "_record_preclip": ParamStats,
+    "_on_step_pre": OptimizerStep,
+    "_on_step_post": OptimizerStep,
+}
+
+
+def _owner(method: str) -> type:
+    return OWNERS.get(method, ProbeClass)
+
+
 def _raise_when(method: str, when=lambda *a: True):
-    original = getattr(ProbeClass, method)
+    original = getattr(_owner(method), method)
 
     def failing(self, *args, **kwargs):
         if when(*args):
@@ -136,49 +161,49 @@ def _raise_when(method: str, when=lambda *a: True):
 PARAMS = lambda n, s: "." in n or n == "(model)"  # noqa: E731
 CASES = {
     "forward pre-hook": (
-        "_on_pre",
+        "on_pre",
         lambda k, *a: k == TARGET,
         "forward pre-hook of module '2'",
         lambda n, s: n == "2",
     ),
     "forward hook": (
-        "_on_forward",
+        "on_forward",
         lambda k, *a: k == TARGET,
         "forward hook of module '2'",
         lambda n, s: n == "2",
     ),
     "pass start": (
-        "_on_pass_start",
+        "on_pass_start",
         lambda *a: True,
         "the start of the model's forward",
         lambda n, s: n in MODULES,
     ),
     "pass end": (
-        "_on_pass_end",
+        "on_pass_end",
         lambda *a: True,
         "the end of the model's forward",
         lambda n, s: n in MODULES,
     ),
     "output error": (
-        "_on_error_grad",
+        "on_error_grad",
         lambda k, g, kind, *a: k == TARGET and kind == "err",
         "backward (output) hook of module '2'",
         lambda n, s: n == "2" and s in ERROR_STATS,
     ),
     "input share": (
-        "_on_input_share",
+        "on_input_share",
         lambda k, *a: k == TARGET,
         "backward (input) hook of module '2'",
         lambda n, s: n == "2" and s == "error_gain",
     ),
     "backward end (errors)": (
-        "_commit_errors",
+        "commit_errors",
         lambda *a: True,
         "the end of backward (errors)",
         lambda n, s: s in ERROR_STATS,
     ),
     "gradient accumulated": (
-        "_note_accumulation",
+        "note_accumulation",
         lambda *a: True,
         "a gradient-accumulated hook",
         lambda n, s: PARAMS(n, s) or s in ERROR_STATS,
@@ -204,7 +229,7 @@ def test_a_failing_entry_point_is_a_warning_and_a_gap(case, mode, monkeypatch):
     twin, reference_model = copy.deepcopy(model), copy.deepcopy(model)
     reference = _reference(reference_model)
     before = hook_counts(model)
-    monkeypatch.setattr(ProbeClass, method, _raise_when(method, when))
+    monkeypatch.setattr(_owner(method), method, _raise_when(method, when))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         frame = _train(model, probed=True, mode=mode)

@@ -267,7 +267,7 @@ EXEMPT_FILES = {"kinds.py"}
 # Modules another change is rewriting; the lead switches them to gradprobe.kinds after the
 # merge. Each must still hold a table, so the list only shrinks.
 TO_SWITCH = {
-    "probe.py",  # _LAST_DIM_TYPES/_CHANNEL_TYPES (_layout_of) and _GATE_FROM_OUTPUT
+    "attention.py",  # isinstance(m, nn.MultiheadAttention) (i25attn, merged beside the table)
 }
 
 

@@ -340,9 +340,9 @@ def test_a_step_the_grad_scaler_skips_is_not_said() -> None:
 
 
 def test_wall_time_anchors_stay_few_on_a_long_run(monkeypatch) -> None:
-    import gradprobe.probe as probe_module
+    import gradprobe.recording.meta as meta_module
 
-    monkeypatch.setattr(probe_module, "_MAX_TIME_ANCHORS", 8)
+    monkeypatch.setattr(meta_module, "_MAX_TIME_ANCHORS", 8)
     _, probe, _ = train(60, probe_options={"every": 1, "flush_every": 2})
     anchors = probe.meta["wall_time"]
     steps = [a[0] for a in anchors]

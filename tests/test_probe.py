@@ -332,14 +332,15 @@ def test_error_inside_a_hook_is_one_warning_and_a_gap():
     model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with Probe(model, opt) as probe:
-        original = probe._on_forward
+        capture = probe._capture  # the forward capture component
+        original = capture.on_forward
 
         def broken(k, module, output):
-            if probe._slots[k].name == "1":
+            if probe._ctx.slots[k].name == "1":
                 raise RuntimeError("boom")
             return original(k, module, output)
 
-        probe._on_forward = broken
+        capture.on_forward = broken
         twin = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
         twin.load_state_dict(model.state_dict())
         with warnings.catch_warnings(record=True) as caught:

@@ -15,23 +15,24 @@ import torch
 from torch import nn
 
 from gradprobe import Probe
+from gradprobe.recording.errors import ErrorCapture
 from reference import leaf_error_norms
 
 
 def _spy_reuse(monkeypatch) -> list[tuple[str, bool]]:
-    """Record what each call of Probe._same_as_share answered, by the producer's name."""
+    """Record what each call of ErrorCapture._same_as_share answered, by the producer's name."""
     answers: list[tuple[str, bool]] = []
-    original = Probe._same_as_share
+    original = ErrorCapture._same_as_share
 
     def spy(self, pending, k, token, grad):
         answer = original(self, pending, k, token, grad)
-        answers.append((self._slots[k].name, answer))
+        answers.append((self.ctx.slots[k].name, answer))
         # A reader's share kept for this call is let go here, equal or not: no gradient
         # is held past the producer's own hook (a skip connection's would be, otherwise).
         assert token not in pending.shared
         return answer
 
-    monkeypatch.setattr(Probe, "_same_as_share", spy)
+    monkeypatch.setattr(ErrorCapture, "_same_as_share", spy)
     return answers
 
 

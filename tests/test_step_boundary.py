@@ -21,6 +21,10 @@ import gradprobe.buffer
 import gradprobe.store
 from gradprobe import Probe
 from gradprobe.hooks import GradprobeWarning
+from gradprobe.recording.params import ParamStats
+from gradprobe.recording.rows import Rows
+from gradprobe.recording.units import Units
+from gradprobe.recording.updates import UpdateSnapshot
 from reference import capture_outputs
 
 DEAD_WINDOW = 2
@@ -274,12 +278,12 @@ PLACES = [
     (gradprobe.buffer.StepBuffer, "record_units_many", {3}, None),  # one call or a stack
     (gradprobe.buffer.StepBuffer, "record_params", {0}, None),
     (gradprobe.buffer.StepBuffer, "drain", {0}, None),  # the steps wait for the next flush
-    (Probe, "_record_params", {1}, None),
-    (Probe, "_take_snapshot", {1}, None),
-    (Probe, "_record_updates", {1}, None),
-    (Probe, "_record_preclip", {1}, None),
-    (Probe, "_to_frame", {0}, {0, 1}),
-    (Probe, "_record_deferred_units", {2}, {2}),
+    (ParamStats, "_record_params", {1}, None),
+    (UpdateSnapshot, "take", {1}, None),
+    (UpdateSnapshot, "record", {1}, None),
+    (ParamStats, "_record_preclip", {1}, None),
+    (Rows, "_to_frame", {0}, {0, 1}),
+    (Units, "record_deferred", {2}, {2}),
     (gradprobe.store.Store, "append", {0}, {0, 1}),
     (gradprobe.store.Store, "update_meta", {0, 1, 2}, set()),
     (gradprobe.store.Store, "close", {0}, set()),
@@ -337,7 +341,7 @@ def test_probe_step_without_optimizer_never_raises(monkeypatch):
     """probe.step() (no optimizer): a failing snapshot and step close are warnings."""
     model = mlp()
     twin = copy.deepcopy(model)
-    monkeypatch.setattr(Probe, "_take_snapshot", fail_on({1})(Probe._take_snapshot))
+    monkeypatch.setattr(UpdateSnapshot, "take", fail_on({1})(UpdateSnapshot.take))
     monkeypatch.setattr(
         gradprobe.buffer.StepBuffer, "end_step", fail_on({2})(gradprobe.buffer.StepBuffer.end_step)
     )
@@ -382,7 +386,7 @@ def test_no_state_outlives_its_step() -> None:
                         model[3](h).sum().backward()
                 loss.backward()
                 opt.step()
-            traversals = probe._traversals
+            traversals = probe._errors._traversals
             assert len(traversals.accumulating) == 0, modules
             assert len(traversals.pending) == 0, modules
-            assert sum(probe._owed_error_hooks.values()) == 0, modules
+            assert sum(probe._errors._owed.values()) == 0, modules

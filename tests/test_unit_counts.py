@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from gradprobe import Probe
+from gradprobe.recording import kept
 
 
 def _conv_with_dead_channels() -> nn.Module:
@@ -26,7 +27,7 @@ def _conv_with_dead_channels() -> nn.Module:
 def test_large_outputs_zero_frac_and_dead_frac_equal_torch():
     model = _conv_with_dead_channels()
     x = torch.randn(16, 3, 24, 24)  # 16·8·24·24 = 73728 entries: reduced in the hook
-    assert model[0](x).numel() > Probe._HELD_NUMEL
+    assert model[0](x).numel() > kept.HELD_NUMEL
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     with Probe(model, opt) as probe:
         opt.zero_grad()

@@ -38,9 +38,7 @@ def note_trainer(probe: Probe, config: dict[str, Any]) -> None:
     """Keep the trainer's configuration in the run's meta (``meta["trainer"]``), so that a
     diagnosis can read what the trainer did (its clipping, warmup, precision...)."""
     clean = {k: _plain(v) for k, v in config.items()}
-    probe._meta["trainer"] = clean
-    if probe._store is not None:
-        probe._store.update_meta(trainer=clean)
+    probe._add_meta(trainer=clean)
 
 
 def _plain(value: Any) -> Any:

@@ -1,0 +1,30 @@
+"""The recording engine: the components the :class:`~gradprobe.Probe` facade is made of.
+
+Each owns its state; they share one :class:`~gradprobe.recording.context.Context` and
+tell each other a few events (:data:`~gradprobe.recording.context.EVENTS`)::
+
+    context    Context: configuration, bindings, buffer, the step's state; events; the guard
+    hookup     Hookup: every hook registered, every entry point routed, a failure's gap
+    passes     Passes: which forward passes are trained, what a module hook does with a call
+    forward    ForwardCapture: gates, output statistics, held outputs reduced in batches
+    units      Units: which dimension holds a module's units, learned in call order
+    errors     ErrorCapture: dL/d(output) and the module's share of dL/d(input); Deferred
+    kept       Kept: device tensors kept from step to step (constants, indices, staging)
+    tensors    the first floating-point tensor of a call's output or input
+    follow     Follow: discarded gradients, frozen modules, a model that changes
+    params     ParamStats: gradient and parameter norms, pre-clip norms, the "auto" sentinel
+    updates    UpdateSnapshot: the parameters' copies and the update ratio
+    clock      StepClock: the cadence, the spike burst, a step's close
+    scaler     ScalerWatch: a step the GradScaler skipped
+    optstep    OptimizerStep: the optimizer's step hooks, its closure, probe.step()
+    rows       Rows: flushes into long-form rows, the store, listeners
+    meta       describe (the meta), Progress (what is learned while training)
+    bindings   the probed modules' slots and the parameters, chosen from the model
+
+Events (who emits → who handles): forward_ended (passes, errors, follow → forward),
+backward_ended (params' queued callback → params, follow), backward_accumulating (errors
+→ follow), gradients_marked / gradients_discarded (follow → units), step_closing (clock →
+forward, which settles units), step_discarded (clock, scaler → forward, units, params,
+updates), step_closed (clock → params, follow, errors, optstep, hookup), model_changing
+(follow → rows), model_rebound (follow → params, updates, hookup).
+"""

@@ -1,0 +1,130 @@
+"""The probed model's passes: which forward passes are trained, and what a module hook does.
+
+:class:`Passes` decides, once per pass of the probed model (hooks on the model itself),
+whether its modules are recorded (docs/recording.md, "Training passes and eval()"), and
+for each module hook's call whether to skip it, record it, or (a forward run again
+inside backward by activation checkpointing) register only its owed error hooks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..hooks import warn_gap
+from .context import Context, inside_backward
+
+__all__ = ["RECOMPUTE", "RECORD", "SKIP", "Passes"]
+
+# What a module hook does with a call (Passes.call_mode).
+SKIP, RECORD, RECOMPUTE = 0, 1, 2
+
+# The torch.func transforms a call can run inside (functorch's TransformType), as users
+# write them.
+_TRANSFORMS = {
+    "Vmap": "torch.func.vmap",
+    "Grad": "torch.func.grad (or vjp, jacrev)",
+    "Jvp": "torch.func.jvp (or jacfwd)",
+    "Functionalize": "torch.func.functionalize",
+}
+
+
+class Passes:
+    """The pass state. ``follow``: the model followed and frozen modules found at a
+    pass's start (gradprobe/recording/follow.py)."""
+
+    def __init__(self, ctx: Context, follow: Any) -> None:
+        self.ctx = ctx
+        self._follow = follow
+        self._pass_trained = False
+        self.trained_step = -1  # the last step with a recorded pass
+        # The last step in which a probed module ran under grad (which step log() is for).
+        self.forward_step = -1
+        self._eval_grad_step: int | None = None  # a step with eval() passes under grad
+
+    def trained_now(self) -> bool:
+        """A pass is trained if gradients are enabled and the probed model is in train()
+        mode; a submodule's own flag (frozen BatchNorm, a backbone in eval()) does not count."""
+        model = self.ctx.model_ref()
+        return model is not None and model.training and torch.is_grad_enabled()
+
+    def on_pass_start(self) -> None:
+        """The probed model's forward begins: decide, once for the whole pass, whether
+        its modules are recorded (see docs/recording.md, "Training passes and eval()")."""
+        if inside_backward():
+            return  # the model itself recomputed by checkpointing: not a pass
+        ctx = self.ctx
+        if self.forward_step != ctx.step_index and torch.is_grad_enabled():
+            self.forward_step = ctx.step_index  # a forward under grad in this step (log())
+        self._check_trained_in_eval()  # before this pass counts
+        self._follow.at_pass_start()
+        ctx.pass_open = True
+        self._pass_trained = self.trained_now()
+        if self._pass_trained:
+            self.trained_step = ctx.step_index
+            if ctx.recording:  # modules frozen for this pass (a GAN's D while G trains)
+                ctx.guard(self._follow.update_frozen, "the start of the model's forward (frozen)")
+        elif torch.is_grad_enabled():
+            self._eval_grad_step = ctx.step_index
+
+    def on_pass_end(self) -> None:
+        ctx = self.ctx
+        ctx.emit("forward_ended")
+        if not inside_backward():
+            ctx.pass_open = False
+
+    def _check_trained_in_eval(self) -> None:
+        """Say once if the model is trained in eval() mode: then nothing of its modules is
+        recorded. Host-side: a step ended after an eval() pass under grad, with no trained
+        pass in that step."""
+        step = self._eval_grad_step
+        if step is None or self.ctx.step_index <= step:
+            return
+        self._eval_grad_step = None
+        if self.trained_step != step:
+            warn_gap(
+                self.ctx.unreadable,
+                "trained in eval",
+                "gradprobe: the model is in eval() mode with gradients enabled and an optimizer "
+                "step followed: passes in eval() mode are not recorded (as validation and "
+                "saliency maps are not), so its modules have no rows. To record training "
+                "in eval() mode, keep the model in train() and put the submodules that must "
+                "not change in eval() (frozen BatchNorm, no dropout): the computation is the "
+                "same, and a submodule's own mode does not stop recording",
+            )
+
+    def call_mode(self) -> int:
+        """What a module hook does with this call: skip it, record it, or (a forward run
+        again inside backward by activation checkpointing) register only owed hooks."""
+        ctx = self.ctx
+        if self.forward_step != ctx.step_index and torch.is_grad_enabled():
+            self.forward_step = ctx.step_index  # a forward under grad in this step (log())
+        if ctx.closed or not ctx.recording or ctx.searching:
+            return SKIP
+        transform = torch._C._functorch.peek_interpreter_stack()
+        if transform is not None:
+            self._skip_transform(transform)
+            return SKIP
+        if inside_backward():
+            # The first run of this forward was recorded; this one must not double it.
+            return RECOMPUTE if self.trained_now() else SKIP
+        if ctx.pass_open:
+            return RECORD if self._pass_trained else SKIP
+        # A submodule called outside the model's forward: the same rule, judged now.
+        return RECORD if self.trained_now() else SKIP
+
+    def _skip_transform(self, transform: Any) -> None:
+        """A call inside a ``torch.func`` transform is left out, with one warning per kind
+        of transform (docs/recording.md, "Transforms")."""
+        kind = str(transform.key()).rpartition(".")[2]
+        name = _TRANSFORMS.get(kind, kind)
+        warn_gap(
+            self.ctx.unreadable,
+            f"transform {kind}",
+            f"gradprobe: modules called inside {name} are not recorded: their tensors are the "
+            "transform's wrappers (per-sample slices of a batch under vmap, a level of "
+            "differentiation under grad), which statistics of the step would mix up or carry "
+            "out of the transform. Passes outside it are recorded as usual, and so are the "
+            "parameters' statistics at the optimizer step",
+        )
