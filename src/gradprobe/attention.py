@@ -58,6 +58,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from .kinds import module_kind
+
 __all__ = [
     "BATCH",
     "ROWS",
@@ -449,7 +451,12 @@ def _mha_call(args: tuple, kwargs: dict, rows: int | None, batch: int | None) ->
 
 
 _PLAIN = (Tensor, nn.Parameter)
-_FAST_PATH_TYPES = (nn.MultiheadAttention, nn.TransformerEncoderLayer)
+
+
+def _has_fast_path(m: nn.Module) -> bool:
+    """nn.MultiheadAttention (the kinds table's attention module) or a subclass, and
+    nn.TransformerEncoderLayer: the modules with a fused inference path."""
+    return module_kind(m).attention or isinstance(m, nn.TransformerEncoderLayer)
 
 
 def fast_path_at_risk(model: nn.Module) -> bool:
@@ -462,7 +469,7 @@ def fast_path_at_risk(model: nn.Module) -> bool:
     return any(
         not grad or not any(p.requires_grad for p in m.parameters())
         for m in model.modules()
-        if isinstance(m, _FAST_PATH_TYPES) and not m.training
+        if _has_fast_path(m) and not m.training
     )
 
 
