@@ -373,3 +373,31 @@ def test_saturated_counts_past_half_precision_integers(dtype):
         want = (np.abs(stack.double().numpy()) ** 2 > 0.99).sum(axis=1)
         assert (want > 2048).all()
         assert saturated.double().tolist() == want.astype(float).tolist()
+
+
+def test_one_size_splits_held_outputs_from_those_reduced_alone() -> None:
+    """The Probe holds outputs of at most HELD_NUMEL entries to stack them, and the site
+    reducer counts units in one pass only past it: one number, not two copies that drift
+    (Capture._HELD_NUMEL is to be sites.HELD_NUMEL itself)."""
+    from gradprobe.capture import Capture
+    from gradprobe.sites import HELD_NUMEL
+
+    assert Capture._HELD_NUMEL == HELD_NUMEL
+    # Past it, a call alone on a CPU takes the one-pass counts (the buffer is asked for);
+    # at it, the held path's activity: the same units and counts either way, as numpy's.
+    asked = []
+    for n in (HELD_NUMEL, HELD_NUMEL + 1):
+        y = torch.zeros(n // 2 if n % 2 == 0 else n, 2 if n % 2 == 0 else 1)
+        y[::3] = 1.5
+        out = reduce_outputs(
+            y.unsqueeze(0),
+            ["out"],
+            constant=_constant,
+            index=_index,
+            unit=1,
+            counts_buffer=lambda need: asked.append(need) or torch.empty(max(need, _COUNT_CHUNK)),
+        )
+        ref = y.double().numpy()
+        assert int(out.fields["out"][2]) == np.count_nonzero(ref)
+        assert (out.units[0] != 0).tolist() == (ref != 0).any(axis=0).tolist()
+    assert len(asked) == 1  # the call of HELD_NUMEL + 1 entries only
