@@ -326,3 +326,87 @@ def test_measured_a_slice_of_sequences_at_a_time(monkeypatch) -> None:
         torch.testing.assert_close(a, b, rtol=0, atol=TOL)
     mean = exact(q.numpy(), k.numpy(), mask=mask.numpy())[1]
     np.testing.assert_allclose(sliced.entropy_mean.numpy(), mean, atol=TOL)
+
+
+def test_slice_plan_bounds_the_logits_of_a_slice() -> None:
+    """The plan's slices hold at most ``budget`` logits (one query row of ``keys`` when a
+    row alone is over it), and cover the heads in whole key-head groups or inside one."""
+    from gradprobe.attention import _head_slices, slice_plan
+
+    for sequences, heads, group, rows, keys, budget in [
+        (8, 32, 1, 32, 8192, 1 << 22),  # the review's case: one sequence is 8.4M logits
+        (8, 32, 4, 32, 8192, 1 << 22),
+        (8, 32, 8, 32, 8192, 1 << 20),
+        (3, 8, 4, 20, 50, 2000),
+        (3, 8, 4, 20, 50, 150),
+        (3, 8, 4, 20, 50, 30),
+        (3, 8, 2, 20, 50, 10**9),
+    ]:
+        seq, per_head, per_row = slice_plan(sequences, heads, group, rows, keys, budget)
+        assert seq * per_head * per_row * keys <= max(budget, keys)
+        assert 1 <= seq <= sequences and 1 <= per_head <= heads and 1 <= per_row <= rows
+        ranges = _head_slices(heads, group, per_head)
+        assert [h for a, b in ranges for h in range(a, b)] == list(range(heads))
+        for a, b in ranges:  # a slice is whole groups, or inside one
+            assert (a % group == 0 and b % group == 0) or a // group == (b - 1) // group
+            assert b - a <= per_head
+
+
+@pytest.mark.parametrize("budget", [2 * 8 * 20 * 50, 4 * 20 * 50, 2 * 20 * 50, 3 * 50, 30])
+def test_sliced_over_sequences_heads_and_rows(monkeypatch, budget) -> None:
+    """With the budget on logits set low: the largest logits tensor formed (the matmul's
+    result, log_softmax's input) is within it (one row of keys at least), and the
+    statistics are those measured unsliced and the exact ones (numpy, float64)."""
+    from torch.overrides import TorchFunctionMode
+
+    from gradprobe import attention
+
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(3, 8, 20, 2, generator=g, dtype=torch.float64)
+    k = torch.randn(3, 2, 50, 2, generator=g, dtype=torch.float64)  # 4 query heads a key head
+    mask = torch.randn(3, 8, 20, 50, generator=g, dtype=torch.float64)
+    kw = dict(attn_mask=mask, is_causal=False, enable_gqa=True, rows=None, batch=None)
+    whole = attention_stats(q, k, **kw)
+    sizes: list[int] = []
+
+    class Spy(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.matmul:
+                sizes.append(out.numel())
+            elif func is torch.log_softmax:
+                sizes.append(args[0].numel())
+            return out
+
+    monkeypatch.setattr(attention, "_LOGITS", budget)
+    with Spy():
+        sliced = attention_stats(q, k, **kw)
+    assert sizes and max(sizes) <= max(budget, 50)
+    for a, b in zip(
+        (whole.logit_max, whole.entropy_sum, whole.weight, whole.entropy_min),
+        (sliced.logit_max, sliced.entropy_sum, sliced.weight, sliced.entropy_min),
+        strict=True,
+    ):
+        torch.testing.assert_close(a, b, rtol=0, atol=TOL)
+    top, mean, low, count = exact(q.numpy(), k.numpy(), mask=mask.numpy())
+    np.testing.assert_allclose(sliced.logit_max.numpy(), top, atol=TOL)
+    np.testing.assert_allclose(sliced.entropy_mean.numpy(), mean, atol=TOL)
+    np.testing.assert_allclose(sliced.entropy_min.numpy(), low, atol=TOL)
+    np.testing.assert_array_equal(sliced.weight.numpy(), count)
+
+
+def test_causal_minimum_entropy_is_over_the_sampled_rows() -> None:
+    """docs/attention.md: with rows ≥ L row 0 is sampled and a causal head's minimum
+    entropy is 0; with rows < L it is the minimum over the sampled rows (the first about
+    L / (2·rows)), as numpy computes it on those rows, and above 0."""
+    g = torch.Generator().manual_seed(8)
+    q = torch.randn(1, 2, 64, 4, generator=g, dtype=torch.float64)
+    k = torch.randn(1, 2, 64, 4, generator=g, dtype=torch.float64)
+    _, ent, _ = reference(q.numpy(), k.numpy(), causal=True)  # [1, H, L]
+    full = attention_stats(q, k, is_causal=True, rows=None, batch=None)
+    np.testing.assert_allclose(full.entropy_min.numpy(), 0.0, atol=TOL)
+    sampled = [mid for _, _, mid in np_strata(64, 8)]
+    assert sampled[0] == 3  # the middle of rows 0..7
+    call = attention_stats(q, k, is_causal=True, rows=8, batch=None)
+    np.testing.assert_allclose(call.entropy_min.numpy(), ent[0][:, sampled].min(1), atol=TOL)
+    assert (call.entropy_min > 0).all()

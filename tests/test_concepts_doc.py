@@ -118,11 +118,22 @@ def test_the_readme_links_this_page():
 
 
 def test_explain_cites_this_page():
-    source = Path(explain.__file__).read_text(encoding="utf-8")
-    cited = set(re.findall(r"concepts(?:\.md)? §(\d)", source))
-    assert cited == {"1", "5", "6", "7"}
+    # explain is a package: every module of it, not only its __init__, is read.
+    package = Path(explain.__file__).parent
+    sources = {p.name: p.read_text(encoding="utf-8") for p in sorted(package.rglob("*.py"))}
+    assert {"__init__.py", "backprop.py", "standardize.py", "channels.py"} <= set(sources)
+    cited = {
+        name: set(re.findall(r"concepts(?:\.md)? §(\d)", source))
+        for name, source in sources.items()
+    }
+    assert set().union(*cited.values()) == {"1", "5", "6", "7"}
+    # each worked example cites its own section (its module's docstring and table title)
+    worked = {"backprop.py": "1", "standardize.py": "5", "channels.py": "6", "cheatsheet.py": "7"}
+    for name, section in worked.items():
+        assert cited[name] == {section}, name
     # every citation names the shipped file, not the old bare "concepts §N"
-    assert re.findall(r"(?<!docs/)concepts(?:\.md)? §\d", source) == []
+    for name, source in sources.items():
+        assert re.findall(r"(?<!docs/)concepts(?:\.md)? §\d", source) == [], name
 
 
 def test_the_number_checker_rejects_a_wrong_print():

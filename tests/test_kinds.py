@@ -329,3 +329,39 @@ def test_no_other_module_holds_a_table_of_module_types() -> None:
         if hits:
             found[str(rel)] = hits
     assert set(found) == TO_SWITCH, f"use gradprobe.kinds instead: {found}"
+
+
+def test_name_lookups_that_differ_from_the_old_tables() -> None:
+    """The deliberate differences from the old name rules (listed in kinds.py's
+    docstring), each pinned: what the old rule said (from the old tables above), and
+    what the one table says now."""
+
+    def old_selector_norm(name: str) -> bool:
+        return name.startswith(OLD_SELECTOR_NORM_PREFIXES)
+
+    def old_profile_norm(name: str) -> bool:
+        return any(n in name for n in OLD_PROFILE_NORMS)
+
+    # Other libraries' RMSNorms (HF Llama, apex): the prefix rule missed them.
+    for name in ("LlamaRMSNorm", "FusedRMSNormAffine"):
+        assert not old_selector_norm(name) and old_profile_norm(name)
+        assert kind_of_type_name(name) == ModuleKind(norm="rms")
+    # InstanceNorm and LocalResponseNorm: norms for the profile too (it knew neither),
+    # and the remedies' tokens name them.
+    for name, family in (
+        ("InstanceNorm2d", "instance"),
+        ("LocalResponseNorm", "local"),
+        ("MyInstanceNorm", "instance"),
+    ):
+        assert not old_profile_norm(name) and family not in OLD_NORM_TOKEN
+        assert kind_of_type_name(name).norm == family
+    assert NORM_FAMILIES["instance"] == "InstanceNorm"
+    assert NORM_FAMILIES["local"] == "LocalResponseNorm"
+    assert not old_selector_norm("MyInstanceNorm")  # a prefixed name: the substring rule
+    # transformers' Conv1D: the selectors' "Conv" prefix made it a channel layer; it is a
+    # linear layer, features last, and no convolution.
+    assert "Conv1D".startswith("Conv")
+    kind = kind_of_type_name("Conv1D")
+    assert kind.layout == "last" and not kind.conv and kind.norm is None
+    transformers = pytest.importorskip("transformers.pytorch_utils")
+    assert module_kind(transformers.Conv1D(4, 3)) == kind

@@ -11,6 +11,8 @@ half values.
 
 from __future__ import annotations
 
+from unittest import mock
+
 import numpy as np
 import pytest
 import torch
@@ -18,6 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+import gradprobe.sequence as sequence
 from gradprobe.sequence import (
     error_time,
     error_time_from_calls,
@@ -229,3 +232,76 @@ def test_short_and_empty_sequences_and_folding() -> None:
     torch.testing.assert_close(
         fold_time([time_sq_norms(g[:1]), time_sq_norms(g[1:])]), time_sq_norms(g), rtol=TOL, atol=0
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk", [7, 1 << 22])
+def test_time_norms_from_vanishing_to_exploding(dtype, chunk) -> None:
+    """Per-entry errors from 1e-30 to 1e30 (a float32 square underflows below ~1e-19 and
+    overflows above ~1.8e19): the squared norms and the summary against numpy in float64
+    of the same (float32 / bfloat16) values. float64 on both sides, sums of 12 squares:
+    relative error ≲ 1e-15, so 1e-12; the slope's log10 in float64, 1e-9."""
+    g = torch.Generator().manual_seed(1)
+    steps = 13
+    scale = torch.logspace(-30, 30, steps, dtype=torch.float64).view(1, steps, 1)
+    grad = (torch.randn(3, steps, 4, generator=g, dtype=torch.float64) * scale).to(dtype)
+    ref = grad.double().numpy()
+    sq = time_sq_norms(grad, chunk=chunk)
+    want = (ref**2).sum(axis=(0, 2))
+    assert want.min() < 1e-55 and want.max() > 1e55  # both ends of the range present
+    np.testing.assert_allclose(sq.numpy(), want, rtol=1e-12)
+    got = error_time(sq)
+    for name, value in zip(
+        ("error_time_first", "error_time_last", "error_time_slope"),
+        np_summary(np.sqrt(want)),
+        strict=True,
+    ):
+        np.testing.assert_allclose(got[name].item(), value, rtol=1e-9)
+    # A cell loop's per-call float32 norms over the same range: not squared.
+    norms = [torch.tensor(v, dtype=torch.float32) for v in np.sqrt(want)]
+    got = error_time_from_calls(norms)
+    for name, value in zip(
+        ("error_time_first", "error_time_last", "error_time_slope"),
+        np_summary(np.array([float(n) for n in norms])),
+        strict=True,
+    ):
+        np.testing.assert_allclose(got[name].item(), value, rtol=1e-6)
+
+
+def test_time_norms_without_float64_scale_by_the_largest_entry() -> None:
+    """The path of a device without float64 (MPS; here the CPU told so): float32 squares
+    of entries divided by the step's largest |entry|, then scaled back. Entries spread
+    over 10 decades within a step and one step of ±1e-17 entries, whose squared norms are
+    representable in float32; against float64 numpy: float32 accumulation of 10 scaled
+    squares, relative ≲ 10 · 6e-8 plus the scale's square, so 1e-5."""
+    g = torch.Generator().manual_seed(2)
+    grad = torch.randn(2, 6, 5, generator=g, dtype=torch.float64)
+    grad = grad * torch.logspace(-25, -15, 5, dtype=torch.float64).view(1, 1, 5)
+    grad[:, 3] = 1e-17 * torch.randn(2, 5, generator=g, dtype=torch.float64).sign()
+    grad = grad.float()
+    with mock.patch.object(sequence, "accumulation_dtype", lambda device: torch.float32):
+        sq = time_sq_norms(grad)
+    assert sq.dtype == torch.float32
+    want = (grad.double().numpy() ** 2).sum(axis=(0, 2))
+    np.testing.assert_allclose(sq.double().numpy(), want, rtol=1e-5)
+
+
+def test_zero_length_inputs_give_the_empty_result() -> None:
+    """No positions, no classes, no steps: the documented empty results (count 0, NaN
+    statistics), not an exception."""
+    total, count = token_cosine(torch.randn(2, 0, 4))
+    assert float(total) == 0 and int(count) == 0
+    total, count = token_cosine(torch.randn(0, 5, 4))
+    assert float(total) == 0 and int(count) == 0
+    total, count = token_cosine(torch.randn(2, 5, 0))
+    assert float(total) == 0 and int(count) == 0
+    top, z_sum, rows = logit_stats(torch.randn(3, 4, 0))
+    assert torch.isnan(top) and float(z_sum) == 0 and int(rows) == 0
+    top, z_sum, rows = logit_stats(torch.randn(0, 7))
+    assert torch.isnan(top) and float(z_sum) == 0 and int(rows) == 0
+    for grad, time_dim in ((torch.randn(2, 0, 3), 1), (torch.randn(0, 2, 3), 0)):
+        sq = time_sq_norms(grad, time_dim=time_dim)
+        assert sq.shape == (0,)
+        assert all(torch.isnan(v) for v in error_time(sq).values())
+    # No sequences: every step's norm is 0 (no entries), as numpy's empty sum.
+    assert time_sq_norms(torch.randn(0, 4, 3)).tolist() == [0.0] * 4

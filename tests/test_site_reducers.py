@@ -6,6 +6,7 @@ reducer produces are exactly those the catalogue's measures declare for its site
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 from unittest import mock
 
 import numpy as np
@@ -22,6 +23,7 @@ from gradprobe.sites import (
     OUTPUT_FIELDS,
     reduce_errors,
     reduce_outputs,
+    saturation_edges,
     site_fields,
 )
 from gradprobe.stats import MEASURES, SAT_THRESHOLD
@@ -30,9 +32,9 @@ OUTPUT_KINDS = ["out", "nonfinite", "absmax", "gate"]
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 TANH_BOUND = math.sqrt(1 - SAT_THRESHOLD)
 SIGMOID_BOUND = math.sqrt(0.25 - SAT_THRESHOLD * 0.25)
-# Values this close to a saturation boundary are moved away from it: the comparison is
-# made in the tensor's dtype (the bound and y − ½ rounded there, up to 0.4 % in bfloat16),
-# numpy's in float64; 0.02 is several bfloat16 ulps near 1.
+# Values this close to a saturation boundary are moved away from it here: numpy's
+# float64 reference rounds the bound (and y − ½ of a float64 y) itself. The values at and
+# around the bounds, where that matters, are test_saturation_is_exact_at_the_bound's.
 MARGIN = 0.02
 BOUNDARIES = [TANH_BOUND, -TANH_BOUND, 0.5 - SIGMOID_BOUND, 0.5 + SIGMOID_BOUND]
 
@@ -183,7 +185,6 @@ def _one_call_and_a_stack(seed, k, shape, dtype, kinds, exact, unit_choice, data
     gates = data.draw(
         st.lists(st.sampled_from([None, "relu", "tanh", "sigmoid"]), min_size=k, max_size=k)
     )
-    gates = [g if g != "relu" else "relu" for g in gates]
     calls = _calls(seed, k, shape, dtype)
     calls = [c.clamp(min=0) if g == "relu" else c for c, g in zip(calls, gates)]  # y = ReLU(z) ≥ 0
     order = sorted(range(k), key=lambda i: gates[i] != "tanh")  # as the Probe stacks them
@@ -301,3 +302,102 @@ def test_error_norms_of_one_signal_a_list_and_a_stack_agree_with_numpy(
             check(got, ref)
     (norms, flags), _ = reduce_errors("err", signals, exact, _constant)
     assert [int(f) for f in flags] == [b if exact else int(b > 0) for b in bad]
+
+
+_BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32}
+
+
+def _around(value: float, dtype: torch.dtype, ulps: int) -> torch.Tensor:
+    """Every value of ``dtype`` within ``ulps`` steps of ``value`` (rounded there), both
+    sides: consecutive positive floats are consecutive integers in their bits."""
+    bits = torch.tensor(value, dtype=torch.float64).to(dtype).view(_BITS[dtype])
+    steps = torch.arange(-ulps, ulps + 1, dtype=_BITS[dtype])
+    return (bits + steps).view(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("owned", [True, False])
+def test_saturation_is_exact_at_the_bound(dtype, owned):
+    """Every value of the dtype within 6 steps of a saturation bound (√0.99 for tanh, both
+    signs; ½ ± √0.2475 for sigmoid), counted against exact rational arithmetic on the
+    same values: y² > 0.99, y(1 − y) < 0.0025. The bound rounded into the dtype (bfloat16:
+    √0.99 → 0.99609375, which a strict > then missed) counted some of these wrong."""
+    tanh_bound = math.sqrt(0.99)
+    sigmoid_bound = math.sqrt(0.2475)
+    tanh_y = torch.cat([_around(tanh_bound, dtype, 6), -_around(tanh_bound, dtype, 6)])
+    sig_y = torch.cat(
+        [_around(0.5 - sigmoid_bound, dtype, 6), _around(0.5 + sigmoid_bound, dtype, 6)]
+    )
+    sat = Fraction(1, 100)  # SAT_THRESHOLD, exactly
+    assert SAT_THRESHOLD == 0.01
+    want_tanh = sum(Fraction(v) ** 2 > 1 - sat for v in tanh_y.double().tolist())
+    want_sig = sum(Fraction(v) * (1 - Fraction(v)) < sat / 4 for v in sig_y.double().tolist())
+    assert 0 < want_tanh < tanh_y.numel() and 0 < want_sig < sig_y.numel()  # both sides
+    stack = torch.stack([tanh_y, sig_y])
+    out = reduce_outputs(
+        stack.clone(),
+        ["gate"],
+        constant=_constant,
+        index=_index,
+        gates=["tanh", "sigmoid"],
+        owned=owned,
+        compare=(lambda like: torch.empty(like.shape, dtype=like.dtype)) if owned else None,
+    )
+    got = {name: int(saturated.reshape(-1)[0]) for name, _, _, saturated in out.gates}
+    assert got == {"tanh": want_tanh, "sigmoid": want_sig}
+    # Each edge is a value of the dtype (the comparison rounds nothing).
+    tanh, low, high = saturation_edges(dtype)
+    for edge in (tanh, low, high):
+        assert torch.tensor(edge, dtype=torch.float64).to(dtype).item() == edge
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_saturated_counts_past_half_precision_integers(dtype):
+    """3000 saturated entries per call (more than bfloat16's 256 or float16's 2048
+    consecutive integers), in a stack of calls whose compare buffer has the output's
+    dtype: the count stays exact (summed in float32), against numpy."""
+    rng = np.random.default_rng(0)
+    y = np.where(rng.uniform(size=(3, 4000)) < 0.75, 0.999, 0.5) * rng.choice([-1, 1], (3, 4000))
+    stack = torch.tensor(y).to(dtype)
+    for owned in (True, False):
+        out = reduce_outputs(
+            stack.clone(),
+            ["gate"],
+            constant=_constant,
+            index=_index,
+            gates=["tanh"] * 3,
+            owned=owned,
+            compare=(lambda like: torch.empty(like.shape, dtype=like.dtype)) if owned else None,
+        )
+        ((_, _, _, saturated),) = out.gates
+        want = (np.abs(stack.double().numpy()) ** 2 > 0.99).sum(axis=1)
+        assert (want > 2048).all()
+        assert saturated.double().tolist() == want.astype(float).tolist()
+
+
+def test_one_size_splits_held_outputs_from_those_reduced_alone() -> None:
+    """The Probe holds outputs of at most HELD_NUMEL entries to stack them, and the site
+    reducer counts units in one pass only past it: one number, not two copies that drift
+    (Capture._HELD_NUMEL is to be sites.HELD_NUMEL itself)."""
+    from gradprobe.capture import Capture
+    from gradprobe.sites import HELD_NUMEL
+
+    assert Capture._HELD_NUMEL == HELD_NUMEL
+    # Past it, a call alone on a CPU takes the one-pass counts (the buffer is asked for);
+    # at it, the held path's activity: the same units and counts either way, as numpy's.
+    asked = []
+    for n in (HELD_NUMEL, HELD_NUMEL + 1):
+        y = torch.zeros(n // 2 if n % 2 == 0 else n, 2 if n % 2 == 0 else 1)
+        y[::3] = 1.5
+        out = reduce_outputs(
+            y.unsqueeze(0),
+            ["out"],
+            constant=_constant,
+            index=_index,
+            unit=1,
+            counts_buffer=lambda need: asked.append(need) or torch.empty(max(need, _COUNT_CHUNK)),
+        )
+        ref = y.double().numpy()
+        assert int(out.fields["out"][2]) == np.count_nonzero(ref)
+        assert (out.units[0] != 0).tolist() == (ref != 0).any(axis=0).tolist()
+    assert len(asked) == 1  # the call of HELD_NUMEL + 1 entries only

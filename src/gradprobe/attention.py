@@ -34,7 +34,15 @@ Hugging Face and others use); a row whose every entry is masked that way is left
 too, though SDPA spreads it uniformly over all keys.
 
 Everything stays a tensor (no ``.item()``, no Python branch on a device value); half
-inputs are computed in float32, float64 in float64.
+inputs are computed in float32, float64 in float64. On a GPU the float32 matmul follows the
+user's TF32 setting (``torch.backends.cuda.matmul.allow_tf32``,
+``torch.set_float32_matmul_precision``): with TF32 on, the logits carry ~1e-3 relative
+error. The flags are global and the user's: never flipped here. Logits are formed a slice
+of sequences, heads and rows at a time (:func:`slice_plan`): at most ``_LOGITS`` alive.
+
+The minimum entropy is over the sampled rows: for a causal head with ``rows < L`` the
+first sampled row is about ``L / (2·rows)``, not row 0 (entropy 0), so it depends on
+``L / rows`` (row 0 is not forced in: a causal minimum would be 0 by construction).
 """
 
 from __future__ import annotations
@@ -50,6 +58,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from .kinds import module_kind
+
 __all__ = [
     "BATCH",
     "ROWS",
@@ -58,13 +68,14 @@ __all__ = [
     "attention_stats",
     "fast_path_at_risk",
     "no_autocast",
+    "slice_plan",
     "strata",
     "summarise",
 ]
 
 ROWS = 32  # query rows per head and sequence
 BATCH = 8  # sequences per call
-_LOGITS = 1 << 22  # logits measured at once (16 MiB in float32)
+_LOGITS = 1 << 22  # logits measured at once (16 MiB in float32): see slice_plan
 
 # F.scaled_dot_product_attention is this builtin (docstring added in place).
 _SDPA = torch._C._nn.scaled_dot_product_attention
@@ -169,34 +180,83 @@ def attention_stats(
 
         b_rep, b_w = strata(n_seq, batch, dev)
         r_rep, r_w = strata(length, rows, dev)
-        # A slice of the sampled sequences at a time: at most _LOGITS logits (and as many
-        # mask entries and temporaries) alive at once, whatever H·rows·S is.
-        per = max(1, _LOGITS // (heads * r_rep.numel() * keys))
+        nb, nr = b_rep.numel(), r_rep.numel()
+        group = heads // kv_heads
+        per_seq, per_head, per_row = slice_plan(nb, heads, group, nr, keys)
         with no_autocast(dev):
-            parts = [
-                _measure(
-                    q,
-                    k,
-                    mask,
-                    lead,
-                    b_rep[i : i + per],
-                    b_w[i : i + per],
-                    r_rep,
-                    r_w,
-                    is_causal=is_causal,
-                    scale=scale,
-                    dtype=dtype,
-                )
-                for i in range(0, b_rep.numel(), per)
-            ]
-        if len(parts) == 1:
-            return parts[0]
+            by_heads = []
+            for h0, h1 in _head_slices(heads, group, per_head):
+                parts = [
+                    _measure(
+                        q,
+                        k,
+                        mask,
+                        lead,
+                        b_rep[i : i + per_seq],
+                        b_w[i : i + per_seq],
+                        r_rep[j : j + per_row],
+                        r_w[j : j + per_row],
+                        (h0, h1),
+                        is_causal=is_causal,
+                        scale=scale,
+                        dtype=dtype,
+                    )
+                    for i in range(0, nb, per_seq)
+                    for j in range(0, nr, per_row)
+                ]
+                by_heads.append(_pool(parts))
+        if len(by_heads) == 1:
+            return by_heads[0]
         return AttentionCall(
-            logit_max=torch.stack([p.logit_max for p in parts]).amax(0),
-            entropy_sum=torch.stack([p.entropy_sum for p in parts]).sum(0),
-            weight=torch.stack([p.weight for p in parts]).sum(0),
-            entropy_min=torch.stack([p.entropy_min for p in parts]).amin(0),
+            *(torch.cat([getattr(c, f) for c in by_heads]) for f in _FIELDS)  # type: ignore[arg-type]
         )
+
+
+_FIELDS = ("logit_max", "entropy_sum", "weight", "entropy_min")
+
+
+def _pool(parts: list[AttentionCall]) -> AttentionCall:
+    """Slices of the same heads (other sequences or rows) as one measurement."""
+    if len(parts) == 1:
+        return parts[0]
+    return AttentionCall(
+        logit_max=torch.stack([p.logit_max for p in parts]).amax(0),
+        entropy_sum=torch.stack([p.entropy_sum for p in parts]).sum(0),
+        weight=torch.stack([p.weight for p in parts]).sum(0),
+        entropy_min=torch.stack([p.entropy_min for p in parts]).amin(0),
+    )
+
+
+def slice_plan(
+    sequences: int, heads: int, group: int, rows: int, keys: int, budget: int | None = None
+) -> tuple[int, int, int]:
+    """Sequences, query heads and query rows measured at once, so that the logits of a
+    slice (``sequences × heads × rows × keys``, and the mask entries and temporaries of
+    that shape) are at most ``budget`` (default :data:`_LOGITS`): whole sequences while
+    one fits, then whole groups of heads sharing a key head (``group``; ``enable_gqa``),
+    then heads within a group, then rows of one head. The floor is one query row of one
+    head: ``keys`` logits, when ``keys`` alone exceeds the budget."""
+    budget = _LOGITS if budget is None else budget
+    one_head = rows * keys
+    if one_head > budget:
+        return 1, 1, max(1, budget // keys)
+    if heads * one_head > budget:
+        fit = budget // one_head  # ≥ 1 head
+        return 1, fit // group * group if fit >= group else fit, rows
+    return max(1, min(sequences, budget // (heads * one_head))), heads, rows
+
+
+def _head_slices(heads: int, group: int, per: int) -> list[tuple[int, int]]:
+    """``[h0, h1)`` ranges of ``per`` heads (fewer at the end): whole groups when ``per``
+    is a multiple of ``group``, else ranges inside one group (a slice reads one key head
+    per group it covers)."""
+    if per % group == 0:
+        return [(h, min(h + per, heads)) for h in range(0, heads, per)]
+    return [
+        (h, min(h + per, g + group))
+        for g in range(0, heads, group)
+        for h in range(g, g + group, per)
+    ]
 
 
 def no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
@@ -216,29 +276,39 @@ def _measure(
     b_w: Tensor,
     r_rep: Tensor,
     r_w: Tensor,
+    head_range: tuple[int, int],
     *,
     is_causal: bool,
     scale: float | None,
     dtype: torch.dtype,
 ) -> AttentionCall:
-    """The statistics of the sampled rows ``r_rep`` of the sampled sequences ``b_rep``."""
-    heads, length, width = q.shape[-3:]
+    """The statistics of the sampled rows ``r_rep`` of the sampled sequences ``b_rep``, of
+    the query heads ``head_range`` (whole groups sharing a key head, or part of one)."""
+    all_heads, length, width = q.shape[-3:]
     kv_heads, keys = k.shape[-3], k.shape[-2]
+    group = all_heads // kv_heads
+    h0, h1 = head_range
+    heads = h1 - h0
+    kv0, kv1 = h0 // group, (h1 - 1) // group + 1  # the key heads these query heads read
     dev, d = q.device, len(lead)
     nb, nr = b_rep.numel(), r_rep.numel()
     idx = [i.view(nb, 1, 1) for i in _unravel(b_rep, lead)]
-    head_i = torch.arange(heads, device=dev).view(1, heads, 1)
+    head_i = torch.arange(h0, h1, device=dev).view(1, heads, 1)
     row_i = r_rep.view(1, 1, nr)
 
-    # The sampled query rows [nb, H, nr, E] and the keys [nb, Hk, S, E]: advanced
+    # The sampled query rows [nb, h, nr, E] and their keys [nb, kv, S, E]: advanced
     # indexing of broadcast views copies only what is selected.
-    qs = _left_pad(q, d + 3).expand(*lead, heads, length, width)
+    qs = _left_pad(q, d + 3).expand(*lead, all_heads, length, width)
     qs = qs[(*idx, head_i, row_i)].to(dtype)
-    ks = _left_pad(k, d + 3).expand(*lead, kv_heads, keys, width)
+    ks = _left_pad(k, d + 3).expand(*lead, kv_heads, keys, width)[..., kv0:kv1, :, :]
     ks = ks[tuple(i.view(nb) for i in idx)].to(dtype)
-    group = heads // kv_heads
+    # Each key head once (not repeated per query head): [nb, kv, heads/kv, nr, S]. On a
+    # GPU this float32 matmul follows the user's TF32 setting
+    # (torch.backends.cuda.matmul.allow_tf32 / torch.set_float32_matmul_precision): with
+    # TF32 on, logits carry ~1e-3 relative error. Global flags are the user's: not flipped.
     logits = torch.matmul(
-        qs.reshape(nb, kv_heads, group, nr, width), ks.unsqueeze(2).transpose(-1, -2)
+        qs.reshape(nb, kv1 - kv0, heads // (kv1 - kv0), nr, width),
+        ks.unsqueeze(2).transpose(-1, -2),
     ).reshape(nb, heads, nr, keys)
     logits = logits * (1.0 / math.sqrt(width) if scale is None else scale)
 
@@ -246,7 +316,7 @@ def _measure(
     if is_causal:  # top-left: row i sees keys 0..i
         valid = (r_rep.view(nr, 1) >= torch.arange(keys, device=dev).view(1, keys))[None, None]
     if mask is not None:
-        ms = _left_pad(mask, d + 3).expand(*lead, heads, length, keys)
+        ms = _left_pad(mask, d + 3).expand(*lead, all_heads, length, keys)
         ms = ms[(*idx, head_i, row_i)]
         if ms.dtype == torch.bool:
             valid = valid & ms
@@ -381,7 +451,12 @@ def _mha_call(args: tuple, kwargs: dict, rows: int | None, batch: int | None) ->
 
 
 _PLAIN = (Tensor, nn.Parameter)
-_FAST_PATH_TYPES = (nn.MultiheadAttention, nn.TransformerEncoderLayer)
+
+
+def _has_fast_path(m: nn.Module) -> bool:
+    """nn.MultiheadAttention (the kinds table's attention module) or a subclass, and
+    nn.TransformerEncoderLayer: the modules with a fused inference path."""
+    return module_kind(m).attention or isinstance(m, nn.TransformerEncoderLayer)
 
 
 def fast_path_at_risk(model: nn.Module) -> bool:
@@ -394,7 +469,7 @@ def fast_path_at_risk(model: nn.Module) -> bool:
     return any(
         not grad or not any(p.requires_grad for p in m.parameters())
         for m in model.modules()
-        if isinstance(m, _FAST_PATH_TYPES) and not m.training
+        if _has_fast_path(m) and not m.training
     )
 
 

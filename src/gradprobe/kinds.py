@@ -14,6 +14,22 @@ which keeps only the type's name (meta ``modules[].type``).
 Types of other libraries are known here only by name where their name misleads
 (transformers' ``Conv1D`` is a linear layer); what a module of a model's own code does
 (an RMSNorm written by hand) is read from its code by :mod:`gradprobe.architecture`.
+
+Where this table deliberately differs from the per-module tables it replaced (pinned by
+``tests/test_kinds.py::test_name_lookups_that_differ_from_the_old_tables``; the old
+tables are written out there):
+
+- A name *holding* a norm's class name is that norm for every reader: ``LlamaRMSNorm``,
+  apex's ``FusedRMSNormAffine`` (rms), ``T5LayerNorm`` (layer). The diagnosis's selectors
+  matched prefixes only and missed them; the remedies' profile already matched
+  substrings. So does a fused ``LayerNormLinear`` (Transformer Engine), read as a norm as
+  both old rules read it.
+- ``InstanceNorm*`` and ``LocalResponseNorm`` are norms (families ``instance``, ``local``)
+  for the profile too, which knew neither; the architecture knew no ``LocalResponseNorm``.
+  :data:`NORM_FAMILIES` gives both their token.
+- transformers' ``Conv1D`` (GPT-2's linear layer) is layout ``"last"`` and no convolution;
+  the selectors' ``Conv`` prefix rule made it a channel layer.
+- A type torch names without the old prefix (``LazyBatchNorm1d``) is what its type is.
 """
 
 from __future__ import annotations

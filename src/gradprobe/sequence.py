@@ -26,6 +26,7 @@ recurrent part). These functions take whichever tensor the engine hands them.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .attention import no_autocast, strata
+from .reduce import accumulation_dtype
 
 __all__ = [
     "POSITIONS",
@@ -45,7 +47,7 @@ __all__ = [
 ]
 
 POSITIONS = 32  # positions per sequence for token_cosine
-_CHUNK = 1 << 22  # logits upcast at a time by logit_stats (16 MiB in float32)
+_CHUNK = 1 << 22  # entries upcast at a time by logit_stats, time_sq_norms (16 MiB in float32)
 
 
 def _wide(dtype: torch.dtype) -> torch.dtype:
@@ -72,7 +74,8 @@ def token_cosine(
         y = y.movedim(time_dim, -2)
         steps, width = y.shape[-2], y.shape[-1]
         idx, _ = strata(steps, positions, y.device) if steps else (y.new_zeros(0).long(), None)
-        s = y.index_select(-2, idx).reshape(-1, idx.numel(), width).to(_wide(y.dtype))
+        sequences = math.prod(y.shape[:-2])  # from the shape: a -1 is ambiguous when T = 0
+        s = y.index_select(-2, idx).reshape(sequences, idx.numel(), width).to(_wide(y.dtype))
         norm = torch.linalg.vector_norm(s, dim=-1, keepdim=True)
         nonzero = norm > 0
         unit = s / norm.where(nonzero, 1.0)
@@ -96,8 +99,8 @@ def logit_stats(
     with torch.no_grad():
         x = logits.detach().movedim(class_dim, -1)
         classes = x.shape[-1]
-        x = x.reshape(-1, classes)
-        rows = x.shape[0]
+        rows = math.prod(x.shape[:-1])  # from the shape: a -1 is ambiguous when V = 0
+        x = x.reshape(rows, classes)
         dtype = _wide(x.dtype)
         top = (
             x.amax().to(dtype)
@@ -106,20 +109,43 @@ def logit_stats(
         )
         per = max(1, chunk // max(classes, 1))
         total = torch.zeros((), dtype=dtype, device=x.device)
-        for start in range(0, rows, per):  # host ints from the shape: no sync
+        # host ints from the shape: no sync. No classes: no logsumexp (count 0, a gap)
+        for start in range(0, rows if classes else 0, per):
             total = total + torch.logsumexp(x[start : start + per].to(dtype), dim=-1).sum()
         # made on the device: a host tensor copied there would make the host wait
         return top, total, torch.full((), rows if classes else 0, device=x.device)
 
 
-def time_sq_norms(grad: Tensor, *, time_dim: int = 1) -> Tensor:
+def time_sq_norms(grad: Tensor, *, time_dim: int = 1, chunk: int = _CHUNK) -> Tensor:
     """``‖grad[:, t]‖²`` per time step ``[T]``: the sum of squares over every dimension but
     ``time_dim`` (1 for ``[N, T, F]``, batch_first; 0 for ``[T, N, F]`` or ``[T, F]``).
-    Squares add over micro-batches (:func:`fold_time`); :func:`error_time` takes the root."""
+    Squares add over micro-batches (:func:`fold_time`); :func:`error_time` takes the root.
+
+    Accumulated in float64 (:func:`gradprobe.reduce.accumulation_dtype`), about ``chunk``
+    entries upcast at a time: a float32 square underflows below ~1e-19 and overflows above
+    ~1.8e19, which is where a vanishing or exploding error signal lives. A device without
+    float64 (MPS) accumulates float32 squares of each step's entries divided by the step's
+    largest ``|entry|``, then multiplies back: no entry's square underflows next to the
+    largest, but the squared norm itself is float32 there (0 or Inf outside ~1e-38..3e38).
+    ``T = 0``: an empty ``[0]``."""
     with torch.no_grad():
         g = grad.detach()
-        g = g.movedim(time_dim, 0).reshape(g.shape[time_dim], -1).to(_wide(g.dtype))
-        return g.square().sum(dim=1)
+        time_dim = time_dim % max(g.dim(), 1)
+        steps = g.shape[time_dim]
+        g = g.movedim(time_dim, 0).reshape(steps, math.prod(g.shape) // max(steps, 1))
+        acc = torch.promote_types(g.dtype, accumulation_dtype(g.device))
+        per = max(1, chunk // max(g.shape[1], 1))
+        parts = [_sq_norms(g[start : start + per], acc) for start in range(0, steps, per)]
+        return torch.cat(parts) if parts else g.new_zeros(0, dtype=acc)
+
+
+def _sq_norms(rows: Tensor, acc: torch.dtype) -> Tensor:
+    """Each row's sum of squares in ``acc`` (scaled by its largest |entry| if float32)."""
+    if acc == torch.float64:
+        return rows.to(acc).square().sum(dim=1)
+    top = rows.abs().amax(dim=1, keepdim=True).to(acc)  # [rows, 1]; 0 for an empty row
+    top = top.where((top > 0) & torch.isfinite(top), 1.0)  # NaN/Inf: left to the sum
+    return (rows.to(acc) / top).square().sum(dim=1) * top.squeeze(1).square()
 
 
 def fold_time(sq_norms: Sequence[Tensor]) -> Tensor:
@@ -136,7 +162,12 @@ def error_time(sq_norms: Tensor) -> dict[str, Tensor]:
     norm is positive and finite. 0-d tensors; NaN where undefined (no steps; fewer than two
     usable steps for the slope)."""
     with torch.no_grad():
-        norms = sq_norms.detach().sqrt()
+        return _error_time(sq_norms.detach().sqrt())
+
+
+def _error_time(norms: Tensor) -> dict[str, Tensor]:
+    """:func:`error_time` from the norms themselves (no square to under- or overflow)."""
+    with torch.no_grad():
         steps = norms.numel()
         quarter = max(1, steps // 4)
         t = torch.arange(steps, dtype=norms.dtype, device=norms.device)
@@ -157,6 +188,9 @@ def error_time(sq_norms: Tensor) -> dict[str, Tensor]:
 def error_time_from_calls(norms: Sequence[Tensor]) -> dict[str, Tensor]:
     """:func:`error_time` for a cell loop: ``norms[t]`` is the error norm ``‖dL/dh‖`` of the
     cell's ``t``-th call of the step (forward call order; backward visits them in reverse,
-    so the engine keeps each call's index), each a 0-d tensor (or one per call)."""
+    so the engine keeps each call's index), each a 0-d tensor (or one per call). The
+    norms are not squared (a float32 square of 1e-20 is 0, of 1e20 Inf): the statistics
+    are taken from them in their own dtype, float32 at least."""
     with torch.no_grad():
-        return error_time(torch.stack([n.detach().reshape(()) for n in norms]).square())
+        stacked = torch.stack([n.detach().reshape(()) for n in norms])
+        return _error_time(stacked.to(_wide(stacked.dtype)))

@@ -18,9 +18,11 @@ constants are the caller's (the Probe counts their memory): passed in as callabl
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 import torch
 from torch import Tensor
@@ -39,12 +41,14 @@ from .stats import FOLDS, MEASURES, SAT_THRESHOLD
 
 __all__ = [
     "ERROR_FIELDS",
+    "HELD_NUMEL",
     "OUTPUT_FIELDS",
     "Outputs",
     "activity",
     "nonfinite",
     "reduce_errors",
     "reduce_outputs",
+    "saturation_edges",
     "site_fields",
     "sum_dtype",
 ]
@@ -77,8 +81,60 @@ ERROR_FIELDS: dict[str, Callable[[_Signals], Tensor]] = {
     "nonfinite": lambda s: s.nonfinite,
 }
 
-_TANH_BOUND = math.sqrt(1.0 - SAT_THRESHOLD)  # tanh: f' = 1 − y² < 1% where |y| > √0.99
-_SIGMOID_BOUND = math.sqrt(0.25 - SAT_THRESHOLD * 0.25)  # f' = y(1 − y) < 1% of ¼
+# Saturation: f'(z) below SAT_THRESHOLD of its largest value, read from y = f(z).
+# tanh: f' = 1 − y² < 1% where y² > 0.99; sigmoid: f' = y(1 − y) < 1% of ¼.
+_SAT = Fraction(repr(SAT_THRESHOLD))  # 1/100 exactly, not the binary 0.01
+
+
+def _tanh_saturated(v: Fraction) -> bool:
+    return v * v > 1 - _SAT
+
+
+def _sigmoid_saturated(v: Fraction) -> bool:
+    return v * (1 - v) < _SAT / 4
+
+
+def _neighbour(x: Tensor, up: bool) -> Tensor:
+    """The next value of a positive finite 0-d ``x`` in its dtype, up or down: its bits as
+    an integer ± 1 (IEEE formats order positive values as their bits)."""
+    bits = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()]
+    return (x.view(bits) + (1 if up else -1)).view(x.dtype)
+
+
+def _edge(
+    dtype: torch.dtype, approx: float, saturated: Callable[[Fraction], bool], up: bool
+) -> float:
+    """The first value of ``dtype`` from which, going ``up`` (or down), every value is
+    ``saturated`` (decided in exact rational arithmetic): found from the float64
+    ``approx`` of the real bound, a step or two at most. ``saturated`` must be monotone
+    there."""
+    t = torch.tensor(approx, dtype=torch.float64).to(dtype)
+    while saturated(Fraction(float(_neighbour(t, not up)))):
+        t = _neighbour(t, not up)
+    while not saturated(Fraction(float(t))):
+        t = _neighbour(t, up)
+    return float(t)
+
+
+@functools.cache  # a pure function of the dtype: four entries
+def saturation_edges(dtype: torch.dtype) -> tuple[float, float, float]:
+    """``(tanh, sigmoid_low, sigmoid_high)`` for outputs of ``dtype``: a tanh output is
+    saturated iff ``|y| ≥ tanh``, a sigmoid output iff ``y ≤ sigmoid_low`` or
+    ``y ≥ sigmoid_high``. Each edge is a value of ``dtype`` itself (the saturated one
+    nearest the real bound), so comparing ``y`` with it rounds nothing, and no value of
+    ``dtype`` lies between the edge and the real bound (√0.99 and ½ ± √0.2475 are
+    irrational; every value past the edge is saturated, every value before it is not):
+    the comparison in ``y``'s dtype is exact, with no float32 copy of ``y``. The bound
+    rounded to nearest instead (as a Python float compared with a bfloat16 tensor is) is
+    0.99609375 in bfloat16, not √0.99 = 0.99499: ~9 % of a saturated bfloat16 tanh MLP's
+    entries uncounted."""
+    tanh = math.sqrt(1.0 - SAT_THRESHOLD)
+    sigmoid = math.sqrt(0.25 - SAT_THRESHOLD * 0.25)
+    return (
+        _edge(dtype, tanh, _tanh_saturated, up=True),
+        _edge(dtype, 0.5 - sigmoid, _sigmoid_saturated, up=False),
+        _edge(dtype, 0.5 + sigmoid, _sigmoid_saturated, up=True),
+    )
 
 
 def sum_dtype(t: Tensor) -> torch.dtype | None:
@@ -227,7 +283,7 @@ def reduce_outputs(
         and need_nonzero
         and k == 1
         and counts_buffer is not None
-        and n >= _COUNTED_FROM
+        and n > HELD_NUMEL
         and device.type == "cpu"
         and stack.is_contiguous()
     )
@@ -243,7 +299,8 @@ def reduce_outputs(
     if sigmoid:  # f' = y(1 − y): its sum from y's sum and norm; saturated where |y − ½| is large
         y = _rows(stack, sigmoid, index)
         gate_sum = _rows(s.total, sigmoid, index) - _squares(_rows(s.norms, sigmoid, index))
-        saturated = per_call(torch.count_nonzero, (y - 0.5).abs() > _SIGMOID_BOUND)
+        _, low, high = saturation_edges(stack.dtype)  # exact in y's dtype (see there)
+        saturated = per_call(torch.count_nonzero, (y <= low).logical_or_(y >= high))
         out.gates.append(("sigmoid", sigmoid, gate_sum, saturated))
     if counts:
         assert counts_buffer is not None
@@ -262,16 +319,19 @@ def reduce_outputs(
     # -- what reads |y|: in place on an owned stack (its values are not read again)
     if magnitudes:
         mags = stack.abs_() if owned else stack.abs()
-        if tanh:  # f' = 1 − y²: its sum from the norm; saturated where |y| > √0.99
+        if tanh:  # f' = 1 − y²: its sum from the norm; saturated where y² > 0.99
             y = _rows(mags, tanh, index)
+            edge = saturation_edges(stack.dtype)[0]  # exact in y's dtype (see there)
             if compare is not None:
                 # Compared into a float buffer, then summed: a per-row sum of a bool
                 # tensor (to int64) ran ~8× dearer on the bench MLP (1.7 vs 0.2 ms).
+                # Summed in float32 for half precision: a bfloat16 sum of ones stops
+                # counting at 256 (float16 at 2048).
                 over = compare(y)
-                torch.gt(y, _TANH_BOUND, out=over)
-                saturated = per_call(torch.sum, over)
+                torch.ge(y, edge, out=over)
+                saturated = per_call(torch.sum, over, dtype=sum_dtype(over))
             else:
-                saturated = per_call(torch.count_nonzero, y > _TANH_BOUND)
+                saturated = per_call(torch.count_nonzero, y >= edge)
             gate_sum = n - _squares(_rows(s.norms, tanh, index))
             out.gates.insert(0, ("tanh", tanh, gate_sum, saturated))
         if unit >= 0 and owned:  # over |y|: one reading pass (a max), where y needed two
@@ -312,8 +372,11 @@ def _squares(norms: Tensor) -> Tensor:
     return norms.to(accumulation_dtype(norms.device)) ** 2
 
 
-# Outputs of at least this many entries, alone on a CPU, count their units in one pass.
-_COUNTED_FROM = 1 << 16
+# An output of more than this many entries is reduced alone, in its hook, and on a CPU
+# counts its units in one pass; one of at most this many is held and stacked with the
+# forward's others of its shape. One number for both: Capture._HELD_NUMEL is meant to be
+# this constant (``_HELD_NUMEL = sites.HELD_NUMEL``), not a copy of it.
+HELD_NUMEL = 1 << 16
 
 
 # ------------------------------------------------------------------ the error signals
