@@ -378,11 +378,11 @@ def test_saturated_counts_past_half_precision_integers(dtype):
 def test_one_size_splits_held_outputs_from_those_reduced_alone() -> None:
     """The Probe holds outputs of at most HELD_NUMEL entries to stack them, and the site
     reducer counts units in one pass only past it: one number, not two copies that drift
-    (Capture._HELD_NUMEL is to be sites.HELD_NUMEL itself)."""
-    from gradprobe.capture import Capture
+    (recording.kept.HELD_NUMEL is sites.HELD_NUMEL itself)."""
+    from gradprobe.recording import kept
     from gradprobe.sites import HELD_NUMEL
 
-    assert Capture._HELD_NUMEL == HELD_NUMEL
+    assert kept.HELD_NUMEL is HELD_NUMEL
     # Past it, a call alone on a CPU takes the one-pass counts (the buffer is asked for);
     # at it, the held path's activity: the same units and counts either way, as numpy's.
     asked = []

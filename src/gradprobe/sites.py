@@ -374,8 +374,8 @@ def _squares(norms: Tensor) -> Tensor:
 
 # An output of more than this many entries is reduced alone, in its hook, and on a CPU
 # counts its units in one pass; one of at most this many is held and stacked with the
-# forward's others of its shape. One number for both: Capture._HELD_NUMEL is meant to be
-# this constant (``_HELD_NUMEL = sites.HELD_NUMEL``), not a copy of it.
+# forward's others of its shape. One number for both: recording/kept.py imports this
+# constant as its HELD_NUMEL, not a copy of it.
 HELD_NUMEL = 1 << 16
 
 

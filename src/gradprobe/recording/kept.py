@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from ..reduce import _COUNT_CHUNK
+from ..sites import HELD_NUMEL
 from .context import Context
 
 __all__ = ["HELD_NUMEL", "HELD_NUMEL_TOTAL", "Kept"]
@@ -22,8 +23,8 @@ __all__ = ["HELD_NUMEL", "HELD_NUMEL_TOTAL", "Kept"]
 # forward (of the backward), and are reduced there, shape by shape, a few ops for all of
 # them (bench/: on a 12×256 MLP the per-module ops, not their size, were the cost). They
 # are held, not copied; a hold is checked against the tensor's version counter before it
-# is read. Read at each call (tests make them small).
-HELD_NUMEL = 1 << 16
+# is read. Read at each call (tests make them small). HELD_NUMEL is sites.HELD_NUMEL: one
+# size for what is held and for what the site reducer counts in one pass.
 HELD_NUMEL_TOTAL = 1 << 24  # 64 MiB of float32 at most: then reduce what is held
 
 
