@@ -152,6 +152,9 @@ class _Kept:
         return [(nodes[i], hits) for i, hits in self.readers]
 
 
+_UNSEEN: Any = object()  # a signature not met yet
+
+
 class WalkCache:
     """One module's kept graph walks, by signature (see the module's docstring).
 
@@ -162,6 +165,7 @@ class WalkCache:
     __slots__ = ("hits", "kept", "walks")
 
     def __init__(self) -> None:
+        # None: the signature's walk is no dearer than following a kept one
         self.kept: dict[tuple[type, int, int], _Kept | None] = {}
         self.walks = 0
         self.hits = 0
@@ -175,14 +179,18 @@ class WalkCache:
             return _walk(root, edge)[0]
         top = root._sequence_nr()
         key = (type(root), edge.output_nr, top - edge.sequence_nr)
-        kept = self.kept.get(key)
-        if kept is not None and kept.uses < REWALK_EVERY:
-            found = kept.follow(root, top, edge.sequence_nr)
-            if found is not False:
-                kept.uses += 1
-                self.hits += 1
-                return found
-        self.walks += 1
+        kept = self.kept.get(key, _UNSEEN)
+        self.walks += kept is None or kept is _UNSEEN
+        if kept is None:  # a walk as cheap as its check: walk, keep nothing
+            return _walk(root, edge)[0]
+        if kept is not _UNSEEN:
+            if kept.uses < REWALK_EVERY:
+                found = kept.follow(root, top, edge.sequence_nr)
+                if found is not False:
+                    kept.uses += 1
+                    self.hits += 1
+                    return found
+            self.walks += 1
         found, kept = _walk(root, edge, top)
         if len(self.kept) >= MAX_SIGNATURES and key not in self.kept:
             self.kept.pop(next(iter(self.kept)))
