@@ -9,7 +9,8 @@ Cases (CPU; AdamW, lr 1e-4; under a Probe the loss is logged with ``probe.log(lo
 * ``mlp``: the 12×256 tanh MLP of bench/overhead.py, batch 128, cross-entropy;
 * ``mlp1024``: the same 12 layers 1024 wide.
 
-Tables (``--tables``, all three by default):
+Tables (``--tables``: modes, stats and memory by default; ``floors``: the floor columns of
+stats alone, without training):
 
 * **modes**: plain; plain + one ``torch._foreach_norm`` over the gradients (the floor of
   any per-step statistic); ``Probe(model, opt)`` (the default cadence: its twin is first
@@ -216,10 +217,13 @@ def steady_cadence() -> int:
         from gradprobe import step as step_module
     except ImportError:
         return 0
-    first = int(getattr(step_module, "AUTO_FIRST", 0))
+    first = _AUTO_FIRST.setdefault("first", int(getattr(step_module, "AUTO_FIRST", 0)))
     if first > 1:
         step_module.AUTO_FIRST = 1  # step 0 is recorded, in the untimed warm steps
     return first
+
+
+_AUTO_FIRST: dict[str, int] = {}  # the library's value, before steady_cadence() set it
 
 
 def modes_table(case: Case, steps: int, warm: int, from_start: bool) -> list[str]:
@@ -322,10 +326,31 @@ def _norms(shapes: list[torch.Size]) -> Callable[[], Any]:
     return lambda: torch._foreach_norm(tensors) if tensors else None
 
 
+ZERO_CHUNK = 1 << 18  # entries compared with 0 at a time into a float32 buffer
+
+
+def _chunks(shape: torch.Size) -> int:
+    return -(-shape.numel() // ZERO_CHUNK)
+
+
 def _outputs(shapes: list[torch.Size]) -> Callable[[], Any]:
-    tensors = [torch.randn(s) for s in shapes]
-    # (t == 0).sum(): count_nonzero branches per entry on CPU (bench/RESULTS.md, issue 12)
-    return lambda: [(torch.var_mean(t), (t == 0).sum()) for t in tensors]
+    """Sum and L2 norm (mean and std), and the zero count: compared with 0 into a float32
+    buffer a chunk at a time and summed (on a CPU, ``var_mean``, ``count_nonzero`` and
+    a bool ``(t == 0).sum()`` each cost 20-40× a sum on GPT-2's logits)."""
+    tensors = [torch.randn(s).reshape(-1) for s in shapes]
+    buffer = torch.empty(ZERO_CHUNK)
+
+    def run() -> Any:
+        out = []
+        for t in tensors:
+            zeros = 0.0
+            for start in range(0, t.numel(), ZERO_CHUNK):
+                chunk = t[start : start + ZERO_CHUNK]
+                zeros = torch.eq(chunk, 0, out=buffer[: chunk.numel()]).sum() + zeros
+            out.append((t.sum(), torch.linalg.vector_norm(t), zeros))
+        return out
+
+    return run
 
 
 def _absmax(shapes: list[torch.Size]) -> Callable[[], Any]:
@@ -340,13 +365,15 @@ def _units(shapes: list[torch.Size]) -> Callable[[], Any]:
 
 
 def _gates(shapes: list[torch.Size]) -> Callable[[], Any]:
-    tensors = [torch.randn(s) for s in shapes]
+    """tanh's f' = 1 − y² from its output y (the bench's activations are tanh): y², then
+    the saturated count (y² > 0.99) and the mean (gate_mean = 1 − mean y²)."""
+    tensors = [torch.rand(s) * 2 - 1 for s in shapes]
 
     def run() -> Any:
         out = []
-        for z in tensors:
-            g = 1 - torch.tanh(z).square()  # f'(z) of tanh: 3 element-wise kernels
-            out.append((torch.count_nonzero(g < 0.01), g.mean()))
+        for y in tensors:
+            square = y.square()
+            out.append(((square > 0.99).sum(), 1 - square.mean()))
         return out
 
     return run
@@ -355,11 +382,14 @@ def _gates(shapes: list[torch.Size]) -> Callable[[], Any]:
 def _update(shapes: list[torch.Size]) -> Callable[[], Any]:
     params = [torch.randn(s) for s in shapes]
     snapshot = [torch.empty(s) for s in shapes]
+    diff = [torch.empty(s) for s in shapes]  # kept, as a snapshot is: no allocation per step
 
     def run() -> Any:
         torch._foreach_copy_(snapshot, params)
         before = torch._foreach_norm(snapshot)
-        return before, torch._foreach_norm(torch._foreach_sub(params, snapshot))
+        torch._foreach_copy_(diff, params)
+        torch._foreach_sub_(diff, snapshot)
+        return before, torch._foreach_norm(diff)
 
     return run
 
@@ -370,7 +400,8 @@ def _update(shapes: list[torch.Size]) -> Callable[[], Any]:
 @dataclass(frozen=True)
 class Floor:
     reads: tuple[tuple[str, int], ...]  # (Sizes field or "grads", times read)
-    kernels: tuple[tuple[str, int], ...]  # (Sizes field or "grads", kernels per tensor)
+    # (Sizes field or "grads", kernels per tensor: a number, or one of its shape)
+    kernels: tuple[tuple[str, int | Callable[[torch.Size], int]], ...]
     bare: Callable[[Sizes], Callable[[], Any]] | None
     # Part of the default statistics' floor (the "all" row): each tensor they read counted
     # once (the flags, the global norms and error_nonfinite come from these norms).
@@ -395,10 +426,11 @@ FLOORS: dict[str, tuple[tuple[str, ...], Floor]] = {
         ("global_grad_norm", "global_grad_norm_preclip", "clipped"),
         Floor((("grads", 1),), (("grads", 1),), lambda s: _norms(s.params)),
     ),
-    # w before (read once: copy and its norm), then w − w_before (two tensors read).
+    # w before (read once: copy and its norm), then w − w_before (two tensors read); the
+    # eager version: copy, norm, copy, subtract, norm.
     "update_ratio": (
         ("update_ratio",),
-        Floor((("params", 3),), (("params", 4),), lambda s: _update(s.params), True),
+        Floor((("params", 3),), (("params", 5),), lambda s: _update(s.params), True),
     ),
     "nonfinite (flags from the norms of grads and outputs)": (
         ("nonfinite",),
@@ -410,7 +442,12 @@ FLOORS: dict[str, tuple[tuple[str, ...], Floor]] = {
     ),
     "outputs: act_mean, act_std, zero_frac": (
         ("act_mean", "act_std", "zero_frac"),
-        Floor((("outputs", 1),), (("outputs", 3),), lambda s: _outputs(s.outputs), True),
+        Floor(
+            (("outputs", 1),),
+            (("outputs", lambda shape: 2 + 2 * _chunks(shape)),),
+            lambda s: _outputs(s.outputs),
+            True,
+        ),
     ),
     "act_absmax": (
         ("act_absmax",),
@@ -422,7 +459,7 @@ FLOORS: dict[str, tuple[tuple[str, ...], Floor]] = {
     ),
     "gate: sat_frac, gate_mean": (
         ("sat_frac", "gate_mean"),
-        Floor((("gates", 1),), (("gates", 6),), lambda s: _gates(s.gates), True),
+        Floor((("gates", 1),), (("gates", 4),), lambda s: _gates(s.gates), True),
     ),
     "error_norm": (
         ("error_norm",),
@@ -451,7 +488,11 @@ FLOORS: dict[str, tuple[tuple[str, ...], Floor]] = {
 def floor_numbers(floor: Floor, sizes: Sizes, rounds: int) -> tuple[int, int, float | None]:
     """(bytes read, eager kernels, bare thread ms) of one group on one step's sizes."""
     nbytes = sum(4 * times * s.numel() for name, times in floor.reads for s in _field(sizes, name))
-    kernels = sum(per * len(_field(sizes, name)) for name, per in floor.kernels)
+    kernels = sum(
+        per(shape) if callable(per) else per
+        for name, per in floor.kernels
+        for shape in _field(sizes, name)
+    )
     if floor.bare is None:
         return nbytes, kernels, None
     run = floor.bare(sizes)
@@ -462,6 +503,23 @@ def floor_numbers(floor: Floor, sizes: Sizes, rounds: int) -> tuple[int, int, fl
         run()
         times.append(time.thread_time() - start)
     return nbytes, kernels, p50_ms(times)
+
+
+def floors_table(case: Case, rounds: int) -> list[str]:
+    """The floor columns of the stats table alone (no training): quick on a GPT-2."""
+    sizes = step_sizes(case)
+    lines = [
+        f"{case.label}:",
+        "",
+        "| statistic(s) | floor: bytes read, MiB | floor: eager kernels "
+        "| floor: hand-written reduction, ms |",
+        "|---|---:|---:|---:|",
+    ]
+    for label, (_, floor) in FLOORS.items():
+        nbytes, kernels, bare = floor_numbers(floor, sizes, rounds)
+        cell = "" if bare is None else f"{bare:.2f}"
+        lines.append(f"| {label} | {nbytes / 2**20:.1f} | {kernels} | {cell} |")
+    return lines
 
 
 def stats_table(case: Case, steps: int, warm: int, rounds: int) -> list[str]:
@@ -587,7 +645,7 @@ def main(argv: list[str] | None = None) -> None:
     cases = [c for c in args.cases.split(",") if c]
     tables = {t for t in args.tables.split(",") if t}
     unknown = [c for c in cases if c not in CASES]
-    if unknown or not tables <= {"modes", "stats", "memory"}:
+    if unknown or not tables <= {"modes", "stats", "floors", "memory"}:
         raise SystemExit(f"every_step.py: unknown case or table: {unknown or sorted(tables)}")
     lines = [
         TITLE,
@@ -609,6 +667,10 @@ def main(argv: list[str] | None = None) -> None:
             steps = getattr(args, f"{key}_steps")
             lines += stats_table(build(key, args), steps, args.warm, args.bare_rounds)
             lines.append("")
+    if "floors" in tables:
+        lines += ["### The floor of each statistic's arithmetic alone", ""]
+        for key in cases:
+            lines += [*floors_table(build(key, args), args.bare_rounds), ""]
     if "memory" in tables:
         lines += ["### Peak memory (a fresh process per case and mode)", "", *MEMORY_HEADER]
         for key in cases:
