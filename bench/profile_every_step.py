@@ -37,7 +37,17 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is not a package
-from every_step import CASES, EVERY_1, FLOORS, PLAIN, Mode, Twin, build, probed_modules
+from every_step import (
+    CASES,
+    EVERY_1,
+    FLOORS,
+    PLAIN,
+    Mode,
+    Twin,
+    build,
+    probed_modules,
+    steady_cadence,
+)
 
 from gradprobe import Probe
 
@@ -155,7 +165,7 @@ def ops_table(case: Any, warm: int) -> list[str]:
     return lines
 
 
-def hooks_table(case: Any, steps: int, warm: int) -> list[str]:
+def hooks_table(case: Any, steps: int, warm: int, mode: Mode = EVERY_1) -> list[str]:
     """Per kind of entry point (gradprobe.hooks.Site.where): calls, inclusive thread time
     (no profiler), and under torch.profiler the aten ops launched inside it and their
     self CPU time. Python ≈ inclusive − ops."""
@@ -181,7 +191,7 @@ def hooks_table(case: Any, steps: int, warm: int) -> list[str]:
     hooks.Entry.__call__ = lambda self, *a: timed(self._site.where, original, self, *a)
     Probe.log = lambda self, **kw: timed("probe.log (the user's call)", log, self, **kw)
     try:
-        twin, plain = Twin(EVERY_1, case), Twin(PLAIN, case)
+        twin, plain = Twin(mode, case), Twin(PLAIN, case)
         for _ in range(warm):
             twin.step(timed=False)
             plain.step(timed=False)
@@ -215,7 +225,7 @@ def hooks_table(case: Any, steps: int, warm: int) -> list[str]:
         ops[parent.name[3:]][1] += event.self_cpu_time_total
     total = sum(ms for _, ms in timing.values())
     lines = [
-        f"{case.label}, every=1, default statistics: a step {step_ms:.1f} ms (thread CPU, "
+        f"{case.label}, {mode.label}: a step {step_ms:.1f} ms (thread CPU, "
         f"{steps} steps, in turns with a plain twin: {plain_ms:.1f} ms), so "
         f"{step_ms - plain_ms:+.1f} ms over plain, of which inside the Probe's entry points "
         f"{total:.1f} ms (the timing wrapper's own cost included); the rest is outside them "
@@ -254,6 +264,11 @@ def main(argv: list[str] | None = None) -> None:
         if "hooks" in parts:
             out += [f"### {key}: by entry point (thread CPU time, no profiler)", ""]
             out += [*hooks_table(copy.copy(case), steps, args.warm), ""]
+        if "hooks-cadence" in parts:  # the default cadence's steady state: sentinel steps
+            skipped = steady_cadence()
+            out += [f"### {key}: the default cadence by entry point (steady state)", ""]
+            cadence = Mode(f"default cadence, first {skipped} steps skipped", "probe", {})
+            out += [*hooks_table(copy.copy(case), steps, args.warm, cadence), ""]
         if "cprofile" in parts:
             out += [f"### {key}: cProfile (thread CPU time)", ""]
             out += [*cprofile_table(copy.copy(case), steps, args.warm), ""]
