@@ -100,3 +100,27 @@ def test_an_unknown_case_is_one_line():
     assert done.returncode != 0
     assert "Traceback" not in done.stderr
     assert "unknown case or table" in done.stderr
+
+
+def test_the_profile_script_runs_and_reports_each_part():
+    done = subprocess.run(
+        [
+            sys.executable, str(ROOT / "bench" / "profile_every_step.py"), "--cases", "mlp",
+            "--steps", "1", "--warm", "1", "--parts", "hooks,hooks-cadence,cprofile,walk,ops",
+        ],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    tables = _tables(done.stdout)
+    assert set(tables) == {
+        "mlp: by entry point (thread CPU time, no profiler)",
+        "mlp: the default cadence by entry point (steady state)",
+        "mlp: cProfile (thread CPU time)",
+        "mlp: the same, every call walking the graph",
+        "mlp: aten ops per recorded step (torch.profiler)",
+    }
+    entry_points = [row[0] for row in tables["mlp: by entry point (thread CPU time, no profiler)"]]
+    assert "forward hook" in entry_points and "probe.log (the user's call)" in entry_points
+    assert len(tables["mlp: cProfile (thread CPU time)"]) > 5
+    ops = tables["mlp: aten ops per recorded step (torch.profiler)"]
+    assert len(ops) == 15 and all(len(row) == 4 for row in ops)
