@@ -41,17 +41,8 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is not a package
-from every_step import (
-    CASES,
-    EVERY_1,
-    FLOORS,
-    PLAIN,
-    Mode,
-    Twin,
-    build,
-    probed_modules,
-    steady_cadence,
-)
+from every_step import CASES, EVERY_1, PLAIN, Mode, Twin, build, steady_cadence
+from stat_floors import FLOORS, probed_modules, step_sizes
 
 from gradprobe import Probe
 
@@ -270,8 +261,6 @@ def chunk_summed_counts(y: torch.Tensor, unit: int, buffer: torch.Tensor) -> tor
 def levers_table(case: Any, calls: int) -> list[str]:
     """Lever #1 measured on the case's own output shapes: today's unit counts against the
     chunk-summed ones (equal counts checked), thread CPU time per call."""
-    from every_step import step_sizes
-
     from gradprobe.reduce import _COUNT_CHUNK, unit_nonzero_counts
 
     buffer = torch.empty(_COUNT_CHUNK)
