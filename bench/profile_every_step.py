@@ -16,6 +16,9 @@ cases of bench/every_step.py, one thread, CPU.
   wrapped here; ``Probe.log`` too): calls and inclusive thread time per kind of entry
   point without a profiler, then one step under torch.profiler for the aten ops each
   launches and their self CPU time (wall-clock based: distorted on a loaded machine).
+* **Lever #1** (``--parts levers``): the unit counts of every output shape of the case,
+  today's ``reduce.unit_nonzero_counts`` against the chunk-summed version, equal counts
+  checked, thread CPU time per call.
 * **error_gain's graph walk**: the cProfile time of ``consumer_edges`` per step with
   the walks kept (gradprobe/traversals.py) and with every call walking.
 
@@ -27,6 +30,7 @@ from __future__ import annotations
 import argparse
 import copy
 import cProfile
+import math
 import pstats
 import sys
 import time
@@ -37,17 +41,8 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is not a package
-from every_step import (
-    CASES,
-    EVERY_1,
-    FLOORS,
-    PLAIN,
-    Mode,
-    Twin,
-    build,
-    probed_modules,
-    steady_cadence,
-)
+from every_step import CASES, EVERY_1, PLAIN, Mode, Twin, build, steady_cadence
+from stat_floors import FLOORS, probed_modules, step_sizes
 
 from gradprobe import Probe
 
@@ -244,6 +239,57 @@ def hooks_table(case: Any, steps: int, warm: int, mode: Mode = EVERY_1) -> list[
     return lines
 
 
+def chunk_summed_counts(y: torch.Tensor, unit: int, buffer: torch.Tensor) -> torch.Tensor:
+    """Lever #1 of bench/PROFILE.md: ``gradprobe.reduce.unit_nonzero_counts`` with each
+    chunk summed over its samples into a float64 accumulator (no clone, no cat, no
+    column sum of the whole tensor). Same counts, bit for bit (sums of 0/1)."""
+    shape = y.shape
+    before, units = math.prod(shape[:unit]), shape[unit]
+    after = math.prod(shape[unit + 1 :])
+    view = y.view(before, units, after)
+    rows = max(1, min(before, buffer.numel() // max(units * after, 1)))
+    scratch = buffer.view(-1)[: rows * units * after].view(rows, units, after)
+    total = torch.zeros(units, dtype=torch.float64)
+    for start in range(0, before, rows):
+        chunk = view[start : start + rows]
+        out = scratch[: chunk.shape[0]]
+        torch.ne(chunk, 0, out=out)
+        total += out.sum(dim=(0, 2), dtype=torch.float64)
+    return total
+
+
+def levers_table(case: Any, calls: int) -> list[str]:
+    """Lever #1 measured on the case's own output shapes: today's unit counts against the
+    chunk-summed ones (equal counts checked), thread CPU time per call."""
+    from gradprobe.reduce import _COUNT_CHUNK, unit_nonzero_counts
+
+    buffer = torch.empty(_COUNT_CHUNK)
+    lines = [
+        "| output shape | calls a step | unit_nonzero_counts, ms | chunk-summed, ms | equal |",
+        "|---|---:|---:|---:|---|",
+    ]
+    shapes = Counter(tuple(s) for s in step_sizes(case).outputs)
+    for shape, count in sorted(shapes.items(), key=lambda kv: -math.prod(kv[0])):
+        y = torch.randn(shape).clamp_(min=0)  # a ReLU-like output: zeros to count
+        unit = len(shape) - 1
+        times = []
+        for fn in (unit_nonzero_counts, chunk_summed_counts):
+            fn(y, unit, buffer)
+            start = time.thread_time()
+            for _ in range(calls if y.numel() < 1 << 22 else 2):
+                result = fn(y, unit, buffer)
+            times.append((time.thread_time() - start) / (calls if y.numel() < 1 << 22 else 2))
+        equal = torch.equal(
+            unit_nonzero_counts(y, unit, buffer), chunk_summed_counts(y, unit, buffer)
+        )
+        lines.append(
+            f"| {list(shape)} | {count} | {times[0] * 1e3:.2f} | {times[1] * 1e3:.2f} "
+            f"| {'yes' if equal else 'NO'} |"
+        )
+        del result
+    return lines
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cases", default="mlp,gpt2")
@@ -269,6 +315,9 @@ def main(argv: list[str] | None = None) -> None:
             out += [f"### {key}: the default cadence by entry point (steady state)", ""]
             cadence = Mode(f"default cadence, first {skipped} steps skipped", "probe", {})
             out += [*hooks_table(copy.copy(case), steps, args.warm, cadence), ""]
+        if "levers" in parts:
+            out += [f"### {key}: unit counts, today's and chunk-summed (lever #1)", ""]
+            out += [*levers_table(case, 20), ""]
         if "cprofile" in parts:
             out += [f"### {key}: cProfile (thread CPU time)", ""]
             out += [*cprofile_table(copy.copy(case), steps, args.warm), ""]

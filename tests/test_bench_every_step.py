@@ -106,7 +106,7 @@ def test_the_profile_script_runs_and_reports_each_part():
     done = subprocess.run(
         [
             sys.executable, str(ROOT / "bench" / "profile_every_step.py"), "--cases", "mlp",
-            "--steps", "1", "--warm", "1", "--parts", "hooks,hooks-cadence,cprofile,walk,ops",
+            "--steps", "1", "--warm", "1", "--parts", "hooks,hooks-cadence,levers,cprofile,walk,ops",
         ],
         capture_output=True, text=True, timeout=900,
     )  # fmt: skip
@@ -118,7 +118,13 @@ def test_the_profile_script_runs_and_reports_each_part():
         "mlp: cProfile (thread CPU time)",
         "mlp: the same, every call walking the graph",
         "mlp: aten ops per recorded step (torch.profiler)",
+        "mlp: unit counts, today's and chunk-summed (lever #1)",
     }
+    # the proposed unit counts equal today's on every output shape
+    assert [row[-1] for row in tables["mlp: unit counts, today's and chunk-summed (lever #1)"]] == [
+        "yes",
+        "yes",
+    ]
     entry_points = [row[0] for row in tables["mlp: by entry point (thread CPU time, no profiler)"]]
     assert "forward hook" in entry_points and "probe.log (the user's call)" in entry_points
     assert len(tables["mlp: cProfile (thread CPU time)"]) > 5
