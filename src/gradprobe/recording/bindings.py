@@ -57,11 +57,7 @@ def choose_modules(
     error (at construction; when following a changed model it is just not there)."""
     named = list(model.named_modules())
     if selection is None:
-        chosen = [
-            (n, m)
-            for n, m in named
-            if not any(True for _ in m.children()) or any(True for _ in m.parameters(recurse=False))
-        ]
+        chosen = [(n, m) for n, m in named if _chosen_by_default(m)]
     elif callable(selection):
         chosen = [(n, m) for n, m in named if selection(n, m)]
     else:
@@ -74,6 +70,17 @@ def choose_modules(
             )
         chosen = [(n, m) for n, m in named if n in set(wanted)]
     return chosen
+
+
+def _chosen_by_default(module: nn.Module) -> bool:
+    """Every leaf, every module with parameters of its own, and every attention module
+    (class name ``…Attention``: GPT2Attention, LlamaAttention, nanoGPT's
+    CausalSelfAttention), whose attention calls are attributed to it (recording/attn.py)."""
+    return (
+        not any(True for _ in module.children())
+        or any(True for _ in module.parameters(recurse=False))
+        or type(module).__name__.endswith("Attention")
+    )
 
 
 def make_slot(i: int, name: str, module: nn.Module) -> Slot:
