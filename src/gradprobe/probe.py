@@ -76,7 +76,6 @@ from torch import Tensor, nn
 from .buffer import StepBuffer
 from .errors import GradprobeError
 from .finding import Finding
-from .recording.attn import AttentionCapture
 from .recording.bindings import ModuleFilter, select_modules, trainable_parameters
 from .recording.clock import AUTO_BURST, AUTO_EVERY, AUTO_FIRST, StepClock, auto_cadence
 from .recording.context import Context
@@ -277,8 +276,6 @@ class Probe:
             note_time=ctx.progress.note_time,
         )
         self._passes = Passes(ctx, self._follow)
-        # Attention statistics (issue 25): the watch around a recorded pass.
-        self._attention = AttentionCapture(ctx)
         self._hookup = Hookup(
             ctx,
             inner,
@@ -289,7 +286,6 @@ class Probe:
             scaler=self._scaler,
             step=self._step,
             clock=self._clock,
-            attention=self._attention,
         )
         ctx.meta = describe(ctx, inner, self._settings(), label, config)
         if optimizer is not None:
@@ -416,7 +412,6 @@ class Probe:
         self._scaler.poll()  # a last step the scaler skipped
         ctx.closed = True
         self._hookup.remove()
-        ctx.guard(self._attention.stop, "close (attention)")
         self._finalizer.detach()
         self._rows.flush(final=True)  # never raises
         if ctx.store is not None:

@@ -26,6 +26,7 @@ nothing for the step.
 from __future__ import annotations
 
 from collections import defaultdict
+
 import torch
 from torch import Tensor, nn
 
@@ -45,9 +46,7 @@ class AttentionCapture:
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
         self.wanted = ctx.plan.attention
-        self._heads = any(
-            STATISTICS[s].heads is not None for s in ctx.stats if s in STATISTICS
-        )
+        self._heads = any(STATISTICS[s].heads is not None for s in ctx.stats if s in STATISTICS)
         self._watch: AttentionWatch | None = None
         self._stack: list[int] = []  # probed modules running, innermost last
         self._by_name: dict[str, int] = {}
@@ -158,4 +157,3 @@ class AttentionCapture:
 
 def _or_neg_inf(value: Tensor) -> Tensor:
     return torch.where(value.isnan(), -torch.inf, value)
-

@@ -27,6 +27,7 @@ from ..hooks import GradprobeWarning, HookSet, Site, warn_gap, warn_once
 from ..recurrent import carry_slots, record_carry
 from ..stats import STATISTICS
 from ..traversals import GAP_BOTH_SIDES, GAP_INPUT_SIDE
+from .attn import AttentionCapture
 from .context import Context, inside_backward
 from .optstep import STEP_POST_SITE, STEP_PRE_SITE, step_post_hook, step_pre_hook
 from .passes import RECOMPUTE, RECORD
@@ -136,8 +137,8 @@ def _remove_all(*hooksets: HookSet) -> None:
 class Hookup:
     """The hooks, and where each entry point's work goes. The routes (public: the entry
     points read them): ``passes``, ``capture`` (forward), ``errors`` (error signals),
-    ``params``, ``scaler``, ``step`` (the optimizer step), ``attention`` (the watch
-    around a pass, the probed-module stack); ``clock`` closes a step whose
+    ``params``, ``scaler``, ``step`` (the optimizer step); ``attention`` (made here: the
+    watch around a pass, the probed-module stack); ``clock`` closes a step whose
     close failed."""
 
     def __init__(self, ctx: Context, model: nn.Module, **routes: Any) -> None:
@@ -148,7 +149,8 @@ class Hookup:
         self.params = routes["params"]
         self.scaler = routes["scaler"]
         self.step = routes["step"]
-        self.attention = routes["attention"]
+        # The attention watch is entered and fed by these entry points only: made here.
+        self.attention = AttentionCapture(ctx)
         self._clock = routes["clock"]
         ctx.owner_ref = weakref.ref(self)
         self._hooks = HookSet()
@@ -285,6 +287,7 @@ class Hookup:
         guard = self.ctx.guard
         guard(self._hooks.remove, "close (removing hooks)")
         guard(self._step_hooks.remove, "close (removing hooks)")
+        guard(self.attention.stop, "close (attention)")
         self._step_hooks_on = False
 
     # ------------------------------------------------------------ the guard

@@ -139,9 +139,7 @@ def _head_rows(
     stat column, as ``lr/<i>`` and ``hist_<b>``): ``{stat/h: (steps, name codes, values)}``.
     NaN (nothing measured for that head) is a gap: no row."""
     per_head = [(n, STATISTICS[n].heads) for n in wanted if STATISTICS[n].heads is not None]
-    cells: dict[str, tuple[list[int], list[int], list[float]]] = defaultdict(
-        lambda: ([], [], [])
-    )
+    cells: dict[str, tuple[list[int], list[int], list[float]]] = defaultdict(lambda: ([], [], []))
     for (row, slot), table in d.heads.items():
         if module_gap[row, slot]:
             continue
