@@ -28,7 +28,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from ..attention import AttentionCall, AttentionWatch, fast_path_at_risk, summarise
 from ..hooks import warn_gap, warn_once
@@ -144,9 +144,13 @@ class AttentionCapture:
         out = summarise(calls)
         weight = torch.stack([c.weight.sum() for c in calls]).sum()
         total = torch.stack([c.entropy_sum.sum() for c in calls]).sum()
-        # NaN (nothing measured) must not reach a max fold or a max over ranks.
-        top = _or_neg_inf(out["attn_logit_max"])
-        floor = _or_neg_inf(-out["attn_entropy_min"])
+        # NaN must not reach a max fold or a max over ranks: where nothing was measured it
+        # is -inf (left out by the weight's mask); a NaN logit of measured rows (the model
+        # diverged) is +inf, non-finite as it was.
+        measured = weight > 0
+        top = out["attn_logit_max"]
+        top = torch.where(measured, torch.where(top.isnan(), torch.inf, top), -torch.inf)
+        floor = torch.where(measured, -out["attn_entropy_min"], -torch.inf)
         device = weight.device
         buffer = self.ctx.buffer
         buffer.record("attn", k, device, len(calls), top, total, weight, floor)
@@ -154,6 +158,3 @@ class AttentionCapture:
             table = torch.stack([out[name] for name in _HEAD_STATS])
             buffer.record_heads(k, device, table)
 
-
-def _or_neg_inf(value: Tensor) -> Tensor:
-    return torch.where(value.isnan(), -torch.inf, value)
