@@ -100,7 +100,10 @@ class Block(nn.Module):
     def __init__(self, d: int = 32) -> None:
         super().__init__()
         self.ln1, self.attn = nn.LayerNorm(d), CausalSelfAttention(d)
-        self.ln2, self.mlp = nn.LayerNorm(d), nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+        self.ln2, self.mlp = (
+            nn.LayerNorm(d),
+            nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d)),
+        )
         self.drop = nn.Dropout(0.1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
