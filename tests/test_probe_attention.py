@@ -391,3 +391,35 @@ def test_diagnose_attention_findings_fire_on_the_probes_rows_at_too_high_a_rate(
     found = detect_attention_logit_growth(high)
     assert found is not None
     assert detect_attention_logit_growth(ok) is None
+
+
+def test_passes_whose_gradients_are_discarded_leave_their_attention_out() -> None:
+    """A discriminator's step: its own two passes, then a pass through it whose gradient is
+    discarded by the next zero_grad (a GAN's generator step). Its attention statistics are
+    those of its own two passes, pooled."""
+    torch.manual_seed(0)
+    d = nn.Sequential(CausalSelfAttention(32, dropout=0.0), nn.Linear(32, 1))
+    qk: list[tuple[torch.Tensor, torch.Tensor]] = []
+    d[0].c_attn.register_forward_hook(
+        lambda m, a, out: qk.append(tuple(d[0].split(out.detach())[:2]))
+    )
+    opt = torch.optim.SGD(d.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(2)
+    refs = []
+    with Probe(d, opt, every=1, stats="full") as probe:
+        for _ in range(3):
+            opt.zero_grad()
+            qk.clear()
+            loss = (
+                d(torch.randn(4, 6, 32, generator=g)).mean()
+                - d(torch.randn(4, 6, 32, generator=g)).mean()
+            )
+            loss.backward()
+            q = torch.cat([p[0] for p in qk])
+            k = torch.cat([p[1] for p in qk])
+            refs.append(reference(q, k, causal(6)))
+            opt.step()
+            d(torch.randn(4, 6, 32, generator=g)).mean().backward()  # discarded by zero_grad
+        frame = probe.frame()
+    for step, ref in enumerate(refs):
+        check(frame, step, "0", ref)

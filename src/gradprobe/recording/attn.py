@@ -54,6 +54,11 @@ class AttentionCapture:
         # attributed but never received failed part-way: the module is a gap).
         self._calls: dict[int, list[AttentionCall]] = defaultdict(list)
         self._attributed: dict[int, int] = defaultdict(int)
+        # Each module's (calls, attributed) when the gradients were marked: the calls of
+        # passes whose gradients were discarded are dropped, as the buffer's (follow.py).
+        self._mark: dict[int, tuple[int, int]] = {}
+        ctx.on("gradients_marked", self._on_gradients_marked)
+        ctx.on("gradients_discarded", self._on_gradients_discarded)
         ctx.on("step_closing", self._on_step_closing)
         ctx.on("step_discarded", self._on_step_discarded)
 
@@ -120,15 +125,27 @@ class AttentionCapture:
         self._calls[by_name[name]].append(call)
 
     # ------------------------------------------------------------ the step
+    def _on_gradients_marked(self) -> None:
+        self._mark = {k: (len(c), self._attributed[k]) for k, c in self._calls.items()}
+
+    def _on_gradients_discarded(self, dropped: set[int]) -> None:
+        for k in dropped & self._mark.keys():
+            n, attributed = self._mark[k]
+            self._calls[k] = self._calls[k][n:]
+            self._attributed[k] -= attributed
+        self._mark = {}
+
     def _on_step_discarded(self, step: int, skipped: bool) -> None:
         self._calls.clear()
         self._attributed.clear()
+        self._mark = {}
 
     def _on_step_closing(self) -> None:
         calls, self._calls = self._calls, defaultdict(list)
         attributed, self._attributed = self._attributed, defaultdict(int)
+        self._mark = {}
         for k, module_calls in calls.items():
-            if attributed.get(k, 0) != len(module_calls):
+            if not module_calls or attributed.get(k, 0) != len(module_calls):
                 continue  # a call failed (the watch warned): the module is a gap
             try:
                 self._record(k, module_calls)
