@@ -423,3 +423,19 @@ def test_passes_whose_gradients_are_discarded_leave_their_attention_out() -> Non
         frame = probe.frame()
     for step, ref in enumerate(refs):
         check(frame, step, "0", ref)
+
+
+def test_attention_outside_every_probed_module_is_said_once_and_named_modules_record_it() -> None:
+    class SelfAttn(CausalSelfAttention):  # a name the default selection does not know
+        pass
+
+    torch.manual_seed(0)
+    model = nn.Sequential(SelfAttn(32, dropout=0.0), nn.Linear(32, 2))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, frame = train(copy.deepcopy(model), 3, {"every": 1})
+    said = [w for w in caught if "outside every probed module" in str(w.message)]
+    assert len(said) == 1
+    assert frame[frame.stat.str.startswith("attn")].empty
+    _, frame = train(model, 2, {"every": 1, "modules": ["0", "1"]})
+    assert set(frame[frame.stat == "attn_logit_max"].name) == {"0"}

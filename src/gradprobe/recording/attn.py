@@ -57,6 +57,7 @@ class AttentionCapture:
         # Each module's (calls, attributed) when the gradients were marked: the calls of
         # passes whose gradients were discarded are dropped, as the buffer's (follow.py).
         self._mark: dict[int, tuple[int, int]] = {}
+        self._unattributed = 0  # calls made while no probed module ran (said once)
         ctx.on("gradients_marked", self._on_gradients_marked)
         ctx.on("gradients_discarded", self._on_gradients_discarded)
         ctx.on("step_closing", self._on_step_closing)
@@ -113,6 +114,7 @@ class AttentionCapture:
 
     def _current(self) -> str | None:
         if not self._stack:
+            self._unattributed += 1
             return None
         k = self._stack[-1]
         self._attributed[k] += 1
@@ -144,6 +146,16 @@ class AttentionCapture:
         calls, self._calls = self._calls, defaultdict(list)
         attributed, self._attributed = self._attributed, defaultdict(int)
         self._mark = {}
+        if self._unattributed:
+            self._unattributed = 0
+            warn_gap(
+                self.ctx.unreadable,
+                "attention unattributed",
+                "gradprobe: the model called attention (scaled_dot_product_attention) "
+                "outside every probed module, so those calls are not recorded. A module "
+                "whose class name ends in 'Attention' is probed by default; to record "
+                "another, name the module that makes the call in Probe(modules=[...])",
+            )
         for k, module_calls in calls.items():
             if not module_calls or attributed.get(k, 0) != len(module_calls):
                 continue  # a call failed (the watch warned): the module is a gap
