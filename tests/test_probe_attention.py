@@ -439,3 +439,33 @@ def test_attention_outside_every_probed_module_is_said_once_and_named_modules_re
     assert frame[frame.stat.str.startswith("attn")].empty
     _, frame = train(model, 2, {"every": 1, "modules": ["0", "1"]})
     assert set(frame[frame.stat == "attn_logit_max"].name) == {"0"}
+
+
+def _gpt2_steps(model: nn.Module, probe_kw: dict | None, steps: int = 4) -> list[torch.Tensor]:
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    probe = Probe(model, opt, **probe_kw) if probe_kw is not None else None
+    g = torch.Generator().manual_seed(3)
+    torch.manual_seed(0)  # dropout draws the same masks in both runs
+    for _ in range(steps):
+        ids = torch.randint(0, 50, (3, 10), generator=g)
+        loss = model(ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    if probe is not None:
+        assert not probe.frame()[probe.frame().stat == "attn_entropy"].empty
+        probe.close()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("every", [1, "auto"])
+def test_hugging_face_training_is_bit_identical_with_the_probe(every) -> None:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(
+        vocab_size=50, n_positions=16, n_embd=32, n_layer=2, n_head=4, attn_implementation="sdpa"
+    )  # dropout 0.1 everywhere: the watch must not draw from torch's RNG
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config)
+    twin = copy.deepcopy(model)
+    for a, b in zip(_gpt2_steps(model, {"every": every, "stats": "full"}), _gpt2_steps(twin, None)):
+        assert torch.equal(a, b)
