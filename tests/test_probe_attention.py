@@ -469,3 +469,44 @@ def test_hugging_face_training_is_bit_identical_with_the_probe(every) -> None:
     twin = copy.deepcopy(model)
     for a, b in zip(_gpt2_steps(model, {"every": every, "stats": "full"}), _gpt2_steps(twin, None)):
         assert torch.equal(a, b)
+
+
+def test_llama_gqa_entropies_are_those_of_its_eager_weights() -> None:
+    """LLaMA with grouped-query attention (4 query heads over 2 key/value heads, rotary
+    positions): the Probe's entropies, attributed to each LlamaAttention, equal those of the
+    eager twin's own attention weights (output_attentions)."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=50,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    make = transformers.AutoModelForCausalLM.from_config
+    sdpa = make(copy.deepcopy(config), attn_implementation="sdpa")
+    eager = make(copy.deepcopy(config), attn_implementation="eager")
+    eager.load_state_dict(sdpa.state_dict())
+    ids = torch.randint(0, 50, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        weights = eager(ids, output_attentions=True).attentions  # [N, H, L, S] per layer
+    opt = torch.optim.SGD(sdpa.parameters(), lr=0.0)
+    with Probe(sdpa, opt, every=1, stats="full") as probe:
+        sdpa(ids, labels=ids).loss.backward()
+        opt.step()
+        frame = probe.frame()
+    for i, w in enumerate(weights):
+        w = w.double()
+        ent = -torch.where(w > 0, w * w.log(), 0.0).sum(-1)  # [N, H, L]
+        name = f"model.layers.{i}.self_attn"
+        # eager's float32 softmax against the Probe's float32 log_softmax: a few ulps each
+        assert value(frame, 0, name, "attn_entropy") == pytest.approx(float(ent.mean()), abs=TOL)
+        np.testing.assert_allclose(
+            heads_of(frame, 0, name, "attn_head_entropy"), ent.mean(dim=(0, 2)), atol=TOL
+        )
+        assert value(frame, 0, name, "attn_entropy_min") == pytest.approx(
+            float(ent.mean(dim=(0, 2)).min()), abs=TOL
+        )
