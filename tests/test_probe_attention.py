@@ -133,6 +133,23 @@ def train(model: nn.Module, steps: int, probe_kw: dict | None, seed: int = 0, lr
     return [p.detach().clone() for p in model.parameters()], frame
 
 
+def test_attention_modules_are_probed_by_default() -> None:
+    from gradprobe.lab.transformer import CausalTransformer
+    from story_models import Attn  # named neither …Attention nor by its parameters
+
+    for model, names in [
+        (nanogpt(), {"0.attn", "1.attn"}),
+        (nn.Sequential(Attn(16, 2)), {"0"}),
+        (CausalTransformer(16, 16), {"blocks.0.attn", "blocks.1.attn"}),
+    ]:
+        with Probe(model) as probe:
+            chosen = {s.name for s in probe._ctx.slots}
+        assert names <= chosen
+        for name in chosen - names:  # the rest as before: leaves and modules with parameters
+            m = model.get_submodule(name)
+            assert not list(m.children()) or list(m.parameters(recurse=False)), name
+
+
 def test_nanogpt_block_against_float64_from_its_own_q_k() -> None:
     torch.manual_seed(0)
     model = nanogpt()
@@ -426,8 +443,13 @@ def test_passes_whose_gradients_are_discarded_leave_their_attention_out() -> Non
 
 
 def test_attention_outside_every_probed_module_is_said_once_and_named_modules_record_it() -> None:
+    attend = F.scaled_dot_product_attention  # called under another name, as HF does
+
     class SelfAttn(CausalSelfAttention):  # a name the default selection does not know
-        pass
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            b, t, d = x.shape
+            q, k, v = self.split(self.c_attn(x))
+            return self.c_proj(attend(q, k, v).transpose(1, 2).reshape(b, t, d))
 
     torch.manual_seed(0)
     model = nn.Sequential(SelfAttn(32, dropout=0.0), nn.Linear(32, 2))
