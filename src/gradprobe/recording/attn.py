@@ -186,4 +186,3 @@ class AttentionCapture:
         if self._heads and "attn_head_entropy" in out:
             table = torch.stack([out[name] for name in _HEAD_STATS])
             buffer.record_heads(k, device, table)
-
