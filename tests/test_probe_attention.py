@@ -379,35 +379,50 @@ def test_eval_fast_path_is_left_alone() -> None:
 
 
 # ---- the diagnose findings on the Probe's own rows ----------------------------------------
-def _lab_run(lr: float):
+def _lab_run(lr: float, qk_norm: bool = False):
+    """The lab's causal transformer on x[t] = x[t−1] + x[t−2] mod 16, AdamW with warm-up,
+    under a Probe at its default settings: the run holds only what the Probe recorded."""
     from gradprobe.lab.transformer import CausalTransformer, recurrence_split
 
     torch.manual_seed(0)
-    model = CausalTransformer(16, 16)
+    model = CausalTransformer(16, 16, qk_norm=qk_norm)
     data = recurrence_split(32 * 60, 1, 16, 16, seed=0)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    warm = 6
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
-    with Probe(model, opt) as probe:
-        for s in range(60):
-            x, y = data.x_train[s * 32 : (s + 1) * 32], data.y_train[s * 32 : (s + 1) * 32]
-            loss = F.cross_entropy(model(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            probe.log(loss=loss)
-        return probe.run()
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 6))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", GradprobeWarning)  # the live check's lines
+        with Probe(model, opt) as probe:
+            for s in range(60):
+                x, y = data.x_train[s * 32 : (s + 1) * 32], data.y_train[s * 32 : (s + 1) * 32]
+                loss = F.cross_entropy(model(x), y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                sched.step()
+                probe.log(loss=loss)
+            return probe.run()
+
+
+ATTENTION_FINDINGS = {"attention_logit_growth", "attention_entropy_collapse"}
 
 
 def test_diagnose_attention_findings_fire_on_the_probes_rows_at_too_high_a_rate() -> None:
-    from gradprobe.diagnose.attention import detect_attention_logit_growth
+    from gradprobe import diagnose
 
-    high, ok = _lab_run(0.1), _lab_run(3e-3)
-    assert "attn_logit_max" in high.stats and "attn_entropy" in high.stats
-    found = detect_attention_logit_growth(high)
-    assert found is not None
-    assert detect_attention_logit_growth(ok) is None
+    high = _lab_run(0.1)
+    assert {"attn_logit_max", "attn_entropy", "attn_entropy_min"} <= set(high.stats)
+    findings = diagnose(high)
+    growth = findings.of("attention_logit_growth")
+    assert growth is not None
+    assert growth.remedies[0].key == "qk_layernorm"
+    collapse = findings.of("attention_entropy_collapse")  # the one-hot heads follow from it
+    assert collapse is not None and collapse.cause == "attention_logit_growth"
+    # its numbers are the Probe's rows
+    table = high.table("attn_logit_max")
+    for name, got in growth.evidence["modules"].items():
+        assert got["largest"] == pytest.approx(float(table[name].max()), rel=1e-12)
+    for healthy in (_lab_run(3e-3), _lab_run(0.1, qk_norm=True)):
+        assert not ATTENTION_FINDINGS & set(diagnose(healthy).kinds)
 
 
 def test_passes_whose_gradients_are_discarded_leave_their_attention_out() -> None:
