@@ -547,3 +547,82 @@ def test_llama_gqa_entropies_are_those_of_its_eager_weights() -> None:
         assert value(frame, 0, name, "attn_entropy_min") == pytest.approx(
             float(ent.mean(dim=(0, 2)).min()), abs=TOL
         )
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing_counts_each_call_once(reentrant: bool) -> None:
+    """The attention recomputed in backward (torch.utils.checkpoint) runs outside the watch:
+    the statistics are those of the forward's calls alone."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Checkpointed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ln, self.attn, self.out = (
+                nn.LayerNorm(32),
+                CausalSelfAttention(32),
+                nn.Linear(32, 2),
+            )
+
+        def forward(self, x):
+            h = self.ln(x)
+            return self.out(x + checkpoint(self.attn, h, use_reentrant=reentrant))
+
+    torch.manual_seed(0)
+    model = Checkpointed()
+    qk: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def keep(m, args, out):
+        if torch._C._current_graph_task_id() == -1:  # not the recompute inside backward
+            qk.append(tuple(model.attn.split(out.detach())[:2]))
+
+    model.attn.c_attn.register_forward_hook(keep)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with Probe(model, opt, every=1, stats="full") as probe:
+        x = torch.randn(3, 8, 32, requires_grad=reentrant)
+        loss = model(x).square().mean()
+        loss.backward()
+        opt.step()
+        frame = probe.frame()
+    assert len(qk) == 1
+    check(frame, 0, "attn", reference(*qk[0], causal(8)))
+
+
+def test_under_bf16_autocast_the_statistics_are_of_the_bf16_q_k() -> None:
+    """Under autocast the model's q and k are bfloat16: the Probe measures those (in float32,
+    autocast off for the measurement), and training is unchanged."""
+    torch.manual_seed(0)
+    model = nanogpt()
+    twin = copy.deepcopy(model)
+    qk: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    attn = model.get_submodule("0.attn")
+    attn.c_attn.register_forward_hook(
+        lambda m, a, out: qk.update(q_k=tuple(attn.split(out.detach())[:2]))
+    )
+
+    def steps(m: nn.Module, probe_kw: dict | None):
+        opt = torch.optim.SGD(m.parameters(), lr=0.1)
+        probe = Probe(m, opt, **probe_kw) if probe_kw is not None else None
+        torch.manual_seed(1)
+        refs = []
+        for _ in range(2):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = m(torch.randn(2, 6, 32)).float().square().mean()
+            if qk:
+                q, k = qk["q_k"]
+                assert q.dtype == torch.bfloat16
+                refs.append(reference(q, k, causal(6)))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        frame = probe.frame() if probe else None
+        if probe:
+            probe.close()
+        return [p.detach().clone() for p in m.parameters()], frame, refs
+
+    got, frame, refs = steps(model, {"every": 1, "stats": "full"})
+    want, _, _ = steps(twin, None)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    for step, ref in enumerate(refs):
+        # bf16 q, k are exact in float32 and float64: the products differ by float32 rounding
+        check(frame, step, "0.attn", ref)
