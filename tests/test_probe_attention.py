@@ -1,6 +1,7 @@
 """The Probe's attention statistics (attn_logit_max, attn_entropy, attn_entropy_min and the
-per-head forms) on the code people train: Hugging Face GPT-2 with ``attn_implementation=
-"sdpa"``, a nanoGPT block, ``nn.MultiheadAttention`` and ``nn.TransformerEncoderLayer``.
+per-head forms) on the code people train: a nanoGPT block, ``nn.MultiheadAttention``,
+``nn.TransformerEncoderLayer``, the lab's transformer (Hugging Face GPT-2 and LLaMA: in
+tests/test_probe_attention_hf.py).
 
 The reference is computed here, independently of gradprobe: the queries and keys the model
 itself computes (read by a plain hook on its projection), their scaled products in float64,
