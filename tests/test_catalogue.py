@@ -198,7 +198,9 @@ def test_every_partial_combines_and_sharded_norms_are_declared() -> None:
 
 def test_presets_derived_from_the_entries_equal_the_hand_written_lists() -> None:
     """Each statistic says the first preset that records it; the presets, in the
-    catalogue's order, are the lists written by hand before (act_absmax added to full)."""
+    catalogue's order, are the lists written by hand before (act_absmax added to full;
+    the attention statistics of issue 25: attn_logit_max to cheap, the entropies to
+    default, the per-head forms to full)."""
     cheap = (
         "grad_norm",
         "grad_missing",
@@ -209,6 +211,7 @@ def test_presets_derived_from_the_entries_equal_the_hand_written_lists() -> None
         "error_gain",
         "error_nonfinite",
         "calls",
+        "attn_logit_max",
         "global_grad_norm",
         "global_grad_norm_preclip",
         "clipped",
@@ -217,6 +220,8 @@ def test_presets_derived_from_the_entries_equal_the_hand_written_lists() -> None
         "lr",
     )
     assert PRESETS["cheap"] == cheap
-    assert PRESETS["default"] == tuple(s for s in STATISTICS if s != "act_absmax")
+    full_only = {"act_absmax", "attn_head_logit_max", "attn_head_entropy", "attn_head_entropy_min"}
+    assert PRESETS["default"] == tuple(s for s in STATISTICS if s not in full_only)
     assert PRESETS["full"] == tuple(STATISTICS)
-    assert set(_OLD_STATISTICS) == set(PRESETS["default"])
+    attention = {"attn_logit_max", "attn_entropy", "attn_entropy_min"}
+    assert set(_OLD_STATISTICS) | attention == set(PRESETS["default"])

@@ -152,9 +152,9 @@ class Probe:
         store: a run directory to stream to (see :mod:`gradprobe.store`).
         stats: ``"cheap"``, ``"default"``, ``"full"`` (adds activation histograms), or a
             list of statistic names from ``gradprobe.stats.STATISTICS``.
-        modules: which modules to probe: by default every leaf module and every module
-            with parameters of its own; or a list of qualified names; or a predicate
-            ``(name, module) -> bool``.
+        modules: which modules to probe: by default every leaf, every module with
+            parameters of its own and every ``…Attention`` module; or a list of qualified
+            names; or a predicate ``(name, module) -> bool``.
         flush_every: recorded steps kept on the device between host copies.
         dead_window: recorded steps a unit must stay 0 to count in ``dead_window_frac``.
         histogram_bins: bins of the activation histograms (with ``stats="full"``).

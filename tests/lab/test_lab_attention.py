@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -132,3 +133,33 @@ def test_fit_with_a_z_loss_steps_on_the_penalised_loss() -> None:
     plain = CausalTransformer(VOCAB, 8, dim=16, depth=1, heads=2)
     fit(plain, data, steps=1, batch_size=8, optimizer="sgd", lr=0.5, seed=3)
     assert not torch.allclose(plain.head.bias, model.head.bias, rtol=0, atol=1e-6)
+
+
+def test_the_experiments_logit_is_the_probes_and_equals_its_own_measurement() -> None:
+    """The experiment reads the Probe's attn_logit_max (largest over the modules at the last
+    recorded step); the lab's own float64 measurement on the same batch and weights (before
+    the update) is the independent check."""
+    from gradprobe import Probe
+    from gradprobe.lab.attention import largest_attention_logit
+    from gradprobe.lab.training import FitResult
+
+    data = recurrence_split(8, 1, 16, VOCAB, seed=4)
+    torch.manual_seed(0)
+    model = CausalTransformer(VOCAB, 16, dim=32, depth=2, heads=4)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    with Probe(model, opt, every=1, stats="cheap") as probe:
+        for _ in range(3):
+            # ≤ 8 sequences of 16 tokens: the Probe's sample is every query row.
+            loss = F.cross_entropy(model(data.x_train), data.y_train)
+            expected = max_attention_logit(model, data.x_train)  # eval, no grad: not recorded
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        run = probe.run()
+    got = largest_attention_logit(FitResult(run=run, history=None))
+    # float32 logits (the Probe) against float64 (by hand): a few float32 ulps of |logit|.
+    assert got == pytest.approx(max(expected.values()), rel=1e-5, abs=1e-5)
+    table = run.table("attn_logit_max")
+    assert list(table.index) == [0, 1, 2]
+    for name, v in expected.items():
+        assert table[name].iloc[-1] == pytest.approx(v, rel=1e-5, abs=1e-5)

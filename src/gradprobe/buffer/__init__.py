@@ -170,6 +170,11 @@ class StepBuffer:
     def record_histogram(self, slot: int, device: torch.device, counts: Tensor) -> None:
         self._calls.record_histogram(slot, device, counts)
 
+    def record_heads(self, slot: int, device: torch.device, table: Tensor) -> None:
+        """Keep a module's per-head table of the step (``[columns, heads]``, attention):
+        recorded once, at the step's close; no device op here."""
+        self._calls.record_heads(slot, device, table)
+
     def add_host(self, slot: int, name: str, value: float = 1.0) -> None:
         """Add to a count the host knows without asking the device."""
         self._calls.add_host(slot, name, value)

@@ -83,6 +83,8 @@ class StepCalls:
         self.unit_calls: dict[torch.device, UnitCalls] = {}
         self.hist_calls: dict[torch.device, tuple[list[int], list[Tensor]]] = {}
         self.param_values: list[tuple[torch.device, list[int], str, Tensor]] = []
+        # Per-head tables (attention), one per module and step: (slot, heads, [columns, H]).
+        self.head_calls: dict[torch.device, list[tuple[int, int, Tensor]]] = {}
         self.host = np.zeros((n_slots, len(MODULE_HOST_PARTIALS)))
         self.host_col = {name: i for i, name in enumerate(MODULE_HOST_PARTIALS)}
         self.param_host: dict[str, np.ndarray] = {}
@@ -138,6 +140,9 @@ class StepCalls:
         entry = self.hist_calls.setdefault(device, ([], []))
         entry[0].append(slot)
         entry[1].append(counts)
+
+    def record_heads(self, slot: int, device: torch.device, table: Tensor) -> None:
+        self.head_calls.setdefault(device, []).append((slot, table.shape[-1], table))
 
     def add_host(self, slot: int, name: str, value: float = 1.0) -> None:
         self.host[slot, self.host_col[name]] += value
@@ -212,6 +217,12 @@ class StepCalls:
             layout.append(
                 ("hist", np.asarray(slots_list), np.zeros(0), len(slots_list) * self.histogram_bins)
             )
+        for device, entries in self.head_calls.items():
+            tensors, layout = by_device[device]
+            tensors += [t.to(accumulation_dtype(device)).reshape(-1) for _, _, t in entries]
+            slots = np.asarray([e[0] for e in entries])
+            widths = np.asarray([e[1] for e in entries], dtype=np.float64)
+            layout.append(("heads", slots, widths, sum(e[2].numel() for e in entries)))
         for device, index, name, values in self.param_values:
             tensors, layout = by_device[device]
             tensors.append(values.to(accumulation_dtype(device)).reshape(-1))
@@ -227,6 +238,7 @@ class StepCalls:
         self.unit_calls = {}
         self.hist_calls = {}
         self.param_values = []
+        self.head_calls = {}
         self.host[:] = 0
         self.param_host = {}
         self.model_host = {}

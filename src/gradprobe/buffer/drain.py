@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from ..reduce import accumulation_dtype
-from ..stats import FOLDS, model_partials
+from ..stats import FOLDS, HEAD_COLUMNS, PARTIALS, model_partials
 from ..stats.partials import MODEL_HOST_PARTIALS, MODULE_HOST_PARTIALS
 from .fields import FIELDS, MODULE_PARTIALS, PARAM_PARTIALS, ClosedStep, StepRecord
 
@@ -41,6 +41,8 @@ class Drained:
     # Logged values: (step, name) -> (log_sum, log_count); steps may be any drained or
     # earlier step (a loss logged after its optimizer step closed).
     logged: dict[tuple[int, str], tuple[float, float]] = field(default_factory=dict)
+    # Per-head tables (attention): (row, slot) -> [len(HEAD_COLUMNS), heads].
+    heads: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
 
 
 class Drain:
@@ -106,7 +108,13 @@ class Drain:
             return None
         rows = len(closed)
         steps = np.array([c[0] for c in closed], dtype=np.int64)
-        modules = {name: np.zeros((rows, n_slots)) for name in MODULE_PARTIALS}
+        # A device partial folded by max starts at -inf: its values may be negative (an
+        # attention logit), and a step without a call leaves it out by its finaliser's mask.
+        modules = {
+            name: np.full((rows, n_slots), -np.inf if name in _DEVICE_MAX else 0.0)
+            for name in MODULE_PARTIALS
+        }
+        heads: dict[tuple[int, int], np.ndarray] = {}
         params = {name: np.zeros((rows, n_params)) for name in PARAM_PARTIALS}
         bins = self.histogram_bins
         hist = np.zeros((rows, n_slots, bins)) if bins else None
@@ -130,12 +138,32 @@ class Drain:
                 for kind, slots, counts, length in record.layout:
                     values = flat[offset : offset + length]
                     offset += length
+                    if kind == "heads":  # counts: each call's number of heads
+                        heads.update(_head_tables(row, slots, counts, values))
+                        continue
                     _combine(kind, row, slots, counts, values, modules, params, hist)
         model.update(model_partials(params))
-        drained = Drained(steps, modules, params, hist, model, _logged_partials(logged))
+        drained = Drained(steps, modules, params, hist, model, _logged_partials(logged), heads)
         if self.ranks is not None:
             self.ranks.combine(drained)
         return drained
+
+
+_DEVICE_MAX = frozenset(
+    n for n in MODULE_PARTIALS if PARTIALS[n].combine == "max" and PARTIALS[n].where == "device"
+)
+
+
+def _head_tables(
+    row: int, slots: np.ndarray, counts: np.ndarray, values: np.ndarray
+) -> dict[tuple[int, int], np.ndarray]:
+    """One step's per-head tables: each slot's ``[columns, heads]`` (its heads: ``counts``)."""
+    out, offset = {}, 0
+    columns = len(HEAD_COLUMNS)
+    for slot, h in zip(slots.tolist(), counts.astype(np.int64).tolist()):
+        out[(row, slot)] = values[offset : offset + columns * h].reshape(columns, h)
+        offset += columns * h
+    return out
 
 
 def _logged_partials(

@@ -78,6 +78,9 @@ class Ranks:
                     # DDP applies the gradient of the mean of the ranks' losses.
                     values *= float(self.world) ** -degree
         drained.logged = self.combine_logged(drained.logged)
+        # Per-head tables are not combined across ranks (their widths differ by module and
+        # a module may run on some ranks only): left out, a gap, rather than one rank's.
+        drained.heads = {}
 
     def combine_logged(
         self, logged: dict[tuple[int, str], tuple[float, float]]

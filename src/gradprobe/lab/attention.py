@@ -9,8 +9,9 @@ Here, at smaller scale still: a 2-block pre-LN causal Transformer (width 64, 4 h
 prediction, with AdamW under warm-up and cosine decay, at peak rates on a log grid: plain,
 with QK-layernorm, and with a z-loss (1e-4·(log Z)², Chowdhery et al. 2022) as a third arm,
 which acts on the output logits and so should not bound the attention logits. Per run: the
-final training loss, the largest attention logit q·k/√d after the causal mask (every
-attention module, a validation batch, after training), and log Z of the output logits.
+final training loss, the largest attention logit q·k/√d after the causal mask (the Probe's
+``attn_logit_max``, the largest over the attention modules at the last recorded step), and
+log Z of the output logits (a validation batch, after training).
 
 The verdict is computed from the runs: the range of rates where each arm trains (its final
 loss below half of a uniform guess's ln(vocab)), the learning-rate sensitivity (Wortsman et
@@ -24,6 +25,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -43,7 +45,6 @@ from .experiment import (
 from .training import FitResult
 from .transformer import (
     CausalTransformer,
-    max_attention_logit,
     mean_log_partition,
     recurrence_split,
 )
@@ -75,17 +76,19 @@ def grid(mode: str, seeds: int) -> list[RunConfig]:
     ]
 
 
-def largest_attention_logit(fit: FitResult, model: torch.nn.Module, batch: torch.Tensor) -> float:
-    """The largest attention logit of the trained model over its attention modules.
-
-    Measured on the lab model itself (:func:`~gradprobe.lab.transformer.max_attention_logit`:
-    q·k/√d recomputed in float64 from each module's input, causal mask applied) on a
-    validation batch after training. The Probe's ``attn_logit_max`` records the same number
-    per attention module at every recorded step; ``fit.run`` is there to read it from.
-    """
-    values = max_attention_logit(model, batch).values()
-    finite = [v for v in values if math.isfinite(v)]
-    return max(finite) if finite and len(finite) == len(values) else math.inf
+def largest_attention_logit(fit: FitResult) -> float:
+    """The largest attention logit of the run, as the Probe recorded it: ``attn_logit_max``
+    (q·k/√d after the causal mask, the sampled query rows of each attention module's
+    calls on the training batch), the largest over the modules at the last recorded step;
+    ∞ where a module's is not finite there (the run diverged), NaN where none was recorded.
+    (:func:`~gradprobe.lab.transformer.max_attention_logit` measures the same on a batch
+    by itself: the test checks the two against each other.)"""
+    frame = fit.run.frame()
+    rows = frame[frame["stat"] == "attn_logit_max"]
+    if rows.empty:
+        return math.nan
+    values = rows.loc[rows["step"] == rows["step"].max(), "value"].to_numpy(dtype=float)
+    return float(values.max()) if np.isfinite(values).all() else math.inf
 
 
 def run(config: RunConfig, store: Path | None) -> RunResult:
@@ -108,8 +111,8 @@ def run(config: RunConfig, store: Path | None) -> RunResult:
         z_loss=Z_LOSS if config["arm"] == "z_loss" else 0.0,
     )
     loss = fit.final.get("train_loss", math.nan)
-    logit = largest_attention_logit(fit, model, split.x_val[:64])
-    # log Z of the output logits (the Probe's logit_z), on the same batch.
+    logit = largest_attention_logit(fit)
+    # log Z of the output logits (the Probe's logit_z), on a validation batch.
     log_z = mean_log_partition(model, split.x_val[:64])
     return RunResult(
         config,

@@ -17,6 +17,8 @@ tell each other a few events (:data:`~gradprobe.recording.context.EVENTS`)::
     clock      StepClock: the cadence, the spike burst, a step's close
     scaler     ScalerWatch: a step the GradScaler skipped
     optstep    OptimizerStep: the optimizer's step hooks, its closure, probe.step()
+    attn       AttentionCapture: the attention watch around a recorded pass, the stack of
+               probed modules running, the step's attention calls (gradprobe.attention)
     rows       Rows: flushes into long-form rows, the store, listeners
     meta       describe (the meta), Progress (what is learned while training)
     bindings   the probed modules' slots and the parameters, chosen from the model
@@ -24,7 +26,7 @@ tell each other a few events (:data:`~gradprobe.recording.context.EVENTS`)::
 Events (who emits → who handles): forward_ended (passes, errors, follow → forward),
 backward_ended (params' queued callback → params, follow), backward_accumulating (errors
 → follow), gradients_marked / gradients_discarded (follow → units), step_closing (clock →
-forward, which settles units), step_discarded (clock, scaler → forward, units, params,
-updates), step_closed (clock → params, follow, errors, optstep, hookup), model_changing
+forward, which settles units; attn, which summarises the step's attention calls), step_discarded (clock, scaler → forward, units, params,
+updates, attn), step_closed (clock → params, follow, errors, optstep, hookup), model_changing
 (follow → rows), model_rebound (follow → params, updates, hookup).
 """

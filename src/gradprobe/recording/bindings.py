@@ -57,11 +57,7 @@ def choose_modules(
     error (at construction; when following a changed model it is just not there)."""
     named = list(model.named_modules())
     if selection is None:
-        chosen = [
-            (n, m)
-            for n, m in named
-            if not any(True for _ in m.children()) or any(True for _ in m.parameters(recurse=False))
-        ]
+        chosen = [(n, m) for n, m in named if _chosen_by_default(m)]
     elif callable(selection):
         chosen = [(n, m) for n, m in named if selection(n, m)]
     else:
@@ -74,6 +70,36 @@ def choose_modules(
             )
         chosen = [(n, m) for n, m in named if n in set(wanted)]
     return chosen
+
+
+def _chosen_by_default(module: nn.Module) -> bool:
+    """Every leaf, every module with parameters of its own, and every attention module,
+    whose attention calls are attributed to it (recording/attn.py): a class named
+    ``…Attention`` (GPT2Attention, LlamaAttention, nanoGPT's CausalSelfAttention: they
+    call attention through a table of implementations), or one whose ``forward`` calls
+    ``scaled_dot_product_attention`` or ``multi_head_attention_forward`` by name."""
+    return (
+        not any(True for _ in module.children())
+        or any(True for _ in module.parameters(recurse=False))
+        or type(module).__name__.endswith("Attention")
+        or _calls_attention(type(module))
+    )
+
+
+_ATTENTION_CALLS = frozenset({"scaled_dot_product_attention", "multi_head_attention_forward"})
+
+
+def _calls_attention(cls: type) -> bool:
+    """Whether ``cls.forward``'s code (its nested functions too) names an attention call:
+    read from the code object's names, nothing is run."""
+    code = getattr(getattr(cls, "forward", None), "__code__", None)
+    stack = [code] if code is not None else []
+    while stack:
+        code = stack.pop()
+        if _ATTENTION_CALLS & set(code.co_names):
+            return True
+        stack.extend(c for c in code.co_consts if hasattr(c, "co_names"))
+    return False
 
 
 def make_slot(i: int, name: str, module: nn.Module) -> Slot:

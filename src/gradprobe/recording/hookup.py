@@ -27,6 +27,7 @@ from ..hooks import GradprobeWarning, HookSet, Site, warn_gap, warn_once
 from ..recurrent import carry_slots, record_carry
 from ..stats import STATISTICS
 from ..traversals import GAP_BOTH_SIDES, GAP_INPUT_SIDE
+from .attn import AttentionCapture
 from .context import Context, inside_backward
 from .optstep import STEP_POST_SITE, STEP_PRE_SITE, step_post_hook, step_pre_hook
 from .passes import RECOMPUTE, RECORD
@@ -58,6 +59,7 @@ def _pre_hook(owner: Hookup, k: int, module: nn.Module, args: Any, kwargs: Any) 
         owner.scaler.poll()  # the first forward of an iteration closes a skipped step
     mode = owner.passes.call_mode()
     if mode == RECORD:
+        owner.attention.enter_module(k)  # the calls of attention it makes are its own
         capture = owner.capture
         capture.open_call(k)  # what this call records can be taken back (drop_failed_call)
         capture.on_pre(k, module, args, kwargs)
@@ -68,6 +70,7 @@ def _pre_hook(owner: Hookup, k: int, module: nn.Module, args: Any, kwargs: Any) 
 def _forward_hook(
     owner: Hookup, k: int, module: nn.Module, args: Any, kwargs: Any, output: Any
 ) -> None:
+    owner.attention.exit_module(k)
     mode = owner.passes.call_mode()
     if mode == RECORD:
         capture = owner.capture
@@ -90,11 +93,14 @@ def _pass_start_hook(owner: Hookup, key: int, module: nn.Module, args: Any, kwar
         if owner.ctx.scaler_ref is not None:
             owner.scaler.poll()  # the first forward of an iteration closes a skipped step
         owner.passes.on_pass_start()
+        # Last: a failure before it leaves no watch entered.
+        owner.attention.start(module, owner.passes.trained_now())
 
 
 def _pass_end_hook(
     owner: Hookup, key: int, module: nn.Module, args: Any, kwargs: Any, output: Any
 ) -> None:
+    owner.attention.stop()  # first: whatever fails after, the watch is exited
     ctx = owner.ctx
     if not ctx.closed and torch._C._functorch.peek_interpreter_stack() is None:
         owner.passes.on_pass_end()
@@ -131,7 +137,8 @@ def _remove_all(*hooksets: HookSet) -> None:
 class Hookup:
     """The hooks, and where each entry point's work goes. The routes (public: the entry
     points read them): ``passes``, ``capture`` (forward), ``errors`` (error signals),
-    ``params``, ``scaler``, ``step`` (the optimizer step); ``clock`` closes a step whose
+    ``params``, ``scaler``, ``step`` (the optimizer step); ``attention`` (made here: the
+    watch around a pass, the probed-module stack); ``clock`` closes a step whose
     close failed."""
 
     def __init__(self, ctx: Context, model: nn.Module, **routes: Any) -> None:
@@ -142,6 +149,8 @@ class Hookup:
         self.params = routes["params"]
         self.scaler = routes["scaler"]
         self.step = routes["step"]
+        # The attention watch is entered and fed by these entry points only: made here.
+        self.attention = AttentionCapture(ctx)
         self._clock = routes["clock"]
         ctx.owner_ref = weakref.ref(self)
         self._hooks = HookSet()
@@ -278,6 +287,7 @@ class Hookup:
         guard = self.ctx.guard
         guard(self._hooks.remove, "close (removing hooks)")
         guard(self._step_hooks.remove, "close (removing hooks)")
+        guard(self.attention.stop, "close (attention)")
         self._step_hooks_on = False
 
     # ------------------------------------------------------------ the guard

@@ -109,6 +109,9 @@ class Rows:
         for stat, steps, values, present in _logged_rows(d.logged):
             stats.append(stat)
             parts.append(_long(steps, model_codes, len(stats) - 1, values, present))
+        for stat, (steps, codes, values) in _head_rows(d, ctx.stats, module_gap).items():
+            stats.append(stat)
+            parts.append((steps, codes, np.full(len(steps), len(stats) - 1), values))
         if d.histograms is not None:
             present = (d.modules["calls"] > 0) & ~module_gap
             for b in range(d.histograms.shape[2]):
@@ -127,6 +130,30 @@ class Rows:
             }
         )
         return normalize_frame(frame)
+
+
+def _head_rows(
+    d: Drained, wanted: tuple[str, ...], module_gap: np.ndarray
+) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Per-head statistics as rows ``<stat>/<h>`` of their module (the head an index in the
+    stat column, as ``lr/<i>`` and ``hist_<b>``): ``{stat/h: (steps, name codes, values)}``.
+    NaN (nothing measured for that head) is a gap: no row."""
+    per_head = [(n, STATISTICS[n].heads) for n in wanted if STATISTICS[n].heads is not None]
+    cells: dict[str, tuple[list[int], list[int], list[float]]] = defaultdict(lambda: ([], [], []))
+    for (row, slot), table in d.heads.items():
+        if module_gap[row, slot]:
+            continue
+        for stat, column in per_head:
+            for h, value in enumerate(table[column].tolist()):
+                if not np.isnan(value):
+                    entry = cells[f"{stat}/{h}"]
+                    entry[0].append(int(d.steps[row]))
+                    entry[1].append(slot)
+                    entry[2].append(value)
+    return {
+        stat: (np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64), np.asarray(c))
+        for stat, (a, b, c) in cells.items()
+    }
 
 
 def _logged_rows(

@@ -32,13 +32,14 @@ combines and the presets all derive from those entries.
 
 from __future__ import annotations
 
-from .catalogue import PRESETS, STATISTICS, Plan, Statistic, finalize, logged_mean
+from .catalogue import HEAD_COLUMNS, PRESETS, STATISTICS, Plan, Statistic, finalize, logged_mean
 from .measures import FOLDS, MEASURES, Measure
 from .partials import CLIP_RTOL, MODEL_NAME, PARTIALS, SAT_THRESHOLD, Partial, model_partials
 
 __all__ = [
     "CLIP_RTOL",
     "FOLDS",
+    "HEAD_COLUMNS",
     "MEASURES",
     "MODEL_NAME",
     "PARTIALS",

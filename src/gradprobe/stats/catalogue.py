@@ -36,6 +36,15 @@ def _carried(p: Arrays) -> np.ndarray:
     return (p["carry_count"] > 0) & (p["carry_gap"] == 0)
 
 
+def _attended(p: Arrays) -> np.ndarray:
+    """Modules whose attention was measured in the step (some query row had weights)."""
+    return p["attn_weight"] > 0
+
+
+# The per-head table of a module's step (rows: the per-head statistics' ``heads``).
+HEAD_COLUMNS = ("logit_max", "entropy", "entropy_min")
+
+
 def _act_std(p: Arrays) -> tuple[np.ndarray, np.ndarray]:
     mean = _ratio(p["out_sum"], p["count"])
     # Inf outputs make Inf − Inf: a NaN std, which is the answer; NumPy need not warn.
@@ -66,6 +75,10 @@ class Statistic:
     # The first preset that records it (each preset holds the ones before: cheap, then
     # default, then full).
     preset: Literal["cheap", "default", "full"] = "default"
+    # A per-head form (attention): its rows are ``<name>/<h>`` of a module, read from the
+    # step's per-head table (``heads``: which of its columns; see :data:`HEAD_COLUMNS`),
+    # not from partials.
+    heads: int | None = None
 
     def finalizer(self, scope: str) -> Finalize | None:
         return {
@@ -231,6 +244,56 @@ STATISTICS: dict[str, Statistic] = {
             module=lambda p: (p["calls"], p["calls"] > 0),
             preset="cheap",
         ),
+        # Attention (gradprobe.attention): from every scaled_dot_product_attention (and
+        # F.multi_head_attention_forward) call made inside the module on a recorded step,
+        # a fixed sample of query rows per head (docs/attention.md).
+        Statistic(
+            "attn_logit_max",
+            "attention: the largest attention logit q·k·scale (+ an additive mask; masked "
+            "positions out) over the module's calls, heads and sampled query rows of the "
+            "step: logits that grow until the softmax is one-hot (Dehghani et al. 2023)",
+            module=lambda p: (p["attn_logit_max"], _attended(p)),
+            needs=("attention",),
+            preset="cheap",
+        ),
+        Statistic(
+            "attn_entropy",
+            "attention: the mean entropy (nats) of the attention weights (before dropout) "
+            "over the module's calls, heads and sampled query rows",
+            module=lambda p: (_ratio(p["attn_entropy_sum"], p["attn_weight"]), _attended(p)),
+            needs=("attention",),
+        ),
+        Statistic(
+            "attn_entropy_min",
+            "attention: the lowest per-head mean entropy, the most collapsed head (under "
+            "DDP the lowest over the ranks of each rank's)",
+            module=lambda p: (-p["attn_neg_entropy_min"], _attended(p)),
+            needs=("attention",),
+        ),
+        Statistic(
+            "attn_head_logit_max",
+            "attention, per head: rows `attn_head_logit_max/<h>` (h: the head) of the module, "
+            "the largest logit of head h; absent for a step whose calls had different head "
+            "counts, and under DDP",
+            needs=("attention",),
+            preset="full",
+            heads=0,
+        ),
+        Statistic(
+            "attn_head_entropy",
+            "attention, per head: rows `attn_head_entropy/<h>`, the mean entropy of head h",
+            needs=("attention",),
+            preset="full",
+            heads=1,
+        ),
+        Statistic(
+            "attn_head_entropy_min",
+            "attention, per head: rows `attn_head_entropy_min/<h>`, the lowest entropy of a "
+            "sampled query row of head h (0 for a causal head: its first row sees one key)",
+            needs=("attention",),
+            preset="full",
+            heads=2,
+        ),
         Statistic(
             "global_grad_norm",
             "(model) global L2 norm of the gradients the optimizer saw: after clipping",
@@ -287,6 +350,11 @@ STATISTICS: dict[str, Statistic] = {
 # the default forward statistics (stack, norm, sum, |y|, units, sign, count: reads and
 # writes), it costs three more on a GPU (|y| masked to its finite entries, written, its max
 # read), about a third more, and one more on a CPU where the norms said all was finite.
+# attn_logit_max is in "cheap": logit growth is the first sign of a transformer's
+# instability (Wortsman et al. 2023) and the lab's attention experiment reads it; its cost
+# is bounded (batch × heads × rows × keys logits per call, recorded steps only) and the
+# entropies come from the same logits, so "default" adds them at almost no more. The
+# per-head forms are in "full": H rows per module each, for the same device work.
 _PRESET_ORDER = ("cheap", "default", "full")
 PRESETS: dict[str, tuple[str, ...]] = {
     preset: tuple(
@@ -312,6 +380,7 @@ class Plan:
     error: bool = False
     input_error: bool = False
     carry: bool = False
+    attention: bool = False
     params: bool = False
     update: bool = False
     preclip: bool = False

@@ -12,7 +12,8 @@ class Measure:
 
     ``site`` is where: a module's ``output`` (forward), its ``error`` signal dL/d(output)
     and ``input`` share dL/d(input) (backward), an activation's ``gate`` f'(z), the carry
-    gates of a gated recurrent module (``carry``), each ``parameter`` at the step, its
+    gates of a gated recurrent module (``carry``), the attention calls made inside a module
+    (``attention``: gradprobe.attention's watch, summarised at the step's close), each ``parameter`` at the step, its
     ``update`` across the optimizer step, or the whole ``step`` (backward's gradient
     norms before clipping). ``kind`` is the :data:`gradprobe.buffer.FIELDS` entry its
     site reducer (:mod:`gradprobe.sites`) records per call, its fields named by
@@ -21,7 +22,9 @@ class Measure:
     """
 
     name: str
-    site: Literal["output", "error", "input", "gate", "carry", "parameter", "update", "step"]
+    site: Literal[
+        "output", "error", "input", "gate", "carry", "attention", "parameter", "update", "step"
+    ]
     doc: str
     kind: str | None = None
     partials: tuple[str, ...] = ()
@@ -87,6 +90,13 @@ MEASURES: dict[str, Measure] = {
             ("carry_gate_sum", "carry_log_sum"),
         ),
         Measure(
+            "attention",
+            "attention",
+            "attention logits and entropies of the module's SDPA calls, summarised per step",
+            "attn",
+            ("attn_logit_max", "attn_entropy_sum", "attn_weight", "attn_neg_entropy_min"),
+        ),
+        Measure(
             "params",
             "parameter",
             "‖grad‖, ‖w‖ and NaN/Inf of grad at the step",
@@ -122,6 +132,12 @@ FOLDS: dict[str, tuple[tuple[str, str, str], ...]] = {
     "err": (("err_sumsq", "norm", "sumsq"), ("err_nonfinite", "nonfinite", "sum")),
     "in_err": (("in_err_sumsq", "norm", "sumsq"),),
     "carry": (("carry_gate_sum", "sum", "sum"), ("carry_log_sum", "log_sum", "sum")),
+    "attn": (
+        ("attn_logit_max", "logit_max", "max"),
+        ("attn_entropy_sum", "entropy_sum", "sum"),
+        ("attn_weight", "weight", "sum"),
+        ("attn_neg_entropy_min", "neg_entropy_min", "max"),
+    ),
 }
 
 # Measures a forward hook reads the output for.

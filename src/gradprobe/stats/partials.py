@@ -107,6 +107,20 @@ PARTIALS: dict[str, Partial] = {
         ),
         Partial("carry_gate_sum", "module", "sum", "device", "sum of the carry gates f (or z)"),
         Partial("carry_log_sum", "module", "sum", "device", "sum of log f (or log z)"),
+        # module, attention calls (gradprobe.attention; recording/attention_capture.py): the
+        # step's calls of a module summarised once at the step's close. Device "max"
+        # partials start at -inf (a logit may be negative); the entropy minimum is kept
+        # negated so that it folds, and combines over ranks, by max.
+        Partial("attn_logit_max", "module", "max", "device", "largest attention logit"),
+        Partial("attn_entropy_sum", "module", "sum", "device", "Σ weight·entropy over rows"),
+        Partial("attn_weight", "module", "sum", "device", "query rows the entropies stand for"),
+        Partial(
+            "attn_neg_entropy_min",
+            "module",
+            "max",
+            "device",
+            "−(the lowest per-head mean entropy): the most collapsed head",
+        ),
         # parameter, computed at the step boundary on the device
         Partial("has_grad", "parameter", "same", "host", "1 if the parameter had a gradient"),
         Partial("has_update", "parameter", "same", "host", "1 if the update was measured"),

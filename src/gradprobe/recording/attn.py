@@ -1,0 +1,188 @@
+"""Attention capture: the attention statistics of each probed module, on recorded steps.
+
+:class:`AttentionCapture` enters one :class:`~gradprobe.attention.AttentionWatch` around
+the probed model's forward on a recorded, trained pass (the root's forward pre-hook
+enters it, its forward hook exits it: both entry points of :mod:`.hookup`, through the
+one guard), and keeps the stack of probed modules running (their pre-hooks push, their
+forward hooks pop), so that each ``scaled_dot_product_attention`` call is attributed to
+the innermost probed module that made it. Each call's per-head
+:class:`~gradprobe.attention.AttentionCall` (device tensors) waits in the step's list of
+its module; when the step closes each module's calls are summarised
+(:func:`~gradprobe.attention.summarise`) and handed to the buffer as one record of kind
+``attn`` (and, for the per-head statistics, one per-head table), copied to the host with
+everything else at the flush. No ``.item()``, no Python branch on a device value.
+
+Not entered (a gap for that pass, never a changed model): a compiled model (dynamo would
+trace the mode; compiled regions are a gap anyway), a forward that could take the fused
+inference path of ``nn.MultiheadAttention`` / ``nn.TransformerEncoderLayer``
+(:func:`~gradprobe.attention.fast_path_at_risk`: one warning), a forward recomputed by
+activation checkpointing (its calls counted once, at the first run), the optimizer's
+later evaluations of a closure. A call whose measurement failed (the watch warns once)
+leaves its module's attention statistics out of the step: the component counts the calls
+the watch attributed and the calls it received, and a module whose counts differ records
+nothing for the step.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from torch import nn
+
+from ..attention import AttentionCall, AttentionWatch, fast_path_at_risk, summarise
+from ..hooks import warn_gap, warn_once
+from ..stats import STATISTICS
+from .context import Context, inside_backward
+
+__all__ = ["AttentionCapture"]
+
+_HEAD_STATS = ("attn_head_logit_max", "attn_head_entropy", "attn_head_entropy_min")
+
+
+class AttentionCapture:
+    """The watch around a recorded pass, the probed-module stack, the step's calls."""
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.wanted = ctx.plan.attention
+        self._heads = any(STATISTICS[s].heads is not None for s in ctx.stats if s in STATISTICS)
+        self._watch: AttentionWatch | None = None
+        self._stack: list[int] = []  # probed modules running, innermost last
+        self._by_name: dict[str, int] = {}
+        # The step's calls per module, and how many the watch attributed to each (a call
+        # attributed but never received failed part-way: the module is a gap).
+        self._calls: dict[int, list[AttentionCall]] = defaultdict(list)
+        self._attributed: dict[int, int] = defaultdict(int)
+        # Each module's (calls, attributed) when the gradients were marked: the calls of
+        # passes whose gradients were discarded are dropped, as the buffer's (follow.py).
+        self._mark: dict[int, tuple[int, int]] = {}
+        self._unattributed = 0  # calls made while no probed module ran (said once)
+        ctx.on("gradients_marked", self._on_gradients_marked)
+        ctx.on("gradients_discarded", self._on_gradients_discarded)
+        ctx.on("step_closing", self._on_step_closing)
+        ctx.on("step_discarded", self._on_step_discarded)
+
+    # ------------------------------------------------------------ the pass
+    def start(self, model: nn.Module, trained: bool) -> None:
+        """The probed model's forward begins (its trained state already judged)."""
+        ctx = self.ctx
+        if (
+            not self.wanted
+            or self._watch is not None
+            or not trained
+            or not ctx.recording
+            or ctx.closed
+            or ctx.searching
+            or ctx.compiled
+            or inside_backward()
+        ):
+            return
+        if fast_path_at_risk(model):
+            warn_gap(
+                ctx.unreadable,
+                "attention fast path",
+                "gradprobe: a forward of the model could take the fused inference path of "
+                "nn.MultiheadAttention / nn.TransformerEncoderLayer (eval mode with grad off "
+                "or frozen parameters), which watching its attention would turn off: the "
+                "attention statistics of such passes are not recorded",
+            )
+            return
+        self._stack.clear()
+        watch = AttentionWatch(self._current, self._sink, warned=ctx.unreadable)
+        watch.__enter__()
+        self._watch = watch  # set once entered: stop() exits only what was entered
+
+    def stop(self) -> None:
+        """The probed model's forward ended (or raised): exit the watch."""
+        watch, self._watch = self._watch, None
+        self._stack.clear()
+        if watch is not None:
+            watch.__exit__(None, None, None)
+
+    def enter_module(self, k: int) -> None:
+        """A recorded call of probed module ``k`` begins (its pre-hook)."""
+        if self._watch is not None:
+            self._stack.append(k)
+
+    def exit_module(self, k: int) -> None:
+        """A call of probed module ``k`` ended (its forward hook): pop it and anything above
+        it left by a call that raised."""
+        stack = self._stack
+        if stack and k in stack:
+            del stack[len(stack) - 1 - stack[::-1].index(k) :]
+
+    def _current(self) -> str | None:
+        if not self._stack:
+            self._unattributed += 1
+            return None
+        k = self._stack[-1]
+        self._attributed[k] += 1
+        return self.ctx.slots[k].name
+
+    def _sink(self, name: str, call: AttentionCall) -> None:
+        by_name = self._by_name
+        if len(by_name) != len(self.ctx.slots):  # the model changed: slots were added
+            self._by_name = by_name = {s.name: s.index for s in self.ctx.slots}
+        self._calls[by_name[name]].append(call)
+
+    # ------------------------------------------------------------ the step
+    def _on_gradients_marked(self) -> None:
+        self._mark = {k: (len(c), self._attributed[k]) for k, c in self._calls.items()}
+
+    def _on_gradients_discarded(self, dropped: set[int]) -> None:
+        for k in dropped & self._mark.keys():
+            n, attributed = self._mark[k]
+            self._calls[k] = self._calls[k][n:]
+            self._attributed[k] -= attributed
+        self._mark = {}
+
+    def _on_step_discarded(self, step: int, skipped: bool) -> None:
+        self._calls.clear()
+        self._attributed.clear()
+        self._mark = {}
+
+    def _on_step_closing(self) -> None:
+        calls, self._calls = self._calls, defaultdict(list)
+        attributed, self._attributed = self._attributed, defaultdict(int)
+        self._mark = {}
+        if self._unattributed:
+            self._unattributed = 0
+            warn_gap(
+                self.ctx.unreadable,
+                "attention unattributed",
+                "gradprobe: the model called attention (scaled_dot_product_attention) "
+                "outside every probed module, so those calls are not recorded. A module "
+                "whose class name ends in 'Attention' is probed by default; to record "
+                "another, name the module that makes the call in Probe(modules=[...])",
+            )
+        for k, module_calls in calls.items():
+            if not module_calls or attributed.get(k, 0) != len(module_calls):
+                continue  # a call failed (the watch warned): the module is a gap
+            try:
+                self._record(k, module_calls)
+            except Exception as exc:  # never the user's training: a gap and a warning
+                warn_once(
+                    self.ctx.failed_where,
+                    f"the attention statistics of module {self.ctx.slots[k].name!r}",
+                    exc,
+                )
+
+    def _record(self, k: int, calls: list[AttentionCall]) -> None:
+        """Summarise a module's calls of the step into the buffer (device tensors)."""
+        out = summarise(calls)
+        weight = torch.stack([c.weight.sum() for c in calls]).sum()
+        total = torch.stack([c.entropy_sum.sum() for c in calls]).sum()
+        # NaN must not reach a max fold or a max over ranks: where nothing was measured it
+        # is -inf (left out by the weight's mask); a NaN logit of measured rows (the model
+        # diverged) is +inf, non-finite as it was.
+        measured = weight > 0
+        top = out["attn_logit_max"]
+        top = torch.where(measured, torch.where(top.isnan(), torch.inf, top), -torch.inf)
+        floor = torch.where(measured, -out["attn_entropy_min"], -torch.inf)
+        device = weight.device
+        buffer = self.ctx.buffer
+        buffer.record("attn", k, device, len(calls), top, total, weight, floor)
+        if self._heads and "attn_head_entropy" in out:
+            table = torch.stack([out[name] for name in _HEAD_STATS])
+            buffer.record_heads(k, device, table)
