@@ -19,8 +19,9 @@ import torch
 from torch import Tensor
 
 from ..reduce import accumulation_dtype
-from ..stats import FOLDS, model_partials
+from ..stats import FOLDS, PARTIALS, model_partials
 from ..stats.partials import MODEL_HOST_PARTIALS, MODULE_HOST_PARTIALS
+from ..stats.series import Series, add_at, series_partials
 from .fields import FIELDS, MODULE_PARTIALS, PARAM_PARTIALS, ClosedStep, StepRecord
 
 if TYPE_CHECKING:
@@ -41,6 +42,8 @@ class Drained:
     # Logged values: (step, name) -> (log_sum, log_count); steps may be any drained or
     # earlier step (a loss logged after its optimizer step closed).
     logged: dict[tuple[int, str], tuple[float, float]] = field(default_factory=dict)
+    # Per-time-step series (stats.series): row -> slot -> ‖dL/dy[:, t]‖² per t.
+    series: Series = field(default_factory=dict)
 
 
 class Drain:
@@ -106,7 +109,10 @@ class Drain:
             return None
         rows = len(closed)
         steps = np.array([c[0] for c in closed], dtype=np.int64)
-        modules = {name: np.zeros((rows, n_slots)) for name in MODULE_PARTIALS}
+        modules = {
+            name: np.full((rows, n_slots), PARTIALS[name].initial) for name in MODULE_PARTIALS
+        }
+        series: Series = {}
         params = {name: np.zeros((rows, n_params)) for name in PARAM_PARTIALS}
         bins = self.histogram_bins
         hist = np.zeros((rows, n_slots, bins)) if bins else None
@@ -130,11 +136,15 @@ class Drain:
                 for kind, slots, counts, length in record.layout:
                     values = flat[offset : offset + length]
                     offset += length
+                    if counts.ndim == 2:  # a series kind (stats.FOLDS "series")
+                        _add_series(series.setdefault(row, {}), slots, counts, values)
+                        continue
                     _combine(kind, row, slots, counts, values, modules, params, hist)
         model.update(model_partials(params))
-        drained = Drained(steps, modules, params, hist, model, _logged_partials(logged))
+        drained = Drained(steps, modules, params, hist, model, _logged_partials(logged), series)
         if self.ranks is not None:
             self.ranks.combine(drained)
+        series_partials(drained.series, drained.modules)  # after the ranks' sum
         return drained
 
 
@@ -157,6 +167,18 @@ def _logged_partials(
         numbers = [next(host[v.device]) if isinstance(v, Tensor) else float(v) for v in values]
         out[key] = (float(np.sum(numbers)), float(len(numbers)))
     return out
+
+
+def _add_series(
+    series: dict[int, np.ndarray], slots: np.ndarray, counts: np.ndarray, values: np.ndarray
+) -> None:
+    """Add each call's vector into its module's series from the call's offset (a call of a
+    discarded pass, slot -1, is skipped)."""
+    start = 0
+    for slot, (length, offset) in zip(slots, counts.astype(np.int64)):
+        if slot >= 0:
+            add_at(series, int(slot), int(offset), values[start : start + length])
+        start += length
 
 
 def _combine(

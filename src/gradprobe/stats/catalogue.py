@@ -36,6 +36,11 @@ def _carried(p: Arrays) -> np.ndarray:
     return (p["carry_count"] > 0) & (p["carry_gap"] == 0)
 
 
+def _timed(p: Arrays) -> np.ndarray:
+    """A series was recorded and its module's error signals were not left out."""
+    return (p["time_calls"] > 0) & (p["err_gap"] < 2) & np.isfinite(p["time_first"])
+
+
 def _act_std(p: Arrays) -> tuple[np.ndarray, np.ndarray]:
     mean = _ratio(p["out_sum"], p["count"])
     # Inf outputs make Inf − Inf: a NaN std, which is the answer; NumPy need not warn.
@@ -231,6 +236,53 @@ STATISTICS: dict[str, Statistic] = {
             module=lambda p: (p["calls"], p["calls"] > 0),
             preset="cheap",
         ),
+        # ---- sequences (issue 25): where each is measured, docs/attention.md
+        Statistic(
+            "token_cosine",
+            "sequence blocks (transformer layers): mean cosine similarity between distinct "
+            "token vectors of the block's output, over a fixed sample of positions per "
+            "sequence (gradprobe.sequence.POSITIONS); near 1 is rank collapse",
+            module=lambda p: (_ratio(p["cos_sum"], p["cos_count"]), p["cos_count"] > 0),
+            needs=("tokens",),
+        ),
+        Statistic(
+            "logit_max",
+            "the model's final projection (lm_head, output embeddings, the last Linear): its "
+            "largest logit over the step's calls",
+            module=lambda p: (p["logit_max"], p["logit_z_count"] > 0),
+            needs=("logits",),
+        ),
+        Statistic(
+            "logit_z",
+            "the model's final projection: mean over positions of logsumexp over classes, the "
+            "z of a z-loss (log Z)",
+            module=lambda p: (
+                _ratio(p["logit_z_sum"], p["logit_z_count"]),
+                p["logit_z_count"] > 0,
+            ),
+            needs=("logits",),
+        ),
+        Statistic(
+            "error_time_first",
+            "recurrent modules (fused: the error at its input; a cell loop: each call's "
+            "output error): mean of ‖dL/dy[:, t]‖ over the first quarter of the time steps",
+            module=lambda p: (p["time_first"], _timed(p)),
+            needs=("error", "time"),
+        ),
+        Statistic(
+            "error_time_last",
+            "recurrent modules: mean of ‖dL/dy[:, t]‖ over the last quarter of the time steps",
+            module=lambda p: (p["time_last"], _timed(p)),
+            needs=("error", "time"),
+        ),
+        Statistic(
+            "error_time_slope",
+            "recurrent modules: least-squares slope of log10 ‖dL/dy[:, t]‖ per time step "
+            "(decades per step; > 0: larger towards the end, as when the error from a loss "
+            "at the end dies going back)",
+            module=lambda p: (p["time_slope"], _timed(p) & np.isfinite(p["time_slope"])),
+            needs=("error", "time"),
+        ),
         Statistic(
             "global_grad_norm",
             "(model) global L2 norm of the gradients the optimizer saw: after clipping",
@@ -287,6 +339,12 @@ STATISTICS: dict[str, Statistic] = {
 # the default forward statistics (stack, norm, sum, |y|, units, sign, count: reads and
 # writes), it costs three more on a GPU (|y| masked to its finite entries, written, its max
 # read), about a third more, and one more on a CPU where the norms said all was finite.
+# The sequence statistics are in "default": each is measured at a few places only (the
+# blocks of a sequence model, the final projection, the recurrent modules), at a bounded
+# cost: token_cosine a Gram matrix of POSITIONS (32) sampled tokens per sequence
+# ([N, 32, 32]·F multiply-adds per block), the logits one float32 pass over [N, T, V]
+# (a max and a logsumexp, a slice at a time), the error through time one squared sum over
+# the recurrent module's input error (or a 0-d one per cell call), on recorded steps only.
 _PRESET_ORDER = ("cheap", "default", "full")
 PRESETS: dict[str, tuple[str, ...]] = {
     preset: tuple(
@@ -312,6 +370,9 @@ class Plan:
     error: bool = False
     input_error: bool = False
     carry: bool = False
+    tokens: bool = False
+    logits: bool = False
+    time: bool = False
     params: bool = False
     update: bool = False
     preclip: bool = False
