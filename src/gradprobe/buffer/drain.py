@@ -216,6 +216,7 @@ def _combine(
         elif how == "uncounted":
             v = counts - v
         if how == "max":
-            np.maximum.at(modules[partial][row], slots, v)
+            with np.errstate(invalid="ignore"):  # a NaN (logit_max of NaN logits) is the max
+                np.maximum.at(modules[partial][row], slots, v)
         else:
             np.add.at(modules[partial][row], slots, v)
