@@ -362,3 +362,20 @@ def test_rank_collapse_found_at_init_in_a_deep_attention_only_stack() -> None:
     assert found is not None and "init" in found.evidence["modes"]
     assert found.evidence["blocks"][-1] == "12"
     assert math.isclose(found.evidence["token_cosine_init"][-1], cos["12"])
+
+
+def test_packed_sequence_input_has_no_series() -> None:
+    """A PackedSequence's rows interleave the sequences' time steps: no series (a gap),
+    and the module's other rows as before."""
+    torch.manual_seed(0)
+    inp, lstm = nn.Linear(3, 8), nn.LSTM(8, 6, batch_first=True)
+    model = nn.ModuleDict({"inp": inp, "lstm": lstm})
+    x = torch.randn(3, 7, 3)
+    with Probe(model, every=1) as probe:
+        packed = nn.utils.rnn.pack_padded_sequence(inp(x), [7, 5, 2], batch_first=True)
+        _, (h, _) = lstm(packed)
+        h[-1].sum().backward()
+        probe.step()
+        frame = probe.frame()
+    assert frame[frame.stat.isin(TIME_STATS)].empty
+    assert not frame[(frame.name == "lstm") & (frame.stat == "calls")].empty

@@ -201,9 +201,9 @@ class ErrorCapture:
             ctx.buffer.set_host(k, "err_gap", self._traversals.gap(k, level, ctx.step_index))
 
     # ------------------------------------------------------------ at the forward
-    def note_input(self, k: int, x: Tensor) -> None:
+    def note_input(self, k: int, x: Tensor, args: tuple[Any, ...] = ()) -> None:
         """The input of module ``k``'s call (its own share of dL/d(input): see hook)."""
-        timed = self._time.note_input(k, x)
+        timed = self._time.note_input(k, x, args)
         if (self._want_input_error or timed) and x.requires_grad:
             self._traversals.input_edges[k] = input_edge(x)
 

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence
 
 from ..kinds import module_kind
 from ..sequence import logit_stats, time_sq_norms, token_cosine
@@ -199,10 +200,14 @@ class TimeErrors:
         self._cell_calls.clear()
         self._cell_tokens.clear()
 
-    def note_input(self, k: int, x: Tensor) -> bool:
-        """A call's input; True if its error at the input is wanted (a fused module)."""
+    def note_input(self, k: int, x: Tensor, args: tuple[Any, ...] = ()) -> bool:
+        """A call's input; True if its error at the input is wanted (a fused module). A
+        PackedSequence's rows are not a time dimension: no series (a gap)."""
         batch_first = self._fused.get(k)
         if batch_first is None:
+            return False
+        if args and isinstance(args[0], PackedSequence):
+            self._dims.pop(k, None)
             return False
         # [N, T, F] if batch_first, [T, N, F] if not, [T, F] unbatched (torch's rule).
         self._dims[k] = 1 if batch_first and x.dim() == 3 else 0
@@ -213,8 +218,8 @@ class TimeErrors:
         if k in self._cells:  # its index among the cell's calls of the step
             self._cell_tokens[token] = self._cell_calls[k]
             self._cell_calls[k] += 1
-        elif k in self._fused and input_hooked:
-            self._tokens[token] = self._dims.get(k, 0)
+        elif input_hooked and k in self._dims:  # a fused module's call (not packed)
+            self._tokens[token] = self._dims.pop(k)
 
     def on_output_error(self, pending: Any, k: int, token: int, grad: Tensor) -> None:
         if token in self._cell_tokens:
