@@ -379,3 +379,28 @@ def test_packed_sequence_input_has_no_series() -> None:
         frame = probe.frame()
     assert frame[frame.stat.isin(TIME_STATS)].empty
     assert not frame[(frame.name == "lstm") & (frame.stat == "calls")].empty
+
+
+def test_micro_batches_of_different_lengths_align_at_the_first_step() -> None:
+    """A step of a 12-step and an 8-step micro-batch: the series is their squares added
+    position by position from t = 0 (the shorter one as if padded with zeros)."""
+    torch.manual_seed(3)
+    model = Fused(nn.LSTM, True)
+    gen = torch.Generator().manual_seed(4)
+    batches = [
+        (torch.randn(4, 12, 3, generator=gen), torch.randint(0, 4, (4,), generator=gen)),
+        (torch.randn(4, 8, 3, generator=gen), torch.randint(0, 4, (4,), generator=gen)),
+    ]
+    # each loss / 2, as trained: its squared error norms / 4
+    parts = [_reference_time(model, [b]) / 4 for b in batches]
+    sq = parts[0] + np.pad(parts[1], (0, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with Probe(model, opt, every=1) as probe:
+        for x, y in batches:
+            (nn.functional.cross_entropy(model(x), y) / 2).backward()
+        opt.step()
+        frame = probe.frame()
+    first, last, slope = _summary(sq)
+    assert _value(frame, 0, "rnn", "error_time_first") == pytest.approx(first, rel=1e-4)
+    assert _value(frame, 0, "rnn", "error_time_last") == pytest.approx(last, rel=1e-4)
+    assert _value(frame, 0, "rnn", "error_time_slope") == pytest.approx(slope, abs=1e-4)
