@@ -404,3 +404,54 @@ def test_micro_batches_of_different_lengths_align_at_the_first_step() -> None:
     assert _value(frame, 0, "rnn", "error_time_first") == pytest.approx(first, rel=1e-4)
     assert _value(frame, 0, "rnn", "error_time_last") == pytest.approx(last, rel=1e-4)
     assert _value(frame, 0, "rnn", "error_time_slope") == pytest.approx(slope, abs=1e-4)
+
+
+# ---------------------------------------------------------------- DDP: series summed over ranks
+def _ddp_train(model: nn.Module, rank: int, world: int):
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with Probe(model, opt, every=1, stats=[*TIME_STATS, "logit_max", "logit_z"]) as probe:
+        for step in range(2):
+            g = torch.Generator().manual_seed(10 + step)
+            x, y = torch.randn(8, 10, 3, generator=g), torch.randint(0, 4, (8,), generator=g)
+            n = len(x) // world
+            x, y = x[rank * n : (rank + 1) * n], y[rank * n : (rank + 1) * n]
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+        return probe.frame()
+
+
+def _ddp_worker(rank: int, init: str, out: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        torch.manual_seed(5)
+        ddp = nn.parallel.DistributedDataParallel(Fused(nn.LSTM, True))
+        _ddp_train(ddp, rank, 2).to_parquet(f"{out}/frame{rank}.parquet")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ddp_series_add_up_over_ranks_as_one_process_on_the_global_batch(tmp_path) -> None:
+    """Each rank's half of the batch, a mean loss: DDP applies the mean of the ranks'
+    losses, the single process's loss on the whole batch; the per-step squares add up
+    over the ranks (then × world⁻², as err_sumsq) to the single process's."""
+    import pandas as pd
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_worker, args=(f"file://{tmp_path / 'rendezvous'}", str(tmp_path)), nprocs=2)
+    torch.manual_seed(5)
+    single = _ddp_train(Fused(nn.LSTM, True), 0, 1)
+    ddp = pd.read_parquet(tmp_path / "frame0.parquet")
+    assert ddp.equals(pd.read_parquet(tmp_path / "frame1.parquet"))  # every rank: the same rows
+    keys = ["step", "name", "stat"]
+    merged = ddp.merge(single, on=keys, suffixes=("_ddp", "_one"), how="outer")
+    assert set(merged.stat) == {*TIME_STATS, "logit_max", "logit_z"}
+    assert merged.value_ddp.notna().all() and merged.value_one.notna().all()
+    # float32 sums in another order: relative differences of ~1e-6 (slopes: absolute)
+    slope = merged.stat == "error_time_slope"
+    assert np.allclose(merged.value_ddp[~slope], merged.value_one[~slope], rtol=1e-5, atol=0)
+    assert np.allclose(merged.value_ddp[slope], merged.value_one[slope], rtol=0, atol=1e-5)
