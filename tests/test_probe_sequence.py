@@ -455,3 +455,26 @@ def test_ddp_series_add_up_over_ranks_as_one_process_on_the_global_batch(tmp_pat
     slope = merged.stat == "error_time_slope"
     assert np.allclose(merged.value_ddp[~slope], merged.value_one[~slope], rtol=1e-5, atol=0)
     assert np.allclose(merged.value_ddp[slope], merged.value_one[slope], rtol=0, atol=1e-5)
+
+
+def test_a_failing_measurement_is_a_warning_and_a_gap(monkeypatch) -> None:
+    import gradprobe.recording.sequences as sequences
+    from gradprobe.hooks import GradprobeWarning
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(sequences, "token_cosine", broken)
+    torch.manual_seed(0)
+    model = Encoder(True)
+    twin = copy.deepcopy(model)
+    tokens = torch.randint(0, 20, (2, 6))
+    with pytest.warns(GradprobeWarning, match="sequence statistics"), Probe(model, every=1) as p:
+        model(tokens).sum().backward()
+        p.step()
+        frame = p.frame()
+    twin(tokens).sum().backward()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a.grad, b.grad)
+    assert frame[frame.stat == "token_cosine"].empty
+    assert not frame[(frame.name == "head") & (frame.stat == "logit_z")].empty
