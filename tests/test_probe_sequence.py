@@ -477,3 +477,103 @@ def test_a_failing_measurement_is_a_warning_and_a_gap(monkeypatch) -> None:
         assert torch.equal(a.grad, b.grad)
     assert frame[frame.stat == "token_cosine"].empty
     assert not frame[(frame.name == "head") & (frame.stat == "logit_z")].empty
+
+
+# ---------------------------------------------------------------- which modules are sites
+class NanoAttention(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.c_attn, self.c_proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, c = x.shape
+        q, k, v = (z.view(b, t, 2, c // 2).transpose(1, 2) for z in self.c_attn(x).split(c, 2))
+        y = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.c_proj(y.transpose(1, 2).reshape(b, t, c))
+
+
+class NanoBlock(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.ln_1, self.ln_2, self.attn = nn.LayerNorm(d), nn.LayerNorm(d), NanoAttention(d)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class NanoGPT(nn.Module):
+    def __init__(self, vocab: int = 30, d: int = 16, layers: int = 3) -> None:
+        super().__init__()
+        self.transformer = nn.ModuleDict(
+            {
+                "wte": nn.Embedding(vocab, d),
+                "h": nn.ModuleList([NanoBlock(d) for _ in range(layers)]),
+                "ln_f": nn.LayerNorm(d),
+            }
+        )
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # tied, as nanoGPT
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor):
+        x = self.transformer.wte(idx)
+        for block in self.transformer.h:
+            x = block(x)
+        logits = self.lm_head(self.transformer.ln_f(x))
+        return logits, nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+def _sites(model: nn.Module) -> tuple[list[str], str | None, list[str]]:
+    from gradprobe.recording.bindings import select_modules
+    from gradprobe.recording.sequences import sequence_sites
+
+    slots = select_modules(model, None)
+    extra, sites = sequence_sites(model, slots, explicit=False)
+    names = [s.name for s in slots + extra]
+    blocks = [names[k] for k in sorted(sites.blocks)]
+    recurrent = sorted(names[k] for k in [*sites.fused, *sites.cells])
+    return blocks, (names[sites.head] if sites.head is not None else None), recurrent
+
+
+def test_sites_of_common_models() -> None:
+    assert _sites(NanoGPT()) == (
+        ["transformer.h.0", "transformer.h.1", "transformer.h.2"],
+        "lm_head",
+        [],
+    )
+    assert _sites(Encoder(True)) == (["encoder.layers.0", "encoder.layers.1"], "head", [])
+    mlp = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    assert _sites(mlp) == ([], "2", [])
+    assert _sites(Fused(nn.GRU, True)) == ([], "head", ["rnn"])
+    assert _sites(CellLoop()) == ([], "head", ["cell"])
+    # a Sequential around an encoder: its layers are the blocks, not the encoder
+    wrapped = nn.Sequential(Encoder(True).encoder, nn.Linear(16, 5))
+    assert _sites(wrapped) == (["0.layers.0", "0.layers.1"], "1", [])
+    # an encoder without a head: no final projection (not a layer's linear2)
+    assert _sites(Encoder(True).encoder)[1] is None
+
+
+def test_nanogpt_token_cosine_and_logits_through_a_tied_head() -> None:
+    torch.manual_seed(0)
+    model = NanoGPT()
+    twin = copy.deepcopy(model)
+    idx = torch.randint(0, 30, (3, 9))
+    with Probe(model, every=1) as probe:
+        model(idx, idx)[1].backward()
+        probe.step()
+        frame = probe.frame()
+    seen: dict[str, np.ndarray] = {}
+    for name in ("transformer.h.2", "lm_head"):
+        twin.get_submodule(name).register_forward_hook(
+            lambda _m, _i, out, name=name: seen.__setitem__(name, out.detach().double().numpy())
+        )
+    twin(idx, idx)
+    total, count = _cosines(seen["transformer.h.2"])
+    assert _value(frame, 0, "transformer.h.2", "token_cosine") == pytest.approx(
+        total / count, abs=1e-5
+    )
+    logits = seen["lm_head"].reshape(-1, 30)
+    assert _value(frame, 0, "lm_head", "logit_z") == pytest.approx(
+        _logsumexp(logits).mean(), rel=1e-5
+    )
