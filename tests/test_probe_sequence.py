@@ -577,3 +577,18 @@ def test_nanogpt_token_cosine_and_logits_through_a_tied_head() -> None:
     assert _value(frame, 0, "lm_head", "logit_z") == pytest.approx(
         _logsumexp(logits).mean(), rel=1e-5
     )
+
+
+def test_sites_of_hugging_face_llama() -> None:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=40,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+    )
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    assert _sites(model) == (["model.layers.0", "model.layers.1"], "lm_head", [])
