@@ -104,10 +104,22 @@ def test_flags_equal_the_hand_written_ones(label: str, stats: tuple[str, ...]) -
         probe.close()
 
 
+# Issue 25 §2-3 (sequences): in the default preset, measured at a few sites each.
+_SEQUENCE_STATISTICS = [
+    "token_cosine",
+    "logit_max",
+    "logit_z",
+    "error_time_first",
+    "error_time_last",
+    "error_time_slope",
+]
+
+
 def test_presets_hold_known_statistics() -> None:
     for name, stats in PRESETS.items():
         assert set(stats) <= set(STATISTICS), name
     assert set(_OLD_STATISTICS) <= set(PRESETS["default"])
+    assert set(_SEQUENCE_STATISTICS) <= set(PRESETS["default"]) - set(PRESETS["cheap"])
 
 
 def test_plan_has_one_flag_per_measure() -> None:
@@ -224,4 +236,4 @@ def test_presets_derived_from_the_entries_equal_the_hand_written_lists() -> None
     assert PRESETS["default"] == tuple(s for s in STATISTICS if s not in full_only)
     assert PRESETS["full"] == tuple(STATISTICS)
     attention = {"attn_logit_max", "attn_entropy", "attn_entropy_min"}
-    assert set(_OLD_STATISTICS) | attention == set(PRESETS["default"])
+    assert set(_OLD_STATISTICS) | attention | set(_SEQUENCE_STATISTICS) == set(PRESETS["default"])

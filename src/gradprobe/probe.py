@@ -90,6 +90,7 @@ from .recording.params import ParamStats
 from .recording.passes import Passes
 from .recording.rows import Rows
 from .recording.scaler import ScalerWatch
+from .recording.sequences import SequenceCapture, sequence_sites
 from .recording.tensors import first_float_tensor
 from .recording.units import Units
 from .recording.updates import UpdateSnapshot
@@ -104,6 +105,8 @@ __all__ = ["LIVE_CHECK", "Probe", "is_compiled", "unwrap_model"]
 # Kept importable here (docs/recording.md names it).
 _first_float_tensor = first_float_tensor
 _AUTO = (AUTO_FIRST, AUTO_EVERY, AUTO_BURST)
+# The statistics measured at sequence-only slots (blocks, the final projection).
+_SEQUENCE_FORWARD_STATS = frozenset({"token_cosine", "logit_max", "logit_z"})
 
 
 def is_compiled(model: nn.Module) -> bool:
@@ -222,7 +225,7 @@ class Probe:
         self.exact_counts = stats == "full"
         self.label = label
         inner = unwrap_model(model)
-        slots = select_modules(inner, modules)
+        slots, sites = _slots(inner, modules, self.stats)
         param_names, params = trainable_parameters(inner)
         # What every component shares (gradprobe/recording/context.py).
         ctx = self._ctx = Context(
@@ -259,7 +262,7 @@ class Probe:
         self._follow = Follow(ctx, inner, modules)
         self._kept = Kept(ctx)
         self._units = Units(ctx)
-        self._errors = ErrorCapture(ctx, self._kept)
+        self._errors = ErrorCapture(ctx, self._kept, sites)
         self._capture = ForwardCapture(ctx, self._kept, self._units, self._errors, self._follow)
         self._rows = Rows(ctx)
         self._clock = StepClock(ctx, self._rows.flush)
@@ -286,6 +289,7 @@ class Probe:
             scaler=self._scaler,
             step=self._step,
             clock=self._clock,
+            sequence=SequenceCapture(ctx, sites),
         )
         ctx.meta = describe(ctx, inner, self._settings(), label, config)
         if optimizer is not None:
@@ -355,8 +359,7 @@ class Probe:
     def frame(self) -> pd.DataFrame:
         """All recorded rows so far (columns step, name, stat, value); flushes the buffer.
 
-        Under DDP the flush is collective: call it on every rank (each gets the same rows).
-        """
+        Under DDP the flush is collective: call it on every rank (each gets the same rows)."""
         if not self._ctx.closed:
             self._scaler.poll()
         return self._rows.frame()
@@ -477,6 +480,19 @@ LIVE_CHECK = ("gradprobe.live", "LiveCheck")
 def _live_check(on_finding: Callable[[Finding], Any] | None, stop_on: Sequence[str]) -> Any:
     module, name = LIVE_CHECK
     return getattr(importlib.import_module(module), name)(on_finding, stop_on)
+
+
+def _slots(
+    inner: nn.Module, modules: Sequence[str] | ModuleFilter | None, stats: tuple[str, ...]
+) -> tuple[list[Any], Any]:
+    """The probed modules' slots, then the sequence-only ones (blocks, the final
+    projection: recording/sequences.py) where the selection is the default and a
+    statistic measured there is asked for; and the sequence sites."""
+    slots = select_modules(inner, modules)
+    extra, sites = sequence_sites(inner, slots, explicit=modules is not None)
+    if set(stats) & _SEQUENCE_FORWARD_STATS:
+        slots = slots + extra
+    return slots, sites
 
 
 def _resolve_stats(stats: str | Sequence[str]) -> tuple[str, ...]:

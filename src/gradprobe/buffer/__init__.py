@@ -159,6 +159,14 @@ class StepBuffer:
         op here."""
         self._calls.record_many(kind, slots, device, count, *values)
 
+    def record_series(
+        self, kind: str, slot: int, device: torch.device, offset: int, values: Tensor
+    ) -> None:
+        """Keep one call's vector of a series kind (``time``: squared error norms per time
+        step), added into the module's series of the step from position ``offset`` at the
+        flush (:mod:`gradprobe.stats.series`); no device op here."""
+        self._calls.record_series(kind, slot, device, offset, values)
+
     def record_units(self, slot: int, device: torch.device, activity: Tensor) -> None:
         """Keep one call's per-unit activity (≥ 0, 0 iff the unit was all-zero)."""
         self._calls.record_units(slot, device, activity)

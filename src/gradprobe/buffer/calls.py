@@ -35,6 +35,9 @@ class _Calls:
     slots: list[int] = field(default_factory=list)
     counts: list[int] = field(default_factory=list)  # entries reduced, known on the host
     values: list[list[Tensor]] = field(default_factory=list)  # one list per field
+    # Series kinds (stats.FOLDS "series": one vector per call): where each call's vector
+    # starts in its module's series of the step (its time index); counts hold the lengths.
+    offsets: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -120,6 +123,21 @@ class StepCalls:
         for column, value in zip(calls.values, values):
             column.append(value)
 
+    def record_series(
+        self, kind: str, slot: int, device: torch.device, offset: int, values: Tensor
+    ) -> None:
+        """One call's vector of a series kind (``time``), to be added into its module's
+        series of the step from position ``offset``."""
+        calls = self.calls.get((kind, device))
+        if calls is None:
+            calls = _Calls(values=[[]])
+            self.calls[(kind, device)] = calls
+        values = values.reshape(-1)
+        calls.slots.append(slot)
+        calls.counts.append(values.numel())
+        calls.offsets.append(offset)
+        calls.values[0].append(values)
+
     def record_units(self, slot: int, device: torch.device, activity: Tensor) -> None:
         calls = self.unit_calls.get(device)
         if calls is None:
@@ -197,6 +215,10 @@ class StepCalls:
                 joined = torch.cat([v.reshape(-1) for v in values])
             tensors.append(joined.to(dtype))
             n = len(calls.slots)
+            if calls.offsets:  # a series kind: [calls, 2] (length, offset), their vectors
+                counts = np.asarray([calls.counts, calls.offsets], dtype=np.float64).T
+                layout.append((kind, np.asarray(calls.slots), counts, sum(calls.counts)))
+                continue
             layout.append(
                 (
                     kind,

@@ -21,6 +21,7 @@ from torch import Tensor
 from ..reduce import accumulation_dtype
 from ..stats import FOLDS, HEAD_COLUMNS, PARTIALS, model_partials
 from ..stats.partials import MODEL_HOST_PARTIALS, MODULE_HOST_PARTIALS
+from ..stats.series import Series, add_at, series_partials
 from .fields import FIELDS, MODULE_PARTIALS, PARAM_PARTIALS, ClosedStep, StepRecord
 
 if TYPE_CHECKING:
@@ -43,6 +44,8 @@ class Drained:
     logged: dict[tuple[int, str], tuple[float, float]] = field(default_factory=dict)
     # Per-head tables (attention): (row, slot) -> [len(HEAD_COLUMNS), heads].
     heads: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
+    # Per-time-step series (stats.series): row -> slot -> ‖dL/dy[:, t]‖² per t.
+    series: Series = field(default_factory=dict)
 
 
 class Drain:
@@ -108,13 +111,13 @@ class Drain:
             return None
         rows = len(closed)
         steps = np.array([c[0] for c in closed], dtype=np.int64)
-        # A device partial folded by max starts at -inf: its values may be negative (an
-        # attention logit), and a step without a call leaves it out by its finaliser's mask.
+        # A partial starts at its initial value: a device max one at -inf where its values
+        # may be negative (an attention logit, a logit), left out by its finaliser's mask.
         modules = {
-            name: np.full((rows, n_slots), -np.inf if name in _DEVICE_MAX else 0.0)
-            for name in MODULE_PARTIALS
+            name: np.full((rows, n_slots), PARTIALS[name].initial) for name in MODULE_PARTIALS
         }
         heads: dict[tuple[int, int], np.ndarray] = {}
+        series: Series = {}
         params = {name: np.zeros((rows, n_params)) for name in PARAM_PARTIALS}
         bins = self.histogram_bins
         hist = np.zeros((rows, n_slots, bins)) if bins else None
@@ -141,17 +144,18 @@ class Drain:
                     if kind == "heads":  # counts: each call's number of heads
                         heads.update(_head_tables(row, slots, counts, values))
                         continue
+                    if counts.ndim == 2:  # a series kind (stats.FOLDS "series")
+                        _add_series(series.setdefault(row, {}), slots, counts, values)
+                        continue
                     _combine(kind, row, slots, counts, values, modules, params, hist)
         model.update(model_partials(params))
-        drained = Drained(steps, modules, params, hist, model, _logged_partials(logged), heads)
+        drained = Drained(
+            steps, modules, params, hist, model, _logged_partials(logged), heads, series
+        )
         if self.ranks is not None:
             self.ranks.combine(drained)
+        series_partials(drained.series, drained.modules)  # after the ranks' sum
         return drained
-
-
-_DEVICE_MAX = frozenset(
-    n for n in MODULE_PARTIALS if PARTIALS[n].combine == "max" and PARTIALS[n].where == "device"
-)
 
 
 def _head_tables(
@@ -185,6 +189,18 @@ def _logged_partials(
         numbers = [next(host[v.device]) if isinstance(v, Tensor) else float(v) for v in values]
         out[key] = (float(np.sum(numbers)), float(len(numbers)))
     return out
+
+
+def _add_series(
+    series: dict[int, np.ndarray], slots: np.ndarray, counts: np.ndarray, values: np.ndarray
+) -> None:
+    """Add each call's vector into its module's series from the call's offset (a call of a
+    discarded pass, slot -1, is skipped)."""
+    start = 0
+    for slot, (length, offset) in zip(slots, counts.astype(np.int64)):
+        if slot >= 0:
+            add_at(series, int(slot), int(offset), values[start : start + length])
+        start += length
 
 
 def _combine(
@@ -222,6 +238,7 @@ def _combine(
         elif how == "uncounted":
             v = counts - v
         if how == "max":
-            np.maximum.at(modules[partial][row], slots, v)
+            with np.errstate(invalid="ignore"):  # a NaN (logit_max of NaN logits) is the max
+                np.maximum.at(modules[partial][row], slots, v)
         else:
             np.add.at(modules[partial][row], slots, v)

@@ -81,6 +81,28 @@ class Ranks:
         # Per-head tables are not combined across ranks (their widths differ by module and
         # a module may run on some ranks only): left out, a gap, rather than one rank's.
         drained.heads = {}
+        drained.series = self.combine_series(drained.series)
+
+    def combine_series(self, series: Any) -> Any:
+        """Add up every rank's per-time-step series (``time_sq``: summed, aligned at the
+        first step, then scaled as its partial's loss degree says). A rank that ran none
+        has none: gathered as objects (one collective, at the flush)."""
+        import torch.distributed as dist
+
+        from ..stats.series import add_at
+
+        gathered: list[Any] = [None] * self.world
+        dist.all_gather_object(gathered, series, group=self.group)
+        scale = float(self.world) ** -PARTIALS["time_sq"].loss_degree
+        combined: dict[int, dict[int, np.ndarray]] = {}
+        for part in gathered:
+            for row, by_slot in (part or {}).items():
+                for slot, values in by_slot.items():
+                    add_at(combined.setdefault(row, {}), slot, 0, values)
+        for by_slot in combined.values():
+            for values in by_slot.values():
+                values *= scale
+        return combined
 
     def combine_logged(
         self, logged: dict[tuple[int, str], tuple[float, float]]

@@ -67,7 +67,9 @@ def has_attention(run: Run) -> bool:
         return True
     if any("Attention" in str(m.get("type", "")) for m in run.meta.get("modules", []) or []):
         return True
-    return bool(set(run.stats) & set(ATTENTION_STATS))
+    # Not the output logits alone: every classifier's last layer records them (the Probe's
+    # final projection), and they are read wherever recorded (output_logit_divergence).
+    return bool(set(run.stats) & (set(ATTENTION_STATS) - {"logit_max", "logit_z"}))
 
 
 def _levels(table: pd.DataFrame) -> tuple[pd.Series, pd.Series]:

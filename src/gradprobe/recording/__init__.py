@@ -9,6 +9,8 @@ tell each other a few events (:data:`~gradprobe.recording.context.EVENTS`)::
     forward    ForwardCapture: gates, output statistics, held outputs reduced in batches
     units      Units: which dimension holds a module's units, learned in call order
     errors     ErrorCapture: dL/d(output) and the module's share of dL/d(input); Deferred
+    sequences  SequenceCapture: token_cosine (blocks), logit stats (the final projection);
+               the sites (sequence-only slots); TimeErrors: error through time (for errors)
     kept       Kept: device tensors kept from step to step (constants, indices, staging)
     tensors    the first floating-point tensor of a call's output or input
     follow     Follow: discarded gradients, frozen modules, a model that changes

@@ -43,6 +43,9 @@ class Slot:
     # The activation's gate read from its output (gradprobe/sites.py), or None: from z.
     gate_from_output: str | None = None
     inplace: bool = False  # an in-place module writes over its input
+    # Not probed: a sequence site only (a block, the final projection), whose forward hook
+    # measures the sequence statistics and nothing else (gradprobe/recording/sequences.py).
+    sequence_only: bool = False
 
 
 def select_modules(model: nn.Module, selection: Sequence[str] | ModuleFilter | None) -> list[Slot]:
@@ -102,7 +105,7 @@ def _calls_attention(cls: type) -> bool:
     return False
 
 
-def make_slot(i: int, name: str, module: nn.Module) -> Slot:
+def make_slot(i: int, name: str, module: nn.Module, *, sequence_only: bool = False) -> Slot:
     """What the hooks need to know of module ``module``, from the one table of module
     kinds (gradprobe.kinds): where its output keeps its units ("inherit": element-wise, it
     keeps the layout it receives), and whether its gate is read from its output."""
@@ -111,7 +114,9 @@ def make_slot(i: int, name: str, module: nn.Module) -> Slot:
     from_output = gate_from_output(module) if act is not None else None
     inplace = getattr(module, "inplace", False) is True
     layout = module_kind(module).layout or "inherit"
-    return Slot(i, name, type(module).__name__, act, layout, hist, from_output, inplace)
+    return Slot(
+        i, name, type(module).__name__, act, layout, hist, from_output, inplace, sequence_only
+    )
 
 
 def trainable_parameters(model: nn.Module) -> tuple[list[str], list[nn.Parameter]]:

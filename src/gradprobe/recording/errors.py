@@ -24,6 +24,7 @@ from ..sites import nonfinite, reduce_errors
 from ..traversals import GAP_BOTH_SIDES, GAP_INPUT_SIDE, Traversals, consumer_edges, input_edge
 from . import kept
 from .context import Context, inside_backward
+from .sequences import TimeErrors
 from .tensors import first_float_tensor, first_input
 
 __all__ = ["ErrorCapture"]
@@ -162,13 +163,16 @@ class Deferred:
 
 
 class ErrorCapture:
-    """The error signals of recorded calls. ``kept``: the kept constants and indices."""
+    """The error signals of recorded calls. ``kept``: the kept constants and indices.
+    ``sites`` (:class:`~gradprobe.recording.sequences.SequenceSites`): the recurrent
+    modules whose error is also recorded per time step (``error_time_*``)."""
 
-    def __init__(self, ctx: Context, kept_tensors: kept.Kept) -> None:
+    def __init__(self, ctx: Context, kept_tensors: kept.Kept, sites: Any = None) -> None:
         self.ctx = ctx
         self._kept = kept_tensors
         self._want_error = ctx.plan.error
         self._want_input_error = ctx.plan.input_error
+        self._time = TimeErrors(sites if ctx.plan.time else None)  # error through time
         # Error signals wait for their backward pass to end: only .backward() counts.
         self._traversals = Traversals()
         # Calls whose first run could not register error-signal hooks (a reentrant
@@ -183,6 +187,7 @@ class ErrorCapture:
             # never ran the callback that drops its pending results, and with no probed
             # module hooked no pass ever trims the set of passes that accumulated.
             self._owed.clear()
+            self._time.clear()
             self._deferred.numel = 0
             self._traversals.pending.clear()
             self._traversals.output_edges.clear()
@@ -196,9 +201,10 @@ class ErrorCapture:
             ctx.buffer.set_host(k, "err_gap", self._traversals.gap(k, level, ctx.step_index))
 
     # ------------------------------------------------------------ at the forward
-    def note_input(self, k: int, x: Tensor) -> None:
+    def note_input(self, k: int, x: Tensor, args: tuple[Any, ...] = ()) -> None:
         """The input of module ``k``'s call (its own share of dL/d(input): see hook)."""
-        if self._want_input_error and x.requires_grad:
+        timed = self._time.note_input(k, x, args)
+        if (self._want_input_error or timed) and x.requires_grad:
             self._traversals.input_edges[k] = input_edge(x)
 
     def owe(self, k: int, y: Tensor) -> None:
@@ -235,6 +241,7 @@ class ErrorCapture:
         ref = self.ctx.owner_ref
         token = self._traversals.new_token()
         edge = self._traversals.input_edges.pop(k, None)
+        self._time.note_call(k, token, edge is not None)
         fn = y.grad_fn
         if fn is None:  # a leaf (a module that returns a parameter): a tensor hook
             on_tensor(y, _error_grad_hook, ref, _OUTPUT_ERROR_SITE, k, k, token, "err")
@@ -276,6 +283,8 @@ class ErrorCapture:
         if self.ctx.closed:
             return
         pending = self._pending_errors()
+        if kind == "err":
+            self._time.on_output_error(pending, k, token, grad)
         if kind == "err" and pending.shared and self._same_as_share(pending, k, token, grad):
             return  # (a share kept for this call is dropped either way: no gradient outlives it)
         self._record_error(pending, kind, k, token, grad.detach())
@@ -354,6 +363,9 @@ class ErrorCapture:
         total = self._traversals.add_share(pending, k, token, nodes, share)
         if total is None:
             return
+        self._time.on_input_error(pending, k, token, total)
+        if not self._want_input_error:
+            return  # hooked for the error through time only
         source = grads[0] if producer >= 0 and len(grads) == 1 else None
         self._record_error(pending, "in_err", k, token, total, source, producer)
 
@@ -403,6 +415,7 @@ class ErrorCapture:
             )
         # Records measured in a batch, by kind and batch: (slots, counts, rows).
         batched: dict[tuple[str, int], tuple[_Batch, list[int], list[int], list[int]]] = {}
+        first_call = self._time.first_calls(pending.records)
         for kind, k, token, device, numel, values in pending.records:
             if not values:  # deferred, and changed in place before the pass ended
                 side = GAP_BOTH_SIDES if kind == "err" else GAP_INPUT_SIDE
@@ -422,6 +435,9 @@ class ErrorCapture:
                 )
                 continue
             buffer.add_host(k, f"{kind}_calls")
+            if kind == "time":
+                buffer.record_series("time", k, device, numel - first_call.get(k, 0), values[0])
+                continue
             if isinstance(values[0], _Batch):
                 batch, row = values
                 entry = batched.get((kind, id(batch)))

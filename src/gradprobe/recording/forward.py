@@ -139,7 +139,7 @@ class ForwardCapture:
             return  # a call on nothing (an expert given no tokens): no entry to gate
         if self._want_units:
             self._units.note_input_layout(slot, x)
-        self._errors.note_input(k, x)
+        self._errors.note_input(k, x, args)
         act = slot.activation
         if act is not None and self._want_gate and slot.gate_from_output is None:
             _gate_of_input(self.ctx.buffer, self._kept, k, module, act, x)

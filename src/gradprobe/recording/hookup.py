@@ -38,6 +38,8 @@ __all__ = ["Hookup"]
 # out of the step.
 PRE_SITE = Site("forward pre-hook", "module")
 _FORWARD_SITE = Site("forward hook", "module")
+# A sequence-only slot (a block, the final projection: gradprobe/recording/sequences.py).
+_SEQUENCE_SITE = Site("forward hook (sequence statistics)", "module")
 # The pass decides what every module records: a failure leaves every module out. Traced
 # (a compiled model) the end does nothing: held outputs are reduced when backward begins or
 # the step closes. The start runs outside the graph where there are module hooks (they
@@ -77,6 +79,8 @@ def _forward_hook(
         if not capture.begin_forward(k):
             return  # its pre-hook failed: the call is left out (drop_failed_call)
         capture.on_forward(k, module, output)
+        if k in owner.sequence.forward_slots:
+            owner.sequence.on_forward(k, output)
         if k in owner.carry_slots:
             ctx = owner.ctx
             name = ctx.slots[k].name
@@ -84,6 +88,14 @@ def _forward_hook(
         capture.end_forward(k)
     elif mode == RECOMPUTE:
         owner.errors.on_recomputed(k, output)
+
+
+def _sequence_hook(
+    owner: Hookup, k: int, module: nn.Module, args: Any, kwargs: Any, output: Any
+) -> None:
+    """A sequence-only slot: its sequence statistics, nothing else."""
+    if owner.passes.call_mode() == RECORD and k in owner.sequence.forward_slots:
+        owner.sequence.on_forward(k, output)
 
 
 def _pass_start_hook(owner: Hookup, key: int, module: nn.Module, args: Any, kwargs: Any) -> None:
@@ -137,8 +149,9 @@ def _remove_all(*hooksets: HookSet) -> None:
 class Hookup:
     """The hooks, and where each entry point's work goes. The routes (public: the entry
     points read them): ``passes``, ``capture`` (forward), ``errors`` (error signals),
-    ``params``, ``scaler``, ``step`` (the optimizer step); ``attention`` (made here: the
-    watch around a pass, the probed-module stack); ``clock`` closes a step whose
+    ``sequence`` (blocks' token geometry, the final projection's logits), ``params``,
+    ``scaler``, ``step`` (the optimizer step); ``attention`` (made here: the watch around a
+    pass, the probed-module stack); ``clock`` closes a step whose
     close failed."""
 
     def __init__(self, ctx: Context, model: nn.Module, **routes: Any) -> None:
@@ -151,6 +164,7 @@ class Hookup:
         self.step = routes["step"]
         # The attention watch is entered and fed by these entry points only: made here.
         self.attention = AttentionCapture(ctx)
+        self.sequence = routes["sequence"]
         self._clock = routes["clock"]
         ctx.owner_ref = weakref.ref(self)
         self._hooks = HookSet()
@@ -204,6 +218,10 @@ class Hookup:
         for slot in slots:
             module = by_name.get(slot.name)
             if module is None or slot.index in ctx.retired_slots:
+                continue
+            if slot.sequence_only:
+                if slot.index in self.sequence.forward_slots:
+                    hooks.on_module(module, _sequence_hook, ref, _SEQUENCE_SITE, slot.index)
                 continue
             hooks.on_module_pre(module, _pre_hook, ref, PRE_SITE, slot.index)
             hooks.on_module(module, _forward_hook, ref, _FORWARD_SITE, slot.index)

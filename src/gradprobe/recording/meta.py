@@ -59,12 +59,16 @@ class Progress:
 
     def of(self, ctx: Context) -> dict[str, Any]:
         """The meta's entries learned while training."""
+        # One entry per probed slot, in slot order (sequence-only slots are not listed).
+        probed = [s.index for s in ctx.slots if not s.sequence_only]
         modules = [
-            {**info, "units": self.unit_kinds[i]} if i in self.unit_kinds else info
-            for i, info in enumerate(ctx.meta["modules"])
+            {**info, "units": self.unit_kinds[k]} if k in self.unit_kinds else info
+            for k, info in zip(probed, ctx.meta["modules"])
         ]
         seen = [ctx.slots[k].name for k in self.execution_order]
-        rest = [s.name for s in ctx.slots if s.index not in self.seen_slots]
+        # Sequence-only slots (blocks, the final projection: recording/sequences.py) are
+        # not probed modules: neither listed nor ordered here.
+        rest = [s.name for s in ctx.slots if s.index not in self.seen_slots and not s.sequence_only]
         return {
             "execution_order": seen + rest,
             "steps": ctx.step_index,
@@ -95,7 +99,9 @@ def describe(
 ) -> dict[str, Any]:
     """The run's meta as the Probe is made (``probe``: its settings)."""
     by_name = dict(model.named_modules())
-    modules = [module_info(s, by_name[s.name], ctx.histograms) for s in ctx.slots]
+    modules = [
+        module_info(s, by_name[s.name], ctx.histograms) for s in ctx.slots if not s.sequence_only
+    ]
     params = dict(model.named_parameters())
     # What the model is and does (attention, norms and where they sit, residual
     # additions...), read once here so that a loaded run is diagnosed as a live one.

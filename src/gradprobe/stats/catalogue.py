@@ -45,6 +45,11 @@ def _attended(p: Arrays) -> np.ndarray:
 HEAD_COLUMNS = ("logit_max", "entropy", "entropy_min")
 
 
+def _timed(p: Arrays) -> np.ndarray:
+    """A series was recorded and its module's error signals were not left out."""
+    return (p["time_calls"] > 0) & (p["err_gap"] < 2) & np.isfinite(p["time_first"])
+
+
 def _act_std(p: Arrays) -> tuple[np.ndarray, np.ndarray]:
     mean = _ratio(p["out_sum"], p["count"])
     # Inf outputs make Inf − Inf: a NaN std, which is the answer; NumPy need not warn.
@@ -289,10 +294,58 @@ STATISTICS: dict[str, Statistic] = {
         Statistic(
             "attn_head_entropy_min",
             "attention, per head: rows `attn_head_entropy_min/<h>`, the lowest entropy of a "
-            "sampled query row of head h (0 for a causal head: its first row sees one key)",
+            "sampled query row of head h (for a causal head it depends on L/rows: the first "
+            "row sampled sees about L/(2·rows) keys; docs/attention.md)",
             needs=("attention",),
             preset="full",
             heads=2,
+        ),
+        # ---- sequences (issue 25): where each is measured, docs/attention.md
+        Statistic(
+            "token_cosine",
+            "sequence blocks (transformer layers): mean cosine similarity between distinct "
+            "token vectors of the block's output, over a fixed sample of positions per "
+            "sequence (gradprobe.sequence.POSITIONS); near 1 is rank collapse",
+            module=lambda p: (_ratio(p["cos_sum"], p["cos_count"]), p["cos_count"] > 0),
+            needs=("tokens",),
+        ),
+        Statistic(
+            "logit_max",
+            "the model's final projection (lm_head, output embeddings, the last Linear): its "
+            "largest logit over the step's calls",
+            module=lambda p: (p["logit_max"], p["logit_z_count"] > 0),
+            needs=("logits",),
+        ),
+        Statistic(
+            "logit_z",
+            "the model's final projection: mean over positions of logsumexp over classes, the "
+            "z of a z-loss (log Z)",
+            module=lambda p: (
+                _ratio(p["logit_z_sum"], p["logit_z_count"]),
+                p["logit_z_count"] > 0,
+            ),
+            needs=("logits",),
+        ),
+        Statistic(
+            "error_time_first",
+            "recurrent modules (fused: the error at its input; a cell loop: each call's "
+            "output error): mean of ‖dL/dy[:, t]‖ over the first quarter of the time steps",
+            module=lambda p: (p["time_first"], _timed(p)),
+            needs=("error", "time"),
+        ),
+        Statistic(
+            "error_time_last",
+            "recurrent modules: mean of ‖dL/dy[:, t]‖ over the last quarter of the time steps",
+            module=lambda p: (p["time_last"], _timed(p)),
+            needs=("error", "time"),
+        ),
+        Statistic(
+            "error_time_slope",
+            "recurrent modules: least-squares slope of log10 ‖dL/dy[:, t]‖ per time step "
+            "(decades per step; > 0: larger towards the end, as when the error from a loss "
+            "at the end dies going back)",
+            module=lambda p: (p["time_slope"], _timed(p) & np.isfinite(p["time_slope"])),
+            needs=("error", "time"),
         ),
         Statistic(
             "global_grad_norm",
@@ -355,6 +408,12 @@ STATISTICS: dict[str, Statistic] = {
 # is bounded (batch × heads × rows × keys logits per call, recorded steps only) and the
 # entropies come from the same logits, so "default" adds them at almost no more. The
 # per-head forms are in "full": H rows per module each, for the same device work.
+# The sequence statistics are in "default": each is measured at a few places only (the
+# blocks of a sequence model, the final projection, the recurrent modules), at a bounded
+# cost: token_cosine a Gram matrix of POSITIONS (32) sampled tokens per sequence
+# ([N, 32, 32]·F multiply-adds per block), the logits one float32 pass over [N, T, V]
+# (a max and a logsumexp, a slice at a time), the error through time one squared sum over
+# the recurrent module's input error (or a 0-d one per cell call), on recorded steps only.
 _PRESET_ORDER = ("cheap", "default", "full")
 PRESETS: dict[str, tuple[str, ...]] = {
     preset: tuple(
@@ -381,6 +440,9 @@ class Plan:
     input_error: bool = False
     carry: bool = False
     attention: bool = False
+    tokens: bool = False
+    logits: bool = False
+    time: bool = False
     params: bool = False
     update: bool = False
     preclip: bool = False

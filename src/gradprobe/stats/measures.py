@@ -13,7 +13,11 @@ class Measure:
     ``site`` is where: a module's ``output`` (forward), its ``error`` signal dL/d(output)
     and ``input`` share dL/d(input) (backward), an activation's ``gate`` f'(z), the carry
     gates of a gated recurrent module (``carry``), the attention calls made inside a module
-    (``attention``: gradprobe.attention's watch, summarised at the step's close), each ``parameter`` at the step, its
+    (``attention``: gradprobe.attention's watch, summarised at the step's close), a
+    sequence block's output (``block``), the model's final projection (``head``), a
+    recurrent module's error signal per time step (``time``: its input's error for a fused
+    module, each call's output error for a cell; :mod:`gradprobe.recording.sequences`),
+    each ``parameter`` at the step, its
     ``update`` across the optimizer step, or the whole ``step`` (backward's gradient
     norms before clipping). ``kind`` is the :data:`gradprobe.buffer.FIELDS` entry its
     site reducer (:mod:`gradprobe.sites`) records per call, its fields named by
@@ -23,7 +27,18 @@ class Measure:
 
     name: str
     site: Literal[
-        "output", "error", "input", "gate", "carry", "attention", "parameter", "update", "step"
+        "output",
+        "error",
+        "input",
+        "gate",
+        "carry",
+        "attention",
+        "parameter",
+        "update",
+        "step",
+        "block",
+        "head",
+        "time",
     ]
     doc: str
     kind: str | None = None
@@ -97,6 +112,27 @@ MEASURES: dict[str, Measure] = {
             ("attn_logit_max", "attn_entropy_sum", "attn_weight", "attn_neg_entropy_min"),
         ),
         Measure(
+            "tokens",
+            "block",
+            "cosines between distinct sampled token vectors of a block's output, and their count",
+            "cos",
+            ("cos_sum", "cos_count"),
+        ),
+        Measure(
+            "logits",
+            "head",
+            "the largest logit, and logsumexp over classes summed over positions, with its count",
+            "logit",
+            ("logit_max", "logit_z_sum", "logit_z_count"),
+        ),
+        Measure(
+            "time",
+            "time",
+            "‖dL/dy[:, t]‖² per time step (a series, placed at the call's time offset)",
+            "time",
+            ("time_sq",),
+        ),
+        Measure(
             "params",
             "parameter",
             "‖grad‖, ‖w‖ and NaN/Inf of grad at the step",
@@ -116,6 +152,8 @@ MEASURES: dict[str, Measure] = {
 
 # How a site's per-call fields fold into partials: (partial, field, how), where ``how`` is
 # ``sum`` (add the field), ``sumsq`` (add its square: norms, whose squares add up),
+# ``series`` (a vector per call, added position by position from the call's offset into
+# the module's series of the step: gradprobe/buffer/drain.py; the column gets its total),
 # ``uncounted`` (add the entries the field does not count: zeros from non-zeros) or
 # ``max`` (keep the largest). Repeated calls of a module in one step fold this way; the
 # partial's own ``combine`` then says how micro-batches and ranks combine.
@@ -138,6 +176,13 @@ FOLDS: dict[str, tuple[tuple[str, str, str], ...]] = {
         ("attn_weight", "weight", "sum"),
         ("attn_neg_entropy_min", "neg_entropy_min", "max"),
     ),
+    "cos": (("cos_sum", "sum", "sum"), ("cos_count", "count", "sum")),
+    "logit": (
+        ("logit_max", "max", "max"),
+        ("logit_z_sum", "sum", "sum"),
+        ("logit_z_count", "count", "sum"),
+    ),
+    "time": (("time_sq", "sq", "series"),),
 }
 
 # Measures a forward hook reads the output for.

@@ -20,7 +20,7 @@ CLIP_RTOL = 1e-5
 MODEL_NAME = "(model)"
 
 Combine = Literal["sum", "max", "same"]
-Where = Literal["device", "host", "params"]
+Where = Literal["device", "host", "params", "series"]
 Scope = Literal["module", "parameter", "model"]
 
 
@@ -38,7 +38,8 @@ class Partial:
     dL/d(output). Under DDP the loss whose gradient the optimizer applies is the *mean*
     of the ranks' losses (DDP averages gradients), so after the cross-rank sum a partial
     of degree d is multiplied by world_size^-d: statistics then describe that loss.
-    ``shard`` (parameter partials): how a sharded (FSDP2) parameter's shards combine into
+    ``where="series"``: derived on the host at the flush, after the cross-rank
+    combination, from a per-time-step series (:mod:`.series`). ``shard`` (parameter partials): how a sharded (FSDP2) parameter's shards combine into
     it: ``sumsq`` for a norm (its squares add up, the root after the sum), ``count`` for a
     count (added as it is); :mod:`gradprobe.shards` reads it.
     """
@@ -50,6 +51,9 @@ class Partial:
     doc: str
     loss_degree: int = 0
     shard: Literal["sumsq", "count"] | None = None
+    # Its value before anything is folded in: 0, or −∞ for the largest of values that
+    # may be negative (``logit_max``), so that a ``max`` over calls and ranks is exact.
+    initial: float = 0.0
 
 
 PARTIALS: dict[str, Partial] = {
@@ -111,7 +115,14 @@ PARTIALS: dict[str, Partial] = {
         # step's calls of a module summarised once at the step's close. Device "max"
         # partials start at -inf (a logit may be negative); the entropy minimum is kept
         # negated so that it folds, and combines over ranks, by max.
-        Partial("attn_logit_max", "module", "max", "device", "largest attention logit"),
+        Partial(
+            "attn_logit_max",
+            "module",
+            "max",
+            "device",
+            "largest attention logit",
+            initial=-np.inf,
+        ),
         Partial("attn_entropy_sum", "module", "sum", "device", "Σ weight·entropy over rows"),
         Partial("attn_weight", "module", "sum", "device", "query rows the entropies stand for"),
         Partial(
@@ -120,6 +131,52 @@ PARTIALS: dict[str, Partial] = {
             "max",
             "device",
             "−(the lowest per-head mean entropy): the most collapsed head",
+            initial=-np.inf,
+        ),
+        # module, sequences (issue 25, gradprobe/sequence.py): token geometry of a block's
+        # output, the final projection's logits, the error signal spread over time
+        Partial("cos_sum", "module", "sum", "device", "cosines between distinct sampled tokens"),
+        Partial("cos_count", "module", "sum", "device", "token pairs whose cosine was summed"),
+        Partial(
+            "logit_max",
+            "module",
+            "max",
+            "device",
+            "largest logit of the final projection",
+            initial=-np.inf,
+        ),
+        Partial("logit_z_sum", "module", "sum", "device", "logsumexp over classes, summed"),
+        Partial("logit_z_count", "module", "sum", "device", "positions whose logsumexp was summed"),
+        Partial("time_calls", "module", "sum", "host", "error-over-time series recorded"),
+        Partial(
+            "time_sq",
+            "module",
+            "sum",
+            "device",
+            "‖dL/dy[:, t]‖² per time step: a series [T] per module and step (Drained.series), "
+            "added position by position; its column holds the series' total",
+            2,
+        ),
+        Partial(
+            "time_first",
+            "module",
+            "same",
+            "series",
+            "mean ‖dL/dy[:, t]‖ over the first quarter of the time steps",
+        ),
+        Partial(
+            "time_last",
+            "module",
+            "same",
+            "series",
+            "mean ‖dL/dy[:, t]‖ over the last quarter of the time steps",
+        ),
+        Partial(
+            "time_slope",
+            "module",
+            "same",
+            "series",
+            "least-squares slope of log10 ‖dL/dy[:, t]‖ per time step",
         ),
         # parameter, computed at the step boundary on the device
         Partial("has_grad", "parameter", "same", "host", "1 if the parameter had a gradient"),
