@@ -84,9 +84,9 @@ def _calls(method: str) -> dict[str, list[str]]:
             func, args = node.func, node.args
             if isinstance(func, ast.Name) and func.id == "partial" and args:
                 func, args = args[0], args[1:]
-            if isinstance(func, ast.Attribute) and func.attr == method and args:
-                if isinstance(args[0], ast.Constant) and isinstance(args[0].value, str):
-                    out.setdefault(args[0].value, []).append(path.stem)
+            named = args and isinstance(args[0], ast.Constant) and isinstance(args[0].value, str)
+            if isinstance(func, ast.Attribute) and func.attr == method and named:
+                out.setdefault(args[0].value, []).append(path.stem)
     return out
 
 
