@@ -45,7 +45,8 @@ Method
   ``gradprobe.stats.STATISTICS`` is in one row; a new one gets its own), interleaved with
   the rows above. Each row includes the hooks' own cost (the ``none`` row).
 * **Parameter statistics vs one bare ``torch._foreach_norm``** over the same gradients:
-  the Probe's per-step parameter work called alone (private ``Probe._record_params``;
+  the Probe's per-step parameter work called alone (private: its engine's
+  ``params.record``, ``Probe._record_params`` before;
   reported as n/a if the engine no longer has it), median of rounds of 50 calls.
 
 With ``--ddp``: plain, the floor, default every=1, cheap every=1 and the default cadence
@@ -456,7 +457,10 @@ def param_stats_vs_foreach(
         row: dict[str, Any] = {"stats": stats}
         probe = Probe(model, opt, stats=stats, modules=[], every=1)
         try:
-            record = getattr(probe, "_record_params", None)
+            # The engine's parameter statistics (gradprobe/recording/params.py), or an
+            # older version's Probe method.
+            params = getattr(getattr(probe, "_engine", None), "params", None)
+            record = getattr(params, "record", None) or getattr(probe, "_record_params", None)
             discard = getattr(getattr(probe, "buffer", None), "discard_step", None)
             if record is None or discard is None:
                 raise AttributeError("Probe._record_params / Probe.buffer.discard_step")

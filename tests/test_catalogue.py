@@ -97,7 +97,7 @@ def test_flags_equal_the_hand_written_ones(label: str, stats: tuple[str, ...]) -
         got = {name: getattr(plan, name.removeprefix("_want_")) for name in _old_flags(stats)}
         assert got == _old_flags(stats), label
         # The carry gates of the LSTM are measured iff a carry statistic is recorded.
-        assert bool(probe._hookup.carry_slots) == bool(set(stats) & _OLD_CARRY), label
+        assert bool(probe._engine.hookup.carry_slots) == bool(set(stats) & _OLD_CARRY), label
         for value in got.values():
             assert type(value) is bool  # plain bools: the hot path reads them
     finally:

@@ -332,7 +332,7 @@ def test_error_inside_a_hook_is_one_warning_and_a_gap():
     model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with Probe(model, opt) as probe:
-        capture = probe._capture  # the forward capture component
+        capture = probe._engine.capture  # the forward capture component
         original = capture.on_forward
 
         def broken(k, module, output):

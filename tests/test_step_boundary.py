@@ -386,7 +386,7 @@ def test_no_state_outlives_its_step() -> None:
                         model[3](h).sum().backward()
                 loss.backward()
                 opt.step()
-            traversals = probe._errors._traversals
+            traversals = probe._engine.errors._traversals
             assert len(traversals.accumulating) == 0, modules
             assert len(traversals.pending) == 0, modules
-            assert sum(probe._errors._owed.values()) == 0, modules
+            assert sum(probe._engine.errors._owed.values()) == 0, modules

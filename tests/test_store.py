@@ -150,7 +150,7 @@ def test_with_a_store_rows_live_on_disk_only(tmp_path):
         for _ in range(6):
             model(torch.randn(3, 4)).sum().backward()
             probe.step()
-        assert probe._rows._frames == []  # nothing accumulates in memory
+        assert probe._engine.rows._frames == []  # nothing accumulates in memory
         live = probe.frame()
     assert sorted(live.step.unique()) == list(range(6))
     assert live.equals(gradprobe.load(tmp_path / "run").frame())

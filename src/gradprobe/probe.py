@@ -77,23 +77,13 @@ from .buffer import StepBuffer
 from .errors import GradprobeError
 from .finding import Finding
 from .recording.bindings import ModuleFilter, select_modules, trainable_parameters
-from .recording.clock import AUTO_BURST, AUTO_EVERY, AUTO_FIRST, StepClock, auto_cadence
+from .recording.clock import AUTO_BURST, AUTO_EVERY, AUTO_FIRST, auto_cadence
 from .recording.context import Context
-from .recording.errors import ErrorCapture
-from .recording.follow import Follow
-from .recording.forward import ForwardCapture
-from .recording.hookup import Hookup, warn_compiled
-from .recording.kept import Kept
+from .recording.engine import Engine
+from .recording.hookup import warn_compiled
 from .recording.meta import Progress, describe, now, optimizer_meta, theory_of
-from .recording.optstep import OptimizerStep
-from .recording.params import ParamStats
-from .recording.passes import Passes
-from .recording.rows import Rows
-from .recording.scaler import ScalerWatch
-from .recording.sequences import SequenceCapture, sequence_sites
+from .recording.sequences import sequence_sites
 from .recording.tensors import first_float_tensor
-from .recording.units import Units
-from .recording.updates import UpdateSnapshot
 from .run import Run
 from .shards import ShardedNorms
 from .stats import PRESETS, STATISTICS, Plan
@@ -258,39 +248,8 @@ class Probe:
             dead_window=dead_window,
             histogram_bins=histogram_bins if self.histograms else 0,
         )
-        # The components, each owning its state (gradprobe/recording/__init__.py).
-        self._follow = Follow(ctx, inner, modules)
-        self._kept = Kept(ctx)
-        self._units = Units(ctx)
-        self._errors = ErrorCapture(ctx, self._kept, sites)
-        self._capture = ForwardCapture(ctx, self._kept, self._units, self._errors, self._follow)
-        self._rows = Rows(ctx)
-        self._clock = StepClock(ctx, self._rows.flush)
-        self._updates = UpdateSnapshot(ctx)
-        self._params_stats = ParamStats(ctx, self._updates, self._clock)
-        self._scaler = ScalerWatch(ctx, self._clock)
-        self._step = OptimizerStep(
-            ctx,
-            params=self._params_stats,
-            updates=self._updates,
-            scaler=self._scaler,
-            follow=self._follow,
-            clock=self._clock,
-            note_time=ctx.progress.note_time,
-        )
-        self._passes = Passes(ctx, self._follow)
-        self._hookup = Hookup(
-            ctx,
-            inner,
-            passes=self._passes,
-            capture=self._capture,
-            errors=self._errors,
-            params=self._params_stats,
-            scaler=self._scaler,
-            step=self._step,
-            clock=self._clock,
-            sequence=SequenceCapture(ctx, sites),
-        )
+        # The components, each owning its state, wired (gradprobe/recording/engine.py).
+        engine = self._engine = Engine.build(ctx, inner, modules, sites)
         ctx.meta = describe(ctx, inner, self._settings(), label, config)
         if optimizer is not None:
             ctx.meta["optimizer"] = optimizer_meta(optimizer)
@@ -303,11 +262,11 @@ class Probe:
         ctx.store = Store(store, ctx.meta) if store is not None and rank_zero else None
         if ctx.compiled:
             warn_compiled()
-        self._hookup.register(inner, optimizer)
+        engine.hookup.register(inner, optimizer)
         # If the Probe is dropped without close(), its hooks must not outlive it.
-        self._finalizer = self._hookup.finalizer(self)
+        self._finalizer = engine.hookup.finalizer(self)
         if optimizer is None and ctx.plan.update:
-            self._updates.take()
+            engine.updates.take()
 
     def _settings(self) -> dict[str, Any]:
         return {
@@ -354,15 +313,15 @@ class Probe:
             )
         if self._ctx.closed:
             return
-        self._step.manual_step()
+        self._engine.step.manual_step()
 
     def frame(self) -> pd.DataFrame:
         """All recorded rows so far (columns step, name, stat, value); flushes the buffer.
 
         Under DDP the flush is collective: call it on every rank (each gets the same rows)."""
         if not self._ctx.closed:
-            self._scaler.poll()
-        return self._rows.frame()
+            self._engine.scaler.poll()
+        return self._engine.rows.frame()
 
     def run(self) -> Run:
         """What has been recorded so far, as a :class:`~gradprobe.run.Run`."""
@@ -375,7 +334,7 @@ class Probe:
         Live writers (e.g. :mod:`gradprobe.integrations.tensorboard`) use it: they see each
         step once, when it is flushed, and cost the training loop nothing in between.
         """
-        return self._rows.add_listener(listener)
+        return self._engine.rows.add_listener(listener)
 
     def log(self, **scalars: Tensor | float) -> None:
         """Record scalars of the training step as ``(model)`` rows: ``probe.log(loss=loss)``.
@@ -400,31 +359,30 @@ class Probe:
         if ctx.closed or not values:
             return
         step = ctx.step_index
-        if step not in (self._passes.trained_step, self._passes.forward_step) and step > 0:
+        if (
+            step not in (self._engine.passes.trained_step, self._engine.passes.forward_step)
+            and step > 0
+        ):
             step -= 1  # no training pass since the optimizer step: the loss is that step's
-        if not self._clock.records(step) and not ctx.auto:
+        if not self._engine.clock.records(step) and not ctx.auto:
             return  # (under "auto" every step has rows: the sentinel's)
         for name, value in values.items():
             ctx.buffer.log(step, name, value)
 
     def close(self) -> None:
         """Remove every hook, flush, finish the store. Idempotent."""
-        ctx = self._ctx
+        ctx, engine = self._ctx, self._engine
         if ctx.closed:
             return
-        self._scaler.poll()  # a last step the scaler skipped
+        engine.scaler.poll()  # a last step the scaler skipped
         ctx.closed = True
-        self._hookup.remove()
+        engine.hookup.remove()
         self._finalizer.detach()
-        self._rows.flush(final=True)  # never raises
+        engine.rows.flush(final=True)  # never raises
         if ctx.store is not None:
             store = ctx.store
             ctx.guard(lambda: store.close(**ctx.progress.of(ctx), finished=now()), "close (store)")
-        ctx.params = []
-        self._updates.close()
-        self._params_stats.close()
-        self._kept.close()
-        self._units.close()
+        engine.release()
 
     # ================================================================ for the integrations
     def _add_meta(self, **entries: Any) -> None:

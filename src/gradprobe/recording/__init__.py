@@ -3,6 +3,7 @@
 Each owns its state; they share one :class:`~gradprobe.recording.context.Context` and
 tell each other a few events (:data:`~gradprobe.recording.context.EVENTS`)::
 
+    engine     Engine: the components of one Probe, made and wired in one place
     context    Context: configuration, bindings, buffer, the step's state; events; the guard
     hookup     Hookup: every hook registered, every entry point routed, a failure's gap
     passes     Passes: which forward passes are trained, what a module hook does with a call

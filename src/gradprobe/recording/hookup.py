@@ -309,6 +309,11 @@ class Hookup:
         self._step_hooks_on = False
 
     # ------------------------------------------------------------ the guard
+    @property
+    def _failed_where(self) -> set[str]:
+        """Where failures were said (gradprobe.hooks: should telling the owner fail too)."""
+        return self.ctx.failed_where
+
     def _entry_failed(self, site: Site, key: int, exc: BaseException) -> None:
         """An entry point failed (gradprobe.hooks.Entry): one warning naming the site, and
         a gap in what the site feeds, for this step."""
