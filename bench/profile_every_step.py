@@ -51,7 +51,7 @@ def cprofile_table(case: Any, steps: int, warm: int, keep_walks: bool = True) ->
     twin = Twin(EVERY_1, case)
     plain = Twin(PLAIN, case)
     if not keep_walks:
-        twin.probe._traversals.keep_walks(False)
+        twin.probe._engine.errors.traversals.keep_walks(False)
     for _ in range(warm):
         twin.step(timed=False)
         plain.step(timed=False)

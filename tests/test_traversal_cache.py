@@ -106,7 +106,7 @@ def run(schedule, probe_kind: str | None, reference: bool = False):
     # Every module but the root: the block too, whose graph is several nodes deep.
     probe = Probe(model, opt, every=1, modules=lambda n, m: n != "") if probe_kind else None
     if probe_kind == "walked":
-        probe._traversals.keep_walks(False)
+        probe._engine.errors.traversals.keep_walks(False)
     gen = torch.Generator().manual_seed(3)
     expected = []
     with warnings.catch_warnings():
@@ -208,7 +208,7 @@ def test_the_walk_runs_once_per_signature(monkeypatch):
         "TanhBackward0": 1,
         "MulBackward0": STEPS,
     }
-    caches = probe._traversals.walk_caches
+    caches = probe._engine.errors.traversals.walk_caches
     assert sum(c.walks + c.hits for c in caches.values()) == 4 * STEPS  # every call asked
     assert sum(c.walks for c in caches.values()) == sum(counts.values())
     assert len(by_step(frame, "error_gain")) == 4 * STEPS

@@ -181,6 +181,13 @@ class ErrorCapture:
         self._deferred = Deferred(kept_tensors)  # small signals batched at the pass's end
         ctx.on("step_closed", self._on_step_closed)
 
+
+    @property
+    def traversals(self) -> Traversals:
+        """The error-signal traversals (error_gain's graph walks, kept while the graph
+        repeats: ``traversals.keep_walks``, ``walk_caches``)."""
+        return self._traversals
+
     def _on_step_closed(self, step: int) -> None:
         if not inside_backward():
             # Nothing of a backward outlives its step: a backward that raised (an OOM retry)

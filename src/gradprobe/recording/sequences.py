@@ -63,10 +63,10 @@ def _is_attention(module: nn.Module) -> bool:
 
 def _block_time_dim(module: nn.Module) -> int:
     """1 for ``[N, T, F]``; 0 for a sequence-first torch Transformer layer ``[T, N, F]``."""
-    attn = (
-        module if isinstance(module, nn.MultiheadAttention) else getattr(module, "self_attn", None)
-    )
-    if isinstance(attn, nn.MultiheadAttention) and not attn.batch_first:
+    # nn.MultiheadAttention is the kinds table's module that computes attention itself
+    attn = module if module_kind(module).attention else getattr(module, "self_attn", None)
+    attention = isinstance(attn, nn.Module) and module_kind(attn).attention
+    if attention and not getattr(attn, "batch_first", True):
         return 0
     return 1
 
