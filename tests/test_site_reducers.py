@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import gradprobe.reduce as reduce
+from allocations import LargestNew
 from gradprobe.buffer import FIELDS
 from gradprobe.reduce import _COUNT_CHUNK, l2_norm, l2_norms, stack_norms
 from gradprobe.sites import (
@@ -401,3 +402,25 @@ def test_one_size_splits_held_outputs_from_those_reduced_alone() -> None:
         assert int(out.fields["out"][2]) == np.count_nonzero(ref)
         assert (out.units[0] != 0).tolist() == (ref != 0).any(axis=0).tolist()
     assert len(asked) == 1  # the call of HELD_NUMEL + 1 entries only
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_absmax_of_a_finite_users_tensor_makes_no_copy(dtype):
+    """The user's tensor (not owned), known finite by the screen: its largest |entry| from
+    its max and min, no |y| of its size allocated; equal to numpy's (a max rounds nothing),
+    the largest entry here negative, and −0 read as +0."""
+    rng = np.random.default_rng(7)
+    y = torch.tensor(rng.standard_normal((64, 40, 30)), dtype=dtype)
+    y[3, 4, 5] = -9.0  # the largest |y|: a negative entry
+    zeros = -torch.zeros(1, 70000, dtype=dtype)  # all −0: absmax +0
+    for t, want in ((y, 9.0), (zeros, 0.0)):
+        with LargestNew() as mode:
+            # nonfinite: the norm whose screen says the tensor is finite
+            out = reduce_outputs(
+                t.unsqueeze(0), ["nonfinite", "absmax"], constant=_constant, index=_index
+            )
+        (absmax,) = out.fields["absmax"]
+        assert float(absmax) == float(np.abs(t.double().numpy()).max()) == want
+        assert math.copysign(1.0, float(absmax)) == 1.0
+        assert mode.largest < t.numel() // 4  # no |y| (nor a bool mask of it)
+        assert int(out.fields["nonfinite"][0]) == 0

@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
+from allocations import LargestNew
 from gradprobe import Probe
 from gradprobe.recording import kept
 from gradprobe.reduce import unit_nonzero_counts
@@ -103,28 +102,6 @@ def test_counts_equal_numpy_across_chunks_with_nan_and_inf(shape, unit, buffer, 
     assert np.array_equal(got.numpy(), expected.astype(np.float64))
 
 
-class _LargestTensor(TorchDispatchMode):
-    """The most entries any new memory made by an op under it held (views and ``out=``
-    results share an input's storage: not new)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        seen = {
-            t.untyped_storage().data_ptr()
-            for t in tree_leaves((args, kwargs))
-            if isinstance(t, torch.Tensor)
-        }
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen:
-                self.largest = max(self.largest, t.untyped_storage().nbytes() // t.element_size())
-        return out
-
-
 def test_no_intermediate_of_the_outputs_size():
     """The structure of the pass, not its time: every tensor it makes (views aside) holds
     at most a chunk of the buffer's size or the [units] totals, whatever the number of
@@ -133,7 +110,7 @@ def test_no_intermediate_of_the_outputs_size():
     y = torch.randn(1, 400, units)
     y[:, ::3] = 0.0
     buffer = torch.empty(1 << 16)  # 13 samples a chunk: 31 chunks
-    with _LargestTensor() as mode:
+    with LargestNew() as mode:
         got = unit_nonzero_counts(y, 2, buffer)
     assert mode.largest <= units  # the per-chunk sums and the total: [units] each
     assert torch.equal(got, torch.count_nonzero(y[0], dim=0).double())

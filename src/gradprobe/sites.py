@@ -316,6 +316,13 @@ def reduce_outputs(
         else:
             stacked = tuple(d + 1 for d in udims)
             out.units = activity(stack, stacked, nonnegative).reshape(k, -1)
+    if "absmax" in wanted and not owned and not tanh and s.all_finite():
+        # The user's tensor, known finite: max |y| = max(max y, −min y), two reading
+        # passes and no |y| copy (on GPT-2's logits 13 vs 90 ms, one thread). Exact: a
+        # max selects an entry; abs() makes a −0 max +0, as |y|'s is.
+        top, bottom = per_call(torch.amax, stack), per_call(torch.amin, stack)
+        s.absmax = torch.maximum(top, bottom.neg_()).abs_()
+        magnitudes = False  # nothing else reads |y| of a stack not owned but tanh's gate
     # -- what reads |y|: in place on an owned stack (its values are not read again)
     if magnitudes:
         mags = stack.abs_() if owned else stack.abs()
