@@ -21,6 +21,7 @@ from gradprobe.buffer import FIELDS
 from gradprobe.reduce import _COUNT_CHUNK, l2_norm, l2_norms, stack_norms
 from gradprobe.sites import (
     ERROR_FIELDS,
+    HELD_NUMEL,
     OUTPUT_FIELDS,
     reduce_errors,
     reduce_outputs,
@@ -424,3 +425,36 @@ def test_absmax_of_a_finite_users_tensor_makes_no_copy(dtype):
         assert math.copysign(1.0, float(absmax)) == 1.0
         assert mode.largest < t.numel() // 4  # no |y| (nor a bool mask of it)
         assert int(out.fields["nonfinite"][0]) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_a_large_tanh_output_counts_saturation_in_chunks(dtype):
+    """A tanh output over HELD_NUMEL entries, the user's (only read), through a counts
+    buffer smaller than it (chunks crossing rows): every value of the dtype within 6 steps
+    of ±√0.99, zeros, ±Inf (saturated: y² > 0.99) and NaN (not), counted against exact
+    rational arithmetic; no |y| or bool mask of its size made; the tensor left as it was."""
+    tanh_y = torch.cat([_around(TANH_BOUND, dtype, 6), -_around(TANH_BOUND, dtype, 6)])
+    special = torch.tensor([0.0, -0.0, math.inf, -math.inf, math.nan], dtype=dtype)
+    values = torch.cat([tanh_y, special])
+    entries = HELD_NUMEL + 1024  # 3328 rows of 20
+    y = values.repeat(math.ceil(entries / values.numel()))[:entries].reshape(1, -1, 20)
+    before = y.clone()
+    sat = Fraction(1, 100)  # SAT_THRESHOLD, exactly
+    ref = y.double().numpy().ravel()
+    finite = ref[np.isfinite(ref)]
+    want = sum(Fraction(v) ** 2 > 1 - sat for v in finite.tolist()) + int(np.isinf(ref).sum())
+    with LargestNew() as mode:
+        out = reduce_outputs(
+            y,
+            ["nonfinite", "gate"],
+            constant=_constant,
+            index=_index,
+            gates=["tanh"],
+            counts_buffer=lambda need: torch.empty(max(need, 3001)),
+        )
+    ((name, _, gate_sum, saturated),) = out.gates
+    assert name == "tanh" and float(saturated) == want
+    assert mode.largest < y.numel() // 4
+    assert torch.equal(y.view(torch.uint8), before.view(torch.uint8))  # read only
+    assert int(out.fields["nonfinite"][0]) == 1
+    assert math.isnan(float(gate_sum))  # n − ‖y‖²: a NaN entry makes it NaN, as before

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from .reduce import (
+    abs_at_least_count,
     accumulation_dtype,
     l2_norm,
     l2_norms,
@@ -287,7 +288,19 @@ def reduce_outputs(
         and device.type == "cpu"
         and stack.is_contiguous()
     )
-    magnitudes = "absmax" in wanted or bool(tanh) or (owned and need_nonzero)
+    # A large CPU output alone, read-only: tanh's saturated count chunk by chunk through
+    # the counts buffer (reduce.abs_at_least_count), without |y| of its size.
+    chunked_tanh = (
+        bool(tanh)
+        and not owned
+        and k == 1
+        and counts_buffer is not None
+        and n > HELD_NUMEL
+        and device.type == "cpu"
+        and stack.dtype in (torch.float32, torch.float16, torch.bfloat16)
+        and stack.is_contiguous()
+    )
+    magnitudes = "absmax" in wanted or (bool(tanh) and not chunked_tanh) or (owned and need_nonzero)
     out = Outputs({})
     # -- what reads y
     if need_norm:
@@ -316,17 +329,23 @@ def reduce_outputs(
         else:
             stacked = tuple(d + 1 for d in udims)
             out.units = activity(stack, stacked, nonnegative).reshape(k, -1)
-    if "absmax" in wanted and not owned and not tanh and s.all_finite():
+    if chunked_tanh:
+        assert counts_buffer is not None
+        edge = saturation_edges(stack.dtype)[0]  # exact in y's dtype (see there)
+        saturated = abs_at_least_count(stack, edge, counts_buffer(0))
+        gate_sum = n - _squares(s.norms)
+        out.gates.insert(0, ("tanh", tanh, gate_sum, saturated))
+    if "absmax" in wanted and not owned and (chunked_tanh or not tanh) and s.all_finite():
         # The user's tensor, known finite: max |y| = max(max y, −min y), two reading
         # passes and no |y| copy (on GPT-2's logits 13 vs 90 ms, one thread). Exact: a
         # max selects an entry; abs() makes a −0 max +0, as |y|'s is.
         top, bottom = per_call(torch.amax, stack), per_call(torch.amin, stack)
         s.absmax = torch.maximum(top, bottom.neg_()).abs_()
-        magnitudes = False  # nothing else reads |y| of a stack not owned but tanh's gate
+        magnitudes = False  # nothing else reads |y| of a stack not owned
     # -- what reads |y|: in place on an owned stack (its values are not read again)
     if magnitudes:
         mags = stack.abs_() if owned else stack.abs()
-        if tanh:  # f' = 1 − y²: its sum from the norm; saturated where y² > 0.99
+        if tanh and not chunked_tanh:  # f' = 1 − y²: from the norm; saturated: y² > 0.99
             y = _rows(mags, tanh, index)
             edge = saturation_edges(stack.dtype)[0]  # exact in y's dtype (see there)
             if compare is not None:
