@@ -427,34 +427,43 @@ def test_absmax_of_a_finite_users_tensor_makes_no_copy(dtype):
         assert int(out.fields["nonfinite"][0]) == 0
 
 
+@pytest.mark.parametrize("gate", ["tanh", "sigmoid"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_a_large_tanh_output_counts_saturation_in_chunks(dtype):
-    """A tanh output over HELD_NUMEL entries, the user's (only read), through a counts
-    buffer smaller than it (chunks crossing rows): every value of the dtype within 6 steps
-    of ±√0.99, zeros, ±Inf (saturated: y² > 0.99) and NaN (not), counted against exact
-    rational arithmetic; no |y| or bool mask of its size made; the tensor left as it was."""
-    tanh_y = torch.cat([_around(TANH_BOUND, dtype, 6), -_around(TANH_BOUND, dtype, 6)])
+def test_a_large_output_counts_saturation_in_chunks(dtype, gate):
+    """A tanh or sigmoid output over HELD_NUMEL entries, the user's (only read), through a
+    counts buffer smaller than it (chunks crossing rows): every value of the dtype within
+    6 steps of the saturation bounds (±√0.99; ½ ± √0.2475), zeros, ±Inf (saturated:
+    y² > 0.99, y(1 − y) < 0.0025) and NaN (not), counted against exact rational
+    arithmetic; no |y| or bool mask of its size made; the tensor left as it was."""
+    sat = Fraction(1, 100)  # SAT_THRESHOLD, exactly
+    if gate == "tanh":
+        near = torch.cat([_around(TANH_BOUND, dtype, 6), -_around(TANH_BOUND, dtype, 6)])
+        saturated = lambda v: v**2 > 1 - sat  # noqa: E731
+    else:
+        bound = math.sqrt(0.2475)
+        near = torch.cat([_around(0.5 - bound, dtype, 6), _around(0.5 + bound, dtype, 6)])
+        saturated = lambda v: v * (1 - v) < sat / 4  # noqa: E731
     special = torch.tensor([0.0, -0.0, math.inf, -math.inf, math.nan], dtype=dtype)
-    values = torch.cat([tanh_y, special])
+    values = torch.cat([near, special])
     entries = HELD_NUMEL + 1024  # 3328 rows of 20
     y = values.repeat(math.ceil(entries / values.numel()))[:entries].reshape(1, -1, 20)
     before = y.clone()
-    sat = Fraction(1, 100)  # SAT_THRESHOLD, exactly
     ref = y.double().numpy().ravel()
     finite = ref[np.isfinite(ref)]
-    want = sum(Fraction(v) ** 2 > 1 - sat for v in finite.tolist()) + int(np.isinf(ref).sum())
+    want = sum(saturated(Fraction(v)) for v in finite.tolist()) + int(np.isinf(ref).sum())
+    assert 0 < want < ref.size
     with LargestNew() as mode:
         out = reduce_outputs(
             y,
             ["nonfinite", "gate"],
             constant=_constant,
             index=_index,
-            gates=["tanh"],
+            gates=[gate],
             counts_buffer=lambda need: torch.empty(max(need, 3001)),
         )
-    ((name, _, gate_sum, saturated),) = out.gates
-    assert name == "tanh" and float(saturated) == want
+    ((name, _, gate_sum, count),) = out.gates
+    assert name == gate and float(count) == want
     assert mode.largest < y.numel() // 4
     assert torch.equal(y.view(torch.uint8), before.view(torch.uint8))  # read only
     assert int(out.fields["nonfinite"][0]) == 1
-    assert math.isnan(float(gate_sum))  # n − ‖y‖²: a NaN entry makes it NaN, as before
+    assert math.isnan(float(gate_sum))  # from ‖y‖² (and Σy): a NaN entry makes it NaN

@@ -35,12 +35,12 @@ from torch import Tensor
 
 __all__ = [
     "SAFE_LOW",
-    "abs_at_least_count",
     "accumulation_dtype",
     "l2_norm",
     "l2_norms",
     "nonfinite_flags",
     "nonzero_count",
+    "outside_count",
     "per_call",
     "screened",
     "stack_norms",
@@ -230,16 +230,17 @@ def unit_nonzero_counts(y: Tensor, unit: int, buffer: Tensor) -> Tensor:
     return total
 
 
-def abs_at_least_count(y: Tensor, edge: float, buffer: Tensor) -> Tensor:
-    """How many entries of ``y`` have ``|y| ≥ edge``: a 0-d float64 count. ``y``: a
-    contiguous CPU float tensor, only read; ``buffer``: a float32 scratch (the Probe's
-    counts buffer), as many entries a chunk as it holds.
+def outside_count(y: Tensor, low: float, high: float, buffer: Tensor) -> Tensor:
+    """How many entries of ``y`` are ``≤ low`` or ``≥ high`` (``low < high``): a 0-d
+    float64 count. ``y``: a contiguous CPU float tensor, only read; ``buffer``: a float32
+    scratch (the Probe's counts buffer), as many entries a chunk as it holds.
 
-    |y| written into the buffer, compared with ``edge`` there, summed: no |y| copy of
-    ``y``'s size and no bool tensor, whose ``count_nonzero`` branches per entry (~3× this
-    on a saturated tanh output, one thread). Exact: |y| of a float16/bfloat16/float32 entry
-    is a float32 value (the edge too, a value of ``y``'s dtype), so the comparison rounds
-    nothing; NaN is never ≥ the edge; sums of 0/1 as in :func:`unit_nonzero_counts`.
+    Compared into the buffer and summed, chunk by chunk: no copy of ``y``'s size and no
+    bool mask, whose ``count_nonzero`` branches per entry (~3× this on a saturated tanh
+    output, one thread). A symmetric pair (tanh's ``±edge``) compares |y| once. Exact: the
+    edges are values of ``y``'s dtype and |y| or a half-precision entry widened to float32
+    is exact, so no comparison rounds; NaN is never counted, ±Inf is; sums of 0/1 as in
+    :func:`unit_nonzero_counts`.
     """
     flat = y.view(-1)
     size = buffer.numel()
@@ -248,11 +249,17 @@ def abs_at_least_count(y: Tensor, edge: float, buffer: Tensor) -> Tensor:
     for start in range(0, flat.numel(), size):
         part = flat[start : start + size]
         out = buffer.view(-1)[: part.numel()]
-        if part.dtype == out.dtype:
-            torch.abs(part, out=out)
-        else:  # abs() writes only its own dtype: half precision widened first (exact)
-            out.copy_(part).abs_()
-        torch.ge(out, edge, out=out)
+        if low == -high:
+            if part.dtype == out.dtype:
+                torch.abs(part, out=out)
+            else:  # abs() writes only its own dtype: half precision widened first (exact)
+                out.copy_(part).abs_()
+            torch.ge(out, high, out=out)
+            total += out.sum(dtype=partial)
+            continue
+        torch.le(part, low, out=out)
+        total += out.sum(dtype=partial)
+        torch.ge(part, high, out=out)
         total += out.sum(dtype=partial)
     return total
 

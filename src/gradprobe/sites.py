@@ -28,12 +28,12 @@ import torch
 from torch import Tensor
 
 from .reduce import (
-    abs_at_least_count,
     accumulation_dtype,
     l2_norm,
     l2_norms,
     nonfinite_flags,
     nonzero_count,
+    outside_count,
     per_call,
     stack_norms,
     unit_nonzero_counts,
@@ -288,10 +288,10 @@ def reduce_outputs(
         and device.type == "cpu"
         and stack.is_contiguous()
     )
-    # A large CPU output alone, read-only: tanh's saturated count chunk by chunk through
-    # the counts buffer (reduce.abs_at_least_count), without |y| of its size.
-    chunked_tanh = (
-        bool(tanh)
+    # A large CPU output alone, read-only: its gate's saturated count chunk by chunk
+    # through the counts buffer (reduce.outside_count), without |y| or a mask of its size.
+    chunked_gate = (
+        bool(tanh or sigmoid)
         and not owned
         and k == 1
         and counts_buffer is not None
@@ -300,6 +300,7 @@ def reduce_outputs(
         and stack.dtype in (torch.float32, torch.float16, torch.bfloat16)
         and stack.is_contiguous()
     )
+    chunked_tanh = chunked_gate and bool(tanh)
     magnitudes = "absmax" in wanted or (bool(tanh) and not chunked_tanh) or (owned and need_nonzero)
     out = Outputs({})
     # -- what reads y
@@ -313,7 +314,11 @@ def reduce_outputs(
         y = _rows(stack, sigmoid, index)
         gate_sum = _rows(s.total, sigmoid, index) - _squares(_rows(s.norms, sigmoid, index))
         _, low, high = saturation_edges(stack.dtype)  # exact in y's dtype (see there)
-        saturated = per_call(torch.count_nonzero, (y <= low).logical_or_(y >= high))
+        if chunked_gate:
+            assert counts_buffer is not None
+            saturated = outside_count(stack, low, high, counts_buffer(0))
+        else:
+            saturated = per_call(torch.count_nonzero, (y <= low).logical_or_(y >= high))
         out.gates.append(("sigmoid", sigmoid, gate_sum, saturated))
     if counts:
         assert counts_buffer is not None
@@ -332,7 +337,7 @@ def reduce_outputs(
     if chunked_tanh:
         assert counts_buffer is not None
         edge = saturation_edges(stack.dtype)[0]  # exact in y's dtype (see there)
-        saturated = abs_at_least_count(stack, edge, counts_buffer(0))
+        saturated = outside_count(stack, -edge, edge, counts_buffer(0))
         gate_sum = n - _squares(s.norms)
         out.gates.insert(0, ("tanh", tanh, gate_sum, saturated))
     if "absmax" in wanted and not owned and (chunked_tanh or not tanh) and s.all_finite():
