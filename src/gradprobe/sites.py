@@ -256,7 +256,8 @@ def reduce_outputs(
     read (|y| in place, then |y| ≠ 0) to save a copy; else it is the user's tensor and
     only read. ``compare``: a kept float buffer like the rows it is given (tanh's
     comparison), ``counts_buffer(n)`` a kept float buffer of at least ``n`` entries (the
-    one-pass unit counts of a large CPU output, one call); without them, fresh tensors.
+    one-pass unit counts of a large CPU output, one call, and its gate's saturated count,
+    chunk by chunk); without them, fresh tensors.
     ``exact``: NaN/Inf counted entry by entry (``stats="full"``), else flagged.
 
     Three phases, in order: what reads y (norms, sums, sigmoid gates, unit activity where
