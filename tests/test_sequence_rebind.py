@@ -159,6 +159,9 @@ def test_token_cosine_and_logits_go_on_after_the_model_changes(change, every) ->
         assert zs[(s, "head")] == pytest.approx(_logsumexp(logits).mean(), rel=1e-5)
     if change is _append_block:
         assert (recorded[-1], "blocks.2") in cosines
+    # Blocks, old and new, are sequence-only sites: their rows are token_cosine only.
+    blocks = frame[frame.name.str.startswith("blocks.") & ~frame.name.str.contains(r"\.\d+\.")]
+    assert set(blocks.stat) == {"token_cosine"}
 
 
 def test_hugging_face_gpt2_head_swapped() -> None:
