@@ -31,5 +31,6 @@ backward_ended (params' queued callback → params, follow), backward_accumulati
 → follow), gradients_marked / gradients_discarded (follow → units), step_closing (clock →
 forward, which settles units; attn, which summarises the step's attention calls), step_discarded (clock, scaler → forward, units, params,
 updates, attn), step_closed (clock → params, follow, errors, optstep, hookup), model_changing
-(follow → rows), model_rebound (follow → params, updates, hookup).
+(follow → rows), sequence_sites (follow → sequences, errors: the sites of a changed model),
+model_rebound (follow → params, updates, hookup).
 """

@@ -60,6 +60,8 @@ EVENTS = {
     # and bound (the parameters new since).
     "model_changing": (),
     "model_rebound": ("new_params",),
+    # The sequence sites of the model as it is now (emitted before model_rebound).
+    "sequence_sites": ("sites",),
 }
 
 

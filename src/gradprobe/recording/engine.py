@@ -58,7 +58,7 @@ class Engine:
         ``modules``, to follow a model that changes; ``sites``: where the sequence statistics
         are measured, :func:`.sequences.sequence_sites`). No hook is on the model yet
         (:meth:`Hookup.register`)."""
-        follow = Follow(ctx, model, selection)
+        follow = Follow(ctx, model, selection, sites)
         kept = Kept(ctx)
         units = Units(ctx)
         errors = ErrorCapture(ctx, kept, sites)

@@ -198,6 +198,8 @@ class ErrorCapture:
         self._want_error = ctx.plan.error
         self._want_input_error = ctx.plan.input_error
         self._time = TimeErrors(sites if ctx.plan.time else None)  # error through time
+        if ctx.plan.time:  # a changed model's recurrent modules (recording/follow.py)
+            ctx.on("sequence_sites", self._time.rebind)
         # Error signals wait for their backward pass to end: only .backward() counts.
         self._traversals = Traversals()
         # Calls whose first run could not register error-signal hooks (a reentrant

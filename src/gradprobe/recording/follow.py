@@ -33,6 +33,7 @@ from ..hooks import warn_gap
 from .bindings import choose_modules, make_slot, trainable_parameters
 from .context import Context, inside_backward
 from .meta import module_info
+from .sequences import follow_sites
 
 __all__ = ["Follow", "model_signature"]
 
@@ -50,9 +51,9 @@ def model_signature(
 class Follow:
     """The bindings kept true to the model, and which passes' records count."""
 
-    def __init__(self, ctx: Context, model: nn.Module, selection: Any) -> None:
+    def __init__(self, ctx: Context, model: nn.Module, selection: Any, sites: Any = None) -> None:
         self.ctx = ctx
-        self._selection = selection
+        self._selection, self._sites = selection, sites  # sites: recording/sequences.py
         self._signature = model_signature(model, not ctx.shards)
         self._followed_step = -1  # the last step whose model was compared
         # When the last backward pass of the step ended: each .grad's tensor (weakly) and
@@ -273,7 +274,7 @@ class Follow:
         bound = {
             (s.name, id(ref())): s.index
             for s, ref in zip(slots, self._bound_modules)
-            if s.index not in ctx.retired_slots and ref() is not None
+            if s.index not in ctx.retired_slots and ref() is not None and not s.sequence_only
         }
         chosen = choose_modules(model, self._selection, strict=False)
         kept = set()
@@ -288,6 +289,9 @@ class Follow:
             self._bound_modules.append(weakref.ref(module))
             new_modules.append((slot, module))
             kept.add(slot.index)
+        # Blocks and the final projection, as at construction (sequence-only slots kept).
+        refs, explicit = self._bound_modules, self._selection is not None
+        sites = self._sites = follow_sites(ctx, model, refs, kept, explicit, self._sites)
         ctx.retired_slots |= {s.index for s in slots} - kept
         # A retired module's units are no longer tracked (it never runs again).
         ctx.buffer.units_off |= ctx.retired_slots
@@ -320,6 +324,7 @@ class Follow:
         self._grad_marker = None  # other parameters: nothing of before is comparable
         self._describe_new(new_modules, names, found, fresh)
         # Hooks again, on the new modules and parameters (gradprobe/recording/hookup.py).
+        ctx.emit("sequence_sites", sites)  # before the hooks go on again
         ctx.emit("model_rebound", new_params)
 
     def _describe_new(

@@ -29,6 +29,7 @@ modules are sites (``modules=[]``: none, the model compiles whole).
 
 from __future__ import annotations
 
+import weakref
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,7 +43,7 @@ from .bindings import Slot, make_slot
 from .context import Context
 from .tensors import first_float_tensor
 
-__all__ = ["SequenceCapture", "SequenceSites", "TimeErrors", "sequence_sites"]
+__all__ = ["SequenceCapture", "SequenceSites", "TimeErrors", "follow_sites", "sequence_sites"]
 
 
 @dataclass
@@ -54,6 +55,7 @@ class SequenceSites:
     head: int | None = None
     fused: dict[int, bool] = field(default_factory=dict)
     cells: set[int] = field(default_factory=set)
+    head_name: str | None = None  # the final projection's, measured or not
 
 
 def _is_attention(module: nn.Module) -> bool:
@@ -86,7 +88,13 @@ def _blocks(model: nn.Module) -> dict[str, nn.Module]:
     }
 
 
-def _head(model: nn.Module, blocks: dict[str, nn.Module]) -> str | None:
+def _head(
+    model: nn.Module, blocks: dict[str, nn.Module], previous: str | None = None
+) -> str | None:
+    """The final projection (see the module's docstring). ``previous``: the one before a
+    change of the model, kept while a Linear of that rule still holds its name (an adapter
+    registered after it does not take its place; a head replaced under its name is the
+    new one)."""
     names = {id(m): n for n, m in model.named_modules()}
     get = getattr(model, "get_output_embeddings", None)
     if callable(get):
@@ -105,31 +113,46 @@ def _head(model: nn.Module, blocks: dict[str, nn.Module]) -> str | None:
         for n, m in model.named_modules()
         if isinstance(m, nn.Linear) and id(m) not in inside and m.out_features >= 2
     ]
+    if previous in linear:
+        return previous
     return linear[-1] if linear else None
 
 
 def sequence_sites(
-    model: nn.Module, slots: list[Slot], explicit: bool
+    model: nn.Module,
+    slots: list[Slot],
+    explicit: bool,
+    bound: dict[tuple[str, int], int] | None = None,
+    start: int | None = None,
+    previous_head: str | None = None,
 ) -> tuple[list[Slot], SequenceSites]:
     """The sequence sites of ``model`` given the probed ``slots``: the sequence-only slots
-    to append (none where ``explicit``: the user chose the modules), and the sites."""
+    to append (none where ``explicit``: the user chose the modules), and the sites.
+    Following a changed model: ``bound``, the sequence-only slots already bound, by (name,
+    module id), kept where that module still is; ``start``, the first new slot's index;
+    ``previous_head``, the final projection's name before the change."""
     by_name = {s.name: s.index for s in slots}
     modules = dict(model.named_modules())
     blocks = _blocks(model)
-    head = _head(model, blocks)
+    head = _head(model, blocks, previous_head)
     extra: list[Slot] = []
+    first = len(slots) if start is None else start
 
     def index(name: str) -> int | None:
         if name in by_name:
             return by_name[name]
         if explicit:
             return None
-        slot = make_slot(len(slots) + len(extra), name, modules[name], sequence_only=True)
+        k = (bound or {}).get((name, id(modules[name])))
+        if k is not None:
+            by_name[name] = k
+            return k
+        slot = make_slot(first + len(extra), name, modules[name], sequence_only=True)
         extra.append(slot)
         by_name[name] = slot.index
         return slot.index
 
-    sites = SequenceSites()
+    sites = SequenceSites(head_name=head)
     for name, module in blocks.items():
         k = index(name)
         if k is not None:
@@ -147,14 +170,52 @@ def sequence_sites(
     return extra, sites
 
 
+def follow_sites(
+    ctx: Context,
+    model: nn.Module,
+    refs: list[Any],
+    kept: set[int],
+    explicit: bool,
+    previous: SequenceSites | None,
+) -> SequenceSites:
+    """The sequence sites of a model that changed (gradprobe/recording/follow.py), by the
+    rules of the Probe's construction: ``kept``, the probed slots bound to it now (the
+    sites' blocks and head are added); a sequence-only slot whose module is still there
+    keeps its slot, one for a new block or head is appended to ``ctx.slots`` (its module's
+    weak reference to ``refs``). Where no statistic measured at sequence-only slots is
+    asked for, none is bound, as at construction. ``previous``: the sites before."""
+    slots = ctx.slots
+    bound = {
+        (s.name, id(ref())): s.index
+        for s, ref in zip(slots, refs)
+        if s.sequence_only and s.index not in ctx.retired_slots and ref() is not None
+    }
+    explicit = explicit or not (ctx.plan.tokens or ctx.plan.logits)
+    probed = [slots[k] for k in sorted(kept)]
+    head = previous.head_name if previous is not None else None
+    extra, sites = sequence_sites(model, probed, explicit, bound, len(slots), head)
+    modules = dict(model.named_modules())
+    for slot in extra:
+        slots.append(slot)
+        refs.append(weakref.ref(modules[slot.name]))
+    kept.update(sites.blocks, () if sites.head is None else (sites.head,))
+    return sites
+
+
 class SequenceCapture:
     """What the forward hooks of sequence sites measure (blocks and the final projection);
     the error through time is the error capture's (it owns the error hooks)."""
 
     def __init__(self, ctx: Context, sites: SequenceSites) -> None:
         self.ctx = ctx
+        self._on_sites(sites)
+        # Before the hooks go on again (hookup handles model_rebound, emitted after).
+        ctx.on("sequence_sites", self._on_sites)
+
+    def _on_sites(self, sites: SequenceSites) -> None:
+        """The sites of the model as it is (at construction; after a change of it)."""
         self.sites = sites
-        plan = ctx.plan
+        plan = self.ctx.plan
         self._blocks = sites.blocks if plan.tokens else {}
         self._head = sites.head if plan.logits else None
         # The slots whose forward hook calls on_forward (hookup reads it).
@@ -187,12 +248,17 @@ class TimeErrors:
     reverse). Records are ``("time", slot, token, device, index, (series,))``."""
 
     def __init__(self, sites: SequenceSites | None) -> None:
-        self._fused: dict[int, bool] = dict(sites.fused) if sites is not None else {}
-        self._cells: frozenset[int] = frozenset(sites.cells if sites is not None else ())
+        self.rebind(sites)
         self._dims: dict[int, int] = {}  # slot -> the open call's time dimension
         self._tokens: dict[int, int] = {}  # token -> time dimension (fused)
         self._cell_calls: dict[int, int] = defaultdict(int)  # slot -> calls in the step
         self._cell_tokens: dict[int, int] = {}  # token -> the call's index in the step
+
+    def rebind(self, sites: SequenceSites | None) -> None:
+        """The recurrent modules to measure (``None``: none): at construction, and for a
+        model that changed (the sites recomputed: recording/follow.py)."""
+        self._fused: dict[int, bool] = dict(sites.fused) if sites is not None else {}
+        self._cells: frozenset[int] = frozenset(sites.cells if sites is not None else ())
 
     def clear(self) -> None:
         """The step closed: nothing of its calls is kept."""
