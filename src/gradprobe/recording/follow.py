@@ -239,7 +239,10 @@ class Follow:
         statistics become gaps and nothing more is recorded (absent, never wrong), with
         one warning that says so."""
         ctx = self.ctx
-        if ctx.unfollowed or ctx.guard(self._follow_model, where):
+        # Followed already in this step (its first pass): the optimizer step's call ends here.
+        if ctx.unfollowed or self._followed_step == ctx.step_index:
+            return
+        if ctx.guard(self._follow_model, where):
             return
         ctx.unfollowed = True
         ctx.recording = False
