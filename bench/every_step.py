@@ -214,10 +214,13 @@ def steady_cadence() -> int:
     """Make the default cadence skip its first all-recorded steps (bench/ab.py's
     ``sentinel_only`` does the same): its rows are then its steady state, without stepping
     every twin of a GPT-2 past them first. Returns how many it had (0: nothing to do)."""
-    try:
-        from gradprobe import step as step_module
+    try:  # where the cadence reads it (gradprobe.step before the engine's rebuild)
+        from gradprobe.recording import clock as step_module
     except ImportError:
-        return 0
+        try:
+            from gradprobe import step as step_module
+        except ImportError:
+            return 0
     first = _AUTO_FIRST.setdefault("first", int(getattr(step_module, "AUTO_FIRST", 0)))
     if first > 1:
         step_module.AUTO_FIRST = 1  # step 0 is recorded, in the untimed warm steps

@@ -58,7 +58,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     # L5 views: figures and HTML of runs and findings.
     "views": ("plots", "html", "headline", "report"),
     # L6 apps: what a user runs, and the package's front door.
-    "apps": ("lab", "integrations", "demo", "explain", "cli", ""),
+    "apps": ("lab", "integrations", "demo", "explain", "cli", "cli_args", ""),
 }
 
 # (importer, imported): upward imports that remain, each with why it is still there.
@@ -85,7 +85,6 @@ MAX_CLASS_LINES = 300
 # shrink and the ceilings only fall (lower one when a split lands): a file over the rule
 # must not grow while it waits for its split.
 BIG_MODULES = {
-    "cli": (634, "every command's options and output"),
     "theory.meanfield": (633, "mean-field maths for every activation"),
 }
 BIG_CLASSES: dict[str, tuple[int, str]] = {}

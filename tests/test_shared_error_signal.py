@@ -15,24 +15,33 @@ import torch
 from torch import nn
 
 from gradprobe import Probe
+from gradprobe.recording import errors as errors_module
 from gradprobe.recording.errors import ErrorCapture
 from reference import leaf_error_norms
 
 
 def _spy_reuse(monkeypatch) -> list[tuple[str, bool]]:
-    """Record what each call of ErrorCapture._same_as_share answered, by the producer's name."""
+    """Record what each call of recording.errors._same_as_share answered, by the
+    producer's name (read from the context of the error capture last made)."""
     answers: list[tuple[str, bool]] = []
-    original = ErrorCapture._same_as_share
+    original = errors_module._same_as_share
+    contexts = []
+    original_init = ErrorCapture.__init__
 
-    def spy(self, pending, k, token, grad):
-        answer = original(self, pending, k, token, grad)
-        answers.append((self.ctx.slots[k].name, answer))
+    def init(self, ctx, *args, **kwargs):
+        contexts.append(ctx)
+        original_init(self, ctx, *args, **kwargs)
+
+    def spy(pending, k, token, grad, exact, constant):
+        answer = original(pending, k, token, grad, exact, constant)
+        answers.append((contexts[-1].slots[k].name, answer))
         # A reader's share kept for this call is let go here, equal or not: no gradient
         # is held past the producer's own hook (a skip connection's would be, otherwise).
         assert token not in pending.shared
         return answer
 
-    monkeypatch.setattr(ErrorCapture, "_same_as_share", spy)
+    monkeypatch.setattr(ErrorCapture, "__init__", init)
+    monkeypatch.setattr(errors_module, "_same_as_share", spy)
     return answers
 
 

@@ -16,10 +16,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import gradprobe.reduce as reduce
+from allocations import LargestNew
 from gradprobe.buffer import FIELDS
 from gradprobe.reduce import _COUNT_CHUNK, l2_norm, l2_norms, stack_norms
 from gradprobe.sites import (
     ERROR_FIELDS,
+    HELD_NUMEL,
     OUTPUT_FIELDS,
     reduce_errors,
     reduce_outputs,
@@ -401,3 +403,67 @@ def test_one_size_splits_held_outputs_from_those_reduced_alone() -> None:
         assert int(out.fields["out"][2]) == np.count_nonzero(ref)
         assert (out.units[0] != 0).tolist() == (ref != 0).any(axis=0).tolist()
     assert len(asked) == 1  # the call of HELD_NUMEL + 1 entries only
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_absmax_of_a_finite_users_tensor_makes_no_copy(dtype):
+    """The user's tensor (not owned), known finite by the screen: its largest |entry| from
+    its max and min, no |y| of its size allocated; equal to numpy's (a max rounds nothing),
+    the largest entry here negative, and −0 read as +0."""
+    rng = np.random.default_rng(7)
+    y = torch.tensor(rng.standard_normal((64, 40, 30)), dtype=dtype)
+    y[3, 4, 5] = -9.0  # the largest |y|: a negative entry
+    zeros = -torch.zeros(1, 70000, dtype=dtype)  # all −0: absmax +0
+    for t, want in ((y, 9.0), (zeros, 0.0)):
+        with LargestNew() as mode:
+            # nonfinite: the norm whose screen says the tensor is finite
+            out = reduce_outputs(
+                t.unsqueeze(0), ["nonfinite", "absmax"], constant=_constant, index=_index
+            )
+        (absmax,) = out.fields["absmax"]
+        assert float(absmax) == float(np.abs(t.double().numpy()).max()) == want
+        assert math.copysign(1.0, float(absmax)) == 1.0
+        assert mode.largest < t.numel() // 4  # no |y| (nor a bool mask of it)
+        assert int(out.fields["nonfinite"][0]) == 0
+
+
+@pytest.mark.parametrize("gate", ["tanh", "sigmoid"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_a_large_output_counts_saturation_in_chunks(dtype, gate):
+    """A tanh or sigmoid output over HELD_NUMEL entries, the user's (only read), through a
+    counts buffer smaller than it (chunks crossing rows): every value of the dtype within
+    6 steps of the saturation bounds (±√0.99; ½ ± √0.2475), zeros, ±Inf (saturated:
+    y² > 0.99, y(1 − y) < 0.0025) and NaN (not), counted against exact rational
+    arithmetic; no |y| or bool mask of its size made; the tensor left as it was."""
+    sat = Fraction(1, 100)  # SAT_THRESHOLD, exactly
+    if gate == "tanh":
+        near = torch.cat([_around(TANH_BOUND, dtype, 6), -_around(TANH_BOUND, dtype, 6)])
+        saturated = lambda v: v**2 > 1 - sat  # noqa: E731
+    else:
+        bound = math.sqrt(0.2475)
+        near = torch.cat([_around(0.5 - bound, dtype, 6), _around(0.5 + bound, dtype, 6)])
+        saturated = lambda v: v * (1 - v) < sat / 4  # noqa: E731
+    special = torch.tensor([0.0, -0.0, math.inf, -math.inf, math.nan], dtype=dtype)
+    values = torch.cat([near, special])
+    entries = HELD_NUMEL + 1024  # 3328 rows of 20
+    y = values.repeat(math.ceil(entries / values.numel()))[:entries].reshape(1, -1, 20)
+    before = y.clone()
+    ref = y.double().numpy().ravel()
+    finite = ref[np.isfinite(ref)]
+    want = sum(saturated(Fraction(v)) for v in finite.tolist()) + int(np.isinf(ref).sum())
+    assert 0 < want < ref.size
+    with LargestNew() as mode:
+        out = reduce_outputs(
+            y,
+            ["nonfinite", "gate"],
+            constant=_constant,
+            index=_index,
+            gates=[gate],
+            counts_buffer=lambda need: torch.empty(max(need, 3001)),
+        )
+    ((name, _, gate_sum, count),) = out.gates
+    assert name == gate and float(count) == want
+    assert mode.largest < y.numel() // 4
+    assert torch.equal(y.view(torch.uint8), before.view(torch.uint8))  # read only
+    assert int(out.fields["nonfinite"][0]) == 1
+    assert math.isnan(float(gate_sum))  # from ‖y‖² (and Σy): a NaN entry makes it NaN

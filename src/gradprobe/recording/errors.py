@@ -162,6 +162,31 @@ class Deferred:
         pending.deferred, pending.aliases, pending.shared = {}, {}, {}
 
 
+def _same_as_share(
+    pending: Any, k: int, token: int, grad: Tensor, exact: bool, constant: Any
+) -> bool:
+    """Record dL/d(output) of module ``k`` from a reader's share of it, if ``grad`` is
+    that very tensor, unchanged: autograd handed the reader's gradient on as it was,
+    so nothing else was added to it. Saves a pass over the tensor (a norm per layer
+    of a chain: on the bench CNN, ~1 ms each)."""
+    entry = pending.shared.pop(token, None)
+    if entry is None:
+        return False
+    share, version, index, finite = entry
+    if share is not grad or grad._version != version:
+        return False
+    record = ("err", k, token, grad.device, grad.numel())
+    values = pending.records[index][-1]
+    if values:  # measured in its hook: the flag comes with the norm
+        norm = values[0]
+        flag = nonfinite(grad, norm, finite, exact, constant)
+        pending.records.append((*record, (norm, flag)))
+    else:  # waits for the pass's end: so does this one
+        pending.aliases[len(pending.records)] = index
+        pending.records.append((*record, ()))
+    return True
+
+
 class ErrorCapture:
     """The error signals of recorded calls. ``kept``: the kept constants and indices.
     ``sites`` (:class:`~gradprobe.recording.sequences.SequenceSites`): the recurrent
@@ -180,7 +205,6 @@ class ErrorCapture:
         self._owed: dict[int, int] = defaultdict(int)
         self._deferred = Deferred(kept_tensors)  # small signals batched at the pass's end
         ctx.on("step_closed", self._on_step_closed)
-
 
     @property
     def traversals(self) -> Traversals:
@@ -292,31 +316,13 @@ class ErrorCapture:
         pending = self._pending_errors()
         if kind == "err":
             self._time.on_output_error(pending, k, token, grad)
-        if kind == "err" and pending.shared and self._same_as_share(pending, k, token, grad):
+        if (
+            kind == "err"
+            and pending.shared
+            and _same_as_share(pending, k, token, grad, self.ctx.exact_counts, self._kept.constant)
+        ):
             return  # (a share kept for this call is dropped either way: no gradient outlives it)
         self._record_error(pending, kind, k, token, grad.detach())
-
-    def _same_as_share(self, pending: Any, k: int, token: int, grad: Tensor) -> bool:
-        """Record dL/d(output) of module ``k`` from a reader's share of it, if ``grad`` is
-        that very tensor, unchanged: autograd handed the reader's gradient on as it was,
-        so nothing else was added to it. Saves a pass over the tensor (a norm per layer
-        of a chain: on the bench CNN, ~1 ms each)."""
-        entry = pending.shared.pop(token, None)
-        if entry is None:
-            return False
-        share, version, index, finite = entry
-        if share is not grad or grad._version != version:
-            return False
-        record = ("err", k, token, grad.device, grad.numel())
-        values = pending.records[index][-1]
-        if values:  # measured in its hook: the flag comes with the norm
-            norm = values[0]
-            flag = nonfinite(grad, norm, finite, self.ctx.exact_counts, self._kept.constant)
-            pending.records.append((*record, (norm, flag)))
-        else:  # waits for the pass's end: so does this one
-            pending.aliases[len(pending.records)] = index
-            pending.records.append((*record, ()))
-        return True
 
     def _record_error(
         self,
