@@ -35,6 +35,8 @@ ALLOWED = {
     "_logged": "StepBuffer's logged values of a step (the spike burst reads the loss)",
     "_pytree": "torch.utils._pytree",
     "_execution_engine": "autograd's engine",
+    "_modules": "nn.Module's own table of children (the model's signature, walked by hand)",
+    "_parameters": "nn.Module's own table of parameters (the model's signature)",
 }
 
 

@@ -99,3 +99,24 @@ def test_on_a_gpu_the_burst_follows_without_a_host_sync() -> None:
     extra = sorted(full - cadence)
     # a step or a few late (the copy is read once its event completed), AUTO_BURST long
     assert extra and SPIKE < extra[0] <= SPIKE + 5 and len(extra) == AUTO_BURST
+
+
+def test_the_window_median_is_numpys_bit_for_bit() -> None:
+    """The spike rule's median (taken at every step, so without numpy) is np.median's, bit
+    for bit: odd and even counts, values spanning many decades (the two middle ones'
+    sum halved, as numpy's mean of two), NaN/Inf left out of the window as before."""
+    from gradprobe.spikes import SPIKE_MIN, median_of, window_median
+
+    rng = np.random.default_rng(0)
+    for n in range(1, 26):
+        for _ in range(40):
+            values = list(rng.lognormal(0.0, 8.0, size=n) * rng.choice([1e-30, 1.0, 1e30]))
+            assert median_of(values) == float(np.median(values))
+            window = [*values, float("nan"), float("inf")]
+            finite = [v for v in window if np.isfinite(v)]
+            expected = float(np.median(finite)) if len(finite) >= SPIKE_MIN else None
+            got = window_median(window)
+            if expected is None:
+                assert np.isnan(got)
+            else:
+                assert got == expected

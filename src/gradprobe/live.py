@@ -61,7 +61,7 @@ from .diagnose import (
 )
 from .errors import GradprobeError, StopTraining
 from .hooks import GradprobeWarning
-from .spikes import SpikeWatch
+from .spikes import SpikeWatch, median_of
 from .stats import MODEL_NAME
 
 __all__ = ["LIVE_KINDS", "LiveCheck", "StopTraining"]
@@ -184,7 +184,7 @@ class LiveCheck:
         if len(self._base) < _BASE_STEPS:
             self._base.append(value)
         elif "exploding" not in self._said:
-            base = float(np.median(self._base))
+            base = median_of(self._base)  # the first steps': fixed once they are in
             if base > 0 and value >= EXPLODING_GROWTH * base:
                 found = Finding(
                     "exploding",

@@ -170,7 +170,8 @@ class ParamStats:
         buffer, stats = ctx.buffer, ctx.stats
         preclip, self._preclip = self._preclip, {}
         # Sharded parameters' values (of local shards) wait for the step's one collective.
-        record = partial(ctx.shards.record, buffer)
+        # (Nothing sharded: straight into the buffer, as ShardedNorms.record would.)
+        record = partial(ctx.shards.record, buffer) if ctx.shards else buffer.record_params
         for (device, idx), (norms, _finite) in preclip.items():
             record(device, list(idx), "preclip_norm", norms)
             buffer.set_param_host(list(idx), "has_preclip")
@@ -204,11 +205,17 @@ class ParamStats:
                 record(device, idx, "param_norm", norms)
                 buffer.set_param_host(idx, "has_param_norm")
             if "nonfinite" in stats:
-                if ctx.exact_counts:  # stats="full": the gradients themselves, counted
+                if finite is not None and not ctx.shards and all(finite):
+                    # The common step on the CPU (the screened path: ``finite`` is known on
+                    # the host, and a finite norm means no NaN/Inf entry): zero flags, and
+                    # zero counts for stats="full", straight into the host arrays, as
+                    # record() would put them there (no tensor made, no pass).
+                    buffer.set_param_host(idx, "grad_nonfinite", 0.0)
+                elif ctx.exact_counts:  # stats="full": the gradients themselves, counted
                     flags = _nonfinite_counts(device, self._grads(idx) if grads is None else grads)
+                    record(device, idx, "grad_nonfinite", flags)
                 else:  # a 0/1 flag the norms carry, at no extra pass
-                    flags = nonfinite_flags(grad_norms, finite)
-                record(device, idx, "grad_nonfinite", flags)
+                    record(device, idx, "grad_nonfinite", nonfinite_flags(grad_norms, finite))
             buffer.set_param_host(idx, "has_grad")
         if totals:
             self._clock.watch_spike(totals)

@@ -82,8 +82,10 @@ class UpdateSnapshot:
                 idx = [i for i in idx if id(params[i]) in held]
                 if not idx:
                     continue
-            # Sharded parameters: of this rank's shard, before and after alike.
-            tensors = local_shards([params[i].detach() for i in idx])
+            # Sharded parameters: of this rank's shard, before and after alike. No detach:
+            # under no_grad the copies and norms take no graph (26 ops a step fewer on
+            # the bench MLP, and as many in record()).
+            tensors = local_shards([params[i] for i in idx])
             copies = self._copies(key, idx, tensors)
             norms = self._norms_now.get((key[0], tuple(idx)))
             if norms is None:
@@ -123,7 +125,7 @@ class UpdateSnapshot:
         ctx = self.ctx
         params, buffer = ctx.params, ctx.buffer
         for (device, _dtype), (idx, before, before_norms) in snapshot.items():
-            after = local_shards([params[i].detach() for i in idx])
+            after = local_shards([params[i] for i in idx])  # under no_grad: see take()
             torch._foreach_sub_(before, after)  # the copy is ours: −update, in place
             update_norms, _ = l2_norms(before, device)
             dtype = accumulation_dtype(device)
