@@ -343,34 +343,35 @@ class Follow:
         self._requires_grad_now, self._frozen_slots = (), frozenset()
         ctx.buffer.grow(len(slots), len(params))
         self._grad_marker = None  # other parameters: nothing of before is comparable
-        self._describe_new(new_modules, names, found, fresh)
+        _describe_new(self.ctx, new_modules, names, found, fresh)
         # Hooks again, on the new modules and parameters (gradprobe/recording/hookup.py).
         ctx.emit("sequence_sites", sites)  # before the hooks go on again
         ctx.emit("model_rebound", new_params)
-
-    def _describe_new(
-        self,
-        new_modules: list[tuple[Any, nn.Module]],
-        names: list[str],
-        params: list[Tensor],
-        fresh: set[int],
-    ) -> None:
-        ctx = self.ctx
-        for slot, module in new_modules:
-            ctx.meta["modules"].append(module_info(slot, module, ctx.histograms))
-        for name, p in zip(names, params):
-            if id(p) in fresh:
-                ctx.meta["parameters"].append(
-                    {"name": name, "shape": list(p.shape), "numel": p.numel()}
-                )
-        if ctx.store is not None:
-            store = ctx.store
-            ctx.guard(
-                lambda: store.update_meta(parameters=ctx.meta["parameters"]),
-                "the store's meta (a changed model)",
-            )
 
 
 def _slot_modules(model: nn.Module, slots: list[Any]) -> list[nn.Module]:
     by_name = dict(model.named_modules())
     return [by_name[s.name] for s in slots]
+
+
+def _describe_new(
+    ctx: Context,
+    new_modules: list[tuple[Any, nn.Module]],
+    names: list[str],
+    params: list[Tensor],
+    fresh: set[int],
+) -> None:
+    """The meta (and the store's) of the modules and parameters a model change added."""
+    for slot, module in new_modules:
+        ctx.meta["modules"].append(module_info(slot, module, ctx.histograms))
+    for name, p in zip(names, params):
+        if id(p) in fresh:
+            ctx.meta["parameters"].append(
+                {"name": name, "shape": list(p.shape), "numel": p.numel()}
+            )
+    if ctx.store is not None:
+        store = ctx.store
+        ctx.guard(
+            lambda: store.update_meta(parameters=ctx.meta["parameters"]),
+            "the store's meta (a changed model)",
+        )
