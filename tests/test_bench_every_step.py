@@ -88,6 +88,9 @@ def test_every_mode_and_statistic_runs_and_trains_identically():
         elif not gpt2 and row[0] in SEQUENCE_GROUPS[:2]:
             # an MLP has no attention call and no sequence block
             assert (nbytes, kernels) == (0.0, 0)
+        elif not gpt2 and row[0] == SEQUENCE_GROUPS[2]:
+            # its logits [128, 10] (mlp) are 5 KiB: 0.0 in MiB; one pass, 8 kernels
+            assert kernels == 8 and float(row[5]) >= 0, row
         else:
             assert nbytes > 0 and kernels > 0 and float(row[5]) >= 0, row
 
@@ -225,4 +228,5 @@ def test_the_profile_script_runs_and_reports_each_part():
     assert "forward hook" in entry_points and "probe.log (the user's call)" in entry_points
     assert len(tables["mlp: cProfile (thread CPU time)"]) > 5
     ops = tables["mlp: aten ops per recorded step (torch.profiler)"]
-    assert len(ops) == 15 and all(len(row) == 4 for row in ops)
+    # a row per FLOORS group (bench/stat_floors.py) and one for the default statistics
+    assert len(ops) == 18 and all(len(row) == 4 for row in ops)
