@@ -277,7 +277,9 @@ def floors_table(case: Case, rounds: int) -> list[str]:
     return lines
 
 
-def stats_table(case: Case, steps: int, warm: int, rounds: int) -> list[str]:
+def stats_table(case: Case, steps: int, warm: int, rounds: int, only: list[str]) -> list[str]:
+    """``only``: substrings of the group labels to time (all when empty); the "all" row's
+    floor still sums every group of the default statistics."""
     from gradprobe.stats import STATISTICS
 
     sizes = step_sizes(case)
@@ -286,34 +288,33 @@ def stats_table(case: Case, steps: int, warm: int, rounds: int) -> list[str]:
         f"({sum(s.numel() for s in sizes.outputs) * 4 / 2**20:.1f} MiB), "
         f"{len(sizes.errors)} error signals, {len(sizes.shares)} input shares, "
         f"{len(sizes.gates)} activation inputs, {len(sizes.params)} parameters "
-        f"({sum(s.numel() for s in sizes.params) * 4 / 2**20:.1f} MiB), float32.",
+        f"({sum(s.numel() for s in sizes.params) * 4 / 2**20:.1f} MiB), "
+        f"{len(sizes.attention)} attention calls, {len(sizes.blocks)} block outputs, "
+        f"{len(sizes.logits)} final-projection outputs, float32.",
         "",
         "| statistic(s), alone at every=1 | plain thread ms p50 | over plain, ms "
         "| floor: bytes read, MiB | floor: eager kernels | floor: hand-written reduction, ms |",
         "|---|---:|---:|---:|---:|---:|",
     ]
-    groups = [(label, names, floor) for label, (names, floor) in FLOORS.items()]
-    groups.append(("all (default statistics)", None, None))
+    groups = []
     floor_all = [0, 0, 0.0]
-    for label, names, floor in groups:
-        if names is not None:
-            present = [n for n in names if n in STATISTICS]
-            if names and not present:
-                continue
-            mode = Mode(label, "probe", {"every": 1, "stats": present})
-        else:
-            mode = EVERY_1
+    for label, (names, floor) in FLOORS.items():
+        present = [n for n in names if n in STATISTICS]
+        if names and not present:  # an older base without these statistics
+            continue
+        numbers = floor_numbers(floor, sizes, rounds)
+        if floor.in_all:
+            floor_all = [a + (b or 0) for a, b in zip(floor_all, numbers, strict=True)]
+        groups.append((label, Mode(label, "probe", {"every": 1, "stats": present}), numbers))
+    groups.append(("all (default statistics)", EVERY_1, tuple(floor_all)))
+    for label, mode, (nbytes, kernels, bare) in groups:
+        if only and not any(part in label for part in only):
+            continue
         gc.collect()
         twins = [Twin(PLAIN, case), Twin(mode, case)]
         take_turns(twins, steps, warm)
         base = p50_ms(twins[0].thread)
         over = p50_ms(twins[1].thread) - base
-        if floor is None:
-            nbytes, kernels, bare = floor_all
-        else:
-            nbytes, kernels, bare = floor_numbers(floor, sizes, rounds)
-            if floor.in_all:
-                floor_all = [floor_all[0] + nbytes, floor_all[1] + kernels, floor_all[2] + bare]
         cells = f"{nbytes / 2**20:.1f} | {kernels} | " + ("" if bare is None else f"{bare:.2f}")
         lines.append(f"| {label} | {base:.2f} | {over:+.2f} | {cells} |")
         del twins
@@ -381,6 +382,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warm", type=int, default=2, help="untimed steps per twin first")
     parser.add_argument("--cadence-from-start", action="store_true")
     parser.add_argument("--bare-rounds", type=int, default=5)
+    parser.add_argument(
+        "--groups",
+        default="",
+        help="stats table: time only the groups whose label contains one of these "
+        "';'-separated parts (e.g. 'attention;token_cosine;logits;all')",
+    )
     parser.add_argument("--memory-steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--gpt2-layers", type=int, default=6)
@@ -420,7 +427,8 @@ def main(argv: list[str] | None = None) -> None:
         lines += ["### Each statistic alone at every=1, beside the floor of its arithmetic", ""]
         for key in cases:
             steps = getattr(args, f"{key}_steps")
-            lines += stats_table(build(key, args), steps, args.warm, args.bare_rounds)
+            only = [g for g in args.groups.split(";") if g]
+            lines += stats_table(build(key, args), steps, args.warm, args.bare_rounds, only)
             lines.append("")
     if "floors" in tables:
         lines += ["### The floor of each statistic's arithmetic alone", ""]

@@ -67,22 +67,121 @@ def test_every_mode_and_statistic_runs_and_trains_identically():
         assert len(row) == 7
         assert _number(row[2]) > 0 and _number(row[4]) > 0 and _number(row[5]) > 0
     per_stat = tables["Each statistic alone at every=1, beside the floor of its arithmetic"]
-    # one table per case, 14 groups and "all" each
-    assert len(per_stat) == 3 * 15
+    # one table per case, 17 groups and "all" each
+    per_case = 18
+    assert len(per_stat) == 3 * per_case
     groups = [row[0] for row in per_stat]
     assert groups.count("all (default statistics)") == 3
     assert groups.count("error_gain (with the error norm it divides by)") == 3
+    for group in SEQUENCE_GROUPS:
+        assert groups.count(group) == 3
     for i, row in enumerate(per_stat):
         assert len(row) == 6
         assert _number(row[1]) > 0
         nbytes, kernels = float(row[3]), int(row[4])
+        gpt2 = i < per_case
         if row[0].startswith(("none", "host-side")):
             assert (nbytes, kernels, row[5]) == (0.0, 0, "")
-        elif i < 15 and row[0].startswith("gate"):
+        elif gpt2 and row[0].startswith("gate"):
             # GPT-2's NewGELUActivation is not a registered activation: no gate to read
             assert (nbytes, kernels) == (0.0, 0)
+        elif not gpt2 and row[0] in SEQUENCE_GROUPS[:2]:
+            # an MLP has no attention call and no sequence block
+            assert (nbytes, kernels) == (0.0, 0)
+        elif not gpt2 and row[0] == SEQUENCE_GROUPS[2]:
+            # its logits [128, 10] (mlp) are 5 KiB: 0.0 in MiB; one pass, 8 kernels
+            assert kernels == 8 and float(row[5]) >= 0, row
         else:
             assert nbytes > 0 and kernels > 0 and float(row[5]) >= 0, row
+
+
+SEQUENCE_GROUPS = (
+    "attention: attn_logit_max, attn_entropy, attn_entropy_min",
+    "token_cosine",
+    "logits: logit_max, logit_z",
+)
+
+
+def test_the_sequence_floors_follow_the_sizes_of_one_step():
+    """Issue 25's floors from the sizes captured on one GPT-2 step, against the sizes
+    worked out by hand from the config (1 layer, 6 heads of 64, vocab 256, batch 8 × 128):
+    one causal SDPA call with q and k [8, 6, 128, 64]; one block output [8, 128, 384]; one
+    logits tensor [8, 128, 256]. Sample: BATCH sequences × ROWS rows per head, POSITIONS
+    positions per sequence (the library's constants)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import every_step
+        import stat_floors
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    from gradprobe.attention import BATCH, ROWS
+    from gradprobe.sequence import POSITIONS
+
+    args = every_step.parse([*SMALL_GPT2])
+    case = every_step.build("gpt2", args)
+    sizes = stat_floors.step_sizes(case)
+    assert [(tuple(c.q), tuple(c.k), c.mask, c.causal) for c in sizes.attention] == [
+        ((8, 6, 128, 64), (8, 6, 128, 64), None, True)
+    ]
+    assert [tuple(s) for s in sizes.blocks] == [(8, 128, 384)]
+    assert [tuple(s) for s in sizes.logits] == [(8, 128, 256)]
+    # the attention module is probed now (the engine's rule), so its output is counted
+    names = [n for n, _ in stat_floors.probed_modules(case.model)]
+    assert "transformer.h.0.attn" in names
+    floors = {label: floor for label, (_, floor) in stat_floors.FLOORS.items()}
+    b, r = min(BATCH, 8), min(ROWS, 128)
+    expected = {
+        SEQUENCE_GROUPS[0]: (4 * (b * 6 * r * 64 + b * 6 * 128 * 64), 12),  # causal: 10 + 2
+        SEQUENCE_GROUPS[1]: (4 * 8 * min(POSITIONS, 128) * 384, 6),
+        SEQUENCE_GROUPS[2]: (4 * 8 * 128 * 256, 8),
+    }
+    for label, (nbytes, kernels) in expected.items():
+        got_bytes, got_kernels, ms = stat_floors.floor_numbers(floors[label], sizes, 1)
+        assert (got_bytes, got_kernels) == (nbytes, kernels), label
+        assert ms is not None and ms >= 0
+
+
+def test_the_hand_written_sequence_floors_compute_the_statistics():
+    """The timed hand-written versions are the statistics, not stand-ins: each builds its
+    tensors from torch's RNG, so re-seeding rebuilds them, and its results are compared
+    with the library's reducers on those tensors (float32 both: sums of ~1e2-1e4 terms of
+    size ~1-10 agree to ~1e-4 relative; tolerances 1e-3 relative)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import stat_floors
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    import torch
+
+    from gradprobe.attention import attention_stats
+    from gradprobe.sequence import logit_stats, token_cosine
+
+    close = {"rtol": 1e-3, "atol": 1e-4}
+    torch.manual_seed(0)
+    [(top, z)] = stat_floors._logits([torch.Size([3, 9, 11])])()
+    torch.manual_seed(0)
+    want_top, want_z, _ = logit_stats(torch.randn(3, 9, 11))
+    torch.testing.assert_close((top, z), (want_top, want_z), **close)
+
+    torch.manual_seed(1)
+    [cos] = stat_floors._token_cosine([torch.Size([2, 50, 16])])()
+    torch.manual_seed(1)
+    total, _ = token_cosine(torch.randn(2, 50, 16))
+    torch.testing.assert_close(cos, total, **close)
+
+    # 2 sequences, 3 heads, 40 query rows against 40 keys, causal: ROWS (32) strata of rows
+    call = stat_floors.AttnCall(
+        torch.Size([2, 3, 40, 8]), torch.Size([2, 3, 40, 8]), None, causal=True
+    )
+    torch.manual_seed(2)
+    [(logit_max, neg_sum, neg_max)] = stat_floors._attention([call])()
+    torch.manual_seed(2)
+    q = torch.randn(2, 3, 1, 40, 8).reshape(2, 3, 40, 8)
+    k = torch.randn(2, 3, 1, 40, 8).reshape(2, 3, 40, 8)
+    want = attention_stats(q, k, is_causal=True)
+    torch.testing.assert_close(logit_max.reshape(-1), want.logit_max, **close)
+    torch.testing.assert_close(-neg_sum.reshape(-1), want.entropy_sum, **close)
+    torch.testing.assert_close(-neg_max.reshape(-1), want.entropy_min, **close)
 
 
 def test_peak_memory_in_fresh_processes():
@@ -129,4 +228,5 @@ def test_the_profile_script_runs_and_reports_each_part():
     assert "forward hook" in entry_points and "probe.log (the user's call)" in entry_points
     assert len(tables["mlp: cProfile (thread CPU time)"]) > 5
     ops = tables["mlp: aten ops per recorded step (torch.profiler)"]
-    assert len(ops) == 15 and all(len(row) == 4 for row in ops)
+    # a row per FLOORS group (bench/stat_floors.py) and one for the default statistics
+    assert len(ops) == 18 and all(len(row) == 4 for row in ops)
