@@ -519,7 +519,10 @@ class AttentionWatch(TorchFunctionMode):
                 # a DTensor would run collectives, a nested tensor has no [L, E] rows
                 raise TypeError("a tensor subclass or nested tensor is not measured")
             read = _sdpa_call if func is _SDPA else _mha_call
-            call = read(args, kwargs, self._rows, self._batch)
+            # Nothing of the measurement reaches autograd: under activation checkpointing
+            # a tensor it saved would be one more than the recompute saves (CheckpointError)
+            with torch.no_grad():
+                call = read(args, kwargs, self._rows, self._batch)
             self._sink(name, call)
         except Exception as exc:  # never into the user's forward
             from .hooks import warn_gap
