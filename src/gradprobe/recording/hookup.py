@@ -372,10 +372,11 @@ class Hookup:
 
 def warn_compiled() -> None:
     warnings.warn(
-        "gradprobe: the model is compiled (torch.compile). Every statistic is recorded, "
-        "but the module hooks run outside the compiled graphs, so the graph breaks at "
-        "each probed module and fusion across modules is lost (and fullgraph=True cannot "
-        "hold). To keep the graph whole, probe parameters only (modules=[]: grad/param "
+        "gradprobe: the model is compiled (torch.compile). The statistics are recorded, "
+        "except the attention statistics (attn_*), which are a gap in compiled regions "
+        "(docs/attention.md). The module hooks run outside the compiled graphs, so the "
+        "graph breaks at each probed module and fusion across modules is lost (and "
+        "fullgraph=True cannot hold). To keep the graph whole, probe parameters only (modules=[]: grad/param "
         "norms, update ratios, global and pre-clip norms need no module hooks), probe a "
         "few modules (modules=[...]), or take the full per-layer statistics on a short "
         "uncompiled run.",
