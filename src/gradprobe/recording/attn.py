@@ -3,7 +3,8 @@
 :class:`AttentionCapture` enters one :class:`~gradprobe.attention.AttentionWatch` around
 the probed model's forward on a recorded, trained pass (the root's forward pre-hook
 enters it, its forward hook exits it: both entry points of :mod:`.hookup`, through the
-one guard), and keeps the stack of probed modules running (their pre-hooks push, their
+one guard; a submodule called outside the model's forward enters it at its own pre-hook
+and exits it at an always-called forward hook), and keeps the stack of probed modules running (their pre-hooks push, their
 forward hooks pop), so that each ``scaled_dot_product_attention`` call is attributed to
 the innermost probed module that made it. Each call's per-head
 :class:`~gradprobe.attention.AttentionCall` (device tensors) waits in the step's list of
@@ -26,12 +27,13 @@ nothing for the step.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from ..attention import AttentionCall, AttentionWatch, fast_path_at_risk, summarise
-from ..hooks import warn_gap, warn_once
+from ..hooks import HookSet, Site, warn_gap, warn_once
 from ..stats import STATISTICS
 from .context import Context, inside_backward
 
@@ -58,6 +60,13 @@ class AttentionCapture:
         # passes whose gradients were discarded are dropped, as the buffer's (follow.py).
         self._mark: dict[int, tuple[int, int]] = {}
         self._unattributed = 0  # calls made while no probed module ran (said once)
+        # A submodule called outside the model's forward (a backbone, then a head) enters
+        # the watch at its own pre-hook: the slot that did, and the always-called forward
+        # hooks that exit it (kept until the step closes: a hook removed while PyTorch runs
+        # the always-called hooks of a forward that raised would break that loop).
+        self._opener: int | None = None
+        self._exits = HookSet()
+        self._exit_slots: set[int] = set()
         ctx.on("gradients_marked", self._on_gradients_marked)
         ctx.on("gradients_discarded", self._on_gradients_discarded)
         ctx.on("step_closing", self._on_step_closing)
@@ -93,8 +102,35 @@ class AttentionCapture:
         watch.__enter__()
         self._watch = watch  # set once entered: stop() exits only what was entered
 
+    def start_at(
+        self, k: int, module: nn.Module, exit_hook: Callable[..., None], site: Site
+    ) -> None:
+        """Probed module ``k`` is called outside the model's forward, recorded, and no watch
+        is entered: enter one for this call (``exit_hook``, always called, exits it at the
+        end of the call, through :meth:`stop_at`)."""
+        if self._watch is not None or not self.wanted:
+            return
+        if k not in self._exit_slots:  # first: never a watch entered without its exit
+            self._exits.on_module(module, exit_hook, self.ctx.owner_ref, site, k, always_call=True)
+            self._exit_slots.add(k)
+        self.start(module, True)
+        if self._watch is not None:
+            self._opener = k
+
+    def stop_at(self, k: int) -> None:
+        """The call of probed module ``k`` ended (or raised): exit the watch if it entered it."""
+        if self._opener == k:
+            self.stop()
+
+    def close(self) -> None:
+        """The Probe closes: the watch exited, its exit hooks off."""
+        self.stop()
+        self._exits.remove()
+        self._exit_slots.clear()
+
     def stop(self) -> None:
         """The probed model's forward ended (or raised): exit the watch."""
+        self._opener = None
         watch, self._watch = self._watch, None
         self._stack.clear()
         if watch is not None:
@@ -143,6 +179,9 @@ class AttentionCapture:
         self._mark = {}
 
     def _on_step_closing(self) -> None:
+        if self._opener is None and self._exit_slots:
+            self._exits.remove()
+            self._exit_slots.clear()
         calls, self._calls = self._calls, defaultdict(list)
         attributed, self._attributed = self._attributed, defaultdict(int)
         self._mark = {}

@@ -48,6 +48,8 @@ _SEQUENCE_SITE = Site("forward hook (sequence statistics)", "module")
 # Without module hooks (modules=[]) it does nothing either: each module hook would judge
 # its call by the same rule (Passes.call_mode), and the post-accumulate hooks say that a
 # trained pass ran (log()), so such a model compiles whole, fullgraph=True included.
+# Exits the attention watch a submodule called on its own entered (attn.py): nothing to leave out.
+_ATTENTION_EXIT_SITE = Site("the end of a probed module's forward (attention)", "none", "skip")
 _PASS_START_SITE = Site("the start of the model's forward", "modules")
 _PASS_START_UNHOOKED_SITE = Site("the start of the model's forward", "modules", "skip")
 _PASS_END_SITE = Site("the end of the model's forward", "modules", "skip")
@@ -61,6 +63,8 @@ def _pre_hook(owner: Hookup, k: int, module: nn.Module, args: Any, kwargs: Any) 
         owner.scaler.poll()  # the first forward of an iteration closes a skipped step
     mode = owner.passes.call_mode()
     if mode == RECORD:
+        if not owner.ctx.pass_open:  # called outside the model's forward (m.backbone(x))
+            owner.attention.start_at(k, module, _attention_exit_hook, _ATTENTION_EXIT_SITE)
         owner.attention.enter_module(k)  # the calls of attention it makes are its own
         capture = owner.capture
         capture.open_call(k)  # what this call records can be taken back (drop_failed_call)
@@ -88,6 +92,12 @@ def _forward_hook(
         capture.end_forward(k)
     elif mode == RECOMPUTE:
         owner.errors.on_recomputed(k, output)
+
+
+def _attention_exit_hook(
+    owner: Hookup, k: int, module: nn.Module, args: Any, kwargs: Any, output: Any
+) -> None:
+    owner.attention.stop_at(k)
 
 
 def _sequence_hook(
@@ -305,7 +315,7 @@ class Hookup:
         guard = self.ctx.guard
         guard(self._hooks.remove, "close (removing hooks)")
         guard(self._step_hooks.remove, "close (removing hooks)")
-        guard(self.attention.stop, "close (attention)")
+        guard(self.attention.close, "close (attention)")
         self._step_hooks_on = False
 
     # ------------------------------------------------------------ the guard
