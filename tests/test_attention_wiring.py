@@ -9,6 +9,7 @@ import copy
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -195,3 +196,117 @@ def test_a_submodule_that_raises_leaves_no_watch_entered() -> None:
         _apart(model, torch.randn(2, 5, 16)).square().mean().backward()
         assert torch._C._len_torch_function_stack() == 0
         opt.step()
+
+
+# ---- 2. nn.MultiheadAttention: the q/k projection of the sampled rows only
+def _runs(n: int, m: int) -> list[tuple[int, int]]:
+    """The documented sample: ``min(m, n)`` runs ``[⌊jn/m⌋, ⌊(j+1)n/m⌋)``, each its
+    middle row ``lo + ⌊(size − 1)/2⌋`` weighted by its size (docs: module docstring)."""
+    m = min(m, n)
+    out = []
+    for j in range(m):
+        lo, hi = j * n // m, (j + 1) * n // m
+        out.append((lo + (hi - lo - 1) // 2, hi - lo))
+    return out
+
+
+def _mha_sampled_reference(mha, x, case: str, extra: dict, rows: int, batch: int):
+    """Per-head logit max and weighted mean entropy of the sampled rows, in float64 from
+    the full projection (every sequence and row), masks as nn.MultiheadAttention reads them."""
+    e, h = mha.embed_dim, mha.num_heads
+    w, b = mha.in_proj_weight.detach().double(), mha.in_proj_bias.detach().double()
+    xd = x.double()  # [L, N, E] (sequence-first)
+    length, n, _ = xd.shape
+    q = (xd @ w[:e].T + b[:e]).reshape(length, n, h, e // h).permute(1, 2, 0, 3)
+    kf = xd @ w[e : 2 * e].T + b[e : 2 * e]  # [S, N, E]
+    allowed = torch.ones(n, h, length, length, dtype=torch.bool)
+    add = torch.zeros(n, h, length, length, dtype=torch.float64)
+    if case == "bias_zero":
+        kf = torch.cat([kf, mha.bias_k.detach().double().expand(1, n, e)])
+    k = kf.reshape(kf.shape[0], n, h, e // h).permute(1, 2, 0, 3)
+    if case == "bias_zero":
+        k = torch.cat([k, torch.zeros(n, h, 1, e // h, dtype=torch.float64)], dim=2)
+        allowed = torch.ones(n, h, length, length + 2, dtype=torch.bool)
+        add = torch.zeros(n, h, length, length + 2, dtype=torch.float64)
+    if case == "padding":
+        allowed &= ~extra["key_padding_mask"][:, None, None, :]
+    elif case == "causal":
+        allowed &= torch.ones(length, length, dtype=torch.bool).tril()
+    elif case == "mask3d":
+        add = extra["attn_mask"].double().reshape(n, h, length, length)
+    logits = (q @ k.transpose(-1, -2)) / math.sqrt(e // h) + add
+    logits = logits.masked_fill(~allowed, -math.inf)
+    p = torch.softmax(logits, dim=-1)
+    ent = -torch.where(p > 0, p * p.log(), 0.0).sum(-1)  # [N, H, L]
+    top = torch.full((h,), -math.inf, dtype=torch.float64)
+    total = torch.zeros(h, dtype=torch.float64)
+    weight = 0.0
+    for s, ws in _runs(n, batch):
+        for r, wr in _runs(length, rows):
+            top = torch.maximum(top, logits[s, :, r].amax(-1))
+            total += ws * wr * ent[s, :, r]
+            weight += ws * wr
+    return top.numpy(), (total / weight).numpy()
+
+
+@pytest.mark.parametrize("case", ["none", "padding", "causal", "mask3d", "bias_zero"])
+def test_multihead_attention_sampled_against_float64(case: str) -> None:
+    from gradprobe.attention import AttentionWatch
+
+    torch.manual_seed(0)
+    n, length, rows, batch = 11, 9, 4, 3  # fewer rows and sequences than the call has
+    mha = nn.MultiheadAttention(
+        16, 4, add_bias_kv=case == "bias_zero", add_zero_attn=case == "bias_zero"
+    )
+    x = torch.randn(length, n, 16)
+    extra: dict = {}
+    if case == "padding":  # True: a padded key
+        pad = torch.zeros(n, length, dtype=torch.bool)
+        pad[1, 6:] = True
+        pad[4, 2:] = True
+        extra = {"key_padding_mask": pad}
+    elif case == "causal":
+        extra = {
+            "attn_mask": nn.Transformer.generate_square_subsequent_mask(length),
+            "is_causal": True,
+        }
+    elif case == "mask3d":
+        extra = {"attn_mask": torch.randn(n * 4, length, length)}
+    seen = []
+    watch = AttentionWatch(
+        lambda: "mha", lambda name, call: seen.append(call), rows=rows, batch=batch
+    )
+    plain = mha(x, x, x, need_weights=False, **extra)[0]
+    with watch:
+        out = mha(x, x, x, need_weights=False, **extra)[0]
+    assert torch.equal(out, plain)
+    (call,) = seen
+    top, ent = _mha_sampled_reference(mha, x, case, extra, rows, batch)
+    # float32 logits of E = 4 products (a few ulps of order-1 values) against float64:
+    # 1e-5 holds whatever the vector width
+    np.testing.assert_allclose(call.logit_max.numpy(), top, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(call.entropy_mean.numpy(), ent, rtol=1e-5, atol=1e-5)
+
+
+def test_multihead_attention_measurement_cost_does_not_grow_with_the_batch() -> None:
+    """The recomputed in-projection covers the sampled sequences and rows only: the
+    measurement's floating-point work is the same for 16 sequences as for 512."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from gradprobe.attention import AttentionWatch
+
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(32, 4, batch_first=True)
+    flops = []
+    for n in (16, 512):
+        x = torch.randn(n, 64, 32)
+        watch = AttentionWatch(lambda: "mha", lambda name, call: None)
+        counter = FlopCounterMode(display=False)
+        with torch.no_grad():
+            with FlopCounterMode(display=False) as model_only:
+                mha(x, x, x, need_weights=False)
+            with counter, watch:
+                mha(x, x, x, need_weights=False)
+        flops.append(counter.get_total_flops() - model_only.get_total_flops())
+    assert flops[0] > 0
+    assert flops[1] == flops[0]
