@@ -310,3 +310,44 @@ def test_multihead_attention_measurement_cost_does_not_grow_with_the_batch() -> 
         flops.append(counter.get_total_flops() - model_only.get_total_flops())
     assert flops[0] > 0
     assert flops[1] == flops[0]
+
+
+# ---- 5. SDPA under torch.vmap inside the forward (an ensemble dimension vmapped)
+class Vmapped(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv, self.out = nn.Linear(16, 48), nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [E, N, T, 16]
+        q, k, v = self.qkv(x).chunk(3, -1)
+        h = torch.vmap(F.scaled_dot_product_attention)(
+            q.unsqueeze(2), k.unsqueeze(2), v.unsqueeze(2)
+        )
+        return self.out(h.squeeze(2))
+
+
+class Ensemble(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([Vmapped()])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks[0](x)
+
+
+def test_attention_under_vmap_is_one_clear_warning_a_gap_and_unchanged_training() -> None:
+    torch.manual_seed(0)
+    model = Ensemble()
+    twin = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(3, 2, 6, 16, generator=g) for _ in range(3)]
+    kw = {"every": 1, "modules": ["blocks.0"]}  # the module that calls SDPA, probed
+    probed, frame, said = _run(model, batches, kw)
+    plain, _, _ = _run(twin, batches, None)
+    assert _same(probed, plain)
+    about = [w for w in said if "attention" in w]
+    assert len(about) == 1, said
+    assert "torch.func transform" in about[0] and "'blocks.0'" in about[0]
+    assert "failed" not in about[0]
+    assert frame[frame.stat.str.startswith("attn")].empty  # a gap, not a number
+    assert not frame[frame.stat == "grad_norm"].empty  # the rest is recorded

@@ -539,6 +539,21 @@ class AttentionWatch(TorchFunctionMode):
             name = self._current()
             if name is None:
                 return
+            if torch._C._functorch.peek_interpreter_stack() is not None:
+                # Under torch.vmap / torch.func.grad the tensors are the transform's
+                # wrappers: a statistic of them would escape the transform. Not received
+                # (the engine counts the call attributed): the module is a gap for the step.
+                from .hooks import warn_gap
+
+                warn_gap(
+                    self._warned,
+                    f"attention {name} transform",
+                    f"gradprobe: module {name!r} calls attention inside a torch.func transform "
+                    "(torch.vmap, torch.func.grad): its attention statistics are not measured "
+                    "there, so attn_logit_max and attn_entropy have a gap for that step; "
+                    "training is not affected",
+                )
+                return
             tensors = [a for a in (*args[:2], *kwargs.values()) if isinstance(a, Tensor)]
             if any(type(a) not in _PLAIN or a.is_nested for a in tensors):
                 # a DTensor would run collectives, a nested tensor has no [L, E] rows
