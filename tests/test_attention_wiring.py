@@ -351,3 +351,42 @@ def test_attention_under_vmap_is_one_clear_warning_a_gap_and_unchanged_training(
     assert "failed" not in about[0]
     assert frame[frame.stat.str.startswith("attn")].empty  # a gap, not a number
     assert not frame[frame.stat == "grad_norm"].empty  # the rest is recorded
+
+
+# ---- 6. an attention module that never calls SDPA (nanoGPT with flash=False)
+class OuterAttention(nn.Module):
+    """A wrapper named …Attention whose inner attention module makes the SDPA call (as
+    Hugging Face's BertAttention around BertSdpaSelfAttention): not a bypass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = CausalSelfAttention()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x)
+
+
+@pytest.mark.parametrize("flash", [False, True], ids=["manual_softmax", "sdpa"])
+def test_attention_that_bypasses_sdpa_is_said_once_per_module(flash: bool) -> None:
+    torch.manual_seed(0)
+    model = Split(flash)
+    model.backbone.append(nn.Sequential(OuterAttention()))
+    twin = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(2, 5, 16, generator=g) for _ in range(3)]
+    probed, frame, said = _run(model, batches, {"every": 1})
+    plain, _, _ = _run(twin, batches, None)
+    assert _same(probed, plain)
+    bypass = sorted(w for w in said if "without F.scaled_dot_product_attention" in w)
+    attn_rows = set(frame[frame.stat == "attn_logit_max"].name)
+    if flash:
+        assert bypass == []
+        assert attn_rows == {"backbone.0.attn", "backbone.1.attn", "backbone.2.0.inner"}
+    else:
+        # once per module over three recorded steps; the wrapper around a module that
+        # calls SDPA is not one of them
+        assert len(bypass) == 2, said
+        assert "'backbone.0.attn' (CausalSelfAttention)" in bypass[0]
+        assert "'backbone.1.attn' (CausalSelfAttention)" in bypass[1]
+        assert "docs/attention.md" in bypass[0]
+        assert attn_rows == {"backbone.2.0.inner"}

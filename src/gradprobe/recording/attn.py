@@ -60,6 +60,12 @@ class AttentionCapture:
         # passes whose gradients were discarded are dropped, as the buffer's (follow.py).
         self._mark: dict[int, tuple[int, int]] = {}
         self._unattributed = 0  # calls made while no probed module ran (said once)
+        # Attention modules (class name "…Attention") that ran watched in this step, and
+        # the modules running when a watched call was made: one that ran without a call
+        # inside it computes its attention without SDPA (said once per module).
+        self._attention_slots: frozenset[int] = frozenset()
+        self._ran: set[int] = set()
+        self._inside: set[int] = set()
         # A submodule called outside the model's forward (a backbone, then a head) enters
         # the watch at its own pre-hook: the slot that did, and the always-called forward
         # hooks that exit it (kept until the step closes: a hook removed while PyTorch runs
@@ -140,6 +146,17 @@ class AttentionCapture:
         """A recorded call of probed module ``k`` begins (its pre-hook)."""
         if self._watch is not None:
             self._stack.append(k)
+            if k in self._attention_slots_now():
+                self._ran.add(k)
+
+    def _attention_slots_now(self) -> frozenset[int]:
+        slots = self.ctx.slots
+        if len(self._by_name) != len(slots):  # the model changed: slots were added
+            self._by_name = {s.name: s.index for s in slots}
+            self._attention_slots = frozenset(
+                s.index for s in slots if s.type.endswith("Attention") and not s.sequence_only
+            )
+        return self._attention_slots
 
     def exit_module(self, k: int) -> None:
         """A call of probed module ``k`` ended (its forward hook): pop it and anything above
@@ -154,13 +171,12 @@ class AttentionCapture:
             return None
         k = self._stack[-1]
         self._attributed[k] += 1
+        self._inside.update(self._stack)
         return self.ctx.slots[k].name
 
     def _sink(self, name: str, call: AttentionCall) -> None:
-        by_name = self._by_name
-        if len(by_name) != len(self.ctx.slots):  # the model changed: slots were added
-            self._by_name = by_name = {s.name: s.index for s in self.ctx.slots}
-        self._calls[by_name[name]].append(call)
+        self._attention_slots_now()  # the names of the slots, the model changed or not
+        self._calls[self._by_name[name]].append(call)
 
     # ------------------------------------------------------------ the step
     def _on_gradients_marked(self) -> None:
@@ -174,6 +190,8 @@ class AttentionCapture:
         self._mark = {}
 
     def _on_step_discarded(self, step: int, skipped: bool) -> None:
+        self._ran.clear()
+        self._inside.clear()
         self._calls.clear()
         self._attributed.clear()
         self._mark = {}
@@ -195,6 +213,7 @@ class AttentionCapture:
                 "whose class name ends in 'Attention' is probed by default; to record "
                 "another, name the module that makes the call in Probe(modules=[...])",
             )
+        self._warn_bypassed()
         for k, module_calls in calls.items():
             if not module_calls or attributed.get(k, 0) != len(module_calls):
                 continue  # a call failed (the watch warned): the module is a gap
@@ -206,6 +225,23 @@ class AttentionCapture:
                     f"the attention statistics of module {self.ctx.slots[k].name!r}",
                     exc,
                 )
+
+    def _warn_bypassed(self) -> None:
+        """An attention module that ran watched with no SDPA call inside it: said once."""
+        ran, self._ran = self._ran, set()
+        inside, self._inside = self._inside, set()
+        for k in sorted(ran - inside):
+            slot = self.ctx.slots[k]
+            warn_gap(
+                self.ctx.unreadable,
+                f"attention bypasses sdpa {slot.name}",
+                f"gradprobe: module {slot.name!r} ({slot.type}) computes its attention without "
+                "F.scaled_dot_product_attention (a softmax written by hand, Hugging Face "
+                "attn_implementation='eager', a custom kernel), so its attention statistics "
+                "(attn_logit_max, attn_entropy) are not recorded; docs/attention.md lists "
+                "the paths that are measured (nanoGPT: flash=True; Hugging Face: "
+                "attn_implementation='sdpa')",
+            )
 
     def _record(self, k: int, calls: list[AttentionCall]) -> None:
         """Summarise a module's calls of the step into the buffer (device tensors)."""
