@@ -390,3 +390,29 @@ def test_attention_that_bypasses_sdpa_is_said_once_per_module(flash: bool) -> No
         assert "'backbone.1.attn' (CausalSelfAttention)" in bypass[1]
         assert "docs/attention.md" in bypass[0]
         assert attn_rows == {"backbone.2.0.inner"}
+
+
+def test_a_compiled_submodule_called_apart_gets_no_watch_and_no_hook_per_step() -> None:
+    """A compiled model's hooks must not change (each change recompiles it): the watch is
+    not entered there (a gap, as for a compiled root) and no exit hook is put on."""
+    torch.manual_seed(0)
+    model = Split()
+    twin = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(2, 5, 16, generator=g) for _ in range(3)]
+    torch._dynamo.reset()
+    model.backbone.compile(backend="eager")
+    hooked: list[bool] = []
+
+    def forward(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        out = _apart(m, x)
+        hooked.append(any(s._forward_hooks_always_called for s in m.backbone.modules()))
+        return out
+
+    probed, frame, said = _run(model, batches, {"every": 1}, forward=forward)
+    plain, _, _ = _run(twin, batches, None, forward=_apart)
+    assert hooked == [False, False, False]
+    # eager backend: the same kernels as the twin's, bit for bit
+    assert _same(probed, plain)
+    assert any("compiled" in w for w in said)
+    assert frame[frame.stat.str.startswith("attn")].empty

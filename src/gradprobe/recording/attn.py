@@ -82,16 +82,7 @@ class AttentionCapture:
     def start(self, model: nn.Module, trained: bool) -> None:
         """The probed model's forward begins (its trained state already judged)."""
         ctx = self.ctx
-        if (
-            not self.wanted
-            or self._watch is not None
-            or not trained
-            or not ctx.recording
-            or ctx.closed
-            or ctx.searching
-            or ctx.compiled
-            or inside_backward()
-        ):
+        if not self._may_start(trained):
             return
         if fast_path_at_risk(model):
             warn_gap(
@@ -108,13 +99,26 @@ class AttentionCapture:
         watch.__enter__()
         self._watch = watch  # set once entered: stop() exits only what was entered
 
+    def _may_start(self, trained: bool) -> bool:
+        ctx = self.ctx
+        return not (
+            not self.wanted
+            or self._watch is not None
+            or not trained
+            or not ctx.recording
+            or ctx.closed
+            or ctx.searching
+            or ctx.compiled  # (and no hook put on a compiled model: it would recompile)
+            or inside_backward()
+        )
+
     def start_at(
         self, k: int, module: nn.Module, exit_hook: Callable[..., None], site: Site
     ) -> None:
         """Probed module ``k`` is called outside the model's forward, recorded, and no watch
         is entered: enter one for this call (``exit_hook``, always called, exits it at the
         end of the call, through :meth:`stop_at`)."""
-        if self._watch is not None or not self.wanted:
+        if not self._may_start(True):
             return
         if k not in self._exit_slots:  # first: never a watch entered without its exit
             self._exits.on_module(module, exit_hook, self.ctx.owner_ref, site, k, always_call=True)
