@@ -48,11 +48,11 @@ _SEQUENCE_SITE = Site("forward hook (sequence statistics)", "module")
 # Without module hooks (modules=[]) it does nothing either: each module hook would judge
 # its call by the same rule (Passes.call_mode), and the post-accumulate hooks say that a
 # trained pass ran (log()), so such a model compiles whole, fullgraph=True included.
-# Exits the attention watch a submodule called on its own entered (attn.py): nothing to leave out.
-_ATTENTION_EXIT_SITE = Site("the end of a probed module's forward (attention)", "none", "skip")
 _PASS_START_SITE = Site("the start of the model's forward", "modules")
 _PASS_START_UNHOOKED_SITE = Site("the start of the model's forward", "modules", "skip")
 _PASS_END_SITE = Site("the end of the model's forward", "modules", "skip")
+# Exits the attention watch a submodule called on its own entered (attn.py): nothing to leave out.
+_ATTENTION_EXIT_SITE = Site("the end of a probed module's forward (attention)", "none", "skip")
 # Pre-clip norms and which passes' error signals count (both feed the step's rows).
 _ACCUMULATED_SITE = Site("a gradient-accumulated hook", "params")
 _FULL_PARAM_SITE = Site("a gradient-accumulated hook (error signals)", "all_errors")
@@ -386,10 +386,10 @@ def warn_compiled() -> None:
         "except the attention statistics (attn_*), which are a gap in compiled regions "
         "(docs/attention.md). The module hooks run outside the compiled graphs, so the "
         "graph breaks at each probed module and fusion across modules is lost (and "
-        "fullgraph=True cannot hold). To keep the graph whole, probe parameters only (modules=[]: grad/param "
-        "norms, update ratios, global and pre-clip norms need no module hooks), probe a "
-        "few modules (modules=[...]), or take the full per-layer statistics on a short "
-        "uncompiled run.",
+        "fullgraph=True cannot hold). To keep the graph whole, probe parameters only "
+        "(modules=[]: grad/param norms, update ratios, global and pre-clip norms need no "
+        "module hooks), probe a few modules (modules=[...]), or take the full per-layer "
+        "statistics on a short uncompiled run.",
         GradprobeWarning,
         stacklevel=3,
     )
