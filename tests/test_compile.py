@@ -50,6 +50,9 @@ def _check_equal(rel: float, backend: str) -> None:
     assert eager_warnings == []
     assert len(compiled_warnings) == 1 and "compiled" in compiled_warnings[0]
     assert "modules=[]" in compiled_warnings[0]  # it says how to keep the graph whole
+    # and that the attention statistics are the one gap under compile (not "every statistic")
+    assert "attention statistics (attn_*), which are a gap" in compiled_warnings[0]
+    assert "Every statistic is recorded" not in compiled_warnings[0]
     keys = ["step", "name", "stat"]
     merged = eager.merge(
         compiled, on=keys, how="outer", suffixes=("_eager", "_compiled"), indicator=True

@@ -145,6 +145,7 @@ def attention_stats(
     enable_gqa: bool = False,
     rows: int | None = ROWS,
     batch: int | None = BATCH,
+    _sample: tuple[Tensor, Tensor, Tensor] | None = None,
 ) -> AttentionCall:
     """Per-head logit maximum and entropy of ``softmax(q·kᵀ·scale + mask)``, as SDPA forms it.
 
@@ -155,6 +156,9 @@ def attention_stats(
     ``i`` sees keys ``0..i`` (top-left aligned when ``L ≠ S``, as SDPA). ``scale``: default
     ``1/√E``. ``rows``/``batch``: query rows per sequence and sequences (``None``: all).
     Raises ``ValueError`` on shapes SDPA would reject (the watch turns it into a gap).
+    ``_sample`` (internal: :func:`_mha_call`): ``q``, ``k`` and the mask are already the
+    sampled sequences and query rows; their weights ``(b_w, r_w)`` and the query rows'
+    positions (for ``is_causal``), as :func:`strata` gave them.
     """
     with torch.no_grad():
         q, k = q.detach(), k.detach()
@@ -178,8 +182,14 @@ def attention_stats(
             empty = torch.zeros(heads, dtype=dtype, device=dev)
             return AttentionCall(empty - torch.inf, empty, empty.clone(), empty + torch.inf)
 
-        b_rep, b_w = strata(n_seq, batch, dev)
-        r_rep, r_w = strata(length, rows, dev)
+        if _sample is None:
+            b_rep, b_w = strata(n_seq, batch, dev)
+            r_rep, r_w = strata(length, rows, dev)
+            r_pos = r_rep
+        else:  # already sampled: every row and sequence, with the sample's weights
+            b_w, r_w, r_pos = _sample
+            b_rep = torch.arange(n_seq, device=dev)
+            r_rep = torch.arange(length, device=dev)
         nb, nr = b_rep.numel(), r_rep.numel()
         group = heads // kv_heads
         per_seq, per_head, per_row = slice_plan(nb, heads, group, nr, keys)
@@ -196,6 +206,7 @@ def attention_stats(
                         b_w[i : i + per_seq],
                         r_rep[j : j + per_row],
                         r_w[j : j + per_row],
+                        r_pos[j : j + per_row],
                         (h0, h1),
                         is_causal=is_causal,
                         scale=scale,
@@ -276,6 +287,7 @@ def _measure(
     b_w: Tensor,
     r_rep: Tensor,
     r_w: Tensor,
+    r_pos: Tensor,
     head_range: tuple[int, int],
     *,
     is_causal: bool,
@@ -283,7 +295,8 @@ def _measure(
     dtype: torch.dtype,
 ) -> AttentionCall:
     """The statistics of the sampled rows ``r_rep`` of the sampled sequences ``b_rep``, of
-    the query heads ``head_range`` (whole groups sharing a key head, or part of one)."""
+    the query heads ``head_range`` (whole groups sharing a key head, or part of one).
+    ``r_pos``: those rows' positions in the sequence (``r_rep`` unless already sampled)."""
     all_heads, length, width = q.shape[-3:]
     kv_heads, keys = k.shape[-3], k.shape[-2]
     group = all_heads // kv_heads
@@ -314,7 +327,7 @@ def _measure(
 
     valid = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=dev)
     if is_causal:  # top-left: row i sees keys 0..i
-        valid = (r_rep.view(nr, 1) >= torch.arange(keys, device=dev).view(1, keys))[None, None]
+        valid = (r_pos.view(nr, 1) >= torch.arange(keys, device=dev).view(1, keys))[None, None]
     if mask is not None:
         ms = _left_pad(mask, d + 3).expand(*lead, all_heads, length, keys)
         ms = ms[(*idx, head_i, row_i)]
@@ -400,8 +413,10 @@ def _additive(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
 def _mha_call(args: tuple, kwargs: dict, rows: int | None, batch: int | None) -> AttentionCall:
     """Query and key of ``F.multi_head_attention_forward`` as it forms them (sequence-first
     inputs, in-projection, ``bias_k``, ``add_zero_attn``, ``static_k``, masks merged), then
-    :func:`attention_stats`. The projections are recomputed under ``no_grad`` (the mode
-    cannot see inside this function: its body runs with the mode popped)."""
+    :func:`attention_stats`. The projections are recomputed (the mode cannot see inside
+    this function: its body runs with the mode popped), under ``no_grad`` (the watch), for
+    the sampled sequences and query rows only (keys: all of the sampled sequences'), so
+    the cost is bounded whatever the batch size, as for an SDPA call."""
     a = _MHA_SIGNATURE.bind(*args, **kwargs)
     a.apply_defaults()
     p = a.arguments
@@ -413,41 +428,51 @@ def _mha_call(args: tuple, kwargs: dict, rows: int | None, batch: int | None) ->
     length, n, embed = query.shape
     heads = p["num_heads"]
     hd = embed // heads
+    dev = query.device
+    b_rep, b_w = strata(n, batch, dev)  # the sample attention_stats would take
+    r_rep, r_w = strata(length, rows, dev)
+    nb, nr = b_rep.numel(), r_rep.numel()
     w, b = p["in_proj_weight"], p["in_proj_bias"]
     bq, bk = (None, None) if b is None else (b[:embed], b[embed : 2 * embed])
     if p["use_separate_proj_weight"]:
         wq, wk = p["q_proj_weight"], p["k_proj_weight"]
     else:
         wq, wk = w[:embed], w[embed : 2 * embed]
-    q = F.linear(query, wq, bq)  # [L, N, E]
-    q = q.reshape(length, n * heads, hd).transpose(0, 1).reshape(n, heads, length, hd)
+    q = F.linear(query[r_rep.view(nr, 1), b_rep.view(1, nb)], wq, bq)  # [nr, nb, E]
+    q = q.reshape(nr, nb, heads, hd).permute(1, 2, 0, 3)  # [nb, H, nr, hd]
     dtype = q.dtype
-    if p["static_k"] is not None:
-        k = p["static_k"].detach()
+    if p["static_k"] is not None:  # [N·H, S, hd]
+        static = p["static_k"].detach()
+        k = static.reshape(n, heads, static.shape[1], hd)[b_rep]
     else:
-        k = F.linear(key, wk, bk)
+        k = F.linear(key[:, b_rep], wk, bk)  # [S, nb, E]
         if p["bias_k"] is not None:
-            k = torch.cat([k, p["bias_k"].detach().expand(1, n, embed)])
+            k = torch.cat([k, p["bias_k"].detach().expand(1, nb, embed)])
             attn_mask = None if attn_mask is None else F.pad(attn_mask, (0, 1))
             kpm = None if kpm is None else F.pad(kpm, (0, 1))
-        k = k.reshape(k.shape[0], n * heads, hd).transpose(0, 1)
+        k = k.reshape(k.shape[0], nb, heads, hd).permute(1, 2, 0, 3)  # [nb, H, S, hd]
     if p["add_zero_attn"]:
-        k = torch.cat([k, k.new_zeros(n * heads, 1, hd)], dim=1)
+        k = torch.cat([k, k.new_zeros(nb, heads, 1, hd)], dim=2)
         attn_mask = None if attn_mask is None else F.pad(attn_mask, (0, 1))
         kpm = None if kpm is None else F.pad(kpm, (0, 1))
-    k = k.reshape(n, heads, k.shape[1], hd)
     keys = k.shape[2]
     is_causal = bool(p["is_causal"]) and kpm is None and not p["need_weights"]
     mask = None
     if not is_causal:  # as the function does: the causal hint replaces the mask only then
+        if attn_mask is not None:  # [L, S] or [N·H, L, S]: the sampled rows (and sequences)
+            if attn_mask.dim() == 3:
+                attn_mask = attn_mask.reshape(n, heads, length, keys)[b_rep][:, :, r_rep]
+            else:
+                attn_mask = attn_mask[r_rep]
         mask = _additive(attn_mask, dtype)
-        if mask is not None and mask.dim() == 3:
-            mask = mask.reshape(n, heads, length, keys)
-        kpm = _additive(kpm, dtype)
+        kpm = _additive(None if kpm is None else kpm[b_rep], dtype)
         if kpm is not None:
-            kpm = kpm.reshape(n, 1, 1, keys)
+            kpm = kpm.reshape(nb, 1, 1, keys)
             mask = kpm if mask is None else mask + kpm
-    return attention_stats(q, k, attn_mask=mask, is_causal=is_causal, rows=rows, batch=batch)
+    sample = (b_w, r_w, r_rep)
+    return attention_stats(
+        q, k, attn_mask=mask, is_causal=is_causal, rows=rows, batch=batch, _sample=sample
+    )
 
 
 _PLAIN = (Tensor, nn.Parameter)
@@ -514,12 +539,30 @@ class AttentionWatch(TorchFunctionMode):
             name = self._current()
             if name is None:
                 return
+            if torch._C._functorch.peek_interpreter_stack() is not None:
+                # Under torch.vmap / torch.func.grad the tensors are the transform's
+                # wrappers: a statistic of them would escape the transform. Not received
+                # (the engine counts the call attributed): the module is a gap for the step.
+                from .hooks import warn_gap
+
+                warn_gap(
+                    self._warned,
+                    f"attention {name} transform",
+                    f"gradprobe: module {name!r} calls attention inside a torch.func transform "
+                    "(torch.vmap, torch.func.grad): its attention statistics are not measured "
+                    "there, so attn_logit_max and attn_entropy have a gap for that step; "
+                    "training is not affected",
+                )
+                return
             tensors = [a for a in (*args[:2], *kwargs.values()) if isinstance(a, Tensor)]
             if any(type(a) not in _PLAIN or a.is_nested for a in tensors):
                 # a DTensor would run collectives, a nested tensor has no [L, E] rows
                 raise TypeError("a tensor subclass or nested tensor is not measured")
             read = _sdpa_call if func is _SDPA else _mha_call
-            call = read(args, kwargs, self._rows, self._batch)
+            # Nothing of the measurement reaches autograd: under activation checkpointing
+            # a tensor it saved would be one more than the recompute saves (CheckpointError)
+            with torch.no_grad():
+                call = read(args, kwargs, self._rows, self._batch)
             self._sink(name, call)
         except Exception as exc:  # never into the user's forward
             from .hooks import warn_gap

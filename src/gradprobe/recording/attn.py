@@ -3,7 +3,8 @@
 :class:`AttentionCapture` enters one :class:`~gradprobe.attention.AttentionWatch` around
 the probed model's forward on a recorded, trained pass (the root's forward pre-hook
 enters it, its forward hook exits it: both entry points of :mod:`.hookup`, through the
-one guard), and keeps the stack of probed modules running (their pre-hooks push, their
+one guard; a submodule called outside the model's forward enters it at its own pre-hook
+and exits it at an always-called forward hook), and keeps the stack of probed modules running (their pre-hooks push, their
 forward hooks pop), so that each ``scaled_dot_product_attention`` call is attributed to
 the innermost probed module that made it. Each call's per-head
 :class:`~gradprobe.attention.AttentionCall` (device tensors) waits in the step's list of
@@ -26,12 +27,13 @@ nothing for the step.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from ..attention import AttentionCall, AttentionWatch, fast_path_at_risk, summarise
-from ..hooks import warn_gap, warn_once
+from ..hooks import HookSet, Site, warn_gap, warn_once
 from ..stats import STATISTICS
 from .context import Context, inside_backward
 
@@ -58,6 +60,19 @@ class AttentionCapture:
         # passes whose gradients were discarded are dropped, as the buffer's (follow.py).
         self._mark: dict[int, tuple[int, int]] = {}
         self._unattributed = 0  # calls made while no probed module ran (said once)
+        # Attention modules (class name "…Attention") that ran watched in this step, and
+        # the modules running when a watched call was made: one that ran without a call
+        # inside it computes its attention without SDPA (said once per module).
+        self._attention_slots: frozenset[int] = frozenset()
+        self._ran: set[int] = set()
+        self._inside: set[int] = set()
+        # A submodule called outside the model's forward (a backbone, then a head) enters
+        # the watch at its own pre-hook: the slot that did, and the always-called forward
+        # hooks that exit it (kept until the step closes: a hook removed while PyTorch runs
+        # the always-called hooks of a forward that raised would break that loop).
+        self._opener: int | None = None
+        self._exits = HookSet()
+        self._exit_slots: set[int] = set()
         ctx.on("gradients_marked", self._on_gradients_marked)
         ctx.on("gradients_discarded", self._on_gradients_discarded)
         ctx.on("step_closing", self._on_step_closing)
@@ -67,16 +82,7 @@ class AttentionCapture:
     def start(self, model: nn.Module, trained: bool) -> None:
         """The probed model's forward begins (its trained state already judged)."""
         ctx = self.ctx
-        if (
-            not self.wanted
-            or self._watch is not None
-            or not trained
-            or not ctx.recording
-            or ctx.closed
-            or ctx.searching
-            or ctx.compiled
-            or inside_backward()
-        ):
+        if not self._may_start(trained):
             return
         if fast_path_at_risk(model):
             warn_gap(
@@ -93,8 +99,48 @@ class AttentionCapture:
         watch.__enter__()
         self._watch = watch  # set once entered: stop() exits only what was entered
 
+    def _may_start(self, trained: bool) -> bool:
+        ctx = self.ctx
+        return not (
+            not self.wanted
+            or self._watch is not None
+            or not trained
+            or not ctx.recording
+            or ctx.closed
+            or ctx.searching
+            or ctx.compiled  # (and no hook put on a compiled model: it would recompile)
+            or inside_backward()
+        )
+
+    def start_at(
+        self, k: int, module: nn.Module, exit_hook: Callable[..., None], site: Site
+    ) -> None:
+        """Probed module ``k`` is called outside the model's forward, recorded, and no watch
+        is entered: enter one for this call (``exit_hook``, always called, exits it at the
+        end of the call, through :meth:`stop_at`)."""
+        if not self._may_start(True):
+            return
+        if k not in self._exit_slots:  # first: never a watch entered without its exit
+            self._exits.on_module(module, exit_hook, self.ctx.owner_ref, site, k, always_call=True)
+            self._exit_slots.add(k)
+        self.start(module, True)
+        if self._watch is not None:
+            self._opener = k
+
+    def stop_at(self, k: int) -> None:
+        """The call of probed module ``k`` ended (or raised): exit the watch if it entered it."""
+        if self._opener == k:
+            self.stop()
+
+    def close(self) -> None:
+        """The Probe closes: the watch exited, its exit hooks off."""
+        self.stop()
+        self._exits.remove()
+        self._exit_slots.clear()
+
     def stop(self) -> None:
         """The probed model's forward ended (or raised): exit the watch."""
+        self._opener = None
         watch, self._watch = self._watch, None
         self._stack.clear()
         if watch is not None:
@@ -104,6 +150,17 @@ class AttentionCapture:
         """A recorded call of probed module ``k`` begins (its pre-hook)."""
         if self._watch is not None:
             self._stack.append(k)
+            if k in self._attention_slots_now():
+                self._ran.add(k)
+
+    def _attention_slots_now(self) -> frozenset[int]:
+        slots = self.ctx.slots
+        if len(self._by_name) != len(slots):  # the model changed: slots were added
+            self._by_name = {s.name: s.index for s in slots}
+            self._attention_slots = frozenset(
+                s.index for s in slots if s.type.endswith("Attention") and not s.sequence_only
+            )
+        return self._attention_slots
 
     def exit_module(self, k: int) -> None:
         """A call of probed module ``k`` ended (its forward hook): pop it and anything above
@@ -118,13 +175,12 @@ class AttentionCapture:
             return None
         k = self._stack[-1]
         self._attributed[k] += 1
+        self._inside.update(self._stack)
         return self.ctx.slots[k].name
 
     def _sink(self, name: str, call: AttentionCall) -> None:
-        by_name = self._by_name
-        if len(by_name) != len(self.ctx.slots):  # the model changed: slots were added
-            self._by_name = by_name = {s.name: s.index for s in self.ctx.slots}
-        self._calls[by_name[name]].append(call)
+        self._attention_slots_now()  # the names of the slots, the model changed or not
+        self._calls[self._by_name[name]].append(call)
 
     # ------------------------------------------------------------ the step
     def _on_gradients_marked(self) -> None:
@@ -138,11 +194,16 @@ class AttentionCapture:
         self._mark = {}
 
     def _on_step_discarded(self, step: int, skipped: bool) -> None:
+        self._ran.clear()
+        self._inside.clear()
         self._calls.clear()
         self._attributed.clear()
         self._mark = {}
 
     def _on_step_closing(self) -> None:
+        if self._opener is None and self._exit_slots:
+            self._exits.remove()
+            self._exit_slots.clear()
         calls, self._calls = self._calls, defaultdict(list)
         attributed, self._attributed = self._attributed, defaultdict(int)
         self._mark = {}
@@ -156,6 +217,7 @@ class AttentionCapture:
                 "whose class name ends in 'Attention' is probed by default; to record "
                 "another, name the module that makes the call in Probe(modules=[...])",
             )
+        self._warn_bypassed()
         for k, module_calls in calls.items():
             if not module_calls or attributed.get(k, 0) != len(module_calls):
                 continue  # a call failed (the watch warned): the module is a gap
@@ -167,6 +229,23 @@ class AttentionCapture:
                     f"the attention statistics of module {self.ctx.slots[k].name!r}",
                     exc,
                 )
+
+    def _warn_bypassed(self) -> None:
+        """An attention module that ran watched with no SDPA call inside it: said once."""
+        ran, self._ran = self._ran, set()
+        inside, self._inside = self._inside, set()
+        for k in sorted(ran - inside):
+            slot = self.ctx.slots[k]
+            warn_gap(
+                self.ctx.unreadable,
+                f"attention bypasses sdpa {slot.name}",
+                f"gradprobe: module {slot.name!r} ({slot.type}) computes its attention without "
+                "F.scaled_dot_product_attention (a softmax written by hand, Hugging Face "
+                "attn_implementation='eager', a custom kernel), so its attention statistics "
+                "(attn_logit_max, attn_entropy) are not recorded; docs/attention.md lists "
+                "the paths that are measured (nanoGPT: flash=True; Hugging Face: "
+                "attn_implementation='sdpa')",
+            )
 
     def _record(self, k: int, calls: list[AttentionCall]) -> None:
         """Summarise a module's calls of the step into the buffer (device tensors)."""

@@ -51,6 +51,8 @@ _SEQUENCE_SITE = Site("forward hook (sequence statistics)", "module")
 _PASS_START_SITE = Site("the start of the model's forward", "modules")
 _PASS_START_UNHOOKED_SITE = Site("the start of the model's forward", "modules", "skip")
 _PASS_END_SITE = Site("the end of the model's forward", "modules", "skip")
+# Exits the attention watch a submodule called on its own entered (attn.py): nothing to leave out.
+_ATTENTION_EXIT_SITE = Site("the end of a probed module's forward (attention)", "none", "skip")
 # Pre-clip norms and which passes' error signals count (both feed the step's rows).
 _ACCUMULATED_SITE = Site("a gradient-accumulated hook", "params")
 _FULL_PARAM_SITE = Site("a gradient-accumulated hook (error signals)", "all_errors")
@@ -61,6 +63,8 @@ def _pre_hook(owner: Hookup, k: int, module: nn.Module, args: Any, kwargs: Any) 
         owner.scaler.poll()  # the first forward of an iteration closes a skipped step
     mode = owner.passes.call_mode()
     if mode == RECORD:
+        if not owner.ctx.pass_open:  # called outside the model's forward (m.backbone(x))
+            owner.attention.start_at(k, module, _attention_exit_hook, _ATTENTION_EXIT_SITE)
         owner.attention.enter_module(k)  # the calls of attention it makes are its own
         capture = owner.capture
         capture.open_call(k)  # what this call records can be taken back (drop_failed_call)
@@ -88,6 +92,12 @@ def _forward_hook(
         capture.end_forward(k)
     elif mode == RECOMPUTE:
         owner.errors.on_recomputed(k, output)
+
+
+def _attention_exit_hook(
+    owner: Hookup, k: int, module: nn.Module, args: Any, kwargs: Any, output: Any
+) -> None:
+    owner.attention.stop_at(k)
 
 
 def _sequence_hook(
@@ -305,7 +315,7 @@ class Hookup:
         guard = self.ctx.guard
         guard(self._hooks.remove, "close (removing hooks)")
         guard(self._step_hooks.remove, "close (removing hooks)")
-        guard(self.attention.stop, "close (attention)")
+        guard(self.attention.close, "close (attention)")
         self._step_hooks_on = False
 
     # ------------------------------------------------------------ the guard
@@ -372,13 +382,14 @@ class Hookup:
 
 def warn_compiled() -> None:
     warnings.warn(
-        "gradprobe: the model is compiled (torch.compile). Every statistic is recorded, "
-        "but the module hooks run outside the compiled graphs, so the graph breaks at "
-        "each probed module and fusion across modules is lost (and fullgraph=True cannot "
-        "hold). To keep the graph whole, probe parameters only (modules=[]: grad/param "
-        "norms, update ratios, global and pre-clip norms need no module hooks), probe a "
-        "few modules (modules=[...]), or take the full per-layer statistics on a short "
-        "uncompiled run.",
+        "gradprobe: the model is compiled (torch.compile). The statistics are recorded, "
+        "except the attention statistics (attn_*), which are a gap in compiled regions "
+        "(docs/attention.md). The module hooks run outside the compiled graphs, so the "
+        "graph breaks at each probed module and fusion across modules is lost (and "
+        "fullgraph=True cannot hold). To keep the graph whole, probe parameters only "
+        "(modules=[]: grad/param norms, update ratios, global and pre-clip norms need no "
+        "module hooks), probe a few modules (modules=[...]), or take the full per-layer "
+        "statistics on a short uncompiled run.",
         GradprobeWarning,
         stacklevel=3,
     )
