@@ -39,6 +39,10 @@ from .context import Context, inside_backward
 
 __all__ = ["AttentionCapture"]
 
+# Steps a model that made no attention call in a watched step goes unwatched (attn.py's
+# ``_idle``): small enough that a model starting to call attention later is seen soon.
+IDLE_RETRY = 64
+
 _HEAD_STATS = ("attn_head_logit_max", "attn_head_entropy", "attn_head_entropy_min")
 
 
@@ -73,10 +77,19 @@ class AttentionCapture:
         self._opener: int | None = None
         self._exits = HookSet()
         self._exit_slots: set[int] = set()
+        # A model that made no attention call in a watched step (an MLP, a CNN) is not
+        # watched again until it changes, or for IDLE_RETRY steps: the watch sees every
+        # torch call of the forward, a cost (bench/RESULTS.md: +1.2 ms on a 10 ms MLP
+        # step) for nothing to measure. Trying again now and then catches a model that
+        # starts calling attention later without changing.
+        self._entered = False  # the watch was entered in this step
+        self._seen = 0  # attention calls the watch saw in this step
+        self._idle = 0  # steps left without the watch (0: watch)
         ctx.on("gradients_marked", self._on_gradients_marked)
         ctx.on("gradients_discarded", self._on_gradients_discarded)
         ctx.on("step_closing", self._on_step_closing)
         ctx.on("step_discarded", self._on_step_discarded)
+        ctx.on("model_rebound", self._on_model_rebound)
 
     # ------------------------------------------------------------ the pass
     def start(self, model: nn.Module, trained: bool) -> None:
@@ -98,11 +111,13 @@ class AttentionCapture:
         watch = AttentionWatch(self._current, self._sink, warned=ctx.unreadable)
         watch.__enter__()
         self._watch = watch  # set once entered: stop() exits only what was entered
+        self._entered = True
 
     def _may_start(self, trained: bool) -> bool:
         ctx = self.ctx
         return not (
             not self.wanted
+            or self._idle > 0
             or self._watch is not None
             or not trained
             or not ctx.recording
@@ -170,6 +185,7 @@ class AttentionCapture:
             del stack[len(stack) - 1 - stack[::-1].index(k) :]
 
     def _current(self) -> str | None:
+        self._seen += 1
         if not self._stack:
             self._unattributed += 1
             return None
@@ -200,7 +216,19 @@ class AttentionCapture:
         self._attributed.clear()
         self._mark = {}
 
+    def _on_model_rebound(self, new_params: list[object]) -> None:
+        self._idle = 0  # a changed model may call attention now: watch it again
+
+    def _note_idle(self) -> None:
+        """After a step: whether the next ones are watched (see ``_idle``)."""
+        if self._idle > 0:
+            self._idle -= 1
+        elif self._entered and self._seen == 0:
+            self._idle = IDLE_RETRY
+        self._entered, self._seen = False, 0
+
     def _on_step_closing(self) -> None:
+        self._note_idle()
         if self._opener is None and self._exit_slots:
             self._exits.remove()
             self._exit_slots.clear()
