@@ -184,9 +184,7 @@ class Hookup:
         self._param_hooks_kept = False  # "auto": the gradient hooks stay on at every step
         # Gated recurrent modules whose carry gates are measured (gradprobe.recurrent).
         self.carry_slots: frozenset[int] = frozenset()
-        if ctx.plan.carry:
-            by_name = dict(model.named_modules())
-            self.carry_slots = carry_slots([(s.index, by_name[s.name]) for s in ctx.slots])
+        self._find_carry_slots(model)
         ctx.on("step_closed", self._on_step_closed)
         ctx.on("model_rebound", self._on_model_rebound)
 
@@ -290,9 +288,25 @@ class Hookup:
             self._step_hooks.remove()
             self._step_hooks_on = False
 
+    def _find_carry_slots(self, model: nn.Module | None = None) -> None:
+        """The gated recurrent modules among the live slots (at the start, and when the
+        model changed: a module added or replaced)."""
+        ctx = self.ctx
+        model = model if model is not None else ctx.model_ref()
+        if not ctx.plan.carry or model is None:
+            return
+        by_name = dict(model.named_modules())
+        live = [
+            (s.index, by_name[s.name])
+            for s in ctx.slots
+            if s.index not in ctx.retired_slots and s.name in by_name
+        ]
+        self.carry_slots = carry_slots(live)
+
     def _on_model_rebound(self, new_params: list[Tensor]) -> None:
         """Every module hook again (a retired slot's module may still run under another
         name: a wrapped layer), and gradient hooks on the new parameters."""
+        self._find_carry_slots()  # a recurrent module added or replaced is measured too
         was_on = self._step_hooks_on
         if was_on:
             self._step_hooks.remove()
