@@ -24,8 +24,8 @@ from gradprobe.step import AUTO_EVERY, AUTO_FIRST
 
 STEPS = 2 * AUTO_EVERY + 30  # 130: two cadence steps past the first ones
 SPIKE_STEP = AUTO_EVERY + 9  # a sentinel step (no burst is running there)
-NAN_STEP = AUTO_EVERY + 25  # a sentinel step after the spike's burst
-CHANGE_STEP = 2 * AUTO_EVERY + 7  # the last layer replaced at a sentinel step
+NAN_STEP = AUTO_EVERY + 35  # a sentinel step after the spike's burst (AUTO_BURST)
+CHANGE_STEP = 2 * AUTO_EVERY + 9  # the last layer replaced at a sentinel step
 # What a sentinel step records (docs/recording.md, "Cadence"): at every step.
 SENTINEL = ("grad_norm", "global_grad_norm", "global_grad_norm_preclip", "lr", "loss")
 
@@ -89,7 +89,7 @@ def test_sentinel_rows_match_a_probe_recording_every_step(bf16):
         assert torch.equal(a, c) and torch.equal(b, c)
 
     ref = {(r.step, r.name, r.stat): r.value for r in full.itertuples()}
-    sentinel = auto[auto.stat.isin(SENTINEL + ("nonfinite", "clipped"))]
+    sentinel = auto[auto.stat.isin((*SENTINEL, "nonfinite", "clipped"))]
     sentinel = sentinel[sentinel.name.isin(set(full.name))]
     assert len(sentinel) > 0
     for r in sentinel.itertuples():
@@ -107,3 +107,9 @@ def test_sentinel_rows_match_a_probe_recording_every_step(bf16):
     assert SPIKE_STEP + 1 in module_steps or SPIKE_STEP + 2 in module_steps
     assert NAN_STEP + 1 in module_steps
     assert CHANGE_STEP not in module_steps
+    # The comparison above covered the sentinel steps, NaN flags and the new head included.
+    at_sentinel = sentinel[~sentinel.step.isin(module_steps)]
+    assert {SPIKE_STEP, NAN_STEP, CHANGE_STEP} <= set(at_sentinel.step)
+    assert (at_sentinel[at_sentinel.step == NAN_STEP].stat == "nonfinite").any()
+    new_head = auto[(auto.step == CHANGE_STEP) & (auto.stat == "grad_norm")]
+    assert {"8.weight", "8.bias"} <= set(new_head.name)
