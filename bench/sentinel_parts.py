@@ -7,7 +7,8 @@ time (``time.thread_time_ns``, no profiler: a wrapper adds ~1 µs a call); the t
 per sentinel step, the median of each call and the sum of all calls. Parts nest (the
 optimizer pre-hook holds the sentinel's recording, which holds the spike watch): the rows
 do not add up. Then the hooks alone (no-op functions on the same entry points) beside a
-plain twin, interleaved, to show what the entry points cost before any Probe code runs.
+plain twin, the floor row and a sentinel written by hand (no Probe: what a dedicated
+sentinel route must do, the least Python can do it with), interleaved.
 
 Run:  .venv/bin/python bench/sentinel_parts.py [--steps 25]  (at most 29)
 """
@@ -16,19 +17,22 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import statistics
 import time
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 import gradprobe.reduce as reduce_mod
 from gradprobe import Probe
 from gradprobe.buffer import StepBuffer
 from gradprobe.recording import clock, follow, optstep, params, passes
 from gradprobe.recording.clock import AUTO_EVERY, AUTO_FIRST
+from gradprobe.recording.follow import model_signature
 
 # (owner, attribute, label): methods patched on their class, functions on their module.
 PARTS: list[tuple[Any, str, str]] = [
@@ -113,8 +117,58 @@ def _noop(*args: Any, **kwargs: Any) -> None:
     return None
 
 
+def _hand_written_sentinel(m: nn.Module, o: torch.optim.Optimizer) -> None:
+    """What a sentinel step must do, by hand, with no Probe: the model followed (its
+    signature at the pass start), the pre-clip norms and their host screen when backward
+    ends, the step's gradient norms (those, if no gradient changed since), the learning
+    rate, one global norm for a spike window, rows into numpy: the floor of a dedicated
+    sentinel route written in Python."""
+    params = list(m.parameters())
+    state: dict[str, Any] = {"pending": False, "pre": None, "versions": None, "step": 0}
+    state["signature"] = model_signature(m)
+    rows, rates, window = np.zeros((64, len(params))), np.zeros(64), []
+
+    def backward_end() -> None:
+        state["pending"] = False
+        grads = [p.grad for p in params]
+        norms = torch.stack(torch._foreach_norm(grads))
+        state["finite"] = sum(norms.tolist()) < math.inf  # the screen's common case
+        state["pre"], state["versions"] = norms, [(id(g), g._version) for g in grads]
+
+    def accumulated(p: Tensor) -> None:
+        if not state["pending"]:
+            state["pending"] = True
+            torch.autograd.Variable._execution_engine.queue_callback(backward_end)
+
+    def pass_start(module: nn.Module, args: Any, kwargs: Any) -> None:
+        signature = model_signature(m)
+        if signature != state["signature"]:
+            state["signature"] = signature
+
+    def pre(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        at = state["step"] % len(rows)
+        grads = [p.grad for p in params]
+        same = state["versions"] == [(id(g), g._version) for g in grads]
+        norms = state["pre"] if same else torch.stack(torch._foreach_norm(grads))
+        rows[at] = norms.numpy()
+        rates[at] = max(float(g["lr"]) for g in opt.param_groups)
+        window.append(float(norms.double().square().sum()) ** 0.5)
+        del window[:-20]
+        statistics.median(window)
+
+    def post(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        state["step"] += 1
+
+    for p in params:
+        p.register_post_accumulate_grad_hook(accumulated)
+    m.register_forward_pre_hook(pass_start, with_kwargs=True)
+    o.register_step_pre_hook(pre)
+    o.register_step_post_hook(post)
+
+
 def hooks_alone(steps: int) -> None:
-    """The Probe's entry points with no-op functions: what PyTorch charges for them."""
+    """The Probe's entry points with no-op functions (what PyTorch charges for them), the
+    floor row, and a sentinel written by hand (the floor of a dedicated route)."""
 
     def plain(m: nn.Module, o: torch.optim.Optimizer) -> None:
         pass
@@ -133,7 +187,12 @@ def hooks_alone(steps: int) -> None:
 
         o.register_step_pre_hook(norm)
 
-    variants = {"plain": plain, "no-op hooks (Probe's entry points)": hooks, "floor": floor}
+    variants = {
+        "plain": plain,
+        "no-op hooks (Probe's entry points)": hooks,
+        "floor (one `_foreach_norm` at the step)": floor,
+        "a sentinel written by hand": _hand_written_sentinel,
+    }
     twins = {}
     for key, attach in variants.items():
         m, o = _mlp()
@@ -152,12 +211,13 @@ def hooks_alone(steps: int) -> None:
             if s >= 30:
                 times[key].append(time.thread_time() - t)
     base = statistics.median(times["plain"])
-    print("\n### The entry points alone (interleaved twins)\n")
-    print("| variant | thread ms p50 | over plain, ms |")
-    print("|---|---:|---:|")
+    print("\n### The entry points alone, the floor, a sentinel by hand (interleaved twins)\n")
+    print("| variant | thread ms p50 | over plain, ms | run total × plain |")
+    print("|---|---:|---:|---:|")
+    total = sum(times["plain"])
     for key, v in times.items():
         med = statistics.median(v)
-        print(f"| {key} | {med * 1e3:.3f} | {(med - base) * 1e3:+.3f} |")
+        print(f"| {key} | {med * 1e3:.3f} | {(med - base) * 1e3:+.3f} | {sum(v) / total:.3f} |")
 
 
 def main() -> None:
