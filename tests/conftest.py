@@ -20,9 +20,20 @@ def problem(request: pytest.FixtureRequest) -> Problem:
 
 # Files whose float results another CPU rounds otherwise (collectives' equalities, the
 # theory's float32 checks): scripts/test.sh reruns every `numerics` test under other
-# kernels. Marked here by file, beside the tests marked in place (the demo's).
+# kernels. Marked here by file, beside the tests marked in place (the demo's). The
+# attention and sequence reducers, the site reducers and the Probe's attention statistics
+# compare float32 with float64 references at tolerances derived from float32's error.
 NUMERICS_FILES = frozenset(
-    {"test_ddp.py", "test_fsdp.py", "test_theory.py", "test_theory_fixed_points.py"}
+    {
+        "test_ddp.py",
+        "test_fsdp.py",
+        "test_theory.py",
+        "test_theory_fixed_points.py",
+        "test_probe_attention.py",
+        "test_attention_stats.py",
+        "test_sequence_stats.py",
+        "test_site_reducers.py",
+    }
 )
 
 
