@@ -135,7 +135,7 @@ class Probe:
         optimizer: its ``step()`` marks a step (hooks, so the loop does not change);
             without one, call :meth:`step` after each update.
         every: ``"auto"`` (the default): every step for the first
-            ``gradprobe.step.AUTO_FIRST`` (20) steps, then every ``AUTO_EVERY``-th
+            ``gradprobe.recording.clock.AUTO_FIRST`` (20) steps, then every ``AUTO_EVERY``-th
             (50th), with the gradients' norms (``grad_norm``, ``global_grad_norm`` and
             its pre-clip value, their NaN/Inf flags) recorded at *every* step as a
             sentinel: a step whose gradients are not finite shows in those rows exactly,

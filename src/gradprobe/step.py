@@ -6,7 +6,9 @@ the step clock and the cadence (:mod:`gradprobe.recording.clock`, where ``AUTO_*
 (:mod:`gradprobe.recording.params`), the update snapshot
 (:mod:`gradprobe.recording.updates`), the scaler (:mod:`gradprobe.recording.scaler`) and
 the optimizer step (:mod:`gradprobe.recording.optstep`). This module keeps their public
-constants importable as ``gradprobe.step.AUTO_EVERY`` and so on (tests, docs, bench).
+constants importable as ``gradprobe.step.AUTO_EVERY`` and so on (tests, docs, bench):
+their values only; to change the cadence's constants, set them on
+:mod:`gradprobe.recording.clock`, which is where they are read.
 """
 
 from __future__ import annotations
