@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from _nanogpt import CausalSelfAttention
 from gradprobe import Probe
 
 torch.set_num_threads(1)
@@ -88,35 +89,12 @@ def test_checkpointed_attention_trains_unchanged_and_is_recorded(
 
 
 # ---- 3. submodules called one by one (a backbone, then a head: SSL / custom loss code)
-class CausalSelfAttention(nn.Module):
-    def __init__(self, d: int = 16, heads: int = 2, flash: bool = True) -> None:
-        super().__init__()
-        self.heads, self.flash = heads, flash
-        self.c_attn, self.c_proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
-
-    def split(self, qkv: torch.Tensor) -> list[torch.Tensor]:
-        b, t, d3 = qkv.shape
-        d = d3 // 3
-        return [z.view(b, t, self.heads, d // self.heads).transpose(1, 2) for z in qkv.split(d, 2)]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, d = x.shape
-        q, k, v = self.split(self.c_attn(x))
-        if self.flash:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:  # nanoGPT's flash=False: the softmax by hand
-            att = (q @ k.transpose(-2, -1)) / math.sqrt(k.size(-1))
-            att = att.masked_fill(~torch.ones(t, t, dtype=torch.bool).tril(), -math.inf)
-            y = F.softmax(att, dim=-1) @ v
-        return self.c_proj(y.transpose(1, 2).reshape(b, t, d))
-
-
 class Block(nn.Module):
     def __init__(self, flash: bool = True) -> None:
         super().__init__()
         self.ln, self.attn, self.mlp = (
             nn.LayerNorm(16),
-            CausalSelfAttention(flash=flash),
+            CausalSelfAttention(16, 2, dropout=0.0, flash=flash),
             nn.Linear(16, 16),
         )
 
@@ -360,7 +338,7 @@ class OuterAttention(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.inner = CausalSelfAttention()
+        self.inner = CausalSelfAttention(16, 2, dropout=0.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.inner(x)

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from _nanogpt import CausalSelfAttention
 from gradprobe import Probe, attention
 from gradprobe.hooks import GradprobeWarning
 
@@ -78,25 +79,6 @@ def causal(n: int) -> torch.Tensor:
 
 
 # ---- nanoGPT --------------------------------------------------------------------------------
-class CausalSelfAttention(nn.Module):
-    def __init__(self, d: int = 32, heads: int = 4, dropout: float = 0.1) -> None:
-        super().__init__()
-        self.heads, self.dropout = heads, dropout
-        self.c_attn, self.c_proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
-
-    def split(self, qkv: torch.Tensor) -> list[torch.Tensor]:
-        b, t, d3 = qkv.shape
-        d = d3 // 3
-        return [z.view(b, t, self.heads, d // self.heads).transpose(1, 2) for z in qkv.split(d, 2)]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, d = x.shape
-        q, k, v = self.split(self.c_attn(x))
-        p = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
-        return self.c_proj(y.transpose(1, 2).reshape(b, t, d))
-
-
 class Block(nn.Module):
     def __init__(self, d: int = 32) -> None:
         super().__init__()
