@@ -191,9 +191,14 @@ class StepBuffer:
         self._calls.set_host(slot, name, value)
 
     def record_params(
-        self, device: torch.device, index: list[int], name: str, values: Tensor
+        self,
+        device: torch.device,
+        index: list[int] | slice,
+        name: str | tuple[str, ...],
+        values: Tensor,
     ) -> None:
-        """Per-parameter values (a partial of :data:`~.fields.PARAM_PARTIALS`) for ``index``.
+        """Per-parameter values (a partial of :data:`~.fields.PARAM_PARTIALS`, or several
+        that take the same values) for ``index`` (a list, or a slice of the parameters).
 
         On the CPU they go straight into the step's host arrays (float64): there is no
         device to wait for (the values are in host memory already), and a host value
@@ -201,7 +206,7 @@ class StepBuffer:
         """
         self._calls.record_params(device, index, name, values)
 
-    def set_param_host(self, index: list[int], name: str, value: float = 1.0) -> None:
+    def set_param_host(self, index: list[int] | slice, name: str, value: float = 1.0) -> None:
         self._calls.set_param_host(index, name, value)
 
     def set_model_host(self, name: str, value: float = 1.0) -> None:

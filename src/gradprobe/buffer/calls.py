@@ -169,22 +169,36 @@ class StepCalls:
         self.host[slot, self.host_col[name]] = value
 
     def record_params(
-        self, device: torch.device, index: list[int], name: str, values: Tensor
+        self,
+        device: torch.device,
+        index: list[int] | slice,
+        name: str | tuple[str, ...],
+        values: Tensor,
     ) -> None:
-        # On the CPU the values go straight into the step's host arrays (float64): there
-        # is no device to wait for (they are in host memory already), and a host value
-        # costs the step's close no stacking, and the flush no copy or fold.
+        # ``index``: the parameters' places, or a slice of them (every parameter: a slice
+        # assigns without numpy gathering a list of indices); ``name``: a partial, or
+        # several that take the same values (converted once). On the CPU the values go
+        # straight into the step's host arrays (float64): there is no device to wait for
+        # (they are in host memory already), and a host value costs the step's close no
+        # stacking, and the flush no copy or fold.
+        names = (name,) if isinstance(name, str) else name
+        for one in names:
+            if one not in PARAM_PARTIAL_SET:  # as the device path's flush would say
+                raise KeyError(f"{one!r} is not a per-parameter partial")
         if device.type == "cpu":
-            if name not in PARAM_PARTIAL_SET:  # as the device path's flush would say
-                raise KeyError(f"{name!r} is not a per-parameter partial")
             host = values.detach().reshape(-1)
             if host.dtype not in _NUMPY_VIEWABLE:
                 host = host.to(torch.float64)
-            self.set_param_host(index, name, host.numpy())
+            array = host.numpy()
+            for one in names:
+                self.set_param_host(index, one, array)
             return
-        self.param_values.append((device, index, name, values))
+        if isinstance(index, slice):  # (the drain's layout takes the indices themselves)
+            index = list(range(*index.indices(self.n_params)))
+        for one in names:
+            self.param_values.append((device, index, one, values))
 
-    def set_param_host(self, index: list[int], name: str, value: float = 1.0) -> None:
+    def set_param_host(self, index: list[int] | slice, name: str, value: float = 1.0) -> None:
         arr = self.param_host.setdefault(name, np.zeros(self.n_params))
         arr[index] = value
 

@@ -89,8 +89,9 @@ class StepClock:
         """Record the AUTO_BURST steps after this one in full (non-finite gradients)."""
         self._burst_until = self.ctx.step_index + AUTO_BURST
 
-    def watch_spike(self, totals: list[Tensor]) -> None:
-        """Queue the step's global gradient norm (``totals``: Σ‖g‖² per group) and its
+    def watch_spike(self, totals: list[Tensor | float]) -> None:
+        """Queue the step's global gradient norm (``totals``: Σ‖g‖² per group, host
+        floats or device tensors, :func:`.params.squared_total`) and its
         logged loss for the spike burst and the live check's step-level rules, and read
         every queued step whose values have reached the host."""
         ctx = self.ctx

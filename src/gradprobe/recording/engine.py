@@ -23,6 +23,7 @@ from .params import ParamStats
 from .passes import Passes
 from .rows import Rows
 from .scaler import ScalerWatch
+from .sentinel import SentinelRoute
 from .sequences import SequenceCapture, SequenceSites
 from .units import Units
 from .updates import UpdateSnapshot
@@ -44,6 +45,7 @@ class Engine:
     clock: StepClock
     updates: UpdateSnapshot
     params: ParamStats
+    sentinel: SentinelRoute
     scaler: ScalerWatch
     step: OptimizerStep
     passes: Passes
@@ -67,10 +69,12 @@ class Engine:
         clock = StepClock(ctx, rows.flush)
         updates = UpdateSnapshot(ctx)
         params = ParamStats(ctx, updates, clock)
+        sentinel = SentinelRoute(ctx, params, clock)
         scaler = ScalerWatch(ctx, clock)
         step = OptimizerStep(
             ctx,
             params=params,
+            sentinel=sentinel,
             updates=updates,
             scaler=scaler,
             follow=follow,
@@ -86,14 +90,15 @@ class Engine:
             capture=capture,
             errors=errors,
             params=params,
+            sentinel=sentinel,
             scaler=scaler,
             step=step,
             clock=clock,
             sequence=sequence,
         )
         return cls(
-            ctx, follow, kept, units, errors, capture, rows, clock, updates, params, scaler,
-            step, passes, sequence, hookup,
+            ctx, follow, kept, units, errors, capture, rows, clock, updates, params, sentinel,
+            scaler, step, passes, sequence, hookup,
         )  # fmt: skip
 
     def release(self) -> None:

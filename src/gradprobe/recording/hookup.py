@@ -132,6 +132,10 @@ def _pass_end_hook(
 
 def _post_accumulate_hook(owner: Hookup, param: Tensor) -> None:
     ctx = owner.ctx
+    if owner.sentinel.armed:  # a sentinel step's short route (recording/sentinel.py)
+        owner.passes.forward_step = ctx.step_index
+        owner.sentinel.on_accumulated()
+        return
     if ctx.scaler_ref is not None:
         owner.scaler.poll()
     owner.passes.forward_step = ctx.step_index  # a trained pass ran in this step (log())
@@ -160,6 +164,7 @@ class Hookup:
     """The hooks, and where each entry point's work goes. The routes (public: the entry
     points read them): ``passes``, ``capture`` (forward), ``errors`` (error signals),
     ``sequence`` (blocks' token geometry, the final projection's logits), ``params``,
+    ``sentinel`` (the short route of a step the cadence does not record),
     ``scaler``, ``step`` (the optimizer step); ``attention`` (made here: the watch around a
     pass, the probed-module stack); ``clock`` closes a step whose
     close failed."""
@@ -170,6 +175,7 @@ class Hookup:
         self.capture = routes["capture"]
         self.errors = routes["errors"]
         self.params = routes["params"]
+        self.sentinel = routes["sentinel"]
         self.scaler = routes["scaler"]
         self.step = routes["step"]
         # The attention watch is entered and fed by these entry points only: made here.

@@ -109,7 +109,8 @@ def _watched(ref: weakref.ref[Any], closure: Callable[..., Any]) -> Callable[...
 
 
 class OptimizerStep:
-    """The step's reading and close. Collaborators: ``params`` (ParamStats), ``updates``
+    """The step's reading and close. Collaborators: ``params`` (ParamStats), ``sentinel``
+    (SentinelRoute: a step the cadence does not record), ``updates``
     (UpdateSnapshot), ``scaler`` (ScalerWatch), ``follow`` (Follow: the model as it is),
     ``clock`` (StepClock: the close), ``note_time`` (the rows' wall-clock anchors)."""
 
@@ -118,6 +119,7 @@ class OptimizerStep:
         ctx: Context,
         *,
         params: Any,
+        sentinel: Any,
         updates: Any,
         scaler: Any,
         follow: Any,
@@ -126,6 +128,7 @@ class OptimizerStep:
     ) -> None:
         self.ctx = ctx
         self._params = params
+        self._sentinel = sentinel
         self._updates = updates
         self._scaler = scaler
         self._follow = follow
@@ -189,7 +192,7 @@ class OptimizerStep:
             if self._want_update and snapshot:
                 ctx.guard_params(self._updates.take, "optimizer step (snapshot)")
         elif ctx.auto:
-            ctx.guard_params(self._params.record_sentinel, "optimizer step (sentinel)")
+            ctx.guard_params(self._sentinel.at_step, "optimizer step (sentinel)")
 
     # ------------------------------------------------------------ the post-hook
     def after_step(self) -> None:
@@ -227,7 +230,7 @@ class OptimizerStep:
             if self._want_update and self._updates.taken:
                 ctx.guard_params(self._updates.record, "probe.step (update ratio)")
         elif ctx.auto:
-            ctx.guard_params(self._params.record_sentinel, "probe.step (sentinel)")
+            ctx.guard_params(self._sentinel.at_step, "probe.step (sentinel)")
         self._scaler.stepped()
         self._note_time(ctx.step_index)
         self._clock.end_step()

@@ -10,6 +10,7 @@ a step it does not record gets the gradients' norms alone (the sentinel).
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from functools import partial
 from typing import Any
@@ -22,7 +23,14 @@ from ..reduce import accumulation_dtype, l2_norms, nonfinite_flags
 from ..shards import dtensor_type, local_shards
 from .context import Context
 
-__all__ = ["ParamStats", "param_groups"]
+__all__ = [
+    "ParamStats",
+    "grad_versions",
+    "gradient_norms",
+    "nonfinite_counts",
+    "param_groups",
+    "squared_total",
+]
 
 # The end of a backward pass, queued by its first accumulation (Entry guards it).
 _PRECLIP_SITE = Site("the end of backward (pre-clip norms)", "params")
@@ -74,7 +82,29 @@ def _grad_values(grads: list[Tensor]) -> list[Tensor]:
     return values
 
 
-def _nonfinite_counts(device: torch.device, grads: list[Tensor]) -> Tensor:
+def gradient_norms(grads: list[Tensor], device: torch.device) -> tuple[Tensor, list[bool] | None]:
+    """The norms of gradients of one device and dtype, one batched pass (:func:`l2_norms`
+    of :func:`_grad_values`): the one computation of every gradient norm the Probe
+    records, by the general path and the sentinel's short route alike."""
+    return l2_norms(_grad_values(grads), device)
+
+
+def squared_total(norms: Tensor) -> Tensor | float:
+    """Σ‖g‖² of one group's norms, for the spike burst and the live check
+    (:meth:`.clock.StepClock.watch_spike`): on the CPU a host float (the norms are host
+    values already; squares of float32 are exact in float64 and ``fsum`` rounds once),
+    elsewhere a 0-d tensor in the accumulation dtype, read later without a sync."""
+    if norms.device.type == "cpu":
+        return math.fsum(v * v for v in norms.reshape(-1).tolist())
+    return norms.to(accumulation_dtype(norms.device)).square().sum()
+
+
+def grad_versions(grads: list[Tensor]) -> list[tuple[int, int]]:
+    """Which tensor each gradient is and its in-place version: host numbers, no sync."""
+    return [(id(g), g._version) for g in grads]
+
+
+def nonfinite_counts(device: torch.device, grads: list[Tensor]) -> Tensor:
     """Per gradient, its NaN/Inf entries (``stats="full"``): NaN·0 and Inf·0 are NaN,
     finite·0 is 0, so the ord-0 "norm" of ``g·0`` counts them, in the accumulation dtype
     (in a bfloat16 gradient's own, 997 would read 996)."""
@@ -128,6 +158,19 @@ class ParamStats:
     def close(self) -> None:
         self._preclip = {}
 
+    def adopt_preclip(
+        self,
+        device: torch.device,
+        idx: list[int],
+        norms: Tensor,
+        finite: list[bool] | None,
+        versions: list[tuple[int, int]],
+    ) -> None:
+        """Take the pre-clip norms the sentinel's short route measured at this step's
+        backward (gradprobe/recording/sentinel.py), which goes the general way from now on."""
+        self._preclip = {(device, tuple(idx)): (norms, finite)}
+        self._grad_versions = {(device, tuple(idx)): versions}
+
     # ------------------------------------------------------------ the step
     def record_sentinel(self) -> None:
         """At a step the "auto" cadence does not record: the gradients' norms (before
@@ -178,7 +221,7 @@ class ParamStats:
         self._record_missing_grads()
         if not self._want_params:
             return
-        totals: list[Tensor] = []  # the step's Σ‖g‖² per group, for the spike burst
+        totals: list[Tensor | float] = []  # the step's Σ‖g‖² per group, for the spike burst
         for (device, _dtype), idx in param_groups(ctx, with_grad=True).items():
             # The norms backward left are these very gradients' where nothing touched
             # them since (no clipping, no scaler): one pass fewer, and no gradient
@@ -189,11 +232,11 @@ class ParamStats:
                 grad_norms, finite = same
             else:
                 grads = self._grads(idx)
-                grad_norms, finite = l2_norms(grads, device)
+                grad_norms, finite = l2_norms(grads, device)  # (gradient_norms, of these)
             record(device, idx, "grad_norm", grad_norms)
             if not ctx.distributed:  # the burst ("auto") and the live check
                 pre = same[0] if same is not None else grad_norms
-                totals.append(pre.to(accumulation_dtype(device)).square().sum())
+                totals.append(squared_total(pre))
             # Ranks must keep one cadence (their collectives must match): one rank's
             # shards may be finite where another's are not, so no burst under them.
             if grads_only and finite is not None and not all(finite) and not ctx.distributed:
@@ -212,7 +255,7 @@ class ParamStats:
                     # record() would put them there (no tensor made, no pass).
                     buffer.set_param_host(idx, "grad_nonfinite", 0.0)
                 elif ctx.exact_counts:  # stats="full": the gradients themselves, counted
-                    flags = _nonfinite_counts(device, self._grads(idx) if grads is None else grads)
+                    flags = nonfinite_counts(device, self._grads(idx) if grads is None else grads)
                     record(device, idx, "grad_nonfinite", flags)
                 else:  # a 0/1 flag the norms carry, at no extra pass
                     record(device, idx, "grad_nonfinite", nonfinite_flags(grad_norms, finite))
@@ -241,7 +284,7 @@ class ParamStats:
         scale = scaler._scale if scaler is not None and scaler.is_enabled() else None
         preclip = {}
         for (device, _dtype), idx in param_groups(self.ctx, with_grad=True).items():
-            norms, finite = l2_norms(self._grads(idx), device)
+            norms, finite = gradient_norms(self._raw_grads(idx), device)
             if scale is not None:
                 dtype = accumulation_dtype(device)
                 # The scaled loss made scaled gradients: divide on the device, no sync.
@@ -254,8 +297,7 @@ class ParamStats:
 
     def _versions(self, idx: list[int]) -> list[tuple[int, int]]:
         """Which tensor each ``.grad`` is and its in-place version: host numbers, no sync."""
-        params = self.ctx.params
-        return [(id(g), g._version) for g in (params[i].grad for i in idx)]
+        return grad_versions(self._raw_grads(idx))
 
     def _grads_untouched(self, idx: list[int]) -> bool:
         """Whether the gradients are exactly as the last backward left them (no clipping,
@@ -269,5 +311,8 @@ class ParamStats:
 
     def _grads(self, idx: list[int]) -> list[Tensor]:
         """The gradients of parameters ``idx`` as :func:`_grad_values` gives them."""
+        return _grad_values(self._raw_grads(idx))
+
+    def _raw_grads(self, idx: list[int]) -> list[Tensor]:
         params = self.ctx.params
-        return _grad_values([params[i].grad for i in idx])
+        return [params[i].grad for i in idx]

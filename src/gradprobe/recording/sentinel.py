@@ -1,0 +1,204 @@
+"""The short route of a step the "auto" cadence does not record (its sentinel).
+
+At such a step the Probe measures the gradients' norms (before clipping, at the end of
+backward, and as the optimizer applies them), their NaN/Inf flags and the learning rate,
+and nothing else (docs/recording.md, "Cadence"). The general chain does that through the
+events, guards and buffer entries every step goes through; on a model with short steps
+that chain, not the one ``_foreach_norm``, was most of what the cadence cost (issue 26,
+bench/PROFILE.md). :class:`SentinelRoute` does the same work on one short path, decided
+when the step before closes:
+
+- *armed* for a sentinel step of a plain run: not distributed or sharded, no
+  ``GradScaler`` watched, and every bound parameter on one device in one dtype (the
+  layout is looked at when the model is bound, not at each step);
+- at the end of a backward pass, one batched norm of the gradients, kept with their
+  versions (:func:`.params.gradient_norms`, the function the general path calls: the
+  rows are the same, bit for bit, as tests/test_sentinel_route.py checks against a
+  Probe recording every step);
+- at the optimizer step, those norms again if no gradient changed since (no clipping),
+  else a new pass, written straight into the step's host arrays;
+- anything else at an armed step (a gradient missing, a model that changed, a failure)
+  hands what the route measured to :class:`.params.ParamStats` and goes the general way.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..hooks import Site, at_backward_end
+from ..reduce import nonfinite_flags
+from .context import Context
+from .params import _grad_values, grad_versions, gradient_norms, nonfinite_counts, squared_total
+
+__all__ = ["SentinelRoute"]
+
+# The end of a backward pass at an armed step, queued by its first accumulation.
+_BACKWARD_END_SITE = Site("the end of backward (the sentinel's norms)", "params")
+
+
+def _backward_end_hook(owner: Any) -> None:
+    owner.sentinel.backward_ended()
+
+
+class SentinelRoute:
+    """A sentinel step on one short path (see the module's docstring). ``params``: the
+    general path (ParamStats), which takes over what the route cannot do; ``clock``: the
+    spike watch and the burst after non-finite gradients."""
+
+    def __init__(self, ctx: Context, params: Any, clock: Any) -> None:
+        self.ctx = ctx
+        self._params = params
+        self._clock = clock
+        self.armed = False  # this step goes the short route
+        self._pending = False  # a backward's end is queued
+        # The bound parameters when they allow the route (one device, one dtype, none left
+        # the model), their device and the slice of the buffer's arrays they fill.
+        self._plist: list[Tensor] | None = None
+        self._device: torch.device | None = None
+        self._all = slice(0, 0)
+        # Norms of the last backward's gradients: (norms, finite, versions), or None.
+        self._pre: tuple[Tensor, list[bool] | None, list[tuple[int, int]]] | None = None
+        self._want_nonfinite = "nonfinite" in ctx.stats
+        self._dense = False  # the gradients were seen dense (see _grads)
+        self._layout()
+        ctx.on("step_closed", self._on_step_closed)
+        ctx.on("step_discarded", self._on_step_discarded)
+        ctx.on("model_rebound", self._on_model_rebound)
+
+    # ------------------------------------------------------------ when it applies
+    def _layout(self) -> None:
+        ctx = self.ctx
+        params = list(ctx.params)
+        kinds = {(p.device, p.dtype) for p in params}
+        if not params or len(kinds) != 1 or ctx.retired_params:
+            self._plist = None
+            return
+        self._plist = params
+        self._dense = False
+        self._device = params[0].device
+        self._all = slice(0, len(params))
+
+    def _eligible(self) -> bool:
+        ctx = self.ctx
+        return (
+            ctx.auto
+            and not ctx.recording
+            and not ctx.closed
+            and not ctx.unfollowed
+            and not ctx.distributed
+            and not ctx.shards
+            and ctx.scaler_ref is None
+            and ctx.plan.params
+            and ctx.plan.preclip
+            and self._plist is not None
+        )
+
+    def _on_step_closed(self, step: int) -> None:
+        self._pending, self._pre = False, None
+        self.armed = self._eligible()  # ``recording`` is the next step's now
+
+    def _on_step_discarded(self, step: int, skipped: bool) -> None:
+        self._pre = None
+
+    def _on_model_rebound(self, new_params: list[Tensor]) -> None:
+        # As the general path forgets its pre-clip norms (ParamStats), and goes on the
+        # general path for this step: its gradients may be of parameters bound just now.
+        self._pre = None
+        self._layout()
+        self._disarm()
+
+    def _disarm(self) -> None:
+        """Go the general way for the rest of this step, with what was measured so far."""
+        self.armed = False
+        pre, self._pre = self._pre, None
+        if pre is not None and self._plist is not None and self._device is not None:
+            norms, finite, versions = pre
+            idx = list(range(len(self._plist)))
+            self._params.adopt_preclip(self._device, idx, norms, finite, versions)
+
+    # ------------------------------------------------------------ backward
+    def on_accumulated(self) -> None:
+        """A parameter's ``.grad`` was accumulated: measure once, when this backward ends.
+        (Not distributed: no collective writes the gradients after autograd's own end.)"""
+        if not self._pending:
+            self._pending = True
+            at_backward_end(_backward_end_hook, self.ctx.owner_ref, _BACKWARD_END_SITE)
+
+    def backward_ended(self) -> None:
+        self._pending = False
+        ctx = self.ctx
+        if not self.armed:  # disarmed meanwhile: the general path's end of backward
+            ctx.emit("backward_ended")
+            return
+        if ctx.closed or ctx.searching:
+            return
+        grads = self._grads()
+        if grads is None:  # a parameter without a gradient, or not a dense one
+            self._disarm()
+            ctx.emit("backward_ended")
+            return
+        self._pre = (*self._norms(grads), grad_versions(grads))
+
+    def _grads(self) -> list[Tensor] | None:
+        """The gradients of the bound parameters, if every one has one, and a dense one
+        (checked at the first step only: a parameter's gradient layout is its module's)."""
+        grads = [p.grad for p in self._plist or ()]
+        if any(g is None for g in grads):
+            return None
+        if not self._dense:
+            values = _grad_values(grads)  # (the same tensors where they are dense)
+            if values is not grads and any(a is not b for a, b in zip(values, grads)):
+                return None  # sparse or sharded gradients: the general path's values
+            self._dense = True
+        return grads
+
+    def _norms(self, grads: list[Tensor]) -> tuple[Tensor, list[bool] | None]:
+        """:func:`.params.gradient_norms` of the (dense) gradients."""
+        if torch.is_grad_enabled():  # (a backward with create_graph: grads that require it)
+            with torch.no_grad():
+                return gradient_norms(grads, self._device)
+        return gradient_norms(grads, self._device)
+
+    # ------------------------------------------------------------ the step
+    def at_step(self) -> None:
+        """The optimizer step (or ``probe.step()``) of an armed step: the sentinel's rows,
+        as :meth:`.params.ParamStats.record_sentinel` writes them."""
+        ctx = self.ctx
+        grads = self._grads() if self.armed and not ctx.unfollowed else None
+        if grads is None:
+            self._disarm()
+            self._params.record_sentinel()
+            return
+        device, every = self._device, self._all
+        assert device is not None
+        buffer = ctx.buffer
+        pre, self._pre = self._pre, None
+        if pre is not None and pre[2] == grad_versions(grads):
+            norms, finite = pre[0], pre[1]  # the very gradients backward left
+        else:
+            norms, finite = self._norms(grads)
+        if pre is not None and norms is pre[0]:  # one conversion for both partials
+            buffer.record_params(device, every, ("preclip_norm", "grad_norm"), norms)
+        else:
+            if pre is not None:
+                buffer.record_params(device, every, "preclip_norm", pre[0])
+            buffer.record_params(device, every, "grad_norm", norms)
+        if pre is not None:
+            buffer.set_param_host(every, "has_preclip")
+        if finite is not None and not all(finite):
+            self._clock.burst()
+        if self._want_nonfinite:
+            if finite is not None and all(finite):
+                buffer.set_param_host(every, "grad_nonfinite", 0.0)
+            elif ctx.exact_counts:
+                with torch.no_grad():
+                    counts = nonfinite_counts(device, grads)
+                buffer.record_params(device, every, "grad_nonfinite", counts)
+            else:
+                flags = nonfinite_flags(norms, finite)
+                buffer.record_params(device, every, "grad_nonfinite", flags)
+        buffer.set_param_host(every, "has_grad")
+        self._clock.watch_spike([squared_total(pre[0] if pre is not None else norms)])
