@@ -36,6 +36,7 @@ from torch import Tensor
 __all__ = [
     "SAFE_LOW",
     "accumulation_dtype",
+    "float32_norms",
     "l2_norm",
     "l2_norms",
     "nonfinite_flags",
@@ -155,10 +156,15 @@ def l2_norms(tensors: list[Tensor], device: torch.device) -> tuple[Tensor, list[
         dtype = accumulation_dtype(device)
         return torch.stack(torch._foreach_norm(tensors, 2, dtype=dtype)), None
     if tensors[0].dtype == torch.float32:
-        norms = torch.stack(torch._foreach_norm(tensors))
-    else:
-        norms = torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32))
+        return float32_norms(tensors)
+    norms = torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32))
     return _screen(norms, tensors.__getitem__)
+
+
+def float32_norms(tensors: list[Tensor]) -> tuple[Tensor, list[bool]]:
+    """:func:`l2_norms` of float32 CPU tensors (the screened path), for a caller that
+    knows them to be such (the sentinel's short route): one ``_foreach_norm``, the screen."""
+    return _screen(torch.stack(torch._foreach_norm(tensors)), tensors.__getitem__)
 
 
 def stack_norms(stack: Tensor) -> tuple[Tensor, list[bool] | None]:

@@ -134,11 +134,6 @@ class StepBuffer:
         """Per-device unit state (tests read its plans)."""
         return self._unit_runs.units
 
-    @property
-    def _logged(self) -> dict[tuple[int, str], list[Tensor | float]]:
-        """Logged values waiting, by (step, name) (the step reads the step's losses)."""
-        return self._drain.logged
-
     # ------------------------------------------------------------ written by hooks
     def record(
         self, kind: str, slot: int, device: torch.device, count: int, *values: Tensor
@@ -191,14 +186,10 @@ class StepBuffer:
         self._calls.set_host(slot, name, value)
 
     def record_params(
-        self,
-        device: torch.device,
-        index: list[int] | slice,
-        name: str | tuple[str, ...],
-        values: Tensor,
+        self, device: torch.device, index: list[int] | slice, name: str, values: Tensor
     ) -> None:
-        """Per-parameter values (a partial of :data:`~.fields.PARAM_PARTIALS`, or several
-        that take the same values) for ``index`` (a list, or a slice of the parameters).
+        """Per-parameter values (a partial of :data:`~.fields.PARAM_PARTIALS`) for ``index``
+        (a list, or a slice of the parameters).
 
         On the CPU they go straight into the step's host arrays (float64): there is no
         device to wait for (the values are in host memory already), and a host value
@@ -209,9 +200,18 @@ class StepBuffer:
     def set_param_host(self, index: list[int] | slice, name: str, value: float = 1.0) -> None:
         self._calls.set_param_host(index, name, value)
 
+    def set_param_host_many(self, index: list[int] | slice, values: dict[str, Any]) -> None:
+        """Several per-parameter partials the host holds (CPU values: floats, or NumPy
+        arrays of ``index``'s length) in one call: the sentinel's rows of a step."""
+        self._calls.set_param_host_many(index, values)
+
     def set_model_host(self, name: str, value: float = 1.0) -> None:
         """Set a model-scope partial the host knows (a flag of the whole step)."""
         self._calls.set_model_host(name, value)
+
+    def logged_values(self, step: int, name: str) -> list[Tensor | float]:
+        """The values logged so far for ``step`` under ``name`` (a copy; tensors as logged)."""
+        return list(self._drain.logged.get((step, name), ()))
 
     def log(self, step: int, name: str, value: Tensor | float, *, complete: bool = False) -> None:
         """Keep one logged value (a detached 0-d tensor, or a float) for ``step``; no

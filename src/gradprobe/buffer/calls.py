@@ -169,38 +169,36 @@ class StepCalls:
         self.host[slot, self.host_col[name]] = value
 
     def record_params(
-        self,
-        device: torch.device,
-        index: list[int] | slice,
-        name: str | tuple[str, ...],
-        values: Tensor,
+        self, device: torch.device, index: list[int] | slice, name: str, values: Tensor
     ) -> None:
         # ``index``: the parameters' places, or a slice of them (every parameter: a slice
-        # assigns without numpy gathering a list of indices); ``name``: a partial, or
-        # several that take the same values (converted once). On the CPU the values go
+        # assigns without numpy gathering a list of indices). On the CPU the values go
         # straight into the step's host arrays (float64): there is no device to wait for
         # (they are in host memory already), and a host value costs the step's close no
         # stacking, and the flush no copy or fold.
-        names = (name,) if isinstance(name, str) else name
-        for one in names:
-            if one not in PARAM_PARTIAL_SET:  # as the device path's flush would say
-                raise KeyError(f"{one!r} is not a per-parameter partial")
+        if name not in PARAM_PARTIAL_SET:  # as the device path's flush would say
+            raise KeyError(f"{name!r} is not a per-parameter partial")
         if device.type == "cpu":
             host = values.detach().reshape(-1)
             if host.dtype not in _NUMPY_VIEWABLE:
                 host = host.to(torch.float64)
-            array = host.numpy()
-            for one in names:
-                self.set_param_host(index, one, array)
+            self.set_param_host(index, name, host.numpy())
             return
         if isinstance(index, slice):  # (the drain's layout takes the indices themselves)
             index = list(range(*index.indices(self.n_params)))
-        for one in names:
-            self.param_values.append((device, index, one, values))
+        self.param_values.append((device, index, name, values))
 
     def set_param_host(self, index: list[int] | slice, name: str, value: float = 1.0) -> None:
         arr = self.param_host.setdefault(name, np.zeros(self.n_params))
         arr[index] = value
+
+    def set_param_host_many(self, index: list[int] | slice, values: dict[str, Any]) -> None:
+        host, n = self.param_host, self.n_params
+        for name, value in values.items():
+            arr = host.get(name)
+            if arr is None:
+                arr = host[name] = np.zeros(n)
+            arr[index] = value
 
     def set_model_host(self, name: str, value: float = 1.0) -> None:
         self.model_host[name] = value

@@ -229,6 +229,11 @@ class AttentionCapture:
 
     def _on_step_closing(self) -> None:
         self._note_idle()
+        if not (
+            self._calls or self._attributed or self._mark or self._unattributed
+            or self._ran or self._inside or self._exit_slots
+        ):  # fmt: skip
+            return  # nothing of attention in this step (most steps: nothing to build anew)
         if self._opener is None and self._exit_slots:
             self._exits.remove()
             self._exit_slots.clear()

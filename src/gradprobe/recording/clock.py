@@ -54,6 +54,11 @@ SPIKE_BURST_MIN = SPIKE_MIN
 _PENDING_NORMS = 64  # copies in flight at most (they complete within a step or two)
 
 
+def _on_host(values: list[Any]) -> bool:
+    """Whether every value is a host number or a CPU tensor (read without a sync)."""
+    return all(not isinstance(v, Tensor) or v.device.type == "cpu" for v in values)
+
+
 def auto_cadence() -> dict[str, int]:
     """The "auto" cadence's constants, as the run's meta keeps them."""
     return {"first": AUTO_FIRST, "every": AUTO_EVERY, "burst": AUTO_BURST}
@@ -91,13 +96,16 @@ class StepClock:
 
     def watch_spike(self, totals: list[Tensor | float]) -> None:
         """Queue the step's global gradient norm (``totals``: Σ‖g‖² per group, host
-        floats or device tensors, :func:`.params.squared_total`) and its
-        logged loss for the spike burst and the live check's step-level rules, and read
-        every queued step whose values have reached the host."""
+        floats or device tensors, :func:`.params.squared_total`) and its logged loss for
+        the spike burst and the live check's step-level rules, and read every queued step
+        whose values have reached the host."""
         ctx = self.ctx
         # The loss logged so far for this step (one logged after optimizer.step() is read
         # by the flush's check instead); kept as logged: a tensor, or a float.
-        losses = list(ctx.buffer._logged.get((ctx.step_index, "loss"), ()))
+        losses = ctx.buffer.logged_values(ctx.step_index, "loss")
+        if not self._pending_norms and _on_host(totals) and _on_host(losses):
+            self._check(ctx.step_index, totals, losses)  # the CPU: nothing to wait for
+            return
         put = to_host_later
         entry = (ctx.step_index, [put(t) for t in totals], [put(v) for v in losses])
         if len(self._pending_norms) < _PENDING_NORMS:
@@ -106,16 +114,20 @@ class StepClock:
 
     def _read_norms(self) -> None:
         """Run the spike burst and the live check on each queued step that is on the host."""
-        ctx = self.ctx
         pending = self._pending_norms
         while pending and all(e is None or e.query() for _, e in pending[0][1] + pending[0][2]):
             step, totals, losses = pending.popleft()
-            total = float(sum(float(h) for h, _ in totals)) ** 0.5
-            if self._spikes.push(total) is not None and ctx.auto:
-                self._burst_until = max(self._burst_until, ctx.step_index + AUTO_BURST)
-            if ctx.scaler_ref is None:  # with a scaler, only the flush knows skipped steps
-                loss = float(sum(float(h) for h, _ in losses)) if losses else None
-                ctx.guard(partial(ctx.live.at_step, step, total, loss), "the live check")
+            self._check(step, [h for h, _ in totals], [h for h, _ in losses])
+
+    def _check(self, step: int, totals: list[Any], losses: list[Any]) -> None:
+        """The spike burst and the live check of ``step`` on its host values."""
+        ctx = self.ctx
+        total = float(sum(float(h) for h in totals)) ** 0.5
+        if self._spikes.push(total) is not None and ctx.auto:
+            self._burst_until = max(self._burst_until, ctx.step_index + AUTO_BURST)
+        if ctx.scaler_ref is None:  # with a scaler, only the flush knows skipped steps
+            loss = float(sum(float(h) for h in losses)) if losses else None
+            ctx.guard(partial(ctx.live.at_step, step, total, loss), "the live check")
 
     # ------------------------------------------------------------ the close
     def end_step(self) -> None:

@@ -132,9 +132,11 @@ def _pass_end_hook(
 
 def _post_accumulate_hook(owner: Hookup, param: Tensor) -> None:
     ctx = owner.ctx
-    if owner.sentinel.armed:  # a sentinel step's short route (recording/sentinel.py)
+    sentinel = owner.sentinel
+    if sentinel.armed:  # a sentinel step's short route (recording/sentinel.py)
         owner.passes.forward_step = ctx.step_index
-        owner.sentinel.on_accumulated()
+        if not sentinel.pending:  # (tested here: this runs for every parameter)
+            sentinel.on_accumulated()
         return
     if ctx.scaler_ref is not None:
         owner.scaler.poll()

@@ -29,9 +29,9 @@ import torch
 from torch import Tensor
 
 from ..hooks import Site, at_backward_end
-from ..reduce import nonfinite_flags
+from ..reduce import float32_norms, nonfinite_flags
 from .context import Context
-from .params import _grad_values, grad_versions, gradient_norms, nonfinite_counts, squared_total
+from .params import _grad_values, gradient_norms, nonfinite_counts, squared_total
 
 __all__ = ["SentinelRoute"]
 
@@ -53,7 +53,7 @@ class SentinelRoute:
         self._params = params
         self._clock = clock
         self.armed = False  # this step goes the short route
-        self._pending = False  # a backward's end is queued
+        self.pending = False  # a backward's end is queued (read by the accumulation hook)
         # The bound parameters when they allow the route (one device, one dtype, none left
         # the model), their device and the slice of the buffer's arrays they fill.
         self._plist: list[Tensor] | None = None
@@ -62,7 +62,8 @@ class SentinelRoute:
         # Norms of the last backward's gradients: (norms, finite, versions), or None.
         self._pre: tuple[Tensor, list[bool] | None, list[tuple[int, int]]] | None = None
         self._want_nonfinite = "nonfinite" in ctx.stats
-        self._dense = False  # the gradients were seen dense (see _grads)
+        self._dense = False  # the gradients were seen dense (see _read)
+        self._float32_cpu = False  # float32 on the CPU: the norms' screened path
         self._layout()
         ctx.on("step_closed", self._on_step_closed)
         ctx.on("step_discarded", self._on_step_discarded)
@@ -79,6 +80,7 @@ class SentinelRoute:
         self._plist = params
         self._dense = False
         self._device = params[0].device
+        self._float32_cpu = self._device.type == "cpu" and params[0].dtype == torch.float32
         self._all = slice(0, len(params))
 
     def _eligible(self) -> bool:
@@ -97,7 +99,7 @@ class SentinelRoute:
         )
 
     def _on_step_closed(self, step: int) -> None:
-        self._pending, self._pre = False, None
+        self.pending, self._pre = False, None
         self.armed = self._eligible()  # ``recording`` is the next step's now
 
     def _on_step_discarded(self, step: int, skipped: bool) -> None:
@@ -123,43 +125,49 @@ class SentinelRoute:
     def on_accumulated(self) -> None:
         """A parameter's ``.grad`` was accumulated: measure once, when this backward ends.
         (Not distributed: no collective writes the gradients after autograd's own end.)"""
-        if not self._pending:
-            self._pending = True
+        if not self.pending:
+            self.pending = True
             at_backward_end(_backward_end_hook, self.ctx.owner_ref, _BACKWARD_END_SITE)
 
     def backward_ended(self) -> None:
-        self._pending = False
+        self.pending = False
         ctx = self.ctx
         if not self.armed:  # disarmed meanwhile: the general path's end of backward
             ctx.emit("backward_ended")
             return
         if ctx.closed or ctx.searching:
             return
-        grads = self._grads()
-        if grads is None:  # a parameter without a gradient, or not a dense one
+        read = self._read()
+        if read is None:  # a parameter without a gradient, or not a dense one
             self._disarm()
             ctx.emit("backward_ended")
             return
-        self._pre = (*self._norms(grads), grad_versions(grads))
+        grads, versions = read
+        self._pre = (*self._norms(grads), versions)
 
-    def _grads(self) -> list[Tensor] | None:
-        """The gradients of the bound parameters, if every one has one, and a dense one
-        (checked at the first step only: a parameter's gradient layout is its module's)."""
+    def _read(self) -> tuple[list[Tensor], list[tuple[int, int]]] | None:
+        """The bound parameters' gradients and their versions (:func:`.params.grad_versions`),
+        if every one has a dense gradient (checked at the first step only: a parameter's
+        gradient layout is its module's); else None."""
         grads = [p.grad for p in self._plist or ()]
-        if any(g is None for g in grads):
+        try:  # (a list comprehension, not grad_versions: each call here costs ~5 µs)
+            versions = [(id(g), g._version) for g in grads]
+        except AttributeError:  # None has no version: a parameter without a gradient
             return None
         if not self._dense:
             values = _grad_values(grads)  # (the same tensors where they are dense)
             if values is not grads and any(a is not b for a, b in zip(values, grads)):
                 return None  # sparse or sharded gradients: the general path's values
             self._dense = True
-        return grads
+        return grads, versions
 
     def _norms(self, grads: list[Tensor]) -> tuple[Tensor, list[bool] | None]:
         """:func:`.params.gradient_norms` of the (dense) gradients."""
         if torch.is_grad_enabled():  # (a backward with create_graph: grads that require it)
             with torch.no_grad():
                 return gradient_norms(grads, self._device)
+        if self._float32_cpu:  # what gradient_norms comes to there, with fewer calls
+            return float32_norms(grads)
         return gradient_norms(grads, self._device)
 
     # ------------------------------------------------------------ the step
@@ -167,32 +175,35 @@ class SentinelRoute:
         """The optimizer step (or ``probe.step()``) of an armed step: the sentinel's rows,
         as :meth:`.params.ParamStats.record_sentinel` writes them."""
         ctx = self.ctx
-        grads = self._grads() if self.armed and not ctx.unfollowed else None
-        if grads is None:
+        read = self._read() if self.armed and not ctx.unfollowed else None
+        if read is None:
             self._disarm()
             self._params.record_sentinel()
             return
+        grads, versions = read
         device, every = self._device, self._all
         assert device is not None
         buffer = ctx.buffer
         pre, self._pre = self._pre, None
-        if pre is not None and pre[2] == grad_versions(grads):
+        if pre is not None and pre[2] == versions:
             norms, finite = pre[0], pre[1]  # the very gradients backward left
         else:
             norms, finite = self._norms(grads)
-        if pre is not None and norms is pre[0]:  # one conversion for both partials
-            buffer.record_params(device, every, ("preclip_norm", "grad_norm"), norms)
-        else:
-            if pre is not None:
-                buffer.record_params(device, every, "preclip_norm", pre[0])
-            buffer.record_params(device, every, "grad_norm", norms)
+        all_finite = finite is not None and all(finite)
+        if finite is not None and not all_finite:
+            self._clock.burst()  # non-finite gradients: the next steps in full
+        # The rows of the step; the host's (CPU values, flags) in one call to the buffer.
+        rows: dict[str, Any] = {"has_grad": 1.0}
         if pre is not None:
-            buffer.set_param_host(every, "has_preclip")
-        if finite is not None and not all(finite):
-            self._clock.burst()
-        if self._want_nonfinite:
-            if finite is not None and all(finite):
-                buffer.set_param_host(every, "grad_nonfinite", 0.0)
+            rows["has_preclip"] = 1.0
+        for name, values in self._norm_rows(pre, norms).items():
+            if self._float32_cpu:
+                rows[name] = values.numpy()
+            else:
+                buffer.record_params(device, every, name, values)
+        if self._want_nonfinite:  # as ParamStats records it
+            if all_finite:
+                rows["grad_nonfinite"] = 0.0
             elif ctx.exact_counts:
                 with torch.no_grad():
                     counts = nonfinite_counts(device, grads)
@@ -200,5 +211,13 @@ class SentinelRoute:
             else:
                 flags = nonfinite_flags(norms, finite)
                 buffer.record_params(device, every, "grad_nonfinite", flags)
-        buffer.set_param_host(every, "has_grad")
+        buffer.set_param_host_many(every, rows)
         self._clock.watch_spike([squared_total(pre[0] if pre is not None else norms)])
+
+    @staticmethod
+    def _norm_rows(pre: Any, norms: Tensor) -> dict[str, Tensor]:
+        """The step's norms by partial: the pre-clip ones (the same tensor as the step's
+        where no gradient changed since) and the step's."""
+        if pre is None:
+            return {"grad_norm": norms}
+        return {"preclip_norm": pre[0], "grad_norm": norms}
