@@ -16,6 +16,7 @@ tell each other a few events (:data:`~gradprobe.recording.context.EVENTS`)::
     tensors    the first floating-point tensor of a call's output or input
     follow     Follow: discarded gradients, frozen modules, a model that changes
     params     ParamStats: gradient and parameter norms, pre-clip norms, the "auto" sentinel
+    sentinel   SentinelRoute: a sentinel step on one short path (ParamStats where it cannot)
     updates    UpdateSnapshot: the parameters' copies and the update ratio
     clock      StepClock: the cadence, the spike burst, a step's close
     scaler     ScalerWatch: a step the GradScaler skipped
@@ -30,7 +31,9 @@ Events (who emits → who handles): forward_ended (passes, errors, follow → fo
 backward_ended (params' queued callback → params, follow), backward_accumulating (errors
 → follow), gradients_marked / gradients_discarded (follow → units), step_closing (clock →
 forward, which settles units; attn, which summarises the step's attention calls), step_discarded (clock, scaler → forward, units, params,
-updates, attn), step_closed (clock → params, follow, errors, optstep, hookup), model_changing
+updates, attn), step_closed (clock → params, sentinel, follow, errors, optstep, hookup), model_changing
 (follow → rows), sequence_sites (follow → sequences, errors: the sites of a changed model),
-model_rebound (follow → params, updates, hookup).
+model_rebound (follow → params, sentinel, updates, hookup). At a step the sentinel's
+short route is armed for, the end of backward is its own queued callback (sentinel), which
+emits backward_ended only where it hands the step to the general path.
 """
