@@ -38,12 +38,24 @@ def _model() -> nn.Module:
     return nn.Sequential(*layers, nn.Linear(16, 1))
 
 
-def _train(every: str | int | None, bf16: bool) -> tuple[object, list[torch.Tensor]]:
-    """Train STEPS steps (``every=None``: no Probe); the frame and the final weights."""
+def _train(
+    every: str | int | None, bf16: bool, general: list[int] | None = None
+) -> tuple[object, list[torch.Tensor]]:
+    """Train STEPS steps (``every=None``: no Probe); the frame and the final weights.
+    ``general``: the steps whose sentinel went the general path are appended to it."""
     model = _model()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     gen = torch.Generator().manual_seed(1)
     probe = Probe(model, opt, every=every) if every is not None else None
+    if probe is not None and general is not None:
+        params = probe._engine.params
+        record_sentinel = params.record_sentinel
+
+        def counted() -> None:
+            general.append(probe._ctx.step_index)
+            record_sentinel()
+
+        params.record_sentinel = counted
     cast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     with probe if probe is not None else contextlib.nullcontext():
         for step in range(STEPS):
@@ -82,7 +94,8 @@ def _same(a: float, b: float) -> bool:
 
 @pytest.mark.parametrize("bf16", [False, True])
 def test_sentinel_rows_match_a_probe_recording_every_step(bf16):
-    auto, w_auto = _train("auto", bf16)
+    general: list[int] = []
+    auto, w_auto = _train("auto", bf16, general)
     full, w_full = _train(1, bf16)
     _, w_plain = _train(None, bf16)
     for a, b, c in zip(w_auto, w_full, w_plain, strict=True):  # training untouched
@@ -113,3 +126,7 @@ def test_sentinel_rows_match_a_probe_recording_every_step(bf16):
     assert (at_sentinel[at_sentinel.step == NAN_STEP].stat == "nonfinite").any()
     new_head = auto[(auto.step == CHANGE_STEP) & (auto.stat == "grad_norm")]
     assert {"8.weight", "8.bias"} <= set(new_head.name)
+    # The sentinel steps went the short route (recording/sentinel.py), but the one where
+    # the model changed (bound anew at its forward: the general path for that step),
+    # before it and after it.
+    assert general == [CHANGE_STEP]

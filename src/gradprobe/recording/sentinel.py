@@ -9,8 +9,8 @@ bench/PROFILE.md). :class:`SentinelRoute` does the same work on one short path, 
 when the step before closes:
 
 - *armed* for a sentinel step of a plain run: not distributed or sharded, no
-  ``GradScaler`` watched, and every bound parameter on one device in one dtype (the
-  layout is looked at when the model is bound, not at each step);
+  ``GradScaler`` watched, and every bound parameter still in the model on one device in
+  one dtype (the layout is looked at when the model is bound, not at each step);
 - at the end of a backward pass, one batched norm of the gradients, kept with their
   versions (:func:`.params.gradient_norms`, the function the general path calls: the
   rows are the same, bit for bit, as tests/test_sentinel_route.py checks against a
@@ -54,11 +54,12 @@ class SentinelRoute:
         self._clock = clock
         self.armed = False  # this step goes the short route
         self.pending = False  # a backward's end is queued (read by the accumulation hook)
-        # The bound parameters when they allow the route (one device, one dtype, none left
-        # the model), their device and the slice of the buffer's arrays they fill.
+        # The bound parameters still in the model, when they allow the route (one device,
+        # one dtype), their device and where in the buffer's arrays their rows go.
         self._plist: list[Tensor] | None = None
         self._device: torch.device | None = None
-        self._all = slice(0, 0)
+        self._all: slice | list[int] = slice(0, 0)
+        self._live: list[int] = []  # their places among the bound parameters
         # Norms of the last backward's gradients: (norms, finite, versions), or None.
         self._pre: tuple[Tensor, list[bool] | None, list[tuple[int, int]]] | None = None
         self._want_nonfinite = "nonfinite" in ctx.stats
@@ -72,16 +73,20 @@ class SentinelRoute:
     # ------------------------------------------------------------ when it applies
     def _layout(self) -> None:
         ctx = self.ctx
-        params = list(ctx.params)
-        kinds = {(p.device, p.dtype) for p in params}
-        if not params or len(kinds) != 1 or ctx.retired_params:
+        retired = ctx.retired_params  # parameters that left the model (follow.py)
+        live = [i for i in range(len(ctx.params)) if i not in retired]
+        params = [ctx.params[i] for i in live]
+        if not params or len({(p.device, p.dtype) for p in params}) != 1:
             self._plist = None
             return
         self._plist = params
+        self._live = live
         self._dense = False
         self._device = params[0].device
         self._float32_cpu = self._device.type == "cpu" and params[0].dtype == torch.float32
-        self._all = slice(0, len(params))
+        # Where their rows go: a slice while no parameter left the model (numpy assigns a
+        # slice without gathering indices), else their places.
+        self._all = slice(0, len(live)) if live[-1] == len(live) - 1 else live
 
     def _eligible(self) -> bool:
         ctx = self.ctx
@@ -118,8 +123,7 @@ class SentinelRoute:
         pre, self._pre = self._pre, None
         if pre is not None and self._plist is not None and self._device is not None:
             norms, finite, versions = pre
-            idx = list(range(len(self._plist)))
-            self._params.adopt_preclip(self._device, idx, norms, finite, versions)
+            self._params.adopt_preclip(self._device, self._live, norms, finite, versions)
 
     # ------------------------------------------------------------ backward
     def on_accumulated(self) -> None:
