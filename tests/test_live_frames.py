@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from gradprobe.diagnose import UPDATE_RATIO_EXPLODING, Finding
@@ -161,7 +161,9 @@ def rows(draw: st.DrawFn, first: int, last: int) -> list[tuple[int, str, str, fl
         for _ in range(draw(st.integers(0, 4))):
             name = draw(st.sampled_from(NAMES[1:]))
             stat = draw(st.sampled_from(STATS[4:]))
-            out.append((step, name, stat, draw(values)))
+            # A flag is mostly 0 (a count of NaN/Inf elements): a few steps raise one.
+            flag = st.sampled_from([0.0, 0.0, 0.0, 0.0, 1.0, 3.0, np.nan])
+            out.append((step, name, stat, draw(flag if stat in _NONFINITE_FLAGS else values)))
     for _ in range(draw(st.integers(0, 3))):  # anything anywhere
         step = draw(st.integers(first, last))
         out.append((step, draw(st.sampled_from(NAMES)), draw(st.sampled_from(STATS)), draw(values)))
@@ -194,8 +196,10 @@ def flushes(draw: st.DrawFn) -> list[tuple[list[tuple[int, float, float | None]]
         last = step + draw(st.integers(0, 30))
         at_step = []
         for s in sorted(draw(st.sets(st.integers(max(0, step - 2), last + 2), max_size=12))):
-            loss = draw(st.one_of(st.none(), values))
-            at_step.append((s, draw(values), loss))
+            # Mostly finite: a NaN said at the step leaves the flush's rule nothing to say.
+            norm = draw(st.one_of(st.floats(0.1, 10.0), st.floats(0.1, 10.0), values))
+            loss = draw(st.one_of(st.none(), st.floats(0.0, 10.0), values))
+            at_step.append((s, norm, loss))
         out.append((at_step, frame_of(draw(rows(step, last)), draw(st.booleans()))))
         step = last + 1 - draw(st.integers(0, 2))  # a flush may repeat its last steps
     return out
@@ -223,7 +227,33 @@ def _said(check: LiveCheck, calls) -> tuple[list, list[str], dict]:
     return returned, [str(w.message) for w in caught], state
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# Steps 3 and 4 were read at the step: the flush leaves step 3's gradient flag to it and
+# says step 4's outputs' flags (two names, in the frame's order); step 5 was skipped (its
+# NaN loss is the scaler's job); step 6's update ratios tie (the names' order is pandas').
+_SEEN_AND_SKIPPED = [
+    (
+        [(3, 1.0, 2.0), (4, 1.0, None)],
+        frame_of(
+            [
+                (3, "0.weight", "grad_nonfinite", 1.0),
+                (4, "1", "error_nonfinite", 2.0),
+                (4, "0", "nonfinite", 1.0),
+                (5, MODEL_NAME, "skipped", 1.0),
+                (5, MODEL_NAME, "loss", np.nan),
+                (6, MODEL_NAME, "global_grad_norm", np.inf),
+                (6, "0.bias", "update_ratio", 50.0),
+                (6, "2.weight", "update_ratio", 2.0),
+                (6, "0.weight", "update_ratio", 2.0),
+            ],
+            sort=False,
+        ),
+    )
+]
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@example(_SEEN_AND_SKIPPED, ())
+@example([*_SEEN_AND_SKIPPED, ([], _SEEN_AND_SKIPPED[0][1])], ("nonfinite",))
 @given(flushes(), st.sampled_from([(), ("nonfinite",), ("exploding", "grad_norm_spike")]))
 def test_the_numpy_reading_says_what_the_pandas_reading_said(calls, stop_on) -> None:
     heard_new, heard_old = [], []
