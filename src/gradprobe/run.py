@@ -30,6 +30,7 @@ __all__ = [
     "NonFinite",
     "Run",
     "empty_frame",
+    "is_normal",
     "load",
     "normalize_frame",
     "text_column",
@@ -42,6 +43,25 @@ def normalize_frame(frame: pd.DataFrame) -> pd.DataFrame:
     """One set of dtypes wherever a frame comes from: int64 steps, text names, float64 values."""
     frame = frame[COLUMNS]
     return frame.astype({"step": np.int64, "name": str, "stat": str, "value": np.float64})
+
+
+def is_normal(frame: pd.DataFrame) -> bool:
+    """Whether ``frame`` is already as :func:`normalize_frame` makes it: its columns
+    :data:`COLUMNS` in order, int64 steps, float64 values, and text in pandas' string
+    dtype (one that holds only text, as :func:`text_column` makes it where pandas keeps
+    text in Arrow). A flush builds its frames so; converting them again (a column
+    selection and four ``astype``) was a quarter of a flush."""
+    if list(frame.columns) != COLUMNS:
+        return False
+    dtypes = frame.dtypes
+    text = _text_dtype()
+    return (
+        isinstance(text, pd.StringDtype)
+        and dtypes["name"] == text
+        and dtypes["stat"] == text
+        and dtypes["step"] == np.int64
+        and dtypes["value"] == np.float64
+    )
 
 
 @cache

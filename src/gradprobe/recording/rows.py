@@ -16,7 +16,7 @@ import pandas as pd
 
 from ..buffer import Drained
 from ..hooks import warn_once
-from ..run import empty_frame, load, normalize_frame, text_column
+from ..run import empty_frame, is_normal, load, normalize_frame, text_column
 from ..stats import MODEL_NAME, STATISTICS, finalize, logged_mean
 from .context import Context
 
@@ -129,7 +129,9 @@ class Rows:
                 "value": values[order],
             }
         )
-        return normalize_frame(frame)
+        # Text columns made by text_column are as normalize_frame would make them; its
+        # astype was a quarter of a flush. Elsewhere (text as Python objects) it converts.
+        return frame if is_normal(frame) else normalize_frame(frame)
 
 
 def _head_rows(
