@@ -70,6 +70,16 @@ def test_a_frame_is_normal_exactly_when_normalizing_it_changes_nothing():
     }
     text_is_str = isinstance(run_module._text_dtype(), pd.StringDtype)
     assert is_normal(frame) == text_is_str
+    # The arrays a frame is about to be made of (what the flush checks) say the same.
+    arrays = {
+        "step": frame["step"].to_numpy(),
+        "name": frame["name"].array,
+        "stat": frame["stat"].array,
+        "value": frame["value"].to_numpy(),
+    }
+    assert is_normal(arrays) == text_is_str
+    assert not is_normal({**arrays, "name": np.asarray(list(frame["name"]), dtype=object)})
+    assert not is_normal({**arrays, "value": arrays["value"].astype(np.float32)})
     for what, other in others.items():
         assert not is_normal(other), what
     for candidate in [frame, *others.values()]:

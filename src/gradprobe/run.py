@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -45,23 +45,19 @@ def normalize_frame(frame: pd.DataFrame) -> pd.DataFrame:
     return frame.astype({"step": np.int64, "name": str, "stat": str, "value": np.float64})
 
 
-def is_normal(frame: pd.DataFrame) -> bool:
+def is_normal(frame: pd.DataFrame | Mapping[str, Any]) -> bool:
     """Whether ``frame`` is already as :func:`normalize_frame` makes it: its columns
     :data:`COLUMNS` in order, int64 steps, float64 values, and text in pandas' string
     dtype (one that holds only text, as :func:`text_column` makes it where pandas keeps
-    text in Arrow). A flush builds its frames so; converting them again (a column
-    selection and four ``astype``) was a quarter of a flush."""
-    if list(frame.columns) != COLUMNS:
-        return False
-    dtypes = frame.dtypes
+    text in Arrow). ``frame`` may be the dict of arrays a frame is about to be made of
+    (what a flush checks: the arrays' dtypes are what the frame's columns get, read
+    without pandas making a Series per column). A flush builds its frames so; converting
+    them again (a column selection and four ``astype``) was a quarter of a flush."""
     text = _text_dtype()
-    return (
-        isinstance(text, pd.StringDtype)
-        and dtypes["name"] == text
-        and dtypes["stat"] == text
-        and dtypes["step"] == np.int64
-        and dtypes["value"] == np.float64
-    )
+    if not isinstance(text, pd.StringDtype) or list(frame) != COLUMNS:
+        return False
+    dtypes = [getattr(frame[c], "dtype", None) for c in COLUMNS]
+    return dtypes == [np.dtype(np.int64), text, text, np.dtype(np.float64)]
 
 
 @cache
