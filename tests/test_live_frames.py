@@ -200,7 +200,10 @@ def flushes(draw: st.DrawFn) -> list[tuple[list[tuple[int, float, float | None]]
             norm = draw(st.one_of(st.floats(0.1, 10.0), st.floats(0.1, 10.0), values))
             loss = draw(st.one_of(st.none(), st.floats(0.0, 10.0), values))
             at_step.append((s, norm, loss))
-        out.append((at_step, frame_of(draw(rows(step, last)), draw(st.booleans()))))
+        frame = frame_of(draw(rows(step, last)), draw(st.booleans()))
+        if draw(st.booleans()):  # text as Python objects (a pandas without Arrow text)
+            frame = frame.astype({"name": object, "stat": object})
+        out.append((at_step, frame))
         step = last + 1 - draw(st.integers(0, 2))  # a flush may repeat its last steps
     return out
 
