@@ -47,7 +47,6 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Iterable
-from collections.abc import Set as AbstractSet
 from typing import Any
 
 import numpy as np
@@ -151,24 +150,26 @@ class LiveCheck:
         if frame.empty:
             return []
         new: list[Finding] = []
-        model = frame[frame["name"] == MODEL_NAME]
-        skipped = set(model.loc[(model["stat"] == "skipped") & (model["value"] > 0), "step"])
+        cols = _Columns(frame)
+        model = cols.name_is(MODEL_NAME)
+        skipped = np.unique(cols.step[model & cols.stat_in("skipped") & (cols.value > 0)])
+        # Rows of the steps a GradScaler did not skip (a skipped step is the scaler's job).
+        kept = ~np.isin(cols.step, skipped) if len(skipped) else np.ones(len(cols.step), bool)
         seen = self._at_step  # said at the step: their global norm, loss and gradients' flags
-        last = int(frame["step"].max())
+        last = int(cols.step.max())
         self._flushed_upto = max(self._flushed_upto, last)
         self._at_step = {s for s in seen if s > last}
+        seen_steps = np.fromiter(seen, dtype=np.int64, count=len(seen))
         if "nonfinite" not in self._said:
-            f = _nonfinite(frame, model, skipped, seen)
+            f = _nonfinite(cols, model, kept, seen_steps)
             if f is not None:
                 new.append(f)
-        norms = _global_norms(model, skipped)
-        norms = norms[~norms.index.isin(seen)] if seen else norms
-        for step, value in norms.items():
-            f = self._spike_or_growth(int(step), float(value))
+        for step, value in _global_norms(cols, model & kept, seen_steps):
+            f = self._spike_or_growth(step, value)
             if f is not None:
                 new.append(f)
         if "exploding" not in self._said:
-            f = _huge_updates(frame)
+            f = _huge_updates(frame, cols)
             if f is not None:
                 new.append(f)
         new.sort(key=lambda f: f.evidence["step"])
@@ -236,44 +237,86 @@ class LiveCheck:
         return StopTraining(finding)
 
 
-def _global_norms(model: pd.DataFrame, skipped: set[Any]) -> pd.Series:
-    """The pre-clip global gradient norm by step (else the post-clip one): clipping hides
-    what the backward produced."""
+class _Columns:
+    """A flushed frame's columns as NumPy arrays, read once. The text columns as codes
+    into their distinct values (``pd.factorize``: one pass in C), so that "the rows of
+    these statistics" is a lookup of a few words and an index, not a pass of string
+    comparisons over the frame per rule (those made ~2/3 of a flush's live check)."""
+
+    __slots__ = ("name_codes", "names", "stat_codes", "stats", "step", "value")
+
+    def __init__(self, frame: pd.DataFrame) -> None:
+        self.step: np.ndarray = frame["step"].to_numpy(dtype=np.int64)
+        self.value: np.ndarray = frame["value"].to_numpy(dtype=np.float64)
+        # use_na_sentinel=False: a missing word is a word of its own ("nan" as text, as
+        # str() of the row's value said it), and every code indexes the words.
+        codes, words = pd.factorize(frame["name"].array, use_na_sentinel=False)
+        self.name_codes: np.ndarray = codes
+        self.names: list[str] = [str(w) for w in words]
+        codes, words = pd.factorize(frame["stat"].array, use_na_sentinel=False)
+        self.stat_codes: np.ndarray = codes
+        self.stats: list[str] = [str(w) for w in words]
+
+    def name_is(self, name: str) -> np.ndarray:
+        return _lookup([w == name for w in self.names], self.name_codes)
+
+    def stat_in(self, *stats: str) -> np.ndarray:
+        return _lookup([w in stats for w in self.stats], self.stat_codes)
+
+
+def _lookup(of_word: list[bool], codes: np.ndarray) -> np.ndarray:
+    """Each row's ``of_word[code]``, as a boolean mask."""
+    return np.array(of_word, dtype=bool)[codes] if of_word else np.zeros(len(codes), bool)
+
+
+def _global_norms(cols: _Columns, rows: np.ndarray, seen: np.ndarray) -> list[tuple[int, float]]:
+    """The pre-clip global gradient norm by step, ascending (else the post-clip one:
+    clipping hides what the backward produced), of ``rows`` (the model's, of steps not
+    skipped), but for the ``seen`` steps: per step the last value that is not NaN, NaN
+    where all are (pandas' ``groupby("step").last()``)."""
     for stat in ("global_grad_norm_preclip", "global_grad_norm"):
-        rows = model[(model["stat"] == stat) & ~model["step"].isin(skipped)]
-        if not rows.empty:
-            return rows.groupby("step")["value"].last().sort_index()
-    return pd.Series(dtype=float)
+        mask = rows & cols.stat_in(stat)
+        if not mask.any():
+            continue
+        order = np.argsort(cols.step[mask], kind="stable")
+        steps, values = cols.step[mask][order], cols.value[mask][order]
+        unique = np.unique(steps)
+        out = np.full(len(unique), np.nan)
+        ok = ~np.isnan(values)
+        steps, values = steps[ok], values[ok]
+        if len(steps):
+            last = np.append(steps[1:] != steps[:-1], True)  # the last row of each step
+            out[np.searchsorted(unique, steps[last])] = values[last]
+        keep = ~np.isin(unique, seen) if len(seen) else slice(None)
+        return list(zip(unique[keep].tolist(), out[keep].tolist()))
+    return []
 
 
 def _nonfinite(
-    frame: pd.DataFrame,
-    model: pd.DataFrame,
-    skipped: set[Any],
-    seen: AbstractSet[int] = frozenset(),
+    cols: _Columns, model: np.ndarray, kept: np.ndarray, seen: np.ndarray
 ) -> Finding | None:
-    """The first step with a NaN/Inf loss, global norm, or flag (``seen``: steps whose
-    loss, global norm and gradients were checked at the step; their outputs' and error
-    signals' flags are checked here)."""
-    rows = frame[~frame["step"].isin(skipped)] if skipped else frame
-    if seen:
-        at_step = rows["step"].isin(seen) & (
-            (rows["name"] == MODEL_NAME) | (rows["stat"] == "grad_nonfinite")
-        )
-        rows = rows[~at_step]
-    flagged = rows[rows["stat"].isin(_NONFINITE_FLAGS) & (rows["value"] > 0)]
-    values = rows[
-        (rows["name"] == MODEL_NAME)
-        & rows["stat"].isin(["loss", "global_grad_norm", "global_grad_norm_preclip"])
-        & ~np.isfinite(rows["value"].to_numpy())
-    ]
-    bad = pd.concat([flagged, values])
-    if bad.empty:
+    """The first step with a NaN/Inf loss, global norm, or flag (``kept``: the rows of
+    steps not skipped; ``seen``: steps whose loss, global norm and gradients were checked
+    at the step; their outputs' and error signals' flags are checked here)."""
+    rows = kept
+    if len(seen):
+        rows = rows & ~(np.isin(cols.step, seen) & (model | cols.stat_in("grad_nonfinite")))
+    flagged = rows & cols.stat_in(*_NONFINITE_FLAGS) & (cols.value > 0)
+    values = (
+        rows
+        & model
+        & cols.stat_in("loss", "global_grad_norm", "global_grad_norm_preclip")
+        & ~np.isfinite(cols.value)
+    )
+    bad = flagged | values
+    if not bad.any():
         return None
-    step = int(bad["step"].min())
-    at = bad[bad["step"] == step]
-    names = tuple(dict.fromkeys(str(n) for n in at["name"]))
-    what = sorted(set(at["stat"]))
+    step = int(cols.step[bad].min())
+    at = cols.step == step
+    # The flags' rows first, then the values', each in the frame's order: the names' order.
+    at_rows = np.concatenate([np.flatnonzero(flagged & at), np.flatnonzero(values & at)])
+    names = tuple(dict.fromkeys(cols.names[c] for c in cols.name_codes[at_rows].tolist()))
+    what = sorted({cols.stats[c] for c in cols.stat_codes[at_rows].tolist()})
     shown = ", ".join(f"`{n}`" for n in names[:4]) + (" …" if len(names) > 4 else "")
     return Finding(
         "nonfinite",
@@ -284,14 +327,22 @@ def _nonfinite(
     )
 
 
-def _huge_updates(frame: pd.DataFrame) -> Finding | None:
+def _huge_updates(frame: pd.DataFrame, cols: _Columns) -> Finding | None:
     """The first step where a weight's update is as large as the weight."""
-    rows = frame[(frame["stat"] == "update_ratio") & (frame["value"] >= UPDATE_RATIO_EXPLODING)]
-    rows = rows[np.isfinite(rows["value"].to_numpy()) & ~rows["name"].str.endswith("bias")]
-    if rows.empty:
+    rows = (
+        cols.stat_in("update_ratio")
+        & (cols.value >= UPDATE_RATIO_EXPLODING)
+        & np.isfinite(cols.value)
+    )
+    if not rows.any():
         return None
-    step = int(rows["step"].min())
-    at = rows[rows["step"] == step].sort_values("value", ascending=False)
+    rows &= ~_lookup([w.endswith("bias") for w in cols.names], cols.name_codes)
+    if not rows.any():
+        return None
+    step = int(cols.step[rows].min())
+    # The few rows of that step as a frame: sorted by pandas as before (ties included).
+    at = frame.iloc[np.flatnonzero(rows & (cols.step == step))]
+    at = at.sort_values("value", ascending=False)
     top = at.iloc[0]
     return Finding(
         "exploding",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -30,6 +30,7 @@ __all__ = [
     "NonFinite",
     "Run",
     "empty_frame",
+    "is_normal",
     "load",
     "normalize_frame",
     "text_column",
@@ -42,6 +43,21 @@ def normalize_frame(frame: pd.DataFrame) -> pd.DataFrame:
     """One set of dtypes wherever a frame comes from: int64 steps, text names, float64 values."""
     frame = frame[COLUMNS]
     return frame.astype({"step": np.int64, "name": str, "stat": str, "value": np.float64})
+
+
+def is_normal(frame: pd.DataFrame | Mapping[str, Any]) -> bool:
+    """Whether ``frame`` is already as :func:`normalize_frame` makes it: its columns
+    :data:`COLUMNS` in order, int64 steps, float64 values, and text in pandas' string
+    dtype (one that holds only text, as :func:`text_column` makes it where pandas keeps
+    text in Arrow). ``frame`` may be the dict of arrays a frame is about to be made of
+    (what a flush checks: the arrays' dtypes are what the frame's columns get, read
+    without pandas making a Series per column). A flush builds its frames so; converting
+    them again (a column selection and four ``astype``) was a quarter of a flush."""
+    text = _text_dtype()
+    if not isinstance(text, pd.StringDtype) or list(frame) != COLUMNS:
+        return False
+    dtypes = [getattr(frame[c], "dtype", None) for c in COLUMNS]
+    return dtypes == [np.dtype(np.int64), text, text, np.dtype(np.float64)]
 
 
 @cache

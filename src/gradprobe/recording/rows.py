@@ -16,7 +16,7 @@ import pandas as pd
 
 from ..buffer import Drained
 from ..hooks import warn_once
-from ..run import empty_frame, load, normalize_frame, text_column
+from ..run import empty_frame, is_normal, load, normalize_frame, text_column
 from ..stats import MODEL_NAME, STATISTICS, finalize, logged_mean
 from .context import Context
 
@@ -121,15 +121,16 @@ class Rows:
             return empty_frame()
         steps, name_codes, stat_codes, values = (np.concatenate(column) for column in zip(*parts))
         order = np.argsort(steps, kind="stable")
-        frame = pd.DataFrame(
-            {
-                "step": steps[order],
-                "name": text_column(names, name_codes[order]),
-                "stat": text_column(stats, stat_codes[order]),
-                "value": values[order],
-            }
-        )
-        return normalize_frame(frame)
+        columns = {
+            "step": steps[order],
+            "name": text_column(names, name_codes[order]),
+            "stat": text_column(stats, stat_codes[order]),
+            "value": values[order],
+        }
+        frame = pd.DataFrame(columns)
+        # Text columns made by text_column are as normalize_frame would make them; its
+        # astype was a quarter of a flush. Elsewhere (text as Python objects) it converts.
+        return frame if is_normal(columns) else normalize_frame(frame)
 
 
 def _head_rows(
