@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from gradprobe import Probe
-from gradprobe.recording.clock import AUTO_EVERY, AUTO_FIRST
+from gradprobe.recording.clock import AUTO_BURST, AUTO_EVERY, AUTO_FIRST
 from gradprobe.recording.params import ParamStats
 from gradprobe.recording.sentinel import SentinelRoute
 from gradprobe.stats import MODEL_NAME
@@ -124,9 +124,16 @@ def _same(a: float, b: float) -> bool:
     return (math.isnan(a) and math.isnan(b)) or a == b
 
 
-def _check(case: Callable[[Attach], nn.Module], paths: Paths) -> Any:
+def _check(
+    case: Callable[[Attach], nn.Module],
+    paths: Paths,
+    recorded: set[int] | None = None,
+    findings: frozenset[str] = frozenset(),
+) -> Any:
     """Train ``case`` three ways; training and the sentinel's rows as documented. Returns
-    the "auto" frame's sentinel steps."""
+    the "auto" frame's sentinel steps (``recorded``: the steps recorded in full, where no
+    statistic of those steps only is asked for; ``findings``: the Probe's warnings the
+    run should give, as the live check says them)."""
     auto = _train(case, "auto")
     after_auto = {k: Counter(v) for k, v in vars(paths).items()}
     full = _train(case, 1)
@@ -137,9 +144,11 @@ def _check(case: Callable[[Attach], nn.Module], paths: Paths) -> Any:
     for name, value in plain["state"].items():
         assert torch.equal(auto["state"][name], value), name
         assert torch.equal(full["state"][name], value), name
-    # Nothing said that training without a Probe does not say.
-    assert auto["warnings"] == plain["warnings"], auto["warnings"] - plain["warnings"]
-    assert full["warnings"] == plain["warnings"], full["warnings"] - plain["warnings"]
+    # Nothing said that training without a Probe does not say, but the findings asked.
+    assert plain["warnings"] <= auto["warnings"] and plain["warnings"] <= full["warnings"]
+    said = {m for c, m in auto["warnings"] - plain["warnings"] if c == "GradprobeWarning"}
+    assert auto["warnings"] - plain["warnings"] == full["warnings"] - plain["warnings"]
+    assert len(said) == len(auto["warnings"] - plain["warnings"]) and said == findings, said
     a, f = auto["frame"], full["frame"]
     # The parameters' and the model's rows (modules have a ``nonfinite`` of their own).
     names = {*f[f.stat == "grad_norm"].name, *a[a.stat == "grad_norm"].name, MODEL_NAME}
@@ -151,7 +160,8 @@ def _check(case: Callable[[Attach], nn.Module], paths: Paths) -> Any:
     assert not differ, differ
     # Which steps were sentinels: those without the recorded steps' param_norm rows.
     frame = auto["frame"]
-    recorded = set(frame[frame.stat == "param_norm"].step)
+    if recorded is None:
+        recorded = set(frame[frame.stat == "param_norm"].step)
     sentinels = set(frame.step) - recorded
     # The route's step ran at each, once; not at a step the GradScaler skipped (no
     # optimizer step), which is recorded as such.
@@ -177,8 +187,10 @@ def _log(probe: Probe | None, **values: Any) -> None:
         probe.log(**values)
 
 
-def _taken_everywhere(paths: Paths, sentinels: set[int], backwards: int = 1) -> None:
-    assert sentinels == SENTINEL_STEPS
+def _taken_everywhere(
+    paths: Paths, sentinels: set[int], backwards: int = 1, expected: set[int] = SENTINEL_STEPS
+) -> None:
+    assert sentinels == expected
     assert paths.short_steps() == sentinels
     assert not paths.general
     assert paths.short_backward == dict.fromkeys(sentinels, backwards)
@@ -217,6 +229,46 @@ def _plain(kind: str) -> Callable[[Attach], nn.Module]:
 def test_a_plain_loop_takes_the_short_route(paths, kind):
     sentinels = _check(_plain(kind), paths)
     _taken_everywhere(paths, sentinels)
+
+
+def _nan_at_a_sentinel(stats: Any) -> Callable[[Attach], nn.Module]:
+    """A NaN in the data at a sentinel step (its gradients are NaN), the weights mended
+    after the step, under a choice of statistics."""
+
+    def case(attach: Attach) -> nn.Module:
+        model = _mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        probe = attach(model, opt, stats=stats)
+        gen = torch.Generator().manual_seed(15)
+        for step in range(STEPS):
+            x, y = _batch(gen)
+            if step == AT:
+                x[3, 2] = float("nan")
+            opt.zero_grad()
+            loss = nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            opt.step()
+            _log(probe, loss=loss)
+            if step == AT:  # the data's NaN is gone, and so is the weights'
+                with torch.no_grad():
+                    for p in model.parameters():
+                        p.nan_to_num_(0.0)
+        return model
+
+    return case
+
+
+NAN_STATS = ["grad_norm", "nonfinite", "global_grad_norm_preclip", "lr", "loss"]
+
+
+@pytest.mark.parametrize("stats", ["cheap", "full", NAN_STATS], ids=["cheap", "full", "list"])
+def test_a_nan_at_a_sentinel_step_under_other_statistics(paths, stats):
+    # The NaN step's flags (counts under "full") start a burst of recorded steps.
+    burst = set(range(AT + 1, AT + 1 + AUTO_BURST))
+    recorded = set(range(AUTO_FIRST)) | {AUTO_EVERY} | burst
+    said = f"gradprobe: step {AT}: NaN/Inf in `{MODEL_NAME}` (global_grad_norm)"
+    sentinels = _check(_nan_at_a_sentinel(stats), paths, recorded, frozenset({said}))
+    _taken_everywhere(paths, sentinels, expected=SENTINEL_STEPS - burst)
 
 
 # ---------------------------------------------------------------- 2. accumulation
