@@ -152,7 +152,9 @@ def _check(
     a, f = auto["frame"], full["frame"]
     # The parameters' and the model's rows (modules have a ``nonfinite`` of their own).
     names = {*f[f.stat == "grad_norm"].name, *a[a.stat == "grad_norm"].name, MODEL_NAME}
-    a, f = a[a.stat.isin(STATS) & a.name.isin(names)], f[f.stat.isin(STATS) & f.name.isin(names)]
+    # ("lr/<i>": each param group's, where their rates differ.)
+    a = a[(a.stat.isin(STATS) | a.stat.str.startswith("lr/")) & a.name.isin(names)]
+    f = f[(f.stat.isin(STATS) | f.stat.str.startswith("lr/")) & f.name.isin(names)]
     got = {(r.step, r.name, r.stat): r.value for r in a.itertuples()}
     ref = {(r.step, r.name, r.stat): r.value for r in f.itertuples()}
     assert set(got) == set(ref), set(got) ^ set(ref)
@@ -209,6 +211,7 @@ def _plain(kind: str) -> Callable[[Attach], nn.Module]:
             opt: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), 0.05, momentum=0.9)
         else:  # clipped: the step's norms are a second pass
             opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=STEPS)
         probe = attach(model, opt)
         gen = torch.Generator().manual_seed(1)
         for _ in range(STEPS):
@@ -219,6 +222,7 @@ def _plain(kind: str) -> Callable[[Attach], nn.Module]:
             if kind == "adamw":
                 nn.utils.clip_grad_norm_(model.parameters(), 0.05)
             opt.step()
+            sched.step()
             _log(probe, loss=loss)  # after the step: the step that just closed
         return model
 
@@ -406,7 +410,10 @@ class Branchy(nn.Module):
         return out + self.aux(h) if self.use_aux else out
 
 
-def _branchy(frozen: bool, branch: bool) -> Callable[[Attach], nn.Module]:
+def _branchy(frozen: bool, branch: bool, unfreeze_at: int = -1) -> Callable[[Attach], nn.Module]:
+    """``unfreeze_at``: the frozen stem is unfrozen at that step (gradual unfreezing), and
+    handed to the optimizer then, at its own learning rate."""
+
     def case(attach: Attach) -> nn.Module:
         model = Branchy(frozen)
         trainable = [p for p in model.parameters() if p.requires_grad]
@@ -414,6 +421,9 @@ def _branchy(frozen: bool, branch: bool) -> Callable[[Attach], nn.Module]:
         probe = attach(model, opt)
         gen = torch.Generator().manual_seed(6)
         for step in range(STEPS):
+            if step == unfreeze_at:
+                model.stem.requires_grad_(True)
+                opt.add_param_group({"params": list(model.stem.parameters()), "lr": 1e-4})
             model.use_aux = not branch or step % 2 == 0
             x, y = _batch(gen)
             opt.zero_grad()  # (set_to_none: an unused branch has no .grad)
@@ -442,6 +452,15 @@ def test_a_parameter_frozen_from_the_start_falls_back(paths):
     assert sentinels == SENTINEL_STEPS
     assert set(paths.general) == sentinels
     assert not paths.short_backward
+
+
+def test_a_stem_unfrozen_mid_run_takes_the_short_route_from_then(paths):
+    # Frozen when the Probe was made (so no gradient hook of its own), unfrozen at AT.
+    sentinels = _check(_branchy(frozen=True, branch=False, unfreeze_at=AT), paths)
+    assert sentinels == SENTINEL_STEPS
+    assert set(paths.general) == {s for s in sentinels if s < AT}
+    assert paths.short_steps() == {s for s in sentinels if s >= AT}
+    assert set(paths.short_backward) == {s for s in sentinels if s >= AT}
 
 
 # ---------------------------------------------------------------- 6. sparse gradients
