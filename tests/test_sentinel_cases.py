@@ -28,6 +28,7 @@ from torch import nn
 
 from gradprobe import Probe
 from gradprobe.recording.clock import AUTO_BURST, AUTO_EVERY, AUTO_FIRST
+from gradprobe.recording.hookup import warn_compiled
 from gradprobe.recording.params import ParamStats
 from gradprobe.recording.sentinel import SentinelRoute
 from gradprobe.stats import MODEL_NAME
@@ -811,3 +812,43 @@ def test_gradients_changed_through_data_are_measured_as_the_step_applies_them(ev
         if not math.isclose(got[step, name], want, rel_tol=1e-4)
     }
     assert not wrong, wrong
+
+
+# ---------------------------------------------------------------- torch.compile
+def _compiled(hooked: bool) -> Callable[[Attach], nn.Module]:
+    def case(attach: Attach) -> nn.Module:
+        return _compile(attach, hooked)
+
+    return case
+
+
+def _compile(attach: Attach, hooked: bool) -> nn.Module:
+    """The model compiled before the Probe is made (aot_eager: dynamo and AOTAutograd's
+    graphs, without inductor's slow codegen). ``hooked``: every module probed (the hooks
+    stay on at every step, each a graph break), else the parameters only (modules=[]:
+    the graph stays whole)."""
+    torch._dynamo.reset()
+    model = _mlp()
+    compiled = torch.compile(model, backend="aot_eager")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    probe = attach(compiled, opt, **({} if hooked else {"modules": []}))
+    gen = torch.Generator().manual_seed(16)
+    for _ in range(STEPS):
+        x, y = _batch(gen)
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(compiled(x), y)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+        opt.step()
+        _log(probe, loss=loss)
+    return model
+
+
+@pytest.mark.parametrize("hooked", [False, True], ids=["params", "modules"])
+def test_a_compiled_model_takes_the_short_route(paths, hooked):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warn_compiled()
+    said = frozenset({str(caught[0].message)})
+    sentinels = _check(_compiled(hooked), paths, findings=said)
+    _taken_everywhere(paths, sentinels)
