@@ -141,6 +141,18 @@ def _check(
     plain = _train(case, None)
     # Only the "auto" Probe goes through the route: the twin never enters it.
     assert vars(paths) == after_auto
+    return _verify(auto, full, plain, paths, recorded, findings)
+
+
+def _verify(
+    auto: dict[str, Any],
+    full: dict[str, Any],
+    plain: dict[str, Any],
+    paths: Paths,
+    recorded: set[int] | None = None,
+    findings: frozenset[str] = frozenset(),
+) -> Any:
+    """:func:`_check`'s checks of three runs made."""
     # Training untouched, by either Probe.
     for name, value in plain["state"].items():
         assert torch.equal(auto["state"][name], value), name
@@ -852,3 +864,59 @@ def test_a_compiled_model_takes_the_short_route(paths, hooked):
     said = frozenset({str(caught[0].message)})
     sentinels = _check(_compiled(hooked), paths, findings=said)
     _taken_everywhere(paths, sentinels)
+
+
+# ---------------------------------------------------------------- Lightning
+def _fit(every: str | int | None) -> dict[str, Any]:
+    """A real Lightning ``Trainer``: two micro-batches a step, clipping by norm (inside
+    the closure Lightning gives ``optimizer.step``), the Probe by the callback."""
+    pl = pytest.importorskip("lightning.pytorch")
+    from gradprobe.integrations.lightning import GradProbeCallback
+
+    class Regressor(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = _mlp()
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            return nn.functional.mse_loss(self.net(x), y)
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+    gen = torch.Generator().manual_seed(17)
+    x, y = _batch(gen, 8 * 2 * STEPS)
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+    model = Regressor()
+    options = {"print_diagnosis": False, "log_to_logger": False}
+    callbacks = [GradProbeCallback(every=every, **options)] if every is not None else []
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=STEPS,
+        accumulate_grad_batches=2,
+        gradient_clip_val=0.05,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(model, data)
+    said = {(w.category.__name__, str(w.message)) for w in caught}
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    frame = callbacks[0].run().frame() if callbacks else None
+    # (Lightning says some of its warnings once a process: only the Probe's are compared.)
+    said = {w for w in said if w[0] == "GradprobeWarning"}
+    return {"frame": frame, "state": state, "warnings": said}
+
+
+def test_a_lightning_trainer_takes_the_short_route(paths):
+    auto = _fit("auto")
+    after_auto = {k: Counter(v) for k, v in vars(paths).items()}
+    full, plain = _fit(1), _fit(None)
+    assert vars(paths) == after_auto
+    sentinels = _verify(auto, full, plain, paths)
+    _taken_everywhere(paths, sentinels, backwards=2)
