@@ -953,3 +953,49 @@ def _parts_logged_before_backward(attach: Attach) -> nn.Module:
 def test_a_loss_logged_before_backward_in_a_loop_calling_the_parts(paths):
     sentinels = _check(_parts_logged_before_backward, paths)
     _taken_everywhere(paths, sentinels)
+
+
+# ---------------------------------------------------------------- a GAN
+def _gan(attach: Attach) -> nn.Module:
+    """A GAN, one Probe over both nets watching the discriminator's optimizer: the
+    generator's backward goes through the discriminator (its gradients then discarded
+    by its zero_grad), and the generator's gradients stay from one step to the next."""
+    torch.manual_seed(0)
+    gan = nn.ModuleDict(
+        {
+            "G": nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 8)),
+            "D": nn.Sequential(nn.Linear(8, 16), nn.LeakyReLU(0.2), nn.Linear(16, 1)),
+        }
+    )
+    opt_g = torch.optim.Adam(gan["G"].parameters(), lr=2e-4, betas=(0.5, 0.999))
+    opt_d = torch.optim.Adam(gan["D"].parameters(), lr=2e-4, betas=(0.5, 0.999))
+    probe = attach(gan, opt_d)
+    bce = nn.functional.binary_cross_entropy_with_logits
+    gen = torch.Generator().manual_seed(19)
+    for _ in range(STEPS):
+        real = torch.randn(16, 8, generator=gen) + 2
+        z = torch.randn(16, 4, generator=gen)
+        fake = gan["G"](z)
+        opt_d.zero_grad()
+        d_real, d_fake = gan["D"](real), gan["D"](fake.detach())
+        loss_d = bce(d_real, torch.ones_like(d_real)) + bce(d_fake, torch.zeros_like(d_fake))
+        loss_d.backward()
+        opt_d.step()
+        _log(probe, loss=loss_d)
+        opt_g.zero_grad()
+        d_fake = gan["D"](fake)
+        loss_g = bce(d_fake, torch.ones_like(d_fake))
+        loss_g.backward()
+        opt_g.step()
+    return gan
+
+
+def test_a_gan_with_the_probe_on_the_discriminators_optimizer(paths):
+    sentinels = _check(_gan, paths)
+    # From the first step on, every parameter has a gradient at the discriminator's step:
+    # its own, and the generator's left by the step before. Two backward passes a step
+    # (the generator's, after the discriminator's step, is of the next step: the last one
+    # is of a step that never closes).
+    assert sentinels == SENTINEL_STEPS
+    assert paths.short_steps() == sentinels and not paths.general
+    assert paths.short_backward == {**dict.fromkeys(sentinels, 2), STEPS: 1}
