@@ -1,5 +1,5 @@
 """The sentinel's short route (recording/sentinel.py) in the wild: a compiled model, a
-real Lightning Trainer, a GAN; and two ways a loop makes the sentinel's rows wrong
+real Lightning Trainer, a GAN, activation checkpointing, bf16 weights; and two ways a loop makes the sentinel's rows wrong
 (xfail, with the cause), gradients clamped through ``.data`` and a loss logged before
 backward by a loop that calls the model's parts (issue 26). The harness and what it
 checks: tests/sentinel_twins.py.
@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from gradprobe.recording.hookup import warn_compiled
 from sentinel_twins import (
@@ -275,3 +276,55 @@ def test_a_gan_with_the_probe_on_the_discriminators_optimizer(paths):
     assert sentinels == SENTINEL_STEPS
     assert paths.short_steps() == sentinels and not paths.general
     assert paths.short_backward == {**dict.fromkeys(sentinels, 2), STEPS: 1}
+
+
+# ---------------------------------------------------------------- bf16 weights, checkpointing
+class Blocks(nn.Module):
+    """Blocks, each under activation checkpointing (recomputed in backward), as HF's
+    ``gradient_checkpointing_enable()`` does; ``dtype``: the weights' (pure bf16, as
+    LLM fine-tuning keeps them)."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(3))
+        self.head = nn.Linear(8, 1)
+        self.to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = checkpoint(block, x, use_reentrant=False)
+        return self.head(x)
+
+
+def _checkpointed(dtype: torch.dtype, whole: bool) -> Callable[[Attach], nn.Module]:
+    """``whole``: the model itself checkpointed too (its forward runs again in backward)."""
+
+    def case(attach: Attach) -> nn.Module:
+        model = Blocks(dtype)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        probe = attach(model, opt)
+        gen = torch.Generator().manual_seed(20)
+        for _ in range(STEPS):
+            x, y = batch(gen)
+            x = x.to(dtype)
+            opt.zero_grad()
+            out = checkpoint(model, x, use_reentrant=False) if whole else model(x)
+            loss = nn.functional.mse_loss(out.float(), y)
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+            opt.step()
+            log(probe, loss=loss)
+        return model
+
+    return case
+
+
+@pytest.mark.parametrize(
+    ("dtype", "whole"),
+    [(torch.float32, False), (torch.float32, True), (torch.bfloat16, False)],
+    ids=["blocks", "whole", "bf16-weights"],
+)
+def test_checkpointed_blocks_and_bf16_weights_take_the_short_route(paths, dtype, whole):
+    sentinels = check(_checkpointed(dtype, whole), paths)
+    taken_everywhere(paths, sentinels)
