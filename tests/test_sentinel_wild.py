@@ -1,5 +1,6 @@
 """The sentinel's short route (recording/sentinel.py) in the wild: a compiled model, a
-real Lightning Trainer, a GAN, activation checkpointing, bf16 weights; and two ways a loop makes the sentinel's rows wrong
+real Lightning Trainer, a GAN, activation checkpointing, bf16 weights, flushes and
+frames mid-run; and two ways a loop makes the sentinel's rows wrong
 (xfail, with the cause), gradients clamped through ``.data`` and a loss logged before
 backward by a loop that calls the model's parts (issue 26). The harness and what it
 checks: tests/sentinel_twins.py.
@@ -327,4 +328,37 @@ def _checkpointed(dtype: torch.dtype, whole: bool) -> Callable[[Attach], nn.Modu
 )
 def test_checkpointed_blocks_and_bf16_weights_take_the_short_route(paths, dtype, whole):
     sentinels = check(_checkpointed(dtype, whole), paths)
+    taken_everywhere(paths, sentinels)
+
+
+# ---------------------------------------------------------------- flushes, frames mid-run
+def _flushing(flush_every: int, stats: str) -> Callable[[Attach], nn.Module]:
+    """Rows flushed every ``flush_every`` steps and read mid-run (a notebook's
+    ``probe.frame()``), clipping every third step only (the route reuses backward's norms
+    at the others)."""
+
+    def case(attach: Attach) -> nn.Module:
+        model = mlp()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        probe = attach(model, opt, flush_every=flush_every, stats=stats)
+        gen = torch.Generator().manual_seed(21)
+        for step in range(STEPS):
+            x, y = batch(gen)
+            opt.zero_grad()
+            loss = nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            if step % 3 == 0:
+                nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+            opt.step()
+            log(probe, loss=loss)
+            if probe is not None and step % 11 == 0:
+                probe.frame()
+        return model
+
+    return case
+
+
+@pytest.mark.parametrize(("flush_every", "stats"), [(1, "default"), (7, "full")])
+def test_flushes_and_frames_mid_run(paths, flush_every, stats):
+    sentinels = check(_flushing(flush_every, stats), paths)
     taken_everywhere(paths, sentinels)
