@@ -280,22 +280,24 @@ def test_a_branch_unused_at_some_steps_falls_back_at_those_steps(paths):
     assert set(paths.short_backward) == sentinels - odd
 
 
-def test_a_parameter_frozen_from_the_start_falls_back(paths):
+def test_a_parameter_frozen_from_the_start_takes_the_short_route(paths):
     # It is bound (the Probe binds every parameter of the model) and never has a .grad:
-    # every sentinel step goes the general way, with the same rows.
+    # the route measures the trainable ones (a frozen backbone, LoRA), with the same rows.
     sentinels = check(_branchy(frozen=True, branch=False), paths)
     assert sentinels == SENTINEL_STEPS
-    assert set(paths.general) == sentinels
-    assert not paths.short_backward
+    assert not paths.general
+    assert paths.short_steps() == sentinels
+    assert set(paths.short_backward) == sentinels
 
 
-def test_a_stem_unfrozen_mid_run_takes_the_short_route_from_then(paths):
-    # Frozen when the Probe was made (so no gradient hook of its own), unfrozen at AT.
+def test_a_stem_unfrozen_mid_run_takes_the_short_route_throughout(paths):
+    # Frozen when the Probe was made (so no gradient hook of its own), unfrozen at AT:
+    # its first gradient, at AT's backward, lays the route out again with it.
     sentinels = check(_branchy(frozen=True, branch=False, unfreeze_at=AT), paths)
     assert sentinels == SENTINEL_STEPS
-    assert set(paths.general) == {s for s in sentinels if s < AT}
-    assert paths.short_steps() == {s for s in sentinels if s >= AT}
-    assert set(paths.short_backward) == {s for s in sentinels if s >= AT}
+    assert not paths.general
+    assert paths.short_steps() == sentinels
+    assert set(paths.short_backward) == sentinels
 
 
 # ---------------------------------------------------------------- 6. sparse gradients
@@ -340,17 +342,19 @@ def test_sparse_gradients_fall_back(paths):
 
 # ---------------------------------------------------------------- 7. a GradScaler
 def _scaled(
-    dtype: torch.dtype, tell_probe: bool, overflow: bool = False
+    dtype: torch.dtype, tell_probe: bool, overflow: bool = False, enabled: bool = True
 ) -> Callable[[Attach], nn.Module]:
     """The AMP loop. ``overflow``: at a sentinel step the scaled gradients overflow in
     fp16 and the scaler skips the optimizer step (a Probe not told of the scaler then
-    sees one step of two iterations)."""
+    sees one step of two iterations). ``enabled``: ``GradScaler(enabled=use_amp)``."""
 
     def case(attach: Attach) -> nn.Module:
         model = mlp()
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
         # A small initial scale: no overflow but the one asked for.
-        scaler = torch.amp.GradScaler("cpu", init_scale=256.0, growth_interval=10)
+        scaler = torch.amp.GradScaler(
+            "cpu", init_scale=256.0, growth_interval=10, enabled=enabled
+        )
         probe = attach(model, opt, **({"scaler": scaler} if tell_probe else {}))
         gen = torch.Generator().manual_seed(8)
         skipped = 0
@@ -388,6 +392,14 @@ def test_a_watched_grad_scaler_keeps_the_route_unarmed(paths, dtype, overflow):
     else:
         assert sentinels == SENTINEL_STEPS
     never_armed(paths, set(paths.at_step))
+
+
+def test_a_disabled_grad_scaler_keeps_the_route(paths):
+    # GradScaler(enabled=use_amp) with use_amp off: scale(), step() and update() pass
+    # through, so the route is armed as without a scaler.
+    sentinels = check(_scaled(torch.bfloat16, tell_probe=True, enabled=False), paths)
+    assert sentinels == SENTINEL_STEPS
+    taken_everywhere(paths, sentinels)
 
 
 @pytest.mark.parametrize("overflow", [False, True], ids=["bf16", "fp16-overflow"])

@@ -8,9 +8,10 @@ that chain, not the one ``_foreach_norm``, was most of what the cadence cost (is
 bench/PROFILE.md). :class:`SentinelRoute` does the same work on one short path, decided
 when the step before closes:
 
-- *armed* for a sentinel step of a plain run: not distributed or sharded, no
-  ``GradScaler`` watched, and every bound parameter still in the model on one device in
-  one dtype (the layout is looked at when the model is bound, not at each step);
+- *armed* for a sentinel step of a plain run: not distributed or sharded, no enabled
+  ``GradScaler`` watched, and the trainable parameters still in the model on one device
+  in one dtype (the layout is looked at when the model is bound, or a parameter is found
+  frozen or unfrozen, not at each step);
 - at the end of a backward pass, one batched norm of the gradients, kept with their
   versions (:func:`.params.gradient_norms`, the function the general path calls: the
   rows are the same, bit for bit, as tests/test_sentinel_route.py checks against a
@@ -60,6 +61,8 @@ class SentinelRoute:
         self._device: torch.device | None = None
         self._all: slice | list[int] = slice(0, 0)
         self._live: list[int] = []  # their places among the bound parameters
+        self._frozen: list[Tensor] = []  # the others still in the model: no gradient expected
+        self._stale = False  # the trainable set changed: laid out again (see _layout)
         # Norms of the last backward's gradients: (norms, finite, versions), or None.
         self._pre: tuple[Tensor, list[bool] | None, list[tuple[int, int]]] | None = None
         self._want_nonfinite = "nonfinite" in ctx.stats
@@ -72,24 +75,32 @@ class SentinelRoute:
 
     # ------------------------------------------------------------ when it applies
     def _layout(self) -> None:
+        """The parameters the route measures: those still in the model (not retired,
+        follow.py) that are trainable now; the frozen ones must have no gradient (else the
+        general path, which takes every parameter with a ``.grad``)."""
         ctx = self.ctx
-        retired = ctx.retired_params  # parameters that left the model (follow.py)
+        self._stale = False
+        retired = ctx.retired_params
         live = [i for i in range(len(ctx.params)) if i not in retired]
-        params = [ctx.params[i] for i in live]
+        trainable = [i for i in live if ctx.params[i].requires_grad]
+        params = [ctx.params[i] for i in trainable]
         if not params or len({(p.device, p.dtype) for p in params}) != 1:
             self._plist = None
             return
         self._plist = params
-        self._live = live
+        self._live = trainable
+        self._frozen = [ctx.params[i] for i in live if not ctx.params[i].requires_grad]
         self._dense = False
         self._device = params[0].device
         self._float32_cpu = self._device.type == "cpu" and params[0].dtype == torch.float32
-        # Where their rows go: a slice while no parameter left the model (numpy assigns a
-        # slice without gathering indices), else their places.
-        self._all = slice(0, len(live)) if live[-1] == len(live) - 1 else live
+        # Where their rows go: a slice while they are the first ones (numpy assigns a slice
+        # without gathering indices), else their places.
+        n = len(trainable)
+        self._all = slice(0, n) if trainable[-1] == n - 1 else trainable
 
     def _eligible(self) -> bool:
         ctx = self.ctx
+        scaler = ctx.scaler()
         return (
             ctx.auto
             and not ctx.recording
@@ -97,7 +108,7 @@ class SentinelRoute:
             and not ctx.unfollowed
             and not ctx.distributed
             and not ctx.shards
-            and ctx.scaler_ref is None
+            and (scaler is None or not scaler.is_enabled())  # GradScaler(enabled=use_amp)
             and ctx.plan.params
             and ctx.plan.preclip
             and self._plist is not None
@@ -105,6 +116,8 @@ class SentinelRoute:
 
     def _on_step_closed(self, step: int) -> None:
         self.pending, self._pre = False, None
+        if self._stale:  # a parameter frozen or unfrozen, found at the step
+            self._layout()
         self.armed = self._eligible()  # ``recording`` is the next step's now
 
     def _on_step_discarded(self, step: int, skipped: bool) -> None:
@@ -142,6 +155,9 @@ class SentinelRoute:
         if ctx.closed or ctx.searching:
             return
         read = self._read()
+        if read is None and self._stale:  # frozen or unfrozen since: measure those now
+            self._layout()
+            read = self._read()
         if read is None:  # a parameter without a gradient, or not a dense one
             self._disarm()
             ctx.emit("backward_ended")
@@ -157,6 +173,10 @@ class SentinelRoute:
         try:  # (a list comprehension, not grad_versions: each call here costs ~5 µs)
             versions = [(id(g), g._version) for g in grads]
         except AttributeError:  # None has no version: a parameter without a gradient
+            self._stale = any(not p.requires_grad for p in self._plist or ())
+            return None
+        if self._frozen and any(p.grad is not None for p in self._frozen):
+            self._stale = True  # a gradient where none was expected: unfrozen, or left over
             return None
         if not self._dense:
             values = _grad_values(grads)  # (the same tensors where they are dense)
