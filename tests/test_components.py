@@ -19,20 +19,19 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "gradprobe"
 COMPONENTS = sorted((SRC / "recording").glob("*.py"))
 
 # Private names of other objects the components may read, each with why: PyTorch's own
-# (tensors' version counters, autograd nodes, the scaler's scale, the C bindings), and
-# the buffer's logged values (gradprobe/buffer, read by the spike burst's loss).
+# (tensors' version counters, autograd nodes, the scaler's scale, the C bindings).
 ALLOWED = {
     "_version": "a tensor's in-place version counter (host number, no sync)",
     "_sequence_nr": "an autograd node's identity",
     "_scale": "the GradScaler's scale tensor",
     "_C": "torch._C",
     "_functorch": "torch._C._functorch (the transform stack)",
+    "_autograd": "torch._C._autograd (autograd's sequence number: which step a logged loss is of)",
     "_current_graph_task_id": "torch._C: is a backward running",
     "_foreach_norm": "torch._foreach_*",
     "_foreach_mul": "torch._foreach_*",
     "_foreach_sub_": "torch._foreach_*",
     "_foreach_copy_": "torch._foreach_*",
-    "_logged": "StepBuffer's logged values of a step (the spike burst reads the loss)",
     "_pytree": "torch.utils._pytree",
     "_execution_engine": "autograd's engine",
     "_modules": "nn.Module's own table of children (the model's signature, walked by hand)",

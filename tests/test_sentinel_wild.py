@@ -1,9 +1,10 @@
 """The sentinel's short route (recording/sentinel.py) in the wild: a compiled model, a
 real Lightning Trainer, a GAN, activation checkpointing, bf16 weights, flushes and
-frames mid-run; and two ways a loop makes the sentinel's rows wrong
-(xfail, with the cause), gradients clamped through ``.data`` and a loss logged before
-backward by a loop that calls the model's parts (issue 26). The harness and what it
-checks: tests/sentinel_twins.py.
+frames mid-run; and two loops that made the rows wrong before (issue 26): gradients
+clamped through ``.data`` (no version bump: found by comparing at the checked steps) and
+a loss logged before backward by a loop that calls the model's parts (no hook sees that
+forward at a sentinel step: the loss's autograd graph says which step it is of). The
+harness and what it checks: tests/sentinel_twins.py.
 """
 
 from __future__ import annotations
@@ -71,15 +72,6 @@ def _clamped_through_data(refs: list[dict[str, float]]) -> Callable[[Attach], nn
     return case
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="gradprobe reuses the norms measured when backward ended when the gradients' "
-    "(id, _version) are unchanged at the optimizer step (ParamStats._grads_untouched, "
-    "SentinelRoute.at_step); a write through .data (p.grad.data.clamp_/mul_: the DQN "
-    "tutorial, RL code, apex/Megatron's multi_tensor_scale on CUDA) leaves _version as it "
-    "was, so grad_norm and global_grad_norm are the pre-clip values, not what the step "
-    "applies (both paths alike, every=1 too; before 7976ed8 as well)",
-)
 @pytest.mark.parametrize("every", ["auto", 1])
 def test_gradients_changed_through_data_are_measured_as_the_step_applies_them(every):
     refs: list[dict[str, float]] = []
@@ -218,16 +210,6 @@ def _parts_logged_before_backward(attach: Attach) -> nn.Module:
     return model
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Probe.log attributes a value to the step in progress only if a forward under "
-    "grad of the model or of a probed module was seen in it (Passes.trained_step/"
-    "forward_step); at a sentinel step no module hook is on, and a loop that calls the "
-    "model's parts (no root forward) and logs before backward has its loss attributed to "
-    "the step before: from AUTO_FIRST on, auto's loss rows are one step early (step 19 "
-    "the mean of two steps' losses, the last step none); every=1 is right (before "
-    "7976ed8 as well)",
-)
 def test_a_loss_logged_before_backward_in_a_loop_calling_the_parts(paths):
     sentinels = check(_parts_logged_before_backward, paths)
     taken_everywhere(paths, sentinels)

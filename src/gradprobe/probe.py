@@ -346,8 +346,10 @@ class Probe:
         ranks that logged it.
 
         Which step a value belongs to: the step in progress if the model (or any probed
-        module) has run a forward pass under grad since the last optimizer step; otherwise (logged after
-        ``optimizer.step()``, before the next forward) the step that just closed. Values
+        module) has run a forward pass under grad since the last optimizer step, or if the
+        value is a tensor computed under grad since then (its autograd graph is newer than
+        the step's close); otherwise (logged after ``optimizer.step()``, before the next
+        forward) the step that just closed. Values
         for steps that an integer ``every`` does not record are dropped (``"auto"`` keeps
         them: every step has its sentinel rows), as are values logged after
         :meth:`close`. ``lr`` is read from the optimizer at each step; log it yourself
@@ -359,9 +361,11 @@ class Probe:
         if ctx.closed or not values:
             return
         step = ctx.step_index
+        passes = self._engine.passes
         if (
-            step not in (self._engine.passes.trained_step, self._engine.passes.forward_step)
+            step not in (passes.trained_step, passes.forward_step)
             and step > 0
+            and not passes.made_in_this_step(scalars.values())
         ):
             step -= 1  # no training pass since the optimizer step: the loss is that step's
         if not self._engine.clock.records(step) and not ctx.auto:

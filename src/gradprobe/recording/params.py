@@ -19,8 +19,9 @@ import torch
 from torch import Tensor
 
 from ..hooks import Site, at_backward_end
-from ..reduce import accumulation_dtype, l2_norms, nonfinite_flags
+from ..reduce import accumulation_dtype, l2_norms, nonfinite_flags, to_host_later
 from ..shards import dtensor_type, local_shards
+from .clock import AUTO_EVERY, AUTO_FIRST
 from .context import Context
 
 __all__ = [
@@ -128,6 +129,9 @@ class ParamStats:
         # The .grad tensors and versions those norms were taken of (see _grads_untouched).
         self._grad_versions: dict[tuple[torch.device, tuple[int, ...]], list[tuple[int, int]]] = {}
         self.backward_pending = False  # a backward's end is queued (on_post_accumulate)
+        # Gradients written unseen by their version counters (see writes_unseen).
+        self._writes_unseen = False
+        self._comparisons: list[tuple[Any, Any]] = []
         self._want_params = ctx.plan.params
         self._want_preclip = ctx.plan.preclip
         ctx.on("backward_ended", self._on_backward_ended)
@@ -228,11 +232,14 @@ class ParamStats:
             # gathered unless an exact NaN/Inf count asks for them.
             same = preclip.get((device, tuple(idx)))
             grads: list[Tensor] | None = None
-            if same is not None and self._grads_untouched(idx):
-                grad_norms, finite = same
+            untouched = same is not None and self._grads_untouched(idx)
+            if untouched and not self.reuse_checked(ctx.step_index, grads_only):
+                grad_norms, finite = same  # type: ignore[misc]
             else:
                 grads = self._grads(idx)
                 grad_norms, finite = l2_norms(grads, device)  # (gradient_norms, of these)
+                if untouched:  # the versions say unchanged: were they written unseen?
+                    self._compare(same[0], grad_norms)  # type: ignore[index]
             record(device, idx, "grad_norm", grad_norms)
             if not ctx.distributed:  # the burst ("auto") and the live check
                 pre = same[0] if same is not None else grad_norms
@@ -262,6 +269,45 @@ class ParamStats:
             buffer.set_param_host(idx, "has_grad")
         if totals:
             self._clock.watch_spike(totals)
+
+    # ------------------------------------------------------------ writes unseen
+    # A write through ``.data`` (``p.grad.data.clamp_``: the DQN tutorial's clipping, RL
+    # code; apex's multi_tensor_scale) changes a gradient without bumping its version
+    # counter: the norms backward left would be taken for the step's. At the steps
+    # AUTO_FIRST and AUTO_EVERY name (any cadence's), a recorded step measures the
+    # gradients again where their versions say unchanged and compares; once they differ,
+    # no step reuses backward's norms (docs/recording.md, "Cadence").
+    @property
+    def writes_unseen(self) -> bool:
+        """Gradients were found changed between backward and the step with their versions
+        unchanged: backward's norms are not reused from then on."""
+        self._read_comparisons()
+        return self._writes_unseen
+
+    def reuse_checked(self, step: int, grads_only: bool) -> bool:
+        """Whether this step measures again rather than reuse backward's norms."""
+        if self.writes_unseen:
+            return True
+        return not grads_only and (step < AUTO_FIRST or step % AUTO_EVERY == 0)
+
+    def _compare(self, before: Tensor, now: Tensor) -> None:
+        """Backward's norms against the step's, NaN equal to NaN: a host bool on the CPU,
+        else a device flag read at a later step, once it has landed (no sync)."""
+        if before.device.type == "cpu":
+            if not torch.equal(before.isnan(), now.isnan()) or not torch.equal(
+                before.nan_to_num(0.0, 0.0, 0.0), now.nan_to_num(0.0, 0.0, 0.0)
+            ):
+                self._writes_unseen = True
+            return
+        differs = (before.to(now.dtype) != now) & ~(before.isnan() & now.isnan())
+        self._comparisons.append(to_host_later(differs.any()))
+
+    def _read_comparisons(self) -> None:
+        pending = self._comparisons
+        while pending and (pending[0][1] is None or pending[0][1].query()):
+            host, _ = pending.pop(0)
+            if bool(host):
+                self._writes_unseen = True
 
     # ------------------------------------------------------------ pre-clip norms
     def on_post_accumulate(self) -> None:

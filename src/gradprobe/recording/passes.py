@@ -30,6 +30,11 @@ _TRANSFORMS = {
 }
 
 
+# The number the next autograd node made on this thread will take (torch's
+# at::sequence_number; None in a torch without the binding).
+_next_sequence_nr = getattr(torch._C._autograd, "_get_sequence_nr", None)
+
+
 class Passes:
     """The pass state. ``follow``: the model followed and frozen modules found at a
     pass's start (gradprobe/recording/follow.py)."""
@@ -37,11 +42,32 @@ class Passes:
     def __init__(self, ctx: Context, follow: Any) -> None:
         self.ctx = ctx
         self._follow = follow
+        # Autograd's sequence number when the last step closed: a logged tensor whose
+        # graph was made since is of the step in progress (see made_in_this_step).
+        self._closed_at_nr = -1
+        ctx.on("step_closed", self._on_step_closed)
         self._pass_trained = False
         self.trained_step = -1  # the last step with a recorded pass
         # The last step in which a probed module ran under grad (which step log() is for).
         self.forward_step = -1
         self._eval_grad_step: int | None = None  # a step with eval() passes under grad
+
+    def _on_step_closed(self, step: int) -> None:
+        if _next_sequence_nr is not None:
+            self._closed_at_nr = _next_sequence_nr()
+
+    def made_in_this_step(self, values: Any) -> bool:
+        """Whether a logged tensor was computed under grad since the last step closed (its
+        graph's last node is numbered after the close): a loss logged before backward is
+        the step in progress's, even where no hook saw its forward (a sentinel step of a
+        loop that calls the model's parts, not the model). Host numbers, no device op."""
+        if _next_sequence_nr is None or self._closed_at_nr < 0:
+            return False
+        for value in values:
+            node = getattr(value, "grad_fn", None)
+            if node is not None and node._sequence_nr() >= self._closed_at_nr:
+                return True
+        return False
 
     def trained_now(self) -> bool:
         """A pass is trained if gradients are enabled and the probed model is in train()
