@@ -1,8 +1,10 @@
 """The update snapshot: a copy of the parameters before the optimizer step, for ``update_ratio``.
 
 :class:`UpdateSnapshot` copies the parameters the step will update (those its optimizer
-holds) into buffers kept from step to step, with their norms (‖w‖ before the update), and
-after the step measures ‖Δw‖ / ‖w‖ from the copies, in place.
+holds), with their norms (‖w‖ before the update), and after the step measures ‖Δw‖ / ‖w‖
+from the copies, in place. The copies are buffers kept from step to step while they are
+small (up to ``KEEP_SNAPSHOT_BYTES``); larger ones are let go after each update, so that
+they never add to the peak memory of the forward and backward passes.
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ from ..shards import local_shards
 from .context import Context
 from .params import param_groups
 
-__all__ = ["UpdateSnapshot"]
+__all__ = ["KEEP_SNAPSHOT_BYTES", "UpdateSnapshot"]
 
 _Key = tuple[torch.device, torch.dtype]
+# The parameters' copies are kept from step to step up to this size (see _copies).
+KEEP_SNAPSHOT_BYTES = 32 << 20
 
 
 class UpdateSnapshot:
@@ -95,9 +99,10 @@ class UpdateSnapshot:
         self._snapshot = snapshot
 
     def _copies(self, key: _Key, idx: list[int], params: list[Tensor]) -> list[Tensor]:
-        """Copies of ``params`` in buffers kept from step to step (their size is the run's
-        meta ``snapshot_bytes``). A fresh clone at each step page-faults on every touch:
-        it was ~2.7 of the ~3 ms the snapshot took on the bench MLP (26 parameters)."""
+        """Copies of ``params`` (their size is the run's meta ``snapshot_bytes``), in
+        buffers kept from step to step while small: a fresh clone at each step page-faults
+        on every touch, ~2.7 of the ~3 ms the snapshot took on the bench MLP (26
+        parameters)."""
         kept = self._buffers.get(key)
         if (
             kept is not None
@@ -110,9 +115,21 @@ class UpdateSnapshot:
             torch._foreach_copy_(kept[1], params)
             return kept[1]
         copies = [p.clone() for p in params]
-        self._buffers[key] = (tuple(idx), copies)
-        self.ctx.meta["probe"]["snapshot_bytes"] = sum(
-            b.numel() * b.element_size() for _, bs in self._buffers.values() for b in bs
+        size = sum(b.numel() * b.element_size() for b in copies)
+        # Kept only while small: a kept copy lives through the next forward and backward,
+        # where the run's peak memory is, and adds its size to that peak (the GPT-2 of
+        # bench/every_step.py: 114 MiB, +6% of its peak RSS). A larger one is let go
+        # after the update (record) and made anew at the next snapshot: its page faults
+        # cost ~0.15 ms per MiB, ~1% of the step of a model that size.
+        if size <= KEEP_SNAPSHOT_BYTES:
+            self._buffers[key] = (tuple(idx), copies)
+        else:
+            self._buffers.pop(key, None)
+        self.ctx.meta["probe"]["snapshot_bytes"] = size + sum(
+            b.numel() * b.element_size()
+            for k, (_, bs) in self._buffers.items()
+            if k != key
+            for b in bs
         )
         return copies
 
