@@ -20,8 +20,11 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from gradprobe.recording.clock import AUTO_EVERY, AUTO_FIRST
 from gradprobe.recording.hookup import warn_compiled
+from gradprobe.stats import MODEL_NAME
 from sentinel_twins import (
+    AT,
     SENTINEL_STEPS,
     STEPS,
     Attach,
@@ -343,4 +346,97 @@ def _flushing(flush_every: int, stats: str) -> Callable[[Attach], nn.Module]:
 @pytest.mark.parametrize(("flush_every", "stats"), [(1, "default"), (7, "full")])
 def test_flushes_and_frames_mid_run(paths, flush_every, stats):
     sentinels = check(_flushing(flush_every, stats), paths)
+    taken_everywhere(paths, sentinels)
+
+
+# ---------------------------------------------------------------- found in review
+def _cast_in_place(attach: Attach) -> nn.Module:
+    """The model cast to bfloat16 in place at a sentinel step (``model.to(dtype)`` keeps
+    the Parameter objects: no model change is seen); the optimizer keeps stepping them."""
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    probe = attach(model, opt)
+    gen = torch.Generator().manual_seed(21)
+    for step in range(STEPS):
+        if step == AT:
+            model.to(torch.bfloat16)
+        x, y = batch(gen)
+        dtype = next(model.parameters()).dtype
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x.to(dtype)).float(), y)
+        loss.backward()
+        opt.step()
+        log(probe, loss=loss)
+    return model
+
+
+def test_a_model_cast_in_place_is_laid_out_again(paths):
+    sentinels = check(_cast_in_place, paths)
+    assert sentinels == SENTINEL_STEPS
+    # The cast is found at its step's backward (the gradients' dtype): the route is laid
+    # out again for bfloat16 there, and short throughout.
+    taken_everywhere(paths, sentinels)
+
+
+def _frozen_with_a_stale_grad(attach: Attach) -> nn.Module:
+    """A layer frozen before the Probe is made whose ``.grad`` stays (``zero_grad(
+    set_to_none=False)`` zeroes it in place each step): the general path measures it
+    (every parameter with a ``.grad``), and so does the route."""
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    gen = torch.Generator().manual_seed(22)
+    x, y = batch(gen)
+    nn.functional.mse_loss(model(x), y).backward()  # a first step: every .grad made
+    opt.step()
+    model[0].requires_grad_(False)
+    probe = attach(model, opt)
+    for _ in range(STEPS):
+        x, y = batch(gen)
+        opt.zero_grad(set_to_none=False)
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        log(probe, loss=loss)
+    return model
+
+
+def test_a_frozen_layer_with_a_stale_grad_keeps_the_route(paths):
+    sentinels = check(_frozen_with_a_stale_grad, paths)
+    assert sentinels == SENTINEL_STEPS
+    taken_everywhere(paths, sentinels)
+
+
+def _float64_explosion(attach: Attach) -> nn.Module:
+    """A float64 model whose gradients' squares overflow float64 (norms ~1e160: an
+    explosion): the spike total is inf, as torch's sum would give, and no step loses its
+    rows."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # the weights stay: only the rows
+    probe = attach(model, opt)
+    gen = torch.Generator().manual_seed(23)
+    for step in range(STEPS):
+        x, y = batch(gen)
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x.double()), y.double())
+        (loss * (1e160 if step == AT else 1.0)).backward()
+        opt.step()
+        log(probe, loss=loss)
+    return model
+
+
+def test_squares_past_float64_keep_the_rows(paths):
+    # The global norm is inf, which the live check says (an inf total is no spike for
+    # the burst's rule, gradprobe/spikes.py, on either path; the per-parameter norms are
+    # finite: no NaN burst either).
+    recorded = set(range(AUTO_FIRST)) | {AUTO_EVERY}
+    said = f"gradprobe: step {AT}: NaN/Inf in `{MODEL_NAME}` (global_grad_norm)"
+    auto = train(_float64_explosion, "auto")
+    full = train(_float64_explosion, 1)
+    plain = train(_float64_explosion, None)
+    for run in (auto, full):  # numpy's, folding the squares at the flush: both alike
+        overflow = {w for w in run["warnings"] if w[0] == "RuntimeWarning"}
+        assert {m for _, m in overflow} <= {"overflow encountered in square"}
+        run["warnings"] -= overflow
+    sentinels = verify(auto, full, plain, paths, recorded, frozenset({said}))
     taken_everywhere(paths, sentinels)

@@ -94,9 +94,13 @@ def squared_total(norms: Tensor) -> Tensor | float:
     """Σ‖g‖² of one group's norms, for the spike burst and the live check
     (:meth:`.clock.StepClock.watch_spike`): on the CPU a host float (the norms are host
     values already; squares of float32 are exact in float64 and ``fsum`` rounds once),
-    elsewhere a 0-d tensor in the accumulation dtype, read later without a sync."""
+    elsewhere a 0-d tensor in the accumulation dtype, read later without a sync. (Squares
+    of float32 norms are exact in float64; of float64 ones, rounded once each.)"""
     if norms.device.type == "cpu":
-        return math.fsum(v * v for v in norms.reshape(-1).tolist())
+        try:
+            return math.fsum(v * v for v in norms.reshape(-1).tolist())
+        except OverflowError:  # finite squares past 1.8e308 (float64 norms): as torch's sum
+            return math.inf
     return norms.to(accumulation_dtype(norms.device)).square().sum()
 
 
@@ -292,12 +296,15 @@ class ParamStats:
 
     def _compare(self, before: Tensor, now: Tensor) -> None:
         """Backward's norms against the step's, NaN equal to NaN: a host bool on the CPU,
-        else a device flag read at a later step, once it has landed (no sync)."""
+        on a CUDA device a flag read at a later step, once it has landed (no sync);
+        elsewhere (MPS: no event to poll) not compared."""
         if before.device.type == "cpu":
             if not torch.equal(before.isnan(), now.isnan()) or not torch.equal(
                 before.nan_to_num(0.0, 0.0, 0.0), now.nan_to_num(0.0, 0.0, 0.0)
             ):
                 self._writes_unseen = True
+            return
+        if before.device.type != "cuda":  # no event to read it by without a sync (MPS)
             return
         differs = (before.to(now.dtype) != now) & ~(before.isnan() & now.isnan())
         self._comparisons.append(to_host_later(differs.any()))

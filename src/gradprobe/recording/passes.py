@@ -8,6 +8,7 @@ inside backward by activation checkpointing) register only its owed error hooks.
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import torch
@@ -33,6 +34,30 @@ _TRANSFORMS = {
 # The number the next autograd node made on this thread will take (torch's
 # at::sequence_number; None in a torch without the binding).
 _next_sequence_nr = getattr(torch._C._autograd, "_get_sequence_nr", None)
+# How many of a logged tensor's nearest graph nodes must be newer than the step's close.
+_NEWER_NODES = 32
+# A leaf's AccumulateGrad node carries no creation number (the largest one).
+_NO_NUMBER = 1 << 62
+
+
+def _graph_newer(node: Any, since: int) -> bool:
+    """Whether the graph from ``node`` has only nodes numbered ``since`` or later among its
+    ``_NEWER_NODES`` nearest ones (breadth first), and at least one."""
+    if node is None:
+        return False
+    seen, queue, found = {id(node)}, [node], 0
+    while queue and found < _NEWER_NODES:
+        node = queue.pop(0)
+        number = node._sequence_nr()
+        if number < _NO_NUMBER:
+            if number < since:
+                return False  # an older graph: made before the step closed
+            found += 1
+        for parent, _ in node.next_functions:
+            if parent is not None and id(parent) not in seen:
+                seen.add(id(parent))
+                queue.append(parent)
+    return found > 0
 
 
 class Passes:
@@ -45,6 +70,7 @@ class Passes:
         # Autograd's sequence number when the last step closed: a logged tensor whose
         # graph was made since is of the step in progress (see made_in_this_step).
         self._closed_at_nr = -1
+        self._closed_on_thread = -1
         ctx.on("step_closed", self._on_step_closed)
         self._pass_trained = False
         self.trained_step = -1  # the last step with a recorded pass
@@ -55,19 +81,28 @@ class Passes:
     def _on_step_closed(self, step: int) -> None:
         if _next_sequence_nr is not None:
             self._closed_at_nr = _next_sequence_nr()
+            self._closed_on_thread = threading.get_ident()
 
     def made_in_this_step(self, values: Any) -> bool:
-        """Whether a logged tensor was computed under grad since the last step closed (its
-        graph's last node is numbered after the close): a loss logged before backward is
-        the step in progress's, even where no hook saw its forward (a sentinel step of a
-        loop that calls the model's parts, not the model). Host numbers, no device op."""
-        if _next_sequence_nr is None or self._closed_at_nr < 0:
+        """Whether autograd says a computation under grad ran since the last step closed,
+        for values logged now: a logged tensor's graph made since (the nodes nearest to it,
+        up to ``_NEWER_NODES``, all numbered after the close), or, for values with no
+        graph, any node made since. A loss logged before backward is then the step in
+        progress's even where no hook saw its forward (a sentinel step of a loop that calls
+        the model's parts, not the model), while ``loss * k`` or ``loss.exp()`` logged
+        after ``optimizer.step()`` (a new node on an old graph) is the step that closed.
+        Host numbers, no device op. Autograd numbers its nodes per thread: only on the
+        thread that closed the step."""
+        if (
+            _next_sequence_nr is None
+            or self._closed_at_nr < 0
+            or threading.get_ident() != self._closed_on_thread
+        ):
             return False
-        for value in values:
-            node = getattr(value, "grad_fn", None)
-            if node is not None and node._sequence_nr() >= self._closed_at_nr:
-                return True
-        return False
+        nodes = [n for n in (getattr(v, "grad_fn", None) for v in values) if n is not None]
+        if nodes:
+            return any(_graph_newer(node, self._closed_at_nr) for node in nodes)
+        return _next_sequence_nr() > self._closed_at_nr
 
     def trained_now(self) -> bool:
         """A pass is trained if gradients are enabled and the probed model is in train()

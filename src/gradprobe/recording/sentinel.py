@@ -59,6 +59,7 @@ class SentinelRoute:
         # one dtype), their device and where in the buffer's arrays their rows go.
         self._plist: list[Tensor] | None = None
         self._device: torch.device | None = None
+        self._dtype: torch.dtype | None = None
         self._all: slice | list[int] = slice(0, 0)
         self._live: list[int] = []  # their places among the bound parameters
         self._frozen: list[Tensor] = []  # the others still in the model: no gradient expected
@@ -76,27 +77,30 @@ class SentinelRoute:
     # ------------------------------------------------------------ when it applies
     def _layout(self) -> None:
         """The parameters the route measures: those still in the model (not retired,
-        follow.py) that are trainable now; the frozen ones must have no gradient (else the
-        general path, which takes every parameter with a ``.grad``)."""
+        follow.py) that are trainable now or hold a gradient (a frozen one's left over:
+        the general path takes every parameter with a ``.grad``); the others must have no
+        gradient. One device and one dtype, or no route."""
         ctx = self.ctx
         self._stale = False
+        self._plist, self._live, self._frozen = None, [], []
         retired = ctx.retired_params
         live = [i for i in range(len(ctx.params)) if i not in retired]
-        trainable = [i for i in live if ctx.params[i].requires_grad]
-        params = [ctx.params[i] for i in trainable]
-        if not params or len({(p.device, p.dtype) for p in params}) != 1:
-            self._plist = None
+        params = ctx.params
+        measured = [i for i in live if params[i].requires_grad or params[i].grad is not None]
+        chosen = [params[i] for i in measured]
+        if not chosen or len({(p.device, p.dtype) for p in chosen}) != 1:
             return
-        self._plist = params
-        self._live = trainable
-        self._frozen = [ctx.params[i] for i in live if not ctx.params[i].requires_grad]
+        self._plist = chosen
+        self._live = measured
+        taken = set(measured)
+        self._frozen = [params[i] for i in live if i not in taken]
         self._dense = False
-        self._device = params[0].device
-        self._float32_cpu = self._device.type == "cpu" and params[0].dtype == torch.float32
+        self._device, self._dtype = chosen[0].device, chosen[0].dtype
+        self._float32_cpu = self._device.type == "cpu" and self._dtype == torch.float32
         # Where their rows go: a slice while they are the first ones (numpy assigns a slice
         # without gathering indices), else their places.
-        n = len(trainable)
-        self._all = slice(0, n) if trainable[-1] == n - 1 else trainable
+        n = len(measured)
+        self._all = slice(0, n) if measured[-1] == n - 1 else measured
 
     def _eligible(self) -> bool:
         ctx = self.ctx
@@ -163,7 +167,11 @@ class SentinelRoute:
             ctx.emit("backward_ended")
             return
         grads, versions = read
-        self._pre = (*self._norms(grads), versions)
+        try:
+            self._pre = (*self._norms(grads), versions)
+        except Exception:  # (a layout it was not made for): the general path measures
+            self._disarm()
+            ctx.emit("backward_ended")
 
     def _read(self) -> tuple[list[Tensor], list[tuple[int, int]]] | None:
         """The bound parameters' gradients and their versions (:func:`.params.grad_versions`),
@@ -176,7 +184,10 @@ class SentinelRoute:
             self._stale = any(not p.requires_grad for p in self._plist or ())
             return None
         if self._frozen and any(p.grad is not None for p in self._frozen):
-            self._stale = True  # a gradient where none was expected: unfrozen, or left over
+            self._stale = True  # a gradient where none was expected: unfrozen
+            return None
+        if grads[0].dtype != self._dtype or grads[0].device != self._device:
+            self._stale = True  # the model moved or cast in place (model.to(...))
             return None
         if not self._dense:
             values = _grad_values(grads)  # (the same tensors where they are dense)
@@ -197,46 +208,64 @@ class SentinelRoute:
     # ------------------------------------------------------------ the step
     def at_step(self) -> None:
         """The optimizer step (or ``probe.step()``) of an armed step: the sentinel's rows,
-        as :meth:`.params.ParamStats.record_sentinel` writes them."""
+        as :meth:`.params.ParamStats.record_sentinel` writes them. What the route cannot
+        measure (a gradient missing, a layout it was not made for, a failure before any
+        row is written) goes the general way, with the norms backward left."""
         ctx = self.ctx
         read = self._read() if self.armed and not ctx.unfollowed else None
-        if read is None:
+        measured = None
+        if read is not None:
+            try:
+                measured = self._measure(*read)
+            except Exception:
+                measured = None
+        if measured is None:
             self._disarm()
             self._params.record_sentinel()
             return
-        grads, versions = read
-        device, every = self._device, self._all
-        assert device is not None
-        buffer = ctx.buffer
-        pre, self._pre = self._pre, None
+        rows, device_rows, total, burst = measured
+        buffer, every = ctx.buffer, self._all
+        for name, values in device_rows:
+            buffer.record_params(self._device, every, name, values)
+        buffer.set_param_host_many(every, rows)
+        if burst:
+            self._clock.burst()  # non-finite gradients: the next steps in full
+        self._clock.watch_spike([total])
+
+    def _measure(
+        self, grads: list[Tensor], versions: list[tuple[int, int]]
+    ) -> tuple[dict[str, Any], list[tuple[str, Tensor]], Any, bool]:
+        """The step's rows, nothing written yet: the host's (CPU values and flags, one
+        call into the buffer), those for the device's arrays, the spike total, and
+        whether non-finite gradients start a burst."""
+        ctx = self.ctx
+        device = self._device
+        pre = self._pre
         if pre is not None and pre[2] == versions and not self._params.writes_unseen:
             norms, finite = pre[0], pre[1]  # the very gradients backward left
         else:
             norms, finite = self._norms(grads)
         all_finite = finite is not None and all(finite)
-        if finite is not None and not all_finite:
-            self._clock.burst()  # non-finite gradients: the next steps in full
-        # The rows of the step; the host's (CPU values, flags) in one call to the buffer.
         rows: dict[str, Any] = {"has_grad": 1.0}
+        device_rows: list[tuple[str, Tensor]] = []
         if pre is not None:
             rows["has_preclip"] = 1.0
         for name, values in self._norm_rows(pre, norms).items():
             if self._float32_cpu:
                 rows[name] = values.numpy()
             else:
-                buffer.record_params(device, every, name, values)
+                device_rows.append((name, values))
         if self._want_nonfinite:  # as ParamStats records it
             if all_finite:
                 rows["grad_nonfinite"] = 0.0
             elif ctx.exact_counts:
                 with torch.no_grad():
-                    counts = nonfinite_counts(device, grads)
-                buffer.record_params(device, every, "grad_nonfinite", counts)
+                    device_rows.append(("grad_nonfinite", nonfinite_counts(device, grads)))
             else:
-                flags = nonfinite_flags(norms, finite)
-                buffer.record_params(device, every, "grad_nonfinite", flags)
-        buffer.set_param_host_many(every, rows)
-        self._clock.watch_spike([squared_total(pre[0] if pre is not None else norms)])
+                device_rows.append(("grad_nonfinite", nonfinite_flags(norms, finite)))
+        total = squared_total(pre[0] if pre is not None else norms)
+        self._pre = None
+        return rows, device_rows, total, finite is not None and not all_finite
 
     @staticmethod
     def _norm_rows(pre: Any, norms: Tensor) -> dict[str, Tensor]:
