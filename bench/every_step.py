@@ -154,6 +154,8 @@ CADENCE = Mode("Probe(model, opt): default cadence", "probe", {})
 EVERY_1 = Mode("every=1, default statistics", "probe", {"every": 1})
 CHEAP_1 = Mode('every=1, stats="cheap"', "probe", {"every": 1, "stats": "cheap"})
 MODES = [PLAIN, FLOOR, CADENCE, EVERY_1, CHEAP_1]
+# --modes picks some of them by these names (plain is always timed: the ratios' base).
+MODE_NAMES = {"floor": FLOOR, "cadence": CADENCE, "every1": EVERY_1, "cheap1": CHEAP_1}
 
 
 class Twin:
@@ -230,9 +232,11 @@ def steady_cadence() -> int:
 _AUTO_FIRST: dict[str, int] = {}  # the library's value, before steady_cadence() set it
 
 
-def modes_table(case: Case, steps: int, warm: int, from_start: bool) -> list[str]:
-    twins = [Twin(m, case) for m in MODES]
-    cadence = next(t for t in twins if t.mode is CADENCE)
+def modes_table(
+    case: Case, steps: int, warm: int, from_start: bool, modes: list[Mode] | None = None
+) -> list[str]:
+    twins = [Twin(m, case) for m in modes or MODES]
+    cadence = next((t for t in twins if t.mode is CADENCE), None)
     skipped = 0 if from_start else steady_cadence()
     take_turns(twins, steps, warm)
     plain = twins[0]
@@ -257,6 +261,16 @@ MODES_HEADER = [
     "| run total × plain (thread CPU, close() counted) | wall ms/step p50 |",
     "|---|---|---:|---:|---:|---:|---:|",
 ]
+
+
+def chosen_modes(args: argparse.Namespace) -> list[Mode] | None:
+    names = [n for n in args.modes.split(",") if n]
+    unknown = [n for n in names if n not in MODE_NAMES]
+    if unknown:
+        raise SystemExit(
+            f"every_step.py: unknown mode(s) {unknown}; choose from {list(MODE_NAMES)}"
+        )
+    return [PLAIN, *(MODE_NAMES[n] for n in names)] if names else None
 
 
 # ---------------------------------------------------------------- the floor of each statistic
@@ -381,6 +395,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--mlp1024-steps", type=int, default=8)
     parser.add_argument("--warm", type=int, default=2, help="untimed steps per twin first")
     parser.add_argument("--cadence-from-start", action="store_true")
+    parser.add_argument(
+        "--modes",
+        default="",
+        help="modes table: only these modes beside plain, ','-separated: "
+        + ", ".join(MODE_NAMES)
+        + " (default: all)",
+    )
     parser.add_argument("--bare-rounds", type=int, default=5)
     parser.add_argument(
         "--groups",
@@ -421,7 +442,9 @@ def main(argv: list[str] | None = None) -> None:
         lines += ["### Modes, interleaved step by step", "", *MODES_HEADER]
         for key in cases:
             steps = getattr(args, f"{key}_steps")
-            lines += modes_table(build(key, args), steps, args.warm, args.cadence_from_start)
+            lines += modes_table(
+                build(key, args), steps, args.warm, args.cadence_from_start, chosen_modes(args)
+            )
         lines += ["", "Training bit-identical in every mode: yes (weights compared).", ""]
     if "stats" in tables:
         lines += ["### Each statistic alone at every=1, beside the floor of its arithmetic", ""]
