@@ -61,3 +61,34 @@ def test_recorded_steps_never_synchronise_with_the_host():
         finally:
             torch.cuda.set_sync_debug_mode("default")
         assert len(probe.frame().step.unique()) == 4
+
+
+@cuda
+def test_sentinel_steps_never_synchronise_with_the_host():
+    # The "auto" cadence's sentinel steps (its short route, recording/sentinel.py), the
+    # gradients clipped (the step measures again), a NaN flag and the spike total left on
+    # the device, read later through events: no host wait at any of them.
+    from gradprobe.recording.clock import AUTO_FIRST
+
+    torch.manual_seed(0)
+    model = _model().cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x, y = torch.randn(64, 16, device="cuda"), torch.randint(0, 4, (64,), device="cuda")
+    with Probe(model, opt, flush_every=1000) as probe:
+        for step in range(AUTO_FIRST + 6):
+            if step > AUTO_FIRST:  # (the first steps set up buffers and index tensors)
+                torch.cuda.synchronize()
+                torch.cuda.set_sync_debug_mode("error")
+            try:
+                opt.zero_grad()
+                loss = nn.functional.cross_entropy(model(x), y)
+                loss.backward()
+                probe.log(loss=loss)
+                if step % 2:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
+                opt.step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        frame = probe.frame()
+    sentinel = frame[(frame.step > AUTO_FIRST) & (frame.stat == "grad_norm")]
+    assert set(sentinel.step) == set(range(AUTO_FIRST + 1, AUTO_FIRST + 6))
