@@ -440,3 +440,30 @@ def test_squares_past_float64_keep_the_rows(paths):
         run["warnings"] -= overflow
     sentinels = verify(auto, full, plain, paths, recorded, frozenset({said}))
     taken_everywhere(paths, sentinels)
+
+
+def _unfrozen_between_micro_batches(attach: Attach) -> nn.Module:
+    """Two micro-batches a step; at a sentinel step the frozen first layer is unfrozen
+    between them (its optimizer already holds it): the first backward is measured on the
+    route's first layout, the second lays it out again with the new gradient."""
+    model = mlp()
+    model[0].requires_grad_(False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    probe = attach(model, opt)
+    gen = torch.Generator().manual_seed(24)
+    for step in range(STEPS):
+        opt.zero_grad()
+        for half in range(2):
+            if step == AT and half == 1:
+                model[0].requires_grad_(True)
+            x, y = batch(gen)
+            loss = nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            log(probe, loss=loss)
+        opt.step()
+    return model
+
+
+def test_a_layer_unfrozen_between_micro_batches(paths):
+    sentinels = check(_unfrozen_between_micro_batches, paths)
+    taken_everywhere(paths, sentinels, backwards=2)

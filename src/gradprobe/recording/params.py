@@ -26,6 +26,7 @@ from .context import Context
 
 __all__ = [
     "ParamStats",
+    "grad_values",
     "grad_versions",
     "gradient_norms",
     "nonfinite_counts",
@@ -63,7 +64,7 @@ def param_groups(
     return groups
 
 
-def _grad_values(grads: list[Tensor]) -> list[Tensor]:
+def grad_values(grads: list[Tensor]) -> list[Tensor]:
     """Gradients as dense tensors with the same norm and the same NaN/Inf entries.
 
     A sparse gradient (``nn.Embedding(sparse=True)``, ``EmbeddingBag``) is its coalesced
@@ -85,9 +86,9 @@ def _grad_values(grads: list[Tensor]) -> list[Tensor]:
 
 def gradient_norms(grads: list[Tensor], device: torch.device) -> tuple[Tensor, list[bool] | None]:
     """The norms of gradients of one device and dtype, one batched pass (:func:`l2_norms`
-    of :func:`_grad_values`): the one computation of every gradient norm the Probe
+    of :func:`grad_values`): the one computation of every gradient norm the Probe
     records, by the general path and the sentinel's short route alike."""
-    return l2_norms(_grad_values(grads), device)
+    return l2_norms(grad_values(grads), device)
 
 
 def squared_total(norms: Tensor) -> Tensor | float:
@@ -363,8 +364,8 @@ class ParamStats:
         return alone and before is not None and before == self._versions(idx)
 
     def _grads(self, idx: list[int]) -> list[Tensor]:
-        """The gradients of parameters ``idx`` as :func:`_grad_values` gives them."""
-        return _grad_values(self._raw_grads(idx))
+        """The gradients of parameters ``idx`` as :func:`grad_values` gives them."""
+        return grad_values(self._raw_grads(idx))
 
     def _raw_grads(self, idx: list[int]) -> list[Tensor]:
         params = self.ctx.params

@@ -32,7 +32,7 @@ from torch import Tensor
 from ..hooks import Site, at_backward_end
 from ..reduce import float32_norms, nonfinite_flags
 from .context import Context
-from .params import _grad_values, gradient_norms, nonfinite_counts, squared_total
+from .params import grad_values, gradient_norms, nonfinite_counts, squared_total
 
 __all__ = ["SentinelRoute"]
 
@@ -83,6 +83,7 @@ class SentinelRoute:
         ctx = self.ctx
         self._stale = False
         self._plist, self._live, self._frozen = None, [], []
+        self._pre = None  # (norms of the former layout's parameters)
         retired = ctx.retired_params
         live = [i for i in range(len(ctx.params)) if i not in retired]
         params = ctx.params
@@ -190,7 +191,7 @@ class SentinelRoute:
             self._stale = True  # the model moved or cast in place (model.to(...))
             return None
         if not self._dense:
-            values = _grad_values(grads)  # (the same tensors where they are dense)
+            values = grad_values(grads)  # (the same tensors where they are dense)
             if values is not grads and any(a is not b for a, b in zip(values, grads)):
                 return None  # sparse or sharded gradients: the general path's values
             self._dense = True
