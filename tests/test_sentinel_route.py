@@ -130,3 +130,25 @@ def test_sentinel_rows_match_a_probe_recording_every_step(bf16):
     # the model changed (bound anew at its forward: the general path for that step),
     # before it and after it.
     assert general == [CHANGE_STEP]
+
+
+def test_a_closed_probe_holds_no_parameter():
+    # The route holds the parameters it measures while the Probe is open; closed, the
+    # Probe (its frame kept, the object alive) holds none of them, nor the model.
+    import gc
+    import weakref
+
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    probe = Probe(model, opt)
+    for _ in range(AUTO_FIRST + 3):  # sentinel steps: the route armed
+        opt.zero_grad()
+        model(torch.randn(8, 16)).pow(2).mean().backward()
+        opt.step()
+    assert probe._engine.sentinel.armed
+    probe.close()
+    refs = [weakref.ref(p) for p in model.parameters()] + [weakref.ref(model)]
+    del model, opt
+    gc.collect()
+    assert all(ref() is None for ref in refs)
+    assert not probe.frame().empty

@@ -106,5 +106,6 @@ class Engine:
         self.ctx.params = []
         self.updates.close()
         self.params.close()
+        self.sentinel.close()
         self.kept.close()
         self.units.close()

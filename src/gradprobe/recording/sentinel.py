@@ -103,6 +103,11 @@ class SentinelRoute:
         n = len(measured)
         self._all = slice(0, n) if measured[-1] == n - 1 else measured
 
+    def close(self) -> None:
+        """Let go of the parameters and norms held (the Probe is closed)."""
+        self.armed = False
+        self._plist, self._frozen, self._pre = None, [], None
+
     def _eligible(self) -> bool:
         ctx = self.ctx
         scaler = ctx.scaler()
