@@ -84,3 +84,16 @@ def test_a_value_logged_after_a_forward_under_grad_after_the_step():
         frame = probe.frame()
     assert sorted(frame[frame.stat == "quiet"].step) == [0, 1, 2]
     assert sorted(frame[frame.stat == "graded"].step) == [1, 2, 3]
+
+
+def test_a_graph_it_cannot_read_leaves_the_hooks_rule(monkeypatch):
+    # log() is the user's call: should autograd's graph not be readable (a tensor
+    # subclass, a node of another kind), nothing raises and the hooks' rule decides.
+    import gradprobe.recording.passes as passes
+
+    def unreadable(node, since):
+        raise RuntimeError("a node that has no sequence number")
+
+    monkeypatch.setattr(passes, "_graph_newer", unreadable)
+    assert _logged_steps(1, "after step", False, "loss * k") == list(range(STEPS))
+    assert _logged_steps(1, "before step", False, "loss * k") == list(range(STEPS))

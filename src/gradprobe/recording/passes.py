@@ -9,6 +9,7 @@ inside backward by activation checkpointing) register only its owed error hooks.
 from __future__ import annotations
 
 import threading
+from collections import deque
 from typing import Any
 
 import torch
@@ -45,9 +46,9 @@ def _graph_newer(node: Any, since: int) -> bool:
     ``_NEWER_NODES`` nearest ones (breadth first), and at least one."""
     if node is None:
         return False
-    seen, queue, found = {id(node)}, [node], 0
+    seen, queue, found = {id(node)}, deque([node]), 0
     while queue and found < _NEWER_NODES:
-        node = queue.pop(0)
+        node = queue.popleft()
         number = node._sequence_nr()
         if number < _NO_NUMBER:
             if number < since:
@@ -99,10 +100,13 @@ class Passes:
             or threading.get_ident() != self._closed_on_thread
         ):
             return False
-        nodes = [n for n in (getattr(v, "grad_fn", None) for v in values) if n is not None]
-        if nodes:
-            return any(_graph_newer(node, self._closed_at_nr) for node in nodes)
-        return _next_sequence_nr() > self._closed_at_nr
+        try:  # log() is the user's call: a graph this cannot read is the hooks' rule
+            nodes = [n for n in (getattr(v, "grad_fn", None) for v in values) if n is not None]
+            if nodes:
+                return any(_graph_newer(node, self._closed_at_nr) for node in nodes)
+            return _next_sequence_nr() > self._closed_at_nr
+        except Exception:
+            return False
 
     def trained_now(self) -> bool:
         """A pass is trained if gradients are enabled and the probed model is in train()
